@@ -1,0 +1,451 @@
+//! The token cache: moka for bounded storage, plus per-key single-flight and
+//! refresh-ahead.
+//!
+//! - A token is served only while more than [`DEFAULT_SAFETY_MARGIN`] (or the
+//!   configured margin) plus the caller's `min_ttl` remains.
+//! - Concurrent misses for one key join one *flight*: a spawned task that
+//!   mints once and stores the result. The task is spawned, so a caller that
+//!   goes away does not cancel the mint others are waiting for.
+//! - A hit inside the refresh window (a jittered few minutes before the margin
+//!   begins) starts a background flight and returns the cached token at once.
+//! - No lock is held across I/O: the flight map's `std::sync::Mutex` is taken
+//!   only to look up or insert a flight, never across an `.await`.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use futures_util::future::{BoxFuture, FutureExt as _, Shared};
+use rand::Rng as _;
+use secrecy::SecretString;
+
+use crate::{
+    boxapi::{BoxSubject, IssuedToken},
+    clock::{SharedClock, unix_seconds},
+    error::UpstreamError,
+};
+
+/// The least remaining lifetime a served token has, beyond the caller's
+/// `min_ttl`. A caller uses the token for requests that may queue, retry or
+/// upload for a while, and the broker's clock may differ from Box's; two
+/// minutes covers both without wasting much of a ~65 minute token.
+pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_secs(120);
+/// The smallest safety margin the config accepts.
+pub const MIN_SAFETY_MARGIN: Duration = Duration::from_secs(60);
+/// How long before the safety margin begins a hit starts a background
+/// refresh, so callers on the hot path never wait for Box.
+pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(300);
+/// The refresh point is moved earlier by a random amount up to this, so
+/// tokens minted together (at startup, say) are not all refreshed together.
+pub const REFRESH_JITTER: Duration = Duration::from_secs(60);
+/// After a background refresh starts, the next one for the same token waits
+/// this long: a failing Box is not hit on every request.
+pub const REFRESH_RETRY_INTERVAL: Duration = Duration::from_secs(10);
+/// Default bound on cached tokens.
+pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+/// How many flights one request may join before giving up (a joiner whose
+/// `min_ttl` the shared result does not meet tries again).
+const MAX_FLIGHTS_PER_REQUEST: usize = 3;
+
+/// Cache tuning, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct CachePolicy {
+    /// See [`DEFAULT_SAFETY_MARGIN`].
+    pub safety_margin: Duration,
+    /// See [`DEFAULT_REFRESH_AHEAD`].
+    pub refresh_ahead: Duration,
+    /// Bound on cached tokens.
+    pub max_entries: u64,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        Self {
+            safety_margin: DEFAULT_SAFETY_MARGIN,
+            refresh_ahead: DEFAULT_REFRESH_AHEAD,
+            max_entries: DEFAULT_MAX_ENTRIES,
+        }
+    }
+}
+
+/// What a token is cached under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenKey {
+    /// The app's configured name.
+    pub app: Arc<str>,
+    /// Whose token.
+    pub subject: BoxSubject,
+}
+
+/// A cached token.
+pub struct CachedToken {
+    /// The bearer token.
+    pub access_token: SecretString,
+    /// `bearer`.
+    pub token_type: String,
+    /// When Box stops accepting it.
+    pub expires_at: SystemTime,
+    /// When the request that minted it was sent.
+    pub minted_at: SystemTime,
+    /// Box's request id for the mint, when it sent one.
+    pub request_id: Option<String>,
+    /// From this time (Unix ms) a hit starts a background refresh.
+    refresh_at_ms: AtomicI64,
+}
+
+impl CachedToken {
+    fn new(issued: IssuedToken, policy: &CachePolicy) -> Self {
+        let usable = issued
+            .expires_at
+            .checked_sub(policy.safety_margin)
+            .and_then(|t| t.duration_since(issued.issued_at).ok())
+            .unwrap_or_default();
+        let jitter = rand::thread_rng().gen_range(Duration::ZERO..=REFRESH_JITTER);
+        // Never refresh in the first half of the usable life, even for short tokens.
+        let ahead = (policy.refresh_ahead + jitter).min(usable / 2);
+        let refresh_at = issued
+            .expires_at
+            .checked_sub(policy.safety_margin + ahead)
+            .unwrap_or(issued.issued_at);
+        Self {
+            access_token: issued.access_token,
+            token_type: issued.token_type,
+            expires_at: issued.expires_at,
+            minted_at: issued.issued_at,
+            request_id: issued.request_id,
+            refresh_at_ms: AtomicI64::new(unix_millis(refresh_at)),
+        }
+    }
+
+    /// Time left at `now` (zero once expired).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at.duration_since(now).unwrap_or_default()
+    }
+
+    /// Claims the right to start a background refresh at `now`, pushing the
+    /// next refresh point back. Only one caller wins per interval.
+    fn claim_refresh(&self, now: SystemTime) -> bool {
+        let now_ms = unix_millis(now);
+        let due = self.refresh_at_ms.load(Ordering::Acquire);
+        now_ms >= due
+            && self
+                .refresh_at_ms
+                .compare_exchange(
+                    due,
+                    now_ms + millis(REFRESH_RETRY_INTERVAL),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+}
+
+impl fmt::Debug for CachedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedToken")
+            .field("access_token", &"****")
+            .field("expires_at", &unix_seconds(self.expires_at))
+            .field("minted_at", &unix_seconds(self.minted_at))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mints tokens for the cache; the broker implements it over its Box clients.
+pub trait Minter: Send + Sync + 'static {
+    /// Asks Box for a new token for `key`.
+    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>>;
+}
+
+/// What the caller needs of a token.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Need {
+    /// Remaining life required beyond the safety margin.
+    pub min_ttl: Duration,
+    /// Only a token minted at or after this time will do (`force_refresh`).
+    pub minted_since: Option<SystemTime>,
+}
+
+/// A token and whether it came from the cache without waiting for Box.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The token.
+    pub token: Arc<CachedToken>,
+    /// True when served without waiting for a mint.
+    pub cache_hit: bool,
+}
+
+/// Why no token could be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    /// Box refused or failed.
+    #[error(transparent)]
+    Upstream(Arc<UpstreamError>),
+    /// Even a freshly minted token does not live long enough.
+    #[error(
+        "min_ttl cannot be met: the newest token has {available:?} left beyond the safety margin"
+    )]
+    MinTtlUnmet {
+        /// What the freshest token offered beyond the margin.
+        available: Duration,
+    },
+    /// The mint task panicked (a bug; logged).
+    #[error("the token mint failed unexpectedly")]
+    TaskFailed,
+}
+
+type FlightResult = Result<Arc<CachedToken>, CacheError>;
+
+struct Flight {
+    id: u64,
+    started_at: SystemTime,
+    result: Shared<BoxFuture<'static, FlightResult>>,
+}
+
+struct Inner {
+    entries: moka::future::Cache<TokenKey, Arc<CachedToken>>,
+    flights: Mutex<HashMap<TokenKey, Flight>>,
+    next_flight: AtomicU64,
+    minter: Arc<dyn Minter>,
+    clock: SharedClock,
+    policy: CachePolicy,
+}
+
+/// The token cache. Cloning shares it.
+#[derive(Clone)]
+pub struct TokenCache {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("entries", &self.inner.entries.entry_count())
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Evicts an entry from moka's storage when Box's expiry passes (by the
+/// system clock). Freshness is decided by the injected clock, not by this.
+struct ExpireAtTokenExpiry;
+
+impl moka::Expiry<TokenKey, Arc<CachedToken>> for ExpireAtTokenExpiry {
+    fn expire_after_create(
+        &self,
+        _: &TokenKey,
+        value: &Arc<CachedToken>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(
+            value
+                .expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        )
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &TokenKey,
+        value: &Arc<CachedToken>,
+        created_at: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, created_at)
+    }
+}
+
+impl TokenCache {
+    /// An empty cache that mints through `minter`.
+    pub fn new(minter: Arc<dyn Minter>, clock: SharedClock, policy: CachePolicy) -> Self {
+        let entries = moka::future::Cache::builder()
+            .name("box-tokens")
+            .max_capacity(policy.max_entries)
+            .expire_after(ExpireAtTokenExpiry)
+            .build();
+        Self {
+            inner: Arc::new(Inner {
+                entries,
+                flights: Mutex::new(HashMap::new()),
+                next_flight: AtomicU64::new(0),
+                minter,
+                clock,
+                policy,
+            }),
+        }
+    }
+
+    /// A token for `key` that meets `need`: from the cache, or from a mint
+    /// shared with every concurrent request for the same key.
+    pub async fn get(&self, key: &TokenKey, need: Need) -> Result<Lookup, CacheError> {
+        if need.minted_since.is_none()
+            && let Some(token) = self.inner.entries.get(key).await
+        {
+            let now = self.inner.clock.now();
+            if self.inner.satisfies(&token, &need, now) {
+                if token.claim_refresh(now) {
+                    self.start_refresh(key, &token);
+                }
+                return Ok(Lookup {
+                    token,
+                    cache_hit: true,
+                });
+            }
+        }
+        let mut available = Duration::ZERO;
+        for _ in 0..MAX_FLIGHTS_PER_REQUEST {
+            let (started_at, flight) = self.join_or_start(key, need);
+            let token = flight.await?;
+            let now = self.inner.clock.now();
+            if self.inner.satisfies(&token, &need, now) {
+                return Ok(Lookup {
+                    cache_hit: token.minted_at < started_at,
+                    token,
+                });
+            }
+            available = token
+                .remaining(now)
+                .saturating_sub(self.inner.policy.safety_margin);
+            if token.minted_at >= started_at {
+                // Freshly minted and still not enough: Box's tokens are shorter than asked for.
+                break;
+            }
+        }
+        Err(CacheError::MinTtlUnmet { available })
+    }
+
+    /// Drops the cached token for `key`, if any.
+    pub async fn invalidate(&self, key: &TokenKey) {
+        self.inner.entries.invalidate(key).await;
+    }
+
+    /// How many tokens are cached (approximate, as moka counts).
+    pub fn len(&self) -> u64 {
+        self.inner.entries.entry_count()
+    }
+
+    /// True when no token is cached (approximate).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn start_refresh(&self, key: &TokenKey, stale: &CachedToken) {
+        let need = Need {
+            min_ttl: Duration::ZERO,
+            minted_since: Some(stale.minted_at + Duration::from_millis(1)),
+        };
+        let already_running = self
+            .inner
+            .flights
+            .lock()
+            .map(|f| f.contains_key(key))
+            .unwrap_or(true);
+        if !already_running {
+            tracing::debug!(app = %key.app, subject = %key.subject, "refreshing a token ahead of expiry");
+            // The spawned flight runs to completion whether or not anyone awaits it.
+            drop(self.join_or_start(key, need));
+        }
+    }
+
+    /// Joins the running flight for `key` if it can meet `need`, or starts one.
+    fn join_or_start(
+        &self,
+        key: &TokenKey,
+        need: Need,
+    ) -> (SystemTime, Shared<BoxFuture<'static, FlightResult>>) {
+        // Poisoning only follows a panic while holding the lock, which the
+        // code below cannot do; recover the map rather than fail every request.
+        let mut flights = self
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(flight) = flights.get(key)
+            && need.minted_since.is_none_or(|t| flight.started_at >= t)
+        {
+            return (flight.started_at, flight.result.clone());
+        }
+        let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
+        let started_at = self.inner.clock.now();
+        let inner = Arc::clone(&self.inner);
+        let task_key = key.clone();
+        // Spawned while the lock is held, so the task cannot finish and
+        // deregister before the flight is registered below.
+        let handle = tokio::spawn(async move { inner.fly(task_key, id, need).await });
+        let result = async move {
+            handle.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "token mint task failed");
+                Err(CacheError::TaskFailed)
+            })
+        }
+        .boxed()
+        .shared();
+        flights.insert(
+            key.clone(),
+            Flight {
+                id,
+                started_at,
+                result: result.clone(),
+            },
+        );
+        (started_at, result)
+    }
+}
+
+impl Inner {
+    fn satisfies(&self, token: &CachedToken, need: &Need, now: SystemTime) -> bool {
+        token.remaining(now) > self.policy.safety_margin + need.min_ttl
+            && need.minted_since.is_none_or(|t| token.minted_at >= t)
+    }
+
+    /// One flight: re-check the cache (a flight that just finished may have
+    /// filled it), otherwise mint and store.
+    async fn fly(self: Arc<Self>, key: TokenKey, id: u64, need: Need) -> FlightResult {
+        if let Some(token) = self.entries.get(&key).await
+            && self.satisfies(&token, &need, self.clock.now())
+        {
+            self.land(&key, id);
+            return Ok(token);
+        }
+        let minted = self.minter.mint(&key).await;
+        let result = match minted {
+            Ok(issued) => {
+                let token = Arc::new(CachedToken::new(issued, &self.policy));
+                if token.remaining(self.clock.now()) > self.policy.safety_margin {
+                    self.entries.insert(key.clone(), Arc::clone(&token)).await;
+                }
+                Ok(token)
+            }
+            Err(e) => Err(CacheError::Upstream(Arc::new(e))),
+        };
+        self.land(&key, id);
+        result
+    }
+
+    /// Deregisters flight `id` (unless a newer flight replaced it).
+    fn land(&self, key: &TokenKey, id: u64) {
+        let mut flights = self
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flights.get(key).is_some_and(|f| f.id == id) {
+            flights.remove(key);
+        }
+    }
+}
+
+fn unix_millis(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(millis)
+        .unwrap_or(0)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

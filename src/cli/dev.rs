@@ -1,0 +1,220 @@
+//! `box-broker dev` (broker + embedded fake Box + generated key, no Box
+//! account) and `box-broker fake-box` (the fake alone, for a real `serve`).
+
+use std::{path::Path, process::ExitCode, sync::Arc};
+
+use rand::RngCore as _;
+use rsa::RsaPrivateKey;
+use secrecy::{ExposeSecret as _, SecretString};
+
+use super::{DevArgs, EXIT_CONFIG, FakeBoxArgs, fail, init_dev_logging, shutdown_signal};
+use crate::{
+    auth::Authenticator,
+    boxapi::{BoxClient, CredentialSources},
+    broker::{App, Broker},
+    cache::CachePolicy,
+    clock::{SharedClock, SystemClock},
+    fakebox::{
+        FakeAuth, FakeBox,
+        seed::{
+            self, APP_USER_IDS, ENTERPRISE_ID, EXTERNAL_USER_ID, MANAGED_USER_ID,
+            SERVICE_ACCOUNT_ID, SeededApp,
+        },
+    },
+    service,
+};
+
+/// Dev mode's key size: the size the Box console generates.
+const DEV_KEY_BITS: usize = 2048;
+
+fn new_passphrase() -> SecretString {
+    let mut raw = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    SecretString::from(hex::encode(raw))
+}
+
+/// Runs `dev`.
+pub async fn run_dev(args: DevArgs) -> ExitCode {
+    init_dev_logging();
+    let clock: SharedClock = Arc::new(SystemClock);
+    let key = match RsaPrivateKey::new(&mut rand::rngs::OsRng, DEV_KEY_BITS) {
+        Ok(key) => key,
+        Err(e) => return fail(1, &format!("key generation failed: {e}")),
+    };
+    let fake = FakeBox::new(clock.clone());
+    let app = seed::seed(&fake, FakeAuth::Jwt, Some(&key));
+    let fake_listener = match tokio::net::TcpListener::bind(args.fake_box_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                1,
+                &format!(
+                    "cannot listen on {} for the fake Box: {e}",
+                    args.fake_box_listen
+                ),
+            );
+        }
+    };
+    let fake_server = match fake.spawn(fake_listener) {
+        Ok(server) => server,
+        Err(e) => return fail(1, &format!("cannot start the fake Box: {e}")),
+    };
+    // Load the app exactly as `serve` loads a console download: same JSON
+    // shape, same Box-console key encryption, same decryption path.
+    let json = match seed::box_config_json(&app, &key, &new_passphrase()) {
+        Ok(json) => json,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    let credentials = match CredentialSources::default().load_json_text(
+        "default",
+        &json,
+        Path::new("(dev box_config.json)"),
+    ) {
+        Ok(c) => c,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    let client = match BoxClient::new(&fake_server.base_url(), clock.clone()) {
+        Ok(c) => c,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    let broker = Arc::new(Broker::new(
+        vec![App {
+            name: Arc::from("default"),
+            credentials,
+            client,
+        }],
+        clock,
+        CachePolicy::default(),
+    ));
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(1, &format!("cannot listen on {}: {e}", args.listen)),
+    };
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => return fail(1, &format!("cannot read the listen address: {e}")),
+    };
+    print_banner(&addr.to_string(), &fake_server.base_url(), &app);
+    let result = service::serve(
+        broker,
+        Authenticator::new(true),
+        listener,
+        shutdown_signal(),
+    )
+    .await;
+    fake_server.stop().await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn print_banner(addr: &str, fake_url: &str, app: &SeededApp) {
+    let exe = std::env::current_exe()
+        .map_or_else(|_| "box-broker".to_owned(), |p| p.display().to_string());
+    let users = APP_USER_IDS.join(", ");
+    let first = APP_USER_IDS[0];
+    println!(
+        "\
+box-broker dev mode (NOT for production)
+  broker gRPC:    {addr} (plaintext)
+  callers:        ANONYMOUS callers are allowed: dev mode has no caller authentication
+  fake Box:       {fake_url} (app client id {client}, key id {kid})
+  enterprise:     {ENTERPRISE_ID} (Service Account user {SERVICE_ACCOUNT_ID})
+  App Users:      {users}
+  Managed User:   {MANAGED_USER_ID}
+  External user:  {EXTERNAL_USER_ID} (never tokenizable)
+
+Try:
+  {exe} token get --addr {addr} --enterprise
+  {exe} token get --addr {addr} --user {first} --json
+  grpcurl -plaintext -d '{{\"subject\":{{\"enterprise\":{{}}}}}}' {addr} boxbroker.v1.TokenBrokerService/GetToken
+  grpcurl -plaintext -d '{{\"subject\":{{\"userId\":\"{first}\"}}}}' {addr} boxbroker.v1.TokenBrokerService/GetToken
+  grpcurl -plaintext {addr} grpc.health.v1.Health/Check
+
+Press Ctrl-C to stop.",
+        client = app.client_id,
+        kid = app.kid,
+    );
+}
+
+/// Runs `fake-box`: writes `box_config.json` and `broker.toml`, then serves.
+pub async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
+    init_dev_logging();
+    let clock: SharedClock = Arc::new(SystemClock);
+    let fake = FakeBox::new(clock);
+    let (app, json) = if args.ccg {
+        let app = seed::seed(&fake, FakeAuth::Ccg, None);
+        let json = serde_json::json!({
+            "boxAppSettings": {"clientID": app.client_id, "clientSecret": app.client_secret.expose_secret()},
+            "enterpriseID": ENTERPRISE_ID,
+        });
+        (app, SecretString::from(json.to_string()))
+    } else {
+        let key = match RsaPrivateKey::new(&mut rand::rngs::OsRng, DEV_KEY_BITS) {
+            Ok(key) => key,
+            Err(e) => return fail(1, &format!("key generation failed: {e}")),
+        };
+        let app = seed::seed(&fake, FakeAuth::Jwt, Some(&key));
+        match seed::box_config_json(&app, &key, &new_passphrase()) {
+            Ok(json) => (app, json),
+            Err(e) => return fail(1, &e.to_string()),
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(1, &format!("cannot listen on {}: {e}", args.listen)),
+    };
+    let base_url = match listener.local_addr() {
+        Ok(addr) => format!("http://{addr}"),
+        Err(e) => return fail(1, &format!("cannot read the listen address: {e}")),
+    };
+    if let Err(e) = write_configs(&args.write_config, &json, &base_url) {
+        return fail(EXIT_CONFIG, &e);
+    }
+    let server = match fake.spawn(listener) {
+        Ok(server) => server,
+        Err(e) => return fail(1, &format!("cannot start the fake Box: {e}")),
+    };
+    let dir = args.write_config.display();
+    println!(
+        "fake Box at {base_url} (app client id {client})\n  wrote {dir}/box_config.json and {dir}/broker.toml\n  \
+         enterprise {ENTERPRISE_ID}; App Users {users}; Managed User {MANAGED_USER_ID}\n  \
+         run the broker against it: box-broker serve --config {dir}/broker.toml\n  \
+         control: GET {base_url}/_fake/stats; POST {base_url}/_fake/faults {{\"kind\":\"rate_limited\",\"count\":3,\"retry_after_secs\":1}}",
+        client = app.client_id,
+        users = APP_USER_IDS.join(", "),
+    );
+    shutdown_signal().await;
+    server.stop().await;
+    ExitCode::SUCCESS
+}
+
+fn write_configs(dir: &Path, json: &SecretString, base_url: &str) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create: {e}", dir.display()))?;
+    let json_path = dir.join("box_config.json");
+    write_private(&json_path, json.expose_secret())?;
+    let toml = format!(
+        "# Written by `box-broker fake-box`: a broker config for the fake Box at {base_url}.\n\
+         [server]\nlisten = \"127.0.0.1:50051\"\n# The fake has no caller authentication to offer; development only.\nallow_anonymous = true\n\n\
+         [apps.default]\nbox_config_file = \"box_config.json\"\napi_base_url = \"{base_url}\"\n"
+    );
+    std::fs::write(dir.join("broker.toml"), toml)
+        .map_err(|e| format!("{}: cannot write: {e}", dir.join("broker.toml").display()))
+}
+
+fn write_private(path: &Path, content: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| format!("{}: cannot create: {e}", path.display()))?;
+    file.write_all(content.as_bytes())
+        .map_err(|e| format!("{}: cannot write: {e}", path.display()))
+}

@@ -1,0 +1,207 @@
+//! The `box-broker` command line (clap): `serve`, `dev`, `fake-box`,
+//! `token get`, `keygen`, `check-config`.
+
+mod dev;
+mod keygen;
+mod token;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    auth::Authenticator,
+    clock::SystemClock,
+    config::{Config, LogFormat},
+    service, telemetry,
+};
+
+/// Exit code for a bad config or bad usage (sysexits' EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// box-broker: holds a Box app's server-auth credentials and hands other
+/// services only the access tokens they need, over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "box-broker", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker with a config file.
+    Serve {
+        /// The TOML config file (BOX_BROKER_* environment variables override it).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the broker against an embedded fake Box: no Box account needed.
+    Dev(DevArgs),
+    /// Run only the fake Box, and write a Box config JSON and broker config for it.
+    FakeBox(FakeBoxArgs),
+    /// Ask a running broker for tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Generate an RSA key pair for a Box JWT app.
+    Keygen(keygen::KeygenArgs),
+    /// Load and validate a config file, including its credentials, then exit.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+}
+
+/// `dev` options.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// The broker's gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// The embedded fake Box's listen address (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    fake_box_listen: SocketAddr,
+}
+
+/// `fake-box` options.
+#[derive(Debug, Args)]
+pub struct FakeBoxArgs {
+    /// The fake Box's listen address.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+    /// Write box_config.json and broker.toml for this fake into DIR.
+    #[arg(long, value_name = "DIR")]
+    write_config: PathBuf,
+    /// Register a Client Credentials Grant app instead of a JWT app.
+    #[arg(long)]
+    ccg: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Get a full access token for the Service Account or a user.
+    Get(token::GetArgs),
+}
+
+/// Runs the command line; `main` is only this.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { config } => serve(config).await,
+            Command::Dev(args) => dev::run_dev(args).await,
+            Command::FakeBox(args) => dev::run_fake_box(args).await,
+            Command::Token(TokenCommand::Get(args)) => token::get(args).await,
+            Command::Keygen(args) => keygen::run(&args),
+            Command::CheckConfig { file } => check_config(file),
+        }
+    })
+}
+
+/// Prints one error line and returns `code`.
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("box-broker: error: {message}");
+    ExitCode::from(code)
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    if let Err(e) = telemetry::init_logging(config.log.format, &config.log.level) {
+        return fail(EXIT_CONFIG, &e);
+    }
+    let broker = match config.build_broker(Arc::new(SystemClock)) {
+        Ok(broker) => Arc::new(broker),
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            return fail(
+                1,
+                &format!("cannot listen on {}: {e}", config.server.listen),
+            );
+        }
+    };
+    for app in broker.apps() {
+        tracing::info!(app = %app.name, auth = %app.auth_summary(), "app loaded");
+    }
+    if config.server.allow_anonymous {
+        tracing::warn!(
+            "anonymous callers are allowed ([server] allow_anonymous = true): any process that reaches the listener gets tokens"
+        );
+    }
+    tracing::info!(listen = %config.server.listen, "serving gRPC");
+    let auth = Authenticator::new(config.server.allow_anonymous);
+    match service::serve(broker, auth, listener, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn check_config(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    match config.build_broker(Arc::new(SystemClock)) {
+        Ok(broker) => {
+            println!("{}: ok, listen {}", path.display(), config.server.listen);
+            for app in broker.apps() {
+                println!(
+                    "  app {}: {}; client id {}, enterprise {}",
+                    app.name,
+                    app.auth_summary(),
+                    app.credentials.client_id,
+                    app.credentials.enterprise_id
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_CONFIG, &e.to_string()),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn init_dev_logging() {
+    // The dev banner is on stdout; logs go to stderr at info.
+    if let Err(e) = telemetry::init_logging(LogFormat::Human, "info") {
+        eprintln!("box-broker: warning: {e}");
+    }
+}

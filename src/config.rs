@@ -1,0 +1,510 @@
+//! One typed [`Config`], loaded from a TOML file plus `BOX_BROKER_*`
+//! environment overrides, validated before any port is bound.
+//!
+//! Secrets are never inline: the TOML names files (Kubernetes Secret mounts).
+//! Relative paths are resolved against the config file's directory. Every
+//! error is one line naming the file (or variable) and the problem.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::{
+    boxapi::{BoxClient, CredentialSources, JwtAlgorithm, client::DEFAULT_API_BASE_URL},
+    broker::{App, Broker},
+    cache::{
+        CachePolicy, DEFAULT_MAX_ENTRIES, DEFAULT_REFRESH_AHEAD, DEFAULT_SAFETY_MARGIN,
+        MIN_SAFETY_MARGIN,
+    },
+    clock::SharedClock,
+};
+
+/// The prefix of environment overrides: `BOX_BROKER_SERVER__LISTEN` sets
+/// `[server] listen`; `BOX_BROKER_APPS__DEFAULT__API_BASE_URL` sets
+/// `[apps.default] api_base_url`. Sections are separated by `__`.
+pub const ENV_PREFIX: &str = "BOX_BROKER_";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Token cache tuning.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The Box apps, by name.
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The gRPC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Admit callers that present no credentials. For development only.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            allow_anonymous: false,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 50051))
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bound on cached tokens.
+    #[serde(default = "default_max_entries")]
+    pub max_entries: u64,
+    /// Seconds of life a served token keeps beyond the caller's `min_ttl` (at least 60).
+    #[serde(default = "default_margin")]
+    pub safety_margin_secs: u64,
+    /// Seconds before the margin begins that hits start a background refresh.
+    #[serde(default = "default_refresh_ahead")]
+    pub refresh_ahead_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: default_max_entries(),
+            safety_margin_secs: default_margin(),
+            refresh_ahead_secs: default_refresh_ahead(),
+        }
+    }
+}
+
+fn default_max_entries() -> u64 {
+    DEFAULT_MAX_ENTRIES
+}
+fn default_margin() -> u64 {
+    DEFAULT_SAFETY_MARGIN.as_secs()
+}
+fn default_refresh_ahead() -> u64 {
+    DEFAULT_REFRESH_AHEAD.as_secs()
+}
+
+impl CacheConfig {
+    /// The cache policy these settings describe.
+    pub fn policy(&self) -> CachePolicy {
+        CachePolicy {
+            safety_margin: Duration::from_secs(self.safety_margin_secs),
+            refresh_ahead: Duration::from_secs(self.refresh_ahead_secs),
+            max_entries: self.max_entries,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `box_token_broker=debug`. `RUST_LOG` wins when set.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people.
+    #[default]
+    Human,
+    /// One JSON object per line, for collectors.
+    Json,
+}
+
+/// `[apps.NAME]`: where one Box app's credentials come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The JSON file the Box developer console downloads.
+    pub box_config_file: Option<PathBuf>,
+    /// Client id (overrides the JSON's).
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub client_id: Option<String>,
+    /// File holding the client secret (overrides the JSON's).
+    pub client_secret_file: Option<PathBuf>,
+    /// Enterprise id (overrides the JSON's).
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub enterprise_id: Option<String>,
+    /// The public key id Box assigned (overrides the JSON's).
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub public_key_id: Option<String>,
+    /// PEM private key file (overrides the JSON's).
+    pub private_key_file: Option<PathBuf>,
+    /// File holding the private key's passphrase (overrides the JSON's).
+    pub private_key_passphrase_file: Option<PathBuf>,
+    /// Where token requests go; `aud` stays `https://api.box.com/oauth2/token`.
+    #[serde(default = "default_api_base_url")]
+    pub api_base_url: String,
+    /// `RS256` (default), `RS384` or `RS512`.
+    #[serde(default)]
+    pub jwt_algorithm: JwtAlgorithm,
+}
+
+fn default_api_base_url() -> String {
+    DEFAULT_API_BASE_URL.to_owned()
+}
+
+/// Ids are strings, but a number (from TOML or an env override) is accepted.
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        N(i64),
+    }
+    Ok(Option::<Id>::deserialize(d)?.map(|id| match id {
+        Id::S(s) => s,
+        Id::N(n) => n.to_string(),
+    }))
+}
+
+/// A config problem: one line, naming where.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {problem}")]
+pub struct ConfigError {
+    /// The file, or the file plus the environment.
+    pub source_name: String,
+    /// What is wrong and how to fix it.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(source_name: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            source_name: source_name.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, applies `BOX_BROKER_*` overrides from `env`, and validates.
+    /// Tests pass their own `env`; nothing reads the process environment here.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| ConfigError::new(&name, toml_problem(&e, &text)))?;
+        let overridden = apply_env(&mut table, env)?;
+        let source_name = if overridden.is_empty() {
+            name
+        } else {
+            format!("{name} (with {})", overridden.join(", "))
+        };
+        let mut config: Self =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    ConfigError::new(&source_name, e.message().trim().replace('\n', " "))
+                })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for app in config.apps.values_mut() {
+            app.resolve_paths(base);
+        }
+        config
+            .validate()
+            .map_err(|problem| ConfigError::new(&source_name, problem))?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.apps.is_empty() {
+            return Err(
+                "no apps configured: add an [apps.default] section with box_config_file".to_owned(),
+            );
+        }
+        for (name, app) in &self.apps {
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(format!(
+                    "app name {name:?} must be 1 to 64 of a-z, 0-9, - and _"
+                ));
+            }
+            if app.box_config_file.is_none()
+                && (app.client_id.is_none()
+                    || app.client_secret_file.is_none()
+                    || app.enterprise_id.is_none())
+            {
+                return Err(format!(
+                    "apps.{name}: give box_config_file, or client_id, client_secret_file and enterprise_id (plus private_key_file and public_key_id for JWT)"
+                ));
+            }
+        }
+        if self.cache.safety_margin_secs < MIN_SAFETY_MARGIN.as_secs() {
+            return Err(format!(
+                "cache.safety_margin_secs must be at least {}",
+                MIN_SAFETY_MARGIN.as_secs()
+            ));
+        }
+        if self.cache.max_entries == 0 {
+            return Err("cache.max_entries must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
+    /// Loads every app's credentials (reading and decrypting key files) and
+    /// builds the broker. Errors name the file and the problem.
+    pub fn build_broker(&self, clock: SharedClock) -> Result<Broker, ConfigError> {
+        let mut apps = Vec::with_capacity(self.apps.len());
+        for (name, app) in &self.apps {
+            let credentials = app
+                .sources()
+                .load(name)
+                .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?;
+            let client = BoxClient::new(&app.api_base_url, clock.clone())
+                .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?;
+            apps.push(App {
+                name: Arc::from(name.as_str()),
+                credentials,
+                client,
+            });
+        }
+        Ok(Broker::new(apps, clock, self.cache.policy()))
+    }
+}
+
+impl AppConfig {
+    /// The credential sources this section names.
+    pub fn sources(&self) -> CredentialSources {
+        CredentialSources {
+            box_config_file: self.box_config_file.clone(),
+            client_id: self.client_id.clone(),
+            client_secret_file: self.client_secret_file.clone(),
+            enterprise_id: self.enterprise_id.clone(),
+            public_key_id: self.public_key_id.clone(),
+            private_key_file: self.private_key_file.clone(),
+            private_key_passphrase_file: self.private_key_passphrase_file.clone(),
+            algorithm: self.jwt_algorithm,
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for path in [
+            &mut self.box_config_file,
+            &mut self.client_secret_file,
+            &mut self.private_key_file,
+            &mut self.private_key_passphrase_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+}
+
+/// One line for a TOML syntax error: the position and toml's message, but
+/// never the quoted source line (which could hold a mistakenly inlined secret).
+fn toml_problem(e: &toml::de::Error, text: &str) -> String {
+    let position = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    format!(
+        "{}{}",
+        position.unwrap_or_default(),
+        e.message().trim().replace('\n', " ")
+    )
+}
+
+/// Applies `BOX_BROKER_A__B__C=value` as `a.b.c = value`. Values that parse as
+/// a TOML boolean or integer become one; everything else is a string.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut applied = Vec::new();
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                &name,
+                "malformed override name: use BOX_BROKER_SECTION__KEY",
+            ));
+        }
+        let value = match raw.parse::<i64>() {
+            Ok(n) => toml::Value::Integer(n),
+            Err(_) => match raw.as_str() {
+                "true" => toml::Value::Boolean(true),
+                "false" => toml::Value::Boolean(false),
+                _ => toml::Value::String(raw.clone()),
+            },
+        };
+        let (last, parents) = path
+            .split_last()
+            .ok_or_else(|| ConfigError::new(&name, "empty override name"))?;
+        let mut cursor = &mut *table;
+        for key in parents {
+            let entry = cursor
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = entry.as_table_mut().ok_or_else(|| {
+                ConfigError::new(&name, format!("`{key}` is a value, not a section"))
+            })?;
+        }
+        cursor.insert(last.clone(), value);
+        applied.push(name);
+    }
+    applied.sort();
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigError::new("tempdir", e.to_string()))?;
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, text).map_err(|e| ConfigError::new("write", e.to_string()))?;
+        Config::load(
+            &path,
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    const MINIMAL: &str = "[server]\nlisten = \"0.0.0.0:50051\"\n[apps.default]\nbox_config_file = \"box_config.json\"\n";
+
+    #[test]
+    fn the_pinned_minimal_config_loads_with_defaults() {
+        let c = load(MINIMAL, &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.server.listen.port(), 50051);
+        assert!(!c.server.allow_anonymous);
+        let app = &c.apps["default"];
+        assert_eq!(app.api_base_url, "https://api.box.com");
+        // Relative paths resolve against the config file's directory.
+        assert!(
+            app.box_config_file
+                .as_ref()
+                .is_some_and(|p| p.is_absolute() && p.ends_with("box_config.json"))
+        );
+    }
+
+    #[test]
+    fn environment_overrides_apply_with_the_prefix() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:6000"),
+                (
+                    "BOX_BROKER_APPS__DEFAULT__API_BASE_URL",
+                    "http://127.0.0.1:9",
+                ),
+                ("BOX_BROKER_APPS__DEFAULT__ENTERPRISE_ID", "12345"),
+                ("BOX_BROKER_CACHE__MAX_ENTRIES", "10"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.server.listen,
+            "127.0.0.1:6000".parse().unwrap_or_else(|_| unreachable!())
+        );
+        assert_eq!(c.apps["default"].api_base_url, "http://127.0.0.1:9");
+        assert_eq!(c.apps["default"].enterprise_id.as_deref(), Some("12345"));
+        assert_eq!(c.cache.max_entries, 10);
+    }
+
+    #[test]
+    fn inline_secrets_are_rejected_without_echoing_them() {
+        let text = format!("{MINIMAL}client_secret = \"hunter2-secret\"\n");
+        let err = load(&text, &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("unknown field `client_secret`"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_and_position_on_one_line() {
+        let err = load("[server\nlisten = 1", &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("broker.toml: line 1"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn a_config_without_apps_is_refused() {
+        let err = load("[server]\nlisten = \"0.0.0.0:1\"\n", &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("no apps configured"), "{err}");
+    }
+
+    #[test]
+    fn a_margin_below_sixty_seconds_is_refused() {
+        let err = load(&format!("{MINIMAL}[cache]\nsafety_margin_secs = 5\n"), &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("safety_margin_secs must be at least 60"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! A faithful fake of Box's OAuth endpoints, for dev mode and tests.
+//!
+//! It is strict on purpose (box-contract.md §10): it verifies the assertion's
+//! signature against registered public keys and rejects what real Box
+//! rejects, with Box's error codes and messages, so a test that passes
+//! against it means something. It runs in-process ([`FakeBox::start`]) or
+//! standalone (`box-broker fake-box`).
+
+pub mod http;
+pub mod seed;
+pub mod state;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::{oneshot, watch};
+
+pub use state::{FakeApp, FakeAuth, FakeUser, Fault, SeenAssertion, Stats, UserKind};
+
+use crate::clock::{SharedClock, shift};
+
+/// The fake Box. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct FakeBox {
+    world: Arc<Mutex<state::World>>,
+    clock: SharedClock,
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl FakeBox {
+    /// An empty fake whose time is `clock` (plus any skew set later).
+    pub fn new(clock: SharedClock) -> Self {
+        Self {
+            world: Arc::default(),
+            clock,
+            changed: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    pub(crate) fn with_world<R>(&self, f: impl FnOnce(&mut state::World) -> R) -> R {
+        // A panic while holding the lock would be a fake bug; keep serving.
+        let mut world = self
+            .world
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut world)
+    }
+
+    /// The fake's current time: its clock plus the skew knob.
+    pub fn now(&self) -> SystemTime {
+        let skew = self.with_world(|w| w.skew_secs);
+        shift(self.clock.now(), skew.saturating_mul(1000))
+    }
+
+    /// Registers an app.
+    pub fn add_app(&self, app: FakeApp) {
+        self.with_world(|w| w.apps.insert(app.client_id.clone(), app));
+    }
+
+    /// Changes a registered app (authorize it, add a key, ...). Returns false if unknown.
+    pub fn update_app(&self, client_id: &str, f: impl FnOnce(&mut FakeApp)) -> bool {
+        self.with_world(|w| w.apps.get_mut(client_id).map(f).is_some())
+    }
+
+    /// Adds a user to the directory.
+    pub fn add_user(&self, user: FakeUser) {
+        self.with_world(|w| w.users.insert(user.id.clone(), user));
+    }
+
+    /// The next `count` token requests get `fault`.
+    pub fn fail_next(&self, count: usize, fault: Fault) {
+        self.with_world(|w| w.faults.extend(std::iter::repeat_n(fault, count)));
+    }
+
+    pub(crate) fn take_fault(&self) -> Option<Fault> {
+        self.with_world(|w| {
+            let fault = w.faults.pop_front();
+            if fault.is_some() {
+                w.stats.token_requests += 1;
+                w.stats.faults_served += 1;
+            }
+            fault
+        })
+    }
+
+    /// Every token request waits this long first.
+    pub fn set_latency(&self, latency: Duration) {
+        self.with_world(|w| w.latency = latency);
+    }
+
+    pub(crate) fn latency(&self) -> Duration {
+        self.with_world(|w| w.latency)
+    }
+
+    /// Shifts the fake's clock by `seconds` relative to its clock source.
+    pub fn set_skew_secs(&self, seconds: i64) {
+        self.with_world(|w| w.skew_secs = seconds);
+    }
+
+    /// Issue tokens with exactly this lifetime (default: 4000–4200 s, random).
+    pub fn set_token_lifetime(&self, lifetime: Option<Duration>) {
+        self.with_world(|w| w.token_lifetime = lifetime);
+    }
+
+    /// Call counts so far.
+    pub fn stats(&self) -> Stats {
+        self.with_world(|w| w.stats.clone())
+    }
+
+    /// The assertions accepted so far (the newest last; at most 64).
+    pub fn accepted_assertions(&self) -> Vec<SeenAssertion> {
+        self.with_world(|w| w.assertions.iter().cloned().collect())
+    }
+
+    /// The id of the user a live token acts as (`None` if unknown, expired or revoked).
+    pub fn token_user_id(&self, token: &str) -> Option<String> {
+        let now = self.now();
+        self.with_world(|w| w.token_user(token, now).map(|(t, _)| t.user_id.clone()))
+    }
+
+    pub(crate) fn notify(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until `condition` holds for the stats, or `timeout` passes.
+    /// Returns whether it held. Tests use it instead of sleeping.
+    pub async fn wait_for(&self, timeout: Duration, condition: impl Fn(&Stats) -> bool) -> bool {
+        let mut changed = self.changed.subscribe();
+        let wait = async {
+            loop {
+                if condition(&self.stats()) {
+                    return;
+                }
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok() && condition(&self.stats())
+    }
+
+    /// Serves the fake on `listener` in a background task.
+    pub fn spawn(self, listener: tokio::net::TcpListener) -> std::io::Result<FakeBoxServer> {
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let router = http::router(self);
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the fake Box stopped");
+            }
+        });
+        Ok(FakeBoxServer {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Binds `127.0.0.1:0` and serves there.
+    pub async fn start(self) -> std::io::Result<FakeBoxServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        self.spawn(listener)
+    }
+}
+
+/// A running fake Box; stops when dropped.
+#[derive(Debug)]
+pub struct FakeBoxServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeBoxServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL to configure as `api_base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and waits for the server task.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for FakeBoxServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! A ready-made Box enterprise for dev mode and tests: one app, its Service
+//! Account, three App Users, a Managed User, an external user, and an App User
+//! that belongs to a different app. The ids are fixed so docs can name them.
+
+use std::{collections::BTreeMap, fmt};
+
+use rand::{Rng as _, distributions::Alphanumeric};
+use rsa::RsaPrivateKey;
+use secrecy::{ExposeSecret as _, SecretString};
+
+use super::{FakeApp, FakeAuth, FakeBox, FakeUser, UserKind};
+use crate::boxapi::private_key::{KeyEncryption, KeyError, encrypt_private_key};
+
+/// The enterprise.
+pub const ENTERPRISE_ID: &str = "7000001";
+/// The app's Service Account.
+pub const SERVICE_ACCOUNT_ID: &str = "7100001";
+/// App Users of the seeded app.
+pub const APP_USER_IDS: [&str; 3] = ["7200001", "7200002", "7200003"];
+/// A Managed User (needs "App + Enterprise Access").
+pub const MANAGED_USER_ID: &str = "7300001";
+/// An external user: never tokenizable.
+pub const EXTERNAL_USER_ID: &str = "7400001";
+/// An App User created by some other app: not tokenizable by this one.
+pub const OTHER_APP_USER_ID: &str = "7200999";
+
+/// The seeded app's credentials, as the developer console would show them.
+#[derive(Clone)]
+pub struct SeededApp {
+    /// Client id (32 lowercase alphanumerics, like Box's).
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: SecretString,
+    /// The `kid` of the registered public key (JWT apps).
+    pub kid: String,
+}
+
+impl fmt::Debug for SeededApp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SeededApp")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"****")
+            .field("kid", &self.kid)
+            .finish()
+    }
+}
+
+fn random_lower(len: usize) -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(|b| char::from(b).to_ascii_lowercase())
+        .collect()
+}
+
+/// Registers the seeded enterprise and an authorized app with user tokens and
+/// enterprise access on. A JWT app gets `key`'s public half registered.
+pub fn seed(fake: &FakeBox, auth: FakeAuth, key: Option<&RsaPrivateKey>) -> SeededApp {
+    let client_id = random_lower(32);
+    let client_secret = random_lower(32);
+    let kid = random_lower(8);
+    let mut keys = BTreeMap::new();
+    if let Some(key) = key {
+        keys.insert(kid.clone(), key.to_public_key());
+    }
+    fake.add_app(FakeApp {
+        client_id: client_id.clone(),
+        client_secret: client_secret.clone(),
+        enterprise_id: ENTERPRISE_ID.to_owned(),
+        auth,
+        keys,
+        authorized: true,
+        user_tokens: true,
+        enterprise_access: true,
+        service_account_id: SERVICE_ACCOUNT_ID.to_owned(),
+    });
+    let user = |id: &str, name: &str, kind: UserKind, enterprise: &str| FakeUser {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        login: format!(
+            "{}@example.com",
+            name.to_ascii_lowercase().replace(' ', ".")
+        ),
+        enterprise_id: enterprise.to_owned(),
+        kind,
+    };
+    let mine = UserKind::AppUser {
+        client_id: client_id.clone(),
+    };
+    for (id, name) in APP_USER_IDS.iter().zip(["Ada App", "Bob App", "Cy App"]) {
+        fake.add_user(user(id, name, mine.clone(), ENTERPRISE_ID));
+    }
+    fake.add_user(user(
+        MANAGED_USER_ID,
+        "Mia Managed",
+        UserKind::Managed,
+        ENTERPRISE_ID,
+    ));
+    fake.add_user(user(
+        EXTERNAL_USER_ID,
+        "Eve External",
+        UserKind::External,
+        "8000001",
+    ));
+    fake.add_user(user(
+        OTHER_APP_USER_ID,
+        "Olaf Other",
+        UserKind::AppUser {
+            client_id: "someotherapp".to_owned(),
+        },
+        ENTERPRISE_ID,
+    ));
+    SeededApp {
+        client_id,
+        client_secret: SecretString::from(client_secret),
+        kid,
+    }
+}
+
+/// The app's config JSON exactly as the Box developer console downloads it,
+/// with the private key encrypted the way the console encrypts it.
+pub fn box_config_json(
+    app: &SeededApp,
+    key: &RsaPrivateKey,
+    passphrase: &SecretString,
+) -> Result<SecretString, KeyError> {
+    let pem = encrypt_private_key(key, passphrase, KeyEncryption::BoxConsole)?;
+    let json = serde_json::json!({
+        "boxAppSettings": {
+            "clientID": app.client_id,
+            "clientSecret": app.client_secret.expose_secret(),
+            "appAuth": {
+                "publicKeyID": app.kid,
+                "privateKey": pem.expose_secret(),
+                "passphrase": passphrase.expose_secret(),
+            }
+        },
+        "enterpriseID": ENTERPRISE_ID,
+    });
+    serde_json::to_string_pretty(&json)
+        .map(SecretString::from)
+        .map_err(|e| KeyError::Malformed(format!("JSON encoding failed: {e}")))
+}

@@ -1,0 +1,17 @@
+//! box-token-broker: one process holds a Box app's server-auth credentials and
+//! hands every other service only the Box access token it needs, over gRPC.
+//!
+//! See ARCHITECTURE.md for the bird's-eye view and code map.
+
+pub mod auth;
+pub mod boxapi;
+pub mod broker;
+pub mod cache;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod fakebox;
+pub mod pb;
+pub mod service;
+pub mod telemetry;
