@@ -60,6 +60,8 @@ pub struct CachePolicy {
     pub safety_margin: Duration,
     /// See [`DEFAULT_REFRESH_AHEAD`].
     pub refresh_ahead: Duration,
+    /// See [`REFRESH_JITTER`].
+    pub refresh_jitter: Duration,
     /// Bound on cached tokens.
     pub max_entries: u64,
 }
@@ -69,6 +71,7 @@ impl Default for CachePolicy {
         Self {
             safety_margin: DEFAULT_SAFETY_MARGIN,
             refresh_ahead: DEFAULT_REFRESH_AHEAD,
+            refresh_jitter: REFRESH_JITTER,
             max_entries: DEFAULT_MAX_ENTRIES,
         }
     }
@@ -106,7 +109,7 @@ impl CachedToken {
             .checked_sub(policy.safety_margin)
             .and_then(|t| t.duration_since(issued.issued_at).ok())
             .unwrap_or_default();
-        let jitter = rand::thread_rng().gen_range(Duration::ZERO..=REFRESH_JITTER);
+        let jitter = rand::thread_rng().gen_range(Duration::ZERO..=policy.refresh_jitter);
         // Never refresh in the first half of the usable life, even for short tokens.
         let ahead = (policy.refresh_ahead + jitter).min(usable / 2);
         let refresh_at = issued

@@ -114,6 +114,7 @@ impl CacheConfig {
         CachePolicy {
             safety_margin: Duration::from_secs(self.safety_margin_secs),
             refresh_ahead: Duration::from_secs(self.refresh_ahead_secs),
+            refresh_jitter: crate::cache::REFRESH_JITTER,
             max_entries: self.max_entries,
         }
     }

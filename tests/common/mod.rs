@@ -1,0 +1,238 @@
+//! The integration-test harness: a fake Box and a real broker on ephemeral
+//! ports, sharing one manual clock, with a gRPC client connected.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // Shared by several test crates; each uses a part.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use box_token_broker::{
+    auth::Authenticator,
+    boxapi::{
+        AppCredentials, AuthMethod, BoxClient, BoxId, JwtAlgorithm, SigningKey,
+        private_key::decode_private_key,
+    },
+    broker::{App, Broker},
+    cache::CachePolicy,
+    clock::{ManualClock, SharedClock},
+    fakebox::{FakeAuth, FakeBox, FakeBoxServer, seed},
+    pb::{self, token_broker_service_client::TokenBrokerServiceClient},
+    service,
+};
+use rsa::RsaPrivateKey;
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// The fixture directory.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name)
+}
+
+/// The fixture passphrase.
+pub fn fixture_passphrase() -> SecretString {
+    SecretString::from(std::fs::read_to_string(fixture("passphrase")).unwrap())
+}
+
+/// The base fixture key (tests/fixtures/keys/pkcs1.pem).
+pub fn fixture_key() -> RsaPrivateKey {
+    decode_private_key(
+        &std::fs::read_to_string(fixture("pkcs1.pem")).unwrap(),
+        None,
+    )
+    .unwrap()
+}
+
+/// How to set up a harness.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub auth: FakeAuth,
+    pub algorithm: JwtAlgorithm,
+    pub policy: CachePolicy,
+    pub allow_anonymous: bool,
+    /// Extra app names configured with the same credentials.
+    pub extra_apps: Vec<&'static str>,
+    /// Overrides the client secret the broker is configured with.
+    pub client_secret: Option<&'static str>,
+    /// Overrides the enterprise id the broker is configured with.
+    pub enterprise_id: Option<&'static str>,
+    /// Overrides the api_base_url the broker is configured with.
+    pub api_base_url: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            auth: FakeAuth::Jwt,
+            algorithm: JwtAlgorithm::RS256,
+            policy: CachePolicy::default(),
+            allow_anonymous: true,
+            extra_apps: Vec::new(),
+            client_secret: None,
+            enterprise_id: None,
+            api_base_url: None,
+        }
+    }
+}
+
+/// A running fake Box + broker.
+pub struct Harness {
+    pub fake: FakeBox,
+    pub fake_server: FakeBoxServer,
+    pub app: seed::SeededApp,
+    pub broker: Arc<Broker>,
+    pub clock: Arc<ManualClock>,
+    pub client: TokenBrokerServiceClient<Channel>,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> Self {
+        let clock = ManualClock::new();
+        let shared: SharedClock = clock.clone();
+        let fake = FakeBox::new(shared.clone());
+        let key = fixture_key();
+        let jwt = options.auth == FakeAuth::Jwt;
+        let app = seed::seed(&fake, options.auth, jwt.then_some(&key));
+        let fake_server = fake.clone().start().await.unwrap();
+        let auth = if jwt {
+            AuthMethod::Jwt {
+                key: SigningKey::new(app.kid.clone(), &key).unwrap(),
+                algorithm: options.algorithm,
+            }
+        } else {
+            AuthMethod::Ccg
+        };
+        let credentials = AppCredentials {
+            client_id: app.client_id.clone(),
+            client_secret: SecretString::from(options.client_secret.map_or_else(
+                || app.client_secret.expose_secret().to_owned(),
+                str::to_owned,
+            )),
+            enterprise_id: BoxId::parse(options.enterprise_id.unwrap_or(seed::ENTERPRISE_ID))
+                .unwrap(),
+            auth,
+        };
+        let base_url = options
+            .api_base_url
+            .clone()
+            .unwrap_or_else(|| fake_server.base_url());
+        let mut apps = Vec::new();
+        for name in std::iter::once("default").chain(options.extra_apps.iter().copied()) {
+            apps.push(App {
+                name: Arc::from(name),
+                credentials: credentials.clone(),
+                client: BoxClient::new(&base_url, shared.clone()).unwrap(),
+            });
+        }
+        let broker = Arc::new(Broker::new(apps, shared, options.policy));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let broker = broker.clone();
+            let auth = Authenticator::new(options.allow_anonymous);
+            async move {
+                service::serve(broker, auth, listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            }
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let client = TokenBrokerServiceClient::new(channel.clone());
+        Self {
+            fake,
+            fake_server,
+            app,
+            broker,
+            clock,
+            client,
+            channel,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Stops the broker and waits for in-flight calls to drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+
+    pub async fn get(
+        &self,
+        request: pb::GetTokenRequest,
+    ) -> Result<pb::GetTokenResponse, tonic::Status> {
+        self.client
+            .clone()
+            .get_token(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits (without sleeping blindly) until the fake's stats satisfy `condition`.
+    pub async fn wait_for(
+        &self,
+        condition: impl Fn(&box_token_broker::fakebox::Stats) -> bool,
+    ) -> bool {
+        self.fake.wait_for(Duration::from_secs(10), condition).await
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A request for the app's Service Account token.
+pub fn enterprise() -> pb::GetTokenRequest {
+    pb::GetTokenRequest {
+        subject: Some(pb::Subject {
+            kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A request for a user's token.
+pub fn user(id: &str) -> pb::GetTokenRequest {
+    pb::GetTokenRequest {
+        subject: Some(pb::Subject {
+            kind: Some(pb::subject::Kind::UserId(id.to_owned())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The access token in a response.
+pub fn token_of(response: &pb::GetTokenResponse) -> String {
+    response.token.as_ref().unwrap().access_token.clone()
+}
+
+/// A protobuf duration of `secs` seconds.
+pub fn secs(secs: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: secs,
+        nanos: 0,
+    })
+}
