@@ -175,13 +175,14 @@ pub fn diagnose(
             Misconfigured,
             "the token endpoint did not recognise the grant: check that api_base_url points at https://api.box.com".to_owned(),
         ),
-        "invalid_grant" if d.contains("kid") => (
-            Misconfigured,
-            format!("Box does not know public key id {kid}: upload the public key in the developer console or fix publicKeyID"),
-        ),
+        // Box's signature message also mentions `kid`, so it is matched first.
         "invalid_grant" if d.contains("signature") => (
             Misconfigured,
             format!("Box could not verify the assertion's signature: the private key does not match the public key registered as {kid}"),
+        ),
+        "invalid_grant" if d.contains("kid") => (
+            Misconfigured,
+            format!("Box does not know public key id {kid}: upload the public key in the developer console or fix publicKeyID"),
         ),
         "invalid_grant" if d.contains("'sub'") || d.contains("`sub`") || d.contains("sub claim") => match subject {
             BoxSubject::User(id) => (
