@@ -4,6 +4,8 @@
 //! id, codes, Box request ids) — never tokens, keys, secrets or request
 //! metadata. OpenTelemetry export and metrics arrive with the observability work.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::LogFormat;

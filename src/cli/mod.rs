@@ -140,7 +140,10 @@ async fn serve(path: PathBuf) -> ExitCode {
             "anonymous callers are allowed ([server] allow_anonymous = true): any process that reaches the listener gets tokens"
         );
     }
-    tracing::info!(listen = %config.server.listen, "serving gRPC");
+    let bound = listener
+        .local_addr()
+        .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
+    tracing::info!(listen = %bound, "serving gRPC");
     let auth = Authenticator::new(config.server.allow_anonymous);
     match service::serve(broker, auth, listener, shutdown_signal()).await {
         Ok(()) => {

@@ -1,0 +1,248 @@
+//! The `box-broker` binary end to end: `dev`, `fake-box` + `serve` +
+//! `token get`, SIGTERM, and `keygen`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_box-broker"))
+}
+
+/// A child process killed on drop, with its output lines delivered on channels.
+struct Proc {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The first line on `stream` containing `needle`.
+    fn wait_line(stream: &mpsc::Receiver<String>, needle: &str) -> String {
+        loop {
+            let line = stream
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|e| panic!("no line with {needle:?}: {e}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn terminate(&mut self) -> i32 {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (done, wait) = mpsc::channel();
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        std::thread::spawn(move || done.send(child.wait().unwrap()));
+        wait.recv_timeout(WAIT).unwrap().code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn token_get(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .arg("token")
+        .arg("get")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn dev_mode_serves_tokens_with_no_box_account() {
+    let dev = Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0"]));
+    let line = Proc::wait_line(&dev.stdout, "broker gRPC:");
+    let addr = line.split_whitespace().nth(2).unwrap().to_owned();
+    let banner = Proc::wait_line(&dev.stdout, "callers:");
+    assert!(
+        banner.contains("ANONYMOUS"),
+        "the banner says anonymous callers are allowed: {banner}"
+    );
+    let example = Proc::wait_line(&dev.stdout, "token get");
+    assert!(
+        example.contains(&addr),
+        "examples are copy-pasteable: {example}"
+    );
+
+    let (code, stdout, stderr) = token_get(&["--addr", &addr, "--enterprise"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim().len(), 32, "the bare token: {stdout}");
+
+    let (code, stdout, stderr) = token_get(&["--addr", &addr, "--user", "7200001", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["token_type"], "bearer");
+    assert_eq!(json["cache_hit"], false);
+    let (_, again, _) = token_get(&["--addr", &addr, "--user", "7200001", "--json"]);
+    let again: serde_json::Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(again["cache_hit"], true);
+    assert_eq!(again["access_token"], json["access_token"]);
+
+    let (code, _, stderr) = token_get(&["--addr", &addr, "--user", "7400001"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("NotFound") && stderr.contains("7400001"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Proc::spawn(
+        Command::new(bin())
+            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
+            .arg(dir.path()),
+    );
+    Proc::wait_line(&fake.stdout, "fake Box at");
+    let config = dir.path().join("broker.toml");
+    assert!(config.exists() && dir.path().join("box_config.json").exists());
+
+    let mut serve = Proc::spawn(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env("BOX_BROKER_LOG__FORMAT", "json")
+            .env_remove("RUST_LOG"),
+    );
+    let line = Proc::wait_line(&serve.stderr, "serving gRPC");
+    let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+    let addr = log["fields"]["listen"].as_str().unwrap().to_owned();
+
+    let (code, stdout, stderr) = token_get(&["--addr", &addr, "--enterprise"]);
+    assert_eq!(code, 0, "{stderr}");
+    let token = stdout.trim().to_owned();
+    assert_eq!(token.len(), 32);
+
+    assert_eq!(serve.terminate(), 0, "SIGTERM stops the broker cleanly");
+    // Nothing the broker logged contains the token.
+    let logged: Vec<String> = serve.stderr.try_iter().collect();
+    assert!(logged.iter().all(|l| !l.contains(&token)));
+}
+
+#[test]
+fn serve_with_a_bad_config_exits_64_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"nonsense\"\n[apps.default]\nbox_config_file = \"x.json\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("broker.toml") && stderr.contains("socket address"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn keygen_writes_an_encrypted_key_that_loads_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["keygen", "--out-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("-----BEGIN PUBLIC KEY-----"), "{stdout}");
+
+    let pem = std::fs::read_to_string(dir.path().join("private_key.pem")).unwrap();
+    assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+    let passphrase = std::fs::read_to_string(dir.path().join("passphrase")).unwrap();
+    assert!(
+        !stdout.contains(&passphrase),
+        "the passphrase is not printed"
+    );
+    let key = box_token_broker::boxapi::private_key::decode_private_key(
+        &pem,
+        Some(&secrecy::SecretString::from(passphrase)),
+    )
+    .unwrap();
+    assert_eq!(rsa::traits::PublicKeyParts::size(&key) * 8, 2048);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("private_key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the private key is owner-only");
+    }
+
+    let again = Command::new(bin())
+        .args(["keygen", "--out-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(64));
+    assert!(
+        String::from_utf8(again.stderr)
+            .unwrap()
+            .contains("refusing to overwrite")
+    );
+}

@@ -1,0 +1,143 @@
+//! Bad requests get a precise status and a message that says what to fix;
+//! the server also answers health checks and reflection.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use box_token_broker::pb;
+use common::{Harness, Options, enterprise, user};
+use tonic::Code;
+
+fn assert_status(status: &tonic::Status, code: Code, fragment: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(fragment),
+        "{:?} should contain {fragment:?}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_request_without_a_subject_is_invalid() {
+    let h = Harness::start().await;
+    let s = h.get(pb::GetTokenRequest::default()).await.unwrap_err();
+    assert_status(&s, Code::InvalidArgument, "subject is required");
+    let empty_subject = pb::GetTokenRequest {
+        subject: Some(pb::Subject { kind: None }),
+        ..Default::default()
+    };
+    assert_status(
+        &h.get(empty_subject).await.unwrap_err(),
+        Code::InvalidArgument,
+        "subject is required",
+    );
+    assert_eq!(h.fake.stats().token_requests, 0);
+}
+
+#[tokio::test]
+async fn an_empty_user_id_is_invalid() {
+    let h = Harness::start().await;
+    assert_status(
+        &h.get(user("")).await.unwrap_err(),
+        Code::InvalidArgument,
+        "subject.user_id is empty",
+    );
+}
+
+#[tokio::test]
+async fn a_non_numeric_user_id_is_invalid_and_quoted() {
+    let h = Harness::start().await;
+    let s = h.get(user("alice@example.com")).await.unwrap_err();
+    assert_status(
+        &s,
+        Code::InvalidArgument,
+        "\"alice@example.com\" is not a numeric Box user id",
+    );
+    let s = h.get(user("12\n34")).await.unwrap_err();
+    assert!(
+        !s.message().contains('\n'),
+        "control characters are not echoed"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_app_is_not_found_and_lists_the_configured_apps() {
+    let h = Harness::start().await;
+    let mut request = enterprise();
+    request.app = "nosuchapp".to_owned();
+    let s = h.get(request).await.unwrap_err();
+    assert_status(&s, Code::NotFound, "no app named \"nosuchapp\"");
+    assert!(s.message().contains("configured: default"));
+}
+
+#[tokio::test]
+async fn an_empty_app_is_the_only_app_when_there_is_one() {
+    let h = Harness::start().await;
+    h.get(enterprise()).await.unwrap();
+    let mut named = enterprise();
+    named.app = "default".to_owned();
+    assert!(
+        h.get(named).await.unwrap().cache_hit,
+        "the same app, the same cache entry"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_app_is_invalid_when_several_are_configured() {
+    let h = Harness::with(Options {
+        extra_apps: vec!["portal"],
+        ..Options::default()
+    })
+    .await;
+    let s = h.get(enterprise()).await.unwrap_err();
+    assert_status(&s, Code::InvalidArgument, "app is required");
+    assert!(s.message().contains("default, portal"));
+    let mut named = enterprise();
+    named.app = "portal".to_owned();
+    h.get(named).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_negative_min_ttl_is_invalid() {
+    let h = Harness::start().await;
+    let mut request = enterprise();
+    request.min_ttl = common::secs(-5);
+    assert_status(
+        &h.get(request).await.unwrap_err(),
+        Code::InvalidArgument,
+        "min_ttl must not be negative",
+    );
+}
+
+#[tokio::test]
+async fn anonymous_callers_are_unauthenticated_unless_allowed() {
+    let h = Harness::with(Options {
+        allow_anonymous: false,
+        ..Options::default()
+    })
+    .await;
+    let s = h.get(enterprise()).await.unwrap_err();
+    assert_status(&s, Code::Unauthenticated, "admits no anonymous callers");
+    assert_eq!(h.fake.stats().token_requests, 0);
+}
+
+#[tokio::test]
+async fn health_reports_the_broker_as_serving() {
+    let h = Harness::start().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(h.channel.clone());
+    for service in ["", "boxbroker.v1.TokenBrokerService"] {
+        let response = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            response.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+}

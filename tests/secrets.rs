@@ -1,0 +1,220 @@
+//! Secrets never leak: not through `Debug`, not into logs, not into error
+//! messages. One test binary, because it installs a global log subscriber.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use box_token_broker::{
+    boxapi::{BoxId, BoxSubject, CredentialSources},
+    broker::{Subject, TokenRequest},
+    fakebox::{FakeAuth, Fault, seed},
+};
+use common::{Harness, Options, enterprise, fixture, token_of, user};
+use secrecy::ExposeSecret as _;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The base64 lines of the fixture private key's PEM, and its passphrase.
+fn key_material() -> Vec<String> {
+    let mut secrets: Vec<String> = std::fs::read_to_string(fixture("pkcs1.pem"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::to_owned)
+        .collect();
+    secrets.push(std::fs::read_to_string(fixture("passphrase")).unwrap());
+    secrets
+}
+
+fn assert_free_of(text: &str, secrets: &[String], what: &str) {
+    for secret in secrets {
+        assert!(!secret.is_empty());
+        assert!(
+            !text.contains(secret.as_str()),
+            "{what} contains a secret ({} chars)",
+            secret.len()
+        );
+    }
+    // A signed assertion (a JWT: base64 of `{"typ":...` or `{"alg":...`) never appears either.
+    assert!(
+        !text.contains("eyJ0eXAi") && !text.contains("eyJhbGci"),
+        "{what} contains a JWT"
+    );
+}
+
+#[tokio::test]
+async fn debug_output_hides_every_secret() {
+    let h = Harness::start().await;
+    let app = h.broker.resolve_app(None).unwrap();
+    let lookup = h
+        .broker
+        .get_token(&TokenRequest {
+            app: None,
+            subject: Subject::Enterprise,
+            min_ttl: Default::default(),
+            force_refresh: false,
+        })
+        .await
+        .unwrap();
+    let issued = app
+        .client
+        .request_token(
+            &app.credentials,
+            &BoxSubject::User(BoxId::parse(seed::APP_USER_IDS[0]).unwrap()),
+        )
+        .await
+        .unwrap();
+    let response = h.get(enterprise()).await.unwrap();
+    let console = CredentialSources {
+        box_config_file: Some(fixture("box_config.json")),
+        ..Default::default()
+    }
+    .load("x")
+    .unwrap();
+
+    let mut secrets = key_material();
+    secrets.push(h.app.client_secret.expose_secret().to_owned());
+    secrets.push("fixture-client-secret-0123456789".to_owned());
+    secrets.push(lookup.token.access_token.expose_secret().to_owned());
+    secrets.push(issued.access_token.expose_secret().to_owned());
+    secrets.push(token_of(&response));
+
+    let debug = format!(
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        app.credentials, console, app, lookup, issued, response, response.token, h.app, h.broker
+    );
+    assert!(debug.contains("****"), "secrets are shown as ****");
+    assert!(
+        debug.contains(&h.app.client_id),
+        "non-secret ids stay visible"
+    );
+    assert_free_of(&debug, &secrets, "Debug output");
+}
+
+#[tokio::test]
+async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    // Everything this crate emits, down to TRACE, plus dependencies at INFO.
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("box_token_broker=trace,info")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let mut secrets = key_material();
+    let mut messages = Vec::new();
+
+    // JWT: enterprise, App User, Managed User, a forced refresh, and failures.
+    let h = Harness::start().await;
+    secrets.push(h.app.client_secret.expose_secret().to_owned());
+    for request in [
+        enterprise(),
+        user(seed::APP_USER_IDS[0]),
+        user(seed::MANAGED_USER_ID),
+    ] {
+        secrets.push(token_of(&h.get(request).await.unwrap()));
+    }
+    let mut force = enterprise();
+    force.force_refresh = true;
+    secrets.push(token_of(&h.get(force).await.unwrap()));
+    h.fake.fail_next(
+        1,
+        Fault::RateLimited {
+            retry_after_secs: 1,
+        },
+    );
+    messages.push(
+        h.get(user(seed::APP_USER_IDS[1]))
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned(),
+    );
+    messages.push(
+        h.get(user(seed::EXTERNAL_USER_ID))
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned(),
+    );
+    messages.push(
+        h.get(user("not-a-number"))
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned(),
+    );
+    h.fake
+        .update_app(&h.app.client_id, |a| a.authorized = false);
+    messages.push(
+        h.get(user(seed::APP_USER_IDS[2]))
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned(),
+    );
+
+    // A wrong client secret: the configured (wrong) secret must not leak either.
+    let wrong = Harness::with(Options {
+        client_secret: Some("canary-wrong-secret-77"),
+        ..Options::default()
+    })
+    .await;
+    secrets.push("canary-wrong-secret-77".to_owned());
+    secrets.push(wrong.app.client_secret.expose_secret().to_owned());
+    messages.push(
+        wrong
+            .get(enterprise())
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned(),
+    );
+
+    // CCG.
+    let ccg = Harness::with(Options {
+        auth: FakeAuth::Ccg,
+        ..Options::default()
+    })
+    .await;
+    secrets.push(ccg.app.client_secret.expose_secret().to_owned());
+    secrets.push(token_of(&ccg.get(enterprise()).await.unwrap()));
+    messages.push(
+        ccg.get(user(seed::EXTERNAL_USER_ID))
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned(),
+    );
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("minted a Box token"),
+        "the scenario was logged:\n{logs}"
+    );
+    assert!(
+        logs.contains("minting a Box token failed"),
+        "failures were logged:\n{logs}"
+    );
+    assert_free_of(&logs, &secrets, "the log");
+    assert_free_of(&messages.join("\n"), &secrets, "error messages");
+}
