@@ -452,3 +452,124 @@ fn unix_millis(t: SystemTime) -> i64 {
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::AtomicUsize;
+
+    use secrecy::ExposeSecret as _;
+
+    use super::*;
+    use crate::{boxapi::BoxId, clock::SystemClock};
+
+    /// Mints `token-N` after `delay`, counting calls.
+    #[derive(Default)]
+    struct CountingMinter {
+        calls: AtomicUsize,
+        delay: Duration,
+    }
+
+    impl Minter for CountingMinter {
+        fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let delay = self.delay;
+            async move {
+                tokio::time::sleep(delay).await;
+                let now = SystemTime::now();
+                Ok(IssuedToken {
+                    access_token: SecretString::from(format!("token-{n}")),
+                    expires_at: now + Duration::from_secs(3600),
+                    issued_at: now,
+                    token_type: "bearer".to_owned(),
+                    request_id: None,
+                })
+            }
+            .boxed()
+        }
+    }
+
+    fn key(user: u32) -> TokenKey {
+        TokenKey {
+            app: Arc::from("a"),
+            subject: BoxSubject::User(BoxId::parse(&user.to_string()).unwrap()),
+        }
+    }
+
+    fn cache(minter: Arc<CountingMinter>, max_entries: u64) -> TokenCache {
+        TokenCache::new(
+            minter,
+            Arc::new(SystemClock),
+            CachePolicy {
+                max_entries,
+                ..CachePolicy::default()
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn capacity_is_bounded() {
+        let minter = Arc::new(CountingMinter::default());
+        let cache = cache(minter.clone(), 10);
+        for user in 1..=100 {
+            cache.get(&key(user), Need::default()).await.unwrap();
+        }
+        cache.inner.entries.run_pending_tasks().await;
+        assert!(cache.len() <= 10, "{} entries", cache.len());
+        assert_eq!(minter.calls.load(Ordering::SeqCst), 100);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_caller_does_not_cancel_the_shared_mint() {
+        let minter = Arc::new(CountingMinter {
+            delay: Duration::from_millis(200),
+            ..CountingMinter::default()
+        });
+        let cache = cache(minter.clone(), 10);
+        let first = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key(1), Need::default()).await }
+        });
+        // Let the first caller start the flight, then abandon it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        first.abort();
+        let second = cache.get(&key(1), Need::default()).await.unwrap();
+        assert_eq!(second.token.access_token.expose_secret(), "token-0");
+        assert_eq!(
+            minter.calls.load(Ordering::SeqCst),
+            1,
+            "the abandoned flight still served the second caller"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forced_request_does_not_join_an_older_flight() {
+        let minter = Arc::new(CountingMinter {
+            delay: Duration::from_millis(100),
+            ..CountingMinter::default()
+        });
+        let cache = cache(minter.clone(), 10);
+        let plain = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key(1), Need::default()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let forced = cache
+            .get(
+                &key(1),
+                Need {
+                    minted_since: Some(SystemTime::now()),
+                    ..Need::default()
+                },
+            )
+            .await
+            .unwrap();
+        let plain = plain.await.unwrap().unwrap();
+        assert_ne!(
+            forced.token.access_token.expose_secret(),
+            plain.token.access_token.expose_secret()
+        );
+        assert_eq!(minter.calls.load(Ordering::SeqCst), 2);
+    }
+}

@@ -69,7 +69,9 @@ pub fn shift(t: SystemTime, offset_ms: i64) -> SystemTime {
     if offset_ms >= 0 {
         t + magnitude
     } else {
-        t.checked_sub(magnitude).unwrap_or(SystemTime::UNIX_EPOCH)
+        t.checked_sub(magnitude)
+            .filter(|r| *r >= SystemTime::UNIX_EPOCH)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 }
 

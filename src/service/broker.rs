@@ -65,7 +65,7 @@ impl TokenBrokerService for TokenBrokerApi {
             Ok(_) => tracing::debug!("served"),
             Err(status) => {
                 span.record("code", tracing::field::debug(status.code()));
-                tracing::info!(code = ?status.code(), message = status.message(), "refused");
+                tracing::info!(code = ?status.code(), reason = status.message(), "refused");
             }
         }
         result
