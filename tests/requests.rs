@@ -6,17 +6,8 @@
 mod common;
 
 use box_token_broker::pb;
-use common::{Harness, Options, enterprise, user};
+use common::{Harness, Options, assert_status, enterprise, user};
 use tonic::Code;
-
-fn assert_status(status: &tonic::Status, code: Code, fragment: &str) {
-    assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(fragment),
-        "{:?} should contain {fragment:?}",
-        status.message()
-    );
-}
 
 #[tokio::test]
 async fn a_request_without_a_subject_is_invalid() {
@@ -140,4 +131,61 @@ async fn health_reports_the_broker_as_serving() {
             "{service:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn reflection_is_served_in_both_versions() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let h = Harness::start().await;
+    let list_v1 = v1::ServerReflectionRequest {
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+        ..Default::default()
+    };
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(h.channel.clone());
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([list_v1]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("a service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"boxbroker.v1.TokenBrokerService".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+
+    // grpcurl 1.8 speaks only v1alpha.
+    let list_alpha = v1alpha::ServerReflectionRequest {
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+        ..Default::default()
+    };
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(h.channel.clone());
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([list_alpha]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stream
+            .message()
+            .await
+            .unwrap()
+            .unwrap()
+            .message_response
+            .is_some()
+    );
 }

@@ -8,17 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use box_token_broker::fakebox::{FakeAuth, Fault, seed};
-use common::{Harness, Options, enterprise, fixture, user};
+use common::{Harness, Options, assert_status, enterprise, fixture, user};
 use tonic::Code;
-
-fn assert_status(status: &tonic::Status, code: Code, fragment: &str) {
-    assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(fragment),
-        "{:?} should contain {fragment:?}",
-        status.message()
-    );
-}
 
 #[tokio::test]
 async fn unauthorized_app_is_failed_precondition() {

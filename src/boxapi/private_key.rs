@@ -176,12 +176,9 @@ fn decode_encrypted_pkcs8(
 
 fn pkcs8_error(e: pkcs8::Error) -> KeyError {
     match e {
+        // The algorithm identifier is not rsaEncryption: EC, Ed25519, ...
         pkcs8::Error::PublicKey(_) => KeyError::NotRsa,
         pkcs8::Error::KeyMalformed => KeyError::Malformed("PKCS#8 key data".to_owned()),
-        // An unexpected algorithm identifier: EC, Ed25519, ...
-        _ if e.to_string().contains("OID") || e.to_string().contains("algorithm") => {
-            KeyError::NotRsa
-        }
         other => KeyError::Malformed(format!("PKCS#8: {other}")),
     }
 }
@@ -252,21 +249,22 @@ fn decrypt_traditional(
     );
     let body = block.der()?;
     let decrypted = match cipher {
-        LegacyCipher::DesEde3Cbc => cbc::Decryptor::<des::TdesEde3>::new_from_slices(&key, &iv)
-            .map_err(|_| KeyError::Malformed("bad key or IV length".to_owned()))?
-            .decrypt_padded_vec_mut::<Pkcs7>(&body),
-        LegacyCipher::Aes128Cbc => cbc::Decryptor::<aes::Aes128>::new_from_slices(&key, &iv)
-            .map_err(|_| KeyError::Malformed("bad key or IV length".to_owned()))?
-            .decrypt_padded_vec_mut::<Pkcs7>(&body),
-        LegacyCipher::Aes192Cbc => cbc::Decryptor::<aes::Aes192>::new_from_slices(&key, &iv)
-            .map_err(|_| KeyError::Malformed("bad key or IV length".to_owned()))?
-            .decrypt_padded_vec_mut::<Pkcs7>(&body),
-        LegacyCipher::Aes256Cbc => cbc::Decryptor::<aes::Aes256>::new_from_slices(&key, &iv)
-            .map_err(|_| KeyError::Malformed("bad key or IV length".to_owned()))?
-            .decrypt_padded_vec_mut::<Pkcs7>(&body),
+        LegacyCipher::DesEde3Cbc => cbc_decrypt::<des::TdesEde3>(&key, &iv, &body),
+        LegacyCipher::Aes128Cbc => cbc_decrypt::<aes::Aes128>(&key, &iv, &body),
+        LegacyCipher::Aes192Cbc => cbc_decrypt::<aes::Aes192>(&key, &iv, &body),
+        LegacyCipher::Aes256Cbc => cbc_decrypt::<aes::Aes256>(&key, &iv, &body),
     };
-    decrypted
-        .map(Zeroizing::new)
+    decrypted.map(Zeroizing::new)
+}
+
+/// CBC-decrypts `body` with PKCS#7 padding; a padding error means a wrong passphrase.
+fn cbc_decrypt<C>(key: &[u8], iv: &[u8], body: &[u8]) -> Result<Vec<u8>, KeyError>
+where
+    C: aes::cipher::BlockCipher + aes::cipher::BlockDecrypt + aes::cipher::KeyInit,
+{
+    cbc::Decryptor::<C>::new_from_slices(key, iv)
+        .map_err(|_| KeyError::Malformed("bad key or IV length".to_owned()))?
+        .decrypt_padded_vec_mut::<Pkcs7>(body)
         .map_err(|_| KeyError::WrongPassphrase)
 }
 

@@ -115,9 +115,10 @@ fn min_ttl(value: Option<&prost_types::Duration>) -> Result<Duration, BrokerErro
             "min_ttl.nanos must be below 1,000,000,000".to_owned(),
         ));
     }
-    let seconds = u64::try_from(d.seconds).unwrap_or(u64::MAX);
+    // Both are non-negative and nanos < 1e9 here, so neither conversion fails.
+    let seconds = u64::try_from(d.seconds).unwrap_or(0);
     let nanos = u32::try_from(d.nanos).unwrap_or(0);
-    Ok(Duration::new(seconds.min(u64::MAX / 2), nanos))
+    Ok(Duration::new(seconds, nanos))
 }
 
 /// The response for a served token.

@@ -236,3 +236,13 @@ pub fn secs(secs: i64) -> Option<prost_types::Duration> {
         nanos: 0,
     })
 }
+
+/// Asserts a status's code and that its message contains `fragment`.
+pub fn assert_status(status: &tonic::Status, code: tonic::Code, fragment: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(fragment),
+        "{:?} should contain {fragment:?}",
+        status.message()
+    );
+}
