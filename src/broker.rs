@@ -1,18 +1,28 @@
 //! The broker's domain core: the configured apps, the token cache, and the
-//! one operation of this slice, "give me a token for this subject".
+//! operations "give me a token", "give me a downscoped token" and "revoke
+//! this token".
 //!
-//! Data flows one way: request -> app lookup -> cache -> (mint via boxapi) ->
-//! cache -> response. Nothing here knows gRPC.
+//! Data flows one way: request -> app lookup -> cache -> (mint or exchange
+//! via boxapi) -> cache -> response. Nothing here knows gRPC.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use futures_util::future::{BoxFuture, FutureExt as _};
+use secrecy::SecretString;
 
 use crate::{
     boxapi::{
-        AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, IssuedToken, error::diagnose,
+        AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, Diagnosis, DiagnosisKind, Target,
+        error::{diagnose, diagnose_exchange},
     },
-    cache::{CachePolicy, Lookup, Minter, Need, TokenCache, TokenKey},
+    cache::{
+        CacheError, CachePolicy, Downscope, Lookup, Minted, Minter, Need, TokenCache, TokenKey,
+        WeakTokenCache,
+    },
     clock::{SharedClock, unix_seconds},
     error::{BrokerError, UpstreamError},
 };
@@ -47,6 +57,13 @@ impl App {
             AuthMethod::Ccg => "Client Credentials Grant".to_owned(),
         }
     }
+
+    fn kid_and_ccg(&self) -> (Option<&str>, bool) {
+        match &self.credentials.auth {
+            AuthMethod::Jwt { key, .. } => (Some(key.kid()), false),
+            AuthMethod::Ccg => (None, true),
+        }
+    }
 }
 
 /// Whose token a caller wants.
@@ -71,69 +88,209 @@ pub struct TokenRequest {
     pub force_refresh: bool,
 }
 
-/// The apps by name; mints tokens for the cache.
+/// A validated `GetDownscopedToken`.
+#[derive(Debug, Clone)]
+pub struct DownscopeRequest {
+    /// The app's name; `None` when the caller left it empty.
+    pub app: Option<String>,
+    /// Whose token is downscoped.
+    pub subject: Subject,
+    /// Sorted, de-duplicated Box downscope scopes (see `boxapi::downscope::normalize_scopes`).
+    pub scopes: Vec<String>,
+    /// The one item, if any.
+    pub target: Option<Target>,
+    /// Remaining life needed beyond the safety margin.
+    pub min_ttl: Duration,
+}
+
+/// The apps by name; mints and exchanges tokens for the cache.
 #[derive(Debug)]
-struct Apps(BTreeMap<Arc<str>, Arc<App>>);
+struct Apps {
+    by_name: BTreeMap<Arc<str>, Arc<App>>,
+    /// The cache, for a downscoped mint to fetch its parent. Weak, because
+    /// the cache owns this minter.
+    cache: OnceLock<WeakTokenCache>,
+}
+
+fn upstream(key: &TokenKey, kind: DiagnosisKind, message: String) -> UpstreamError {
+    UpstreamError {
+        app: key.app.clone(),
+        subject: key.subject.clone(),
+        diagnosis: Diagnosis {
+            kind,
+            message,
+            retry_after: None,
+        },
+    }
+}
 
 impl Minter for Apps {
-    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
-        let app = self.0.get(&key.app).cloned();
+    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
+        let app = self.by_name.get(&key.app).cloned();
+        let cache = self.cache.get().and_then(WeakTokenCache::upgrade);
         let key = key.clone();
         async move {
-            let Some(app) = app else {
-                // Keys are built from resolved apps, so this cannot happen.
-                return Err(UpstreamError {
-                    app: key.app.clone(),
-                    subject: key.subject.clone(),
-                    diagnosis: crate::boxapi::Diagnosis {
-                        kind: crate::boxapi::DiagnosisKind::Misconfigured,
-                        message: format!("app {} is not configured", key.app),
-                        retry_after: None,
-                    },
-                });
-            };
-            let result = app
-                .client
-                .request_token(&app.credentials, &key.subject)
-                .await;
-            match result {
-                Ok(token) => {
-                    tracing::info!(
-                        app = %app.name,
-                        subject_type = key.subject.sub_type(),
-                        subject_id = %key.subject.id(),
-                        expires_at = unix_seconds(token.expires_at),
-                        box_request_id = token.request_id.as_deref().unwrap_or(""),
-                        "minted a Box token"
-                    );
-                    Ok(token)
-                }
-                Err(error) => {
-                    let (kid, ccg) = match &app.credentials.auth {
-                        AuthMethod::Jwt { key, .. } => (Some(key.kid()), false),
-                        AuthMethod::Ccg => (None, true),
-                    };
-                    let diagnosis =
-                        diagnose(&error, &key.subject, &app.credentials.client_id, kid, ccg);
-                    // The one place an upstream failure is logged in full.
-                    tracing::warn!(
-                        app = %app.name,
-                        subject_type = key.subject.sub_type(),
-                        subject_id = %key.subject.id(),
-                        error = %error,
-                        "minting a Box token failed: {}",
-                        diagnosis.message
-                    );
-                    Err(UpstreamError {
-                        app: app.name.clone(),
-                        subject: key.subject,
-                        diagnosis,
-                    })
-                }
+            // Keys are built from resolved apps, and the cache outlives its flights.
+            let app = app.ok_or_else(|| {
+                upstream(
+                    &key,
+                    DiagnosisKind::Misconfigured,
+                    format!("app {} is not configured", key.app),
+                )
+            })?;
+            match (&key.downscope, cache) {
+                (None, _) => mint_full(&app, &key).await,
+                (Some(downscope), Some(cache)) => exchange(&app, &cache, &key, downscope).await,
+                (Some(_), None) => Err(upstream(
+                    &key,
+                    DiagnosisKind::Unavailable,
+                    "the broker is shutting down".to_owned(),
+                )),
             }
         }
         .boxed()
     }
+}
+
+async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
+    match app
+        .client
+        .request_token(&app.credentials, &key.subject)
+        .await
+    {
+        Ok(token) => {
+            tracing::info!(
+                app = %app.name,
+                subject_type = key.subject.sub_type(),
+                subject_id = %key.subject.id(),
+                expires_at = unix_seconds(token.expires_at),
+                box_request_id = token.request_id.as_deref().unwrap_or(""),
+                "minted a Box token"
+            );
+            Ok(Minted {
+                issued: token,
+                parent: None,
+            })
+        }
+        Err(error) => {
+            let (kid, ccg) = app.kid_and_ccg();
+            let diagnosis = diagnose(&error, &key.subject, &app.credentials.client_id, kid, ccg);
+            // The one place an upstream failure is logged in full.
+            tracing::warn!(
+                app = %app.name,
+                subject_type = key.subject.sub_type(),
+                subject_id = %key.subject.id(),
+                error = %error,
+                "minting a Box token failed: {}",
+                diagnosis.message
+            );
+            Err(UpstreamError {
+                app: app.name.clone(),
+                subject: key.subject.clone(),
+                diagnosis,
+            })
+        }
+    }
+}
+
+/// Exchanges the subject's full token (from the cache) for a downscoped one,
+/// and refuses Box's answer unless it is restricted as asked.
+async fn exchange(
+    app: &App,
+    cache: &TokenCache,
+    key: &TokenKey,
+    downscope: &Downscope,
+) -> Result<Minted, UpstreamError> {
+    let parent = cache
+        .get(&key.parent(), Need::default())
+        .await
+        .map_err(|e| match e {
+            CacheError::Upstream(u) => (*u).clone(),
+            other => upstream(key, DiagnosisKind::Unavailable, other.to_string()),
+        })?;
+    let issued = match app
+        .client
+        .exchange(
+            &parent.token.access_token,
+            &downscope.scopes,
+            downscope.target.as_ref(),
+        )
+        .await
+    {
+        Ok(issued) => issued,
+        Err(error) => {
+            let diagnosis = diagnose_exchange(&error, &key.subject, downscope.target.as_ref());
+            tracing::warn!(
+                app = %app.name,
+                subject_type = key.subject.sub_type(),
+                subject_id = %key.subject.id(),
+                error = %error,
+                "downscoping a Box token failed: {}",
+                diagnosis.message
+            );
+            return Err(UpstreamError {
+                app: app.name.clone(),
+                subject: key.subject.clone(),
+                diagnosis,
+            });
+        }
+    };
+    if let Some(problem) = restriction_problem(&issued.restricted_to, downscope) {
+        // Never hand out a token broader than asked for; kill it at Box too.
+        tracing::error!(app = %app.name, subject_id = %key.subject.id(), "refusing a downscoped token: {problem}");
+        revoke_quietly(app, issued.access_token);
+        return Err(upstream(
+            key,
+            DiagnosisKind::Misconfigured,
+            format!("refusing the downscoped token: {problem}"),
+        ));
+    }
+    tracing::info!(
+        app = %app.name,
+        subject_type = key.subject.sub_type(),
+        subject_id = %key.subject.id(),
+        scopes = %downscope.scopes.join(" "),
+        target = %downscope.target.as_ref().map_or_else(|| "(none)".to_owned(), ToString::to_string),
+        expires_at = unix_seconds(issued.expires_at.min(parent.token.expires_at)),
+        box_request_id = issued.request_id.as_deref().unwrap_or(""),
+        "downscoped a Box token"
+    );
+    Ok(Minted {
+        issued,
+        parent: Some(parent.token),
+    })
+}
+
+/// Why Box's `restricted_to` does not match the request, if it does not: a
+/// requested target must be named, and no scope beyond those asked for may appear.
+fn restriction_problem(
+    restricted_to: &[crate::boxapi::Restriction],
+    downscope: &Downscope,
+) -> Option<String> {
+    if let Some(extra) = restricted_to
+        .iter()
+        .find(|r| !downscope.scopes.contains(&r.scope))
+    {
+        return Some(format!(
+            "Box granted scope {:?}, which was not asked for",
+            extra.scope
+        ));
+    }
+    let target = downscope.target.as_ref()?;
+    let named = restricted_to.iter().any(|r| target.is_named_by(r));
+    (!named).then(|| format!("Box's answer is not restricted to {target}"))
+}
+
+/// Revokes a token the broker will not hand out, in the background.
+fn revoke_quietly(app: &App, token: SecretString) {
+    let client = app.client.clone();
+    let credentials = app.credentials.clone();
+    let name = app.name.clone();
+    tokio::spawn(async move {
+        if let Err(e) = client.revoke(&credentials, &token).await {
+            tracing::warn!(app = %name, error = %e, "revoking a refused token failed");
+        }
+    });
 }
 
 /// The broker: apps plus cache.
@@ -147,23 +304,27 @@ pub struct Broker {
 impl Broker {
     /// A broker over `apps` (at least one), caching with `policy`.
     pub fn new(apps: Vec<App>, clock: SharedClock, policy: CachePolicy) -> Self {
-        let apps = Arc::new(Apps(
-            apps.into_iter()
+        let apps = Arc::new(Apps {
+            by_name: apps
+                .into_iter()
                 .map(|a| (a.name.clone(), Arc::new(a)))
                 .collect(),
-        ));
+            cache: OnceLock::new(),
+        });
         let cache = TokenCache::new(apps.clone(), clock.clone(), policy);
+        // Set once, here, before any request can reach the minter.
+        let _ = apps.cache.set(cache.downgrade());
         Self { apps, cache, clock }
     }
 
     /// The configured app names, sorted.
     pub fn app_names(&self) -> Vec<String> {
-        self.apps.0.keys().map(|k| k.to_string()).collect()
+        self.apps.by_name.keys().map(|k| k.to_string()).collect()
     }
 
     /// The configured apps.
     pub fn apps(&self) -> impl Iterator<Item = &Arc<App>> {
-        self.apps.0.values()
+        self.apps.by_name.values()
     }
 
     /// The token cache.
@@ -176,15 +337,15 @@ impl Broker {
         match name {
             Some(name) => self
                 .apps
-                .0
+                .by_name
                 .get(name)
                 .ok_or_else(|| BrokerError::UnknownApp {
                     name: name.chars().filter(|c| !c.is_control()).take(64).collect(),
                     configured: self.app_names(),
                 }),
-            None if self.apps.0.len() == 1 => self
+            None if self.apps.by_name.len() == 1 => self
                 .apps
-                .0
+                .by_name
                 .values()
                 .next()
                 .ok_or_else(|| BrokerError::AppRequired { configured: vec![] }),
@@ -194,28 +355,162 @@ impl Broker {
         }
     }
 
-    /// A token for the request's subject, from the cache or minted.
-    pub async fn get_token(&self, request: &TokenRequest) -> Result<Lookup, BrokerError> {
-        if request.min_ttl > MAX_MIN_TTL {
+    fn key(
+        &self,
+        app: &App,
+        subject: &Subject,
+        min_ttl: Duration,
+    ) -> Result<TokenKey, BrokerError> {
+        if min_ttl > MAX_MIN_TTL {
             return Err(BrokerError::InvalidArgument(format!(
                 "min_ttl of {} s exceeds the maximum of {} s: Box tokens live about an hour",
-                request.min_ttl.as_secs(),
+                min_ttl.as_secs(),
                 MAX_MIN_TTL.as_secs()
             )));
         }
-        let app = self.resolve_app(request.app.as_deref())?;
-        let subject = match &request.subject {
+        let subject = match subject {
             Subject::Enterprise => BoxSubject::Enterprise(app.credentials.enterprise_id.clone()),
             Subject::User(id) => BoxSubject::User(id.clone()),
         };
-        let key = TokenKey {
+        Ok(TokenKey {
             app: app.name.clone(),
             subject,
-        };
+            downscope: None,
+        })
+    }
+
+    /// A token for the request's subject, from the cache or minted.
+    pub async fn get_token(&self, request: &TokenRequest) -> Result<Lookup, BrokerError> {
+        let app = self.resolve_app(request.app.as_deref())?;
+        let key = self.key(app, &request.subject, request.min_ttl)?;
         let need = Need {
             min_ttl: request.min_ttl,
             minted_since: request.force_refresh.then(|| self.clock.now()),
+            parent_at_least: None,
         };
         Ok(self.cache.get(&key, need).await?)
+    }
+
+    /// A downscoped token: the subject's full token (cached or minted) is
+    /// exchanged; the result is cached under subject + scopes + target, never
+    /// outlives its parent, and is exchanged anew once the parent is replaced.
+    pub async fn get_downscoped(&self, request: &DownscopeRequest) -> Result<Lookup, BrokerError> {
+        let app = self.resolve_app(request.app.as_deref())?;
+        let parent_key = self.key(app, &request.subject, request.min_ttl)?;
+        let parent_need = Need {
+            min_ttl: request.min_ttl,
+            ..Need::default()
+        };
+        let parent = self.cache.get(&parent_key, parent_need).await?;
+        let key = TokenKey {
+            downscope: Some(Arc::new(Downscope {
+                scopes: request.scopes.clone(),
+                target: request.target.clone(),
+            })),
+            ..parent_key
+        };
+        let need = Need {
+            min_ttl: request.min_ttl,
+            parent_at_least: Some(parent.token.id),
+            ..Need::default()
+        };
+        Ok(self.cache.get(&key, need).await?)
+    }
+
+    /// Revokes `token` at Box if this broker issued it for `app`, and drops it
+    /// from the cache — with, for a full token, every downscoped token made from it.
+    pub async fn revoke(
+        &self,
+        app: Option<&str>,
+        token: SecretString,
+    ) -> Result<usize, BrokerError> {
+        use secrecy::ExposeSecret as _;
+        let app = self.resolve_app(app)?;
+        let key = self.cache.find(&app.name, token.expose_secret()).ok_or_else(|| {
+            BrokerError::NotIssued(format!(
+                "app {} has no live token with that value in this broker: it was not issued here, was already revoked, or has expired",
+                app.name
+            ))
+        })?;
+        if let Err(error) = app.client.revoke(&app.credentials, &token).await {
+            let diagnosis = diagnose_exchange(&error, &key.subject, None);
+            tracing::warn!(app = %app.name, error = %error, "revoking a Box token failed: {}", diagnosis.message);
+            return Err(CacheError::Upstream(Arc::new(UpstreamError {
+                app: app.name.clone(),
+                subject: key.subject,
+                diagnosis,
+            }))
+            .into());
+        }
+        let dropped = self.cache.invalidate_family(&key).await;
+        tracing::info!(
+            app = %app.name,
+            subject_type = key.subject.sub_type(),
+            subject_id = %key.subject.id(),
+            downscoped = key.downscope.is_some(),
+            evicted = dropped,
+            "revoked a Box token"
+        );
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boxapi::Restriction;
+
+    fn downscope(scopes: &[&str], target: Option<Target>) -> Downscope {
+        Downscope {
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            target,
+        }
+    }
+
+    fn restriction(scope: &str, kind: &str, id: &str) -> Restriction {
+        Restriction {
+            scope: scope.to_owned(),
+            object_type: kind.to_owned(),
+            object_id: id.to_owned(),
+        }
+    }
+
+    fn folder(id: &str) -> Option<Target> {
+        BoxId::parse(id).ok().map(Target::Folder)
+    }
+
+    #[test]
+    fn a_matching_restriction_is_accepted() {
+        let d = downscope(&["item_preview"], folder("5"));
+        assert_eq!(
+            restriction_problem(&[restriction("item_preview", "folder", "5")], &d),
+            None
+        );
+    }
+
+    #[test]
+    fn a_missing_target_restriction_is_refused() {
+        let d = downscope(&["item_preview"], folder("5"));
+        assert!(restriction_problem(&[], &d).is_some());
+        assert!(restriction_problem(&[restriction("item_preview", "folder", "6")], &d).is_some());
+        assert!(restriction_problem(&[restriction("item_preview", "file", "5")], &d).is_some());
+    }
+
+    #[test]
+    fn an_unrequested_scope_is_refused() {
+        let d = downscope(&["item_preview"], folder("5"));
+        let r = [
+            restriction("item_preview", "folder", "5"),
+            restriction("item_delete", "folder", "5"),
+        ];
+        assert!(restriction_problem(&r, &d).is_some_and(|p| p.contains("item_delete")));
+    }
+
+    #[test]
+    fn without_a_target_an_empty_restriction_is_fine() {
+        assert_eq!(
+            restriction_problem(&[], &downscope(&["root_readonly"], None)),
+            None
+        );
     }
 }

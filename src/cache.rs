@@ -26,7 +26,7 @@ use rand::Rng as _;
 use secrecy::SecretString;
 
 use crate::{
-    boxapi::{BoxSubject, IssuedToken},
+    boxapi::{BoxSubject, IssuedToken, Restriction, Target},
     clock::{SharedClock, unix_seconds},
     error::UpstreamError,
 };
@@ -84,10 +84,51 @@ pub struct TokenKey {
     pub app: Arc<str>,
     /// Whose token.
     pub subject: BoxSubject,
+    /// For a downscoped token: its scopes and target. `None` for a full token.
+    pub downscope: Option<Arc<Downscope>>,
 }
+
+impl TokenKey {
+    /// The key of the full token a downscoped one is exchanged from.
+    pub fn parent(&self) -> Self {
+        Self {
+            app: self.app.clone(),
+            subject: self.subject.clone(),
+            downscope: None,
+        }
+    }
+}
+
+/// A downscoped token's restriction: normalized (sorted, de-duplicated)
+/// scopes and an optional target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Downscope {
+    /// Sorted, de-duplicated scopes.
+    pub scopes: Vec<String>,
+    /// The one item, if any.
+    pub target: Option<Target>,
+}
+
+/// A freshly minted token, and for a downscoped one the parent it came from.
+#[derive(Debug)]
+pub struct Minted {
+    /// What Box issued.
+    pub issued: IssuedToken,
+    /// The full token it was exchanged from.
+    pub parent: Option<Arc<CachedToken>>,
+}
+
+/// Numbers cached tokens in mint order, so "this parent or a newer one" is a comparison.
+static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A cached token.
 pub struct CachedToken {
+    /// Unique, increasing in mint order.
+    pub id: u64,
+    /// For a downscoped token, the id of the parent it was exchanged from.
+    pub parent_id: Option<u64>,
+    /// For a downscoped token, what Box says it is restricted to.
+    pub restricted_to: Vec<Restriction>,
     /// The bearer token.
     pub access_token: SecretString,
     /// `bearer`.
@@ -103,7 +144,12 @@ pub struct CachedToken {
 }
 
 impl CachedToken {
-    fn new(issued: IssuedToken, policy: &CachePolicy) -> Self {
+    fn new(minted: Minted, policy: &CachePolicy) -> Self {
+        let Minted { mut issued, parent } = minted;
+        // A downscoped token never outlives its parent.
+        if let Some(parent) = &parent {
+            issued.expires_at = issued.expires_at.min(parent.expires_at);
+        }
         let usable = issued
             .expires_at
             .checked_sub(policy.safety_margin)
@@ -117,6 +163,9 @@ impl CachedToken {
             .checked_sub(policy.safety_margin + ahead)
             .unwrap_or(issued.issued_at);
         Self {
+            id: NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
+            parent_id: parent.map(|p| p.id),
+            restricted_to: issued.restricted_to,
             access_token: issued.access_token,
             token_type: issued.token_type,
             expires_at: issued.expires_at,
@@ -162,7 +211,7 @@ impl fmt::Debug for CachedToken {
 /// Mints tokens for the cache; the broker implements it over its Box clients.
 pub trait Minter: Send + Sync + 'static {
     /// Asks Box for a new token for `key`.
-    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>>;
+    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>>;
 }
 
 /// What the caller needs of a token.
@@ -172,6 +221,8 @@ pub struct Need {
     pub min_ttl: Duration,
     /// Only a token minted at or after this time will do (`force_refresh`).
     pub minted_since: Option<SystemTime>,
+    /// Only a downscoped token exchanged from this parent (or a newer one) will do.
+    pub parent_at_least: Option<u64>,
 }
 
 /// A token and whether it came from the cache without waiting for Box.
@@ -288,6 +339,7 @@ impl TokenCache {
     /// shared with every concurrent request for the same key.
     pub async fn get(&self, key: &TokenKey, need: Need) -> Result<Lookup, CacheError> {
         if need.minted_since.is_none()
+            && need.parent_at_least.is_none()
             && let Some(token) = self.inner.entries.get(key).await
         {
             let now = self.inner.clock.now();
@@ -323,6 +375,41 @@ impl TokenCache {
         Err(CacheError::MinTtlUnmet { available })
     }
 
+    /// The key of the cached token of `app` whose value is `token`, if any.
+    /// A scan: revocation is rare and the cache is bounded.
+    pub fn find(&self, app: &str, token: &str) -> Option<TokenKey> {
+        use secrecy::ExposeSecret as _;
+        self.inner
+            .entries
+            .iter()
+            .find(|(k, v)| &*k.app == app && v.access_token.expose_secret() == token)
+            .map(|(k, _)| (*k).clone())
+    }
+
+    /// Drops `key` and, when it is a full token, every downscoped token of the
+    /// same app and subject. Returns how many entries were dropped.
+    pub async fn invalidate_family(&self, key: &TokenKey) -> usize {
+        let doomed: Vec<TokenKey> = if key.downscope.is_some() {
+            vec![key.clone()]
+        } else {
+            self.inner
+                .entries
+                .iter()
+                .filter(|(k, _)| k.app == key.app && k.subject == key.subject)
+                .map(|(k, _)| (*k).clone())
+                .collect()
+        };
+        for k in &doomed {
+            self.inner.entries.invalidate(k).await;
+        }
+        doomed.len()
+    }
+
+    /// A handle that does not keep the cache alive (for the minter, which the cache owns).
+    pub fn downgrade(&self) -> WeakTokenCache {
+        WeakTokenCache(Arc::downgrade(&self.inner))
+    }
+
     /// Drops the cached token for `key`, if any.
     pub async fn invalidate(&self, key: &TokenKey) {
         self.inner.entries.invalidate(key).await;
@@ -340,8 +427,8 @@ impl TokenCache {
 
     fn start_refresh(&self, key: &TokenKey, stale: &CachedToken) {
         let need = Need {
-            min_ttl: Duration::ZERO,
             minted_since: Some(stale.minted_at + Duration::from_millis(1)),
+            ..Need::default()
         };
         let already_running = self
             .inner
@@ -405,6 +492,9 @@ impl Inner {
     fn satisfies(&self, token: &CachedToken, need: &Need, now: SystemTime) -> bool {
         token.remaining(now) > self.policy.safety_margin + need.min_ttl
             && need.minted_since.is_none_or(|t| token.minted_at >= t)
+            && need
+                .parent_at_least
+                .is_none_or(|p| token.parent_id.is_some_and(|id| id >= p))
     }
 
     /// One flight: re-check the cache (a flight that just finished may have
@@ -443,6 +533,23 @@ impl Inner {
     }
 }
 
+/// A [`TokenCache`] that may have been dropped.
+#[derive(Clone)]
+pub struct WeakTokenCache(std::sync::Weak<Inner>);
+
+impl WeakTokenCache {
+    /// The cache, if it still exists.
+    pub fn upgrade(&self) -> Option<TokenCache> {
+        self.0.upgrade().map(|inner| TokenCache { inner })
+    }
+}
+
+impl fmt::Debug for WeakTokenCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WeakTokenCache")
+    }
+}
+
 fn unix_millis(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(millis)
@@ -472,18 +579,23 @@ mod tests {
     }
 
     impl Minter for CountingMinter {
-        fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
+        fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             let delay = self.delay;
             async move {
                 tokio::time::sleep(delay).await;
                 let now = SystemTime::now();
-                Ok(IssuedToken {
+                let issued = IssuedToken {
                     access_token: SecretString::from(format!("token-{n}")),
                     expires_at: now + Duration::from_secs(3600),
                     issued_at: now,
                     token_type: "bearer".to_owned(),
                     request_id: None,
+                    restricted_to: Vec::new(),
+                };
+                Ok(Minted {
+                    issued,
+                    parent: None,
                 })
             }
             .boxed()
@@ -494,6 +606,7 @@ mod tests {
         TokenKey {
             app: Arc::from("a"),
             subject: BoxSubject::User(BoxId::parse(&user.to_string()).unwrap()),
+            downscope: None,
         }
     }
 
@@ -506,6 +619,37 @@ mod tests {
                 ..CachePolicy::default()
             },
         )
+    }
+
+    #[test]
+    fn a_downscoped_token_is_capped_at_its_parents_expiry() {
+        let now = SystemTime::now();
+        let issued = |secs| IssuedToken {
+            access_token: SecretString::from("t".to_owned()),
+            expires_at: now + Duration::from_secs(secs),
+            issued_at: now,
+            token_type: "bearer".to_owned(),
+            request_id: None,
+            restricted_to: Vec::new(),
+        };
+        let policy = CachePolicy::default();
+        let parent = Arc::new(CachedToken::new(
+            Minted {
+                issued: issued(600),
+                parent: None,
+            },
+            &policy,
+        ));
+        let child = CachedToken::new(
+            Minted {
+                issued: issued(4000),
+                parent: Some(parent.clone()),
+            },
+            &policy,
+        );
+        assert_eq!(child.expires_at, parent.expires_at);
+        assert_eq!(child.parent_id, Some(parent.id));
+        assert!(child.id > parent.id);
     }
 
     #[tokio::test]

@@ -40,6 +40,9 @@ pub enum BrokerError {
         /// The configured names.
         configured: Vec<String>,
     },
+    /// The token to revoke is not one this broker holds.
+    #[error("{0}")]
+    NotIssued(String),
     /// The caller did not prove who it is.
     #[error("{0}")]
     Unauthenticated(String),

@@ -25,6 +25,17 @@ impl fmt::Debug for AccessToken {
             .field("access_token", &"****")
             .field("expires_at", &self.expires_at)
             .field("token_type", &self.token_type)
+            .field("scopes", &self.scopes)
+            .field("restricted_to", &self.restricted_to)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RevokeTokenRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RevokeTokenRequest")
+            .field("app", &self.app)
+            .field("access_token", &"****")
             .finish()
     }
 }

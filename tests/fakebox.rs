@@ -576,3 +576,130 @@ async fn control_endpoints_drive_the_knobs() {
     assert_eq!(stats["faults_served"], 1);
     let _ = Arc::new(());
 }
+
+impl Fake {
+    async fn enterprise_token(&self) -> String {
+        let (_, body) = self.jwt(&self.sign(&self.claims())).await;
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn exchange(
+        &self,
+        subject_token: &str,
+        scope: &str,
+        extra: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut form = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", subject_token),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("scope", scope),
+        ];
+        form.extend_from_slice(extra);
+        let (status, body, _) = self.post("/oauth2/token", &form).await;
+        (status, body)
+    }
+}
+
+#[tokio::test]
+async fn a_token_exchange_returns_restricted_to_and_the_issued_token_type() {
+    let f = fake(FakeAuth::Jwt).await;
+    let parent = f.enterprise_token().await;
+    let resource = format!(
+        "https://api.box.com/2.0/folders/{}",
+        seed::SERVICE_ACCOUNT_FOLDER_ID
+    );
+    let (status, body) = f
+        .exchange(
+            &parent,
+            "item_preview base_explorer",
+            &[("resource", &resource)],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    assert_eq!(body["restricted_to"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        body["restricted_to"][0]["object"]["id"],
+        seed::SERVICE_ACCOUNT_FOLDER_ID
+    );
+    assert!(body.get("refresh_token").is_none());
+    // A downscoped token can be downscoped further, only within its own scopes.
+    let child = body["access_token"].as_str().unwrap();
+    assert_eq!(f.exchange(child, "item_preview", &[]).await.0, 200);
+    assert_eq!(f.exchange(child, "item_delete", &[]).await.0, 401);
+}
+
+#[tokio::test]
+async fn token_exchange_rejects_what_box_rejects() {
+    let f = fake(FakeAuth::Jwt).await;
+    let parent = f.enterprise_token().await;
+    let folder = format!(
+        "https://api.box.com/2.0/folders/{}",
+        seed::SERVICE_ACCOUNT_FOLDER_ID
+    );
+    let (status, body) = f
+        .exchange(
+            &parent,
+            "item_preview",
+            &[
+                ("resource", &folder),
+                ("box_shared_link", seed::SHARED_LINK),
+            ],
+        )
+        .await;
+    assert_rejected(status, &body, "invalid_request", "mutually exclusive");
+    // Another user's folder is not reachable by the Service Account.
+    let theirs = format!(
+        "https://api.box.com/2.0/folders/{}",
+        seed::APP_USER_FOLDER_ID
+    );
+    let (status, body) = f
+        .exchange(&parent, "item_preview", &[("resource", &theirs)])
+        .await;
+    assert_rejected(
+        status,
+        &body,
+        "invalid_resource",
+        "The target resource is invalid.",
+    );
+    f.fake.update_app(&f.app.client_id, |a| {
+        a.scopes = ["item_preview".to_owned()].into()
+    });
+    assert_eq!(
+        f.exchange(&parent, "item_preview item_download", &[])
+            .await
+            .0,
+        401,
+        "the subset rule"
+    );
+    let (status, body) = f.exchange("not-a-token", "item_preview", &[]).await;
+    assert_rejected(status, &body, "invalid_grant", "subject token");
+}
+
+#[tokio::test]
+async fn a_revoked_token_cannot_be_exchanged() {
+    let f = fake(FakeAuth::Jwt).await;
+    let parent = f.enterprise_token().await;
+    let secret = f.app.client_secret.expose_secret().to_owned();
+    f.post(
+        "/oauth2/revoke",
+        &[
+            ("client_id", &f.app.client_id),
+            ("client_secret", &secret),
+            ("token", &parent),
+        ],
+    )
+    .await;
+    let (status, body) = f.exchange(&parent, "item_preview", &[]).await;
+    assert_rejected(status, &body, "invalid_grant", "subject token");
+}

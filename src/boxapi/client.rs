@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
 use super::{
-    AppCredentials, AuthMethod, BoxSubject,
+    AppCredentials, AuthMethod, BoxSubject, Restriction, Target,
     assertion::{self, Claims},
     error::{BoxApiError, OAuthError},
 };
@@ -40,6 +40,8 @@ pub struct IssuedToken {
     pub token_type: String,
     /// Box's request id, when it sent one.
     pub request_id: Option<String>,
+    /// What a downscoped token is restricted to (empty for full tokens).
+    pub restricted_to: Vec<Restriction>,
 }
 
 impl fmt::Debug for IssuedToken {
@@ -48,6 +50,7 @@ impl fmt::Debug for IssuedToken {
             .field("access_token", &"****")
             .field("expires_at", &self.expires_at)
             .field("token_type", &self.token_type)
+            .field("restricted_to", &self.restricted_to)
             .finish_non_exhaustive()
     }
 }
@@ -57,6 +60,7 @@ impl fmt::Debug for IssuedToken {
 pub struct BoxClient {
     http: reqwest::Client,
     token_url: String,
+    revoke_url: String,
     clock: SharedClock,
 }
 
@@ -98,6 +102,7 @@ impl BoxClient {
         Ok(Self {
             http,
             token_url: format!("{base}/oauth2/token"),
+            revoke_url: format!("{base}/oauth2/revoke"),
             clock,
         })
     }
@@ -120,7 +125,7 @@ impl BoxClient {
                     ("client_id", app.client_id.as_str()),
                     ("client_secret", secret),
                 ];
-                self.post_form(&form).await?
+                self.post_form(&self.token_url, &form).await?
             }
             AuthMethod::Ccg => {
                 let form = [
@@ -130,17 +135,85 @@ impl BoxClient {
                     ("box_subject_type", subject.sub_type()),
                     ("box_subject_id", subject.id().as_str()),
                 ];
-                self.post_form(&form).await?
+                self.post_form(&self.token_url, &form).await?
             }
         };
         read_token_response(response, issued_at).await
     }
 
-    async fn post_form(&self, form: &[(&str, &str)]) -> Result<reqwest::Response, BoxApiError> {
+    /// Exchanges `subject_token` for one restricted to `scopes` (space-joined,
+    /// in the order given) and, optionally, `target` (box-contract.md §5.1).
+    /// Every parameter goes in the POST body.
+    pub async fn exchange(
+        &self,
+        subject_token: &SecretString,
+        scopes: &[String],
+        target: Option<&Target>,
+    ) -> Result<IssuedToken, BoxApiError> {
+        let issued_at = self.clock.now();
+        let scope = scopes.join(" ");
+        let target = target.map(Target::form_field);
+        let mut form = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", subject_token.expose_secret()),
+            ("subject_token_type", ACCESS_TOKEN_TYPE),
+            ("scope", scope.as_str()),
+        ];
+        if let Some((name, value)) = &target {
+            form.push((name, value.as_str()));
+        }
+        let response = self.post_form(&self.token_url, &form).await?;
+        read_token_response(response, issued_at).await
+    }
+
+    /// Revokes `token` at Box (`/oauth2/revoke`, box-contract.md §6).
+    pub async fn revoke(
+        &self,
+        app: &AppCredentials,
+        token: &SecretString,
+    ) -> Result<(), BoxApiError> {
+        let form = [
+            ("client_id", app.client_id.as_str()),
+            ("client_secret", app.client_secret.expose_secret()),
+            ("token", token.expose_secret()),
+        ];
+        let response = self.post_form(&self.revoke_url, &form).await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after =
+                header_str(&response, "retry-after").and_then(|v| parse_retry_after(&v));
+            return Err(BoxApiError::RateLimited { retry_after });
+        }
+        if status.is_server_error() {
+            return Err(BoxApiError::ServerError {
+                status: status.as_u16(),
+            });
+        }
+        let request_id = header_str(&response, "box-request-id");
+        let bytes = response.bytes().await.unwrap_or_default();
+        Err(BoxApiError::Rejected(parse_error_body(
+            status.as_u16(),
+            &bytes,
+            request_id,
+            None,
+        )))
+    }
+
+    async fn post_form(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+    ) -> Result<reqwest::Response, BoxApiError> {
         let body = serde_urlencoded::to_string(form)
             .map_err(|_| BoxApiError::Malformed("form encoding failed"))?;
         self.http
-            .post(&self.token_url)
+            .post(url)
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
             .body(body)
@@ -157,11 +230,29 @@ fn transport_error(e: reqwest::Error) -> BoxApiError {
     }
 }
 
+/// The `subject_token_type` of a token exchange.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
 #[derive(Deserialize)]
 struct TokenBody {
     access_token: Option<String>,
     expires_in: Option<serde_json::Number>,
     token_type: Option<String>,
+    #[serde(default)]
+    restricted_to: Vec<RestrictionBody>,
+}
+
+#[derive(Deserialize)]
+struct RestrictionBody {
+    scope: String,
+    object: RestrictedObject,
+}
+
+#[derive(Deserialize)]
+struct RestrictedObject {
+    #[serde(rename = "type")]
+    kind: String,
+    id: String,
 }
 
 async fn read_token_response(
@@ -192,6 +283,15 @@ async fn read_token_response(
             issued_at,
             token_type: body.token_type.unwrap_or_else(|| "bearer".to_owned()),
             request_id,
+            restricted_to: body
+                .restricted_to
+                .into_iter()
+                .map(|r| Restriction {
+                    scope: r.scope,
+                    object_type: r.object.kind,
+                    object_id: r.object.id,
+                })
+                .collect(),
         });
     }
     if status == StatusCode::TOO_MANY_REQUESTS {

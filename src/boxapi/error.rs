@@ -63,8 +63,8 @@ pub enum BoxApiError {
 pub enum DiagnosisKind {
     /// The app's setup (in Box or in the broker's config) must be fixed by an operator.
     Misconfigured,
-    /// Box does not know the subject, or will not tokenize it.
-    SubjectNotFound,
+    /// Box does not know the subject or target, or will not tokenize it.
+    NotFound,
     /// Box is unavailable, throttling, or answered nonsense; retrying may help.
     Unavailable,
 }
@@ -99,7 +99,7 @@ pub fn diagnose(
     kid: Option<&str>,
     ccg: bool,
 ) -> Diagnosis {
-    use DiagnosisKind::{Misconfigured, SubjectNotFound, Unavailable};
+    use DiagnosisKind::{Misconfigured, NotFound, Unavailable};
     let e = match error {
         BoxApiError::Rejected(e) => e,
         BoxApiError::RateLimited { retry_after } => {
@@ -186,7 +186,7 @@ pub fn diagnose(
         ),
         "invalid_grant" if d.contains("'sub'") || d.contains("`sub`") || d.contains("sub claim") => match subject {
             BoxSubject::User(id) => (
-                SubjectNotFound,
+                NotFound,
                 format!("Box rejected user {id}: no such App User or Managed User in this app's enterprise (external users cannot be tokenized)"),
             ),
             BoxSubject::Enterprise(id) => (
@@ -203,7 +203,7 @@ pub fn diagnose(
         }
         "invalid_grant" if d.contains("grant credentials") || ccg => match subject {
             BoxSubject::User(id) => (
-                SubjectNotFound,
+                NotFound,
                 format!(
                     "Box rejected the client credentials grant for user {id}: the user may not exist in this enterprise, \
                      the app's access level may not permit it, or user tokens may be disabled"
@@ -232,5 +232,46 @@ fn code_suffix(e: &OAuthError) -> String {
         String::new()
     } else {
         format!(" {}", e.code)
+    }
+}
+
+/// Explains a failed token exchange of `subject`'s token for `target`.
+pub fn diagnose_exchange(
+    error: &BoxApiError,
+    subject: &BoxSubject,
+    target: Option<&super::Target>,
+) -> Diagnosis {
+    use DiagnosisKind::{Misconfigured, NotFound, Unavailable};
+    let BoxApiError::Rejected(e) = error else {
+        // Transport, throttling and server errors read the same as for a mint.
+        return diagnose(error, subject, "", None, false);
+    };
+    let what = target.map_or_else(|| "the item".to_owned(), ToString::to_string);
+    match e.code.as_str() {
+        "invalid_resource" => Diagnosis::new(
+            NotFound,
+            format!("{what} does not exist or is not accessible to {subject}"),
+        ),
+        _ if e.status == 401 || e.code == "invalid_scope" => Diagnosis::new(
+            Misconfigured,
+            format!(
+                "Box refused the requested scopes for {subject}: the app's token does not hold them; \
+                 check the app's application scopes in the developer console"
+            ),
+        ),
+        "invalid_grant" => Diagnosis::new(
+            Unavailable,
+            format!(
+                "Box no longer accepts {subject}'s token for the exchange (revoked or expired); retry"
+            ),
+        ),
+        "invalid_request" => Diagnosis::new(
+            Misconfigured,
+            format!(
+                "Box refused the token exchange for {what}: {}",
+                e.description
+            ),
+        ),
+        _ => diagnose(error, subject, "", None, false),
     }
 }

@@ -6,6 +6,7 @@
 pub mod assertion;
 pub mod client;
 pub mod credentials;
+pub mod downscope;
 pub mod error;
 pub mod private_key;
 
@@ -13,6 +14,7 @@ pub use client::{BoxClient, IssuedToken};
 pub use credentials::{
     AppCredentials, AuthMethod, BoxId, CredentialError, CredentialSources, JwtAlgorithm, SigningKey,
 };
+pub use downscope::{Restriction, Target};
 pub use error::{BoxApiError, Diagnosis, DiagnosisKind};
 
 /// Whose token to ask Box for.

@@ -99,12 +99,24 @@ async fn token(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> 
         }),
     };
     let mut response = match result {
-        Ok(granted) => Json(json!({
-            "access_token": granted.access_token,
-            "expires_in": granted.expires_in,
-            "restricted_to": [],
-            "token_type": "bearer",
-        }))
+                Ok(granted) => match granted.restricted_to {
+            None => Json(json!({
+                "access_token": granted.access_token,
+                "expires_in": granted.expires_in,
+                "restricted_to": [],
+                "token_type": "bearer",
+            })),
+            Some(restrictions) => Json(json!({
+                "access_token": granted.access_token,
+                "expires_in": granted.expires_in,
+                "token_type": "bearer",
+                "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                "restricted_to": restrictions.iter().map(|(scope, item)| json!({
+                    "scope": scope,
+                    "object": {"type": item.kind, "id": item.id, "sequence_id": "0", "etag": "0", "name": item.name},
+                })).collect::<Vec<_>>(),
+            })),
+        }
         .into_response(),
         Err(reject) => {
             fake.with_world(|w| w.stats.rejected += 1);

@@ -18,7 +18,7 @@ use std::{
 
 use tokio::sync::{oneshot, watch};
 
-pub use state::{FakeApp, FakeAuth, FakeUser, Fault, SeenAssertion, Stats, UserKind};
+pub use state::{FakeApp, FakeAuth, FakeItem, FakeUser, Fault, SeenAssertion, Stats, UserKind};
 
 use crate::clock::{SharedClock, shift};
 
@@ -68,6 +68,21 @@ impl FakeBox {
     /// Adds a user to the directory.
     pub fn add_user(&self, user: FakeUser) {
         self.with_world(|w| w.users.insert(user.id.clone(), user));
+    }
+
+    /// Adds a file or folder.
+    pub fn add_item(&self, item: FakeItem) {
+        self.with_world(|w| w.items.insert((item.kind, item.id.clone()), item));
+    }
+
+    /// Makes token exchanges answer with an empty `restricted_to`.
+    pub fn set_omit_restrictions(&self, omit: bool) {
+        self.with_world(|w| w.omit_restrictions = omit);
+    }
+
+    /// True when `token` was issued and has been revoked.
+    pub fn is_revoked(&self, token: &str) -> bool {
+        self.with_world(|w| w.tokens.get(token).is_some_and(|t| t.revoked))
     }
 
     /// The next `count` token requests get `fault`.

@@ -8,7 +8,7 @@ use rand::{Rng as _, distributions::Alphanumeric};
 use rsa::RsaPrivateKey;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::{FakeApp, FakeAuth, FakeBox, FakeUser, UserKind};
+use super::{FakeApp, FakeAuth, FakeBox, FakeItem, FakeUser, UserKind};
 use crate::boxapi::private_key::{KeyEncryption, KeyError, encrypt_private_key};
 
 /// The enterprise.
@@ -23,6 +23,16 @@ pub const MANAGED_USER_ID: &str = "7300001";
 pub const EXTERNAL_USER_ID: &str = "7400001";
 /// An App User created by some other app: not tokenizable by this one.
 pub const OTHER_APP_USER_ID: &str = "7200999";
+/// A folder the Service Account owns (a Service-Account-model portal's root).
+pub const SERVICE_ACCOUNT_FOLDER_ID: &str = "7500001";
+/// A file in that folder, with a public shared link.
+pub const SERVICE_ACCOUNT_FILE_ID: &str = "7600001";
+/// The shared link of [`SERVICE_ACCOUNT_FILE_ID`].
+pub const SHARED_LINK: &str = "https://app.box.com/s/fakesharedlink0001";
+/// A folder the first App User owns.
+pub const APP_USER_FOLDER_ID: &str = "7500002";
+/// A file the first App User owns.
+pub const APP_USER_FILE_ID: &str = "7600002";
 
 /// The seeded app's credentials, as the developer console would show them.
 #[derive(Clone)]
@@ -73,7 +83,49 @@ pub fn seed(fake: &FakeBox, auth: FakeAuth, key: Option<&RsaPrivateKey>) -> Seed
         user_tokens: true,
         enterprise_access: true,
         service_account_id: SERVICE_ACCOUNT_ID.to_owned(),
+        // Read/write on all content: every downscope scope is a subset.
+        scopes: crate::boxapi::downscope::DOWNSCOPE_SCOPES
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
     });
+    let item =
+        |kind: &'static str, id: &str, name: &str, owner: &str, link: Option<&str>| FakeItem {
+            kind,
+            id: id.to_owned(),
+            name: name.to_owned(),
+            owner: owner.to_owned(),
+            collaborators: Vec::new(),
+            shared_link: link.map(str::to_owned),
+        };
+    fake.add_item(item(
+        "folder",
+        SERVICE_ACCOUNT_FOLDER_ID,
+        "Portal",
+        SERVICE_ACCOUNT_ID,
+        None,
+    ));
+    fake.add_item(item(
+        "file",
+        SERVICE_ACCOUNT_FILE_ID,
+        "welcome.pdf",
+        SERVICE_ACCOUNT_ID,
+        Some(SHARED_LINK),
+    ));
+    fake.add_item(item(
+        "folder",
+        APP_USER_FOLDER_ID,
+        "Ada's files",
+        APP_USER_IDS[0],
+        None,
+    ));
+    fake.add_item(item(
+        "file",
+        APP_USER_FILE_ID,
+        "ada.docx",
+        APP_USER_IDS[0],
+        None,
+    ));
     let user = |id: &str, name: &str, kind: UserKind, enterprise: &str| FakeUser {
         id: id.to_owned(),
         name: name.to_owned(),

@@ -3,7 +3,7 @@
 //! order box-contract.md §10 gives, with Box's own error codes and messages.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     time::{Duration, SystemTime},
 };
 
@@ -44,6 +44,25 @@ pub struct FakeApp {
     pub enterprise_access: bool,
     /// The app's Service Account user id.
     pub service_account_id: String,
+    /// The application scopes its tokens hold (the subset rule's upper bound).
+    pub scopes: BTreeSet<String>,
+}
+
+/// A file or folder, with who can reach it.
+#[derive(Debug, Clone)]
+pub struct FakeItem {
+    /// `file` or `folder`.
+    pub kind: &'static str,
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The owning user.
+    pub owner: String,
+    /// Other users with access.
+    pub collaborators: Vec<String>,
+    /// A shared link URL, if it has one.
+    pub shared_link: Option<String>,
 }
 
 /// What kind of Box user.
@@ -116,6 +135,10 @@ pub struct Stats {
     pub faults_served: u64,
     /// `/oauth2/revoke` calls.
     pub revoke_requests: u64,
+    /// Token-exchange requests (including rejected ones).
+    pub exchange_requests: u64,
+    /// Downscoped tokens issued.
+    pub exchange_issued: u64,
 }
 
 /// An OAuth error as Box sends it: status, `error`, `error_description`.
@@ -184,6 +207,8 @@ pub struct IssuedFakeToken {
     pub expires_at: SystemTime,
     /// Revoked through `/oauth2/revoke`.
     pub revoked: bool,
+    /// For a downscoped token, its scopes; `None` means the app's scopes.
+    pub scopes: Option<BTreeSet<String>>,
 }
 
 /// The claims and header of an accepted assertion, kept for tests to inspect.
@@ -214,6 +239,11 @@ pub struct World {
     pub(crate) token_lifetime: Option<Duration>,
     pub(crate) stats: Stats,
     pub(crate) assertions: VecDeque<SeenAssertion>,
+    /// Files and folders by (kind, id).
+    pub(crate) items: HashMap<(&'static str, String), FakeItem>,
+    /// Answer token exchanges with an empty `restricted_to`, as if Box had
+    /// silently not scoped the token (to test the broker's guard).
+    pub(crate) omit_restrictions: bool,
 }
 
 /// How many accepted assertions are kept for inspection.
@@ -235,6 +265,8 @@ pub struct Granted {
     pub access_token: String,
     /// Seconds.
     pub expires_in: u64,
+    /// For a token exchange: `restricted_to` entries (scope, item).
+    pub restricted_to: Option<Vec<(String, FakeItem)>>,
 }
 
 impl World {
@@ -252,6 +284,12 @@ impl World {
                 self.stats.ccg_requests += 1;
                 let granted = self.client_credentials(form, now)?;
                 self.stats.ccg_issued += 1;
+                Ok(granted)
+            }
+            Some("urn:ietf:params:oauth:grant-type:token-exchange") => {
+                self.stats.exchange_requests += 1;
+                let granted = self.token_exchange(form, now)?;
+                self.stats.exchange_issued += 1;
                 Ok(granted)
             }
             _ => Err(reject("invalid_request", msg::BAD_GRANT_TYPE)),
@@ -393,9 +431,7 @@ impl World {
     }
 
     fn issue(&mut self, client_id: &str, user_id: String, now: SystemTime) -> Granted {
-        let lifetime = self
-            .token_lifetime
-            .unwrap_or_else(|| Duration::from_secs(rand::thread_rng().gen_range(4000..=4200)));
+        let lifetime = self.lifetime();
         let access_token = random_token();
         self.tokens.insert(
             access_token.clone(),
@@ -404,12 +440,120 @@ impl World {
                 user_id,
                 expires_at: now + lifetime,
                 revoked: false,
+                scopes: None,
             },
         );
         Granted {
             access_token,
             expires_in: lifetime.as_secs(),
+            restricted_to: None,
         }
+    }
+
+    fn lifetime(&self) -> Duration {
+        self.token_lifetime
+            .unwrap_or_else(|| Duration::from_secs(rand::thread_rng().gen_range(4000..=4200)))
+    }
+
+    /// The token exchange (box-contract.md §5, §10.5). Where Box's exact
+    /// status or message is unknown (§12.4–5) the conservative reading is taken
+    /// and marked INF.
+    fn token_exchange(&mut self, form: &Form, now: SystemTime) -> Result<Granted, OAuthReject> {
+        if field(form, "subject_token_type")
+            != Some("urn:ietf:params:oauth:token-type:access_token")
+        {
+            return Err(reject("invalid_request", "Invalid subject_token_type"));
+        }
+        // INF: a dead subject token's exact error is undocumented.
+        let parent = field(form, "subject_token")
+            .and_then(|t| self.tokens.get(t))
+            .filter(|t| !t.revoked && t.expires_at > now)
+            .cloned()
+            .ok_or_else(|| reject("invalid_grant", "The subject token is invalid or expired"))?;
+        let requested: BTreeSet<String> = field(form, "scope")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if requested.is_empty() {
+            return Err(reject("invalid_request", "The scope parameter is required"));
+        }
+        let held = match &parent.scopes {
+            Some(scopes) => scopes.clone(),
+            None => self
+                .apps
+                .get(&parent.client_id)
+                .map(|a| a.scopes.clone())
+                .unwrap_or_default(),
+        };
+        if !requested.is_subset(&held) {
+            // The OpenAPI says 401; the body is INF.
+            return Err(OAuthReject {
+                status: 401,
+                error: "invalid_scope",
+                description: "The requested scope exceeds the scope granted to the subject token"
+                    .to_owned(),
+            });
+        }
+        let item = match (field(form, "resource"), field(form, "box_shared_link")) {
+            (Some(_), Some(_)) => {
+                return Err(reject(
+                    "invalid_request",
+                    "resource and box_shared_link are mutually exclusive",
+                ));
+            }
+            (Some(resource), None) => Some(self.resource(resource, &parent.user_id)?),
+            (None, Some(link)) => Some(
+                self.items
+                    .values()
+                    .find(|i| i.shared_link.as_deref() == Some(link))
+                    .cloned()
+                    .ok_or_else(|| reject("invalid_resource", "The target resource is invalid."))?,
+            ),
+            (None, None) => None,
+        };
+        // INF: a downscoped token is taken never to outlive its parent.
+        let remaining = parent.expires_at.duration_since(now).unwrap_or_default();
+        let lifetime = self.lifetime().min(remaining);
+        let access_token = random_token();
+        self.tokens.insert(
+            access_token.clone(),
+            IssuedFakeToken {
+                client_id: parent.client_id.clone(),
+                user_id: parent.user_id.clone(),
+                expires_at: now + lifetime,
+                revoked: false,
+                scopes: Some(requested.clone()),
+            },
+        );
+        let restricted_to = match (&item, self.omit_restrictions) {
+            (Some(item), false) => requested
+                .iter()
+                .map(|s| (s.clone(), item.clone()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Granted {
+            access_token,
+            expires_in: lifetime.as_secs(),
+            restricted_to: Some(restricted_to),
+        })
+    }
+
+    /// The item a `resource` URL names, if `user` can reach it.
+    fn resource(&self, url: &str, user: &str) -> Result<FakeItem, OAuthReject> {
+        let bad = || reject("invalid_resource", "The target resource is invalid.");
+        let path = url.split_once("/2.0/").map(|(_, p)| p).ok_or_else(bad)?;
+        let (kind, id) = match path.split_once('/') {
+            Some(("files", id)) => ("file", id),
+            Some(("folders", id)) => ("folder", id),
+            _ => return Err(bad()),
+        };
+        self.items
+            .get(&(kind, id.to_owned()))
+            .filter(|i| i.owner == user || i.collaborators.iter().any(|c| c == user))
+            .cloned()
+            .ok_or_else(bad)
     }
 
     /// Handles one `/oauth2/revoke` form.

@@ -2,21 +2,28 @@
 //! convert the answer. Nothing else happens here.
 
 use std::{
+    future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use secrecy::ExposeSecret as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use tonic::{Request, Response, Status};
 
 use crate::{
     auth::Authenticator,
-    boxapi::{BoxId, credentials::BoxIdError},
-    broker::{Broker, Subject, TokenRequest},
+    boxapi::{BoxId, Target, credentials::BoxIdError, downscope::normalize_scopes},
+    broker::{Broker, DownscopeRequest, Subject, TokenRequest},
     cache::Lookup,
     error::BrokerError,
-    pb::{self, subject::Kind, token_broker_service_server::TokenBrokerService},
+    pb::{
+        self, get_downscoped_token_request, subject::Kind,
+        token_broker_service_server::TokenBrokerService,
+    },
 };
+
+/// The longest access token `RevokeToken` accepts; Box's are 32 characters.
+const MAX_TOKEN_LEN: usize = 4096;
 
 /// The gRPC adapter over [`Broker`].
 #[derive(Debug, Clone)]
@@ -29,6 +36,29 @@ impl TokenBrokerApi {
     /// An adapter admitting callers per `auth`.
     pub fn new(broker: Arc<Broker>, auth: Authenticator) -> Self {
         Self { broker, auth }
+    }
+
+    /// Authenticates, runs `handle`, and logs a refusal once.
+    async fn call<T, R, F>(
+        &self,
+        request: Request<T>,
+        handle: impl FnOnce(T) -> F,
+    ) -> Result<Response<R>, Status>
+    where
+        F: Future<Output = Result<R, Status>>,
+    {
+        let span = tracing::Span::current();
+        let result = async {
+            let caller = self.auth.authenticate(&request)?;
+            span.record("caller", tracing::field::display(&caller));
+            handle(request.into_inner()).await.map(Response::new)
+        }
+        .await;
+        if let Err(status) = &result {
+            span.record("code", tracing::field::debug(status.code()));
+            tracing::info!(code = ?status.code(), reason = status.message(), "refused");
+        }
+        result
     }
 }
 
@@ -43,47 +73,125 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
-        let span = tracing::Span::current();
-        let result: Result<Response<pb::GetTokenResponse>, Status> = async {
-            let caller = self.auth.authenticate(&request)?;
-            span.record("caller", tracing::field::display(&caller));
-            let domain = token_request(request.get_ref())?;
-            span.record("app", domain.app.as_deref().unwrap_or("(default)"));
-            span.record(
-                "subject_type",
-                match domain.subject {
-                    Subject::Enterprise => "enterprise",
-                    Subject::User(_) => "user",
-                },
-            );
-            let lookup = self.broker.get_token(&domain).await.map_err(Status::from)?;
-            span.record("cache_hit", lookup.cache_hit);
-            Ok(Response::new(to_proto(&lookup)))
-        }
-        .await;
-        match &result {
-            Ok(_) => tracing::debug!("served"),
-            Err(status) => {
-                span.record("code", tracing::field::debug(status.code()));
-                tracing::info!(code = ?status.code(), reason = status.message(), "refused");
-            }
-        }
-        result
+        self.call(request, |request| async move {
+            let domain = token_request(&request)?;
+            record_subject(domain.app.as_deref(), &domain.subject);
+            let lookup = self.broker.get_token(&domain).await?;
+            tracing::Span::current().record("cache_hit", lookup.cache_hit);
+            Ok(pb::GetTokenResponse {
+                token: Some(to_proto(&lookup, &[])),
+                cache_hit: lookup.cache_hit,
+            })
+        })
+        .await
     }
+
+    #[tracing::instrument(
+        name = "GetDownscopedToken",
+        skip_all,
+        fields(caller, app, subject_type, cache_hit, code)
+    )]
+    async fn get_downscoped_token(
+        &self,
+        request: Request<pb::GetDownscopedTokenRequest>,
+    ) -> Result<Response<pb::GetDownscopedTokenResponse>, Status> {
+        self.call(request, |request| async move {
+            let domain = downscope_request(&request)?;
+            record_subject(domain.app.as_deref(), &domain.subject);
+            let lookup = self.broker.get_downscoped(&domain).await?;
+            tracing::Span::current().record("cache_hit", lookup.cache_hit);
+            Ok(pb::GetDownscopedTokenResponse {
+                token: Some(to_proto(&lookup, &domain.scopes)),
+                cache_hit: lookup.cache_hit,
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(name = "RevokeToken", skip_all, fields(caller, app, code))]
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        self.call(request, |request| async move {
+            let pb::RevokeTokenRequest { app, access_token } = request;
+            if access_token.is_empty() || access_token.len() > MAX_TOKEN_LEN {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "access_token must be 1 to {MAX_TOKEN_LEN} characters: the token to revoke, as the broker issued it"
+                ))
+                .into());
+            }
+            let app = (!app.is_empty()).then_some(app);
+            tracing::Span::current().record("app", app.as_deref().unwrap_or("(default)"));
+            self.broker.revoke(app.as_deref(), SecretString::from(access_token)).await?;
+            Ok(pb::RevokeTokenResponse {})
+        })
+        .await
+    }
+}
+
+fn record_subject(app: Option<&str>, subject: &Subject) {
+    let span = tracing::Span::current();
+    span.record("app", app.unwrap_or("(default)"));
+    span.record(
+        "subject_type",
+        match subject {
+            Subject::Enterprise => "enterprise",
+            Subject::User(_) => "user",
+        },
+    );
 }
 
 /// Validates a `GetTokenRequest` into the domain's request.
 pub fn token_request(request: &pb::GetTokenRequest) -> Result<TokenRequest, BrokerError> {
-    let app = (!request.app.is_empty()).then(|| request.app.clone());
-    let subject = match request.subject.as_ref().and_then(|s| s.kind.as_ref()) {
-        None => {
-            return Err(BrokerError::InvalidArgument(
-                "subject is required: set subject.enterprise for the app's Service Account, or subject.user_id for an App User or Managed User"
-                    .to_owned(),
-            ));
-        }
-        Some(Kind::Enterprise(_)) => Subject::Enterprise,
-        Some(Kind::UserId(id)) => Subject::User(BoxId::parse(id).map_err(|e| match e {
+    Ok(TokenRequest {
+        app: (!request.app.is_empty()).then(|| request.app.clone()),
+        subject: subject(request.subject.as_ref())?,
+        min_ttl: min_ttl(request.min_ttl.as_ref())?,
+        force_refresh: request.force_refresh,
+    })
+}
+
+/// Validates a `GetDownscopedTokenRequest` into the domain's request.
+pub fn downscope_request(
+    request: &pb::GetDownscopedTokenRequest,
+) -> Result<DownscopeRequest, BrokerError> {
+    use get_downscoped_token_request::Target as T;
+    let scopes = normalize_scopes(&request.scopes)
+        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+    let id = |field: &str, value: &str| {
+        BoxId::parse(value).map_err(|_| {
+            BrokerError::InvalidArgument(format!(
+                "{field} {:?} is not a numeric Box id",
+                printable(value, 32)
+            ))
+        })
+    };
+    let target = match &request.target {
+        None => None,
+        Some(T::FileId(file)) => Some(Target::File(id("target.file_id", file)?)),
+        Some(T::FolderId(folder)) => Some(Target::Folder(id("target.folder_id", folder)?)),
+        Some(T::SharedLink(link)) => Some(
+            Target::shared_link(link).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
+        ),
+    };
+    Ok(DownscopeRequest {
+        app: (!request.app.is_empty()).then(|| request.app.clone()),
+        subject: subject(request.subject.as_ref())?,
+        scopes,
+        target,
+        min_ttl: min_ttl(request.min_ttl.as_ref())?,
+    })
+}
+
+fn subject(subject: Option<&pb::Subject>) -> Result<Subject, BrokerError> {
+    match subject.and_then(|s| s.kind.as_ref()) {
+        None => Err(BrokerError::InvalidArgument(
+            "subject is required: set subject.enterprise for the app's Service Account, or subject.user_id for an App User or Managed User"
+                .to_owned(),
+        )),
+        Some(Kind::Enterprise(_)) => Ok(Subject::Enterprise),
+        Some(Kind::UserId(id)) => BoxId::parse(id).map(Subject::User).map_err(|e| match e {
             BoxIdError::Empty => BrokerError::InvalidArgument(
                 "subject.user_id is empty: give the numeric Box user id of an App User or Managed User".to_owned(),
             ),
@@ -91,14 +199,8 @@ pub fn token_request(request: &pb::GetTokenRequest) -> Result<TokenRequest, Brok
                 "subject.user_id {:?} is not a numeric Box user id (1 to 20 digits)",
                 printable(id, 32)
             )),
-        })?),
-    };
-    Ok(TokenRequest {
-        app,
-        subject,
-        min_ttl: min_ttl(request.min_ttl.as_ref())?,
-        force_refresh: request.force_refresh,
-    })
+        }),
+    }
 }
 
 fn min_ttl(value: Option<&prost_types::Duration>) -> Result<Duration, BrokerError> {
@@ -121,16 +223,23 @@ fn min_ttl(value: Option<&prost_types::Duration>) -> Result<Duration, BrokerErro
     Ok(Duration::new(seconds, nanos))
 }
 
-/// The response for a served token.
-pub fn to_proto(lookup: &Lookup) -> pb::GetTokenResponse {
+/// The protobuf form of a served token; `scopes` for a downscoped one.
+pub fn to_proto(lookup: &Lookup, scopes: &[String]) -> pb::AccessToken {
     let token = &lookup.token;
-    pb::GetTokenResponse {
-        token: Some(pb::AccessToken {
-            access_token: token.access_token.expose_secret().to_owned(),
-            expires_at: Some(timestamp(token.expires_at)),
-            token_type: token.token_type.clone(),
-        }),
-        cache_hit: lookup.cache_hit,
+    pb::AccessToken {
+        access_token: token.access_token.expose_secret().to_owned(),
+        expires_at: Some(timestamp(token.expires_at)),
+        token_type: token.token_type.clone(),
+        scopes: scopes.to_vec(),
+        restricted_to: token
+            .restricted_to
+            .iter()
+            .map(|r| pb::Restriction {
+                scope: r.scope.clone(),
+                object_type: r.object_type.clone(),
+                object_id: r.object_id.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -18,12 +18,14 @@ impl From<&BrokerError> for Status {
             BrokerError::InvalidArgument(_) | BrokerError::AppRequired { .. } => {
                 Status::invalid_argument(error.to_string())
             }
-            BrokerError::UnknownApp { .. } => Status::not_found(error.to_string()),
+            BrokerError::UnknownApp { .. } | BrokerError::NotIssued(_) => {
+                Status::not_found(error.to_string())
+            }
             BrokerError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
             BrokerError::Cache(CacheError::Upstream(upstream)) => {
                 let code = match upstream.diagnosis.kind {
                     DiagnosisKind::Misconfigured => Code::FailedPrecondition,
-                    DiagnosisKind::SubjectNotFound => Code::NotFound,
+                    DiagnosisKind::NotFound => Code::NotFound,
                     DiagnosisKind::Unavailable => Code::Unavailable,
                 };
                 let mut status = Status::new(code, upstream.diagnosis.message.clone());

@@ -246,3 +246,56 @@ pub fn assert_status(status: &tonic::Status, code: tonic::Code, fragment: &str) 
         status.message()
     );
 }
+
+/// A `GetDownscopedTokenRequest` for `subject` with `scopes` and `target`.
+pub fn downscope(
+    subject: pb::GetTokenRequest,
+    scopes: &[&str],
+    target: Option<pb::get_downscoped_token_request::Target>,
+) -> pb::GetDownscopedTokenRequest {
+    pb::GetDownscopedTokenRequest {
+        subject: subject.subject,
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        target,
+        ..Default::default()
+    }
+}
+
+/// A folder target.
+pub fn folder(id: &str) -> Option<pb::get_downscoped_token_request::Target> {
+    Some(pb::get_downscoped_token_request::Target::FolderId(
+        id.to_owned(),
+    ))
+}
+
+/// A file target.
+pub fn file(id: &str) -> Option<pb::get_downscoped_token_request::Target> {
+    Some(pb::get_downscoped_token_request::Target::FileId(
+        id.to_owned(),
+    ))
+}
+
+impl Harness {
+    pub async fn downscoped(
+        &self,
+        request: pb::GetDownscopedTokenRequest,
+    ) -> Result<pb::GetDownscopedTokenResponse, tonic::Status> {
+        self.client
+            .clone()
+            .get_downscoped_token(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn revoke(&self, token: &str) -> Result<pb::RevokeTokenResponse, tonic::Status> {
+        let request = pb::RevokeTokenRequest {
+            app: String::new(),
+            access_token: token.to_owned(),
+        };
+        self.client
+            .clone()
+            .revoke_token(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
