@@ -135,6 +135,58 @@ fn dev_mode_serves_tokens_with_no_box_account() {
         stderr.contains("NotFound") && stderr.contains("7400001"),
         "{stderr}"
     );
+
+    // A browser's token: downscoped to one folder, then revoked.
+    let out = Command::new(bin())
+        .args([
+            "token",
+            "downscope",
+            "--addr",
+            &addr,
+            "--user",
+            "7200001",
+            "--scope",
+            "item_preview",
+            "--scope",
+            "item_download",
+        ])
+        .args(["--folder", "7500002", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let downscoped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        downscoped["scopes"],
+        serde_json::json!(["item_download", "item_preview"])
+    );
+    assert_eq!(downscoped["restricted_to"][0]["object_id"], "7500002");
+    let token = downscoped["access_token"].as_str().unwrap();
+    assert_eq!(revoke(&addr, token).0, 0);
+    let (code, stderr) = revoke(&addr, token);
+    assert_eq!(code, 1, "a revoked token is no longer the broker's");
+    assert!(stderr.contains("NotFound"), "{stderr}");
+}
+
+/// `token revoke`, with the token on standard input.
+fn revoke(addr: &str, token: &str) -> (i32, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(bin())
+        .args(["token", "revoke", "--addr", addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{token}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 #[test]

@@ -82,6 +82,18 @@ async fn debug_output_hides_every_secret() {
         .await
         .unwrap();
     let response = h.get(enterprise()).await.unwrap();
+    let downscoped = h
+        .downscoped(common::downscope(
+            enterprise(),
+            &["item_preview"],
+            common::folder(seed::SERVICE_ACCOUNT_FOLDER_ID),
+        ))
+        .await
+        .unwrap();
+    let revoke = box_token_broker::pb::RevokeTokenRequest {
+        app: String::new(),
+        access_token: token_of(&response),
+    };
     let console = CredentialSources {
         box_config_file: Some(fixture("box_config.json")),
         ..Default::default()
@@ -95,10 +107,21 @@ async fn debug_output_hides_every_secret() {
     secrets.push(lookup.token.access_token.expose_secret().to_owned());
     secrets.push(issued.access_token.expose_secret().to_owned());
     secrets.push(token_of(&response));
+    secrets.push(downscoped.token.as_ref().unwrap().access_token.clone());
 
     let debug = format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-        app.credentials, console, app, lookup, issued, response, response.token, h.app, h.broker
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        app.credentials,
+        console,
+        app,
+        lookup,
+        issued,
+        response,
+        response.token,
+        h.app,
+        h.broker,
+        downscoped,
+        revoke
     );
     assert!(debug.contains("****"), "secrets are shown as ****");
     assert!(
@@ -136,6 +159,31 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
     let mut force = enterprise();
     force.force_refresh = true;
     secrets.push(token_of(&h.get(force).await.unwrap()));
+    let child = h
+        .downscoped(common::downscope(
+            user(seed::APP_USER_IDS[0]),
+            &["item_preview"],
+            common::folder(seed::APP_USER_FOLDER_ID),
+        ))
+        .await
+        .unwrap();
+    let child = child.token.unwrap().access_token;
+    secrets.push(child.clone());
+    h.revoke(&child).await.unwrap();
+    messages.push(h.revoke(&child).await.unwrap_err().message().to_owned());
+    h.fake.set_omit_restrictions(true);
+    messages.push(
+        h.downscoped(common::downscope(
+            enterprise(),
+            &["item_preview"],
+            common::folder(seed::SERVICE_ACCOUNT_FOLDER_ID),
+        ))
+        .await
+        .unwrap_err()
+        .message()
+        .to_owned(),
+    );
+    h.fake.set_omit_restrictions(false);
     h.fake.fail_next(
         1,
         Fault::RateLimited {
@@ -215,6 +263,11 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
         logs.contains("minting a Box token failed"),
         "failures were logged:\n{logs}"
     );
+    assert!(
+        logs.contains("downscoped a Box token") && logs.contains("revoked a Box token"),
+        "{logs}"
+    );
+    assert!(logs.contains("refusing a downscoped token"), "{logs}");
     assert_free_of(&logs, &secrets, "the log");
     assert_free_of(&messages.join("\n"), &secrets, "error messages");
 }

@@ -17,8 +17,9 @@ use crate::{
     fakebox::{
         FakeAuth, FakeBox,
         seed::{
-            self, APP_USER_IDS, ENTERPRISE_ID, EXTERNAL_USER_ID, MANAGED_USER_ID,
-            SERVICE_ACCOUNT_ID, SeededApp,
+            self, APP_USER_FILE_ID, APP_USER_FOLDER_ID, APP_USER_IDS, ENTERPRISE_ID,
+            EXTERNAL_USER_ID, MANAGED_USER_ID, SERVICE_ACCOUNT_FILE_ID, SERVICE_ACCOUNT_FOLDER_ID,
+            SERVICE_ACCOUNT_ID, SHARED_LINK, SeededApp,
         },
     },
     service,
@@ -124,12 +125,19 @@ box-broker dev mode (NOT for production)
   App Users:      {users}
   Managed User:   {MANAGED_USER_ID}
   External user:  {EXTERNAL_USER_ID} (never tokenizable)
+  content:        folder {APP_USER_FOLDER_ID} and file {APP_USER_FILE_ID} (owned by App User {first});
+                  folder {SERVICE_ACCOUNT_FOLDER_ID} and file {SERVICE_ACCOUNT_FILE_ID} (owned by the Service Account),
+                  shared link {SHARED_LINK}
 
 Try:
   {exe} token get --addr {addr} --enterprise
   {exe} token get --addr {addr} --user {first} --json
+  {exe} token downscope --addr {addr} --user {first} --scope item_preview --folder {APP_USER_FOLDER_ID} --json
+  TOKEN=$({exe} token downscope --addr {addr} --user {first} --scope item_preview --file {APP_USER_FILE_ID})
+  echo \"$TOKEN\" | {exe} token revoke --addr {addr}
   grpcurl -plaintext -d '{{\"subject\":{{\"enterprise\":{{}}}}}}' {addr} boxbroker.v1.TokenBrokerService/GetToken
   grpcurl -plaintext -d '{{\"subject\":{{\"userId\":\"{first}\"}}}}' {addr} boxbroker.v1.TokenBrokerService/GetToken
+  grpcurl -plaintext -d '{{\"subject\":{{\"userId\":\"{first}\"}},\"scopes\":[\"item_preview\"],\"folderId\":\"{APP_USER_FOLDER_ID}\"}}' {addr} boxbroker.v1.TokenBrokerService/GetDownscopedToken
   grpcurl -plaintext {addr} grpc.health.v1.Health/Check
 
 Press Ctrl-C to stop.",

@@ -81,6 +81,10 @@ pub struct FakeBoxArgs {
 enum TokenCommand {
     /// Get a full access token for the Service Account or a user.
     Get(token::GetArgs),
+    /// Get a downscoped token: a few scopes, optionally one file, folder or shared item.
+    Downscope(token::DownscopeArgs),
+    /// Revoke a token the broker issued; the token is read from standard input.
+    Revoke(token::RevokeArgs),
 }
 
 /// Runs the command line; `main` is only this.
@@ -99,6 +103,8 @@ pub fn main() -> ExitCode {
             Command::Dev(args) => dev::run_dev(args).await,
             Command::FakeBox(args) => dev::run_fake_box(args).await,
             Command::Token(TokenCommand::Get(args)) => token::get(args).await,
+            Command::Token(TokenCommand::Downscope(args)) => token::downscope(args).await,
+            Command::Token(TokenCommand::Revoke(args)) => token::revoke(args).await,
             Command::Keygen(args) => keygen::run(&args),
             Command::CheckConfig { file } => check_config(file),
         }

@@ -1,28 +1,56 @@
-//! `box-broker token get`: a client of a running broker.
+//! `box-broker token get|downscope|revoke`: a client of a running broker.
 
 use std::process::ExitCode;
 
 use clap::Args;
+use tonic::transport::Channel;
 
 use super::fail;
-use crate::pb::{self, token_broker_service_client::TokenBrokerServiceClient};
+use crate::pb::{
+    self, get_downscoped_token_request::Target,
+    token_broker_service_client::TokenBrokerServiceClient,
+};
 
-/// `token get` options.
+/// Options every `token` command shares.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("subject").required(true).args(["enterprise", "user"])))]
-pub struct GetArgs {
-    /// The app's Service Account.
-    #[arg(long)]
-    enterprise: bool,
-    /// An App User or Managed User, by numeric Box user id.
-    #[arg(long, value_name = "ID")]
-    user: Option<String>,
+pub struct Common {
     /// The app's name in the broker's config (needed when it has several).
     #[arg(long, default_value = "")]
     app: String,
     /// The broker's address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
+}
+
+/// Whose token.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct SubjectArgs {
+    /// The app's Service Account.
+    #[arg(long)]
+    enterprise: bool,
+    /// An App User or Managed User, by numeric Box user id.
+    #[arg(long, value_name = "ID")]
+    user: Option<String>,
+}
+
+impl SubjectArgs {
+    fn to_proto(&self) -> pb::Subject {
+        let kind = match &self.user {
+            Some(id) => pb::subject::Kind::UserId(id.clone()),
+            None => pb::subject::Kind::Enterprise(pb::EnterpriseSubject {}),
+        };
+        pb::Subject { kind: Some(kind) }
+    }
+}
+
+/// `token get` options.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    subject: SubjectArgs,
+    #[command(flatten)]
+    common: Common,
     /// Least remaining lifetime wanted, in seconds.
     #[arg(long, value_name = "SECONDS")]
     min_ttl: Option<u32>,
@@ -34,48 +62,182 @@ pub struct GetArgs {
     json: bool,
 }
 
+/// The one item a downscoped token is restricted to.
+#[derive(Debug, Args)]
+#[group(required = false, multiple = false)]
+pub struct TargetArgs {
+    /// A numeric Box file id.
+    #[arg(long, value_name = "ID")]
+    file: Option<String>,
+    /// A numeric Box folder id.
+    #[arg(long, value_name = "ID")]
+    folder: Option<String>,
+    /// A Box shared link URL.
+    #[arg(long, value_name = "URL")]
+    shared_link: Option<String>,
+}
+
+/// `token downscope` options.
+#[derive(Debug, Args)]
+pub struct DownscopeArgs {
+    #[command(flatten)]
+    subject: SubjectArgs,
+    /// A Box downscope scope (repeat for several), e.g. item_preview.
+    #[arg(long = "scope", value_name = "SCOPE", required = true)]
+    scopes: Vec<String>,
+    #[command(flatten)]
+    target: TargetArgs,
+    #[command(flatten)]
+    common: Common,
+    /// Least remaining lifetime wanted, in seconds.
+    #[arg(long, value_name = "SECONDS")]
+    min_ttl: Option<u32>,
+    /// Print JSON (token, expiry, scopes, restrictions, cache hit) instead of the bare token.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `token revoke` options. The token is read from standard input, so it
+/// never appears in a process listing or shell history.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+async fn connect(common: &Common) -> Result<TokenBrokerServiceClient<Channel>, ExitCode> {
+    let addr = if common.addr.contains("://") {
+        common.addr.clone()
+    } else {
+        format!("http://{}", common.addr)
+    };
+    TokenBrokerServiceClient::connect(addr.clone())
+        .await
+        .map_err(|e| fail(1, &format!("cannot connect to the broker at {addr}: {e}")))
+}
+
+fn status_failure(status: &tonic::Status) -> ExitCode {
+    fail(1, &format!("{:?}: {}", status.code(), status.message()))
+}
+
+fn ttl(seconds: Option<u32>) -> Option<prost_types::Duration> {
+    seconds.map(|s| prost_types::Duration {
+        seconds: i64::from(s),
+        nanos: 0,
+    })
+}
+
+fn print(token: &pb::AccessToken, cache_hit: bool, json: bool) {
+    if !json {
+        println!("{}", token.access_token);
+        return;
+    }
+    let mut out = serde_json::json!({
+        "access_token": token.access_token,
+        "expires_at": token.expires_at.as_ref().map_or(0, |t| t.seconds),
+        "token_type": token.token_type,
+        "cache_hit": cache_hit,
+    });
+    if !token.scopes.is_empty() {
+        out["scopes"] = serde_json::json!(token.scopes);
+        out["restricted_to"] = token
+            .restricted_to
+            .iter()
+            .map(|r| serde_json::json!({"scope": r.scope, "object_type": r.object_type, "object_id": r.object_id}))
+            .collect();
+    }
+    println!("{out}");
+}
+
 /// Runs `token get`.
 pub async fn get(args: GetArgs) -> ExitCode {
-    let addr = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("http://{}", args.addr)
-    };
-    let mut client = match TokenBrokerServiceClient::connect(addr.clone()).await {
-        Ok(client) => client,
-        Err(e) => return fail(1, &format!("cannot connect to the broker at {addr}: {e}")),
-    };
-    let kind = match (&args.user, args.enterprise) {
-        (Some(id), _) => pb::subject::Kind::UserId(id.clone()),
-        (None, _) => pb::subject::Kind::Enterprise(pb::EnterpriseSubject {}),
+    let mut client = match connect(&args.common).await {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let request = pb::GetTokenRequest {
-        app: args.app.clone(),
-        subject: Some(pb::Subject { kind: Some(kind) }),
-        min_ttl: args.min_ttl.map(|s| prost_types::Duration {
-            seconds: i64::from(s),
-            nanos: 0,
-        }),
+        app: args.common.app.clone(),
+        subject: Some(args.subject.to_proto()),
+        min_ttl: ttl(args.min_ttl),
         force_refresh: args.force_refresh,
     };
-    let response = match client.get_token(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => return fail(1, &format!("{:?}: {}", status.code(), status.message())),
-    };
-    let Some(token) = response.token else {
-        return fail(1, "the broker returned no token");
-    };
-    if args.json {
-        let expires_at = token.expires_at.map_or(0, |t| t.seconds);
-        let json = serde_json::json!({
-            "access_token": token.access_token,
-            "expires_at": expires_at,
-            "token_type": token.token_type,
-            "cache_hit": response.cache_hit,
-        });
-        println!("{json}");
-    } else {
-        println!("{}", token.access_token);
+    match client.get_token(request).await {
+        Ok(response) => {
+            let response = response.into_inner();
+            let Some(token) = response.token else {
+                return fail(1, "the broker returned no token");
+            };
+            print(&token, response.cache_hit, args.json);
+            ExitCode::SUCCESS
+        }
+        Err(status) => status_failure(&status),
     }
-    ExitCode::SUCCESS
+}
+
+/// Runs `token downscope`.
+pub async fn downscope(args: DownscopeArgs) -> ExitCode {
+    let mut client = match connect(&args.common).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let t = &args.target;
+    let target = t
+        .file
+        .clone()
+        .map(Target::FileId)
+        .or_else(|| t.folder.clone().map(Target::FolderId))
+        .or_else(|| t.shared_link.clone().map(Target::SharedLink));
+    let request = pb::GetDownscopedTokenRequest {
+        app: args.common.app.clone(),
+        subject: Some(args.subject.to_proto()),
+        scopes: args.scopes.clone(),
+        target,
+        min_ttl: ttl(args.min_ttl),
+    };
+    match client.get_downscoped_token(request).await {
+        Ok(response) => {
+            let response = response.into_inner();
+            let Some(token) = response.token else {
+                return fail(1, "the broker returned no token");
+            };
+            print(&token, response.cache_hit, args.json);
+            ExitCode::SUCCESS
+        }
+        Err(status) => status_failure(&status),
+    }
+}
+
+/// Runs `token revoke`, reading the token from standard input.
+pub async fn revoke(args: RevokeArgs) -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        return fail(
+            1,
+            &format!("cannot read the token from standard input: {e}"),
+        );
+    }
+    let access_token = line.trim().to_owned();
+    if access_token.is_empty() {
+        return fail(
+            super::EXIT_CONFIG,
+            "give the token to revoke on standard input, e.g. echo \"$TOKEN\" | box-broker token revoke",
+        );
+    }
+    let mut client = match connect(&args.common).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client
+        .revoke_token(pb::RevokeTokenRequest {
+            app: args.common.app.clone(),
+            access_token,
+        })
+        .await
+    {
+        Ok(_) => {
+            println!("revoked");
+            ExitCode::SUCCESS
+        }
+        Err(status) => status_failure(&status),
+    }
 }
