@@ -1,29 +1,60 @@
-//! Who is calling. This slice knows one mechanism: the anonymous caller, which
-//! is refused unless the config explicitly allows it (dev mode does, and says
-//! so). mTLS, Kubernetes service-account tokens, API keys and Unix-socket
-//! peers arrive with the policy work.
+//! Who is calling. Mechanisms so far: static API keys (the `x-api-key`
+//! header; only SHA-256 hashes are configured, compared in constant time) and
+//! the anonymous caller, refused unless the config explicitly allows it (dev
+//! mode does, and says so). mTLS, Kubernetes service-account tokens and
+//! Unix-socket peers are still to come.
 
 use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+
+/// The header an API key is sent in.
+pub const API_KEY_HEADER: &str = "x-api-key";
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallerIdentity {
     /// No credentials; allowed only by `[server] allow_anonymous = true`.
     Anonymous,
+    /// A configured API key's identity.
+    ApiKey(String),
 }
 
-impl fmt::Display for CallerIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl CallerIdentity {
+    /// The identity policy rules match against.
+    pub fn name(&self) -> &str {
         match self {
-            Self::Anonymous => f.write_str("anonymous"),
+            Self::Anonymous => "anonymous",
+            Self::ApiKey(identity) => identity,
         }
     }
 }
 
+impl fmt::Display for CallerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Decides who a request comes from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Authenticator {
     allow_anonymous: bool,
+    /// (identity, SHA-256 of the key).
+    api_keys: Vec<(String, [u8; 32])>,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field(
+                "api_keys",
+                &self.api_keys.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// The caller could not be authenticated. The message never echoes a credential.
@@ -34,7 +65,17 @@ pub struct AuthError(pub String);
 impl Authenticator {
     /// An authenticator; `allow_anonymous` admits callers without credentials.
     pub fn new(allow_anonymous: bool) -> Self {
-        Self { allow_anonymous }
+        Self {
+            allow_anonymous,
+            api_keys: Vec::new(),
+        }
+    }
+
+    /// Adds API keys, as (identity, SHA-256 of the key).
+    #[must_use]
+    pub fn with_api_keys(mut self, keys: Vec<(String, [u8; 32])>) -> Self {
+        self.api_keys = keys;
+        self
     }
 
     /// True when callers without credentials are admitted.
@@ -45,16 +86,84 @@ impl Authenticator {
     /// Identifies the caller of `request`.
     pub fn authenticate<T>(
         &self,
-        _request: &tonic::Request<T>,
+        request: &tonic::Request<T>,
     ) -> Result<CallerIdentity, AuthError> {
-        if self.allow_anonymous {
-            Ok(CallerIdentity::Anonymous)
-        } else {
-            Err(AuthError(
-                "this broker admits no anonymous callers and no other caller authentication is configured; \
-                 set [server] allow_anonymous = true only for development"
-                    .to_owned(),
-            ))
+        if let Some(presented) = request.metadata().get(API_KEY_HEADER) {
+            return self.api_key(presented.as_bytes());
         }
+        if self.allow_anonymous {
+            return Ok(CallerIdentity::Anonymous);
+        }
+        Err(AuthError(format!(
+            "no credentials: send an API key in the {API_KEY_HEADER} header (anonymous callers are not admitted)"
+        )))
+    }
+
+    fn api_key(&self, presented: &[u8]) -> Result<CallerIdentity, AuthError> {
+        let hash: [u8; 32] = Sha256::digest(presented).into();
+        // Compare against every key, without stopping early, in constant time.
+        let mut found = None;
+        for (identity, expected) in &self.api_keys {
+            if bool::from(hash.ct_eq(expected)) {
+                found = Some(identity);
+            }
+        }
+        found
+            .map(|identity| CallerIdentity::ApiKey(identity.clone()))
+            .ok_or_else(|| {
+                AuthError(format!(
+                    "the {API_KEY_HEADER} header does not hold a valid API key"
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_with_key(key: &str) -> tonic::Request<()> {
+        let mut request = tonic::Request::new(());
+        if let Ok(value) = key.parse() {
+            request.metadata_mut().insert(API_KEY_HEADER, value);
+        }
+        request
+    }
+
+    fn auth() -> Authenticator {
+        Authenticator::new(false).with_api_keys(vec![(
+            "billing".to_owned(),
+            Sha256::digest(b"k-123").into(),
+        )])
+    }
+
+    #[test]
+    fn a_valid_api_key_names_its_identity() {
+        assert_eq!(
+            auth().authenticate(&request_with_key("k-123")).ok(),
+            Some(CallerIdentity::ApiKey("billing".to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_wrong_api_key_is_refused_without_echoing_it() {
+        let err = auth()
+            .authenticate(&request_with_key("guess-987"))
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+        assert!(err.contains("not hold a valid API key"), "{err}");
+        assert!(!err.contains("guess-987"));
+    }
+
+    #[test]
+    fn no_credentials_are_refused_unless_anonymous_is_allowed() {
+        assert!(auth().authenticate(&tonic::Request::new(())).is_err());
+        assert_eq!(
+            Authenticator::new(true)
+                .authenticate(&tonic::Request::new(()))
+                .ok(),
+            Some(CallerIdentity::Anonymous)
+        );
     }
 }

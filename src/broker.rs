@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, RwLock},
     time::Duration,
 };
 
@@ -25,6 +25,7 @@ use crate::{
     },
     clock::{SharedClock, unix_seconds},
     error::{BrokerError, UpstreamError},
+    policy::{Ask, Decision, Policy, PolicySubject, Request as PolicyRequest},
 };
 
 /// The longest `min_ttl` a caller may ask for. Box's tokens live about an
@@ -101,6 +102,19 @@ pub struct DownscopeRequest {
     pub target: Option<Target>,
     /// Remaining life needed beyond the safety margin.
     pub min_ttl: Duration,
+}
+
+/// A revocation's result.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    /// Whose token it was.
+    pub subject: BoxSubject,
+    /// True for a downscoped token.
+    pub downscoped: bool,
+    /// How many cache entries were dropped (the token and its children).
+    pub evicted: usize,
+    /// The policy rule that allowed it.
+    pub rule: String,
 }
 
 /// The apps by name; mints and exchanges tokens for the cache.
@@ -293,17 +307,33 @@ fn revoke_quietly(app: &App, token: SecretString) {
     });
 }
 
-/// The broker: apps plus cache.
+/// A served token and the policy rule that allowed it.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    /// The token.
+    pub lookup: Lookup,
+    /// The name of the rule that allowed it.
+    pub rule: String,
+}
+
+/// The broker: apps, cache and policy.
 #[derive(Debug)]
 pub struct Broker {
     apps: Arc<Apps>,
     cache: TokenCache,
     clock: SharedClock,
+    /// Swapped whole on reload; read (never across an `.await`) per request.
+    policy: RwLock<Arc<Policy>>,
 }
 
 impl Broker {
     /// A broker over `apps` (at least one), caching with `policy`.
-    pub fn new(apps: Vec<App>, clock: SharedClock, policy: CachePolicy) -> Self {
+    pub fn new(
+        apps: Vec<App>,
+        clock: SharedClock,
+        cache_policy: CachePolicy,
+        policy: Policy,
+    ) -> Self {
         let apps = Arc::new(Apps {
             by_name: apps
                 .into_iter()
@@ -311,10 +341,56 @@ impl Broker {
                 .collect(),
             cache: OnceLock::new(),
         });
-        let cache = TokenCache::new(apps.clone(), clock.clone(), policy);
+        let cache = TokenCache::new(apps.clone(), clock.clone(), cache_policy);
         // Set once, here, before any request can reach the minter.
         let _ = apps.cache.set(cache.downgrade());
-        Self { apps, cache, clock }
+        Self {
+            apps,
+            cache,
+            clock,
+            policy: RwLock::new(Arc::new(policy)),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |p| p.clone())
+    }
+
+    /// Puts `policy` in force for every request that starts from now on.
+    pub fn replace_policy(&self, policy: Policy) {
+        let mut current = self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = Arc::new(policy);
+    }
+
+    /// Asks the policy; a denial becomes `PermissionDenied`.
+    fn authorize(
+        &self,
+        caller: &str,
+        app: &App,
+        subject: &BoxSubject,
+        ask: Ask<'_>,
+    ) -> Result<String, BrokerError> {
+        let subject = match subject {
+            BoxSubject::Enterprise(_) => PolicySubject::Enterprise,
+            BoxSubject::User(id) => PolicySubject::User(id.as_str()),
+        };
+        match self.policy().decide(&PolicyRequest {
+            caller,
+            app: &app.name,
+            subject,
+            ask,
+        }) {
+            Decision::Allow { rule } => Ok(rule),
+            Decision::Deny { reason } => Err(BrokerError::PermissionDenied(format!(
+                "denied by policy: {reason}"
+            ))),
+        }
     }
 
     /// The configured app names, sorted.
@@ -379,24 +455,42 @@ impl Broker {
         })
     }
 
-    /// A token for the request's subject, from the cache or minted.
-    pub async fn get_token(&self, request: &TokenRequest) -> Result<Lookup, BrokerError> {
+    /// A token for the request's subject, from the cache or minted, if the
+    /// policy lets `caller` have it.
+    pub async fn get_token(
+        &self,
+        caller: &str,
+        request: &TokenRequest,
+    ) -> Result<Granted, BrokerError> {
         let app = self.resolve_app(request.app.as_deref())?;
         let key = self.key(app, &request.subject, request.min_ttl)?;
+        let rule = self.authorize(caller, app, &key.subject, Ask::Full)?;
         let need = Need {
             min_ttl: request.min_ttl,
             minted_since: request.force_refresh.then(|| self.clock.now()),
             parent_at_least: None,
         };
-        Ok(self.cache.get(&key, need).await?)
+        Ok(Granted {
+            lookup: self.cache.get(&key, need).await?,
+            rule,
+        })
     }
 
     /// A downscoped token: the subject's full token (cached or minted) is
     /// exchanged; the result is cached under subject + scopes + target, never
     /// outlives its parent, and is exchanged anew once the parent is replaced.
-    pub async fn get_downscoped(&self, request: &DownscopeRequest) -> Result<Lookup, BrokerError> {
+    pub async fn get_downscoped(
+        &self,
+        caller: &str,
+        request: &DownscopeRequest,
+    ) -> Result<Granted, BrokerError> {
         let app = self.resolve_app(request.app.as_deref())?;
         let parent_key = self.key(app, &request.subject, request.min_ttl)?;
+        let ask = Ask::Downscoped {
+            scopes: &request.scopes,
+            target: request.target.as_ref(),
+        };
+        let rule = self.authorize(caller, app, &parent_key.subject, ask)?;
         let parent_need = Need {
             min_ttl: request.min_ttl,
             ..Need::default()
@@ -414,16 +508,20 @@ impl Broker {
             parent_at_least: Some(parent.token.id),
             ..Need::default()
         };
-        Ok(self.cache.get(&key, need).await?)
+        Ok(Granted {
+            lookup: self.cache.get(&key, need).await?,
+            rule,
+        })
     }
 
     /// Revokes `token` at Box if this broker issued it for `app`, and drops it
     /// from the cache — with, for a full token, every downscoped token made from it.
     pub async fn revoke(
         &self,
+        caller: &str,
         app: Option<&str>,
         token: SecretString,
-    ) -> Result<usize, BrokerError> {
+    ) -> Result<Revoked, BrokerError> {
         use secrecy::ExposeSecret as _;
         let app = self.resolve_app(app)?;
         let key = self.cache.find(&app.name, token.expose_secret()).ok_or_else(|| {
@@ -432,6 +530,7 @@ impl Broker {
                 app.name
             ))
         })?;
+        let rule = self.authorize(caller, app, &key.subject, Ask::Revoke)?;
         if let Err(error) = app.client.revoke(&app.credentials, &token).await {
             let diagnosis = diagnose_exchange(&error, &key.subject, None);
             tracing::warn!(app = %app.name, error = %error, "revoking a Box token failed: {}", diagnosis.message);
@@ -448,10 +547,15 @@ impl Broker {
             subject_type = key.subject.sub_type(),
             subject_id = %key.subject.id(),
             downscoped = key.downscope.is_some(),
-            evicted = dropped,
+                        evicted = dropped,
             "revoked a Box token"
         );
-        Ok(dropped)
+        Ok(Revoked {
+            subject: key.subject,
+            downscoped: key.downscope.is_some(),
+            evicted: dropped,
+            rule,
+        })
     }
 }
 

@@ -16,6 +16,8 @@ use std::{
 use serde::{Deserialize, Deserializer};
 
 use crate::{
+    audit::AuditSink,
+    auth::Authenticator,
     boxapi::{BoxClient, CredentialSources, JwtAlgorithm, client::DEFAULT_API_BASE_URL},
     broker::{App, Broker},
     cache::{
@@ -23,6 +25,7 @@ use crate::{
         MIN_SAFETY_MARGIN,
     },
     clock::SharedClock,
+    policy::Policy,
 };
 
 /// The prefix of environment overrides: `BOX_BROKER_SERVER__LISTEN` sets
@@ -46,6 +49,76 @@ pub struct Config {
     /// The Box apps, by name.
     #[serde(default)]
     pub apps: BTreeMap<String, AppConfig>,
+    /// Who may get what.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// How callers prove who they are.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Where audit records go.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `stdout`, `stderr`, or a file path to append JSON lines to.
+    #[serde(default = "default_audit_sink")]
+    pub sink: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            sink: default_audit_sink(),
+        }
+    }
+}
+
+fn default_audit_sink() -> String {
+    "stdout".to_owned()
+}
+
+impl AuditConfig {
+    /// Opens the sink.
+    pub fn open(&self) -> Result<AuditSink, ConfigError> {
+        match self.sink.as_str() {
+            "stdout" => Ok(AuditSink::stdout()),
+            "stderr" => Ok(AuditSink::stderr()),
+            path => AuditSink::file(Path::new(path))
+                .map_err(|e| ConfigError::new("audit.sink", format!("{path}: cannot open: {e}"))),
+        }
+    }
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy file (TOML, see examples/policies/). Without one every
+    /// request is denied.
+    pub file: Option<PathBuf>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Static API keys, sent as the `x-api-key` header. Only their SHA-256 is configured.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+/// `[[auth.api_keys]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The caller identity the key proves (what policy rules name).
+    pub identity: String,
+    /// Lowercase hex SHA-256 of the key: `printf %s "$KEY" | sha256sum`.
+    pub sha256: String,
 }
 
 /// `[server]`.
@@ -250,6 +323,11 @@ impl Config {
         for app in config.apps.values_mut() {
             app.resolve_paths(base);
         }
+        if let Some(file) = &mut config.policy.file
+            && file.is_relative()
+        {
+            *file = base.join(&*file);
+        }
         config
             .validate()
             .map_err(|problem| ConfigError::new(&source_name, problem))?;
@@ -293,6 +371,21 @@ impl Config {
         if self.cache.max_entries == 0 {
             return Err("cache.max_entries must be at least 1".to_owned());
         }
+        let mut identities = std::collections::BTreeSet::new();
+        for key in &self.auth.api_keys {
+            if key.identity.is_empty() || !identities.insert(key.identity.as_str()) {
+                return Err(format!(
+                    "auth.api_keys: identity {:?} must be non-empty and unique",
+                    key.identity
+                ));
+            }
+            if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "auth.api_keys {:?}: sha256 must be 64 hex characters (printf %s \"$KEY\" | sha256sum)",
+                    key.identity
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -313,7 +406,29 @@ impl Config {
                 client,
             });
         }
-        Ok(Broker::new(apps, clock, self.cache.policy()))
+        let policy = match &self.policy.file {
+            Some(file) => {
+                Policy::load(file).map_err(|e| ConfigError::new("policy.file", e.to_string()))?
+            }
+            None => Policy::default(),
+        };
+        Ok(Broker::new(apps, clock, self.cache.policy(), policy))
+    }
+
+    /// The caller authenticator these settings describe.
+    pub fn authenticator(&self) -> Authenticator {
+        let keys = self
+            .auth
+            .api_keys
+            .iter()
+            .filter_map(|k| {
+                let mut hash = [0u8; 32];
+                hex::decode_to_slice(&k.sha256, &mut hash)
+                    .ok()
+                    .map(|()| (k.identity.clone(), hash))
+            })
+            .collect();
+        Authenticator::new(self.server.allow_anonymous).with_api_keys(keys)
     }
 }
 

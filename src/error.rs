@@ -43,6 +43,9 @@ pub enum BrokerError {
     /// The token to revoke is not one this broker holds.
     #[error("{0}")]
     NotIssued(String),
+    /// The policy does not allow the request; the reason names the first offending item.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The caller did not prove who it is.
     #[error("{0}")]
     Unauthenticated(String),

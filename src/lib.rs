@@ -3,6 +3,7 @@
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and code map.
 
+pub mod audit;
 pub mod auth;
 pub mod boxapi;
 pub mod broker;
@@ -13,5 +14,6 @@ pub mod config;
 pub mod error;
 pub mod fakebox;
 pub mod pb;
+pub mod policy;
 pub mod service;
 pub mod telemetry;

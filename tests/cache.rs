@@ -49,7 +49,7 @@ async fn a_token_inside_the_safety_margin_is_reminted() {
         ..CachePolicy::default()
     };
     let h = Harness::with(Options {
-        policy,
+        cache: policy,
         ..Options::default()
     })
     .await;
@@ -182,7 +182,7 @@ async fn a_configured_larger_margin_is_honoured() {
         ..CachePolicy::default()
     };
     let h = Harness::with(Options {
-        policy,
+        cache: policy,
         ..Options::default()
     })
     .await;

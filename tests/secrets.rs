@@ -65,14 +65,18 @@ async fn debug_output_hides_every_secret() {
     let app = h.broker.resolve_app(None).unwrap();
     let lookup = h
         .broker
-        .get_token(&TokenRequest {
-            app: None,
-            subject: Subject::Enterprise,
-            min_ttl: Default::default(),
-            force_refresh: false,
-        })
+        .get_token(
+            "anonymous",
+            &TokenRequest {
+                app: None,
+                subject: Subject::Enterprise,
+                min_ttl: Default::default(),
+                force_refresh: false,
+            },
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .lookup;
     let issued = app
         .client
         .request_token(

@@ -9,6 +9,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 
 use super::{DevArgs, EXIT_CONFIG, FakeBoxArgs, fail, init_dev_logging, shutdown_signal};
 use crate::{
+    audit::AuditSink,
     auth::Authenticator,
     boxapi::{BoxClient, CredentialSources},
     broker::{App, Broker},
@@ -22,6 +23,7 @@ use crate::{
             SERVICE_ACCOUNT_ID, SHARED_LINK, SeededApp,
         },
     },
+    policy::Policy,
     service,
 };
 
@@ -86,6 +88,8 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
         }],
         clock,
         CachePolicy::default(),
+        // Dev mode admits anonymous callers and lets them have everything.
+        Policy::allow_everything("anonymous"),
     ));
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
@@ -99,6 +103,8 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
     let result = service::serve(
         broker,
         Authenticator::new(true),
+        // The banner owns stdout; audit records go to stderr with the logs.
+        Arc::new(AuditSink::stderr()),
         listener,
         shutdown_signal(),
     )
@@ -205,8 +211,22 @@ fn write_configs(dir: &Path, json: &SecretString, base_url: &str) -> Result<(), 
     let toml = format!(
         "# Written by `box-broker fake-box`: a broker config for the fake Box at {base_url}.\n\
          [server]\nlisten = \"127.0.0.1:50051\"\n# The fake has no caller authentication to offer; development only.\nallow_anonymous = true\n\n\
+         [policy]\nfile = \"policy.toml\"\n\n\
          [apps.default]\nbox_config_file = \"box_config.json\"\napi_base_url = \"{base_url}\"\n"
     );
+    let scopes: Vec<String> = crate::boxapi::downscope::DOWNSCOPE_SCOPES
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect();
+    let policy = format!(
+        "# Written by `box-broker fake-box`: the anonymous caller may have everything. Development only.\n\
+         [[rules]]\nname = \"development: anonymous gets everything\"\ncallers = [\"anonymous\"]\n\
+         enterprise = true\nusers = [\"*\"]\nfull_tokens = true\nscopes = [{}]\n\
+         files = [\"*\"]\nfolders = [\"*\"]\nshared_links = true\nuntargeted = true\n",
+        scopes.join(", ")
+    );
+    std::fs::write(dir.join("policy.toml"), policy)
+        .map_err(|e| format!("{}: cannot write: {e}", dir.join("policy.toml").display()))?;
     std::fs::write(dir.join("broker.toml"), toml)
         .map_err(|e| format!("{}: cannot write: {e}", dir.join("broker.toml").display()))
 }

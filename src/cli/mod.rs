@@ -10,7 +10,6 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    auth::Authenticator,
     clock::SystemClock,
     config::{Config, LogFormat},
     service, telemetry,
@@ -150,8 +149,22 @@ async fn serve(path: PathBuf) -> ExitCode {
         .local_addr()
         .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
     tracing::info!(listen = %bound, "serving gRPC");
-    let auth = Authenticator::new(config.server.allow_anonymous);
-    match service::serve(broker, auth, listener, shutdown_signal()).await {
+    if config.policy.file.is_none() {
+        tracing::warn!("no [policy] file is configured: every request will be denied");
+    }
+    let audit = match config.audit.open() {
+        Ok(sink) => Arc::new(sink),
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    match service::serve(
+        broker,
+        config.authenticator(),
+        audit,
+        listener,
+        shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

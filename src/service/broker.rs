@@ -10,10 +10,13 @@ use std::{
 use secrecy::{ExposeSecret as _, SecretString};
 use tonic::{Request, Response, Status};
 
+use tonic::Code;
+
 use crate::{
-    auth::Authenticator,
-    boxapi::{BoxId, Target, credentials::BoxIdError, downscope::normalize_scopes},
-    broker::{Broker, DownscopeRequest, Subject, TokenRequest},
+    audit::{AuditEvent, AuditSink, fingerprint},
+    auth::{Authenticator, CallerIdentity},
+    boxapi::{BoxId, BoxSubject, Target, credentials::BoxIdError, downscope::normalize_scopes},
+    broker::{Broker, DownscopeRequest, Granted, Subject, TokenRequest},
     cache::Lookup,
     error::BrokerError,
     pb::{
@@ -30,35 +33,99 @@ const MAX_TOKEN_LEN: usize = 4096;
 pub struct TokenBrokerApi {
     broker: Arc<Broker>,
     auth: Authenticator,
+    audit: Arc<AuditSink>,
 }
 
 impl TokenBrokerApi {
-    /// An adapter admitting callers per `auth`.
-    pub fn new(broker: Arc<Broker>, auth: Authenticator) -> Self {
-        Self { broker, auth }
+    /// An adapter admitting callers per `auth` and auditing to `audit`.
+    pub fn new(broker: Arc<Broker>, auth: Authenticator, audit: Arc<AuditSink>) -> Self {
+        Self {
+            broker,
+            auth,
+            audit,
+        }
     }
 
-    /// Authenticates, runs `handle`, and logs a refusal once.
+    /// Authenticates, runs `handle`, logs a refusal once, and audits the outcome.
     async fn call<T, R, F>(
         &self,
+        rpc: &'static str,
         request: Request<T>,
-        handle: impl FnOnce(T) -> F,
+        handle: impl FnOnce(CallerIdentity, T) -> F,
     ) -> Result<Response<R>, Status>
     where
-        F: Future<Output = Result<R, Status>>,
+        F: Future<Output = (AuditEvent, Result<R, Status>)>,
     {
         let span = tracing::Span::current();
-        let result = async {
-            let caller = self.auth.authenticate(&request)?;
-            span.record("caller", tracing::field::display(&caller));
-            handle(request.into_inner()).await.map(Response::new)
+        let (mut event, result) = match self.auth.authenticate(&request) {
+            Ok(caller) => {
+                span.record("caller", tracing::field::display(&caller));
+                handle(caller, request.into_inner()).await
+            }
+            Err(e) => (
+                AuditEvent {
+                    caller: "unauthenticated".to_owned(),
+                    ..AuditEvent::default()
+                },
+                Err(e.into()),
+            ),
+        };
+        event.rpc = rpc;
+        match &result {
+            Ok(_) => {
+                event.decision = "allow";
+                event.code = format!("{:?}", Code::Ok);
+            }
+            Err(status) => {
+                span.record("code", tracing::field::debug(status.code()));
+                tracing::info!(code = ?status.code(), reason = status.message(), "refused");
+                let denied = matches!(
+                    status.code(),
+                    Code::PermissionDenied | Code::Unauthenticated
+                );
+                event.decision = if denied { "deny" } else { "error" };
+                event.code = format!("{:?}", status.code());
+                event.reason = Some(status.message().to_owned());
+            }
         }
-        .await;
-        if let Err(status) = &result {
-            span.record("code", tracing::field::debug(status.code()));
-            tracing::info!(code = ?status.code(), reason = status.message(), "refused");
-        }
-        result
+        self.audit.record(event);
+        result.map(Response::new)
+    }
+}
+
+/// Audit facts known before the broker answers.
+fn facts(caller: &CallerIdentity, app: Option<&str>, subject: Option<&Subject>) -> AuditEvent {
+    AuditEvent {
+        caller: caller.to_string(),
+        app: app.unwrap_or_default().to_owned(),
+        subject_type: subject.map(|s| match s {
+            Subject::Enterprise => "enterprise",
+            Subject::User(_) => "user",
+        }),
+        subject_id: subject.and_then(|s| match s {
+            Subject::Enterprise => None,
+            Subject::User(id) => Some(id.to_string()),
+        }),
+        ..AuditEvent::default()
+    }
+}
+
+/// Adds what the broker answered to `event`.
+fn served(event: &mut AuditEvent, granted: &Granted) {
+    let token = &granted.lookup.token;
+    event.rule = Some(granted.rule.clone());
+    event.cache_hit = Some(granted.lookup.cache_hit);
+    event.token_sha256 = Some(fingerprint(token.access_token.expose_secret()));
+    event.box_request_id = token.request_id.clone();
+    tracing::Span::current().record("cache_hit", granted.lookup.cache_hit);
+}
+
+fn target_label(target: &Target) -> String {
+    match target {
+        Target::File(id) => format!("file:{id}"),
+        Target::Folder(id) => format!("folder:{id}"),
+        // A shared link can itself be a capability: record only a fingerprint.
+        Target::SharedLink(url) => format!("shared_link:{}", &fingerprint(url)[..16]),
     }
 }
 
@@ -73,15 +140,26 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
-        self.call(request, |request| async move {
-            let domain = token_request(&request)?;
+        self.call("GetToken", request, |caller, request| async move {
+            let domain = match token_request(&request) {
+                Ok(domain) => domain,
+                Err(e) => return (facts(&caller, Some(&request.app), None), Err(e.into())),
+            };
             record_subject(domain.app.as_deref(), &domain.subject);
-            let lookup = self.broker.get_token(&domain).await?;
-            tracing::Span::current().record("cache_hit", lookup.cache_hit);
-            Ok(pb::GetTokenResponse {
-                token: Some(to_proto(&lookup, &[])),
-                cache_hit: lookup.cache_hit,
-            })
+            let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
+            let result = self
+                .broker
+                .get_token(caller.name(), &domain)
+                .await
+                .map(|granted| {
+                    served(&mut event, &granted);
+                    let lookup = &granted.lookup;
+                    pb::GetTokenResponse {
+                        token: Some(to_proto(lookup, &[])),
+                        cache_hit: lookup.cache_hit,
+                    }
+                });
+            (event, result.map_err(Status::from))
         })
         .await
     }
@@ -95,16 +173,33 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<pb::GetDownscopedTokenRequest>,
     ) -> Result<Response<pb::GetDownscopedTokenResponse>, Status> {
-        self.call(request, |request| async move {
-            let domain = downscope_request(&request)?;
-            record_subject(domain.app.as_deref(), &domain.subject);
-            let lookup = self.broker.get_downscoped(&domain).await?;
-            tracing::Span::current().record("cache_hit", lookup.cache_hit);
-            Ok(pb::GetDownscopedTokenResponse {
-                token: Some(to_proto(&lookup, &domain.scopes)),
-                cache_hit: lookup.cache_hit,
-            })
-        })
+        self.call(
+            "GetDownscopedToken",
+            request,
+            |caller, request| async move {
+                let domain = match downscope_request(&request) {
+                    Ok(domain) => domain,
+                    Err(e) => return (facts(&caller, Some(&request.app), None), Err(e.into())),
+                };
+                record_subject(domain.app.as_deref(), &domain.subject);
+                let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
+                event.scopes = domain.scopes.clone();
+                event.target = domain.target.as_ref().map(target_label);
+                let result = self
+                    .broker
+                    .get_downscoped(caller.name(), &domain)
+                    .await
+                    .map(|granted| {
+                        served(&mut event, &granted);
+                        let lookup = &granted.lookup;
+                        pb::GetDownscopedTokenResponse {
+                            token: Some(to_proto(lookup, &domain.scopes)),
+                            cache_hit: lookup.cache_hit,
+                        }
+                    });
+                (event, result.map_err(Status::from))
+            },
+        )
         .await
     }
 
@@ -113,18 +208,29 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        self.call(request, |request| async move {
+        self.call("RevokeToken", request, |caller, request| async move {
             let pb::RevokeTokenRequest { app, access_token } = request;
+            let mut event = facts(&caller, Some(&app), None);
             if access_token.is_empty() || access_token.len() > MAX_TOKEN_LEN {
-                return Err(BrokerError::InvalidArgument(format!(
+                let e = BrokerError::InvalidArgument(format!(
                     "access_token must be 1 to {MAX_TOKEN_LEN} characters: the token to revoke, as the broker issued it"
-                ))
-                .into());
+                ));
+                return (event, Err(e.into()));
             }
+            event.token_sha256 = Some(fingerprint(&access_token));
             let app = (!app.is_empty()).then_some(app);
             tracing::Span::current().record("app", app.as_deref().unwrap_or("(default)"));
-            self.broker.revoke(app.as_deref(), SecretString::from(access_token)).await?;
-            Ok(pb::RevokeTokenResponse {})
+            let result = self.broker.revoke(caller.name(), app.as_deref(), SecretString::from(access_token)).await;
+            let result = result.map(|revoked| {
+                event.rule = Some(revoked.rule);
+                let subject = &revoked.subject;
+                event.subject_type = Some(subject.sub_type());
+                if let BoxSubject::User(id) = subject {
+                    event.subject_id = Some(id.to_string());
+                }
+                pb::RevokeTokenResponse {}
+            });
+            (event, result.map_err(Status::from))
         })
         .await
     }

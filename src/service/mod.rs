@@ -9,7 +9,7 @@ use std::{future::Future, sync::Arc};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::{auth::Authenticator, broker::Broker, pb};
+use crate::{audit::AuditSink, auth::Authenticator, broker::Broker, pb};
 pub use broker::TokenBrokerApi;
 
 /// The server could not start or stopped with an error.
@@ -28,6 +28,7 @@ pub enum ServeError {
 pub async fn serve(
     broker: Arc<Broker>,
     auth: Authenticator,
+    audit: Arc<AuditSink>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
@@ -41,7 +42,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let api = pb::token_broker_service_server::TokenBrokerServiceServer::new(TokenBrokerApi::new(
-        broker, auth,
+        broker, auth, audit,
     ));
     health_reporter
         .set_serving::<pb::token_broker_service_server::TokenBrokerServiceServer<TokenBrokerApi>>()

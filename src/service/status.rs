@@ -22,6 +22,7 @@ impl From<&BrokerError> for Status {
                 Status::not_found(error.to_string())
             }
             BrokerError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
+            BrokerError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             BrokerError::Cache(CacheError::Upstream(upstream)) => {
                 let code = match upstream.diagnosis.kind {
                     DiagnosisKind::Misconfigured => Code::FailedPrecondition,

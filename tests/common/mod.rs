@@ -6,6 +6,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use box_token_broker::{
+    audit::AuditSink,
     auth::Authenticator,
     boxapi::{
         AppCredentials, AuthMethod, BoxClient, BoxId, JwtAlgorithm, SigningKey,
@@ -16,10 +17,12 @@ use box_token_broker::{
     clock::{ManualClock, SharedClock},
     fakebox::{FakeAuth, FakeBox, FakeBoxServer, seed},
     pb::{self, token_broker_service_client::TokenBrokerServiceClient},
+    policy::Policy,
     service,
 };
 use rsa::RsaPrivateKey;
 use secrecy::{ExposeSecret as _, SecretString};
+use sha2::{Digest as _, Sha256};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
@@ -49,7 +52,7 @@ pub fn fixture_key() -> RsaPrivateKey {
 pub struct Options {
     pub auth: FakeAuth,
     pub algorithm: JwtAlgorithm,
-    pub policy: CachePolicy,
+    pub cache: CachePolicy,
     pub allow_anonymous: bool,
     /// Extra app names configured with the same credentials.
     pub extra_apps: Vec<&'static str>,
@@ -59,6 +62,10 @@ pub struct Options {
     pub enterprise_id: Option<&'static str>,
     /// Overrides the api_base_url the broker is configured with.
     pub api_base_url: Option<String>,
+    /// The policy; default: everything for the anonymous caller.
+    pub policy: Option<Policy>,
+    /// API keys as (identity, key).
+    pub api_keys: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Options {
@@ -66,12 +73,14 @@ impl Default for Options {
         Self {
             auth: FakeAuth::Jwt,
             algorithm: JwtAlgorithm::RS256,
-            policy: CachePolicy::default(),
+            cache: CachePolicy::default(),
             allow_anonymous: true,
             extra_apps: Vec::new(),
             client_secret: None,
             enterprise_id: None,
             api_base_url: None,
+            policy: None,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -85,6 +94,8 @@ pub struct Harness {
     pub clock: Arc<ManualClock>,
     pub client: TokenBrokerServiceClient<Channel>,
     pub channel: Channel,
+    /// The audit records written so far (JSON lines).
+    pub audit: Arc<std::sync::Mutex<Vec<u8>>>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -132,15 +143,31 @@ impl Harness {
                 client: BoxClient::new(&base_url, shared.clone()).unwrap(),
             });
         }
-        let broker = Arc::new(Broker::new(apps, shared, options.policy));
+        let policy = options
+            .policy
+            .clone()
+            .unwrap_or_else(|| Policy::allow_everything("anonymous"));
+        let broker = Arc::new(Broker::new(apps, shared, options.cache, policy));
+        let (audit_sink, audit) = AuditSink::memory();
+        let audit_sink = Arc::new(audit_sink);
+        let keys = options
+            .api_keys
+            .iter()
+            .map(|(identity, key)| {
+                (
+                    (*identity).to_owned(),
+                    <[u8; 32]>::from(Sha256::digest(key.as_bytes())),
+                )
+            })
+            .collect();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn({
             let broker = broker.clone();
-            let auth = Authenticator::new(options.allow_anonymous);
+            let auth = Authenticator::new(options.allow_anonymous).with_api_keys(keys);
             async move {
-                service::serve(broker, auth, listener, async {
+                service::serve(broker, auth, audit_sink, listener, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -161,6 +188,7 @@ impl Harness {
             clock,
             client,
             channel,
+            audit,
             stop: Some(stop),
             server: Some(server),
         }
@@ -174,6 +202,14 @@ impl Harness {
         if let Some(server) = self.server.take() {
             server.await.unwrap();
         }
+    }
+
+    /// The audit records so far, parsed.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.audit.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     pub async fn get(

@@ -1,0 +1,444 @@
+//! Who may get what: a deny-by-default policy, pure code without I/O.
+//!
+//! A policy is a list of rules. A rule matches caller identities (exact or
+//! `*`-glob) and grants apps, subjects, whether full (un-downscoped) tokens
+//! may be returned, the largest scope set for downscoped tokens, and the
+//! targets those may name. A request is allowed when some rule matching the
+//! caller grants all of it; otherwise it is denied, and the reason names the
+//! first offending item — nothing is ever silently trimmed.
+
+use std::{collections::BTreeSet, fmt, path::Path};
+
+use serde::Deserialize;
+
+use crate::boxapi::{Target, downscope::DOWNSCOPE_SCOPES};
+
+/// A `*`/`?` glob (`*` any run of characters, `?` one character); without
+/// wildcards, an exact match.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Glob(String);
+
+impl Glob {
+    /// True when `text` matches.
+    pub fn matches(&self, text: &str) -> bool {
+        glob_match(self.0.as_bytes(), text.as_bytes())
+    }
+}
+
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    // Iterative wildcard matching with backtracking to the last `*`.
+    let (mut p, mut t) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some(p);
+            mark = t;
+            p += 1;
+        } else if let Some(s) = star {
+            p = s + 1;
+            mark += 1;
+            t = mark;
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// One rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// A name for audit records and denial messages.
+    pub name: String,
+    /// Caller identities this rule applies to.
+    pub callers: Vec<Glob>,
+    /// Apps it grants (by config name).
+    #[serde(default = "all")]
+    pub apps: Vec<Glob>,
+    /// May get the app's Service Account (enterprise) tokens.
+    #[serde(default)]
+    pub enterprise: bool,
+    /// User ids it may get tokens for.
+    #[serde(default)]
+    pub users: Vec<Glob>,
+    /// May get full (un-downscoped) tokens through `GetToken`.
+    #[serde(default)]
+    pub full_tokens: bool,
+    /// The largest scope set a downscoped token may have.
+    #[serde(default)]
+    pub scopes: BTreeSet<String>,
+    /// File ids downscoped tokens may be restricted to.
+    #[serde(default)]
+    pub files: Vec<Glob>,
+    /// Folder ids downscoped tokens may be restricted to.
+    #[serde(default)]
+    pub folders: Vec<Glob>,
+    /// May downscope to a shared link's item.
+    #[serde(default)]
+    pub shared_links: bool,
+    /// May get downscoped tokens with no target (restricted by scope only).
+    #[serde(default)]
+    pub untargeted: bool,
+}
+
+fn all() -> Vec<Glob> {
+    vec![Glob("*".to_owned())]
+}
+
+/// The whole policy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// The rules, tried in order.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// Whose token, as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicySubject<'a> {
+    /// The Service Account.
+    Enterprise,
+    /// A user, by id.
+    User(&'a str),
+}
+
+impl fmt::Display for PolicySubject<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Enterprise => f.write_str("the Service Account (enterprise)"),
+            Self::User(id) => write!(f, "user {id}"),
+        }
+    }
+}
+
+/// What is asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum Ask<'a> {
+    /// A full token (`GetToken`).
+    Full,
+    /// A downscoped token.
+    Downscoped {
+        /// Normalized scopes.
+        scopes: &'a [String],
+        /// The target, if any.
+        target: Option<&'a Target>,
+    },
+    /// Revoking one of the subject's tokens.
+    Revoke,
+}
+
+/// A request, as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The caller's identity.
+    pub caller: &'a str,
+    /// The resolved app name.
+    pub app: &'a str,
+    /// Whose token.
+    pub subject: PolicySubject<'a>,
+    /// What kind of token.
+    pub ask: Ask<'a>,
+}
+
+/// The policy's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the named rule.
+    Allow {
+        /// The rule's name.
+        rule: String,
+    },
+    /// Denied; the reason names the first offending item.
+    Deny {
+        /// What is not allowed, for the caller and the audit record.
+        reason: String,
+    },
+}
+
+/// Why a policy file is invalid.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {problem}")]
+pub struct PolicyError {
+    /// The file.
+    pub source_name: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl Policy {
+    /// A policy with one rule granting everything to callers matching
+    /// `caller` — for `dev` mode and tests, never a default.
+    pub fn allow_everything(caller: &str) -> Self {
+        let all = || vec![Glob("*".to_owned())];
+        Self {
+            rules: vec![Rule {
+                name: "allow everything (development)".to_owned(),
+                callers: vec![Glob(caller.to_owned())],
+                apps: all(),
+                enterprise: true,
+                users: all(),
+                full_tokens: true,
+                scopes: DOWNSCOPE_SCOPES.iter().map(|s| (*s).to_owned()).collect(),
+                files: all(),
+                folders: all(),
+                shared_links: true,
+                untargeted: true,
+            }],
+        }
+    }
+
+    /// Parses and validates a policy from TOML text; `source_name` names it in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, PolicyError> {
+        let error = |problem: String| PolicyError {
+            source_name: source_name.to_owned(),
+            problem,
+        };
+        let policy: Self =
+            toml::from_str(text).map_err(|e| error(e.message().trim().replace('\n', " ")))?;
+        policy.validate().map_err(error)?;
+        Ok(policy)
+    }
+
+    /// Reads, parses and validates a policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+            source_name: name.clone(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let mut names = BTreeSet::new();
+        for rule in &self.rules {
+            let name = &rule.name;
+            if name.is_empty() || !names.insert(name.as_str()) {
+                return Err(format!(
+                    "every rule needs a unique, non-empty name (problem: {name:?})"
+                ));
+            }
+            if rule.callers.is_empty() {
+                return Err(format!(
+                    "rule {name:?}: callers is empty; name at least one caller identity"
+                ));
+            }
+            if let Some(bad) = rule
+                .scopes
+                .iter()
+                .find(|s| !DOWNSCOPE_SCOPES.contains(&s.as_str()))
+            {
+                return Err(format!(
+                    "rule {name:?}: {bad:?} is not a Box downscope scope"
+                ));
+            }
+            let targeted = !rule.files.is_empty()
+                || !rule.folders.is_empty()
+                || rule.shared_links
+                || rule.untargeted;
+            if targeted && rule.scopes.is_empty() {
+                return Err(format!(
+                    "rule {name:?}: targets are granted but no scopes; add scopes = [...]"
+                ));
+            }
+            if !rule.enterprise && rule.users.is_empty() {
+                return Err(format!(
+                    "rule {name:?}: grants no subject; set enterprise = true or users = [...]"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides `request`. Deny by default.
+    pub fn decide(&self, request: &Request<'_>) -> Decision {
+        let mut first_reason = None;
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.callers.iter().any(|c| c.matches(request.caller)))
+        {
+            match rule.check(request) {
+                Ok(()) => {
+                    return Decision::Allow {
+                        rule: rule.name.clone(),
+                    };
+                }
+                Err(reason) => {
+                    first_reason.get_or_insert_with(|| format!("{reason} (rule {:?})", rule.name));
+                }
+            }
+        }
+        Decision::Deny {
+            reason: first_reason.unwrap_or_else(|| {
+                format!(
+                    "no policy rule grants anything to caller {:?}",
+                    request.caller
+                )
+            }),
+        }
+    }
+}
+
+impl Rule {
+    fn check(&self, request: &Request<'_>) -> Result<(), String> {
+        if !self.apps.iter().any(|a| a.matches(request.app)) {
+            return Err(format!("app {:?} is not allowed", request.app));
+        }
+        let subject_ok = match request.subject {
+            PolicySubject::Enterprise => self.enterprise,
+            PolicySubject::User(id) => self.users.iter().any(|u| u.matches(id)),
+        };
+        if !subject_ok {
+            return Err(format!("{} is not allowed", request.subject));
+        }
+        match request.ask {
+            Ask::Revoke => Ok(()),
+            Ask::Full if self.full_tokens => Ok(()),
+            Ask::Full => Err(
+                "full (un-downscoped) tokens are not allowed; ask for a downscoped token"
+                    .to_owned(),
+            ),
+            Ask::Downscoped { scopes, target } => {
+                if let Some(scope) = scopes.iter().find(|s| !self.scopes.contains(*s)) {
+                    return Err(format!("scope {scope:?} is not allowed"));
+                }
+                let target_ok = match target {
+                    None => self.untargeted,
+                    Some(Target::File(id)) => self.files.iter().any(|g| g.matches(id.as_str())),
+                    Some(Target::Folder(id)) => self.folders.iter().any(|g| g.matches(id.as_str())),
+                    Some(Target::SharedLink(_)) => self.shared_links,
+                };
+                match (target_ok, target) {
+                    (true, _) => Ok(()),
+                    (false, None) => Err(
+                        "a downscoped token without a target is not allowed; name a file or folder"
+                            .to_owned(),
+                    ),
+                    (false, Some(t)) => Err(format!("{t} is not an allowed target")),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_as_expected() {
+        let g = |p: &str| Glob(p.to_owned());
+        assert!(g("*").matches(""));
+        assert!(g("api-key:portal-*").matches("api-key:portal-web"));
+        assert!(!g("api-key:portal-*").matches("api-key:admin"));
+        assert!(g("72000?").matches("720001"));
+        assert!(!g("72000?").matches("7200011"));
+        assert!(g("a*b*c").matches("aXXbYYc"));
+        assert!(!g("a*b*c").matches("aXXbYY"));
+        assert!(g("exact").matches("exact") && !g("exact").matches("exactly"));
+    }
+
+    const POLICY: &str = r#"
+        [[rules]]
+        name = "portal"
+        callers = ["portal-*"]
+        users = ["72000*"]
+        scopes = ["item_preview", "item_download"]
+        folders = ["7500002"]
+    "#;
+
+    fn request<'a>(caller: &'a str, subject: PolicySubject<'a>, ask: Ask<'a>) -> Request<'a> {
+        Request {
+            caller,
+            app: "default",
+            subject,
+            ask,
+        }
+    }
+
+    #[test]
+    fn deny_by_default() {
+        let policy = Policy::default();
+        let d = policy.decide(&request("anyone", PolicySubject::Enterprise, Ask::Full));
+        assert!(
+            matches!(d, Decision::Deny { reason } if reason.contains("no policy rule grants anything to caller \"anyone\""))
+        );
+    }
+
+    #[test]
+    fn the_first_offending_item_is_named() {
+        let policy = Policy::parse(POLICY, "p.toml").unwrap_or_default();
+        let scopes = vec!["item_delete".to_owned()];
+        let folder = Target::Folder(
+            crate::boxapi::BoxId::parse("7500002").unwrap_or_else(|_| unreachable!()),
+        );
+        let deny = |ask| match policy.decide(&request(
+            "portal-web",
+            PolicySubject::User("7200001"),
+            ask,
+        )) {
+            Decision::Deny { reason } => reason,
+            Decision::Allow { .. } => String::new(),
+        };
+        assert!(deny(Ask::Full).starts_with("full (un-downscoped) tokens are not allowed"));
+        assert!(
+            deny(Ask::Downscoped {
+                scopes: &scopes,
+                target: Some(&folder)
+            })
+            .starts_with("scope \"item_delete\" is not allowed")
+        );
+        let ok = vec!["item_preview".to_owned()];
+        assert!(
+            deny(Ask::Downscoped {
+                scopes: &ok,
+                target: None
+            })
+            .contains("without a target")
+        );
+        assert_eq!(
+            policy.decide(&request(
+                "portal-web",
+                PolicySubject::User("7200001"),
+                Ask::Downscoped {
+                    scopes: &ok,
+                    target: Some(&folder)
+                }
+            )),
+            Decision::Allow {
+                rule: "portal".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_policies_are_refused_with_the_rule_named() {
+        let unknown_scope = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nscopes = [\"item_everything\"]\n";
+        let e = Policy::parse(unknown_scope, "p.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("p.toml: rule \"r\": \"item_everything\" is not a Box downscope scope"),
+            "{e}"
+        );
+        let no_subject = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nfull_tokens = true\n";
+        assert!(Policy::parse(no_subject, "p").is_err());
+        let dup = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\n[[rules]]\nname = \"r\"\ncallers = [\"y\"]\nenterprise = true\n";
+        assert!(Policy::parse(dup, "p").is_err());
+        let typo =
+            "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nfull_token = true\n";
+        assert!(
+            Policy::parse(typo, "p")
+                .err()
+                .is_some_and(|e| e.to_string().contains("unknown field `full_token`"))
+        );
+    }
+}
