@@ -109,7 +109,11 @@ async fn anonymous_callers_are_unauthenticated_unless_allowed() {
     })
     .await;
     let s = h.get(enterprise()).await.unwrap_err();
-    assert_status(&s, Code::Unauthenticated, "anonymous callers are not admitted");
+    assert_status(
+        &s,
+        Code::Unauthenticated,
+        "anonymous callers are not admitted",
+    );
     assert_eq!(h.fake.stats().token_requests, 0);
 }
 

@@ -1,0 +1,512 @@
+//! The deny-by-default policy: the worked examples for the four Box user
+//! models, and a caller × request matrix over gRPC with its audit trail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use box_token_broker::{
+    boxapi::{BoxId, Target},
+    fakebox::seed,
+    pb,
+    policy::{Ask, Decision, Policy, PolicySubject, Request},
+};
+use common::{
+    Harness, Options, assert_status, downscope, enterprise, file, folder, token_of, user,
+};
+use tonic::{Code, metadata::MetadataValue};
+
+fn example(name: &str) -> Policy {
+    Policy::load(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/policies")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn allowed(policy: &Policy, caller: &str, subject: PolicySubject<'_>, ask: Ask<'_>) -> bool {
+    matches!(
+        policy.decide(&Request {
+            caller,
+            app: "default",
+            subject,
+            ask
+        }),
+        Decision::Allow { .. }
+    )
+}
+
+fn scopes(s: &[&str]) -> Vec<String> {
+    s.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn folder_target(id: &str) -> Target {
+    Target::Folder(BoxId::parse(id).unwrap())
+}
+
+#[test]
+fn system_to_system_gets_enterprise_tokens_only() {
+    let p = example("system-to-system.toml");
+    assert!(allowed(
+        &p,
+        "billing-sync",
+        PolicySubject::Enterprise,
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "billing-sync",
+        PolicySubject::User("7200001"),
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "someone-else",
+        PolicySubject::Enterprise,
+        Ask::Full
+    ));
+}
+
+#[test]
+fn service_account_portal_gets_only_downscoped_tokens_for_its_folder() {
+    let p = example("service-account-portal.toml");
+    let preview = scopes(&["item_preview"]);
+    let portal = folder_target(seed::SERVICE_ACCOUNT_FOLDER_ID);
+    let elsewhere = folder_target("999");
+    assert!(allowed(
+        &p,
+        "public-portal",
+        PolicySubject::Enterprise,
+        Ask::Downscoped {
+            scopes: &preview,
+            target: Some(&portal)
+        }
+    ));
+    assert!(!allowed(
+        &p,
+        "public-portal",
+        PolicySubject::Enterprise,
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "public-portal",
+        PolicySubject::Enterprise,
+        Ask::Downscoped {
+            scopes: &preview,
+            target: Some(&elsewhere)
+        }
+    ));
+    let write = scopes(&["item_upload"]);
+    assert!(!allowed(
+        &p,
+        "public-portal",
+        PolicySubject::Enterprise,
+        Ask::Downscoped {
+            scopes: &write,
+            target: Some(&portal)
+        }
+    ));
+}
+
+#[test]
+fn app_user_portal_gets_downscoped_tokens_for_its_own_users() {
+    let p = example("app-user-portal.toml");
+    let preview = scopes(&["item_preview", "base_explorer"]);
+    let theirs = folder_target(seed::APP_USER_FOLDER_ID);
+    assert!(allowed(
+        &p,
+        "customer-portal",
+        PolicySubject::User("7200001"),
+        Ask::Downscoped {
+            scopes: &preview,
+            target: Some(&theirs)
+        }
+    ));
+    assert!(!allowed(
+        &p,
+        "customer-portal",
+        PolicySubject::User("7200001"),
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "customer-portal",
+        PolicySubject::User("7300001"),
+        Ask::Downscoped {
+            scopes: &preview,
+            target: Some(&theirs)
+        }
+    ));
+    assert!(!allowed(
+        &p,
+        "customer-portal",
+        PolicySubject::Enterprise,
+        Ask::Downscoped {
+            scopes: &preview,
+            target: Some(&theirs)
+        }
+    ));
+    assert!(!allowed(
+        &p,
+        "customer-portal",
+        PolicySubject::User("7200001"),
+        Ask::Downscoped {
+            scopes: &preview,
+            target: None
+        }
+    ));
+}
+
+#[test]
+fn classic_lets_an_internal_app_have_managed_user_tokens_and_never_external_users() {
+    let p = example("classic.toml");
+    assert!(allowed(
+        &p,
+        "hr-app",
+        PolicySubject::User(seed::MANAGED_USER_ID),
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "hr-app",
+        PolicySubject::User(seed::APP_USER_IDS[0]),
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "hr-app",
+        PolicySubject::User(seed::EXTERNAL_USER_ID),
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "customer-portal",
+        PolicySubject::User(seed::EXTERNAL_USER_ID),
+        Ask::Full
+    ));
+    let preview = scopes(&["item_preview"]);
+    let theirs = folder_target(seed::APP_USER_FOLDER_ID);
+    assert!(allowed(
+        &p,
+        "customer-portal",
+        PolicySubject::User("7200001"),
+        Ask::Downscoped {
+            scopes: &preview,
+            target: Some(&theirs)
+        }
+    ));
+}
+
+// The same over gRPC, with API keys and the audit trail.
+
+const HR_KEY: &str = "hr-key-0001";
+const PORTAL_KEY: &str = "portal-key-0002";
+const BILLING_KEY: &str = "billing-key-0003";
+
+async fn classic() -> Harness {
+    Harness::with(Options {
+        policy: Some(example("classic.toml")),
+        allow_anonymous: false,
+        api_keys: vec![
+            ("hr-app", HR_KEY),
+            ("customer-portal", PORTAL_KEY),
+            ("billing-sync", BILLING_KEY),
+        ],
+        ..Options::default()
+    })
+    .await
+}
+
+fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-api-key", MetadataValue::try_from(key).unwrap());
+    request
+}
+
+async fn get(
+    h: &Harness,
+    key: &str,
+    message: pb::GetTokenRequest,
+) -> Result<pb::GetTokenResponse, tonic::Status> {
+    h.client
+        .clone()
+        .get_token(with_key(message, key))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn downscoped(
+    h: &Harness,
+    key: &str,
+    message: pb::GetDownscopedTokenRequest,
+) -> Result<pb::GetDownscopedTokenResponse, tonic::Status> {
+    h.client
+        .clone()
+        .get_downscoped_token(with_key(message, key))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn callers_get_what_the_policy_allows_and_nothing_more() {
+    let h = classic().await;
+    // Allowed.
+    get(&h, HR_KEY, user(seed::MANAGED_USER_ID)).await.unwrap();
+    downscoped(
+        &h,
+        PORTAL_KEY,
+        downscope(
+            user(seed::APP_USER_IDS[0]),
+            &["item_preview"],
+            folder(seed::APP_USER_FOLDER_ID),
+        ),
+    )
+    .await
+    .unwrap();
+    // Escalations: each refused, naming what is not allowed.
+    let cases: Vec<(Result<(), tonic::Status>, &str)> = vec![
+        (
+            get(&h, PORTAL_KEY, user(seed::APP_USER_IDS[0]))
+                .await
+                .map(drop),
+            "full (un-downscoped) tokens are not allowed",
+        ),
+        (
+            downscoped(
+                &h,
+                PORTAL_KEY,
+                downscope(
+                    user(seed::APP_USER_IDS[0]),
+                    &["item_preview", "item_delete"],
+                    folder(seed::APP_USER_FOLDER_ID),
+                ),
+            )
+            .await
+            .map(drop),
+            "scope \"item_delete\" is not allowed",
+        ),
+        (
+            downscoped(
+                &h,
+                PORTAL_KEY,
+                downscope(
+                    user(seed::MANAGED_USER_ID),
+                    &["item_preview"],
+                    folder(seed::APP_USER_FOLDER_ID),
+                ),
+            )
+            .await
+            .map(drop),
+            "user 7300001 is not allowed",
+        ),
+        (
+            downscoped(
+                &h,
+                PORTAL_KEY,
+                downscope(user(seed::APP_USER_IDS[0]), &["item_preview"], None),
+            )
+            .await
+            .map(drop),
+            "without a target is not allowed",
+        ),
+        (
+            get(&h, HR_KEY, user(seed::APP_USER_IDS[0])).await.map(drop),
+            "user 7200001 is not allowed",
+        ),
+        (
+            get(&h, HR_KEY, user(seed::EXTERNAL_USER_ID))
+                .await
+                .map(drop),
+            "user 7400001 is not allowed",
+        ),
+        (
+            get(&h, HR_KEY, enterprise()).await.map(drop),
+            "the Service Account (enterprise) is not allowed",
+        ),
+        (
+            get(&h, BILLING_KEY, enterprise()).await.map(drop),
+            "no policy rule grants anything to caller \"billing-sync\"",
+        ),
+    ];
+    for (result, fragment) in cases {
+        assert_status(&result.unwrap_err(), Code::PermissionDenied, fragment);
+    }
+    let stats = h.fake.stats();
+    assert_eq!(
+        (stats.jwt_issued, stats.exchange_issued),
+        (2, 1),
+        "denied requests never reach Box"
+    );
+}
+
+#[tokio::test]
+async fn missing_or_wrong_credentials_are_unauthenticated() {
+    let h = classic().await;
+    assert_status(
+        &h.get(enterprise()).await.unwrap_err(),
+        Code::Unauthenticated,
+        "no credentials",
+    );
+    let s = get(&h, "guessed-key", enterprise()).await.unwrap_err();
+    assert_status(&s, Code::Unauthenticated, "not hold a valid API key");
+    assert!(!s.message().contains("guessed-key"));
+}
+
+#[tokio::test]
+async fn revocation_is_allowed_only_for_tokens_the_caller_may_have() {
+    let h = classic().await;
+    let child = downscoped(
+        &h,
+        PORTAL_KEY,
+        downscope(
+            user(seed::APP_USER_IDS[0]),
+            &["item_preview"],
+            file(seed::APP_USER_FILE_ID),
+        ),
+    )
+    .await
+    .unwrap();
+    let token = child.token.unwrap().access_token;
+    let revoke = |key: &'static str, token: String| {
+        let mut client = h.client.clone();
+        async move {
+            client
+                .revoke_token(with_key(
+                    pb::RevokeTokenRequest {
+                        app: String::new(),
+                        access_token: token,
+                    },
+                    key,
+                ))
+                .await
+        }
+    };
+    assert_status(
+        &revoke(HR_KEY, token.clone()).await.unwrap_err(),
+        Code::PermissionDenied,
+        "user 7200001 is not allowed",
+    );
+    assert!(!h.fake.is_revoked(&token));
+    revoke(PORTAL_KEY, token.clone()).await.unwrap();
+    assert!(h.fake.is_revoked(&token));
+}
+
+#[tokio::test]
+async fn every_decision_is_audited_without_the_token() {
+    let h = classic().await;
+    let full = token_of(&get(&h, HR_KEY, user(seed::MANAGED_USER_ID)).await.unwrap());
+    let again = get(&h, HR_KEY, user(seed::MANAGED_USER_ID)).await.unwrap();
+    let child = downscoped(
+        &h,
+        PORTAL_KEY,
+        downscope(
+            user(seed::APP_USER_IDS[0]),
+            &["item_preview"],
+            folder(seed::APP_USER_FOLDER_ID),
+        ),
+    )
+    .await
+    .unwrap();
+    let child = child.token.unwrap().access_token;
+    get(&h, PORTAL_KEY, user(seed::APP_USER_IDS[0]))
+        .await
+        .unwrap_err();
+    h.get(enterprise()).await.unwrap_err();
+    h.fake.fail_next(
+        1,
+        box_token_broker::fakebox::Fault::ServerError { status: 503 },
+    );
+    let mut forced = user(seed::MANAGED_USER_ID);
+    forced.force_refresh = true;
+    assert_eq!(
+        get(&h, HR_KEY, forced).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+
+    let events = h.audit_events();
+    assert_eq!(events.len(), 6, "{events:#?}");
+    let raw = String::from_utf8(h.audit.lock().unwrap().clone()).unwrap();
+    assert!(
+        !raw.contains(&full) && !raw.contains(&child),
+        "no token in the audit trail"
+    );
+
+    let issued = &events[0];
+    assert_eq!(issued["decision"], "allow");
+    assert_eq!(issued["rpc"], "GetToken");
+    assert_eq!(issued["caller"], "hr-app");
+    assert_eq!(issued["rule"], "internal HR app");
+    assert_eq!(issued["subject_type"], "user");
+    assert_eq!(issued["subject_id"], seed::MANAGED_USER_ID);
+    assert_eq!(issued["cache_hit"], false);
+    assert_eq!(
+        issued["token_sha256"],
+        box_token_broker::audit::fingerprint(&full)
+    );
+    assert!(
+        issued["box_request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+    assert_eq!(events[1]["cache_hit"], again.cache_hit);
+
+    let down = &events[2];
+    assert_eq!(down["rpc"], "GetDownscopedToken");
+    assert_eq!(down["scopes"], serde_json::json!(["item_preview"]));
+    assert_eq!(
+        down["target"],
+        format!("folder:{}", seed::APP_USER_FOLDER_ID)
+    );
+    assert_eq!(
+        down["token_sha256"],
+        box_token_broker::audit::fingerprint(&child)
+    );
+
+    let denied = &events[3];
+    assert_eq!(
+        (denied["decision"].as_str(), denied["code"].as_str()),
+        (Some("deny"), Some("PermissionDenied"))
+    );
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("full (un-downscoped) tokens are not allowed")
+    );
+    assert!(denied.get("token_sha256").is_none());
+
+    let unauthenticated = &events[4];
+    assert_eq!(
+        (
+            unauthenticated["decision"].as_str(),
+            unauthenticated["caller"].as_str()
+        ),
+        (Some("deny"), Some("unauthenticated"))
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["time"].as_str().is_some_and(|t| t.ends_with('Z')))
+    );
+}
+
+#[tokio::test]
+async fn without_a_policy_every_request_is_denied() {
+    let h = Harness::with(Options {
+        policy: Some(Policy::default()),
+        ..Options::default()
+    })
+    .await;
+    assert_status(
+        &h.get(enterprise()).await.unwrap_err(),
+        Code::PermissionDenied,
+        "no policy rule grants anything to caller \"anonymous\"",
+    );
+    assert_eq!(h.fake.stats().token_requests, 0);
+}
