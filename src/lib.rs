@@ -15,5 +15,6 @@ pub mod error;
 pub mod fakebox;
 pub mod pb;
 pub mod policy;
+pub mod reload;
 pub mod service;
 pub mod telemetry;

@@ -300,3 +300,27 @@ fn check_config_names_a_missing_file() {
     assert_eq!(code, 64);
     assert!(stderr.contains("nope.json: cannot read"), "{stderr}");
 }
+
+#[test]
+fn check_config_validates_the_policy_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nfull_tokens = true\n",
+    )
+    .unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            "box_config_file = {:?}\n[policy]\nfile = \"policy.toml\"\n",
+            fixture("box_config.json")
+        ),
+    );
+    let (code, _, stderr) = check_config(&path);
+    assert_eq!(code, 64);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("policy.toml: rule \"r\": grants no subject"),
+        "{stderr}"
+    );
+}

@@ -510,3 +510,78 @@ async fn without_a_policy_every_request_is_denied() {
     );
     assert_eq!(h.fake.stats().token_requests, 0);
 }
+
+// Hot reload.
+
+const FOR_SOMEONE_ELSE: &str = "[[rules]]\nname = \"other\"\ncallers = [\"someone-else\"]\nenterprise = true\nfull_tokens = true\n";
+const FOR_ANONYMOUS: &str = "[[rules]]\nname = \"anon\"\ncallers = [\"anonymous\"]\nenterprise = true\nfull_tokens = true\n";
+
+async fn reloadable() -> (Harness, tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, FOR_SOMEONE_ELSE).unwrap();
+    let h = Harness::with(Options {
+        policy: Some(Policy::load(&path).unwrap()),
+        ..Options::default()
+    })
+    .await;
+    (h, dir, path)
+}
+
+#[tokio::test]
+async fn a_valid_policy_change_takes_effect_without_restart() {
+    use box_token_broker::reload::{PolicyWatcher, ReloadOutcome};
+    let (h, _dir, path) = reloadable().await;
+    let mut watcher = PolicyWatcher::new(path.clone(), h.broker.clone());
+    assert_eq!(
+        h.get(enterprise()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(watcher.check(false), ReloadOutcome::Unchanged);
+    std::fs::write(&path, FOR_ANONYMOUS).unwrap();
+    assert_eq!(watcher.check(false), ReloadOutcome::Reloaded);
+    h.get(enterprise()).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_policy_change_is_rejected_and_the_old_policy_stays() {
+    use box_token_broker::reload::{PolicyWatcher, ReloadOutcome};
+    let (h, _dir, path) = reloadable().await;
+    let mut watcher = PolicyWatcher::new(path.clone(), h.broker.clone());
+    std::fs::write(&path, FOR_ANONYMOUS).unwrap();
+    assert_eq!(watcher.check(false), ReloadOutcome::Reloaded);
+    std::fs::write(&path, "[[rules]]\nname = \"broken\"\ncallers = [\"anonymous\"]\nenterprise = true\nscopes = [\"item_everything\"]\n").unwrap();
+    let ReloadOutcome::Rejected(why) = watcher.check(false) else {
+        panic!("an invalid policy is rejected")
+    };
+    assert!(
+        why.contains("\"item_everything\" is not a Box downscope scope"),
+        "{why}"
+    );
+    h.get(enterprise()).await.unwrap();
+    assert_eq!(h.broker.policy().rules[0].name, "anon");
+    // Deleting the file does not drop the policy either.
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(watcher.check(true), ReloadOutcome::Rejected(_)));
+    h.get(enterprise()).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_watcher_notices_a_changed_file_by_itself() {
+    use box_token_broker::reload::PolicyWatcher;
+    let (h, _dir, path) = reloadable().await;
+    let watcher = tokio::spawn(
+        PolicyWatcher::new(path.clone(), h.broker.clone())
+            .run(std::time::Duration::from_millis(20)),
+    );
+    std::fs::write(&path, FOR_ANONYMOUS).unwrap();
+    let changed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while h.broker.policy().rules[0].name != "anon" {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    watcher.abort();
+    assert!(changed.is_ok(), "the new policy was picked up");
+    h.get(enterprise()).await.unwrap();
+}

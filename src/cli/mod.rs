@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     clock::SystemClock,
     config::{Config, LogFormat},
+    reload::{POLL_INTERVAL, PolicyWatcher},
     service, telemetry,
 };
 
@@ -149,22 +150,31 @@ async fn serve(path: PathBuf) -> ExitCode {
         .local_addr()
         .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
     tracing::info!(listen = %bound, "serving gRPC");
-    if config.policy.file.is_none() {
-        tracing::warn!("no [policy] file is configured: every request will be denied");
-    }
+    let watcher = match &config.policy.file {
+        Some(file) => Some(tokio::spawn(
+            PolicyWatcher::new(file.clone(), broker.clone()).run(POLL_INTERVAL),
+        )),
+        None => {
+            tracing::warn!("no [policy] file is configured: every request will be denied");
+            None
+        }
+    };
     let audit = match config.audit.open() {
         Ok(sink) => Arc::new(sink),
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    match service::serve(
+    let served = service::serve(
         broker,
         config.authenticator(),
         audit,
         listener,
         shutdown_signal(),
     )
-    .await
-    {
+    .await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    match served {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
