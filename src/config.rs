@@ -604,6 +604,19 @@ mod tests {
     }
 
     #[test]
+    fn the_annotated_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/broker.toml");
+        let c = Config::load(&path, std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            c.policy
+                .file
+                .as_ref()
+                .is_some_and(|f| f.ends_with("policies/app-user-portal.toml") && f.exists())
+        );
+        assert_eq!(c.audit.sink, "stdout");
+    }
+
+    #[test]
     fn a_config_without_apps_is_refused() {
         let err = load("[server]\nlisten = \"0.0.0.0:1\"\n", &[])
             .err()
