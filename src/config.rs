@@ -17,7 +17,10 @@ use serde::{Deserialize, Deserializer};
 
 use crate::{
     audit::AuditSink,
-    auth::Authenticator,
+    auth::{
+        Authenticator,
+        kubernetes::{KubernetesAuth, KubernetesConfig},
+    },
     boxapi::{BoxClient, CredentialSources, JwtAlgorithm, client::DEFAULT_API_BASE_URL},
     broker::{App, Broker},
     cache::{
@@ -109,6 +112,8 @@ pub struct AuthConfig {
     /// Static API keys, sent as the `x-api-key` header. Only their SHA-256 is configured.
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Kubernetes projected service-account tokens.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 /// `[[auth.api_keys]]`.
@@ -328,6 +333,11 @@ impl Config {
         {
             *file = base.join(&*file);
         }
+        if let Some(k8s) = &mut config.auth.kubernetes
+            && k8s.jwks_file.is_relative()
+        {
+            k8s.jwks_file = base.join(&k8s.jwks_file);
+        }
         config
             .validate()
             .map_err(|problem| ConfigError::new(&source_name, problem))?;
@@ -415,8 +425,9 @@ impl Config {
         Ok(Broker::new(apps, clock, self.cache.policy(), policy))
     }
 
-    /// The caller authenticator these settings describe.
-    pub fn authenticator(&self) -> Authenticator {
+    /// The caller authenticator these settings describe (this reads the
+    /// Kubernetes JWKS file, when one is configured).
+    pub fn authenticator(&self) -> Result<Authenticator, ConfigError> {
         let keys = self
             .auth
             .api_keys
@@ -428,7 +439,13 @@ impl Config {
                     .map(|()| (k.identity.clone(), hash))
             })
             .collect();
-        Authenticator::new(self.server.allow_anonymous).with_api_keys(keys)
+        let authenticator = Authenticator::new(self.server.allow_anonymous).with_api_keys(keys);
+        match &self.auth.kubernetes {
+            Some(k8s) => KubernetesAuth::new(k8s.clone())
+                .map(|k| authenticator.with_kubernetes(k))
+                .map_err(|problem| ConfigError::new("auth.kubernetes", problem)),
+            None => Ok(authenticator),
+        }
     }
 }
 

@@ -129,6 +129,14 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(broker) => Arc::new(broker),
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
+    let auth = match config.authenticator() {
+        Ok(auth) => auth,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    let audit = match config.audit.open() {
+        Ok(sink) => Arc::new(sink),
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -159,18 +167,7 @@ async fn serve(path: PathBuf) -> ExitCode {
             None
         }
     };
-    let audit = match config.audit.open() {
-        Ok(sink) => Arc::new(sink),
-        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
-    };
-    let served = service::serve(
-        broker,
-        config.authenticator(),
-        audit,
-        listener,
-        shutdown_signal(),
-    )
-    .await;
+    let served = service::serve(broker, auth, audit, listener, shutdown_signal()).await;
     if let Some(watcher) = watcher {
         watcher.abort();
     }
@@ -188,6 +185,9 @@ fn check_config(path: PathBuf) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
+    if let Err(e) = config.authenticator() {
+        return fail(EXIT_CONFIG, &e.to_string());
+    }
     match config.build_broker(Arc::new(SystemClock)) {
         Ok(broker) => {
             println!("{}: ok, listen {}", path.display(), config.server.listen);

@@ -66,6 +66,8 @@ pub struct Options {
     pub policy: Option<Policy>,
     /// API keys as (identity, key).
     pub api_keys: Vec<(&'static str, &'static str)>,
+    /// Accept Kubernetes service-account tokens verified this way.
+    pub kubernetes: Option<box_token_broker::auth::kubernetes::KubernetesConfig>,
 }
 
 impl Default for Options {
@@ -81,6 +83,7 @@ impl Default for Options {
             api_base_url: None,
             policy: None,
             api_keys: Vec::new(),
+            kubernetes: None,
         }
     }
 }
@@ -165,7 +168,12 @@ impl Harness {
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn({
             let broker = broker.clone();
-            let auth = Authenticator::new(options.allow_anonymous).with_api_keys(keys);
+            let mut auth = Authenticator::new(options.allow_anonymous).with_api_keys(keys);
+            if let Some(k8s) = options.kubernetes.clone() {
+                auth = auth.with_kubernetes(
+                    box_token_broker::auth::kubernetes::KubernetesAuth::new(k8s).unwrap(),
+                );
+            }
             async move {
                 service::serve(broker, auth, audit_sink, listener, async {
                     let _ = stopped.await;

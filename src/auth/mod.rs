@@ -1,10 +1,15 @@
 //! Who is calling. Mechanisms so far: static API keys (the `x-api-key`
-//! header; only SHA-256 hashes are configured, compared in constant time) and
-//! the anonymous caller, refused unless the config explicitly allows it (dev
-//! mode does, and says so). mTLS, Kubernetes service-account tokens and
-//! Unix-socket peers are still to come.
+//! header; only SHA-256 hashes are configured, compared in constant time),
+//! Kubernetes projected service-account tokens (`authorization: Bearer`, see
+//! [`kubernetes`]), and the anonymous caller, refused unless the config
+//! explicitly allows it (dev mode does, and says so). mTLS and Unix-socket
+//! peers are still to come.
 
-use std::fmt;
+pub mod kubernetes;
+
+use std::{fmt, sync::Arc};
+
+use kubernetes::KubernetesAuth;
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -19,6 +24,8 @@ pub enum CallerIdentity {
     Anonymous,
     /// A configured API key's identity.
     ApiKey(String),
+    /// A Kubernetes service account: `system:serviceaccount:<namespace>:<name>`.
+    ServiceAccount(String),
 }
 
 impl CallerIdentity {
@@ -26,7 +33,7 @@ impl CallerIdentity {
     pub fn name(&self) -> &str {
         match self {
             Self::Anonymous => "anonymous",
-            Self::ApiKey(identity) => identity,
+            Self::ApiKey(identity) | Self::ServiceAccount(identity) => identity,
         }
     }
 }
@@ -43,6 +50,7 @@ pub struct Authenticator {
     allow_anonymous: bool,
     /// (identity, SHA-256 of the key).
     api_keys: Vec<(String, [u8; 32])>,
+    kubernetes: Option<Arc<KubernetesAuth>>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -53,6 +61,7 @@ impl fmt::Debug for Authenticator {
                 "api_keys",
                 &self.api_keys.iter().map(|(id, _)| id).collect::<Vec<_>>(),
             )
+            .field("kubernetes", &self.kubernetes)
             .finish()
     }
 }
@@ -68,7 +77,15 @@ impl Authenticator {
         Self {
             allow_anonymous,
             api_keys: Vec::new(),
+            kubernetes: None,
         }
+    }
+
+    /// Accepts Kubernetes service-account tokens verified by `kubernetes`.
+    #[must_use]
+    pub fn with_kubernetes(mut self, kubernetes: KubernetesAuth) -> Self {
+        self.kubernetes = Some(Arc::new(kubernetes));
+        self
     }
 
     /// Adds API keys, as (identity, SHA-256 of the key).
@@ -91,11 +108,32 @@ impl Authenticator {
         if let Some(presented) = request.metadata().get(API_KEY_HEADER) {
             return self.api_key(presented.as_bytes());
         }
+        if let Some(authorization) = request.metadata().get("authorization") {
+            let token = authorization
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .ok_or_else(|| {
+                    AuthError("the authorization header must be `Bearer <token>`".to_owned())
+                })?;
+            let kubernetes = self.kubernetes.as_ref().ok_or_else(|| {
+                AuthError(
+                    "bearer tokens are not accepted here: no [auth.kubernetes] is configured"
+                        .to_owned(),
+                )
+            })?;
+            return kubernetes
+                .verify(token.trim())
+                .map(CallerIdentity::ServiceAccount);
+        }
         if self.allow_anonymous {
             return Ok(CallerIdentity::Anonymous);
         }
         Err(AuthError(format!(
-            "no credentials: send an API key in the {API_KEY_HEADER} header (anonymous callers are not admitted)"
+            "no credentials: send an API key in the {API_KEY_HEADER} header or a Kubernetes service-account token as `authorization: Bearer` (anonymous callers are not admitted)"
         )))
     }
 
