@@ -5,10 +5,7 @@ use std::{env, error::Error, path::PathBuf};
 
 /// Messages that carry a credential. prost would derive a `Debug` that prints
 /// every field; for these we write `Debug` by hand in `src/pb.rs` instead.
-const SECRET_MESSAGES: &[&str] = &[
-    "boxbroker.v1.AccessToken",
-    "boxbroker.v1.RevokeTokenRequest",
-];
+const SECRET_MESSAGES: &[&str] = &["boxbroker.v1.AccessToken", "boxbroker.v1.RevokeTokenRequest"];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);

@@ -90,10 +90,7 @@ impl AuditSink {
 
     /// Appends records to `path` (created if missing).
     pub fn file(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         Ok(Self {
             out: Mutex::new(Box::new(file)),
         })
@@ -117,10 +114,7 @@ impl AuditSink {
             return;
         };
         line.push(b'\n');
-        let mut out = self
-            .out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
             tracing::error!(error = %e, "writing an audit record failed");
         }
@@ -191,8 +185,7 @@ mod tests {
             decision: "allow",
             ..AuditEvent::default()
         });
-        let text = String::from_utf8(buffer.lock().map(|b| b.clone()).unwrap_or_default())
-            .unwrap_or_default();
+        let text = String::from_utf8(buffer.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
         let value: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
         assert_eq!(value["decision"], "allow");
         assert!(value["time"].as_str().is_some_and(|t| t.ends_with('Z')));

@@ -19,10 +19,7 @@ use crate::{
         AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, Diagnosis, DiagnosisKind, Target,
         error::{diagnose, diagnose_exchange},
     },
-    cache::{
-        CacheError, CachePolicy, Downscope, Lookup, Minted, Minter, Need, TokenCache, TokenKey,
-        WeakTokenCache,
-    },
+    cache::{CacheError, CachePolicy, Downscope, Lookup, Minted, Minter, Need, TokenCache, TokenKey, WeakTokenCache},
     clock::{SharedClock, unix_seconds},
     error::{BrokerError, UpstreamError},
     policy::{Ask, Decision, Policy, PolicySubject, Request as PolicyRequest},
@@ -167,11 +164,7 @@ impl Minter for Apps {
 }
 
 async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
-    match app
-        .client
-        .request_token(&app.credentials, &key.subject)
-        .await
-    {
+    match app.client.request_token(&app.credentials, &key.subject).await {
         Ok(token) => {
             tracing::info!(
                 app = %app.name,
@@ -215,20 +208,13 @@ async fn exchange(
     key: &TokenKey,
     downscope: &Downscope,
 ) -> Result<Minted, UpstreamError> {
-    let parent = cache
-        .get(&key.parent(), Need::default())
-        .await
-        .map_err(|e| match e {
-            CacheError::Upstream(u) => (*u).clone(),
-            other => upstream(key, DiagnosisKind::Unavailable, other.to_string()),
-        })?;
+    let parent = cache.get(&key.parent(), Need::default()).await.map_err(|e| match e {
+        CacheError::Upstream(u) => (*u).clone(),
+        other => upstream(key, DiagnosisKind::Unavailable, other.to_string()),
+    })?;
     let issued = match app
         .client
-        .exchange(
-            &parent.token.access_token,
-            &downscope.scopes,
-            downscope.target.as_ref(),
-        )
+        .exchange(&parent.token.access_token, &downscope.scopes, downscope.target.as_ref())
         .await
     {
         Ok(issued) => issued,
@@ -277,18 +263,9 @@ async fn exchange(
 
 /// Why Box's `restricted_to` does not match the request, if it does not: a
 /// requested target must be named, and no scope beyond those asked for may appear.
-fn restriction_problem(
-    restricted_to: &[crate::boxapi::Restriction],
-    downscope: &Downscope,
-) -> Option<String> {
-    if let Some(extra) = restricted_to
-        .iter()
-        .find(|r| !downscope.scopes.contains(&r.scope))
-    {
-        return Some(format!(
-            "Box granted scope {:?}, which was not asked for",
-            extra.scope
-        ));
+fn restriction_problem(restricted_to: &[crate::boxapi::Restriction], downscope: &Downscope) -> Option<String> {
+    if let Some(extra) = restricted_to.iter().find(|r| !downscope.scopes.contains(&r.scope)) {
+        return Some(format!("Box granted scope {:?}, which was not asked for", extra.scope));
     }
     let target = downscope.target.as_ref()?;
     let named = restricted_to.iter().any(|r| target.is_named_by(r));
@@ -328,17 +305,9 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over `apps` (at least one), caching with `policy`.
-    pub fn new(
-        apps: Vec<App>,
-        clock: SharedClock,
-        cache_policy: CachePolicy,
-        policy: Policy,
-    ) -> Self {
+    pub fn new(apps: Vec<App>, clock: SharedClock, cache_policy: CachePolicy, policy: Policy) -> Self {
         let apps = Arc::new(Apps {
-            by_name: apps
-                .into_iter()
-                .map(|a| (a.name.clone(), Arc::new(a)))
-                .collect(),
+            by_name: apps.into_iter().map(|a| (a.name.clone(), Arc::new(a))).collect(),
             cache: OnceLock::new(),
         });
         let cache = TokenCache::new(apps.clone(), clock.clone(), cache_policy);
@@ -361,21 +330,12 @@ impl Broker {
 
     /// Puts `policy` in force for every request that starts from now on.
     pub fn replace_policy(&self, policy: Policy) {
-        let mut current = self
-            .policy
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut current = self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         *current = Arc::new(policy);
     }
 
     /// Asks the policy; a denial becomes `PermissionDenied`.
-    fn authorize(
-        &self,
-        caller: &str,
-        app: &App,
-        subject: &BoxSubject,
-        ask: Ask<'_>,
-    ) -> Result<String, BrokerError> {
+    fn authorize(&self, caller: &str, app: &App, subject: &BoxSubject, ask: Ask<'_>) -> Result<String, BrokerError> {
         let subject = match subject {
             BoxSubject::Enterprise(_) => PolicySubject::Enterprise,
             BoxSubject::User(id) => PolicySubject::User(id.as_str()),
@@ -387,9 +347,7 @@ impl Broker {
             ask,
         }) {
             Decision::Allow { rule } => Ok(rule),
-            Decision::Deny { reason } => Err(BrokerError::PermissionDenied(format!(
-                "denied by policy: {reason}"
-            ))),
+            Decision::Deny { reason } => Err(BrokerError::PermissionDenied(format!("denied by policy: {reason}"))),
         }
     }
 
@@ -411,14 +369,10 @@ impl Broker {
     /// Resolves a requested app name; `None` means "the only one".
     pub fn resolve_app(&self, name: Option<&str>) -> Result<&Arc<App>, BrokerError> {
         match name {
-            Some(name) => self
-                .apps
-                .by_name
-                .get(name)
-                .ok_or_else(|| BrokerError::UnknownApp {
-                    name: name.chars().filter(|c| !c.is_control()).take(64).collect(),
-                    configured: self.app_names(),
-                }),
+            Some(name) => self.apps.by_name.get(name).ok_or_else(|| BrokerError::UnknownApp {
+                name: name.chars().filter(|c| !c.is_control()).take(64).collect(),
+                configured: self.app_names(),
+            }),
             None if self.apps.by_name.len() == 1 => self
                 .apps
                 .by_name
@@ -431,12 +385,7 @@ impl Broker {
         }
     }
 
-    fn key(
-        &self,
-        app: &App,
-        subject: &Subject,
-        min_ttl: Duration,
-    ) -> Result<TokenKey, BrokerError> {
+    fn key(&self, app: &App, subject: &Subject, min_ttl: Duration) -> Result<TokenKey, BrokerError> {
         if min_ttl > MAX_MIN_TTL {
             return Err(BrokerError::InvalidArgument(format!(
                 "min_ttl of {} s exceeds the maximum of {} s: Box tokens live about an hour",
@@ -457,11 +406,7 @@ impl Broker {
 
     /// A token for the request's subject, from the cache or minted, if the
     /// policy lets `caller` have it.
-    pub async fn get_token(
-        &self,
-        caller: &str,
-        request: &TokenRequest,
-    ) -> Result<Granted, BrokerError> {
+    pub async fn get_token(&self, caller: &str, request: &TokenRequest) -> Result<Granted, BrokerError> {
         let app = self.resolve_app(request.app.as_deref())?;
         let key = self.key(app, &request.subject, request.min_ttl)?;
         let rule = self.authorize(caller, app, &key.subject, Ask::Full)?;
@@ -479,11 +424,7 @@ impl Broker {
     /// A downscoped token: the subject's full token (cached or minted) is
     /// exchanged; the result is cached under subject + scopes + target, never
     /// outlives its parent, and is exchanged anew once the parent is replaced.
-    pub async fn get_downscoped(
-        &self,
-        caller: &str,
-        request: &DownscopeRequest,
-    ) -> Result<Granted, BrokerError> {
+    pub async fn get_downscoped(&self, caller: &str, request: &DownscopeRequest) -> Result<Granted, BrokerError> {
         let app = self.resolve_app(request.app.as_deref())?;
         let parent_key = self.key(app, &request.subject, request.min_ttl)?;
         let ask = Ask::Downscoped {
@@ -516,12 +457,7 @@ impl Broker {
 
     /// Revokes `token` at Box if this broker issued it for `app`, and drops it
     /// from the cache — with, for a full token, every downscoped token made from it.
-    pub async fn revoke(
-        &self,
-        caller: &str,
-        app: Option<&str>,
-        token: SecretString,
-    ) -> Result<Revoked, BrokerError> {
+    pub async fn revoke(&self, caller: &str, app: Option<&str>, token: SecretString) -> Result<Revoked, BrokerError> {
         use secrecy::ExposeSecret as _;
         let app = self.resolve_app(app)?;
         let key = self.cache.find(&app.name, token.expose_secret()).ok_or_else(|| {
@@ -612,9 +548,6 @@ mod tests {
 
     #[test]
     fn without_a_target_an_empty_restriction_is_fine() {
-        assert_eq!(
-            restriction_problem(&[], &downscope(&["root_readonly"], None)),
-            None
-        );
+        assert_eq!(restriction_problem(&[], &downscope(&["root_readonly"], None)), None);
     }
 }

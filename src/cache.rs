@@ -241,9 +241,7 @@ pub enum CacheError {
     #[error(transparent)]
     Upstream(Arc<UpstreamError>),
     /// Even a freshly minted token does not live long enough.
-    #[error(
-        "min_ttl cannot be met: the newest token has {available:?} left beyond the safety margin"
-    )]
+    #[error("min_ttl cannot be met: the newest token has {available:?} left beyond the safety margin")]
     MinTtlUnmet {
         /// What the freshest token offered beyond the margin.
         available: Duration,
@@ -290,18 +288,8 @@ impl fmt::Debug for TokenCache {
 struct ExpireAtTokenExpiry;
 
 impl moka::Expiry<TokenKey, Arc<CachedToken>> for ExpireAtTokenExpiry {
-    fn expire_after_create(
-        &self,
-        _: &TokenKey,
-        value: &Arc<CachedToken>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(
-            value
-                .expires_at
-                .duration_since(SystemTime::now())
-                .unwrap_or_default(),
-        )
+    fn expire_after_create(&self, _: &TokenKey, value: &Arc<CachedToken>, _: std::time::Instant) -> Option<Duration> {
+        Some(value.expires_at.duration_since(SystemTime::now()).unwrap_or_default())
     }
 
     fn expire_after_update(
@@ -347,10 +335,7 @@ impl TokenCache {
                 if token.claim_refresh(now) {
                     self.start_refresh(key, &token);
                 }
-                return Ok(Lookup {
-                    token,
-                    cache_hit: true,
-                });
+                return Ok(Lookup { token, cache_hit: true });
             }
         }
         let mut available = Duration::ZERO;
@@ -364,9 +349,7 @@ impl TokenCache {
                     token,
                 });
             }
-            available = token
-                .remaining(now)
-                .saturating_sub(self.inner.policy.safety_margin);
+            available = token.remaining(now).saturating_sub(self.inner.policy.safety_margin);
             if token.minted_at >= started_at {
                 // Freshly minted and still not enough: Box's tokens are shorter than asked for.
                 break;
@@ -430,12 +413,7 @@ impl TokenCache {
             minted_since: Some(stale.minted_at + Duration::from_millis(1)),
             ..Need::default()
         };
-        let already_running = self
-            .inner
-            .flights
-            .lock()
-            .map(|f| f.contains_key(key))
-            .unwrap_or(true);
+        let already_running = self.inner.flights.lock().map(|f| f.contains_key(key)).unwrap_or(true);
         if !already_running {
             tracing::debug!(app = %key.app, subject = %key.subject, "refreshing a token ahead of expiry");
             // The spawned flight runs to completion whether or not anyone awaits it.
@@ -444,11 +422,7 @@ impl TokenCache {
     }
 
     /// Joins the running flight for `key` if it can meet `need`, or starts one.
-    fn join_or_start(
-        &self,
-        key: &TokenKey,
-        need: Need,
-    ) -> (SystemTime, Shared<BoxFuture<'static, FlightResult>>) {
+    fn join_or_start(&self, key: &TokenKey, need: Need) -> (SystemTime, Shared<BoxFuture<'static, FlightResult>>) {
         // Poisoning only follows a panic while holding the lock, which the
         // code below cannot do; recover the map rather than fail every request.
         let mut flights = self
@@ -523,10 +497,7 @@ impl Inner {
 
     /// Deregisters flight `id` (unless a newer flight replaced it).
     fn land(&self, key: &TokenKey, id: u64) {
-        let mut flights = self
-            .flights
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut flights = self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if flights.get(key).is_some_and(|f| f.id == id) {
             flights.remove(key);
         }
@@ -551,9 +522,7 @@ impl fmt::Debug for WeakTokenCache {
 }
 
 fn unix_millis(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(millis)
-        .unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH).map(millis).unwrap_or(0)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -593,10 +562,7 @@ mod tests {
                     request_id: None,
                     restricted_to: Vec::new(),
                 };
-                Ok(Minted {
-                    issued,
-                    parent: None,
-                })
+                Ok(Minted { issued, parent: None })
             }
             .boxed()
         }

@@ -98,9 +98,6 @@ mod tests {
 
     #[test]
     fn shift_saturates_at_the_epoch() {
-        assert_eq!(
-            shift(SystemTime::UNIX_EPOCH, -5_000),
-            SystemTime::UNIX_EPOCH
-        );
+        assert_eq!(shift(SystemTime::UNIX_EPOCH, -5_000), SystemTime::UNIX_EPOCH);
     }
 }

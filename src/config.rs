@@ -23,10 +23,7 @@ use crate::{
     },
     boxapi::{BoxClient, CredentialSources, JwtAlgorithm, client::DEFAULT_API_BASE_URL},
     broker::{App, Broker},
-    cache::{
-        CachePolicy, DEFAULT_MAX_ENTRIES, DEFAULT_REFRESH_AHEAD, DEFAULT_SAFETY_MARGIN,
-        MIN_SAFETY_MARGIN,
-    },
+    cache::{CachePolicy, DEFAULT_MAX_ENTRIES, DEFAULT_REFRESH_AHEAD, DEFAULT_SAFETY_MARGIN, MIN_SAFETY_MARGIN},
     clock::SharedClock,
     policy::Policy,
 };
@@ -136,6 +133,22 @@ pub struct ServerConfig {
     /// Admit callers that present no credentials. For development only.
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// A Unix socket listener for sidecar mode, with its own caller identity.
+    #[serde(default)]
+    pub unix_socket: Option<UnixSocketConfig>,
+}
+
+/// `[server.unix_socket]`: every peer is `identity`, if its uid is allowed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixSocketConfig {
+    /// The socket's path. A stale socket file there is replaced.
+    pub path: PathBuf,
+    /// The caller identity of every peer (what policy rules name).
+    pub identity: String,
+    /// Peer uids allowed to connect; empty means any (rely on file permissions).
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
 }
 
 impl Default for ServerConfig {
@@ -143,6 +156,7 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             allow_anonymous: false,
+            unix_socket: None,
         }
     }
 }
@@ -303,13 +317,9 @@ impl ConfigError {
 impl Config {
     /// Loads `path`, applies `BOX_BROKER_*` overrides from `env`, and validates.
     /// Tests pass their own `env`; nothing reads the process environment here.
-    pub fn load(
-        path: &Path,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?;
         let mut table: toml::Table =
             toml::from_str(&text).map_err(|e| ConfigError::new(&name, toml_problem(&e, &text)))?;
         let overridden = apply_env(&mut table, env)?;
@@ -318,12 +328,9 @@ impl Config {
         } else {
             format!("{name} (with {})", overridden.join(", "))
         };
-        let mut config: Self =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    ConfigError::new(&source_name, e.message().trim().replace('\n', " "))
-                })?;
+        let mut config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::new(&source_name, e.message().trim().replace('\n', " ")))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for app in config.apps.values_mut() {
             app.resolve_paths(base);
@@ -347,9 +354,7 @@ impl Config {
     /// Checks what types cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.apps.is_empty() {
-            return Err(
-                "no apps configured: add an [apps.default] section with box_config_file".to_owned(),
-            );
+            return Err("no apps configured: add an [apps.default] section with box_config_file".to_owned());
         }
         for (name, app) in &self.apps {
             if name.is_empty()
@@ -358,14 +363,10 @@ impl Config {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
             {
-                return Err(format!(
-                    "app name {name:?} must be 1 to 64 of a-z, 0-9, - and _"
-                ));
+                return Err(format!("app name {name:?} must be 1 to 64 of a-z, 0-9, - and _"));
             }
             if app.box_config_file.is_none()
-                && (app.client_id.is_none()
-                    || app.client_secret_file.is_none()
-                    || app.enterprise_id.is_none())
+                && (app.client_id.is_none() || app.client_secret_file.is_none() || app.enterprise_id.is_none())
             {
                 return Err(format!(
                     "apps.{name}: give box_config_file, or client_id, client_secret_file and enterprise_id (plus private_key_file and public_key_id for JWT)"
@@ -417,9 +418,7 @@ impl Config {
             });
         }
         let policy = match &self.policy.file {
-            Some(file) => {
-                Policy::load(file).map_err(|e| ConfigError::new("policy.file", e.to_string()))?
-            }
+            Some(file) => Policy::load(file).map_err(|e| ConfigError::new("policy.file", e.to_string()))?,
             None => Policy::default(),
         };
         Ok(Broker::new(apps, clock, self.cache.policy(), policy))
@@ -531,9 +530,9 @@ fn apply_env(
             let entry = cursor
                 .entry(key.clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            cursor = entry.as_table_mut().ok_or_else(|| {
-                ConfigError::new(&name, format!("`{key}` is a value, not a section"))
-            })?;
+            cursor = entry
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::new(&name, format!("`{key}` is a value, not a section")))?;
         }
         cursor.insert(last.clone(), value);
         applied.push(name);
@@ -550,13 +549,11 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| ConfigError::new("tempdir", e.to_string()))?;
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, text).map_err(|e| ConfigError::new("write", e.to_string()))?;
-        Config::load(
-            &path,
-            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        )
+        Config::load(&path, env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
     }
 
-    const MINIMAL: &str = "[server]\nlisten = \"0.0.0.0:50051\"\n[apps.default]\nbox_config_file = \"box_config.json\"\n";
+    const MINIMAL: &str =
+        "[server]\nlisten = \"0.0.0.0:50051\"\n[apps.default]\nbox_config_file = \"box_config.json\"\n";
 
     #[test]
     fn the_pinned_minimal_config_loads_with_defaults() {
@@ -579,10 +576,7 @@ mod tests {
             MINIMAL,
             &[
                 ("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:6000"),
-                (
-                    "BOX_BROKER_APPS__DEFAULT__API_BASE_URL",
-                    "http://127.0.0.1:9",
-                ),
+                ("BOX_BROKER_APPS__DEFAULT__API_BASE_URL", "http://127.0.0.1:9"),
                 ("BOX_BROKER_APPS__DEFAULT__ENTERPRISE_ID", "12345"),
                 ("BOX_BROKER_CACHE__MAX_ENTRIES", "10"),
                 ("UNRELATED", "x"),
@@ -601,10 +595,7 @@ mod tests {
     #[test]
     fn inline_secrets_are_rejected_without_echoing_them() {
         let text = format!("{MINIMAL}client_secret = \"hunter2-secret\"\n");
-        let err = load(&text, &[])
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = load(&text, &[]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("unknown field `client_secret`"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
         assert!(!err.contains('\n'), "{err}");
@@ -648,9 +639,6 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(
-            err.contains("safety_margin_secs must be at least 60"),
-            "{err}"
-        );
+        assert!(err.contains("safety_margin_secs must be at least 60"), "{err}");
     }
 }

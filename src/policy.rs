@@ -199,8 +199,7 @@ impl Policy {
             source_name: source_name.to_owned(),
             problem,
         };
-        let policy: Self =
-            toml::from_str(text).map_err(|e| error(e.message().trim().replace('\n', " ")))?;
+        let policy: Self = toml::from_str(text).map_err(|e| error(e.message().trim().replace('\n', " ")))?;
         policy.validate().map_err(error)?;
         Ok(policy)
     }
@@ -220,28 +219,17 @@ impl Policy {
         for rule in &self.rules {
             let name = &rule.name;
             if name.is_empty() || !names.insert(name.as_str()) {
-                return Err(format!(
-                    "every rule needs a unique, non-empty name (problem: {name:?})"
-                ));
+                return Err(format!("every rule needs a unique, non-empty name (problem: {name:?})"));
             }
             if rule.callers.is_empty() {
                 return Err(format!(
                     "rule {name:?}: callers is empty; name at least one caller identity"
                 ));
             }
-            if let Some(bad) = rule
-                .scopes
-                .iter()
-                .find(|s| !DOWNSCOPE_SCOPES.contains(&s.as_str()))
-            {
-                return Err(format!(
-                    "rule {name:?}: {bad:?} is not a Box downscope scope"
-                ));
+            if let Some(bad) = rule.scopes.iter().find(|s| !DOWNSCOPE_SCOPES.contains(&s.as_str())) {
+                return Err(format!("rule {name:?}: {bad:?} is not a Box downscope scope"));
             }
-            let targeted = !rule.files.is_empty()
-                || !rule.folders.is_empty()
-                || rule.shared_links
-                || rule.untargeted;
+            let targeted = !rule.files.is_empty() || !rule.folders.is_empty() || rule.shared_links || rule.untargeted;
             if targeted && rule.scopes.is_empty() {
                 return Err(format!(
                     "rule {name:?}: targets are granted but no scopes; add scopes = [...]"
@@ -276,12 +264,8 @@ impl Policy {
             }
         }
         Decision::Deny {
-            reason: first_reason.unwrap_or_else(|| {
-                format!(
-                    "no policy rule grants anything to caller {:?}",
-                    request.caller
-                )
-            }),
+            reason: first_reason
+                .unwrap_or_else(|| format!("no policy rule grants anything to caller {:?}", request.caller)),
         }
     }
 }
@@ -301,10 +285,7 @@ impl Rule {
         match request.ask {
             Ask::Revoke => Ok(()),
             Ask::Full if self.full_tokens => Ok(()),
-            Ask::Full => Err(
-                "full (un-downscoped) tokens are not allowed; ask for a downscoped token"
-                    .to_owned(),
-            ),
+            Ask::Full => Err("full (un-downscoped) tokens are not allowed; ask for a downscoped token".to_owned()),
             Ask::Downscoped { scopes, target } => {
                 if let Some(scope) = scopes.iter().find(|s| !self.scopes.contains(*s)) {
                     return Err(format!("scope {scope:?} is not allowed"));
@@ -317,10 +298,9 @@ impl Rule {
                 };
                 match (target_ok, target) {
                     (true, _) => Ok(()),
-                    (false, None) => Err(
-                        "a downscoped token without a target is not allowed; name a file or folder"
-                            .to_owned(),
-                    ),
+                    (false, None) => {
+                        Err("a downscoped token without a target is not allowed; name a file or folder".to_owned())
+                    }
                     (false, Some(t)) => Err(format!("{t} is not an allowed target")),
                 }
             }
@@ -376,14 +356,8 @@ mod tests {
     fn the_first_offending_item_is_named() {
         let policy = Policy::parse(POLICY, "p.toml").unwrap_or_default();
         let scopes = vec!["item_delete".to_owned()];
-        let folder = Target::Folder(
-            crate::boxapi::BoxId::parse("7500002").unwrap_or_else(|_| unreachable!()),
-        );
-        let deny = |ask| match policy.decide(&request(
-            "portal-web",
-            PolicySubject::User("7200001"),
-            ask,
-        )) {
+        let folder = Target::Folder(crate::boxapi::BoxId::parse("7500002").unwrap_or_else(|_| unreachable!()));
+        let deny = |ask| match policy.decide(&request("portal-web", PolicySubject::User("7200001"), ask)) {
             Decision::Deny { reason } => reason,
             Decision::Allow { .. } => String::new(),
         };
@@ -420,7 +394,8 @@ mod tests {
 
     #[test]
     fn invalid_policies_are_refused_with_the_rule_named() {
-        let unknown_scope = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nscopes = [\"item_everything\"]\n";
+        let unknown_scope =
+            "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nscopes = [\"item_everything\"]\n";
         let e = Policy::parse(unknown_scope, "p.toml")
             .err()
             .map(|e| e.to_string())
@@ -433,8 +408,7 @@ mod tests {
         assert!(Policy::parse(no_subject, "p").is_err());
         let dup = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\n[[rules]]\nname = \"r\"\ncallers = [\"y\"]\nenterprise = true\n";
         assert!(Policy::parse(dup, "p").is_err());
-        let typo =
-            "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nfull_token = true\n";
+        let typo = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nfull_token = true\n";
         assert!(
             Policy::parse(typo, "p")
                 .err()

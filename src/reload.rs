@@ -35,9 +35,7 @@ pub struct PolicyWatcher {
 impl PolicyWatcher {
     /// A watcher of `path`, whose current contents `broker` already enforces.
     pub fn new(path: PathBuf, broker: Arc<Broker>) -> Self {
-        let last = std::fs::read(&path)
-            .ok()
-            .map(|bytes| Sha256::digest(bytes).into());
+        let last = std::fs::read(&path).ok().map(|bytes| Sha256::digest(bytes).into());
         Self { path, broker, last }
     }
 
@@ -68,9 +66,7 @@ impl PolicyWatcher {
     }
 
     fn rejected(&self, problem: String) -> ReloadOutcome {
-        tracing::error!(
-            "the new policy was rejected; the previous policy stays in force: {problem}"
-        );
+        tracing::error!("the new policy was rejected; the previous policy stays in force: {problem}");
         ReloadOutcome::Rejected(problem)
     }
 
@@ -79,8 +75,7 @@ impl PolicyWatcher {
         let mut ticks = tokio::time::interval(poll);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         #[cfg(unix)]
-        let mut hangups =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             #[cfg(unix)]
             let forced = tokio::select! {

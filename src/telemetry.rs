@@ -13,9 +13,7 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
 pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(from_env) if !from_env.is_empty() => {
-            EnvFilter::try_new(from_env).map_err(|e| format!("RUST_LOG: {e}"))?
-        }
+        Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env).map_err(|e| format!("RUST_LOG: {e}"))?,
         _ => EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?,
     };
     let registry = tracing_subscriber::registry().with(filter);
@@ -28,12 +26,7 @@ pub fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
             )
             .try_init(),
         LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_writer(std::io::stderr),
-            )
+            .with(fmt::layer().json().with_current_span(true).with_writer(std::io::stderr))
             .try_init(),
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))

@@ -82,11 +82,7 @@ async fn a_token_in_the_refresh_window_is_served_and_refreshed_in_the_background
     );
     let after = h.get(enterprise()).await.unwrap();
     assert!(after.cache_hit);
-    assert_ne!(
-        token_of(&after),
-        first,
-        "the refreshed token replaces the old one"
-    );
+    assert_ne!(token_of(&after), first, "the refreshed token replaces the old one");
     assert_eq!(h.fake.stats().jwt_issued, 2);
 }
 
@@ -107,11 +103,7 @@ async fn concurrent_cold_requests_cause_exactly_one_mint() {
         tokens.insert(token_of(&call.await.unwrap().unwrap()));
     }
     assert_eq!(tokens.len(), 1, "every caller gets the same token");
-    assert_eq!(
-        h.fake.stats().token_requests,
-        1,
-        "exactly one upstream mint"
-    );
+    assert_eq!(h.fake.stats().token_requests, 1, "exactly one upstream mint");
 }
 
 #[tokio::test]
@@ -195,14 +187,9 @@ async fn a_configured_larger_margin_is_honoured() {
 #[tokio::test]
 async fn a_failed_mint_is_not_cached_and_the_next_request_retries() {
     let h = harness().await;
-    h.fake.fail_next(
-        1,
-        box_token_broker::fakebox::Fault::ServerError { status: 503 },
-    );
-    assert_eq!(
-        h.get(enterprise()).await.unwrap_err().code(),
-        Code::Unavailable
-    );
+    h.fake
+        .fail_next(1, box_token_broker::fakebox::Fault::ServerError { status: 503 });
+    assert_eq!(h.get(enterprise()).await.unwrap_err().code(), Code::Unavailable);
     assert!(!h.get(enterprise()).await.unwrap().cache_hit);
     assert_eq!(h.fake.stats().token_requests, 2);
 }

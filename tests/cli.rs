@@ -26,18 +26,10 @@ struct Proc {
 
 impl Proc {
     fn spawn(command: &mut Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let stdout = lines(child.stdout.take().unwrap());
         let stderr = lines(child.stderr.take().unwrap());
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
+        Self { child, stdout, stderr }
     }
 
     /// The first line on `stream` containing `needle`.
@@ -86,12 +78,7 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
 }
 
 fn token_get(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .arg("token")
-        .arg("get")
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).arg("token").arg("get").args(args).output().unwrap();
     (
         out.status.code().unwrap(),
         String::from_utf8(out.stdout).unwrap(),
@@ -110,10 +97,7 @@ fn dev_mode_serves_tokens_with_no_box_account() {
         "the banner says anonymous callers are allowed: {banner}"
     );
     let example = Proc::wait_line(&dev.stdout, "token get");
-    assert!(
-        example.contains(&addr),
-        "examples are copy-pasteable: {example}"
-    );
+    assert!(example.contains(&addr), "examples are copy-pasteable: {example}");
 
     let (code, stdout, stderr) = token_get(&["--addr", &addr, "--enterprise"]);
     assert_eq!(code, 0, "{stderr}");
@@ -131,10 +115,7 @@ fn dev_mode_serves_tokens_with_no_box_account() {
 
     let (code, _, stderr) = token_get(&["--addr", &addr, "--user", "7400001"]);
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("NotFound") && stderr.contains("7400001"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("NotFound") && stderr.contains("7400001"), "{stderr}");
 
     // A browser's token: downscoped to one folder, then revoked.
     let out = Command::new(bin())
@@ -153,11 +134,7 @@ fn dev_mode_serves_tokens_with_no_box_account() {
         .args(["--folder", "7500002", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let downscoped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         downscoped["scopes"],
@@ -183,10 +160,7 @@ fn revoke(addr: &str, token: &str) -> (i32, String) {
         .unwrap();
     writeln!(child.stdin.take().unwrap(), "{token}").unwrap();
     let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    (out.status.code().unwrap(), String::from_utf8(out.stderr).unwrap())
 }
 
 #[test]
@@ -255,26 +229,17 @@ fn keygen_writes_an_encrypted_key_that_loads_and_never_overwrites() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("-----BEGIN PUBLIC KEY-----"), "{stdout}");
 
     let pem = std::fs::read_to_string(dir.path().join("private_key.pem")).unwrap();
     assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
     let passphrase = std::fs::read_to_string(dir.path().join("passphrase")).unwrap();
-    assert!(
-        !stdout.contains(&passphrase),
-        "the passphrase is not printed"
-    );
-    let key = box_token_broker::boxapi::private_key::decode_private_key(
-        &pem,
-        Some(&secrecy::SecretString::from(passphrase)),
-    )
-    .unwrap();
+    assert!(!stdout.contains(&passphrase), "the passphrase is not printed");
+    let key =
+        box_token_broker::boxapi::private_key::decode_private_key(&pem, Some(&secrecy::SecretString::from(passphrase)))
+            .unwrap();
     assert_eq!(rsa::traits::PublicKeyParts::size(&key) * 8, 2048);
     #[cfg(unix)]
     {

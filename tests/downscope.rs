@@ -27,11 +27,7 @@ async fn an_app_users_token_is_downscoped_to_one_folder() {
         .await
         .unwrap();
     let t = token(&response);
-    assert_eq!(
-        t.scopes,
-        ["item_preview", "item_upload"],
-        "sorted scopes are reported"
-    );
+    assert_eq!(t.scopes, ["item_preview", "item_upload"], "sorted scopes are reported");
     assert_eq!(t.restricted_to.len(), 2);
     assert!(
         t.restricted_to
@@ -64,10 +60,7 @@ async fn a_service_account_token_is_downscoped_to_a_file_or_a_shared_link() {
         ))
         .await
         .unwrap();
-    assert_eq!(
-        token(&by_id).restricted_to[0].object_id,
-        seed::SERVICE_ACCOUNT_FILE_ID
-    );
+    assert_eq!(token(&by_id).restricted_to[0].object_id, seed::SERVICE_ACCOUNT_FILE_ID);
     let link = Some(pb::get_downscoped_token_request::Target::SharedLink(
         seed::SHARED_LINK.to_owned(),
     ));
@@ -125,21 +118,11 @@ async fn concurrent_identical_requests_cause_one_mint_and_one_exchange() {
             &["item_preview"],
             file(seed::APP_USER_FILE_ID),
         );
-        calls.push(tokio::spawn(async move {
-            client.get_downscoped_token(request).await
-        }));
+        calls.push(tokio::spawn(async move { client.get_downscoped_token(request).await }));
     }
     let mut tokens = std::collections::HashSet::new();
     for call in calls {
-        tokens.insert(
-            call.await
-                .unwrap()
-                .unwrap()
-                .into_inner()
-                .token
-                .unwrap()
-                .access_token,
-        );
+        tokens.insert(call.await.unwrap().unwrap().into_inner().token.unwrap().access_token);
     }
     assert_eq!(tokens.len(), 1);
     let stats = h.fake.stats();
@@ -149,22 +132,13 @@ async fn concurrent_identical_requests_cause_one_mint_and_one_exchange() {
 #[tokio::test]
 async fn a_replaced_parent_means_a_new_exchange() {
     let h = Harness::start().await;
-    let request = || {
-        downscope(
-            enterprise(),
-            &["item_preview"],
-            folder(seed::SERVICE_ACCOUNT_FOLDER_ID),
-        )
-    };
+    let request = || downscope(enterprise(), &["item_preview"], folder(seed::SERVICE_ACCOUNT_FOLDER_ID));
     let first = h.downscoped(request()).await.unwrap();
     let mut force = enterprise();
     force.force_refresh = true;
     let new_parent = token_of(&h.get(force).await.unwrap());
     let second = h.downscoped(request()).await.unwrap();
-    assert!(
-        !second.cache_hit,
-        "the child of the old parent is not served"
-    );
+    assert!(!second.cache_hit, "the child of the old parent is not served");
     assert_ne!(token(&first).access_token, token(&second).access_token);
     assert_eq!(h.fake.stats().exchange_issued, 2);
     // The new child is served from cache while its parent stays current.
@@ -219,10 +193,7 @@ async fn a_token_box_did_not_restrict_is_refused_and_revoked() {
         .await
         .unwrap();
     assert!(!ok.cache_hit);
-    assert_eq!(
-        token(&ok).restricted_to[0].object_id,
-        seed::APP_USER_FOLDER_ID
-    );
+    assert_eq!(token(&ok).restricted_to[0].object_id, seed::APP_USER_FOLDER_ID);
 }
 
 #[tokio::test]
@@ -238,10 +209,7 @@ async fn bad_scopes_and_targets_are_invalid_arguments() {
             downscope(enterprise(), &["item_preview"], folder("abc")),
             "target.folder_id \"abc\" is not a numeric Box id",
         ),
-        (
-            downscope(enterprise(), &["item_preview"], file("")),
-            "target.file_id",
-        ),
+        (downscope(enterprise(), &["item_preview"], file("")), "target.file_id"),
         (
             downscope(
                 enterprise(),
@@ -292,22 +260,13 @@ async fn a_target_the_subject_cannot_reach_is_not_found() {
 #[tokio::test]
 async fn scopes_beyond_the_apps_are_failed_precondition() {
     let h = Harness::start().await;
-    h.fake.update_app(&h.app.client_id, |a| {
-        a.scopes = ["item_preview".to_owned()].into()
-    });
+    h.fake
+        .update_app(&h.app.client_id, |a| a.scopes = ["item_preview".to_owned()].into());
     let status = h
-        .downscoped(downscope(
-            enterprise(),
-            &["item_preview", "item_delete"],
-            None,
-        ))
+        .downscoped(downscope(enterprise(), &["item_preview", "item_delete"], None))
         .await
         .unwrap_err();
-    assert_status(
-        &status,
-        Code::FailedPrecondition,
-        "refused the requested scopes",
-    );
+    assert_status(&status, Code::FailedPrecondition, "refused the requested scopes");
     h.downscoped(downscope(enterprise(), &["item_preview"], None))
         .await
         .unwrap();
@@ -316,37 +275,20 @@ async fn scopes_beyond_the_apps_are_failed_precondition() {
 #[tokio::test]
 async fn revoking_a_downscoped_token_revokes_it_at_box_and_evicts_only_it() {
     let h = Harness::start().await;
-    let request = || {
-        downscope(
-            enterprise(),
-            &["item_preview"],
-            folder(seed::SERVICE_ACCOUNT_FOLDER_ID),
-        )
-    };
-    let child = token(&h.downscoped(request()).await.unwrap())
-        .access_token
-        .clone();
+    let request = || downscope(enterprise(), &["item_preview"], folder(seed::SERVICE_ACCOUNT_FOLDER_ID));
+    let child = token(&h.downscoped(request()).await.unwrap()).access_token.clone();
     h.revoke(&child).await.unwrap();
     assert!(h.fake.is_revoked(&child));
     let next = h.downscoped(request()).await.unwrap();
     assert!(!next.cache_hit);
     assert_ne!(token(&next).access_token, child);
-    assert!(
-        h.get(enterprise()).await.unwrap().cache_hit,
-        "the parent stays cached"
-    );
+    assert!(h.get(enterprise()).await.unwrap().cache_hit, "the parent stays cached");
 }
 
 #[tokio::test]
 async fn revoking_a_full_token_evicts_it_and_its_downscoped_children() {
     let h = Harness::start().await;
-    let request = || {
-        downscope(
-            enterprise(),
-            &["item_preview"],
-            folder(seed::SERVICE_ACCOUNT_FOLDER_ID),
-        )
-    };
+    let request = || downscope(enterprise(), &["item_preview"], folder(seed::SERVICE_ACCOUNT_FOLDER_ID));
     let parent = token_of(&h.get(enterprise()).await.unwrap());
     h.downscoped(request()).await.unwrap();
     h.revoke(&parent).await.unwrap();

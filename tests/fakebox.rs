@@ -62,11 +62,7 @@ impl Fake {
             .to_owned()
     }
 
-    async fn post(
-        &self,
-        path: &str,
-        form: &[(&str, &str)],
-    ) -> (u16, Value, reqwest::header::HeaderMap) {
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> (u16, Value, reqwest::header::HeaderMap) {
         let response = self
             .http
             .post(format!("{}{path}", self.server.base_url()))
@@ -105,13 +101,7 @@ impl Fake {
 fn assert_rejected(status: u16, body: &Value, error: &str, fragment: &str) {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], error, "{body}");
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains(fragment),
-        "{body}"
-    );
+    assert!(body["error_description"].as_str().unwrap().contains(fragment), "{body}");
 }
 
 #[tokio::test]
@@ -200,19 +190,13 @@ async fn wrong_client_credentials_are_invalid_client() {
             ],
         )
         .await;
-    assert_rejected(
-        status,
-        &body,
-        "invalid_client",
-        "client credentials are invalid",
-    );
+    assert_rejected(status, &body, "invalid_client", "client credentials are invalid");
 }
 
 #[tokio::test]
 async fn an_unauthorized_app_is_unauthorized_client() {
     let f = fake(FakeAuth::Jwt).await;
-    f.fake
-        .update_app(&f.app.client_id, |a| a.authorized = false);
+    f.fake.update_app(&f.app.client_id, |a| a.authorized = false);
     let (status, body) = f.jwt(&f.sign(&f.claims())).await;
     assert_rejected(
         status,
@@ -248,8 +232,7 @@ async fn a_missing_kid_is_allowed_only_with_exactly_one_key() {
     };
     assert_eq!(f.jwt(&no_kid(&f.claims())).await.0, 200);
     f.fake.update_app(&f.app.client_id, |a| {
-        a.keys
-            .insert("second".to_owned(), fixture_key().to_public_key());
+        a.keys.insert("second".to_owned(), fixture_key().to_public_key());
     });
     let (status, body) = f.jwt(&no_kid(&f.claims())).await;
     assert_rejected(status, &body, "invalid_grant", "\"kid\" invalid");
@@ -266,12 +249,7 @@ async fn a_signature_by_another_key_is_rejected() {
     let forged = SigningKey::new(f.app.kid.clone(), &other).unwrap();
     let assertion = assertion::sign(&f.claims(), &forged, JwtAlgorithm::RS256).unwrap();
     let (status, body) = f.jwt(assertion.0.expose_secret()).await;
-    assert_rejected(
-        status,
-        &body,
-        "invalid_grant",
-        "Signature verification error",
-    );
+    assert_rejected(status, &body, "invalid_grant", "Signature verification error");
 }
 
 #[tokio::test]
@@ -287,12 +265,7 @@ async fn an_hmac_assertion_keyed_with_the_public_key_is_rejected() {
     )
     .unwrap();
     let (status, body) = f.jwt(&forged).await;
-    assert_rejected(
-        status,
-        &body,
-        "invalid_grant",
-        "Signature verification error",
-    );
+    assert_rejected(status, &body, "invalid_grant", "Signature verification error");
 }
 
 #[tokio::test]
@@ -309,12 +282,7 @@ async fn a_tampered_payload_is_rejected() {
     };
     parts[1] = &payload;
     let (status, body) = f.jwt(&parts.join(".")).await;
-    assert_rejected(
-        status,
-        &body,
-        "invalid_grant",
-        "Signature verification error",
-    );
+    assert_rejected(status, &body, "invalid_grant", "Signature verification error");
 }
 
 #[tokio::test]
@@ -347,12 +315,8 @@ async fn an_exp_more_than_sixty_seconds_ahead_is_rejected() {
     let f = fake(FakeAuth::Jwt).await;
     let mut c = f.claims();
     c.exp = unix_seconds(f.fake.now()) + 61;
-    f.claims_rejected(
-        &c,
-        "invalid_grant",
-        "exceeds the maximum value of 60 seconds",
-    )
-    .await;
+    f.claims_rejected(&c, "invalid_grant", "exceeds the maximum value of 60 seconds")
+        .await;
 }
 
 #[tokio::test]
@@ -418,8 +382,7 @@ async fn a_numeric_sub_is_rejected() {
 #[tokio::test]
 async fn user_tokens_need_the_app_setting() {
     let f = fake(FakeAuth::Jwt).await;
-    f.fake
-        .update_app(&f.app.client_id, |a| a.user_tokens = false);
+    f.fake.update_app(&f.app.client_id, |a| a.user_tokens = false);
     let mut c = f.claims();
     c.box_sub_type = "user".to_owned();
     c.sub = seed::APP_USER_IDS[0].to_owned();
@@ -441,15 +404,11 @@ async fn ccg_grants_follow_the_subject_rules() {
         ]
     };
     assert_eq!(
-        f.post("/oauth2/token", &ccg("enterprise", seed::ENTERPRISE_ID))
-            .await
-            .0,
+        f.post("/oauth2/token", &ccg("enterprise", seed::ENTERPRISE_ID)).await.0,
         200
     );
     assert_eq!(
-        f.post("/oauth2/token", &ccg("user", seed::APP_USER_IDS[0]))
-            .await
-            .0,
+        f.post("/oauth2/token", &ccg("user", seed::APP_USER_IDS[0])).await.0,
         200
     );
     for (kind, id) in [
@@ -459,21 +418,11 @@ async fn ccg_grants_follow_the_subject_rules() {
         ("group", "1"),
     ] {
         let (status, body, _) = f.post("/oauth2/token", &ccg(kind, id)).await;
-        assert_rejected(
-            status,
-            &body,
-            "invalid_grant",
-            "Grant credentials are invalid",
-        );
+        assert_rejected(status, &body, "invalid_grant", "Grant credentials are invalid");
     }
     // A CCG app cannot use the JWT grant.
     let (status, body) = f.jwt("a.b.c").await;
-    assert_rejected(
-        status,
-        &body,
-        "invalid_request",
-        "grant type is unauthorized",
-    );
+    assert_rejected(status, &body, "invalid_request", "grant type is unauthorized");
     assert_eq!(f.fake.stats().ccg_issued, 2);
 }
 
@@ -485,15 +434,7 @@ async fn revoked_tokens_stop_working() {
     let me = |t: String| {
         let http = f.http.clone();
         let url = format!("{}/2.0/users/me", f.server.base_url());
-        async move {
-            http.get(url)
-                .bearer_auth(t)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+        async move { http.get(url).bearer_auth(t).send().await.unwrap().status().as_u16() }
     };
     assert_eq!(me(token.clone()).await, 200);
     let secret = f.app.client_secret.expose_secret().to_owned();
@@ -516,10 +457,7 @@ async fn revoked_tokens_stop_working() {
 async fn revoke_needs_client_credentials() {
     let f = fake(FakeAuth::Jwt).await;
     let (status, body, _) = f
-        .post(
-            "/oauth2/revoke",
-            &[("client_id", &f.app.client_id), ("token", "x")],
-        )
+        .post("/oauth2/revoke", &[("client_id", &f.app.client_id), ("token", "x")])
         .await;
     assert_rejected(status, &body, "invalid_client", "client credentials");
 }
@@ -527,24 +465,15 @@ async fn revoke_needs_client_credentials() {
 #[tokio::test]
 async fn rate_limit_fault_sends_429_with_retry_after() {
     let f = fake(FakeAuth::Jwt).await;
-    f.fake.fail_next(
-        2,
-        Fault::RateLimited {
-            retry_after_secs: 3,
-        },
-    );
+    f.fake.fail_next(2, Fault::RateLimited { retry_after_secs: 3 });
     for _ in 0..2 {
-        let (status, body, headers) = f
-            .post("/oauth2/token", &[("grant_type", "client_credentials")])
-            .await;
+        let (status, body, headers) = f.post("/oauth2/token", &[("grant_type", "client_credentials")]).await;
         assert_eq!(status, 429);
         assert_eq!(headers["retry-after"], "3");
         assert_eq!(body["code"], "rate_limit_exceeded");
     }
     assert_eq!(
-        f.post("/oauth2/token", &[("grant_type", "client_credentials")])
-            .await
-            .0,
+        f.post("/oauth2/token", &[("grant_type", "client_credentials")]).await.0,
         400
     );
     let stats = f.fake.stats();
@@ -583,22 +512,11 @@ impl Fake {
         body["access_token"].as_str().unwrap().to_owned()
     }
 
-    async fn exchange(
-        &self,
-        subject_token: &str,
-        scope: &str,
-        extra: &[(&str, &str)],
-    ) -> (u16, Value) {
+    async fn exchange(&self, subject_token: &str, scope: &str, extra: &[(&str, &str)]) -> (u16, Value) {
         let mut form = vec![
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
+            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
             ("subject_token", subject_token),
-            (
-                "subject_token_type",
-                "urn:ietf:params:oauth:token-type:access_token",
-            ),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token"),
             ("scope", scope),
         ];
         form.extend_from_slice(extra);
@@ -611,16 +529,9 @@ impl Fake {
 async fn a_token_exchange_returns_restricted_to_and_the_issued_token_type() {
     let f = fake(FakeAuth::Jwt).await;
     let parent = f.enterprise_token().await;
-    let resource = format!(
-        "https://api.box.com/2.0/folders/{}",
-        seed::SERVICE_ACCOUNT_FOLDER_ID
-    );
+    let resource = format!("https://api.box.com/2.0/folders/{}", seed::SERVICE_ACCOUNT_FOLDER_ID);
     let (status, body) = f
-        .exchange(
-            &parent,
-            "item_preview base_explorer",
-            &[("resource", &resource)],
-        )
+        .exchange(&parent, "item_preview base_explorer", &[("resource", &resource)])
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -643,42 +554,23 @@ async fn a_token_exchange_returns_restricted_to_and_the_issued_token_type() {
 async fn token_exchange_rejects_what_box_rejects() {
     let f = fake(FakeAuth::Jwt).await;
     let parent = f.enterprise_token().await;
-    let folder = format!(
-        "https://api.box.com/2.0/folders/{}",
-        seed::SERVICE_ACCOUNT_FOLDER_ID
-    );
+    let folder = format!("https://api.box.com/2.0/folders/{}", seed::SERVICE_ACCOUNT_FOLDER_ID);
     let (status, body) = f
         .exchange(
             &parent,
             "item_preview",
-            &[
-                ("resource", &folder),
-                ("box_shared_link", seed::SHARED_LINK),
-            ],
+            &[("resource", &folder), ("box_shared_link", seed::SHARED_LINK)],
         )
         .await;
     assert_rejected(status, &body, "invalid_request", "mutually exclusive");
     // Another user's folder is not reachable by the Service Account.
-    let theirs = format!(
-        "https://api.box.com/2.0/folders/{}",
-        seed::APP_USER_FOLDER_ID
-    );
-    let (status, body) = f
-        .exchange(&parent, "item_preview", &[("resource", &theirs)])
-        .await;
-    assert_rejected(
-        status,
-        &body,
-        "invalid_resource",
-        "The target resource is invalid.",
-    );
-    f.fake.update_app(&f.app.client_id, |a| {
-        a.scopes = ["item_preview".to_owned()].into()
-    });
+    let theirs = format!("https://api.box.com/2.0/folders/{}", seed::APP_USER_FOLDER_ID);
+    let (status, body) = f.exchange(&parent, "item_preview", &[("resource", &theirs)]).await;
+    assert_rejected(status, &body, "invalid_resource", "The target resource is invalid.");
+    f.fake
+        .update_app(&f.app.client_id, |a| a.scopes = ["item_preview".to_owned()].into());
     assert_eq!(
-        f.exchange(&parent, "item_preview item_download", &[])
-            .await
-            .0,
+        f.exchange(&parent, "item_preview item_download", &[]).await.0,
         401,
         "the subset rule"
     );

@@ -40,15 +40,9 @@ fn every_form_of_the_same_key_decodes_to_that_key() {
 #[test]
 fn keys_of_3072_and_4096_bits_decode() {
     let pass = fixture_passphrase();
+    assert_eq!(decode("rsa3072_aes128.pem", Some(&pass)).unwrap().size() * 8, 3072);
     assert_eq!(
-        decode("rsa3072_aes128.pem", Some(&pass)).unwrap().size() * 8,
-        3072
-    );
-    assert_eq!(
-        decode("rsa4096_traditional_aes128.pem", Some(&pass))
-            .unwrap()
-            .size()
-            * 8,
+        decode("rsa4096_traditional_aes128.pem", Some(&pass)).unwrap().size() * 8,
         4096
     );
 }
@@ -86,10 +80,7 @@ fn an_encrypted_key_without_a_passphrase_says_so() {
 
 #[test]
 fn small_and_non_rsa_keys_are_refused() {
-    assert_eq!(
-        decode("rsa1024.pem", None).err(),
-        Some(KeyError::Size(1024))
-    );
+    assert_eq!(decode("rsa1024.pem", None).err(), Some(KeyError::Size(1024)));
     assert_eq!(decode("ec_p256.pem", None).err(), Some(KeyError::NotRsa));
 }
 
@@ -151,10 +142,7 @@ fn a_separate_passphrase_file_overrides_the_jsons() {
         box_config_file: Some(json_path),
         ..Default::default()
     };
-    assert!(
-        sources.load("default").is_err(),
-        "the JSON's passphrase is stale"
-    );
+    assert!(sources.load("default").is_err(), "the JSON's passphrase is stale");
     sources.private_key_passphrase_file = Some(pass);
     assert!(sources.load("default").is_ok());
 }
@@ -223,10 +211,7 @@ fn check_config(path: &std::path::Path) -> (i32, String, String) {
 #[test]
 fn check_config_accepts_a_good_config() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        &dir,
-        &format!("box_config_file = {:?}\n", fixture("box_config.json")),
-    );
+    let path = write_config(&dir, &format!("box_config_file = {:?}\n", fixture("box_config.json")));
     let (code, stdout, _) = check_config(&path);
     assert_eq!(code, 0);
     assert!(
@@ -265,10 +250,7 @@ fn check_config_rejects_malformed_json_with_exit_64_and_one_line() {
     let (code, _, stderr) = check_config(&path);
     assert_eq!(code, 64);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("box_config.json: not valid JSON"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("box_config.json: not valid JSON"), "{stderr}");
     assert!(!stderr.contains("abc123secret"), "{stderr}");
 }
 

@@ -8,9 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use box_token_broker::{auth::kubernetes::KubernetesConfig, pb, policy::Policy};
-use common::{
-    Harness, Options, assert_status, enterprise, fixture, fixture_key, fixture_passphrase,
-};
+use common::{Harness, Options, assert_status, enterprise, fixture, fixture_key, fixture_passphrase};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::{RsaPrivateKey, pkcs1::EncodeRsaPrivateKey as _, traits::PublicKeyParts as _};
 use tonic::{Code, metadata::MetadataValue};
@@ -21,10 +19,7 @@ const KID: &str = "k8s-key-1";
 const PORTAL: &str = "system:serviceaccount:portal:web";
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 fn jwks(key: &RsaPrivateKey) -> String {
@@ -89,12 +84,9 @@ async fn get_with_bearer(h: &Harness, bearer: &str) -> Result<pb::GetTokenRespon
 async fn a_valid_service_account_token_is_the_callers_identity() {
     let dir = tempfile::tempdir().unwrap();
     let h = harness(&dir).await;
-    get_with_bearer(
-        &h,
-        &service_account_token(&fixture_key(), KID, claims(PORTAL)),
-    )
-    .await
-    .unwrap();
+    get_with_bearer(&h, &service_account_token(&fixture_key(), KID, claims(PORTAL)))
+        .await
+        .unwrap();
     let events = h.audit_events();
     assert_eq!(events[0]["caller"], PORTAL);
     assert_eq!(events[0]["rule"], "portal pods");
@@ -104,11 +96,7 @@ async fn a_valid_service_account_token_is_the_callers_identity() {
 async fn a_service_account_outside_the_policy_is_denied() {
     let dir = tempfile::tempdir().unwrap();
     let h = harness(&dir).await;
-    let token = service_account_token(
-        &fixture_key(),
-        KID,
-        claims("system:serviceaccount:billing:job"),
-    );
+    let token = service_account_token(&fixture_key(), KID, claims("system:serviceaccount:billing:job"));
     assert_status(
         &get_with_bearer(&h, &token).await.unwrap_err(),
         Code::PermissionDenied,

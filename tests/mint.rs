@@ -23,10 +23,7 @@ async fn enterprise_token_is_minted_with_a_verified_assertion() {
     assert_eq!(response.token.as_ref().unwrap().token_type, "bearer");
     // The fake verified the signature and issued a token for the Service Account.
     assert_eq!(h.fake.stats().jwt_issued, 1);
-    assert_eq!(
-        h.fake.token_user_id(&token).as_deref(),
-        Some(seed::SERVICE_ACCOUNT_ID)
-    );
+    assert_eq!(h.fake.token_user_id(&token).as_deref(), Some(seed::SERVICE_ACCOUNT_ID));
 
     let seen = h.fake.accepted_assertions();
     let a = seen.last().unwrap();
@@ -40,14 +37,8 @@ async fn enterprise_token_is_minted_with_a_verified_assertion() {
     assert!((16..=128).contains(&jti.len()));
     let exp = a.claims["exp"].as_i64().unwrap();
     let iat = a.claims["iat"].as_i64().unwrap();
-    assert!(
-        exp > iat && exp - iat <= 60,
-        "exp must be at most 60 s ahead"
-    );
-    assert_eq!(
-        a.form_fields,
-        ["grant_type", "assertion", "client_id", "client_secret"]
-    );
+    assert!(exp > iat && exp - iat <= 60, "exp must be at most 60 s ahead");
+    assert_eq!(a.form_fields, ["grant_type", "assertion", "client_id", "client_secret"]);
 }
 
 #[tokio::test]
@@ -71,14 +62,8 @@ async fn app_user_and_managed_user_tokens_are_minted_for_those_users() {
     let h = Harness::start().await;
     let app_user = token_of(&h.get(user(seed::APP_USER_IDS[0])).await.unwrap());
     let managed = token_of(&h.get(user(seed::MANAGED_USER_ID)).await.unwrap());
-    assert_eq!(
-        h.fake.token_user_id(&app_user).as_deref(),
-        Some(seed::APP_USER_IDS[0])
-    );
-    assert_eq!(
-        h.fake.token_user_id(&managed).as_deref(),
-        Some(seed::MANAGED_USER_ID)
-    );
+    assert_eq!(h.fake.token_user_id(&app_user).as_deref(), Some(seed::APP_USER_IDS[0]));
+    assert_eq!(h.fake.token_user_id(&managed).as_deref(), Some(seed::MANAGED_USER_ID));
     let seen = h.fake.accepted_assertions();
     assert!(seen.iter().all(|a| a.claims["box_sub_type"] == "user"));
     assert_eq!(h.fake.stats().jwt_issued, 2);
@@ -92,10 +77,7 @@ async fn rs512_is_used_when_configured() {
     })
     .await;
     h.get(enterprise()).await.unwrap();
-    assert_eq!(
-        h.fake.accepted_assertions().last().unwrap().alg,
-        Algorithm::RS512
-    );
+    assert_eq!(h.fake.accepted_assertions().last().unwrap().alg, Algorithm::RS512);
 }
 
 #[tokio::test]
@@ -106,10 +88,7 @@ async fn rs384_is_used_when_configured() {
     })
     .await;
     h.get(enterprise()).await.unwrap();
-    assert_eq!(
-        h.fake.accepted_assertions().last().unwrap().alg,
-        Algorithm::RS384
-    );
+    assert_eq!(h.fake.accepted_assertions().last().unwrap().alg, Algorithm::RS384);
 }
 
 #[tokio::test]
@@ -149,14 +128,8 @@ async fn ccg_enterprise_and_user_tokens_are_minted() {
     .await;
     let sa = token_of(&h.get(enterprise()).await.unwrap());
     let app_user = token_of(&h.get(user(seed::APP_USER_IDS[2])).await.unwrap());
-    assert_eq!(
-        h.fake.token_user_id(&sa).as_deref(),
-        Some(seed::SERVICE_ACCOUNT_ID)
-    );
-    assert_eq!(
-        h.fake.token_user_id(&app_user).as_deref(),
-        Some(seed::APP_USER_IDS[2])
-    );
+    assert_eq!(h.fake.token_user_id(&sa).as_deref(), Some(seed::SERVICE_ACCOUNT_ID));
+    assert_eq!(h.fake.token_user_id(&app_user).as_deref(), Some(seed::APP_USER_IDS[2]));
     let stats = h.fake.stats();
     assert_eq!((stats.ccg_issued, stats.jwt_requests), (2, 0));
 }

@@ -13,9 +13,7 @@ use box_token_broker::{
     pb,
     policy::{Ask, Decision, Policy, PolicySubject, Request},
 };
-use common::{
-    Harness, Options, assert_status, downscope, enterprise, file, folder, token_of, user,
-};
+use common::{Harness, Options, assert_status, downscope, enterprise, file, folder, token_of, user};
 use tonic::{Code, metadata::MetadataValue};
 
 fn example(name: &str) -> Policy {
@@ -50,24 +48,9 @@ fn folder_target(id: &str) -> Target {
 #[test]
 fn system_to_system_gets_enterprise_tokens_only() {
     let p = example("system-to-system.toml");
-    assert!(allowed(
-        &p,
-        "billing-sync",
-        PolicySubject::Enterprise,
-        Ask::Full
-    ));
-    assert!(!allowed(
-        &p,
-        "billing-sync",
-        PolicySubject::User("7200001"),
-        Ask::Full
-    ));
-    assert!(!allowed(
-        &p,
-        "someone-else",
-        PolicySubject::Enterprise,
-        Ask::Full
-    ));
+    assert!(allowed(&p, "billing-sync", PolicySubject::Enterprise, Ask::Full));
+    assert!(!allowed(&p, "billing-sync", PolicySubject::User("7200001"), Ask::Full));
+    assert!(!allowed(&p, "someone-else", PolicySubject::Enterprise, Ask::Full));
 }
 
 #[test]
@@ -85,12 +68,7 @@ fn service_account_portal_gets_only_downscoped_tokens_for_its_folder() {
             target: Some(&portal)
         }
     ));
-    assert!(!allowed(
-        &p,
-        "public-portal",
-        PolicySubject::Enterprise,
-        Ask::Full
-    ));
+    assert!(!allowed(&p, "public-portal", PolicySubject::Enterprise, Ask::Full));
     assert!(!allowed(
         &p,
         "public-portal",
@@ -229,11 +207,7 @@ fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
     request
 }
 
-async fn get(
-    h: &Harness,
-    key: &str,
-    message: pb::GetTokenRequest,
-) -> Result<pb::GetTokenResponse, tonic::Status> {
+async fn get(h: &Harness, key: &str, message: pb::GetTokenRequest) -> Result<pb::GetTokenResponse, tonic::Status> {
     h.client
         .clone()
         .get_token(with_key(message, key))
@@ -272,9 +246,7 @@ async fn callers_get_what_the_policy_allows_and_nothing_more() {
     // Escalations: each refused, naming what is not allowed.
     let cases: Vec<(Result<(), tonic::Status>, &str)> = vec![
         (
-            get(&h, PORTAL_KEY, user(seed::APP_USER_IDS[0]))
-                .await
-                .map(drop),
+            get(&h, PORTAL_KEY, user(seed::APP_USER_IDS[0])).await.map(drop),
             "full (un-downscoped) tokens are not allowed",
         ),
         (
@@ -320,9 +292,7 @@ async fn callers_get_what_the_policy_allows_and_nothing_more() {
             "user 7200001 is not allowed",
         ),
         (
-            get(&h, HR_KEY, user(seed::EXTERNAL_USER_ID))
-                .await
-                .map(drop),
+            get(&h, HR_KEY, user(seed::EXTERNAL_USER_ID)).await.map(drop),
             "user 7400001 is not allowed",
         ),
         (
@@ -414,20 +384,13 @@ async fn every_decision_is_audited_without_the_token() {
     .await
     .unwrap();
     let child = child.token.unwrap().access_token;
-    get(&h, PORTAL_KEY, user(seed::APP_USER_IDS[0]))
-        .await
-        .unwrap_err();
+    get(&h, PORTAL_KEY, user(seed::APP_USER_IDS[0])).await.unwrap_err();
     h.get(enterprise()).await.unwrap_err();
-    h.fake.fail_next(
-        1,
-        box_token_broker::fakebox::Fault::ServerError { status: 503 },
-    );
+    h.fake
+        .fail_next(1, box_token_broker::fakebox::Fault::ServerError { status: 503 });
     let mut forced = user(seed::MANAGED_USER_ID);
     forced.force_refresh = true;
-    assert_eq!(
-        get(&h, HR_KEY, forced).await.unwrap_err().code(),
-        Code::Unavailable
-    );
+    assert_eq!(get(&h, HR_KEY, forced).await.unwrap_err().code(), Code::Unavailable);
 
     let events = h.audit_events();
     assert_eq!(events.len(), 6, "{events:#?}");
@@ -445,28 +408,15 @@ async fn every_decision_is_audited_without_the_token() {
     assert_eq!(issued["subject_type"], "user");
     assert_eq!(issued["subject_id"], seed::MANAGED_USER_ID);
     assert_eq!(issued["cache_hit"], false);
-    assert_eq!(
-        issued["token_sha256"],
-        box_token_broker::audit::fingerprint(&full)
-    );
-    assert!(
-        issued["box_request_id"]
-            .as_str()
-            .is_some_and(|id| !id.is_empty())
-    );
+    assert_eq!(issued["token_sha256"], box_token_broker::audit::fingerprint(&full));
+    assert!(issued["box_request_id"].as_str().is_some_and(|id| !id.is_empty()));
     assert_eq!(events[1]["cache_hit"], again.cache_hit);
 
     let down = &events[2];
     assert_eq!(down["rpc"], "GetDownscopedToken");
     assert_eq!(down["scopes"], serde_json::json!(["item_preview"]));
-    assert_eq!(
-        down["target"],
-        format!("folder:{}", seed::APP_USER_FOLDER_ID)
-    );
-    assert_eq!(
-        down["token_sha256"],
-        box_token_broker::audit::fingerprint(&child)
-    );
+    assert_eq!(down["target"], format!("folder:{}", seed::APP_USER_FOLDER_ID));
+    assert_eq!(down["token_sha256"], box_token_broker::audit::fingerprint(&child));
 
     let denied = &events[3];
     assert_eq!(
@@ -483,10 +433,7 @@ async fn every_decision_is_audited_without_the_token() {
 
     let unauthenticated = &events[4];
     assert_eq!(
-        (
-            unauthenticated["decision"].as_str(),
-            unauthenticated["caller"].as_str()
-        ),
+        (unauthenticated["decision"].as_str(), unauthenticated["caller"].as_str()),
         (Some("deny"), Some("unauthenticated"))
     );
     assert!(
@@ -513,8 +460,10 @@ async fn without_a_policy_every_request_is_denied() {
 
 // Hot reload.
 
-const FOR_SOMEONE_ELSE: &str = "[[rules]]\nname = \"other\"\ncallers = [\"someone-else\"]\nenterprise = true\nfull_tokens = true\n";
-const FOR_ANONYMOUS: &str = "[[rules]]\nname = \"anon\"\ncallers = [\"anonymous\"]\nenterprise = true\nfull_tokens = true\n";
+const FOR_SOMEONE_ELSE: &str =
+    "[[rules]]\nname = \"other\"\ncallers = [\"someone-else\"]\nenterprise = true\nfull_tokens = true\n";
+const FOR_ANONYMOUS: &str =
+    "[[rules]]\nname = \"anon\"\ncallers = [\"anonymous\"]\nenterprise = true\nfull_tokens = true\n";
 
 async fn reloadable() -> (Harness, tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -533,10 +482,7 @@ async fn a_valid_policy_change_takes_effect_without_restart() {
     use box_token_broker::reload::{PolicyWatcher, ReloadOutcome};
     let (h, _dir, path) = reloadable().await;
     let mut watcher = PolicyWatcher::new(path.clone(), h.broker.clone());
-    assert_eq!(
-        h.get(enterprise()).await.unwrap_err().code(),
-        Code::PermissionDenied
-    );
+    assert_eq!(h.get(enterprise()).await.unwrap_err().code(), Code::PermissionDenied);
     assert_eq!(watcher.check(false), ReloadOutcome::Unchanged);
     std::fs::write(&path, FOR_ANONYMOUS).unwrap();
     assert_eq!(watcher.check(false), ReloadOutcome::Reloaded);
@@ -550,7 +496,11 @@ async fn an_invalid_policy_change_is_rejected_and_the_old_policy_stays() {
     let mut watcher = PolicyWatcher::new(path.clone(), h.broker.clone());
     std::fs::write(&path, FOR_ANONYMOUS).unwrap();
     assert_eq!(watcher.check(false), ReloadOutcome::Reloaded);
-    std::fs::write(&path, "[[rules]]\nname = \"broken\"\ncallers = [\"anonymous\"]\nenterprise = true\nscopes = [\"item_everything\"]\n").unwrap();
+    std::fs::write(
+        &path,
+        "[[rules]]\nname = \"broken\"\ncallers = [\"anonymous\"]\nenterprise = true\nscopes = [\"item_everything\"]\n",
+    )
+    .unwrap();
     let ReloadOutcome::Rejected(why) = watcher.check(false) else {
         panic!("an invalid policy is rejected")
     };
@@ -570,10 +520,8 @@ async fn an_invalid_policy_change_is_rejected_and_the_old_policy_stays() {
 async fn the_watcher_notices_a_changed_file_by_itself() {
     use box_token_broker::reload::PolicyWatcher;
     let (h, _dir, path) = reloadable().await;
-    let watcher = tokio::spawn(
-        PolicyWatcher::new(path.clone(), h.broker.clone())
-            .run(std::time::Duration::from_millis(20)),
-    );
+    let watcher =
+        tokio::spawn(PolicyWatcher::new(path.clone(), h.broker.clone()).run(std::time::Duration::from_millis(20)));
     std::fs::write(&path, FOR_ANONYMOUS).unwrap();
     let changed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         while h.broker.policy().rules[0].name != "anon" {

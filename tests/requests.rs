@@ -46,10 +46,7 @@ async fn a_non_numeric_user_id_is_invalid_and_quoted() {
         "\"alice@example.com\" is not a numeric Box user id",
     );
     let s = h.get(user("12\n34")).await.unwrap_err();
-    assert!(
-        !s.message().contains('\n'),
-        "control characters are not echoed"
-    );
+    assert!(!s.message().contains('\n'), "control characters are not echoed");
 }
 
 #[tokio::test]
@@ -109,11 +106,7 @@ async fn anonymous_callers_are_unauthenticated_unless_allowed() {
     })
     .await;
     let s = h.get(enterprise()).await.unwrap_err();
-    assert_status(
-        &s,
-        Code::Unauthenticated,
-        "anonymous callers are not admitted",
-    );
+    assert_status(&s, Code::Unauthenticated, "anonymous callers are not admitted");
     assert_eq!(h.fake.stats().token_requests, 0);
 }
 
@@ -154,8 +147,7 @@ async fn reflection_is_served_in_both_versions() {
         .unwrap()
         .into_inner();
     let response = stream.message().await.unwrap().unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        response.message_response
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = response.message_response
     else {
         panic!("a service list")
     };
@@ -164,32 +156,20 @@ async fn reflection_is_served_in_both_versions() {
         names.contains(&"boxbroker.v1.TokenBrokerService".to_owned()),
         "{names:?}"
     );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_owned()),
-        "{names:?}"
-    );
+    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
 
     // grpcurl 1.8 speaks only v1alpha.
     let list_alpha = v1alpha::ServerReflectionRequest {
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
-        ),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
         ..Default::default()
     };
-    let mut client =
-        v1alpha::server_reflection_client::ServerReflectionClient::new(h.channel.clone());
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(h.channel.clone());
     let mut stream = client
         .server_reflection_info(tokio_stream::iter([list_alpha]))
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        stream
-            .message()
-            .await
-            .unwrap()
-            .unwrap()
-            .message_response
-            .is_some()
-    );
+    assert!(stream.message().await.unwrap().unwrap().message_response.is_some());
 }

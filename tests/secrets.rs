@@ -115,23 +115,10 @@ async fn debug_output_hides_every_secret() {
 
     let debug = format!(
         "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-        app.credentials,
-        console,
-        app,
-        lookup,
-        issued,
-        response,
-        response.token,
-        h.app,
-        h.broker,
-        downscoped,
-        revoke
+        app.credentials, console, app, lookup, issued, response, response.token, h.app, h.broker, downscoped, revoke
     );
     assert!(debug.contains("****"), "secrets are shown as ****");
-    assert!(
-        debug.contains(&h.app.client_id),
-        "non-secret ids stay visible"
-    );
+    assert!(debug.contains(&h.app.client_id), "non-secret ids stay visible");
     assert_free_of(&debug, &secrets, "Debug output");
 }
 
@@ -153,11 +140,7 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
     // JWT: enterprise, App User, Managed User, a forced refresh, and failures.
     let h = Harness::start().await;
     secrets.push(h.app.client_secret.expose_secret().to_owned());
-    for request in [
-        enterprise(),
-        user(seed::APP_USER_IDS[0]),
-        user(seed::MANAGED_USER_ID),
-    ] {
+    for request in [enterprise(), user(seed::APP_USER_IDS[0]), user(seed::MANAGED_USER_ID)] {
         secrets.push(token_of(&h.get(request).await.unwrap()));
     }
     let mut force = enterprise();
@@ -188,12 +171,7 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
         .to_owned(),
     );
     h.fake.set_omit_restrictions(false);
-    h.fake.fail_next(
-        1,
-        Fault::RateLimited {
-            retry_after_secs: 1,
-        },
-    );
+    h.fake.fail_next(1, Fault::RateLimited { retry_after_secs: 1 });
     messages.push(
         h.get(user(seed::APP_USER_IDS[1]))
             .await
@@ -208,15 +186,8 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
             .message()
             .to_owned(),
     );
-    messages.push(
-        h.get(user("not-a-number"))
-            .await
-            .unwrap_err()
-            .message()
-            .to_owned(),
-    );
-    h.fake
-        .update_app(&h.app.client_id, |a| a.authorized = false);
+    messages.push(h.get(user("not-a-number")).await.unwrap_err().message().to_owned());
+    h.fake.update_app(&h.app.client_id, |a| a.authorized = false);
     messages.push(
         h.get(user(seed::APP_USER_IDS[2]))
             .await
@@ -233,14 +204,7 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
     .await;
     secrets.push("canary-wrong-secret-77".to_owned());
     secrets.push(wrong.app.client_secret.expose_secret().to_owned());
-    messages.push(
-        wrong
-            .get(enterprise())
-            .await
-            .unwrap_err()
-            .message()
-            .to_owned(),
-    );
+    messages.push(wrong.get(enterprise()).await.unwrap_err().message().to_owned());
 
     // CCG.
     let ccg = Harness::with(Options {
@@ -259,10 +223,7 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
     );
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(
-        logs.contains("minted a Box token"),
-        "the scenario was logged:\n{logs}"
-    );
+    assert!(logs.contains("minted a Box token"), "the scenario was logged:\n{logs}");
     assert!(
         logs.contains("minting a Box token failed"),
         "failures were logged:\n{logs}"

@@ -14,14 +14,9 @@ use tonic::Code;
 #[tokio::test]
 async fn unauthorized_app_is_failed_precondition() {
     let h = Harness::start().await;
-    h.fake
-        .update_app(&h.app.client_id, |a| a.authorized = false);
+    h.fake.update_app(&h.app.client_id, |a| a.authorized = false);
     let status = h.get(enterprise()).await.unwrap_err();
-    assert_status(
-        &status,
-        Code::FailedPrecondition,
-        "not authorized in the Admin Console",
-    );
+    assert_status(&status, Code::FailedPrecondition, "not authorized in the Admin Console");
     assert!(status.message().contains(&h.app.client_id));
 }
 
@@ -44,14 +39,9 @@ async fn wrong_client_secret_is_failed_precondition() {
 #[tokio::test]
 async fn disabled_user_tokens_are_failed_precondition() {
     let h = Harness::start().await;
-    h.fake
-        .update_app(&h.app.client_id, |a| a.user_tokens = false);
+    h.fake.update_app(&h.app.client_id, |a| a.user_tokens = false);
     let status = h.get(user(seed::APP_USER_IDS[0])).await.unwrap_err();
-    assert_status(
-        &status,
-        Code::FailedPrecondition,
-        "Generate user access tokens",
-    );
+    assert_status(&status, Code::FailedPrecondition, "Generate user access tokens");
     // The Service Account still works.
     h.get(enterprise()).await.unwrap();
 }
@@ -59,8 +49,7 @@ async fn disabled_user_tokens_are_failed_precondition() {
 #[tokio::test]
 async fn managed_users_without_enterprise_access_are_failed_precondition() {
     let h = Harness::start().await;
-    h.fake
-        .update_app(&h.app.client_id, |a| a.enterprise_access = false);
+    h.fake.update_app(&h.app.client_id, |a| a.enterprise_access = false);
     let status = h.get(user(seed::MANAGED_USER_ID)).await.unwrap_err();
     assert_status(&status, Code::FailedPrecondition, "App + Enterprise Access");
     h.get(user(seed::APP_USER_IDS[0])).await.unwrap();
@@ -133,8 +122,7 @@ async fn a_wrong_enterprise_id_is_failed_precondition() {
 #[tokio::test]
 async fn an_app_set_up_for_another_grant_is_failed_precondition() {
     let h = Harness::start().await;
-    h.fake
-        .update_app(&h.app.client_id, |a| a.auth = FakeAuth::Ccg);
+    h.fake.update_app(&h.app.client_id, |a| a.auth = FakeAuth::Ccg);
     let status = h.get(enterprise()).await.unwrap_err();
     assert_status(&status, Code::FailedPrecondition, "not set up for JWT");
 }
@@ -158,18 +146,10 @@ async fn a_broker_clock_ahead_of_box_is_failed_precondition_about_clocks() {
 #[tokio::test]
 async fn rate_limiting_is_unavailable_with_a_retry_hint() {
     let h = Harness::start().await;
-    h.fake.fail_next(
-        1,
-        Fault::RateLimited {
-            retry_after_secs: 7,
-        },
-    );
+    h.fake.fail_next(1, Fault::RateLimited { retry_after_secs: 7 });
     let status = h.get(enterprise()).await.unwrap_err();
     assert_status(&status, Code::Unavailable, "retry after 7 s");
-    assert_eq!(
-        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
-        "7000"
-    );
+    assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "7000");
 }
 
 #[tokio::test]
@@ -208,11 +188,7 @@ async fn a_reused_jti_is_unavailable_so_callers_retry() {
             body: body.to_owned(),
         },
     );
-    assert_status(
-        &h.get(enterprise()).await.unwrap_err(),
-        Code::Unavailable,
-        "jti",
-    );
+    assert_status(&h.get(enterprise()).await.unwrap_err(), Code::Unavailable, "jti");
 }
 
 #[tokio::test]
@@ -243,11 +219,7 @@ async fn a_success_without_a_token_is_unavailable_and_not_cached() {
             body: r#"{"expires_in": 3600}"#.to_owned(),
         },
     );
-    assert_status(
-        &h.get(enterprise()).await.unwrap_err(),
-        Code::Unavailable,
-        "cannot use",
-    );
+    assert_status(&h.get(enterprise()).await.unwrap_err(), Code::Unavailable, "cannot use");
     h.get(enterprise()).await.unwrap();
 }
 
@@ -307,8 +279,7 @@ async fn ccg_unauthorized_app_is_failed_precondition() {
         ..Options::default()
     })
     .await;
-    h.fake
-        .update_app(&h.app.client_id, |a| a.authorized = false);
+    h.fake.update_app(&h.app.client_id, |a| a.authorized = false);
     assert_status(
         &h.get(enterprise()).await.unwrap_err(),
         Code::FailedPrecondition,

@@ -58,10 +58,8 @@ impl fmt::Debug for KubernetesAuth {
 }
 
 fn read_jwks(path: &Path) -> Result<JwkSet, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not a JWKS (JSON Web Key Set): {e}", path.display()))
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: not a JWKS (JSON Web Key Set): {e}", path.display()))
 }
 
 impl KubernetesAuth {
@@ -72,10 +70,7 @@ impl KubernetesAuth {
         }
         let keys = read_jwks(&config.jwks_file)?;
         if keys.keys.is_empty() {
-            return Err(format!(
-                "{}: the JWKS holds no keys",
-                config.jwks_file.display()
-            ));
+            return Err(format!("{}: the JWKS holds no keys", config.jwks_file.display()));
         }
         Ok(Self {
             config,
@@ -86,18 +81,12 @@ impl KubernetesAuth {
 
     /// The caller identity a valid token proves.
     pub fn verify(&self, token: &str) -> Result<String, AuthError> {
-        let invalid = |why: &str| {
-            AuthError(format!(
-                "the Kubernetes service-account token is not accepted: {why}"
-            ))
-        };
+        let invalid = |why: &str| AuthError(format!("the Kubernetes service-account token is not accepted: {why}"));
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("it is not a JWT"))?;
         if !ALGORITHMS.contains(&header.alg) {
             return Err(invalid("its signature algorithm is not allowed"));
         }
-        let kid = header
-            .kid
-            .ok_or_else(|| invalid("its header names no key (kid)"))?;
+        let kid = header.kid.ok_or_else(|| invalid("its header names no key (kid)"))?;
         let key = self
             .key(&kid)
             .ok_or_else(|| invalid("it is signed by a key the cluster's JWKS does not hold"))?;
@@ -117,9 +106,7 @@ impl KubernetesAuth {
                     ErrorKind::ImmatureSignature => "it is not valid yet",
                     ErrorKind::InvalidIssuer => "its issuer is not the configured one",
                     ErrorKind::InvalidAudience => "its audience is not the configured one",
-                    ErrorKind::MissingRequiredClaim(_) => {
-                        "it lacks a required claim (exp, iss, aud, sub)"
-                    }
+                    ErrorKind::MissingRequiredClaim(_) => "it lacks a required claim (exp, iss, aud, sub)",
                     _ => "its signature does not verify",
                 })
             })?
@@ -129,23 +116,16 @@ impl KubernetesAuth {
             .strip_prefix("system:serviceaccount:")
             .ok_or_else(|| invalid("it is not a service-account token"))?;
         match rest.split_once(':') {
-            Some((namespace, name))
-                if !namespace.is_empty() && !name.is_empty() && !name.contains(':') =>
-            {
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains(':') => {
                 Ok(claims.sub)
             }
-            _ => Err(invalid(
-                "its subject is not system:serviceaccount:<namespace>:<name>",
-            )),
+            _ => Err(invalid("its subject is not system:serviceaccount:<namespace>:<name>")),
         }
     }
 
     /// The key for `kid`, re-reading the JWKS file (rate-limited) when it is unknown.
     fn key(&self, kid: &str) -> Option<DecodingKey> {
-        let find = |keys: &JwkSet| {
-            keys.find(kid)
-                .and_then(|jwk| DecodingKey::from_jwk(jwk).ok())
-        };
+        let find = |keys: &JwkSet| keys.find(kid).and_then(|jwk| DecodingKey::from_jwk(jwk).ok());
         if let Some(key) = self.keys.read().ok().and_then(|keys| find(&keys)) {
             return Some(key);
         }

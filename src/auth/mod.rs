@@ -26,6 +26,8 @@ pub enum CallerIdentity {
     ApiKey(String),
     /// A Kubernetes service account: `system:serviceaccount:<namespace>:<name>`.
     ServiceAccount(String),
+    /// Whoever connects to a Unix socket listener: the name configured for it.
+    UnixSocket(String),
 }
 
 impl CallerIdentity {
@@ -33,7 +35,7 @@ impl CallerIdentity {
     pub fn name(&self) -> &str {
         match self {
             Self::Anonymous => "anonymous",
-            Self::ApiKey(identity) | Self::ServiceAccount(identity) => identity,
+            Self::ApiKey(identity) | Self::ServiceAccount(identity) | Self::UnixSocket(identity) => identity,
         }
     }
 }
@@ -51,16 +53,15 @@ pub struct Authenticator {
     /// (identity, SHA-256 of the key).
     api_keys: Vec<(String, [u8; 32])>,
     kubernetes: Option<Arc<KubernetesAuth>>,
+    /// On a Unix socket listener: the identity of every peer, and the uids allowed.
+    unix_socket: Option<(String, Vec<u32>)>,
 }
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticator")
             .field("allow_anonymous", &self.allow_anonymous)
-            .field(
-                "api_keys",
-                &self.api_keys.iter().map(|(id, _)| id).collect::<Vec<_>>(),
-            )
+            .field("api_keys", &self.api_keys.iter().map(|(id, _)| id).collect::<Vec<_>>())
             .field("kubernetes", &self.kubernetes)
             .finish()
     }
@@ -78,6 +79,20 @@ impl Authenticator {
             allow_anonymous,
             api_keys: Vec::new(),
             kubernetes: None,
+            unix_socket: None,
+        }
+    }
+
+    /// The authenticator of a Unix socket listener: every peer is `identity`,
+    /// provided its uid is in `allowed_uids` (any uid when empty). Nothing
+    /// else is accepted there: the socket's file permissions and the uid
+    /// check are the trust boundary of a sidecar.
+    pub fn unix_socket(identity: String, allowed_uids: Vec<u32>) -> Self {
+        Self {
+            allow_anonymous: false,
+            api_keys: Vec::new(),
+            kubernetes: None,
+            unix_socket: Some((identity, allowed_uids)),
         }
     }
 
@@ -101,10 +116,10 @@ impl Authenticator {
     }
 
     /// Identifies the caller of `request`.
-    pub fn authenticate<T>(
-        &self,
-        request: &tonic::Request<T>,
-    ) -> Result<CallerIdentity, AuthError> {
+    pub fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<CallerIdentity, AuthError> {
+        if let Some((identity, allowed_uids)) = &self.unix_socket {
+            return unix_peer(request, identity, allowed_uids);
+        }
         if let Some(presented) = request.metadata().get(API_KEY_HEADER) {
             return self.api_key(presented.as_bytes());
         }
@@ -112,22 +127,12 @@ impl Authenticator {
             let token = authorization
                 .to_str()
                 .ok()
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                })
-                .ok_or_else(|| {
-                    AuthError("the authorization header must be `Bearer <token>`".to_owned())
-                })?;
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .ok_or_else(|| AuthError("the authorization header must be `Bearer <token>`".to_owned()))?;
             let kubernetes = self.kubernetes.as_ref().ok_or_else(|| {
-                AuthError(
-                    "bearer tokens are not accepted here: no [auth.kubernetes] is configured"
-                        .to_owned(),
-                )
+                AuthError("bearer tokens are not accepted here: no [auth.kubernetes] is configured".to_owned())
             })?;
-            return kubernetes
-                .verify(token.trim())
-                .map(CallerIdentity::ServiceAccount);
+            return kubernetes.verify(token.trim()).map(CallerIdentity::ServiceAccount);
         }
         if self.allow_anonymous {
             return Ok(CallerIdentity::Anonymous);
@@ -148,12 +153,32 @@ impl Authenticator {
         }
         found
             .map(|identity| CallerIdentity::ApiKey(identity.clone()))
-            .ok_or_else(|| {
-                AuthError(format!(
-                    "the {API_KEY_HEADER} header does not hold a valid API key"
-                ))
-            })
+            .ok_or_else(|| AuthError(format!("the {API_KEY_HEADER} header does not hold a valid API key")))
     }
+}
+
+/// The identity of a Unix-socket peer, after the uid check.
+#[cfg(unix)]
+fn unix_peer<T>(
+    request: &tonic::Request<T>,
+    identity: &str,
+    allowed_uids: &[u32],
+) -> Result<CallerIdentity, AuthError> {
+    let uid = request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid())
+        .ok_or_else(|| AuthError("the Unix socket peer's credentials are not available".to_owned()))?;
+    if !allowed_uids.is_empty() && !allowed_uids.contains(&uid) {
+        return Err(AuthError(format!("uid {uid} is not allowed on this Unix socket")));
+    }
+    Ok(CallerIdentity::UnixSocket(identity.to_owned()))
+}
+
+#[cfg(not(unix))]
+fn unix_peer<T>(_: &tonic::Request<T>, _: &str, _: &[u32]) -> Result<CallerIdentity, AuthError> {
+    Err(AuthError("Unix sockets are not supported on this platform".to_owned()))
 }
 
 #[cfg(test)]
@@ -169,10 +194,7 @@ mod tests {
     }
 
     fn auth() -> Authenticator {
-        Authenticator::new(false).with_api_keys(vec![(
-            "billing".to_owned(),
-            Sha256::digest(b"k-123").into(),
-        )])
+        Authenticator::new(false).with_api_keys(vec![("billing".to_owned(), Sha256::digest(b"k-123").into())])
     }
 
     #[test]
@@ -198,9 +220,7 @@ mod tests {
     fn no_credentials_are_refused_unless_anonymous_is_allowed() {
         assert!(auth().authenticate(&tonic::Request::new(())).is_err());
         assert_eq!(
-            Authenticator::new(true)
-                .authenticate(&tonic::Request::new(()))
-                .ok(),
+            Authenticator::new(true).authenticate(&tonic::Request::new(())).ok(),
             Some(CallerIdentity::Anonymous)
         );
     }

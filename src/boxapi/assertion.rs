@@ -79,11 +79,7 @@ impl fmt::Debug for SignedAssertion {
 pub struct SigningError(String);
 
 /// Signs `claims` with `key`, putting the key's `kid` in the header.
-pub fn sign(
-    claims: &Claims,
-    key: &SigningKey,
-    algorithm: JwtAlgorithm,
-) -> Result<SignedAssertion, SigningError> {
+pub fn sign(claims: &Claims, key: &SigningKey, algorithm: JwtAlgorithm) -> Result<SignedAssertion, SigningError> {
     let mut header = Header::new(algorithm.into());
     header.kid = Some(key.kid().to_owned());
     header.typ = Some("JWT".to_owned());

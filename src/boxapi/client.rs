@@ -108,11 +108,7 @@ impl BoxClient {
     }
 
     /// Mints a token for `subject` with the app's JWT key or client credentials.
-    pub async fn request_token(
-        &self,
-        app: &AppCredentials,
-        subject: &BoxSubject,
-    ) -> Result<IssuedToken, BoxApiError> {
+    pub async fn request_token(&self, app: &AppCredentials, subject: &BoxSubject) -> Result<IssuedToken, BoxApiError> {
         let issued_at = self.clock.now();
         let secret = app.client_secret.expose_secret();
         let response = match &app.auth {
@@ -154,10 +150,7 @@ impl BoxClient {
         let scope = scopes.join(" ");
         let target = target.map(Target::form_field);
         let mut form = vec![
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
+            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
             ("subject_token", subject_token.expose_secret()),
             ("subject_token_type", ACCESS_TOKEN_TYPE),
             ("scope", scope.as_str()),
@@ -170,11 +163,7 @@ impl BoxClient {
     }
 
     /// Revokes `token` at Box (`/oauth2/revoke`, box-contract.md §6).
-    pub async fn revoke(
-        &self,
-        app: &AppCredentials,
-        token: &SecretString,
-    ) -> Result<(), BoxApiError> {
+    pub async fn revoke(&self, app: &AppCredentials, token: &SecretString) -> Result<(), BoxApiError> {
         let form = [
             ("client_id", app.client_id.as_str()),
             ("client_secret", app.client_secret.expose_secret()),
@@ -186,8 +175,7 @@ impl BoxClient {
             return Ok(());
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
-            let retry_after =
-                header_str(&response, "retry-after").and_then(|v| parse_retry_after(&v));
+            let retry_after = header_str(&response, "retry-after").and_then(|v| parse_retry_after(&v));
             return Err(BoxApiError::RateLimited { retry_after });
         }
         if status.is_server_error() {
@@ -205,13 +193,8 @@ impl BoxClient {
         )))
     }
 
-    async fn post_form(
-        &self,
-        url: &str,
-        form: &[(&str, &str)],
-    ) -> Result<reqwest::Response, BoxApiError> {
-        let body = serde_urlencoded::to_string(form)
-            .map_err(|_| BoxApiError::Malformed("form encoding failed"))?;
+    async fn post_form(&self, url: &str, form: &[(&str, &str)]) -> Result<reqwest::Response, BoxApiError> {
+        let body = serde_urlencoded::to_string(form).map_err(|_| BoxApiError::Malformed("form encoding failed"))?;
         self.http
             .post(url)
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -255,16 +238,13 @@ struct RestrictedObject {
     id: String,
 }
 
-async fn read_token_response(
-    response: reqwest::Response,
-    issued_at: SystemTime,
-) -> Result<IssuedToken, BoxApiError> {
+async fn read_token_response(response: reqwest::Response, issued_at: SystemTime) -> Result<IssuedToken, BoxApiError> {
     let status = response.status();
     let request_id = header_str(&response, "box-request-id");
     if status == StatusCode::OK {
         let bytes = response.bytes().await.map_err(transport_error)?;
-        let body: TokenBody = serde_json::from_slice(&bytes)
-            .map_err(|_| BoxApiError::Malformed("the token response is not JSON"))?;
+        let body: TokenBody =
+            serde_json::from_slice(&bytes).map_err(|_| BoxApiError::Malformed("the token response is not JSON"))?;
         let access_token = body
             .access_token
             .filter(|t| !t.is_empty())
@@ -303,8 +283,7 @@ async fn read_token_response(
             status: status.as_u16(),
         });
     }
-    let server_date =
-        header_str(&response, "date").and_then(|d| httpdate::parse_http_date(&d).ok());
+    let server_date = header_str(&response, "date").and_then(|d| httpdate::parse_http_date(&d).ok());
     let bytes = response.bytes().await.unwrap_or_default();
     Err(BoxApiError::Rejected(parse_error_body(
         status.as_u16(),

@@ -13,10 +13,7 @@ use std::{
 };
 
 use jsonwebtoken::{Algorithm, EncodingKey};
-use rsa::{
-    RsaPrivateKey, pkcs1::EncodeRsaPrivateKey as _, pkcs8::EncodePublicKey as _,
-    traits::PublicKeyParts as _,
-};
+use rsa::{RsaPrivateKey, pkcs1::EncodeRsaPrivateKey as _, pkcs8::EncodePublicKey as _, traits::PublicKeyParts as _};
 use secrecy::{ExposeSecret as _, SecretString};
 use sha2::{Digest as _, Sha256};
 
@@ -277,42 +274,31 @@ impl BoxConfigJson {
     /// Parses the console download. Values are taken out by hand rather than
     /// by serde's derive so that no error message can quote a secret value.
     fn parse(text: &str, path: &Path) -> Result<Self, CredentialError> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| CredentialError::Json {
-                path: path.to_owned(),
-                problem: format!(
-                    "{:?} error at line {} column {}",
-                    e.classify(),
-                    e.line(),
-                    e.column()
-                ),
-            })?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| CredentialError::Json {
+            path: path.to_owned(),
+            problem: format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()),
+        })?;
         let invalid = |problem: String| CredentialError::Invalid {
             where_: path.display().to_string(),
             problem,
         };
-        let settings = value
-            .get("boxAppSettings")
-            .ok_or_else(|| invalid("missing \"boxAppSettings\" (is this the JSON the Box developer console downloads?)".into()))?;
-        let string = |v: Option<&serde_json::Value>,
-                      name: &str|
-         -> Result<Option<String>, CredentialError> {
+        let settings = value.get("boxAppSettings").ok_or_else(|| {
+            invalid("missing \"boxAppSettings\" (is this the JSON the Box developer console downloads?)".into())
+        })?;
+        let string = |v: Option<&serde_json::Value>, name: &str| -> Result<Option<String>, CredentialError> {
             match v {
                 None | Some(serde_json::Value::Null) => Ok(None),
                 Some(serde_json::Value::String(s)) if s.is_empty() => Ok(None),
                 Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
                 // Box writes enterpriseID as a string; accept a number too.
-                Some(serde_json::Value::Number(n)) if name == "enterpriseID" => {
-                    Ok(Some(n.to_string()))
-                }
+                Some(serde_json::Value::Number(n)) if name == "enterpriseID" => Ok(Some(n.to_string())),
                 Some(_) => Err(invalid(format!("\"{name}\" must be a string"))),
             }
         };
         let app_auth = settings.get("appAuth");
         Ok(Self {
             client_id: string(settings.get("clientID"), "boxAppSettings.clientID")?,
-            client_secret: string(settings.get("clientSecret"), "boxAppSettings.clientSecret")?
-                .map(SecretString::from),
+            client_secret: string(settings.get("clientSecret"), "boxAppSettings.clientSecret")?.map(SecretString::from),
             public_key_id: string(
                 app_auth.and_then(|a| a.get("publicKeyID")),
                 "boxAppSettings.appAuth.publicKeyID",
@@ -364,9 +350,7 @@ impl CredentialSources {
             .map_or_else(|| format!("apps.{name}"), |p| p.display().to_string());
         let missing = |what: &str, file_key: &str| CredentialError::Invalid {
             where_: json_name.clone(),
-            problem: format!(
-                "no {what}: set it in the Box config JSON or give apps.{name}.{file_key}"
-            ),
+            problem: format!("no {what}: set it in the Box config JSON or give apps.{name}.{file_key}"),
         };
 
         let client_id = self
@@ -376,23 +360,19 @@ impl CredentialSources {
             .ok_or_else(|| missing("client id (boxAppSettings.clientID)", "client_id"))?;
         let client_secret = match &self.client_secret_file {
             Some(path) => non_empty_secret(path)?,
-            None => json.client_secret.ok_or_else(|| {
-                missing(
-                    "client secret (boxAppSettings.clientSecret)",
-                    "client_secret_file",
-                )
-            })?,
+            None => json
+                .client_secret
+                .ok_or_else(|| missing("client secret (boxAppSettings.clientSecret)", "client_secret_file"))?,
         };
         let enterprise_id_text = self
             .enterprise_id
             .clone()
             .or(json.enterprise_id)
             .ok_or_else(|| missing("enterprise id (enterpriseID)", "enterprise_id"))?;
-        let enterprise_id =
-            BoxId::parse(&enterprise_id_text).map_err(|e| CredentialError::Invalid {
-                where_: json_name.clone(),
-                problem: format!("enterprise id {e}"),
-            })?;
+        let enterprise_id = BoxId::parse(&enterprise_id_text).map_err(|e| CredentialError::Invalid {
+            where_: json_name.clone(),
+            problem: format!("enterprise id {e}"),
+        })?;
 
         let (key_pem, key_where) = match &self.private_key_file {
             Some(path) => (Some(read_secret_file(path)?), path.display().to_string()),
@@ -408,21 +388,15 @@ impl CredentialSources {
                     Some(path) => Some(read_secret_file(path).map(trim_secret)?),
                     None => json.passphrase,
                 };
-                let key = decode_private_key(pem.expose_secret(), passphrase.as_ref()).map_err(
-                    |source| CredentialError::Key {
+                let key = decode_private_key(pem.expose_secret(), passphrase.as_ref()).map_err(|source| {
+                    CredentialError::Key {
                         where_: key_where.clone(),
                         source,
-                    },
-                )?;
-                let kid = self
-                    .public_key_id
-                    .clone()
-                    .or(json.public_key_id)
-                    .ok_or_else(|| {
-                        missing(
-                            "public key id (boxAppSettings.appAuth.publicKeyID)",
-                            "public_key_id",
-                        )
+                    }
+                })?;
+                let kid =
+                    self.public_key_id.clone().or(json.public_key_id).ok_or_else(|| {
+                        missing("public key id (boxAppSettings.appAuth.publicKeyID)", "public_key_id")
                     })?;
                 let key = SigningKey::new(kid, &key).map_err(|source| CredentialError::Key {
                     where_: key_where,
@@ -489,10 +463,7 @@ mod tests {
         assert_eq!(BoxId::parse("").err(), Some(BoxIdError::Empty));
         assert_eq!(BoxId::parse("12a").err(), Some(BoxIdError::NotNumeric));
         assert_eq!(BoxId::parse("-1").err(), Some(BoxIdError::NotNumeric));
-        assert_eq!(
-            BoxId::parse(&"1".repeat(21)).err(),
-            Some(BoxIdError::NotNumeric)
-        );
+        assert_eq!(BoxId::parse(&"1".repeat(21)).err(), Some(BoxIdError::NotNumeric));
     }
 
     #[test]

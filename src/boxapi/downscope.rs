@@ -51,9 +51,7 @@ pub enum ScopeError {
     #[error("scopes is empty: name at least one Box downscope scope, e.g. item_preview")]
     Empty,
     /// Not a Box downscope scope.
-    #[error(
-        "scope {0:?} is not a Box downscope scope (e.g. item_preview, item_download, base_explorer)"
-    )]
+    #[error("scope {0:?} is not a Box downscope scope (e.g. item_preview, item_download, base_explorer)")]
     Unknown(String),
 }
 
@@ -62,16 +60,9 @@ pub fn normalize_scopes(scopes: &[String]) -> Result<Vec<String>, ScopeError> {
     if scopes.is_empty() {
         return Err(ScopeError::Empty);
     }
-    if let Some(unknown) = scopes
-        .iter()
-        .find(|s| !DOWNSCOPE_SCOPES.contains(&s.as_str()))
-    {
+    if let Some(unknown) = scopes.iter().find(|s| !DOWNSCOPE_SCOPES.contains(&s.as_str())) {
         return Err(ScopeError::Unknown(
-            unknown
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(64)
-                .collect(),
+            unknown.chars().filter(|c| !c.is_control()).take(64).collect(),
         ));
     }
     let mut normalized = scopes.to_vec();
@@ -100,14 +91,9 @@ impl Target {
     /// Checks a shared link: https, a box.com host, no whitespace, sane length.
     pub fn shared_link(url: &str) -> Result<Self, SharedLinkError> {
         let rest = url.strip_prefix("https://").ok_or(SharedLinkError)?;
-        let host = rest
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let host = rest.split('/').next().unwrap_or_default().to_ascii_lowercase();
         let box_host = host == "box.com" || host.ends_with(".box.com");
-        if !box_host || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
+        if !box_host || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(SharedLinkError);
         }
         Ok(Self::SharedLink(url.to_owned()))
@@ -126,12 +112,8 @@ impl Target {
     /// link's item id is not known in advance, so any file or folder counts.
     pub fn is_named_by(&self, restriction: &Restriction) -> bool {
         match self {
-            Self::File(id) => {
-                restriction.object_type == "file" && restriction.object_id == id.as_str()
-            }
-            Self::Folder(id) => {
-                restriction.object_type == "folder" && restriction.object_id == id.as_str()
-            }
+            Self::File(id) => restriction.object_type == "file" && restriction.object_id == id.as_str(),
+            Self::Folder(id) => restriction.object_type == "folder" && restriction.object_id == id.as_str(),
             Self::SharedLink(_) => matches!(restriction.object_type.as_str(), "file" | "folder"),
         }
     }

@@ -92,20 +92,12 @@ impl Diagnosis {
 
 /// Explains `error`, which happened while minting a token for `subject` of
 /// the app whose client id is `client_id`, with key `kid` (JWT apps).
-pub fn diagnose(
-    error: &BoxApiError,
-    subject: &BoxSubject,
-    client_id: &str,
-    kid: Option<&str>,
-    ccg: bool,
-) -> Diagnosis {
+pub fn diagnose(error: &BoxApiError, subject: &BoxSubject, client_id: &str, kid: Option<&str>, ccg: bool) -> Diagnosis {
     use DiagnosisKind::{Misconfigured, NotFound, Unavailable};
     let e = match error {
         BoxApiError::Rejected(e) => e,
         BoxApiError::RateLimited { retry_after } => {
-            let hint = retry_after.map_or_else(String::new, |d| {
-                format!("; Box asks to retry after {} s", d.as_secs())
-            });
+            let hint = retry_after.map_or_else(String::new, |d| format!("; Box asks to retry after {} s", d.as_secs()));
             return Diagnosis {
                 kind: Unavailable,
                 message: format!("Box is rate limiting token requests (HTTP 429){hint}"),
@@ -236,11 +228,7 @@ fn code_suffix(e: &OAuthError) -> String {
 }
 
 /// Explains a failed token exchange of `subject`'s token for `target`.
-pub fn diagnose_exchange(
-    error: &BoxApiError,
-    subject: &BoxSubject,
-    target: Option<&super::Target>,
-) -> Diagnosis {
+pub fn diagnose_exchange(error: &BoxApiError, subject: &BoxSubject, target: Option<&super::Target>) -> Diagnosis {
     use DiagnosisKind::{Misconfigured, NotFound, Unavailable};
     let BoxApiError::Rejected(e) = error else {
         // Transport, throttling and server errors read the same as for a mint.
@@ -261,16 +249,11 @@ pub fn diagnose_exchange(
         ),
         "invalid_grant" => Diagnosis::new(
             Unavailable,
-            format!(
-                "Box no longer accepts {subject}'s token for the exchange (revoked or expired); retry"
-            ),
+            format!("Box no longer accepts {subject}'s token for the exchange (revoked or expired); retry"),
         ),
         "invalid_request" => Diagnosis::new(
             Misconfigured,
-            format!(
-                "Box refused the token exchange for {what}: {}",
-                e.description
-            ),
+            format!("Box refused the token exchange for {what}: {}", e.description),
         ),
         _ => diagnose(error, subject, "", None, false),
     }

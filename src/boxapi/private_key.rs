@@ -51,10 +51,7 @@ pub enum KeyError {
 }
 
 /// Decodes a PEM private key, decrypting it with `passphrase` when it is encrypted.
-pub fn decode_private_key(
-    pem: &str,
-    passphrase: Option<&SecretString>,
-) -> Result<RsaPrivateKey, KeyError> {
+pub fn decode_private_key(pem: &str, passphrase: Option<&SecretString>) -> Result<RsaPrivateKey, KeyError> {
     let block = PemBlock::find(pem)?;
     let key = match block.label {
         "ENCRYPTED PRIVATE KEY" => {
@@ -70,17 +67,15 @@ pub fn decode_private_key(
                 // DER then fails to parse.
                 RsaPrivateKey::from_pkcs1_der(&der).map_err(|_| KeyError::WrongPassphrase)?
             }
-            _ => RsaPrivateKey::from_pkcs1_der(&block.der()?)
-                .map_err(|e| KeyError::Malformed(format!("PKCS#1: {e}")))?,
+            _ => {
+                RsaPrivateKey::from_pkcs1_der(&block.der()?).map_err(|e| KeyError::Malformed(format!("PKCS#1: {e}")))?
+            }
         },
         "EC PRIVATE KEY" | "OPENSSH PRIVATE KEY" | "DSA PRIVATE KEY" => {
             return Err(KeyError::NotRsa);
         }
         other => {
-            return Err(KeyError::Unsupported(format!(
-                "PEM label \"{}\"",
-                truncate(other, 40)
-            )));
+            return Err(KeyError::Unsupported(format!("PEM label \"{}\"", truncate(other, 40))));
         }
     };
     let bits = key.size() * 8;
@@ -115,8 +110,7 @@ pub fn encrypt_private_key(
     let der = key
         .to_pkcs8_der()
         .map_err(|e| KeyError::Malformed(format!("cannot encode the key: {e}")))?;
-    let info = PrivateKeyInfo::try_from(der.as_bytes())
-        .map_err(|e| KeyError::Malformed(format!("PKCS#8: {e}")))?;
+    let info = PrivateKeyInfo::try_from(der.as_bytes()).map_err(|e| KeyError::Malformed(format!("PKCS#8: {e}")))?;
     let mut salt = [0u8; 16];
     let mut iv = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut salt);
@@ -146,18 +140,13 @@ pub fn encrypt_private_key(
         .map_err(|e| KeyError::Malformed(format!("PEM encoding failed: {e}")))
 }
 
-fn decode_encrypted_pkcs8(
-    der: &[u8],
-    passphrase: &SecretString,
-) -> Result<RsaPrivateKey, KeyError> {
-    let info = EncryptedPrivateKeyInfo::try_from(der)
-        .map_err(|e| KeyError::Malformed(format!("encrypted PKCS#8: {e}")))?;
+fn decode_encrypted_pkcs8(der: &[u8], passphrase: &SecretString) -> Result<RsaPrivateKey, KeyError> {
+    let info =
+        EncryptedPrivateKeyInfo::try_from(der).map_err(|e| KeyError::Malformed(format!("encrypted PKCS#8: {e}")))?;
     let document = info
         .decrypt(passphrase.expose_secret().as_bytes())
         .map_err(|e| match e {
-            pkcs8::Error::EncryptedPrivateKey(pkcs8::pkcs5::Error::DecryptFailed) => {
-                KeyError::WrongPassphrase
-            }
+            pkcs8::Error::EncryptedPrivateKey(pkcs8::pkcs5::Error::DecryptFailed) => KeyError::WrongPassphrase,
             pkcs8::Error::EncryptedPrivateKey(
                 pkcs8::pkcs5::Error::UnsupportedAlgorithm { oid }
                 | pkcs8::pkcs5::Error::AlgorithmParametersInvalid { oid },
@@ -224,10 +213,7 @@ impl LegacyCipher {
 }
 
 /// Decrypts a `Proc-Type: 4,ENCRYPTED` PEM body to PKCS#1 DER.
-fn decrypt_traditional(
-    block: &PemBlock<'_>,
-    passphrase: &SecretString,
-) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+fn decrypt_traditional(block: &PemBlock<'_>, passphrase: &SecretString) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let dek = block
         .header("DEK-Info")
         .ok_or_else(|| KeyError::Malformed("encrypted PEM without a DEK-Info header".to_owned()))?;
@@ -235,18 +221,11 @@ fn decrypt_traditional(
         .split_once(',')
         .ok_or_else(|| KeyError::Malformed("DEK-Info is not `CIPHER,IV`".to_owned()))?;
     let cipher = LegacyCipher::parse(cipher)?;
-    let iv = hex::decode(iv_hex.trim())
-        .map_err(|_| KeyError::Malformed("DEK-Info IV is not hex".to_owned()))?;
+    let iv = hex::decode(iv_hex.trim()).map_err(|_| KeyError::Malformed("DEK-Info IV is not hex".to_owned()))?;
     if iv.len() != cipher.iv_len() {
-        return Err(KeyError::Malformed(
-            "DEK-Info IV has the wrong length".to_owned(),
-        ));
+        return Err(KeyError::Malformed("DEK-Info IV has the wrong length".to_owned()));
     }
-    let key = evp_bytes_to_key(
-        passphrase.expose_secret().as_bytes(),
-        &iv[..8],
-        cipher.key_len(),
-    );
+    let key = evp_bytes_to_key(passphrase.expose_secret().as_bytes(), &iv[..8], cipher.key_len());
     let body = block.der()?;
     let decrypted = match cipher {
         LegacyCipher::DesEde3Cbc => cbc_decrypt::<des::TdesEde3>(&key, &iv, &body),
@@ -299,10 +278,7 @@ impl<'a> PemBlock<'a> {
         let mut lines = text.lines().map(str::trim);
         let label = lines
             .by_ref()
-            .find_map(|l| {
-                l.strip_prefix("-----BEGIN ")
-                    .and_then(|l| l.strip_suffix("-----"))
-            })
+            .find_map(|l| l.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")))
             .ok_or(KeyError::NotPem)?;
         let end = format!("-----END {label}-----");
         let mut headers = Vec::new();
@@ -319,15 +295,9 @@ impl<'a> PemBlock<'a> {
             }
         }
         if !ended {
-            return Err(KeyError::Malformed(format!(
-                "no -----END {label}----- line"
-            )));
+            return Err(KeyError::Malformed(format!("no -----END {label}----- line")));
         }
-        Ok(Self {
-            label,
-            headers,
-            body,
-        })
+        Ok(Self { label, headers, body })
     }
 
     fn header(&self, name: &str) -> Option<&'a str> {
@@ -369,10 +339,7 @@ mod tests {
 
     #[test]
     fn text_without_pem_is_rejected_clearly() {
-        assert_eq!(
-            decode_private_key("hello", None).err(),
-            Some(KeyError::NotPem)
-        );
+        assert_eq!(decode_private_key("hello", None).err(), Some(KeyError::NotPem));
     }
 
     #[test]

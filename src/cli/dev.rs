@@ -18,9 +18,8 @@ use crate::{
     fakebox::{
         FakeAuth, FakeBox,
         seed::{
-            self, APP_USER_FILE_ID, APP_USER_FOLDER_ID, APP_USER_IDS, ENTERPRISE_ID,
-            EXTERNAL_USER_ID, MANAGED_USER_ID, SERVICE_ACCOUNT_FILE_ID, SERVICE_ACCOUNT_FOLDER_ID,
-            SERVICE_ACCOUNT_ID, SHARED_LINK, SeededApp,
+            self, APP_USER_FILE_ID, APP_USER_FOLDER_ID, APP_USER_IDS, ENTERPRISE_ID, EXTERNAL_USER_ID, MANAGED_USER_ID,
+            SERVICE_ACCOUNT_FILE_ID, SERVICE_ACCOUNT_FOLDER_ID, SERVICE_ACCOUNT_ID, SHARED_LINK, SeededApp,
         },
     },
     policy::Policy,
@@ -51,10 +50,7 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
         Err(e) => {
             return fail(
                 1,
-                &format!(
-                    "cannot listen on {} for the fake Box: {e}",
-                    args.fake_box_listen
-                ),
+                &format!("cannot listen on {} for the fake Box: {e}", args.fake_box_listen),
             );
         }
     };
@@ -68,14 +64,11 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
         Ok(json) => json,
         Err(e) => return fail(1, &e.to_string()),
     };
-    let credentials = match CredentialSources::default().load_json_text(
-        "default",
-        &json,
-        Path::new("(dev box_config.json)"),
-    ) {
-        Ok(c) => c,
-        Err(e) => return fail(1, &e.to_string()),
-    };
+    let credentials =
+        match CredentialSources::default().load_json_text("default", &json, Path::new("(dev box_config.json)")) {
+            Ok(c) => c,
+            Err(e) => return fail(1, &e.to_string()),
+        };
     let client = match BoxClient::new(&fake_server.base_url(), clock.clone()) {
         Ok(c) => c,
         Err(e) => return fail(1, &e.to_string()),
@@ -117,8 +110,7 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
 }
 
 fn print_banner(addr: &str, fake_url: &str, app: &SeededApp) {
-    let exe = std::env::current_exe()
-        .map_or_else(|_| "box-broker".to_owned(), |p| p.display().to_string());
+    let exe = std::env::current_exe().map_or_else(|_| "box-broker".to_owned(), |p| p.display().to_string());
     let users = APP_USER_IDS.join(", ");
     let first = APP_USER_IDS[0];
     println!(

@@ -52,16 +52,12 @@ pub fn run(args: &KeygenArgs) -> ExitCode {
 
 fn generate(args: &KeygenArgs) -> Result<(), (u8, String)> {
     let dir = &args.out_dir;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| (1, format!("{}: cannot create: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| (1, format!("{}: cannot create: {e}", dir.display())))?;
     let paths = ["private_key.pem", "passphrase", "public_key.pem"].map(|n| dir.join(n));
     if let Some(existing) = paths.iter().find(|p| p.exists()) {
         return Err((
             EXIT_CONFIG,
-            format!(
-                "{}: already exists; refusing to overwrite a key",
-                existing.display()
-            ),
+            format!("{}: already exists; refusing to overwrite a key", existing.display()),
         ));
     }
     let key = RsaPrivateKey::new(&mut rand::rngs::OsRng, args.bits)
@@ -70,8 +66,7 @@ fn generate(args: &KeygenArgs) -> Result<(), (u8, String)> {
     rand::rngs::OsRng.fill_bytes(&mut raw);
     // 32 hex characters, like the passphrases the Box console generates.
     let passphrase = SecretString::from(hex::encode(raw));
-    let pem = encrypt_private_key(&key, &passphrase, KeyEncryption::Modern)
-        .map_err(|e| (1, e.to_string()))?;
+    let pem = encrypt_private_key(&key, &passphrase, KeyEncryption::Modern).map_err(|e| (1, e.to_string()))?;
     let public = key
         .to_public_key()
         .to_public_key_pem(LineEnding::LF)
@@ -90,12 +85,8 @@ fn generate(args: &KeygenArgs) -> Result<(), (u8, String)> {
         paths[2].display()
     );
     println!("Public key (SHA-256 {fingerprint}):\n\n{public}");
-    println!(
-        "Next: in the Box developer console, open the app's Configuration > Add and Manage Public Keys,"
-    );
-    println!(
-        "add this public key, and put the ID Box shows into the broker config as public_key_id,"
-    );
+    println!("Next: in the Box developer console, open the app's Configuration > Add and Manage Public Keys,");
+    println!("add this public key, and put the ID Box shows into the broker config as public_key_id,");
     println!("with private_key_file and private_key_passphrase_file pointing at the files above.");
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    auth::Authenticator,
     clock::SystemClock,
     config::{Config, LogFormat},
     reload::{POLL_INTERVAL, PolicyWatcher},
@@ -90,10 +91,7 @@ enum TokenCommand {
 /// Runs the command line; `main` is only this.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
     };
@@ -140,12 +138,23 @@ async fn serve(path: PathBuf) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(listener) => listener,
         Err(e) => {
-            return fail(
-                1,
-                &format!("cannot listen on {}: {e}", config.server.listen),
-            );
+            return fail(1, &format!("cannot listen on {}: {e}", config.server.listen));
         }
     };
+    let bound = listener
+        .local_addr()
+        .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
+    let mut listeners = vec![service::Listener::Tcp(listener, auth)];
+    if let Some(unix) = &config.server.unix_socket {
+        match bind_unix(&unix.path) {
+            Ok(l) => {
+                tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving gRPC on a Unix socket");
+                let auth = Authenticator::unix_socket(unix.identity.clone(), unix.allowed_uids.clone());
+                listeners.push(service::Listener::Unix(l, auth));
+            }
+            Err(e) => return fail(1, &format!("cannot listen on {}: {e}", unix.path.display())),
+        }
+    }
     for app in broker.apps() {
         tracing::info!(app = %app.name, auth = %app.auth_summary(), "app loaded");
     }
@@ -154,9 +163,6 @@ async fn serve(path: PathBuf) -> ExitCode {
             "anonymous callers are allowed ([server] allow_anonymous = true): any process that reaches the listener gets tokens"
         );
     }
-    let bound = listener
-        .local_addr()
-        .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
     tracing::info!(listen = %bound, "serving gRPC");
     let watcher = match &config.policy.file {
         Some(file) => Some(tokio::spawn(
@@ -167,9 +173,12 @@ async fn serve(path: PathBuf) -> ExitCode {
             None
         }
     };
-    let served = service::serve(broker, auth, audit, listener, shutdown_signal()).await;
+    let served = service::serve_listeners(broker, listeners, audit, shutdown_signal()).await;
     if let Some(watcher) = watcher {
         watcher.abort();
+    }
+    if let Some(unix) = &config.server.unix_socket {
+        let _ = std::fs::remove_file(&unix.path);
     }
     match served {
         Ok(()) => {
@@ -178,6 +187,21 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
         Err(e) => fail(1, &e.to_string()),
     }
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file (never any other file).
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    tokio::net::UnixListener::bind(path)
 }
 
 fn check_config(path: PathBuf) -> ExitCode {

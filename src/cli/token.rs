@@ -6,10 +6,7 @@ use clap::Args;
 use tonic::transport::Channel;
 
 use super::fail;
-use crate::pb::{
-    self, get_downscoped_token_request::Target,
-    token_broker_service_client::TokenBrokerServiceClient,
-};
+use crate::pb::{self, get_downscoped_token_request::Target, token_broker_service_client::TokenBrokerServiceClient};
 
 /// Options every `token` command shares.
 #[derive(Debug, Args)]
@@ -211,10 +208,7 @@ pub async fn downscope(args: DownscopeArgs) -> ExitCode {
 pub async fn revoke(args: RevokeArgs) -> ExitCode {
     let mut line = String::new();
     if let Err(e) = std::io::stdin().read_line(&mut line) {
-        return fail(
-            1,
-            &format!("cannot read the token from standard input: {e}"),
-        );
+        return fail(1, &format!("cannot read the token from standard input: {e}"));
     }
     let access_token = line.trim().to_owned();
     if access_token.is_empty() {

@@ -35,11 +35,7 @@ pub fn router(fake: FakeBox) -> Router {
         .with_state(fake)
 }
 
-async fn date_header(
-    State(fake): State<FakeBox>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
+async fn date_header(State(fake): State<FakeBox>, request: axum::extract::Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(fake.now())) {
         response.headers_mut().insert(header::DATE, value);
@@ -78,8 +74,7 @@ fn parse_form(headers: &HeaderMap, body: &Bytes) -> Result<Form, OAuthReject> {
 }
 
 fn request_id() -> HeaderValue {
-    HeaderValue::from_str(&super::state::random_token()[..16])
-        .unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_str(&super::state::random_token()[..16]).unwrap_or(HeaderValue::from_static("0"))
 }
 
 async fn token(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> Response {
@@ -99,7 +94,7 @@ async fn token(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> 
         }),
     };
     let mut response = match result {
-                Ok(granted) => match granted.restricted_to {
+        Ok(granted) => match granted.restricted_to {
             None => Json(json!({
                 "access_token": granted.access_token,
                 "expires_in": granted.expires_in,
@@ -123,9 +118,7 @@ async fn token(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> 
             oauth_error(&reject)
         }
     };
-    response
-        .headers_mut()
-        .insert("box-request-id", request_id());
+    response.headers_mut().insert("box-request-id", request_id());
     fake.notify();
     response
 }
@@ -223,11 +216,7 @@ async fn add_faults(State(fake): State<FakeBox>, Json(request): Json<FaultReques
             retry_after_secs: request.retry_after_secs,
         },
         "server_error" => Fault::ServerError {
-            status: if request.status == 0 {
-                500
-            } else {
-                request.status
-            },
+            status: if request.status == 0 { 500 } else { request.status },
         },
         "reply" => Fault::Reply {
             status: request.status,

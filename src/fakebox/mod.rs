@@ -42,10 +42,7 @@ impl FakeBox {
 
     pub(crate) fn with_world<R>(&self, f: impl FnOnce(&mut state::World) -> R) -> R {
         // A panic while holding the lock would be a fake bug; keep serving.
-        let mut world = self
-            .world
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut world = self.world.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut world)
     }
 

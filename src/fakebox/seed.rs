@@ -89,15 +89,14 @@ pub fn seed(fake: &FakeBox, auth: FakeAuth, key: Option<&RsaPrivateKey>) -> Seed
             .map(|s| (*s).to_owned())
             .collect(),
     });
-    let item =
-        |kind: &'static str, id: &str, name: &str, owner: &str, link: Option<&str>| FakeItem {
-            kind,
-            id: id.to_owned(),
-            name: name.to_owned(),
-            owner: owner.to_owned(),
-            collaborators: Vec::new(),
-            shared_link: link.map(str::to_owned),
-        };
+    let item = |kind: &'static str, id: &str, name: &str, owner: &str, link: Option<&str>| FakeItem {
+        kind,
+        id: id.to_owned(),
+        name: name.to_owned(),
+        owner: owner.to_owned(),
+        collaborators: Vec::new(),
+        shared_link: link.map(str::to_owned),
+    };
     fake.add_item(item(
         "folder",
         SERVICE_ACCOUNT_FOLDER_ID,
@@ -112,27 +111,12 @@ pub fn seed(fake: &FakeBox, auth: FakeAuth, key: Option<&RsaPrivateKey>) -> Seed
         SERVICE_ACCOUNT_ID,
         Some(SHARED_LINK),
     ));
-    fake.add_item(item(
-        "folder",
-        APP_USER_FOLDER_ID,
-        "Ada's files",
-        APP_USER_IDS[0],
-        None,
-    ));
-    fake.add_item(item(
-        "file",
-        APP_USER_FILE_ID,
-        "ada.docx",
-        APP_USER_IDS[0],
-        None,
-    ));
+    fake.add_item(item("folder", APP_USER_FOLDER_ID, "Ada's files", APP_USER_IDS[0], None));
+    fake.add_item(item("file", APP_USER_FILE_ID, "ada.docx", APP_USER_IDS[0], None));
     let user = |id: &str, name: &str, kind: UserKind, enterprise: &str| FakeUser {
         id: id.to_owned(),
         name: name.to_owned(),
-        login: format!(
-            "{}@example.com",
-            name.to_ascii_lowercase().replace(' ', ".")
-        ),
+        login: format!("{}@example.com", name.to_ascii_lowercase().replace(' ', ".")),
         enterprise_id: enterprise.to_owned(),
         kind,
     };
@@ -142,18 +126,8 @@ pub fn seed(fake: &FakeBox, auth: FakeAuth, key: Option<&RsaPrivateKey>) -> Seed
     for (id, name) in APP_USER_IDS.iter().zip(["Ada App", "Bob App", "Cy App"]) {
         fake.add_user(user(id, name, mine.clone(), ENTERPRISE_ID));
     }
-    fake.add_user(user(
-        MANAGED_USER_ID,
-        "Mia Managed",
-        UserKind::Managed,
-        ENTERPRISE_ID,
-    ));
-    fake.add_user(user(
-        EXTERNAL_USER_ID,
-        "Eve External",
-        UserKind::External,
-        "8000001",
-    ));
+    fake.add_user(user(MANAGED_USER_ID, "Mia Managed", UserKind::Managed, ENTERPRISE_ID));
+    fake.add_user(user(EXTERNAL_USER_ID, "Eve External", UserKind::External, "8000001"));
     fake.add_user(user(
         OTHER_APP_USER_ID,
         "Olaf Other",

@@ -179,10 +179,10 @@ pub mod msg {
     /// Wrong `aud` (exact text unknown: box-contract.md §12.10).
     pub const BAD_AUD: &str = "Please check the 'aud' claim.";
     /// `exp` in the past.
-    pub const EXPIRED: &str =
-        "Current date/time MUST be before the expiration date/time listed in the 'exp' claim";
+    pub const EXPIRED: &str = "Current date/time MUST be before the expiration date/time listed in the 'exp' claim";
     /// `exp` too far ahead.
-    pub const EXP_TOO_FAR: &str = "Please check the 'exp' claim. The 'exp' value exceeds the maximum value of 60 seconds beyond the issue time.";
+    pub const EXP_TOO_FAR: &str =
+        "Please check the 'exp' claim. The 'exp' value exceeds the maximum value of 60 seconds beyond the issue time.";
     /// Missing or non-integer `exp`.
     pub const BAD_EXP: &str = "Please check the 'exp' claim.";
     /// Bad or reused `jti`.
@@ -190,8 +190,7 @@ pub mod msg {
     /// Bad `sub` / `box_sub_type`.
     pub const BAD_SUB: &str = "Please check the 'sub' claim. The 'sub' specified is invalid.";
     /// User tokens not enabled.
-    pub const NO_USER_TOKENS: &str =
-        "Cannot obtain user token based on the enterprise configuration for your app";
+    pub const NO_USER_TOKENS: &str = "Cannot obtain user token based on the enterprise configuration for your app";
     /// Any CCG grant failure.
     pub const BAD_CCG: &str = "Grant credentials are invalid";
 }
@@ -253,9 +252,7 @@ const KEEP_ASSERTIONS: usize = 64;
 pub type Form = Vec<(String, String)>;
 
 fn field<'a>(form: &'a Form, name: &str) -> Option<&'a str> {
-    form.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// A successful grant: the token and its lifetime.
@@ -312,10 +309,8 @@ impl World {
 
     fn jwt_bearer(&mut self, form: &Form, now: SystemTime) -> Result<Granted, OAuthReject> {
         let app = self.app_for(form, FakeAuth::Jwt)?.clone();
-        let assertion =
-            field(form, "assertion").ok_or_else(|| reject("invalid_grant", msg::BAD_SIGNATURE))?;
-        let header = jsonwebtoken::decode_header(assertion)
-            .map_err(|_| reject("invalid_grant", msg::BAD_SIGNATURE))?;
+        let assertion = field(form, "assertion").ok_or_else(|| reject("invalid_grant", msg::BAD_SIGNATURE))?;
+        let header = jsonwebtoken::decode_header(assertion).map_err(|_| reject("invalid_grant", msg::BAD_SIGNATURE))?;
         let key = match &header.kid {
             Some(kid) => app.keys.get(kid),
             // Allowed with exactly one key: the TS/Node SDKs send no kid.
@@ -323,14 +318,10 @@ impl World {
             None => None,
         }
         .ok_or_else(|| reject("invalid_grant", msg::BAD_KID))?;
-        if !matches!(
-            header.alg,
-            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512
-        ) {
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) {
             return Err(reject("invalid_grant", msg::BAD_SIGNATURE));
         }
-        let decoding =
-            DecodingKey::from_rsa_raw_components(&key.n().to_bytes_be(), &key.e().to_bytes_be());
+        let decoding = DecodingKey::from_rsa_raw_components(&key.n().to_bytes_be(), &key.e().to_bytes_be());
         let mut validation = Validation::new(header.alg);
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
@@ -338,9 +329,9 @@ impl World {
         validation.validate_aud = false;
         let claims = jsonwebtoken::decode::<serde_json::Value>(assertion, &decoding, &validation)
             .map_err(|e| match e.kind() {
-                ErrorKind::InvalidSignature
-                | ErrorKind::InvalidAlgorithm
-                | ErrorKind::InvalidKeyFormat => reject("invalid_grant", msg::BAD_SIGNATURE),
+                ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
+                    reject("invalid_grant", msg::BAD_SIGNATURE)
+                }
                 _ => reject("invalid_grant", "The assertion is malformed."),
             })?
             .claims;
@@ -364,10 +355,7 @@ impl World {
         }
         self.seen_jti.retain(|_, e| *e >= now_secs);
         match text("jti") {
-            Some(jti)
-                if (16..=128).contains(&jti.chars().count())
-                    && !self.seen_jti.contains_key(jti) =>
-            {
+            Some(jti) if (16..=128).contains(&jti.chars().count()) && !self.seen_jti.contains_key(jti) => {
                 self.seen_jti.insert(jti.to_owned(), exp);
             }
             _ => return Err(reject("invalid_grant", msg::BAD_JTI)),
@@ -404,10 +392,7 @@ impl World {
         let user_id = match field(form, "box_subject_type") {
             Some("enterprise") if id == app.enterprise_id => app.service_account_id.clone(),
             Some("user") => match self.tokenizable_user(&app, id) {
-                Some(user)
-                    if app.user_tokens
-                        && (user.kind != UserKind::Managed || app.enterprise_access) =>
-                {
+                Some(user) if app.user_tokens && (user.kind != UserKind::Managed || app.enterprise_access) => {
                     user.id.clone()
                 }
                 _ => return Err(reject("invalid_grant", msg::BAD_CCG)),
@@ -459,9 +444,7 @@ impl World {
     /// status or message is unknown (§12.4–5) the conservative reading is taken
     /// and marked INF.
     fn token_exchange(&mut self, form: &Form, now: SystemTime) -> Result<Granted, OAuthReject> {
-        if field(form, "subject_token_type")
-            != Some("urn:ietf:params:oauth:token-type:access_token")
-        {
+        if field(form, "subject_token_type") != Some("urn:ietf:params:oauth:token-type:access_token") {
             return Err(reject("invalid_request", "Invalid subject_token_type"));
         }
         // INF: a dead subject token's exact error is undocumented.
@@ -491,8 +474,7 @@ impl World {
             return Err(OAuthReject {
                 status: 401,
                 error: "invalid_scope",
-                description: "The requested scope exceeds the scope granted to the subject token"
-                    .to_owned(),
+                description: "The requested scope exceeds the scope granted to the subject token".to_owned(),
             });
         }
         let item = match (field(form, "resource"), field(form, "box_shared_link")) {
@@ -527,10 +509,7 @@ impl World {
             },
         );
         let restricted_to = match (&item, self.omit_restrictions) {
-            (Some(item), false) => requested
-                .iter()
-                .map(|s| (s.clone(), item.clone()))
-                .collect(),
+            (Some(item), false) => requested.iter().map(|s| (s.clone(), item.clone())).collect(),
             _ => Vec::new(),
         };
         Ok(Granted {
@@ -573,15 +552,8 @@ impl World {
     }
 
     /// The user a live token acts as.
-    pub fn token_user(
-        &self,
-        token: &str,
-        now: SystemTime,
-    ) -> Option<(&IssuedFakeToken, Option<&FakeUser>)> {
-        let issued = self
-            .tokens
-            .get(token)
-            .filter(|t| !t.revoked && t.expires_at > now)?;
+    pub fn token_user(&self, token: &str, now: SystemTime) -> Option<(&IssuedFakeToken, Option<&FakeUser>)> {
+        let issued = self.tokens.get(token).filter(|t| !t.revoked && t.expires_at > now)?;
         Some((issued, self.users.get(&issued.user_id)))
     }
 }

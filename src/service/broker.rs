@@ -19,10 +19,7 @@ use crate::{
     broker::{Broker, DownscopeRequest, Granted, Subject, TokenRequest},
     cache::Lookup,
     error::BrokerError,
-    pb::{
-        self, get_downscoped_token_request, subject::Kind,
-        token_broker_service_server::TokenBrokerService,
-    },
+    pb::{self, get_downscoped_token_request, subject::Kind, token_broker_service_server::TokenBrokerService},
 };
 
 /// The longest access token `RevokeToken` accepts; Box's are 32 characters.
@@ -39,11 +36,7 @@ pub struct TokenBrokerApi {
 impl TokenBrokerApi {
     /// An adapter admitting callers per `auth` and auditing to `audit`.
     pub fn new(broker: Arc<Broker>, auth: Authenticator, audit: Arc<AuditSink>) -> Self {
-        Self {
-            broker,
-            auth,
-            audit,
-        }
+        Self { broker, auth, audit }
     }
 
     /// Authenticates, runs `handle`, logs a refusal once, and audits the outcome.
@@ -79,10 +72,7 @@ impl TokenBrokerApi {
             Err(status) => {
                 span.record("code", tracing::field::debug(status.code()));
                 tracing::info!(code = ?status.code(), reason = status.message(), "refused");
-                let denied = matches!(
-                    status.code(),
-                    Code::PermissionDenied | Code::Unauthenticated
-                );
+                let denied = matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated);
                 event.decision = if denied { "deny" } else { "error" };
                 event.code = format!("{:?}", status.code());
                 event.reason = Some(status.message().to_owned());
@@ -131,15 +121,8 @@ fn target_label(target: &Target) -> String {
 
 #[tonic::async_trait]
 impl TokenBrokerService for TokenBrokerApi {
-    #[tracing::instrument(
-        name = "GetToken",
-        skip_all,
-        fields(caller, app, subject_type, cache_hit, code)
-    )]
-    async fn get_token(
-        &self,
-        request: Request<pb::GetTokenRequest>,
-    ) -> Result<Response<pb::GetTokenResponse>, Status> {
+    #[tracing::instrument(name = "GetToken", skip_all, fields(caller, app, subject_type, cache_hit, code))]
+    async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
         self.call("GetToken", request, |caller, request| async move {
             let domain = match token_request(&request) {
                 Ok(domain) => domain,
@@ -147,18 +130,14 @@ impl TokenBrokerService for TokenBrokerApi {
             };
             record_subject(domain.app.as_deref(), &domain.subject);
             let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
-            let result = self
-                .broker
-                .get_token(caller.name(), &domain)
-                .await
-                .map(|granted| {
-                    served(&mut event, &granted);
-                    let lookup = &granted.lookup;
-                    pb::GetTokenResponse {
-                        token: Some(to_proto(lookup, &[])),
-                        cache_hit: lookup.cache_hit,
-                    }
-                });
+            let result = self.broker.get_token(caller.name(), &domain).await.map(|granted| {
+                served(&mut event, &granted);
+                let lookup = &granted.lookup;
+                pb::GetTokenResponse {
+                    token: Some(to_proto(lookup, &[])),
+                    cache_hit: lookup.cache_hit,
+                }
+            });
             (event, result.map_err(Status::from))
         })
         .await
@@ -173,33 +152,25 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<pb::GetDownscopedTokenRequest>,
     ) -> Result<Response<pb::GetDownscopedTokenResponse>, Status> {
-        self.call(
-            "GetDownscopedToken",
-            request,
-            |caller, request| async move {
-                let domain = match downscope_request(&request) {
-                    Ok(domain) => domain,
-                    Err(e) => return (facts(&caller, Some(&request.app), None), Err(e.into())),
-                };
-                record_subject(domain.app.as_deref(), &domain.subject);
-                let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
-                event.scopes = domain.scopes.clone();
-                event.target = domain.target.as_ref().map(target_label);
-                let result = self
-                    .broker
-                    .get_downscoped(caller.name(), &domain)
-                    .await
-                    .map(|granted| {
-                        served(&mut event, &granted);
-                        let lookup = &granted.lookup;
-                        pb::GetDownscopedTokenResponse {
-                            token: Some(to_proto(lookup, &domain.scopes)),
-                            cache_hit: lookup.cache_hit,
-                        }
-                    });
-                (event, result.map_err(Status::from))
-            },
-        )
+        self.call("GetDownscopedToken", request, |caller, request| async move {
+            let domain = match downscope_request(&request) {
+                Ok(domain) => domain,
+                Err(e) => return (facts(&caller, Some(&request.app), None), Err(e.into())),
+            };
+            record_subject(domain.app.as_deref(), &domain.subject);
+            let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
+            event.scopes = domain.scopes.clone();
+            event.target = domain.target.as_ref().map(target_label);
+            let result = self.broker.get_downscoped(caller.name(), &domain).await.map(|granted| {
+                served(&mut event, &granted);
+                let lookup = &granted.lookup;
+                pb::GetDownscopedTokenResponse {
+                    token: Some(to_proto(lookup, &domain.scopes)),
+                    cache_hit: lookup.cache_hit,
+                }
+            });
+            (event, result.map_err(Status::from))
+        })
         .await
     }
 
@@ -220,7 +191,10 @@ impl TokenBrokerService for TokenBrokerApi {
             event.token_sha256 = Some(fingerprint(&access_token));
             let app = (!app.is_empty()).then_some(app);
             tracing::Span::current().record("app", app.as_deref().unwrap_or("(default)"));
-            let result = self.broker.revoke(caller.name(), app.as_deref(), SecretString::from(access_token)).await;
+            let result = self
+                .broker
+                .revoke(caller.name(), app.as_deref(), SecretString::from(access_token))
+                .await;
             let result = result.map(|revoked| {
                 event.rule = Some(revoked.rule);
                 let subject = &revoked.subject;
@@ -259,27 +233,21 @@ pub fn token_request(request: &pb::GetTokenRequest) -> Result<TokenRequest, Brok
 }
 
 /// Validates a `GetDownscopedTokenRequest` into the domain's request.
-pub fn downscope_request(
-    request: &pb::GetDownscopedTokenRequest,
-) -> Result<DownscopeRequest, BrokerError> {
+pub fn downscope_request(request: &pb::GetDownscopedTokenRequest) -> Result<DownscopeRequest, BrokerError> {
     use get_downscoped_token_request::Target as T;
-    let scopes = normalize_scopes(&request.scopes)
-        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+    let scopes = normalize_scopes(&request.scopes).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
     let id = |field: &str, value: &str| {
         BoxId::parse(value).map_err(|_| {
-            BrokerError::InvalidArgument(format!(
-                "{field} {:?} is not a numeric Box id",
-                printable(value, 32)
-            ))
+            BrokerError::InvalidArgument(format!("{field} {:?} is not a numeric Box id", printable(value, 32)))
         })
     };
     let target = match &request.target {
         None => None,
         Some(T::FileId(file)) => Some(Target::File(id("target.file_id", file)?)),
         Some(T::FolderId(folder)) => Some(Target::Folder(id("target.folder_id", folder)?)),
-        Some(T::SharedLink(link)) => Some(
-            Target::shared_link(link).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
-        ),
+        Some(T::SharedLink(link)) => {
+            Some(Target::shared_link(link).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?)
+        }
     };
     Ok(DownscopeRequest {
         app: (!request.app.is_empty()).then(|| request.app.clone()),
@@ -314,9 +282,7 @@ fn min_ttl(value: Option<&prost_types::Duration>) -> Result<Duration, BrokerErro
         return Ok(Duration::ZERO);
     };
     if d.seconds < 0 || d.nanos < 0 {
-        return Err(BrokerError::InvalidArgument(
-            "min_ttl must not be negative".to_owned(),
-        ));
+        return Err(BrokerError::InvalidArgument("min_ttl must not be negative".to_owned()));
     }
     if d.nanos >= 1_000_000_000 {
         return Err(BrokerError::InvalidArgument(

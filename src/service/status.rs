@@ -18,9 +18,7 @@ impl From<&BrokerError> for Status {
             BrokerError::InvalidArgument(_) | BrokerError::AppRequired { .. } => {
                 Status::invalid_argument(error.to_string())
             }
-            BrokerError::UnknownApp { .. } | BrokerError::NotIssued(_) => {
-                Status::not_found(error.to_string())
-            }
+            BrokerError::UnknownApp { .. } | BrokerError::NotIssued(_) => Status::not_found(error.to_string()),
             BrokerError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
             BrokerError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             BrokerError::Cache(CacheError::Upstream(upstream)) => {
@@ -37,15 +35,11 @@ impl From<&BrokerError> for Status {
                 }
                 status
             }
-            BrokerError::Cache(CacheError::MinTtlUnmet { available }) => {
-                Status::unavailable(format!(
-                    "min_ttl cannot be met: the freshest token Box issued has only {} s left beyond the broker's safety margin; ask for a smaller min_ttl",
-                    available.as_secs()
-                ))
-            }
-            BrokerError::Cache(CacheError::TaskFailed) => {
-                Status::internal("internal error while minting the token")
-            }
+            BrokerError::Cache(CacheError::MinTtlUnmet { available }) => Status::unavailable(format!(
+                "min_ttl cannot be met: the freshest token Box issued has only {} s left beyond the broker's safety margin; ask for a smaller min_ttl",
+                available.as_secs()
+            )),
+            BrokerError::Cache(CacheError::TaskFailed) => Status::internal("internal error while minting the token"),
         }
     }
 }

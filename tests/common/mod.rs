@@ -8,10 +8,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use box_token_broker::{
     audit::AuditSink,
     auth::Authenticator,
-    boxapi::{
-        AppCredentials, AuthMethod, BoxClient, BoxId, JwtAlgorithm, SigningKey,
-        private_key::decode_private_key,
-    },
+    boxapi::{AppCredentials, AuthMethod, BoxClient, BoxId, JwtAlgorithm, SigningKey, private_key::decode_private_key},
     broker::{App, Broker},
     cache::CachePolicy,
     clock::{ManualClock, SharedClock},
@@ -40,11 +37,7 @@ pub fn fixture_passphrase() -> SecretString {
 
 /// The base fixture key (tests/fixtures/keys/pkcs1.pem).
 pub fn fixture_key() -> RsaPrivateKey {
-    decode_private_key(
-        &std::fs::read_to_string(fixture("pkcs1.pem")).unwrap(),
-        None,
-    )
-    .unwrap()
+    decode_private_key(&std::fs::read_to_string(fixture("pkcs1.pem")).unwrap(), None).unwrap()
 }
 
 /// How to set up a harness.
@@ -126,18 +119,15 @@ impl Harness {
         };
         let credentials = AppCredentials {
             client_id: app.client_id.clone(),
-            client_secret: SecretString::from(options.client_secret.map_or_else(
-                || app.client_secret.expose_secret().to_owned(),
-                str::to_owned,
-            )),
-            enterprise_id: BoxId::parse(options.enterprise_id.unwrap_or(seed::ENTERPRISE_ID))
-                .unwrap(),
+            client_secret: SecretString::from(
+                options
+                    .client_secret
+                    .map_or_else(|| app.client_secret.expose_secret().to_owned(), str::to_owned),
+            ),
+            enterprise_id: BoxId::parse(options.enterprise_id.unwrap_or(seed::ENTERPRISE_ID)).unwrap(),
             auth,
         };
-        let base_url = options
-            .api_base_url
-            .clone()
-            .unwrap_or_else(|| fake_server.base_url());
+        let base_url = options.api_base_url.clone().unwrap_or_else(|| fake_server.base_url());
         let mut apps = Vec::new();
         for name in std::iter::once("default").chain(options.extra_apps.iter().copied()) {
             apps.push(App {
@@ -156,12 +146,7 @@ impl Harness {
         let keys = options
             .api_keys
             .iter()
-            .map(|(identity, key)| {
-                (
-                    (*identity).to_owned(),
-                    <[u8; 32]>::from(Sha256::digest(key.as_bytes())),
-                )
-            })
+            .map(|(identity, key)| ((*identity).to_owned(), <[u8; 32]>::from(Sha256::digest(key.as_bytes()))))
             .collect();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -170,9 +155,7 @@ impl Harness {
             let broker = broker.clone();
             let mut auth = Authenticator::new(options.allow_anonymous).with_api_keys(keys);
             if let Some(k8s) = options.kubernetes.clone() {
-                auth = auth.with_kubernetes(
-                    box_token_broker::auth::kubernetes::KubernetesAuth::new(k8s).unwrap(),
-                );
+                auth = auth.with_kubernetes(box_token_broker::auth::kubernetes::KubernetesAuth::new(k8s).unwrap());
             }
             async move {
                 service::serve(broker, auth, audit_sink, listener, async {
@@ -215,15 +198,10 @@ impl Harness {
     /// The audit records so far, parsed.
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
         let text = String::from_utf8(self.audit.lock().unwrap().clone()).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
-    pub async fn get(
-        &self,
-        request: pb::GetTokenRequest,
-    ) -> Result<pb::GetTokenResponse, tonic::Status> {
+    pub async fn get(&self, request: pb::GetTokenRequest) -> Result<pb::GetTokenResponse, tonic::Status> {
         self.client
             .clone()
             .get_token(request)
@@ -232,10 +210,7 @@ impl Harness {
     }
 
     /// Waits (without sleeping blindly) until the fake's stats satisfy `condition`.
-    pub async fn wait_for(
-        &self,
-        condition: impl Fn(&box_token_broker::fakebox::Stats) -> bool,
-    ) -> bool {
+    pub async fn wait_for(&self, condition: impl Fn(&box_token_broker::fakebox::Stats) -> bool) -> bool {
         self.fake.wait_for(Duration::from_secs(10), condition).await
     }
 }
@@ -307,16 +282,12 @@ pub fn downscope(
 
 /// A folder target.
 pub fn folder(id: &str) -> Option<pb::get_downscoped_token_request::Target> {
-    Some(pb::get_downscoped_token_request::Target::FolderId(
-        id.to_owned(),
-    ))
+    Some(pb::get_downscoped_token_request::Target::FolderId(id.to_owned()))
 }
 
 /// A file target.
 pub fn file(id: &str) -> Option<pb::get_downscoped_token_request::Target> {
-    Some(pb::get_downscoped_token_request::Target::FileId(
-        id.to_owned(),
-    ))
+    Some(pb::get_downscoped_token_request::Target::FileId(id.to_owned()))
 }
 
 impl Harness {

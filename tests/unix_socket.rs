@@ -1,0 +1,111 @@
+//! The Unix-socket listener (sidecar mode): every peer is the socket's
+//! configured identity, if its uid is allowed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{path::PathBuf, sync::Arc};
+
+use box_token_broker::{
+    audit::AuditSink,
+    auth::Authenticator,
+    pb::token_broker_service_client::TokenBrokerServiceClient,
+    policy::Policy,
+    service::{self, Listener},
+};
+use common::{Harness, Options, assert_status, enterprise, token_of};
+use tonic::{Code, transport::Endpoint};
+
+const SIDECAR_POLICY: &str =
+    "[[rules]]\nname = \"my sidecar\"\ncallers = [\"orders-app\"]\nenterprise = true\nfull_tokens = true\n";
+
+/// Serves the harness's broker on a Unix socket with `auth`; returns a client of it.
+async fn over_socket(
+    h: &Harness,
+    dir: &tempfile::TempDir,
+    auth: Authenticator,
+) -> (
+    TokenBrokerServiceClient<tonic::transport::Channel>,
+    Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    let path = dir.path().join("broker.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (sink, audit) = AuditSink::memory();
+    let broker = h.broker.clone();
+    tokio::spawn(async move {
+        service::serve_listeners(
+            broker,
+            vec![Listener::Unix(listener, auth)],
+            Arc::new(sink),
+            std::future::pending(),
+        )
+        .await
+    });
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path: PathBuf = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    (TokenBrokerServiceClient::new(channel), audit)
+}
+
+fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    // A file this process just created is owned by its uid.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().metadata().unwrap().uid()
+}
+
+#[tokio::test]
+async fn a_socket_peer_is_the_sockets_identity() {
+    let h = Harness::with(Options {
+        policy: Some(Policy::parse(SIDECAR_POLICY, "p").unwrap()),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut client, audit) = over_socket(
+        &h,
+        &dir,
+        Authenticator::unix_socket("orders-app".to_owned(), vec![my_uid()]),
+    )
+    .await;
+    let response = client.get_token(enterprise()).await.unwrap().into_inner();
+    assert_eq!(token_of(&response).len(), 32);
+    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
+    assert!(audit.contains("\"caller\":\"orders-app\""), "{audit}");
+    // The same broker on TCP does not treat anonymous callers as the sidecar.
+    assert_eq!(h.get(enterprise()).await.unwrap_err().code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_peer_whose_uid_is_not_allowed_is_unauthenticated() {
+    let h = Harness::with(Options {
+        policy: Some(Policy::parse(SIDECAR_POLICY, "p").unwrap()),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let other = my_uid().wrapping_add(1);
+    let (mut client, _) = over_socket(
+        &h,
+        &dir,
+        Authenticator::unix_socket("orders-app".to_owned(), vec![other]),
+    )
+    .await;
+    let status = client.get_token(enterprise()).await.unwrap_err();
+    assert_status(
+        &status,
+        Code::Unauthenticated,
+        &format!("uid {} is not allowed", my_uid()),
+    );
+    assert_eq!(h.fake.stats().token_requests, 0);
+}
