@@ -136,6 +136,36 @@ pub struct ServerConfig {
     /// A Unix socket listener for sidecar mode, with its own caller identity.
     #[serde(default)]
     pub unix_socket: Option<UnixSocketConfig>,
+    /// Serve TLS on `listen` and require client certificates (mTLS).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the broker's certificate and the CA its callers' certificates must chain to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The server's private key (PEM).
+    pub key_file: PathBuf,
+    /// The CA that signs callers' client certificates (PEM).
+    pub client_ca_file: PathBuf,
+}
+
+impl TlsConfig {
+    /// Reads the files into tonic's TLS settings; errors name the file.
+    pub fn load(&self) -> Result<tonic::transport::ServerTlsConfig, ConfigError> {
+        let read = |path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| ConfigError::new("server.tls", format!("{}: cannot read: {e}", path.display())))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&self.cert_file)?, read(&self.key_file)?);
+        let ca = tonic::transport::Certificate::from_pem(read(&self.client_ca_file)?);
+        Ok(tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(ca))
+    }
 }
 
 /// `[server.unix_socket]`: every peer is `identity`, if its uid is allowed.
@@ -157,6 +187,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             allow_anonymous: false,
             unix_socket: None,
+            tls: None,
         }
     }
 }
@@ -339,6 +370,13 @@ impl Config {
             && file.is_relative()
         {
             *file = base.join(&*file);
+        }
+        if let Some(tls) = &mut config.server.tls {
+            for path in [&mut tls.cert_file, &mut tls.key_file, &mut tls.client_ca_file] {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
         }
         if let Some(k8s) = &mut config.auth.kubernetes
             && k8s.jwks_file.is_relative()

@@ -28,6 +28,8 @@ pub enum CallerIdentity {
     ServiceAccount(String),
     /// Whoever connects to a Unix socket listener: the name configured for it.
     UnixSocket(String),
+    /// An mTLS client certificate's URI SAN (SPIFFE ID) or, failing that, DNS SAN.
+    Certificate(String),
 }
 
 impl CallerIdentity {
@@ -35,7 +37,10 @@ impl CallerIdentity {
     pub fn name(&self) -> &str {
         match self {
             Self::Anonymous => "anonymous",
-            Self::ApiKey(identity) | Self::ServiceAccount(identity) | Self::UnixSocket(identity) => identity,
+            Self::ApiKey(identity)
+            | Self::ServiceAccount(identity)
+            | Self::UnixSocket(identity)
+            | Self::Certificate(identity) => identity,
         }
     }
 }
@@ -55,6 +60,8 @@ pub struct Authenticator {
     kubernetes: Option<Arc<KubernetesAuth>>,
     /// On a Unix socket listener: the identity of every peer, and the uids allowed.
     unix_socket: Option<(String, Vec<u32>)>,
+    /// On an mTLS listener: the client certificate is the identity.
+    mtls: bool,
 }
 
 impl fmt::Debug for Authenticator {
@@ -80,7 +87,16 @@ impl Authenticator {
             api_keys: Vec::new(),
             kubernetes: None,
             unix_socket: None,
+            mtls: false,
         }
+    }
+
+    /// Takes the caller's identity from its client certificate (the listener
+    /// serves TLS and requires certificates from the configured CA).
+    #[must_use]
+    pub fn with_mtls(mut self) -> Self {
+        self.mtls = true;
+        self
     }
 
     /// The authenticator of a Unix socket listener: every peer is `identity`,
@@ -93,6 +109,7 @@ impl Authenticator {
             api_keys: Vec::new(),
             kubernetes: None,
             unix_socket: Some((identity, allowed_uids)),
+            mtls: false,
         }
     }
 
@@ -119,6 +136,12 @@ impl Authenticator {
     pub fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<CallerIdentity, AuthError> {
         if let Some((identity, allowed_uids)) = &self.unix_socket {
             return unix_peer(request, identity, allowed_uids);
+        }
+        if self.mtls {
+            let certs = request.peer_certs().filter(|c| !c.is_empty()).ok_or_else(|| {
+                AuthError("this listener requires a client certificate from the configured CA".to_owned())
+            })?;
+            return certificate_identity(&certs[0]).map(CallerIdentity::Certificate);
         }
         if let Some(presented) = request.metadata().get(API_KEY_HEADER) {
             return self.api_key(presented.as_bytes());
@@ -155,6 +178,31 @@ impl Authenticator {
             .map(|identity| CallerIdentity::ApiKey(identity.clone()))
             .ok_or_else(|| AuthError(format!("the {API_KEY_HEADER} header does not hold a valid API key")))
     }
+}
+
+/// The identity in a client certificate: its first URI SAN (a SPIFFE ID), or
+/// else its first DNS SAN. The TLS layer has already verified the chain.
+fn certificate_identity(der: &[u8]) -> Result<String, AuthError> {
+    use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+    let bad = |why: &str| AuthError(format!("the client certificate is not usable: {why}"));
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| bad("it cannot be parsed"))?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|_| bad("its subject alternative names cannot be parsed"))?
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default();
+    let uri = names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => Some((*uri).to_owned()),
+        _ => None,
+    });
+    let dns = || {
+        names.iter().find_map(|n| match n {
+            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            _ => None,
+        })
+    };
+    uri.or_else(dns)
+        .ok_or_else(|| bad("it has no URI (SPIFFE) or DNS subject alternative name"))
 }
 
 /// The identity of a Unix-socket peer, after the uid check.

@@ -131,6 +131,16 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(auth) => auth,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
+    let tls = match config
+        .server
+        .tls
+        .as_ref()
+        .map(crate::config::TlsConfig::load)
+        .transpose()
+    {
+        Ok(tls) => tls,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
     let audit = match config.audit.open() {
         Ok(sink) => Arc::new(sink),
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
@@ -144,7 +154,10 @@ async fn serve(path: PathBuf) -> ExitCode {
     let bound = listener
         .local_addr()
         .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
-    let mut listeners = vec![service::Listener::Tcp(listener, auth)];
+    let mut listeners = vec![match tls {
+        Some(tls) => service::Listener::Tls(listener, auth.with_mtls(), tls),
+        None => service::Listener::Tcp(listener, auth),
+    }];
     if let Some(unix) = &config.server.unix_socket {
         match bind_unix(&unix.path) {
             Ok(l) => {

@@ -28,6 +28,8 @@ pub enum ServeError {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener, Authenticator),
+    /// TCP with TLS that requires client certificates (mTLS).
+    Tls(TcpListener, Authenticator, tonic::transport::ServerTlsConfig),
     /// A Unix domain socket (sidecar mode).
     #[cfg(unix)]
     Unix(tokio::net::UnixListener, Authenticator),
@@ -64,17 +66,14 @@ pub async fn serve_listeners(
         };
         servers.spawn(async move {
             match listener {
-                Listener::Tcp(l, auth) => serve_one(broker, auth, audit, TcpListenerStream::new(l), until).await,
+                Listener::Tcp(l, auth) => serve_one(broker, auth, audit, TcpListenerStream::new(l), None, until).await,
+                Listener::Tls(l, auth, tls) => {
+                    serve_one(broker, auth, audit, TcpListenerStream::new(l), Some(tls), until).await
+                }
                 #[cfg(unix)]
                 Listener::Unix(l, auth) => {
-                    serve_one(
-                        broker,
-                        auth,
-                        audit,
-                        tokio_stream::wrappers::UnixListenerStream::new(l),
-                        until,
-                    )
-                    .await
+                    let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                    serve_one(broker, auth, audit, incoming, None, until).await
                 }
             }
         });
@@ -101,6 +100,7 @@ async fn serve_one<S, IO>(
     auth: Authenticator,
     audit: Arc<AuditSink>,
     incoming: S,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError>
 where
@@ -121,7 +121,11 @@ where
     health_reporter
         .set_serving::<pb::token_broker_service_server::TokenBrokerServiceServer<TokenBrokerApi>>()
         .await;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,0 +1,184 @@
+//! mTLS: the broker serves TLS, requires client certificates from the
+//! configured CA, and takes the caller's identity from the certificate's URI
+//! SAN (SPIFFE ID) or DNS SAN.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use box_token_broker::{
+    audit::AuditSink,
+    auth::Authenticator,
+    pb::token_broker_service_client::TokenBrokerServiceClient,
+    policy::Policy,
+    service::{self, Listener},
+};
+use common::{Harness, Options, assert_status, enterprise, token_of};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig},
+};
+
+const SPIFFE: &str = "spiffe://cluster.local/ns/portal/sa/web";
+
+const POLICY: &str = "[[rules]]\nname = \"portal pods\"\ncallers = [\"spiffe://cluster.local/ns/portal/*\", \"billing.internal\"]\nenterprise = true\nfull_tokens = true\n";
+
+struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Self {
+            ca: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    /// A certificate for `sans`, signed by this CA, as (cert PEM, key PEM).
+    fn issue(&self, sans: Vec<SanType>) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn uri(s: &str) -> SanType {
+    SanType::URI(s.try_into().unwrap())
+}
+
+fn dns(s: &str) -> SanType {
+    SanType::DnsName(s.try_into().unwrap())
+}
+
+/// Serves the harness's broker with mTLS; returns the address and the audit buffer.
+async fn serve_mtls(h: &Harness, pki: &Pki) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let (cert, key) = pki.issue(vec![dns("localhost")]);
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(pki.ca.pem()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sink, audit) = AuditSink::memory();
+    let broker = h.broker.clone();
+    let auth = Authenticator::new(false).with_mtls();
+    tokio::spawn(async move {
+        service::serve_listeners(
+            broker,
+            vec![Listener::Tls(listener, auth, tls)],
+            Arc::new(sink),
+            std::future::pending(),
+        )
+        .await
+    });
+    (addr, audit)
+}
+
+async fn client(
+    addr: std::net::SocketAddr,
+    server_ca: &Pki,
+    client: Option<(String, String)>,
+) -> Result<TokenBrokerServiceClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(server_ca.ca.pem()))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(TokenBrokerServiceClient::new(channel))
+}
+
+async fn harness() -> Harness {
+    Harness::with(Options {
+        policy: Some(Policy::parse(POLICY, "p").unwrap()),
+        allow_anonymous: false,
+        ..Options::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_spiffe_uri_san_is_the_callers_identity() {
+    let h = harness().await;
+    let pki = Pki::new();
+    let (addr, audit) = serve_mtls(&h, &pki).await;
+    let mut c = client(addr, &pki, Some(pki.issue(vec![uri(SPIFFE), dns("web.portal.svc")])))
+        .await
+        .unwrap();
+    assert_eq!(
+        token_of(&c.get_token(enterprise()).await.unwrap().into_inner()).len(),
+        32
+    );
+    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
+    assert!(
+        audit.contains(&format!("\"caller\":\"{SPIFFE}\"")),
+        "the URI SAN wins over the DNS SAN: {audit}"
+    );
+}
+
+#[tokio::test]
+async fn a_dns_san_is_the_identity_when_there_is_no_uri() {
+    let h = harness().await;
+    let pki = Pki::new();
+    let (addr, audit) = serve_mtls(&h, &pki).await;
+    let mut c = client(addr, &pki, Some(pki.issue(vec![dns("billing.internal")])))
+        .await
+        .unwrap();
+    c.get_token(enterprise()).await.unwrap();
+    assert!(
+        String::from_utf8(audit.lock().unwrap().clone())
+            .unwrap()
+            .contains("\"caller\":\"billing.internal\"")
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_identity_outside_the_policy_is_denied() {
+    let h = harness().await;
+    let pki = Pki::new();
+    let (addr, _) = serve_mtls(&h, &pki).await;
+    let mut c = client(
+        addr,
+        &pki,
+        Some(pki.issue(vec![uri("spiffe://cluster.local/ns/other/sa/x")])),
+    )
+    .await
+    .unwrap();
+    assert_status(
+        &c.get_token(enterprise()).await.unwrap_err(),
+        Code::PermissionDenied,
+        "spiffe://cluster.local/ns/other/sa/x",
+    );
+}
+
+#[tokio::test]
+async fn clients_without_a_certificate_from_the_ca_get_nothing() {
+    let h = harness().await;
+    let pki = Pki::new();
+    let (addr, _) = serve_mtls(&h, &pki).await;
+    // No client certificate: the handshake (or the first call) fails.
+    let no_cert = match client(addr, &pki, None).await {
+        Ok(mut c) => c.get_token(enterprise()).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(no_cert, "a client without a certificate is refused");
+    // A certificate from another CA: likewise.
+    let rogue = Pki::new();
+    let rogue_cert = match client(addr, &pki, Some(rogue.issue(vec![uri(SPIFFE)]))).await {
+        Ok(mut c) => c.get_token(enterprise()).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(rogue_cert, "a certificate from another CA is refused");
+    assert_eq!(h.fake.stats().token_requests, 0, "nothing reached Box");
+}
