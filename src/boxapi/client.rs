@@ -174,23 +174,7 @@ impl BoxClient {
         if status.is_success() {
             return Ok(());
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            let retry_after = header_str(&response, "retry-after").and_then(|v| parse_retry_after(&v));
-            return Err(BoxApiError::RateLimited { retry_after });
-        }
-        if status.is_server_error() {
-            return Err(BoxApiError::ServerError {
-                status: status.as_u16(),
-            });
-        }
-        let request_id = header_str(&response, "box-request-id");
-        let bytes = response.bytes().await.unwrap_or_default();
-        Err(BoxApiError::Rejected(parse_error_body(
-            status.as_u16(),
-            &bytes,
-            request_id,
-            None,
-        )))
+        Err(failure(response).await)
     }
 
     async fn post_form(&self, url: &str, form: &[(&str, &str)]) -> Result<reqwest::Response, BoxApiError> {
@@ -274,23 +258,26 @@ async fn read_token_response(response: reqwest::Response, issued_at: SystemTime)
                 .collect(),
         });
     }
+    Err(failure(response).await)
+}
+
+/// The error a non-success response stands for: throttling, a server
+/// failure, or Box's error body in either shape.
+async fn failure(response: reqwest::Response) -> BoxApiError {
+    let status = response.status();
     if status == StatusCode::TOO_MANY_REQUESTS {
         let retry_after = header_str(&response, "retry-after").and_then(|v| parse_retry_after(&v));
-        return Err(BoxApiError::RateLimited { retry_after });
+        return BoxApiError::RateLimited { retry_after };
     }
     if status.is_server_error() {
-        return Err(BoxApiError::ServerError {
+        return BoxApiError::ServerError {
             status: status.as_u16(),
-        });
+        };
     }
+    let request_id = header_str(&response, "box-request-id");
     let server_date = header_str(&response, "date").and_then(|d| httpdate::parse_http_date(&d).ok());
     let bytes = response.bytes().await.unwrap_or_default();
-    Err(BoxApiError::Rejected(parse_error_body(
-        status.as_u16(),
-        &bytes,
-        request_id,
-        server_date,
-    )))
+    BoxApiError::Rejected(parse_error_body(status.as_u16(), &bytes, request_id, server_date))
 }
 
 fn header_str(response: &reqwest::Response, name: &str) -> Option<String> {

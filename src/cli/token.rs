@@ -146,6 +146,17 @@ fn print(token: &pb::AccessToken, cache_hit: bool, json: bool) {
     println!("{out}");
 }
 
+/// Prints a served token; a response without one is a failure.
+fn answer(token: Option<pb::AccessToken>, cache_hit: bool, json: bool) -> ExitCode {
+    match token {
+        Some(token) => {
+            print(&token, cache_hit, json);
+            ExitCode::SUCCESS
+        }
+        None => fail(1, "the broker returned no token"),
+    }
+}
+
 /// Runs `token get`.
 pub async fn get(args: GetArgs) -> ExitCode {
     let mut client = match connect(&args.common).await {
@@ -161,11 +172,7 @@ pub async fn get(args: GetArgs) -> ExitCode {
     match client.get_token(request).await {
         Ok(response) => {
             let response = response.into_inner();
-            let Some(token) = response.token else {
-                return fail(1, "the broker returned no token");
-            };
-            print(&token, response.cache_hit, args.json);
-            ExitCode::SUCCESS
+            answer(response.token, response.cache_hit, args.json)
         }
         Err(status) => status_failure(&status),
     }
@@ -194,11 +201,7 @@ pub async fn downscope(args: DownscopeArgs) -> ExitCode {
     match client.get_downscoped_token(request).await {
         Ok(response) => {
             let response = response.into_inner();
-            let Some(token) = response.token else {
-                return fail(1, "the broker returned no token");
-            };
-            print(&token, response.cache_hit, args.json);
-            ExitCode::SUCCESS
+            answer(response.token, response.cache_hit, args.json)
         }
         Err(status) => status_failure(&status),
     }
