@@ -326,8 +326,10 @@ impl TokenCache {
     /// A token for `key` that meets `need`: from the cache, or from a mint
     /// shared with every concurrent request for the same key.
     pub async fn get(&self, key: &TokenKey, need: Need) -> Result<Lookup, CacheError> {
+        // The fast path: a cached token that meets the need (including, for a
+        // downscoped token, being exchanged from the current parent) is served
+        // without touching the flight map.
         if need.minted_since.is_none()
-            && need.parent_at_least.is_none()
             && let Some(token) = self.inner.entries.get(key).await
         {
             let now = self.inner.clock.now();

@@ -117,7 +117,7 @@ fn print_banner(addr: &str, fake_url: &str, app: &SeededApp) {
         "\
 box-broker dev mode (NOT for production)
   broker gRPC:    {addr} (plaintext)
-  callers:        ANONYMOUS callers are allowed: dev mode has no caller authentication
+  callers:        ANONYMOUS callers are allowed, and the dev policy gives them every token
   fake Box:       {fake_url} (app client id {client}, key id {kid})
   enterprise:     {ENTERPRISE_ID} (Service Account user {SERVICE_ACCOUNT_ID})
   App Users:      {users}
