@@ -6,11 +6,31 @@ mod common;
 
 use std::time::Duration;
 
-use box_token_broker::{cache::CachePolicy, fakebox::seed};
+use box_token_broker::{
+    cache::{CachePolicy, DEFAULT_SAFETY_MARGIN},
+    fakebox::seed,
+};
 use common::{Harness, Options, enterprise, secs, token_of, user};
 use tonic::Code;
 
 const LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A harness whose cache has no refresh-ahead, so only the safety `margin` decides.
+async fn margin_only(margin: Duration) -> Harness {
+    let cache = CachePolicy {
+        safety_margin: margin,
+        refresh_ahead: Duration::ZERO,
+        refresh_jitter: Duration::ZERO,
+        ..CachePolicy::default()
+    };
+    let h = Harness::with(Options {
+        cache,
+        ..Options::default()
+    })
+    .await;
+    h.fake.set_token_lifetime(Some(LIFETIME));
+    h
+}
 
 async fn harness() -> Harness {
     let h = Harness::start().await;
@@ -42,18 +62,7 @@ async fn subjects_are_cached_separately() {
 
 #[tokio::test]
 async fn a_token_inside_the_safety_margin_is_reminted() {
-    // No refresh-ahead, so only the margin decides.
-    let policy = CachePolicy {
-        refresh_ahead: Duration::ZERO,
-        refresh_jitter: Duration::ZERO,
-        ..CachePolicy::default()
-    };
-    let h = Harness::with(Options {
-        cache: policy,
-        ..Options::default()
-    })
-    .await;
-    h.fake.set_token_lifetime(Some(LIFETIME));
+    let h = margin_only(DEFAULT_SAFETY_MARGIN).await;
     let first = token_of(&h.get(enterprise()).await.unwrap());
     // One second before the default 120 s margin begins: still served.
     h.clock.advance(LIFETIME - Duration::from_secs(122));
@@ -167,18 +176,7 @@ async fn a_min_ttl_longer_than_any_box_token_is_invalid() {
 
 #[tokio::test]
 async fn a_configured_larger_margin_is_honoured() {
-    let policy = CachePolicy {
-        safety_margin: Duration::from_secs(900),
-        refresh_ahead: Duration::ZERO,
-        refresh_jitter: Duration::ZERO,
-        ..CachePolicy::default()
-    };
-    let h = Harness::with(Options {
-        cache: policy,
-        ..Options::default()
-    })
-    .await;
-    h.fake.set_token_lifetime(Some(LIFETIME));
+    let h = margin_only(Duration::from_secs(900)).await;
     let first = token_of(&h.get(enterprise()).await.unwrap());
     h.clock.advance(LIFETIME - Duration::from_secs(899));
     assert_ne!(token_of(&h.get(enterprise()).await.unwrap()), first);
