@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, OnceLock, RwLock},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use futures_util::future::{BoxFuture, FutureExt as _};
@@ -291,6 +291,29 @@ pub struct Granted {
     pub lookup: Lookup,
     /// The name of the rule that allowed it.
     pub rule: String,
+    /// The expiry the caller is told: the token's own, or sooner when the
+    /// rule sets `max_lifetime_secs`.
+    pub expires_at: SystemTime,
+}
+
+/// A policy's permission: the rule, and the longest the token may be held.
+struct Permit {
+    rule: String,
+    max_lifetime: Option<Duration>,
+}
+
+impl Permit {
+    fn grant(self, lookup: Lookup, now: SystemTime) -> Granted {
+        let expires_at = match self.max_lifetime {
+            Some(max) => lookup.token.expires_at.min(now + max),
+            None => lookup.token.expires_at,
+        };
+        Granted {
+            lookup,
+            rule: self.rule,
+            expires_at,
+        }
+    }
 }
 
 /// The broker: apps, cache and policy.
@@ -335,18 +358,30 @@ impl Broker {
     }
 
     /// Asks the policy; a denial becomes `PermissionDenied`.
-    fn authorize(&self, caller: &str, app: &App, subject: &BoxSubject, ask: Ask<'_>) -> Result<String, BrokerError> {
+    fn authorize(
+        &self,
+        caller: &str,
+        app: &App,
+        subject: &BoxSubject,
+        ask: Ask<'_>,
+        min_ttl: Duration,
+    ) -> Result<Permit, BrokerError> {
         let subject = match subject {
             BoxSubject::Enterprise(_) => PolicySubject::Enterprise,
             BoxSubject::User(id) => PolicySubject::User(id.as_str()),
         };
-        match self.policy().decide(&PolicyRequest {
+        let policy = self.policy();
+        match policy.decide(&PolicyRequest {
             caller,
             app: &app.name,
             subject,
             ask,
+            min_ttl,
         }) {
-            Decision::Allow { rule } => Ok(rule),
+            Decision::Allow { rule } => Ok(Permit {
+                max_lifetime: policy.rule(&rule).and_then(crate::policy::Rule::max_lifetime),
+                rule,
+            }),
             Decision::Deny { reason } => Err(BrokerError::PermissionDenied(format!("denied by policy: {reason}"))),
         }
     }
@@ -409,16 +444,14 @@ impl Broker {
     pub async fn get_token(&self, caller: &str, request: &TokenRequest) -> Result<Granted, BrokerError> {
         let app = self.resolve_app(request.app.as_deref())?;
         let key = self.key(app, &request.subject, request.min_ttl)?;
-        let rule = self.authorize(caller, app, &key.subject, Ask::Full)?;
+        let permit = self.authorize(caller, app, &key.subject, Ask::Full, request.min_ttl)?;
         let need = Need {
             min_ttl: request.min_ttl,
             minted_since: request.force_refresh.then(|| self.clock.now()),
             parent_at_least: None,
         };
-        Ok(Granted {
-            lookup: self.cache.get(&key, need).await?,
-            rule,
-        })
+        let lookup = self.cache.get(&key, need).await?;
+        Ok(permit.grant(lookup, self.clock.now()))
     }
 
     /// A downscoped token: the subject's full token (cached or minted) is
@@ -431,7 +464,7 @@ impl Broker {
             scopes: &request.scopes,
             target: request.target.as_ref(),
         };
-        let rule = self.authorize(caller, app, &parent_key.subject, ask)?;
+        let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl)?;
         let parent_need = Need {
             min_ttl: request.min_ttl,
             ..Need::default()
@@ -449,10 +482,8 @@ impl Broker {
             parent_at_least: Some(parent.token.id),
             ..Need::default()
         };
-        Ok(Granted {
-            lookup: self.cache.get(&key, need).await?,
-            rule,
-        })
+        let lookup = self.cache.get(&key, need).await?;
+        Ok(permit.grant(lookup, self.clock.now()))
     }
 
     /// Revokes `token` at Box if this broker issued it for `app`, and drops it
@@ -466,7 +497,9 @@ impl Broker {
                 app.name
             ))
         })?;
-        let rule = self.authorize(caller, app, &key.subject, Ask::Revoke)?;
+        let rule = self
+            .authorize(caller, app, &key.subject, Ask::Revoke, Duration::ZERO)?
+            .rule;
         if let Err(error) = app.client.revoke(&app.credentials, &token).await {
             let diagnosis = diagnose_exchange(&error, &key.subject, None);
             tracing::warn!(app = %app.name, error = %error, "revoking a Box token failed: {}", diagnosis.message);

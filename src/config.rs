@@ -136,9 +136,27 @@ pub struct ServerConfig {
     /// A Unix socket listener for sidecar mode, with its own caller identity.
     #[serde(default)]
     pub unix_socket: Option<UnixSocketConfig>,
-    /// Serve TLS on `listen` and require client certificates (mTLS).
+    /// Serve TLS on `listen`; with `client_ca_file`, client certificates are identities (mTLS).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// How callers on `listen` may prove who they are. Default: a client
+    /// certificate alone when `[server.tls] client_ca_file` is set, otherwise
+    /// every mechanism configured under `[auth]`. (The Unix socket listener
+    /// has its own: the peer.)
+    #[serde(default)]
+    pub accept: Option<Vec<Mechanism>>,
+}
+
+/// A way for callers on the TCP listener to prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    /// An mTLS client certificate (`[server.tls] client_ca_file`).
+    ClientCertificate,
+    /// An `x-api-key` header (`[[auth.api_keys]]`).
+    ApiKey,
+    /// A Kubernetes service-account token (`[auth.kubernetes]`).
+    Kubernetes,
 }
 
 /// `[server.tls]`: the broker's certificate and the CA its callers' certificates must chain to.
@@ -149,22 +167,29 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// The server's private key (PEM).
     pub key_file: PathBuf,
-    /// The CA that signs callers' client certificates (PEM).
-    pub client_ca_file: PathBuf,
+    /// The CA that signs callers' client certificates (PEM). Without it the
+    /// listener serves TLS but takes no client certificates.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl TlsConfig {
     /// Reads the files into tonic's TLS settings; errors name the file.
-    pub fn load(&self) -> Result<tonic::transport::ServerTlsConfig, ConfigError> {
+    /// `certificate_optional` lets callers without a client certificate
+    /// through the handshake (to authenticate another way).
+    pub fn load(&self, certificate_optional: bool) -> Result<tonic::transport::ServerTlsConfig, ConfigError> {
         let read = |path: &Path| {
             std::fs::read(path)
                 .map_err(|e| ConfigError::new("server.tls", format!("{}: cannot read: {e}", path.display())))
         };
         let identity = tonic::transport::Identity::from_pem(read(&self.cert_file)?, read(&self.key_file)?);
-        let ca = tonic::transport::Certificate::from_pem(read(&self.client_ca_file)?);
-        Ok(tonic::transport::ServerTlsConfig::new()
-            .identity(identity)
-            .client_ca_root(ca))
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca_file {
+            tls = tls
+                .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+                .client_auth_optional(certificate_optional);
+        }
+        Ok(tls)
     }
 }
 
@@ -188,12 +213,47 @@ impl Default for ServerConfig {
             allow_anonymous: false,
             unix_socket: None,
             tls: None,
+            accept: None,
         }
+    }
+}
+
+impl Config {
+    /// The mechanisms the TCP listener accepts (`[server] accept`, or its default).
+    pub fn accepted(&self) -> Vec<Mechanism> {
+        if let Some(accept) = &self.server.accept {
+            let mut accept = accept.clone();
+            accept.sort();
+            accept.dedup();
+            return accept;
+        }
+        if self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
+            return vec![Mechanism::ClientCertificate];
+        }
+        let mut accept = Vec::new();
+        if !self.auth.api_keys.is_empty() {
+            accept.push(Mechanism::ApiKey);
+        }
+        if self.auth.kubernetes.is_some() {
+            accept.push(Mechanism::Kubernetes);
+        }
+        accept
     }
 }
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 50051))
+}
+
+impl Mechanism {
+    /// The name used in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ClientCertificate => "client_certificate",
+            Self::ApiKey => "api_key",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
 }
 
 /// `[cache]`.
@@ -372,16 +432,17 @@ impl Config {
             *file = base.join(&*file);
         }
         if let Some(tls) = &mut config.server.tls {
-            for path in [&mut tls.cert_file, &mut tls.key_file, &mut tls.client_ca_file] {
+            for path in [&mut tls.cert_file, &mut tls.key_file]
+                .into_iter()
+                .chain(tls.client_ca_file.as_mut())
+            {
                 if path.is_relative() {
                     *path = base.join(&*path);
                 }
             }
         }
-        if let Some(k8s) = &mut config.auth.kubernetes
-            && k8s.jwks_file.is_relative()
-        {
-            k8s.jwks_file = base.join(&k8s.jwks_file);
+        if let Some(k8s) = &mut config.auth.kubernetes {
+            k8s.resolve_paths(base);
         }
         config
             .validate()
@@ -420,6 +481,7 @@ impl Config {
         if self.cache.max_entries == 0 {
             return Err("cache.max_entries must be at least 1".to_owned());
         }
+        self.validate_accept()?;
         let mut identities = std::collections::BTreeSet::new();
         for key in &self.auth.api_keys {
             if key.identity.is_empty() || !identities.insert(key.identity.as_str()) {
@@ -434,6 +496,32 @@ impl Config {
                     key.identity
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_accept(&self) -> Result<(), String> {
+        let accepted = self.accepted();
+        let client_ca = self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        for mechanism in &accepted {
+            let missing = match mechanism {
+                Mechanism::ClientCertificate if !client_ca => Some("[server.tls] with client_ca_file"),
+                Mechanism::ApiKey if self.auth.api_keys.is_empty() => Some("[[auth.api_keys]]"),
+                Mechanism::Kubernetes if self.auth.kubernetes.is_none() => Some("[auth.kubernetes]"),
+                _ => None,
+            };
+            if let Some(missing) = missing {
+                return Err(format!(
+                    "server.accept names {} but no {missing} is configured",
+                    mechanism.name()
+                ));
+            }
+        }
+        if client_ca && !accepted.contains(&Mechanism::ClientCertificate) {
+            return Err(
+                "server.tls.client_ca_file is set but server.accept leaves out client_certificate: add it, or remove client_ca_file"
+                    .to_owned(),
+            );
         }
         Ok(())
     }
@@ -462,27 +550,41 @@ impl Config {
         Ok(Broker::new(apps, clock, self.cache.policy(), policy))
     }
 
-    /// The caller authenticator these settings describe (this reads the
-    /// Kubernetes JWKS file, when one is configured).
-    pub fn authenticator(&self) -> Result<Authenticator, ConfigError> {
-        let keys = self
-            .auth
-            .api_keys
-            .iter()
-            .filter_map(|k| {
-                let mut hash = [0u8; 32];
-                hex::decode_to_slice(&k.sha256, &mut hash)
-                    .ok()
-                    .map(|()| (k.identity.clone(), hash))
-            })
-            .collect();
-        let authenticator = Authenticator::new(self.server.allow_anonymous).with_api_keys(keys);
-        match &self.auth.kubernetes {
-            Some(k8s) => KubernetesAuth::new(k8s.clone())
-                .map(|k| authenticator.with_kubernetes(k))
-                .map_err(|problem| ConfigError::new("auth.kubernetes", problem)),
-            None => Ok(authenticator),
+    /// The TCP listener's caller authenticator: the mechanisms of
+    /// [`Config::accepted`]. This loads the Kubernetes JWKS (reading the file
+    /// or fetching the URL) when that mechanism is accepted.
+    pub async fn authenticator(&self) -> Result<Authenticator, ConfigError> {
+        let accepted = self.accepted();
+        let mut authenticator = Authenticator::new(self.server.allow_anonymous);
+        if accepted.contains(&Mechanism::ClientCertificate) {
+            authenticator = authenticator.with_mtls();
         }
+        if accepted.contains(&Mechanism::ApiKey) {
+            let keys = self
+                .auth
+                .api_keys
+                .iter()
+                .filter_map(|k| {
+                    let mut hash = [0u8; 32];
+                    hex::decode_to_slice(&k.sha256, &mut hash)
+                        .ok()
+                        .map(|()| (k.identity.clone(), hash))
+                })
+                .collect();
+            authenticator = authenticator.with_api_keys(keys);
+        }
+        if let Some(k8s) = self
+            .auth
+            .kubernetes
+            .as_ref()
+            .filter(|_| accepted.contains(&Mechanism::Kubernetes))
+        {
+            let kubernetes = KubernetesAuth::new(k8s.clone())
+                .await
+                .map_err(|problem| ConfigError::new("auth.kubernetes", problem))?;
+            authenticator = authenticator.with_kubernetes(Arc::new(kubernetes));
+        }
+        Ok(authenticator)
     }
 }
 
@@ -678,5 +780,29 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("safety_margin_secs must be at least 60"), "{err}");
+    }
+
+    #[test]
+    fn accept_defaults_to_what_is_configured_and_names_what_is_missing() {
+        let key = format!("[[auth.api_keys]]\nidentity = \"a\"\nsha256 = \"{}\"\n", "0".repeat(64));
+        let c = load(&format!("{MINIMAL}{key}"), &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.accepted(), [Mechanism::ApiKey]);
+        let tls = "[server.tls]\ncert_file = \"t.crt\"\nkey_file = \"t.key\"\nclient_ca_file = \"ca.crt\"\n";
+        let c = load(&format!("{MINIMAL}{tls}{key}"), &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.accepted(), [Mechanism::ClientCertificate], "mTLS alone by default");
+
+        let error = |text: String| load(&text, &[]).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = error(MINIMAL.replace("[server]\n", "[server]\naccept = [\"kubernetes\"]\n"));
+        assert!(
+            e.ends_with("server.accept names kubernetes but no [auth.kubernetes] is configured"),
+            "{e}"
+        );
+        let e = error(MINIMAL.replace("[server]\n", "[server]\naccept = [\"api_key\"]\n") + tls + &key);
+        assert!(
+            e.contains("client_ca_file is set but server.accept leaves out client_certificate"),
+            "{e}"
+        );
+        let e = error(MINIMAL.replace("[server]\n", "[server]\naccept = [\"password\"]\n"));
+        assert!(e.contains("unknown variant `password`"), "{e}");
     }
 }

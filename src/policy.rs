@@ -7,7 +7,7 @@
 //! caller grants all of it; otherwise it is denied, and the reason names the
 //! first offending item — nothing is ever silently trimmed.
 
-use std::{collections::BTreeSet, fmt, path::Path};
+use std::{collections::BTreeSet, fmt, path::Path, time::Duration};
 
 use serde::Deserialize;
 
@@ -84,6 +84,14 @@ pub struct Rule {
     /// May get downscoped tokens with no target (restricted by scope only).
     #[serde(default)]
     pub untargeted: bool,
+    /// The longest a token served under this rule may be held, in seconds.
+    /// Box tokens cannot be shortened, so this is enforced in two ways: a
+    /// request whose `min_ttl` exceeds it is denied, and the `expires_at` the
+    /// caller is told is at most this far ahead, so a caller that refreshes at
+    /// `expires_at` comes back within it. (Box still accepts the token until
+    /// its own expiry; revoke it for a hard stop.)
+    #[serde(default)]
+    pub max_lifetime_secs: Option<u64>,
 }
 
 fn all() -> Vec<Glob> {
@@ -144,6 +152,8 @@ pub struct Request<'a> {
     pub subject: PolicySubject<'a>,
     /// What kind of token.
     pub ask: Ask<'a>,
+    /// The remaining life the caller needs (zero for revocation).
+    pub min_ttl: Duration,
 }
 
 /// The policy's answer.
@@ -189,6 +199,7 @@ impl Policy {
                 folders: all(),
                 shared_links: true,
                 untargeted: true,
+                max_lifetime_secs: None,
             }],
         }
     }
@@ -235,6 +246,11 @@ impl Policy {
                     "rule {name:?}: targets are granted but no scopes; add scopes = [...]"
                 ));
             }
+            if rule.max_lifetime_secs == Some(0) {
+                return Err(format!(
+                    "rule {name:?}: max_lifetime_secs must be at least 1 (leave it out for no limit)"
+                ));
+            }
             if !rule.enterprise && rule.users.is_empty() {
                 return Err(format!(
                     "rule {name:?}: grants no subject; set enterprise = true or users = [...]"
@@ -242,6 +258,11 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// The rule named `name`.
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
     }
 
     /// Decides `request`. Deny by default.
@@ -271,6 +292,11 @@ impl Policy {
 }
 
 impl Rule {
+    /// `max_lifetime_secs` as a duration.
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        self.max_lifetime_secs.map(Duration::from_secs)
+    }
+
     fn check(&self, request: &Request<'_>) -> Result<(), String> {
         if !self.apps.iter().any(|a| a.matches(request.app)) {
             return Err(format!("app {:?} is not allowed", request.app));
@@ -281,6 +307,15 @@ impl Rule {
         };
         if !subject_ok {
             return Err(format!("{} is not allowed", request.subject));
+        }
+        if let Some(max) = self.max_lifetime()
+            && request.min_ttl > max
+        {
+            return Err(format!(
+                "min_ttl of {} s exceeds the longest lifetime allowed, {} s",
+                request.min_ttl.as_secs_f64().ceil(),
+                max.as_secs()
+            ));
         }
         match request.ask {
             Ask::Revoke => Ok(()),
@@ -340,6 +375,7 @@ mod tests {
             app: "default",
             subject,
             ask,
+            min_ttl: Duration::ZERO,
         }
     }
 

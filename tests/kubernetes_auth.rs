@@ -4,10 +4,17 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use base64::Engine as _;
-use box_token_broker::{auth::kubernetes::KubernetesConfig, pb, policy::Policy};
+use box_token_broker::{
+    auth::kubernetes::{KubernetesAuth, KubernetesConfig},
+    pb,
+    policy::Policy,
+};
 use common::{Harness, Options, assert_status, enterprise, fixture, fixture_key, fixture_passphrase};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::{RsaPrivateKey, pkcs1::EncodeRsaPrivateKey as _, traits::PublicKeyParts as _};
@@ -23,12 +30,21 @@ fn now() -> i64 {
 }
 
 fn jwks(key: &RsaPrivateKey) -> String {
+    jwks_of(&[(key, KID)])
+}
+
+fn jwks_of(keys: &[(&RsaPrivateKey, &str)]) -> String {
     let b64 = |bytes: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    serde_json::json!({"keys": [{
-        "kty": "RSA", "use": "sig", "alg": "RS256", "kid": KID,
-        "n": b64(key.n().to_bytes_be()), "e": b64(key.e().to_bytes_be()),
-    }]})
-    .to_string()
+    let keys: Vec<_> = keys
+        .iter()
+        .map(|(key, kid)| {
+            serde_json::json!({
+                "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+                "n": b64(key.n().to_bytes_be()), "e": b64(key.e().to_bytes_be()),
+            })
+        })
+        .collect();
+    serde_json::json!({ "keys": keys }).to_string()
 }
 
 fn service_account_token(key: &RsaPrivateKey, kid: &str, claims: serde_json::Value) -> String {
@@ -58,9 +74,10 @@ async fn harness(dir: &tempfile::TempDir) -> Harness {
         policy: Some(policy),
         allow_anonymous: false,
         kubernetes: Some(KubernetesConfig {
-            jwks_file,
+            jwks_file: Some(jwks_file),
             issuer: ISSUER.to_owned(),
             audience: AUDIENCE.to_owned(),
+            ..KubernetesConfig::default()
         }),
         ..Options::default()
     })
@@ -163,6 +180,168 @@ async fn bearer_tokens_are_refused_where_kubernetes_auth_is_not_configured() {
     assert_status(
         &get_with_bearer(&h, &token).await.unwrap_err(),
         Code::Unauthenticated,
-        "no [auth.kubernetes] is configured",
+        "bearer tokens are not accepted on this listener",
     );
+}
+
+/// A stand-in for the API server's issuer discovery: the discovery document
+/// and the JWKS, both only for a caller presenting `READER_TOKEN`.
+struct Cluster {
+    addr: std::net::SocketAddr,
+    jwks: std::sync::Mutex<String>,
+    issuer: String,
+    jwks_fetches: std::sync::atomic::AtomicUsize,
+}
+
+const READER_TOKEN: &str = "broker-reader-token";
+
+async fn cluster(jwks: String, issuer: &str) -> Arc<Cluster> {
+    use axum::{extract::State, http::HeaderMap, http::StatusCode, routing::get};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cluster = Arc::new(Cluster {
+        addr: listener.local_addr().unwrap(),
+        jwks: std::sync::Mutex::new(jwks),
+        issuer: issuer.to_owned(),
+        jwks_fetches: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let authorized = |headers: &HeaderMap| {
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {READER_TOKEN}"))
+    };
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(move |State(c): State<Arc<Cluster>>, headers: HeaderMap| async move {
+                if !authorized(&headers) {
+                    return Err(StatusCode::UNAUTHORIZED);
+                }
+                Ok(serde_json::json!({
+                    "issuer": c.issuer,
+                    "jwks_uri": format!("http://{}/openid/v1/jwks", c.addr),
+                    "response_types_supported": ["id_token"],
+                })
+                .to_string())
+            }),
+        )
+        .route(
+            "/openid/v1/jwks",
+            get(move |State(c): State<Arc<Cluster>>, headers: HeaderMap| async move {
+                if !authorized(&headers) {
+                    return Err(StatusCode::UNAUTHORIZED);
+                }
+                c.jwks_fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(c.jwks.lock().unwrap().clone())
+            }),
+        )
+        .with_state(cluster.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    cluster
+}
+
+fn discovery_config(cluster: &Cluster, dir: &tempfile::TempDir) -> KubernetesConfig {
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{READER_TOKEN}\n")).unwrap();
+    KubernetesConfig {
+        discovery_url: Some(format!("http://{}/.well-known/openid-configuration", cluster.addr)),
+        token_file: Some(token_file),
+        issuer: ISSUER.to_owned(),
+        audience: AUDIENCE.to_owned(),
+        ..KubernetesConfig::default()
+    }
+}
+
+fn fetches(cluster: &Cluster) -> usize {
+    cluster.jwks_fetches.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn keys_come_from_the_issuers_discovery_document_and_follow_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixture_key();
+    let cluster = cluster(jwks(&key), ISSUER).await;
+    let auth = KubernetesAuth::new(discovery_config(&cluster, &dir)).await.unwrap();
+    assert_eq!(fetches(&cluster), 1, "the keys are fetched once at startup");
+    let token = service_account_token(&key, KID, claims(PORTAL));
+    assert_eq!(auth.verify(&token).await.unwrap(), PORTAL);
+    assert_eq!(fetches(&cluster), 1, "known keys are not fetched again");
+
+    // The cluster rotates to a second key: a token naming it makes one fetch.
+    let rotated = other_key();
+    *cluster.jwks.lock().unwrap() = jwks_of(&[(&key, KID), (&rotated, "k8s-key-2")]);
+    let new_token = service_account_token(&rotated, "k8s-key-2", claims(PORTAL));
+    assert_eq!(auth.verify(&new_token).await.unwrap(), PORTAL);
+    assert_eq!(fetches(&cluster), 2);
+
+    // Unknown kids cannot make the broker hammer the API server: the reload
+    // just made counts, so none of these fetches again.
+    for _ in 0..5 {
+        let unknown = service_account_token(&rotated, "never-published", claims(PORTAL));
+        let err = auth.verify(&unknown).await.unwrap_err();
+        assert!(err.0.contains("a key the cluster's JWKS does not hold"), "{err}");
+    }
+    assert_eq!(fetches(&cluster), 2, "reloads are rate-limited");
+}
+
+#[tokio::test]
+async fn a_discovery_document_for_another_issuer_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = cluster(jwks(&fixture_key()), "https://evil.example").await;
+    let err = KubernetesAuth::new(discovery_config(&cluster, &dir)).await.unwrap_err();
+    assert!(
+        err.contains("the discovery document's issuer \"https://evil.example\" is not the configured issuer"),
+        "{err}"
+    );
+    assert_eq!(fetches(&cluster), 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_or_unauthorized_key_source_stops_startup_naming_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = cluster(jwks(&fixture_key()), ISSUER).await;
+    let mut config = discovery_config(&cluster, &dir);
+    std::fs::write(config.token_file.as_ref().unwrap(), "someone-else").unwrap();
+    let err = KubernetesAuth::new(config.clone()).await.unwrap_err();
+    assert!(
+        err.ends_with("openid-configuration: answered HTTP 401 Unauthorized"),
+        "{err}"
+    );
+    assert!(!err.contains("someone-else"), "{err}");
+
+    config.discovery_url = None;
+    config.jwks_url = Some("http://127.0.0.1:1/openid/v1/jwks".to_owned());
+    let err = KubernetesAuth::new(config.clone()).await.unwrap_err();
+    assert!(
+        err.starts_with("http://127.0.0.1:1/openid/v1/jwks: cannot fetch"),
+        "{err}"
+    );
+
+    config.jwks_file = Some(dir.path().join("jwks.json"));
+    let err = KubernetesAuth::new(config).await.unwrap_err();
+    assert_eq!(
+        err,
+        "auth.kubernetes: set exactly one of jwks_file, jwks_url and discovery_url"
+    );
+}
+
+#[tokio::test]
+async fn a_ca_file_that_is_not_pem_stops_startup_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    let config = KubernetesConfig {
+        jwks_url: Some("https://kubernetes.default.svc/openid/v1/jwks".to_owned()),
+        ca_file: Some(ca_file.clone()),
+        issuer: ISSUER.to_owned(),
+        audience: AUDIENCE.to_owned(),
+        ..KubernetesConfig::default()
+    };
+    let err = KubernetesAuth::new(config).await.unwrap_err();
+    assert_eq!(err, format!("{}: not a PEM certificate bundle", ca_file.display()));
+}
+
+fn other_key() -> RsaPrivateKey {
+    box_token_broker::boxapi::private_key::decode_private_key(
+        &std::fs::read_to_string(fixture("rsa3072_aes128.pem")).unwrap(),
+        Some(&fixture_passphrase()),
+    )
+    .unwrap()
 }

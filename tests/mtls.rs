@@ -1,6 +1,7 @@
 //! mTLS: the broker serves TLS, requires client certificates from the
 //! configured CA, and takes the caller's identity from the certificate's URI
-//! SAN (SPIFFE ID) or DNS SAN.
+//! SAN (SPIFFE ID) or DNS SAN. A listener configured to accept certificates
+//! and API keys lets a caller without a certificate use a key.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -63,11 +64,18 @@ async fn serve_mtls(h: &Harness, pki: &Pki) -> (std::net::SocketAddr, Arc<std::s
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(pki.ca.pem()));
+    serve_tls(h, tls, Authenticator::new(false).with_mtls()).await
+}
+
+async fn serve_tls(
+    h: &Harness,
+    tls: ServerTlsConfig,
+    auth: Authenticator,
+) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (sink, audit) = AuditSink::memory();
     let broker = h.broker.clone();
-    let auth = Authenticator::new(false).with_mtls();
     tokio::spawn(async move {
         service::serve_listeners(
             broker,
@@ -181,4 +189,64 @@ async fn clients_without_a_certificate_from_the_ca_get_nothing() {
     };
     assert!(rogue_cert, "a certificate from another CA is refused");
     assert_eq!(h.fake.stats().token_requests, 0, "nothing reached Box");
+}
+
+#[tokio::test]
+async fn a_listener_accepting_certificates_and_api_keys_takes_either() {
+    let h = harness().await;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = pki.issue(vec![dns("localhost")]);
+    std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), pki.ca.pem()).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"billing-key-1"));
+    let config_file = dir.path().join("broker.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[server]\naccept = [\"client_certificate\", \"api_key\"]\n\
+             [server.tls]\ncert_file = \"tls.crt\"\nkey_file = \"tls.key\"\nclient_ca_file = \"ca.crt\"\n\
+             [[auth.api_keys]]\nidentity = \"billing.internal\"\nsha256 = \"{sha}\"\n\
+             [apps.default]\nbox_config_file = \"unused.json\"\n"
+        ),
+    )
+    .unwrap();
+    let config = box_token_broker::config::Config::load(&config_file, std::iter::empty()).unwrap();
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .unwrap()
+        .load(config.accepted().len() > 1)
+        .unwrap();
+    let (addr, audit) = serve_tls(&h, tls, config.authenticator().await.unwrap()).await;
+
+    // A certificate is an identity...
+    let mut with_cert = client(addr, &pki, Some(pki.issue(vec![uri(SPIFFE)]))).await.unwrap();
+    with_cert.get_token(enterprise()).await.unwrap();
+    // ...and so is an API key, from a caller without a certificate.
+    let mut without_cert = client(addr, &pki, None).await.unwrap();
+    let mut request = tonic::Request::new(enterprise());
+    request
+        .metadata_mut()
+        .insert("x-api-key", "billing-key-1".parse().unwrap());
+    without_cert.get_token(request).await.unwrap();
+    // Neither: refused, saying what this listener accepts.
+    assert_status(
+        &without_cert.get_token(enterprise()).await.unwrap_err(),
+        Code::Unauthenticated,
+        "this listener accepts a client certificate from the configured CA, or an API key in the x-api-key header",
+    );
+    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
+    let callers: Vec<String> = audit
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["caller"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(callers, [SPIFFE, "billing.internal", "unauthenticated"]);
 }

@@ -31,7 +31,8 @@ fn allowed(policy: &Policy, caller: &str, subject: PolicySubject<'_>, ask: Ask<'
             caller,
             app: "default",
             subject,
-            ask
+            ask,
+            min_ttl: std::time::Duration::ZERO,
         }),
         Decision::Allow { .. }
     )
@@ -532,4 +533,51 @@ async fn the_watcher_notices_a_changed_file_by_itself() {
     watcher.abort();
     assert!(changed.is_ok(), "the new policy was picked up");
     h.get(enterprise()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rule_s_max_lifetime_caps_expires_at_and_refuses_longer_min_ttl() {
+    let policy = Policy::parse(
+        "[[rules]]\nname = \"short-lived\"\ncallers = [\"anonymous\"]\nenterprise = true\nfull_tokens = true\nmax_lifetime_secs = 600\n",
+        "test policy",
+    )
+    .unwrap();
+    let h = Harness::with(Options {
+        policy: Some(policy),
+        ..Options::default()
+    })
+    .await;
+    let now = box_token_broker::clock::unix_seconds(box_token_broker::clock::Clock::now(&*h.clock));
+    let served = h.get(enterprise()).await.unwrap();
+    // Box's token lives about an hour; the caller is told ten minutes.
+    assert_eq!(served.token.as_ref().unwrap().expires_at.unwrap().seconds, now + 600);
+
+    let mut long = enterprise();
+    long.min_ttl = common::secs(601);
+    let denied = h.get(long).await.unwrap_err();
+    assert_status(
+        &denied,
+        Code::PermissionDenied,
+        "min_ttl of 601 s exceeds the longest lifetime allowed, 600 s (rule \"short-lived\")",
+    );
+    let mut within = enterprise();
+    within.min_ttl = common::secs(600);
+    assert!(h.get(within).await.is_ok());
+    let events = h.audit_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["decision"] == "deny" && e["reason"].as_str().is_some_and(|r| r.contains("min_ttl of 601 s"))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_zero_max_lifetime_is_an_invalid_policy() {
+    let text = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nmax_lifetime_secs = 0\n";
+    let e = Policy::parse(text, "p.toml")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("max_lifetime_secs must be at least 1"), "{e}");
 }

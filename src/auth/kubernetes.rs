@@ -6,7 +6,7 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::{Mutex, RwLock},
+    sync::RwLock,
     time::{Duration, Instant},
 };
 
@@ -15,8 +15,14 @@ use serde::Deserialize;
 
 use super::AuthError;
 
-/// The JWKS file is re-read for an unknown `kid` (key rotation) at most this often.
+/// The JWKS is fetched again for an unknown `kid` (key rotation) at most this often.
 const JWKS_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+/// Keys older than this are refreshed (in the request that notices), so a key
+/// the cluster stopped publishing stops being trusted. Failing refreshes keep
+/// the keys already held.
+const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+/// How long one fetch from the API server may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clock difference tolerated between the API server and the broker.
 const LEEWAY_SECS: u64 = 5;
 /// The signature algorithms Kubernetes service-account issuers use.
@@ -29,23 +35,72 @@ const ALGORITHMS: &[Algorithm] = &[
     Algorithm::PS256,
 ];
 
-/// `[auth.kubernetes]`.
-#[derive(Debug, Clone, Deserialize)]
+/// `[auth.kubernetes]`: where the cluster's keys come from (exactly one of
+/// `jwks_file`, `jwks_url`, `discovery_url`) and what the tokens must say.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
     /// The cluster's JWKS (`kubectl get --raw /openid/v1/jwks`), as a file.
-    pub jwks_file: PathBuf,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// The cluster's JWKS over HTTPS, e.g. `https://kubernetes.default.svc/openid/v1/jwks`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The issuer's OpenID discovery document, e.g.
+    /// `https://kubernetes.default.svc/.well-known/openid-configuration`; its
+    /// `issuer` must equal `issuer`, and its `jwks_uri` is fetched.
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// PEM CA bundle that the URL's server certificate must chain to, e.g.
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/ca.crt`. Without it,
+    /// the public web roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A bearer token file sent with each fetch (the API server serves its
+    /// keys to service accounts), e.g. `/var/run/secrets/kubernetes.io/serviceaccount/token`.
+    /// Re-read on every fetch, since projected tokens rotate.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// The service-account issuer (`--service-account-issuer`), pinned.
     pub issuer: String,
     /// The audience the projected token was requested for, pinned.
     pub audience: String,
 }
 
+impl KubernetesConfig {
+    /// Resolves relative file paths against `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for path in [&mut self.jwks_file, &mut self.ca_file, &mut self.token_file]
+            .into_iter()
+            .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+}
+
+/// Where the keys come from.
+enum Source {
+    File(PathBuf),
+    Url {
+        client: reqwest::Client,
+        /// The JWKS itself, or the discovery document that names it.
+        url: String,
+        discovery: bool,
+        token_file: Option<PathBuf>,
+    },
+}
+
 /// Verifies Kubernetes service-account tokens.
 pub struct KubernetesAuth {
     config: KubernetesConfig,
-    keys: RwLock<JwkSet>,
-    last_reload: Mutex<Instant>,
+    source: Source,
+    keys: RwLock<(JwkSet, Instant)>,
+    /// The last reload attempt (none yet after the initial load); held while
+    /// one runs, so there is one at a time.
+    last_attempt: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for KubernetesAuth {
@@ -62,25 +117,125 @@ fn read_jwks(path: &Path) -> Result<JwkSet, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: not a JWKS (JSON Web Key Set): {e}", path.display()))
 }
 
+impl Source {
+    fn new(config: &KubernetesConfig) -> Result<Self, String> {
+        let url = match (&config.jwks_file, &config.jwks_url, &config.discovery_url) {
+            (Some(file), None, None) => return Ok(Self::File(file.clone())),
+            (None, Some(url), None) => (url.clone(), false),
+            (None, None, Some(url)) => (url.clone(), true),
+            _ => {
+                return Err("auth.kubernetes: set exactly one of jwks_file, jwks_url and discovery_url".to_owned());
+            }
+        };
+        if !(url.0.starts_with("https://") || url.0.starts_with("http://")) {
+            return Err(format!("auth.kubernetes: {:?} is not an http(s) URL", url.0));
+        }
+        let mut builder = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = &config.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| format!("{}: cannot read: {e}", ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| format!("{}: not a PEM certificate bundle", ca.display()))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| format!("auth.kubernetes: cannot build the HTTP client: {e}"))?;
+        Ok(Self::Url {
+            client,
+            url: url.0,
+            discovery: url.1,
+            token_file: config.token_file.clone(),
+        })
+    }
+
+    /// Fetches the key set; the error names where from and what went wrong.
+    async fn load(&self, issuer: &str) -> Result<JwkSet, String> {
+        let (client, url, discovery, token_file) = match self {
+            Self::File(path) => return read_jwks(path),
+            Self::Url {
+                client,
+                url,
+                discovery,
+                token_file,
+            } => (client, url, *discovery, token_file),
+        };
+        let token = match token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map(|t| t.trim().to_owned())
+                    .map_err(|e| format!("{}: cannot read: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let jwks_url = if discovery {
+            #[derive(Deserialize)]
+            struct Discovery {
+                issuer: String,
+                jwks_uri: String,
+            }
+            let document: Discovery = fetch_json(client, url, token.as_deref(), "an OpenID discovery document").await?;
+            if document.issuer != issuer {
+                return Err(format!(
+                    "{url}: the discovery document's issuer {:?} is not the configured issuer {issuer:?}",
+                    document.issuer
+                ));
+            }
+            document.jwks_uri
+        } else {
+            url.clone()
+        };
+        fetch_json(client, &jwks_url, token.as_deref(), "a JWKS (JSON Web Key Set)").await
+    }
+}
+
+async fn fetch_json<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    what: &str,
+) -> Result<T, String> {
+    let mut request = client.get(url).header("accept", "application/json");
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|e| format!("{url}: cannot fetch: {e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("{url}: answered HTTP {status}"));
+    }
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| format!("{url}: cannot read the body: {e}"))?;
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: not {what}: {e}"))
+}
+
 impl KubernetesAuth {
-    /// Loads the JWKS; the error names the file and the problem.
-    pub fn new(config: KubernetesConfig) -> Result<Self, String> {
+    /// Loads the keys (reading the file or fetching the URL); the error names
+    /// the file or URL and the problem.
+    pub async fn new(config: KubernetesConfig) -> Result<Self, String> {
         if config.issuer.is_empty() || config.audience.is_empty() {
             return Err("auth.kubernetes: issuer and audience must both be set".to_owned());
         }
-        let keys = read_jwks(&config.jwks_file)?;
+        let source = Source::new(&config)?;
+        let keys = source.load(&config.issuer).await?;
         if keys.keys.is_empty() {
-            return Err(format!("{}: the JWKS holds no keys", config.jwks_file.display()));
+            return Err("auth.kubernetes: the cluster's JWKS holds no keys".to_owned());
         }
         Ok(Self {
             config,
-            keys: RwLock::new(keys),
-            last_reload: Mutex::new(Instant::now()),
+            source,
+            keys: RwLock::new((keys, Instant::now())),
+            last_attempt: tokio::sync::Mutex::new(None),
         })
     }
 
     /// The caller identity a valid token proves.
-    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+    pub async fn verify(&self, token: &str) -> Result<String, AuthError> {
         let invalid = |why: &str| AuthError(format!("the Kubernetes service-account token is not accepted: {why}"));
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("it is not a JWT"))?;
         if !ALGORITHMS.contains(&header.alg) {
@@ -89,6 +244,7 @@ impl KubernetesAuth {
         let kid = header.kid.ok_or_else(|| invalid("its header names no key (kid)"))?;
         let key = self
             .key(&kid)
+            .await
             .ok_or_else(|| invalid("it is signed by a key the cluster's JWKS does not hold"))?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&self.config.issuer]);
@@ -123,34 +279,49 @@ impl KubernetesAuth {
         }
     }
 
-    /// The key for `kid`, re-reading the JWKS file (rate-limited) when it is unknown.
-    fn key(&self, kid: &str) -> Option<DecodingKey> {
-        let find = |keys: &JwkSet| keys.find(kid).and_then(|jwk| DecodingKey::from_jwk(jwk).ok());
-        if let Some(key) = self.keys.read().ok().and_then(|keys| find(&keys)) {
-            return Some(key);
+    /// The key for `kid`. An unknown `kid` reloads the keys (at most once per
+    /// [`JWKS_RELOAD_INTERVAL`]); keys older than [`JWKS_MAX_AGE`] are
+    /// refreshed by whichever request notices first, while the others go on
+    /// with the keys held.
+    async fn key(&self, kid: &str) -> Option<DecodingKey> {
+        let (found, stale) = {
+            let held = self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (find(&held.0, kid), held.1.elapsed() > JWKS_MAX_AGE)
+        };
+        let mut last_attempt = match (&found, stale) {
+            (Some(_), false) => return found,
+            // Stale but usable: refresh unless someone already is.
+            (Some(_), true) => match self.last_attempt.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return found,
+            },
+            (None, _) => self.last_attempt.lock().await,
+        };
+        if last_attempt.is_some_and(|at| at.elapsed() < JWKS_RELOAD_INTERVAL) {
+            // Someone reloaded just now (perhaps while this request waited).
+            let held = self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            return find(&held.0, kid).or(found);
         }
-        {
-            let mut last = self
-                .last_reload
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.elapsed() < JWKS_RELOAD_INTERVAL {
-                return None;
-            }
-            *last = Instant::now();
-        }
-        match read_jwks(&self.config.jwks_file) {
-            Ok(fresh) => {
-                let key = find(&fresh);
-                if let Ok(mut keys) = self.keys.write() {
-                    *keys = fresh;
-                }
+        *last_attempt = Some(Instant::now());
+        match self.source.load(&self.config.issuer).await {
+            Ok(fresh) if !fresh.keys.is_empty() => {
+                let key = find(&fresh, kid);
+                let mut held = self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                *held = (fresh, Instant::now());
                 key
             }
+            Ok(_) => {
+                tracing::error!("the Kubernetes JWKS now holds no keys; keeping the keys held");
+                found
+            }
             Err(problem) => {
-                tracing::error!("re-reading the Kubernetes JWKS failed: {problem}");
-                None
+                tracing::error!("reloading the Kubernetes JWKS failed, keeping the keys held: {problem}");
+                found
             }
         }
     }
+}
+
+fn find(keys: &JwkSet, kid: &str) -> Option<DecodingKey> {
+    keys.find(kid).and_then(|jwk| DecodingKey::from_jwk(jwk).ok())
 }

@@ -1,9 +1,10 @@
-//! Who is calling. Mechanisms so far: static API keys (the `x-api-key`
-//! header; only SHA-256 hashes are configured, compared in constant time),
-//! Kubernetes projected service-account tokens (`authorization: Bearer`, see
-//! [`kubernetes`]), and the anonymous caller, refused unless the config
-//! explicitly allows it (dev mode does, and says so). mTLS and Unix-socket
-//! peers are still to come.
+//! Who is calling. Each listener has its own [`Authenticator`], accepting
+//! some of: mTLS client certificates (the URI SAN, else the DNS SAN), static
+//! API keys (the `x-api-key` header; only SHA-256 hashes are configured,
+//! compared in constant time), Kubernetes projected service-account tokens
+//! (`authorization: Bearer`, see [`kubernetes`]), the peer of a Unix socket
+//! (a configured identity, optionally uid-checked), and the anonymous caller,
+//! refused unless the config explicitly allows it (dev mode does, and says so).
 
 pub mod kubernetes;
 
@@ -51,25 +52,36 @@ impl fmt::Display for CallerIdentity {
     }
 }
 
-/// Decides who a request comes from.
+/// A configured API key: (identity, SHA-256 of the key).
+type ApiKey = (String, [u8; 32]);
+
+/// Decides who a request comes from, on one listener.
 #[derive(Clone)]
 pub struct Authenticator {
     allow_anonymous: bool,
-    /// (identity, SHA-256 of the key).
-    api_keys: Vec<(String, [u8; 32])>,
+    /// (identity, SHA-256 of the key); `None` when this listener takes no API keys.
+    api_keys: Option<Arc<[ApiKey]>>,
     kubernetes: Option<Arc<KubernetesAuth>>,
     /// On a Unix socket listener: the identity of every peer, and the uids allowed.
     unix_socket: Option<(String, Vec<u32>)>,
-    /// On an mTLS listener: the client certificate is the identity.
-    mtls: bool,
+    /// A client certificate (verified by the TLS layer) is an identity here.
+    certificates: bool,
 }
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticator")
             .field("allow_anonymous", &self.allow_anonymous)
-            .field("api_keys", &self.api_keys.iter().map(|(id, _)| id).collect::<Vec<_>>())
+            .field(
+                "api_keys",
+                &self
+                    .api_keys
+                    .as_ref()
+                    .map(|k| k.iter().map(|(id, _)| id).collect::<Vec<_>>()),
+            )
             .field("kubernetes", &self.kubernetes)
+            .field("unix_socket", &self.unix_socket)
+            .field("certificates", &self.certificates)
             .finish()
     }
 }
@@ -80,22 +92,25 @@ impl fmt::Debug for Authenticator {
 pub struct AuthError(pub String);
 
 impl Authenticator {
-    /// An authenticator; `allow_anonymous` admits callers without credentials.
+    /// An authenticator accepting nothing yet; `allow_anonymous` admits
+    /// callers without credentials.
     pub fn new(allow_anonymous: bool) -> Self {
         Self {
             allow_anonymous,
-            api_keys: Vec::new(),
+            api_keys: None,
             kubernetes: None,
             unix_socket: None,
-            mtls: false,
+            certificates: false,
         }
     }
 
     /// Takes the caller's identity from its client certificate (the listener
-    /// serves TLS and requires certificates from the configured CA).
+    /// serves TLS and verifies certificates against the configured CA). With
+    /// no other mechanism, a certificate is required; with others, a caller
+    /// without one may use those.
     #[must_use]
     pub fn with_mtls(mut self) -> Self {
-        self.mtls = true;
+        self.certificates = true;
         self
     }
 
@@ -105,25 +120,22 @@ impl Authenticator {
     /// check are the trust boundary of a sidecar.
     pub fn unix_socket(identity: String, allowed_uids: Vec<u32>) -> Self {
         Self {
-            allow_anonymous: false,
-            api_keys: Vec::new(),
-            kubernetes: None,
             unix_socket: Some((identity, allowed_uids)),
-            mtls: false,
+            ..Self::new(false)
         }
     }
 
     /// Accepts Kubernetes service-account tokens verified by `kubernetes`.
     #[must_use]
-    pub fn with_kubernetes(mut self, kubernetes: KubernetesAuth) -> Self {
-        self.kubernetes = Some(Arc::new(kubernetes));
+    pub fn with_kubernetes(mut self, kubernetes: Arc<KubernetesAuth>) -> Self {
+        self.kubernetes = Some(kubernetes);
         self
     }
 
-    /// Adds API keys, as (identity, SHA-256 of the key).
+    /// Accepts API keys, given as (identity, SHA-256 of the key).
     #[must_use]
     pub fn with_api_keys(mut self, keys: Vec<(String, [u8; 32])>) -> Self {
-        self.api_keys = keys;
+        self.api_keys = Some(keys.into());
         self
     }
 
@@ -132,19 +144,42 @@ impl Authenticator {
         self.allow_anonymous
     }
 
+    /// What this listener accepts, for error messages.
+    fn accepted(&self) -> String {
+        let mut ways = Vec::new();
+        if self.certificates {
+            ways.push("a client certificate from the configured CA".to_owned());
+        }
+        if self.api_keys.is_some() {
+            ways.push(format!("an API key in the {API_KEY_HEADER} header"));
+        }
+        if self.kubernetes.is_some() {
+            ways.push("a Kubernetes service-account token as `authorization: Bearer`".to_owned());
+        }
+        match ways.len() {
+            0 => "this listener accepts no credentials (see [server] accept)".to_owned(),
+            _ => format!("this listener accepts {}", ways.join(", or ")),
+        }
+    }
+
     /// Identifies the caller of `request`.
-    pub fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<CallerIdentity, AuthError> {
+    pub async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<CallerIdentity, AuthError> {
         if let Some((identity, allowed_uids)) = &self.unix_socket {
             return unix_peer(request, identity, allowed_uids);
         }
-        if self.mtls {
-            let certs = request.peer_certs().filter(|c| !c.is_empty()).ok_or_else(|| {
-                AuthError("this listener requires a client certificate from the configured CA".to_owned())
-            })?;
+        if self.certificates
+            && let Some(certs) = request.peer_certs().filter(|c| !c.is_empty())
+        {
             return certificate_identity(&certs[0]).map(CallerIdentity::Certificate);
         }
         if let Some(presented) = request.metadata().get(API_KEY_HEADER) {
-            return self.api_key(presented.as_bytes());
+            let keys = self.api_keys.as_ref().ok_or_else(|| {
+                AuthError(format!(
+                    "API keys are not accepted on this listener: {}",
+                    self.accepted()
+                ))
+            })?;
+            return api_key(keys, presented.as_bytes());
         }
         if let Some(authorization) = request.metadata().get("authorization") {
             let token = authorization
@@ -153,31 +188,38 @@ impl Authenticator {
                 .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
                 .ok_or_else(|| AuthError("the authorization header must be `Bearer <token>`".to_owned()))?;
             let kubernetes = self.kubernetes.as_ref().ok_or_else(|| {
-                AuthError("bearer tokens are not accepted here: no [auth.kubernetes] is configured".to_owned())
+                AuthError(format!(
+                    "bearer tokens are not accepted on this listener: {}",
+                    self.accepted()
+                ))
             })?;
-            return kubernetes.verify(token.trim()).map(CallerIdentity::ServiceAccount);
+            return kubernetes
+                .verify(token.trim())
+                .await
+                .map(CallerIdentity::ServiceAccount);
         }
         if self.allow_anonymous {
             return Ok(CallerIdentity::Anonymous);
         }
         Err(AuthError(format!(
-            "no credentials: send an API key in the {API_KEY_HEADER} header or a Kubernetes service-account token as `authorization: Bearer` (anonymous callers are not admitted)"
+            "no credentials (anonymous callers are not admitted): {}",
+            self.accepted()
         )))
     }
+}
 
-    fn api_key(&self, presented: &[u8]) -> Result<CallerIdentity, AuthError> {
-        let hash: [u8; 32] = Sha256::digest(presented).into();
-        // Compare against every key, without stopping early, in constant time.
-        let mut found = None;
-        for (identity, expected) in &self.api_keys {
-            if bool::from(hash.ct_eq(expected)) {
-                found = Some(identity);
-            }
+fn api_key(keys: &[ApiKey], presented: &[u8]) -> Result<CallerIdentity, AuthError> {
+    let hash: [u8; 32] = Sha256::digest(presented).into();
+    // Compare against every key, without stopping early, in constant time.
+    let mut found = None;
+    for (identity, expected) in keys {
+        if bool::from(hash.ct_eq(expected)) {
+            found = Some(identity);
         }
-        found
-            .map(|identity| CallerIdentity::ApiKey(identity.clone()))
-            .ok_or_else(|| AuthError(format!("the {API_KEY_HEADER} header does not hold a valid API key")))
     }
+    found
+        .map(|identity| CallerIdentity::ApiKey(identity.clone()))
+        .ok_or_else(|| AuthError(format!("the {API_KEY_HEADER} header does not hold a valid API key")))
 }
 
 /// The identity in a client certificate: its first URI SAN (a SPIFFE ID), or
@@ -245,18 +287,19 @@ mod tests {
         Authenticator::new(false).with_api_keys(vec![("billing".to_owned(), Sha256::digest(b"k-123").into())])
     }
 
-    #[test]
-    fn a_valid_api_key_names_its_identity() {
+    #[tokio::test]
+    async fn a_valid_api_key_names_its_identity() {
         assert_eq!(
-            auth().authenticate(&request_with_key("k-123")).ok(),
+            auth().authenticate(&request_with_key("k-123")).await.ok(),
             Some(CallerIdentity::ApiKey("billing".to_owned()))
         );
     }
 
-    #[test]
-    fn a_wrong_api_key_is_refused_without_echoing_it() {
+    #[tokio::test]
+    async fn a_wrong_api_key_is_refused_without_echoing_it() {
         let err = auth()
             .authenticate(&request_with_key("guess-987"))
+            .await
             .err()
             .map(|e| e.0)
             .unwrap_or_default();
@@ -264,11 +307,44 @@ mod tests {
         assert!(!err.contains("guess-987"));
     }
 
-    #[test]
-    fn no_credentials_are_refused_unless_anonymous_is_allowed() {
-        assert!(auth().authenticate(&tonic::Request::new(())).is_err());
+    #[tokio::test]
+    async fn a_mechanism_this_listener_does_not_accept_is_refused_by_name() {
+        let certificates_only = Authenticator::new(false).with_mtls();
+        let err = certificates_only
+            .authenticate(&request_with_key("k-123"))
+            .await
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
         assert_eq!(
-            Authenticator::new(true).authenticate(&tonic::Request::new(())).ok(),
+            err,
+            "API keys are not accepted on this listener: this listener accepts a client certificate from the configured CA"
+        );
+        let mut bearer = tonic::Request::new(());
+        if let Ok(value) = "Bearer abc.def.ghi".parse() {
+            bearer.metadata_mut().insert("authorization", value);
+        }
+        let err = auth()
+            .authenticate(&bearer)
+            .await
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("bearer tokens are not accepted on this listener"),
+            "{err}"
+        );
+        assert!(!err.contains("abc.def.ghi"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn no_credentials_are_refused_unless_anonymous_is_allowed() {
+        assert!(auth().authenticate(&tonic::Request::new(())).await.is_err());
+        assert_eq!(
+            Authenticator::new(true)
+                .authenticate(&tonic::Request::new(()))
+                .await
+                .ok(),
             Some(CallerIdentity::Anonymous)
         );
     }

@@ -104,7 +104,7 @@ pub fn main() -> ExitCode {
             Command::Token(TokenCommand::Downscope(args)) => token::downscope(args).await,
             Command::Token(TokenCommand::Revoke(args)) => token::revoke(args).await,
             Command::Keygen(args) => keygen::run(&args),
-            Command::CheckConfig { file } => check_config(file),
+            Command::CheckConfig { file } => check_config(file).await,
         }
     })
 }
@@ -127,15 +127,17 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(broker) => Arc::new(broker),
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    let auth = match config.authenticator() {
+    let auth = match config.authenticator().await {
         Ok(auth) => auth,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
+    // A client certificate is optional when the listener also accepts other credentials.
+    let certificate_optional = config.accepted().len() > 1;
     let tls = match config
         .server
         .tls
         .as_ref()
-        .map(crate::config::TlsConfig::load)
+        .map(|tls| tls.load(certificate_optional))
         .transpose()
     {
         Ok(tls) => tls,
@@ -155,7 +157,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         .local_addr()
         .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
     let mut listeners = vec![match tls {
-        Some(tls) => service::Listener::Tls(listener, auth.with_mtls(), tls),
+        Some(tls) => service::Listener::Tls(listener, auth, tls),
         None => service::Listener::Tcp(listener, auth),
     }];
     if let Some(unix) = &config.server.unix_socket {
@@ -176,7 +178,12 @@ async fn serve(path: PathBuf) -> ExitCode {
             "anonymous callers are allowed ([server] allow_anonymous = true): any process that reaches the listener gets tokens"
         );
     }
-    tracing::info!(listen = %bound, "serving gRPC");
+    let accepted: Vec<&str> = config
+        .accepted()
+        .into_iter()
+        .map(crate::config::Mechanism::name)
+        .collect();
+    tracing::info!(listen = %bound, tls = config.server.tls.is_some(), accept = ?accepted, "serving gRPC");
     let watcher = match &config.policy.file {
         Some(file) => Some(tokio::spawn(
             PolicyWatcher::new(file.clone(), broker.clone()).run(POLL_INTERVAL),
@@ -217,12 +224,12 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener
     tokio::net::UnixListener::bind(path)
 }
 
-fn check_config(path: PathBuf) -> ExitCode {
+async fn check_config(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path, std::env::vars()) {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    if let Err(e) = config.authenticator() {
+    if let Err(e) = config.authenticator().await {
         return fail(EXIT_CONFIG, &e.to_string());
     }
     match config.build_broker(Arc::new(SystemClock)) {

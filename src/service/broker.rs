@@ -17,7 +17,6 @@ use crate::{
     auth::{Authenticator, CallerIdentity},
     boxapi::{BoxId, BoxSubject, Target, credentials::BoxIdError, downscope::normalize_scopes},
     broker::{Broker, DownscopeRequest, Granted, Subject, TokenRequest},
-    cache::Lookup,
     error::BrokerError,
     pb::{self, get_downscoped_token_request, subject::Kind, token_broker_service_server::TokenBrokerService},
 };
@@ -50,7 +49,7 @@ impl TokenBrokerApi {
         F: Future<Output = (AuditEvent, Result<R, Status>)>,
     {
         let span = tracing::Span::current();
-        let (mut event, result) = match self.auth.authenticate(&request) {
+        let (mut event, result) = match self.auth.authenticate(&request).await {
             Ok(caller) => {
                 span.record("caller", tracing::field::display(&caller));
                 handle(caller, request.into_inner()).await
@@ -132,10 +131,9 @@ impl TokenBrokerService for TokenBrokerApi {
             let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
             let result = self.broker.get_token(caller.name(), &domain).await.map(|granted| {
                 served(&mut event, &granted);
-                let lookup = &granted.lookup;
                 pb::GetTokenResponse {
-                    token: Some(to_proto(lookup, &[])),
-                    cache_hit: lookup.cache_hit,
+                    token: Some(to_proto(&granted, &[])),
+                    cache_hit: granted.lookup.cache_hit,
                 }
             });
             (event, result.map_err(Status::from))
@@ -163,10 +161,9 @@ impl TokenBrokerService for TokenBrokerApi {
             event.target = domain.target.as_ref().map(target_label);
             let result = self.broker.get_downscoped(caller.name(), &domain).await.map(|granted| {
                 served(&mut event, &granted);
-                let lookup = &granted.lookup;
                 pb::GetDownscopedTokenResponse {
-                    token: Some(to_proto(lookup, &domain.scopes)),
-                    cache_hit: lookup.cache_hit,
+                    token: Some(to_proto(&granted, &domain.scopes)),
+                    cache_hit: granted.lookup.cache_hit,
                 }
             });
             (event, result.map_err(Status::from))
@@ -296,11 +293,11 @@ fn min_ttl(value: Option<&prost_types::Duration>) -> Result<Duration, BrokerErro
 }
 
 /// The protobuf form of a served token; `scopes` for a downscoped one.
-pub fn to_proto(lookup: &Lookup, scopes: &[String]) -> pb::AccessToken {
-    let token = &lookup.token;
+pub fn to_proto(granted: &Granted, scopes: &[String]) -> pb::AccessToken {
+    let token = &granted.lookup.token;
     pb::AccessToken {
         access_token: token.access_token.expose_secret().to_owned(),
-        expires_at: Some(timestamp(token.expires_at)),
+        expires_at: Some(timestamp(granted.expires_at)),
         token_type: token.token_type.clone(),
         scopes: scopes.to_vec(),
         restricted_to: token

@@ -148,14 +148,22 @@ impl Harness {
             .iter()
             .map(|(identity, key)| ((*identity).to_owned(), <[u8; 32]>::from(Sha256::digest(key.as_bytes()))))
             .collect();
+        let kubernetes = match options.kubernetes.clone() {
+            Some(k8s) => Some(Arc::new(
+                box_token_broker::auth::kubernetes::KubernetesAuth::new(k8s)
+                    .await
+                    .unwrap(),
+            )),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn({
             let broker = broker.clone();
             let mut auth = Authenticator::new(options.allow_anonymous).with_api_keys(keys);
-            if let Some(k8s) = options.kubernetes.clone() {
-                auth = auth.with_kubernetes(box_token_broker::auth::kubernetes::KubernetesAuth::new(k8s).unwrap());
+            if let Some(k8s) = kubernetes {
+                auth = auth.with_kubernetes(k8s);
             }
             async move {
                 service::serve(broker, auth, audit_sink, listener, async {
