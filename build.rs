@@ -5,7 +5,12 @@ use std::{env, error::Error, path::PathBuf};
 
 /// Messages that carry a credential. prost would derive a `Debug` that prints
 /// every field; for these we write `Debug` by hand in `src/pb.rs` instead.
-const SECRET_MESSAGES: &[&str] = &["boxbroker.v1.AccessToken", "boxbroker.v1.RevokeTokenRequest"];
+const SECRET_MESSAGES: &[&str] = &[
+    "boxbroker.v1.AccessToken",
+    "boxbroker.v1.RevokeTokenRequest",
+    "boxbroker.v1.ImportKeyRequest",
+    "boxbroker.v1.RotateClientSecretRequest",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
@@ -19,7 +24,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("boxbroker_descriptor.bin"))
         .skip_debug(SECRET_MESSAGES.iter().copied())
-        .compile_with_config(config, &["proto/boxbroker/v1/broker.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &["proto/boxbroker/v1/broker.proto", "proto/boxbroker/v1/admin.proto"],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -7,7 +7,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -22,6 +25,7 @@ use crate::{
     cache::{CacheError, CachePolicy, Downscope, Lookup, Minted, Minter, Need, TokenCache, TokenKey, WeakTokenCache},
     clock::{SharedClock, unix_seconds},
     error::{BrokerError, UpstreamError},
+    keys::{self, Attempt, KeyState, Ring},
     policy::{Ask, Decision, Policy, PolicySubject, Request as PolicyRequest},
 };
 
@@ -34,33 +38,108 @@ pub const MAX_MIN_TTL: Duration = Duration::from_secs(50 * 60);
 pub struct App {
     /// Its name in the config (`[apps.NAME]`).
     pub name: Arc<str>,
-    /// Its credentials.
-    pub credentials: AppCredentials,
     /// The client of its Box API base URL.
     pub client: BoxClient,
+    /// Its keys and secrets; replaced whole by the admin RPC.
+    ring: RwLock<Arc<Ring>>,
+    /// How its last token requests went.
+    health: Mutex<UpstreamHealth>,
+    /// Mints that succeeded only with the standby key.
+    standby_fallbacks: AtomicU64,
+}
+
+/// The outcome of an app's recent token requests, for `GetStatus`.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamHealth {
+    /// The last success.
+    pub last_success: Option<SystemTime>,
+    /// The last failure.
+    pub last_failure: Option<SystemTime>,
+    /// What it said.
+    pub last_failure_message: String,
 }
 
 impl App {
-    /// How the app authenticates, for status and logs.
-    pub fn auth_summary(&self) -> String {
-        match &self.credentials.auth {
-            AuthMethod::Jwt { key, algorithm } => {
-                format!(
-                    "JWT {algorithm:?}, key {} ({} bits, sha256 {}…)",
-                    key.kid(),
-                    key.bits(),
-                    &key.fingerprint()[..16]
-                )
-            }
-            AuthMethod::Ccg => "Client Credentials Grant".to_owned(),
+    /// An app minting with `credentials` (from its config).
+    pub fn new(name: impl Into<Arc<str>>, credentials: &AppCredentials, client: BoxClient) -> Self {
+        Self {
+            name: name.into(),
+            client,
+            ring: RwLock::new(Arc::new(Ring::from_config(credentials, SystemTime::now()))),
+            health: Mutex::new(UpstreamHealth::default()),
+            standby_fallbacks: AtomicU64::new(0),
         }
     }
 
-    fn kid_and_ccg(&self) -> (Option<&str>, bool) {
-        match &self.credentials.auth {
-            AuthMethod::Jwt { key, .. } => (Some(key.kid()), false),
-            AuthMethod::Ccg => (None, true),
+    /// Its keys and secrets now.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.read().map_or_else(|p| p.into_inner().clone(), |r| r.clone())
+    }
+
+    /// Switches to `ring` for every mint that starts from now on.
+    pub fn replace_ring(&self, ring: Ring) {
+        let mut current = self.ring.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = Arc::new(ring);
+    }
+
+    /// The credentials mints use first (active key, current secret).
+    pub fn credentials(&self) -> Option<Arc<AppCredentials>> {
+        self.ring().primary().map(|a| a.credentials)
+    }
+
+    /// The client id (not a secret).
+    pub fn client_id(&self) -> String {
+        self.ring().identity.client_id.clone()
+    }
+
+    /// The enterprise the app is authorized in.
+    pub fn enterprise_id(&self) -> BoxId {
+        self.ring().identity.enterprise_id.clone()
+    }
+
+    /// How its recent token requests went.
+    pub fn health(&self) -> UpstreamHealth {
+        self.health
+            .lock()
+            .map_or_else(|p| p.into_inner().clone(), |h| h.clone())
+    }
+
+    /// How many mints succeeded only with the standby key.
+    pub fn standby_fallbacks(&self) -> u64 {
+        self.standby_fallbacks.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, outcome: Result<SystemTime, (SystemTime, &str)>) {
+        let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match outcome {
+            Ok(at) => health.last_success = Some(at),
+            Err((at, message)) => {
+                health.last_failure = Some(at);
+                message.clone_into(&mut health.last_failure_message);
+            }
         }
+    }
+
+    /// How the app authenticates, for status and logs.
+    pub fn auth_summary(&self) -> String {
+        let ring = self.ring();
+        match (ring.identity.algorithm, ring.key_in(KeyState::Active)) {
+            (Some(algorithm), Some(key)) => format!(
+                "JWT {algorithm:?}, key {} ({} bits, sha256 {}…)",
+                key.kid.as_deref().unwrap_or(""),
+                key.bits,
+                &key.fingerprint[..16]
+            ),
+            (Some(_), None) => "JWT, no active key".to_owned(),
+            (None, _) => "Client Credentials Grant".to_owned(),
+        }
+    }
+}
+
+fn kid_and_ccg(credentials: &AppCredentials) -> (Option<&str>, bool) {
+    match &credentials.auth {
+        AuthMethod::Jwt { key, .. } => (Some(key.kid()), false),
+        AuthMethod::Ccg => (None, true),
     }
 }
 
@@ -164,8 +243,56 @@ impl Minter for Apps {
 }
 
 async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
-    match app.client.request_token(&app.credentials, &key.subject).await {
+    let ring = app.ring();
+    let Some(first) = ring.primary() else {
+        return Err(upstream(
+            key,
+            DiagnosisKind::Misconfigured,
+            format!(
+                "app {} has no active signing key: activate one with the admin RPC",
+                app.name
+            ),
+        ));
+    };
+    let mut used = first;
+    let mut result = app.client.request_token(&used.credentials, &key.subject).await;
+    if let Err(error) = &result {
+        // One more try when Box refused the key or the secret: the key that is
+        // active now (if a rotation raced this mint), else the standby; or the
+        // previous secrets, in order.
+        let (fallbacks, kind): (Vec<Attempt>, Fallback) = if keys::is_key_rejection(error) {
+            let current = app.ring();
+            if Arc::ptr_eq(&current, &ring) {
+                (ring.standby().into_iter().collect(), Fallback::StandbyKey)
+            } else {
+                (current.primary().into_iter().collect(), Fallback::Rotated)
+            }
+        } else if keys::is_secret_rejection(error) {
+            (ring.secret_fallbacks(), Fallback::PreviousSecret)
+        } else {
+            (Vec::new(), Fallback::Rotated)
+        };
+        let first_error = result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+        for attempt in fallbacks {
+            let retried = app.client.request_token(&attempt.credentials, &key.subject).await;
+            let again = retried.as_ref().is_err_and(keys::is_secret_rejection);
+            used = attempt;
+            result = retried;
+            if result.is_ok() {
+                alert_fallback(app, &ring, &used, kind, &first_error);
+            }
+            if !again {
+                break;
+            }
+        }
+    }
+    let now = SystemTime::now();
+    match result {
         Ok(token) => {
+            if let Some(k) = &used.key {
+                k.mark_used(now);
+            }
+            app.record(Ok(now));
             tracing::info!(
                 app = %app.name,
                 subject_type = key.subject.sub_type(),
@@ -180,8 +307,9 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
             })
         }
         Err(error) => {
-            let (kid, ccg) = app.kid_and_ccg();
-            let diagnosis = diagnose(&error, &key.subject, &app.credentials.client_id, kid, ccg);
+            let (kid, ccg) = kid_and_ccg(&used.credentials);
+            let diagnosis = diagnose(&error, &key.subject, &used.credentials.client_id, kid, ccg);
+            app.record(Err((now, &diagnosis.message)));
             // The one place an upstream failure is logged in full.
             tracing::warn!(
                 app = %app.name,
@@ -197,6 +325,42 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
                 diagnosis,
             })
         }
+    }
+}
+
+/// What a mint fell back to after Box refused its first credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fallback {
+    /// The key activated while the mint was under way.
+    Rotated,
+    /// The standby key: Box no longer accepts the active one.
+    StandbyKey,
+    /// A previous client secret: Box no longer accepts the current one.
+    PreviousSecret,
+}
+
+/// A mint succeeded only with a fallback: the operator must hear about it.
+fn alert_fallback(app: &App, ring: &Ring, used: &Attempt, kind: Fallback, first_error: &str) {
+    match kind {
+        Fallback::Rotated => {}
+        Fallback::StandbyKey => {
+            app.standby_fallbacks.fetch_add(1, Ordering::Relaxed);
+            let kid = |k: Option<&keys::KeyEntry>| k.and_then(|k| k.kid.clone()).unwrap_or_default();
+            tracing::error!(
+                alert = "standby_key_used",
+                app = %app.name,
+                active_kid = %kid(ring.key_in(KeyState::Active)),
+                standby_kid = %kid(used.key.as_ref()),
+                box_error = first_error,
+                "ALERT: Box rejected the active signing key; the standby key minted this token. Check the app's public keys in the Box developer console, then activate a key Box accepts"
+            );
+        }
+        Fallback::PreviousSecret => tracing::error!(
+            alert = "previous_client_secret_used",
+            app = %app.name,
+            box_error = first_error,
+            "ALERT: Box rejected the current client secret; a previous one minted this token. Check the secret in the Box developer console"
+        ),
     }
 }
 
@@ -275,9 +439,12 @@ fn restriction_problem(restricted_to: &[crate::boxapi::Restriction], downscope: 
 /// Revokes a token the broker will not hand out, in the background.
 fn revoke_quietly(app: &App, token: SecretString) {
     let client = app.client.clone();
-    let credentials = app.credentials.clone();
+    let credentials = app.credentials();
     let name = app.name.clone();
     tokio::spawn(async move {
+        let Some(credentials) = credentials else {
+            return;
+        };
         if let Err(e) = client.revoke(&credentials, &token).await {
             tracing::warn!(app = %name, error = %e, "revoking a refused token failed");
         }
@@ -429,7 +596,7 @@ impl Broker {
             )));
         }
         let subject = match subject {
-            Subject::Enterprise => BoxSubject::Enterprise(app.credentials.enterprise_id.clone()),
+            Subject::Enterprise => BoxSubject::Enterprise(app.enterprise_id()),
             Subject::User(id) => BoxSubject::User(id.clone()),
         };
         Ok(TokenKey {
@@ -500,7 +667,10 @@ impl Broker {
         let rule = self
             .authorize(caller, app, &key.subject, Ask::Revoke, Duration::ZERO)?
             .rule;
-        if let Err(error) = app.client.revoke(&app.credentials, &token).await {
+        let credentials = app
+            .credentials()
+            .ok_or_else(|| BrokerError::InvalidArgument(format!("app {} has no usable credentials", app.name)))?;
+        if let Err(error) = app.client.revoke(&credentials, &token).await {
             let diagnosis = diagnose_exchange(&error, &key.subject, None);
             tracing::warn!(app = %app.name, error = %error, "revoking a Box token failed: {}", diagnosis.message);
             return Err(CacheError::Upstream(Arc::new(UpstreamError {

@@ -390,6 +390,23 @@ impl TokenCache {
         doomed.len()
     }
 
+    /// Drops every cached token whose key satisfies `doomed` (with a full
+    /// token go its downscoped children, as they share its app and subject).
+    /// Returns how many entries were dropped.
+    pub async fn invalidate_where(&self, doomed: impl Fn(&TokenKey) -> bool) -> usize {
+        let keys: Vec<TokenKey> = self
+            .inner
+            .entries
+            .iter()
+            .filter(|(k, _)| doomed(k))
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        for k in &keys {
+            self.inner.entries.invalidate(k).await;
+        }
+        keys.len()
+    }
+
     /// A handle that does not keep the cache alive (for the minter, which the cache owns).
     pub fn downgrade(&self) -> WeakTokenCache {
         WeakTokenCache(Arc::downgrade(&self.inner))

@@ -58,6 +58,74 @@ pub struct Config {
     /// Where audit records go.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The admin RPC's callers and rules.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The durable, encrypted store of keys and secrets added through the admin RPC.
+    #[serde(default)]
+    pub keystore: Option<KeystoreConfig>,
+}
+
+/// `[admin]`: who may call the admin RPC (on `[server] admin_listen` or
+/// `[server.admin_unix_socket]`), and what.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin API keys (`x-api-key`), by SHA-256 only.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// TLS on `admin_listen`; with `client_ca_file`, client certificates are admin identities.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Which admin identity may call which RPC. Deny by default.
+    #[serde(default)]
+    pub rules: Vec<crate::admin::AdminRule>,
+}
+
+/// `[keystore]`: where keys added through the admin RPC are kept, encrypted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeystoreConfig {
+    /// The store file (created on the first change; its directory must exist).
+    pub path: PathBuf,
+    /// A file holding the key-encryption key: 32 random bytes as base64
+    /// (`head -c 32 /dev/urandom | base64`).
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+    /// Or the name of an environment variable holding it.
+    #[serde(default)]
+    pub kek_env: Option<String>,
+}
+
+impl KeystoreConfig {
+    /// Reads the KEK and opens the store (without loading it). `env` looks up
+    /// `kek_env`. Errors name the file or variable, never the key.
+    pub fn open(&self, env: impl Fn(&str) -> Option<String>) -> Result<crate::keys::store::KeyStore, ConfigError> {
+        use crate::keys::store::{Kek, KeyStore};
+        let text =
+            match (&self.kek_file, &self.kek_env) {
+                (Some(file), None) => zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
+                    ConfigError::new("keystore.kek_file", format!("{}: cannot read: {e}", file.display()))
+                })?),
+                (None, Some(var)) => zeroize::Zeroizing::new(env(var).ok_or_else(|| {
+                    ConfigError::new("keystore.kek_env", format!("the environment variable {var} is not set"))
+                })?),
+                _ => {
+                    return Err(ConfigError::new(
+                        "keystore",
+                        "set exactly one of kek_file and kek_env (the key-encryption key)",
+                    ));
+                }
+            };
+        let kek = Kek::parse(&text).map_err(|problem| {
+            let source = self
+                .kek_file
+                .as_ref()
+                .map_or_else(|| self.kek_env.clone().unwrap_or_default(), |f| f.display().to_string());
+            ConfigError::new("keystore", format!("{source}: {problem}"))
+        })?;
+        Ok(KeyStore::new(self.path.clone(), kek))
+    }
 }
 
 /// `[audit]`.
@@ -145,6 +213,12 @@ pub struct ServerConfig {
     /// has its own: the peer.)
     #[serde(default)]
     pub accept: Option<Vec<Mechanism>>,
+    /// The admin RPC's TCP listen address (never the same listener as `listen`).
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// The admin RPC on a Unix socket: every peer is its `identity`, if its uid is allowed.
+    #[serde(default)]
+    pub admin_unix_socket: Option<UnixSocketConfig>,
 }
 
 /// A way for callers on the TCP listener to prove who they are.
@@ -214,6 +288,8 @@ impl Default for ServerConfig {
             unix_socket: None,
             tls: None,
             accept: None,
+            admin_listen: None,
+            admin_unix_socket: None,
         }
     }
 }
@@ -444,6 +520,23 @@ impl Config {
         if let Some(k8s) = &mut config.auth.kubernetes {
             k8s.resolve_paths(base);
         }
+        if let Some(tls) = &mut config.admin.tls {
+            for path in [&mut tls.cert_file, &mut tls.key_file]
+                .into_iter()
+                .chain(tls.client_ca_file.as_mut())
+            {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
+        if let Some(store) = &mut config.keystore {
+            for path in std::iter::once(&mut store.path).chain(store.kek_file.as_mut()) {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
         config
             .validate()
             .map_err(|problem| ConfigError::new(&source_name, problem))?;
@@ -482,24 +575,80 @@ impl Config {
             return Err("cache.max_entries must be at least 1".to_owned());
         }
         self.validate_accept()?;
-        let mut identities = std::collections::BTreeSet::new();
-        for key in &self.auth.api_keys {
-            if key.identity.is_empty() || !identities.insert(key.identity.as_str()) {
-                return Err(format!(
-                    "auth.api_keys: identity {:?} must be non-empty and unique",
-                    key.identity
-                ));
-            }
-            if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "auth.api_keys {:?}: sha256 must be 64 hex characters (printf %s \"$KEY\" | sha256sum)",
-                    key.identity
-                ));
-            }
+        self.validate_admin()?;
+        validate_api_keys("auth.api_keys", &self.auth.api_keys)?;
+        Ok(())
+    }
+
+    fn validate_admin(&self) -> Result<(), String> {
+        validate_api_keys("admin.api_keys", &self.admin.api_keys)?;
+        crate::admin::AdminRules(self.admin.rules.clone()).validate()?;
+        let listening = self.server.admin_listen.is_some() || self.server.admin_unix_socket.is_some();
+        if self.server.admin_listen.is_some() && self.server.admin_listen == Some(self.server.listen) {
+            return Err(
+                "server.admin_listen must differ from server.listen: the admin RPC never shares the client listener"
+                    .to_owned(),
+            );
+        }
+        if self.server.admin_listen.is_some()
+            && self.admin.api_keys.is_empty()
+            && self.admin.tls.as_ref().is_none_or(|t| t.client_ca_file.is_none())
+        {
+            return Err(
+                "server.admin_listen needs admin credentials: [[admin.api_keys]], or [admin.tls] with client_ca_file"
+                    .to_owned(),
+            );
+        }
+        if listening && self.admin.rules.is_empty() {
+            return Err("the admin listener is configured but [[admin.rules]] grants nothing: add a rule".to_owned());
         }
         Ok(())
     }
 
+    /// The admin listener's authenticator (API keys and/or client certificates).
+    pub fn admin_authenticator(&self) -> Authenticator {
+        let mut auth = Authenticator::new(false);
+        if self.admin.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
+            auth = auth.with_mtls();
+        }
+        if !self.admin.api_keys.is_empty() {
+            auth = auth.with_api_keys(hashed(&self.admin.api_keys));
+        }
+        auth
+    }
+}
+
+fn hashed(keys: &[ApiKeyConfig]) -> Vec<(String, [u8; 32])> {
+    keys.iter()
+        .filter_map(|k| {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&k.sha256, &mut hash)
+                .ok()
+                .map(|()| (k.identity.clone(), hash))
+        })
+        .collect()
+}
+
+fn validate_api_keys(section: &str, keys: &[ApiKeyConfig]) -> Result<(), String> {
+    let mut identities = std::collections::BTreeSet::new();
+    for key in keys {
+        if key.identity.is_empty() || !identities.insert(key.identity.as_str()) {
+            return Err(format!(
+                "{section}: identity {:?} must be non-empty and unique",
+                key.identity
+            ));
+        }
+        if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{section} {:?}: sha256 must be 64 hex characters (printf %s \"$KEY\" | sha256sum)",
+                key.identity
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Config {
     fn validate_accept(&self) -> Result<(), String> {
         let accepted = self.accepted();
         let client_ca = self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
@@ -537,11 +686,7 @@ impl Config {
                 .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?;
             let client = BoxClient::new(&app.api_base_url, clock.clone())
                 .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?;
-            apps.push(App {
-                name: Arc::from(name.as_str()),
-                credentials,
-                client,
-            });
+            apps.push(App::new(name.as_str(), &credentials, client));
         }
         let policy = match &self.policy.file {
             Some(file) => Policy::load(file).map_err(|e| ConfigError::new("policy.file", e.to_string()))?,
@@ -560,18 +705,7 @@ impl Config {
             authenticator = authenticator.with_mtls();
         }
         if accepted.contains(&Mechanism::ApiKey) {
-            let keys = self
-                .auth
-                .api_keys
-                .iter()
-                .filter_map(|k| {
-                    let mut hash = [0u8; 32];
-                    hex::decode_to_slice(&k.sha256, &mut hash)
-                        .ok()
-                        .map(|()| (k.identity.clone(), hash))
-                })
-                .collect();
-            authenticator = authenticator.with_api_keys(keys);
+            authenticator = authenticator.with_api_keys(hashed(&self.auth.api_keys));
         }
         if let Some(k8s) = self
             .auth

@@ -3,6 +3,7 @@
 //!
 //! See ARCHITECTURE.md for the bird's-eye view and code map.
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod boxapi;
@@ -13,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod fakebox;
+pub mod keys;
 pub mod pb;
 pub mod policy;
 pub mod reload;

@@ -39,3 +39,23 @@ impl fmt::Debug for RevokeTokenRequest {
             .finish()
     }
 }
+
+impl fmt::Debug for ImportKeyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImportKeyRequest")
+            .field("app", &self.app)
+            .field("private_key_pem", &"****")
+            .field("passphrase", &"****")
+            .field("kid", &self.kid)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RotateClientSecretRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotateClientSecretRequest")
+            .field("app", &self.app)
+            .field("new_secret", &"****")
+            .finish()
+    }
+}

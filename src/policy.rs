@@ -19,7 +19,18 @@ use crate::boxapi::{Target, downscope::DOWNSCOPE_SCOPES};
 #[serde(transparent)]
 pub struct Glob(String);
 
+impl fmt::Display for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
 impl Glob {
+    /// A glob from its text.
+    pub fn new(pattern: &str) -> Self {
+        Self(pattern.to_owned())
+    }
+
     /// True when `text` matches.
     pub fn matches(&self, text: &str) -> bool {
         glob_match(self.0.as_bytes(), text.as_bytes())

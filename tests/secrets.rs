@@ -80,7 +80,7 @@ async fn debug_output_hides_every_secret() {
     let issued = app
         .client
         .request_token(
-            &app.credentials,
+            &app.credentials().unwrap(),
             &BoxSubject::User(BoxId::parse(seed::APP_USER_IDS[0]).unwrap()),
         )
         .await
@@ -114,8 +114,19 @@ async fn debug_output_hides_every_secret() {
     secrets.push(downscoped.token.as_ref().unwrap().access_token.clone());
 
     let debug = format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-        app.credentials, console, app, lookup, issued, response, response.token, h.app, h.broker, downscoped, revoke
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        app.credentials(),
+        app.ring(),
+        console,
+        app,
+        lookup,
+        issued,
+        response,
+        response.token,
+        h.app,
+        h.broker,
+        downscoped,
+        revoke
     );
     assert!(debug.contains("****"), "secrets are shown as ****");
     assert!(debug.contains(&h.app.client_id), "non-secret ids stay visible");

@@ -74,11 +74,7 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
         Err(e) => return fail(1, &e.to_string()),
     };
     let broker = Arc::new(Broker::new(
-        vec![App {
-            name: Arc::from("default"),
-            credentials,
-            client,
-        }],
+        vec![App::new("default", &credentials, client)],
         clock,
         CachePolicy::default(),
         // Dev mode admits anonymous callers and lets them have everything.

@@ -10,6 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    admin::{AdminRules, KeyAdmin},
     auth::Authenticator,
     clock::SystemClock,
     config::{Config, LogFormat},
@@ -147,6 +148,10 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(sink) => Arc::new(sink),
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
+    let admin = match open_key_admin(&config, &broker) {
+        Ok(admin) => admin,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -169,6 +174,13 @@ async fn serve(path: PathBuf) -> ExitCode {
             }
             Err(e) => return fail(1, &format!("cannot listen on {}: {e}", unix.path.display())),
         }
+    }
+    let admin_role = service::Role::Admin(admin, AdminRules(config.admin.rules.clone()));
+    let mut endpoints: Vec<(service::Listener, service::Role)> =
+        listeners.into_iter().map(|l| (l, service::Role::Client)).collect();
+    match admin_listeners(&config).await {
+        Ok(admin) => endpoints.extend(admin.into_iter().map(|l| (l, admin_role.clone()))),
+        Err((code, e)) => return fail(code, &e),
     }
     for app in broker.apps() {
         tracing::info!(app = %app.name, auth = %app.auth_summary(), "app loaded");
@@ -193,11 +205,14 @@ async fn serve(path: PathBuf) -> ExitCode {
             None
         }
     };
-    let served = service::serve_listeners(broker, listeners, audit, shutdown_signal()).await;
+    let served = service::serve_endpoints(broker, endpoints, audit, shutdown_signal()).await;
     if let Some(watcher) = watcher {
         watcher.abort();
     }
-    if let Some(unix) = &config.server.unix_socket {
+    for unix in [&config.server.unix_socket, &config.server.admin_unix_socket]
+        .into_iter()
+        .flatten()
+    {
         let _ = std::fs::remove_file(&unix.path);
     }
     match served {
@@ -207,6 +222,47 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
         Err(e) => fail(1, &e.to_string()),
     }
+}
+
+/// Opens the key store (if configured) and lays it over the apps' config
+/// credentials. The error is one line naming the file.
+fn open_key_admin(config: &Config, broker: &Arc<crate::broker::Broker>) -> Result<Arc<KeyAdmin>, String> {
+    let store = match &config.keystore {
+        Some(k) => Some(k.open(|var| std::env::var(var).ok()).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    KeyAdmin::open(broker.clone(), store)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+/// Binds the admin listeners `[server] admin_listen` and `[server.admin_unix_socket]` name.
+async fn admin_listeners(config: &Config) -> Result<Vec<service::Listener>, (u8, String)> {
+    let mut listeners = Vec::new();
+    if let Some(addr) = config.server.admin_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| (1, format!("cannot listen on {addr} (admin): {e}")))?;
+        let auth = config.admin_authenticator();
+        listeners.push(match &config.admin.tls {
+            Some(tls) => {
+                let tls = tls
+                    .load(!config.admin.api_keys.is_empty())
+                    .map_err(|e| (EXIT_CONFIG, e.to_string()))?;
+                service::Listener::Tls(listener, auth, tls)
+            }
+            None => service::Listener::Tcp(listener, auth),
+        });
+        tracing::info!(listen = %addr, "serving the admin RPC");
+    }
+    if let Some(unix) = &config.server.admin_unix_socket {
+        let listener =
+            bind_unix(&unix.path).map_err(|e| (1, format!("cannot listen on {} (admin): {e}", unix.path.display())))?;
+        let auth = Authenticator::unix_socket(unix.identity.clone(), unix.allowed_uids.clone());
+        listeners.push(service::Listener::Unix(listener, auth));
+        tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving the admin RPC on a Unix socket");
+    }
+    Ok(listeners)
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file (never any other file).
@@ -234,14 +290,18 @@ async fn check_config(path: PathBuf) -> ExitCode {
     }
     match config.build_broker(Arc::new(SystemClock)) {
         Ok(broker) => {
+            let broker = Arc::new(broker);
+            if let Err(e) = open_key_admin(&config, &broker) {
+                return fail(EXIT_CONFIG, &e);
+            }
             println!("{}: ok, listen {}", path.display(), config.server.listen);
             for app in broker.apps() {
                 println!(
                     "  app {}: {}; client id {}, enterprise {}",
                     app.name,
                     app.auth_summary(),
-                    app.credentials.client_id,
-                    app.credentials.enterprise_id
+                    app.client_id(),
+                    app.enterprise_id()
                 );
             }
             ExitCode::SUCCESS

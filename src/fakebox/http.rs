@@ -1,5 +1,7 @@
 //! The fake Box's HTTP surface (axum): `/oauth2/token`, `/oauth2/revoke`,
-//! `/2.0/users/me`, and `/_fake/*` control endpoints for standalone use.
+//! `/2.0/users/me`, and `/_fake/*` control endpoints for standalone use
+//! (faults, latency, skew, and the developer console's public keys and
+//! client secret).
 //! Every response carries a `Date` header from the fake's (skewable) clock.
 
 use std::time::Duration;
@@ -31,6 +33,9 @@ pub fn router(fake: FakeBox) -> Router {
         .route("/_fake/faults", post(add_faults))
         .route("/_fake/latency", post(set_latency))
         .route("/_fake/skew", post(set_skew))
+        .route("/_fake/apps/{client_id}/keys", post(add_key))
+        .route("/_fake/apps/{client_id}/keys/{kid}", axum::routing::delete(remove_key))
+        .route("/_fake/apps/{client_id}/client_secret", axum::routing::put(set_secret))
         .layer(middleware::from_fn_with_state(fake.clone(), date_header))
         .with_state(fake)
 }
@@ -252,4 +257,52 @@ struct SkewRequest {
 async fn set_skew(State(fake): State<FakeBox>, Json(request): Json<SkewRequest>) -> Response {
     fake.set_skew_secs(request.seconds);
     StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct AddKeyRequest {
+    public_key_pem: String,
+}
+
+/// What the developer console's "Add a Public Key" does: returns the kid.
+async fn add_key(
+    State(fake): State<FakeBox>,
+    axum::extract::Path(client_id): axum::extract::Path<String>,
+    Json(request): Json<AddKeyRequest>,
+) -> Response {
+    match fake.add_public_key(&client_id, &request.public_key_pem) {
+        Ok(kid) => (StatusCode::CREATED, Json(json!({ "kid": kid }))).into_response(),
+        Err(problem) => (StatusCode::BAD_REQUEST, Json(json!({ "error": problem }))).into_response(),
+    }
+}
+
+async fn remove_key(
+    State(fake): State<FakeBox>,
+    axum::extract::Path((client_id, kid)): axum::extract::Path<(String, String)>,
+) -> Response {
+    if fake.remove_public_key(&client_id, &kid) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+#[derive(Deserialize)]
+struct SecretRequest {
+    client_secret: String,
+}
+
+async fn set_secret(
+    State(fake): State<FakeBox>,
+    axum::extract::Path(client_id): axum::extract::Path<String>,
+    Json(request): Json<SecretRequest>,
+) -> Response {
+    if request.client_secret.is_empty() {
+        return (StatusCode::BAD_REQUEST, "client_secret is empty").into_response();
+    }
+    if fake.set_client_secret(&client_id, &request.client_secret) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
 }

@@ -62,6 +62,49 @@ impl FakeBox {
         self.with_world(|w| w.apps.get_mut(client_id).map(f).is_some())
     }
 
+    /// Registers a public key (SubjectPublicKeyInfo or PKCS#1 PEM) for an app,
+    /// as the developer console's "Add a Public Key" does, and returns the
+    /// `kid` Box assigns. Errors say why (unknown app, not a key, duplicate).
+    pub fn add_public_key(&self, client_id: &str, pem: &str) -> Result<String, String> {
+        use rsa::{pkcs1::DecodeRsaPublicKey as _, pkcs8::DecodePublicKey as _};
+        let key = rsa::RsaPublicKey::from_public_key_pem(pem.trim())
+            .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem.trim()))
+            .map_err(|_| "not a PEM RSA public key".to_owned())?;
+        let kid = {
+            use rand::Rng as _;
+            const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+            let mut rng = rand::thread_rng();
+            (0..8)
+                .map(|_| char::from(CHARS[rng.gen_range(0..CHARS.len())]))
+                .collect::<String>()
+        };
+        self.with_world(|w| {
+            let app = w
+                .apps
+                .get_mut(client_id)
+                .ok_or_else(|| format!("no app has client id {client_id}"))?;
+            if app.keys.values().any(|k| *k == key) {
+                return Err("this public key is already registered".to_owned());
+            }
+            app.keys.insert(kid.clone(), key);
+            Ok(kid)
+        })
+    }
+
+    /// Removes an app's public key. Returns false if there was none.
+    pub fn remove_public_key(&self, client_id: &str, kid: &str) -> bool {
+        self.with_world(|w| {
+            w.apps
+                .get_mut(client_id)
+                .is_some_and(|app| app.keys.remove(kid).is_some())
+        })
+    }
+
+    /// Replaces an app's client secret (the console's "Reset" of the secret).
+    pub fn set_client_secret(&self, client_id: &str, secret: &str) -> bool {
+        self.update_app(client_id, |app| secret.clone_into(&mut app.client_secret))
+    }
+
     /// Adds a user to the directory.
     pub fn add_user(&self, user: FakeUser) {
         self.with_world(|w| w.users.insert(user.id.clone(), user));

@@ -223,7 +223,7 @@ fn record_subject(app: Option<&str>, subject: &Subject) {
 pub fn token_request(request: &pb::GetTokenRequest) -> Result<TokenRequest, BrokerError> {
     Ok(TokenRequest {
         app: (!request.app.is_empty()).then(|| request.app.clone()),
-        subject: subject(request.subject.as_ref())?,
+        subject: parse_subject(request.subject.as_ref())?,
         min_ttl: min_ttl(request.min_ttl.as_ref())?,
         force_refresh: request.force_refresh,
     })
@@ -248,14 +248,15 @@ pub fn downscope_request(request: &pb::GetDownscopedTokenRequest) -> Result<Down
     };
     Ok(DownscopeRequest {
         app: (!request.app.is_empty()).then(|| request.app.clone()),
-        subject: subject(request.subject.as_ref())?,
+        subject: parse_subject(request.subject.as_ref())?,
         scopes,
         target,
         min_ttl: min_ttl(request.min_ttl.as_ref())?,
     })
 }
 
-fn subject(subject: Option<&pb::Subject>) -> Result<Subject, BrokerError> {
+/// Validates a `Subject` message.
+pub fn parse_subject(subject: Option<&pb::Subject>) -> Result<Subject, BrokerError> {
     match subject.and_then(|s| s.kind.as_ref()) {
         None => Err(BrokerError::InvalidArgument(
             "subject is required: set subject.enterprise for the app's Service Account, or subject.user_id for an App User or Managed User"

@@ -6,6 +6,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use box_token_broker::{
+    admin::{AdminRules, KeyAdmin},
     audit::AuditSink,
     auth::Authenticator,
     boxapi::{AppCredentials, AuthMethod, BoxClient, BoxId, JwtAlgorithm, SigningKey, private_key::decode_private_key},
@@ -13,7 +14,11 @@ use box_token_broker::{
     cache::CachePolicy,
     clock::{ManualClock, SharedClock},
     fakebox::{FakeAuth, FakeBox, FakeBoxServer, seed},
-    pb::{self, token_broker_service_client::TokenBrokerServiceClient},
+    keys::store::{Kek, KeyStore},
+    pb::{
+        self, broker_admin_service_client::BrokerAdminServiceClient,
+        token_broker_service_client::TokenBrokerServiceClient,
+    },
     policy::Policy,
     service,
 };
@@ -61,6 +66,28 @@ pub struct Options {
     pub api_keys: Vec<(&'static str, &'static str)>,
     /// Accept Kubernetes service-account tokens verified this way.
     pub kubernetes: Option<box_token_broker::auth::kubernetes::KubernetesConfig>,
+    /// Serve the admin RPC on a second listener, with a key store in a temp dir.
+    pub admin: bool,
+}
+
+/// The admin API key the harness's admin listener accepts (identity `ops`).
+pub const ADMIN_KEY: &str = "admin-key-0001";
+
+/// The harness's admin side.
+pub struct AdminSide {
+    pub client: BrokerAdminServiceClient<Channel>,
+    pub addr: std::net::SocketAddr,
+    pub key_admin: Arc<KeyAdmin>,
+    pub store_dir: tempfile::TempDir,
+    pub store_path: PathBuf,
+    pub kek: SecretString,
+}
+
+/// `message` with the admin API key attached.
+pub fn admin_request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("x-api-key", ADMIN_KEY.parse().unwrap());
+    request
 }
 
 impl Default for Options {
@@ -77,6 +104,7 @@ impl Default for Options {
             policy: None,
             api_keys: Vec::new(),
             kubernetes: None,
+            admin: false,
         }
     }
 }
@@ -92,6 +120,8 @@ pub struct Harness {
     pub channel: Channel,
     /// The audit records written so far (JSON lines).
     pub audit: Arc<std::sync::Mutex<Vec<u8>>>,
+    /// The admin listener, when `Options::admin`.
+    pub admin: Option<AdminSide>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -130,11 +160,11 @@ impl Harness {
         let base_url = options.api_base_url.clone().unwrap_or_else(|| fake_server.base_url());
         let mut apps = Vec::new();
         for name in std::iter::once("default").chain(options.extra_apps.iter().copied()) {
-            apps.push(App {
-                name: Arc::from(name),
-                credentials: credentials.clone(),
-                client: BoxClient::new(&base_url, shared.clone()).unwrap(),
-            });
+            apps.push(App::new(
+                name,
+                &credentials,
+                BoxClient::new(&base_url, shared.clone()).unwrap(),
+            ));
         }
         let policy = options
             .policy
@@ -158,21 +188,56 @@ impl Harness {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let mut auth = Authenticator::new(options.allow_anonymous).with_api_keys(keys);
+        if let Some(k8s) = kubernetes {
+            auth = auth.with_kubernetes(k8s);
+        }
+        let mut endpoints = vec![(service::Listener::Tcp(listener, auth), service::Role::Client)];
+        let mut admin_side = None;
+        if options.admin {
+            let store_dir = tempfile::tempdir().unwrap();
+            let store_path = store_dir.path().join("keys.json");
+            let (kek, kek_text) = Kek::generate().unwrap();
+            let key_admin =
+                Arc::new(KeyAdmin::open(broker.clone(), Some(KeyStore::new(store_path.clone(), kek))).unwrap());
+            let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let admin_addr = admin_listener.local_addr().unwrap();
+            let admin_auth = Authenticator::new(false)
+                .with_api_keys(vec![("ops".to_owned(), Sha256::digest(ADMIN_KEY.as_bytes()).into())]);
+            endpoints.push((
+                service::Listener::Tcp(admin_listener, admin_auth),
+                service::Role::Admin(key_admin.clone(), AdminRules::allow_everything("ops")),
+            ));
+            admin_side = Some((admin_addr, key_admin, store_dir, store_path, kek_text));
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn({
             let broker = broker.clone();
-            let mut auth = Authenticator::new(options.allow_anonymous).with_api_keys(keys);
-            if let Some(k8s) = kubernetes {
-                auth = auth.with_kubernetes(k8s);
-            }
             async move {
-                service::serve(broker, auth, audit_sink, listener, async {
+                service::serve_endpoints(broker, endpoints, audit_sink, async {
                     let _ = stopped.await;
                 })
                 .await
                 .unwrap();
             }
         });
+        let admin = match admin_side {
+            Some((addr, key_admin, store_dir, store_path, kek)) => Some(AdminSide {
+                client: BrokerAdminServiceClient::new(
+                    Channel::from_shared(format!("http://{addr}"))
+                        .unwrap()
+                        .connect()
+                        .await
+                        .unwrap(),
+                ),
+                addr,
+                key_admin,
+                store_dir,
+                store_path,
+                kek,
+            }),
+            None => None,
+        };
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -188,6 +253,7 @@ impl Harness {
             client,
             channel,
             audit,
+            admin,
             stop: Some(stop),
             server: Some(server),
         }

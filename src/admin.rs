@@ -1,0 +1,442 @@
+//! Key and secret rotation, cache invalidation and status: what the admin
+//! RPC does, without the gRPC. One change runs at a time; each is written to
+//! the durable key store *before* the app switches to it, so a crash never
+//! loses a key the broker started using.
+
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
+use rsa::RsaPrivateKey;
+use secrecy::SecretString;
+
+use crate::{
+    boxapi::{BoxSubject, DiagnosisKind, error::diagnose, private_key::decode_private_key},
+    broker::{App, Broker, Subject},
+    keys::{
+        KeyEntry, KeyOrigin, KeyState, Ring, RingError, SecretEntry, SecretOrigin,
+        store::{KeyStore, StoreError, StoredApp, StoredState},
+    },
+};
+
+/// Key sizes `GenerateKey` makes.
+pub const KEY_SIZES: &[usize] = &[2048, 3072, 4096];
+
+/// Why an admin operation did not happen. Nothing changed in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No such app or key.
+    #[error("{0}")]
+    NotFound(String),
+    /// Not allowed in the current state (or Box refused the trial mint).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The key store could not be written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<RingError> for AdminError {
+    fn from(e: RingError) -> Self {
+        match e {
+            RingError::NotFound(m) => Self::NotFound(m),
+            RingError::Refused(m) => Self::FailedPrecondition(m),
+        }
+    }
+}
+
+/// A newly generated key and the public half to upload.
+#[derive(Debug)]
+pub struct GeneratedKey {
+    /// The key, pending.
+    pub key: KeyEntry,
+    /// SubjectPublicKeyInfo PEM.
+    pub public_key_pem: String,
+}
+
+/// The admin side of a broker.
+#[derive(Debug)]
+pub struct KeyAdmin {
+    broker: Arc<Broker>,
+    store: Option<KeyStore>,
+    /// Apps in the store that the config no longer names: kept, never dropped.
+    orphans: BTreeMap<String, StoredApp>,
+    /// One change at a time.
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl KeyAdmin {
+    /// Loads the store (if any) and lays it over the apps' config
+    /// credentials. A store that cannot be read stops startup.
+    pub fn open(broker: Arc<Broker>, store: Option<KeyStore>) -> Result<Self, StoreError> {
+        let mut orphans = BTreeMap::new();
+        if let Some(store) = &store {
+            let state = store.load()?;
+            let mut stored = state.apps;
+            for app in broker.apps() {
+                if let Some(saved) = stored.remove(&*app.name) {
+                    let ring = saved.merge_into((*app.ring()).clone()).map_err(|problem| StoreError {
+                        path: store.path().display().to_string(),
+                        problem: format!("app {}: {problem}", app.name),
+                    })?;
+                    app.replace_ring(ring);
+                }
+            }
+            for name in stored.keys() {
+                tracing::warn!(app = %name, "the key store holds an app the config does not name; its keys are kept");
+            }
+            orphans = stored;
+        }
+        Ok(Self {
+            broker,
+            store,
+            orphans,
+            changing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// True when changes are persisted.
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
+    fn app(&self, name: &str) -> Result<&Arc<App>, AdminError> {
+        self.broker
+            .resolve_app((!name.is_empty()).then_some(name))
+            .map_err(|e| AdminError::NotFound(e.to_string()))
+    }
+
+    /// Persists every app's ring, with `changed` in place of its app's, then
+    /// switches the app to it. Nothing changes when the write fails.
+    fn commit(&self, app: &App, changed: Ring) -> Result<(), AdminError> {
+        let store = self.store.as_ref().ok_or_else(|| {
+            AdminError::FailedPrecondition(
+                "no [keystore] is configured, so a new key or secret would be lost at restart: configure [keystore] path and kek_file (or kek_env)".to_owned(),
+            )
+        })?;
+        let mut state = StoredState {
+            apps: self.orphans.clone(),
+        };
+        for other in self.broker.apps() {
+            let ring = if other.name == app.name {
+                StoredApp::from_ring(&changed)
+            } else {
+                StoredApp::from_ring(&other.ring())
+            };
+            let stored = ring.map_err(AdminError::FailedPrecondition)?;
+            state.apps.insert(other.name.to_string(), stored);
+        }
+        store.save(&state)?;
+        app.replace_ring(changed);
+        Ok(())
+    }
+
+    fn jwt_only(app: &App, ring: &Ring) -> Result<(), AdminError> {
+        if ring.identity.algorithm.is_none() {
+            return Err(AdminError::FailedPrecondition(format!(
+                "app {} uses the Client Credentials Grant, which has no keys; rotate its client secret instead",
+                app.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates an RSA key pair of `bits` (2048 when 0), stored as pending.
+    pub async fn generate(&self, app: &str, bits: usize) -> Result<GeneratedKey, AdminError> {
+        let bits = if bits == 0 { 2048 } else { bits };
+        if !KEY_SIZES.contains(&bits) {
+            return Err(AdminError::InvalidArgument(format!(
+                "bits must be 2048, 3072 or 4096, not {bits}"
+            )));
+        }
+        let app = self.app(app)?;
+        Self::jwt_only(app, &app.ring())?;
+        let private = tokio::task::spawn_blocking(move || RsaPrivateKey::new(&mut rand::rngs::OsRng, bits))
+            .await
+            .map_err(|_| AdminError::FailedPrecondition("key generation was interrupted".to_owned()))?
+            .map_err(|e| AdminError::FailedPrecondition(format!("key generation failed: {e}")))?;
+        let public_key_pem = {
+            use rsa::pkcs8::{EncodePublicKey as _, LineEnding};
+            private
+                .to_public_key()
+                .to_public_key_pem(LineEnding::LF)
+                .map_err(|e| AdminError::FailedPrecondition(format!("cannot encode the public key: {e}")))?
+        };
+        let key = KeyEntry::from_private(
+            private,
+            None,
+            KeyOrigin::Generated,
+            KeyState::Pending,
+            SystemTime::now(),
+        )
+        .map_err(AdminError::FailedPrecondition)?;
+        let _one = self.changing.lock().await;
+        let ring = app.ring().with_pending(key.clone())?;
+        self.commit(app, ring)?;
+        tracing::info!(app = %app.name, fingerprint = %key.fingerprint, bits, "generated a key (pending)");
+        Ok(GeneratedKey { key, public_key_pem })
+    }
+
+    /// Stores a private key made elsewhere as pending, under `kid`.
+    pub async fn import(
+        &self,
+        app: &str,
+        pem: &SecretString,
+        passphrase: Option<&SecretString>,
+        kid: &str,
+    ) -> Result<KeyEntry, AdminError> {
+        use secrecy::ExposeSecret as _;
+        if kid.is_empty() {
+            return Err(AdminError::InvalidArgument(
+                "kid is required: the public key id Box assigned to the key's public half".to_owned(),
+            ));
+        }
+        let app = self.app(app)?;
+        Self::jwt_only(app, &app.ring())?;
+        let private = decode_private_key(pem.expose_secret(), passphrase)
+            .map_err(|e| AdminError::InvalidArgument(format!("private_key_pem: {e}")))?;
+        let key = KeyEntry::from_private(
+            private,
+            Some(kid.to_owned()),
+            KeyOrigin::Imported,
+            KeyState::Pending,
+            SystemTime::now(),
+        )
+        .map_err(AdminError::InvalidArgument)?;
+        let _one = self.changing.lock().await;
+        let ring = app.ring().with_pending(key.clone())?;
+        self.commit(app, ring)?;
+        tracing::info!(app = %app.name, kid, fingerprint = %key.fingerprint, "imported a key (pending)");
+        Ok(key)
+    }
+
+    /// Switches signing to the key `kid` (or the generated key `fingerprint`,
+    /// which gets `kid`) if a trial mint with it succeeds. Returns the new
+    /// active key and the new standby.
+    pub async fn activate(
+        &self,
+        app: &str,
+        kid: &str,
+        fingerprint: &str,
+    ) -> Result<(KeyEntry, Option<KeyEntry>), AdminError> {
+        let app = self.app(app)?;
+        let _one = self.changing.lock().await;
+        let ring = app.ring();
+        Self::jwt_only(app, &ring)?;
+        let candidate = ring.candidate(kid, fingerprint)?;
+        let trial = ring
+            .trial(&candidate)
+            .ok_or_else(|| AdminError::FailedPrecondition("the key cannot sign yet".to_owned()))?;
+        self.trial_mint(app, &trial.credentials, &format!("key {kid}")).await?;
+        candidate.mark_used(SystemTime::now());
+        let activated = ring.activated(&candidate);
+        let standby = activated.key_in(KeyState::Standby).cloned();
+        let active = activated.key_in(KeyState::Active).cloned().unwrap_or(candidate);
+        self.commit(app, activated)?;
+        tracing::info!(
+            app = %app.name,
+            kid,
+            standby_kid = standby.as_ref().and_then(|k| k.kid.as_deref()).unwrap_or(""),
+            "activated a key after a successful trial mint"
+        );
+        Ok((active, standby))
+    }
+
+    /// Mints an enterprise token with `credentials`; Box's refusal becomes
+    /// FailedPrecondition with the diagnosis.
+    async fn trial_mint(
+        &self,
+        app: &App,
+        credentials: &crate::boxapi::AppCredentials,
+        what: &str,
+    ) -> Result<(), AdminError> {
+        let subject = BoxSubject::Enterprise(credentials.enterprise_id.clone());
+        match app.client.request_token(credentials, &subject).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                let kid = match &credentials.auth {
+                    crate::boxapi::AuthMethod::Jwt { key, .. } => Some(key.kid()),
+                    crate::boxapi::AuthMethod::Ccg => None,
+                };
+                let diagnosis = diagnose(&error, &subject, &credentials.client_id, kid, kid.is_none());
+                tracing::warn!(app = %app.name, error = %error, "the trial mint with {what} failed; nothing changed");
+                let prefix = match diagnosis.kind {
+                    DiagnosisKind::Unavailable => "Box could not be asked",
+                    DiagnosisKind::Misconfigured | DiagnosisKind::NotFound => "Box refused",
+                };
+                Err(AdminError::FailedPrecondition(format!(
+                    "the trial mint with {what} failed, so nothing changed. {prefix}: {}",
+                    diagnosis.message
+                )))
+            }
+        }
+    }
+
+    /// Retires the key whose kid or fingerprint is `id`.
+    pub async fn retire(&self, app: &str, id: &str) -> Result<KeyEntry, AdminError> {
+        let app = self.app(app)?;
+        let _one = self.changing.lock().await;
+        let (ring, retired) = app.ring().retired(id)?;
+        self.commit(app, ring)?;
+        tracing::info!(app = %app.name, fingerprint = %retired.fingerprint, "retired a key");
+        Ok(retired)
+    }
+
+    /// The app's keys, newest first.
+    pub fn list(&self, app: &str) -> Result<Vec<KeyEntry>, AdminError> {
+        let mut keys = self.app(app)?.ring().keys.clone();
+        keys.sort_by_key(|k| std::cmp::Reverse(k.created));
+        Ok(keys)
+    }
+
+    /// Switches to `secret` after a trial mint; the previous secrets become
+    /// fallbacks. Returns how many fallbacks there are.
+    pub async fn rotate_secret(&self, app: &str, secret: SecretString) -> Result<usize, AdminError> {
+        use secrecy::ExposeSecret as _;
+        if secret.expose_secret().trim().is_empty() {
+            return Err(AdminError::InvalidArgument("new_secret is empty".to_owned()));
+        }
+        let app = self.app(app)?;
+        let _one = self.changing.lock().await;
+        let ring = app.ring();
+        let entry = SecretEntry::new(secret, SecretOrigin::Rotated, SystemTime::now());
+        let rotated = ring.with_secret(entry.clone())?;
+        let trial = ring
+            .trial_secret(&entry)
+            .ok_or_else(|| AdminError::FailedPrecondition("the app has no active key to try it with".to_owned()))?;
+        self.trial_mint(app, &trial.credentials, "the new client secret")
+            .await?;
+        let fallbacks = rotated.secrets.len() - 1;
+        self.commit(app, rotated)?;
+        tracing::info!(app = %app.name, fallbacks, "rotated the client secret after a successful trial mint");
+        Ok(fallbacks)
+    }
+
+    /// Drops the app's fallback secrets; returns how many.
+    pub async fn retire_secrets(&self, app: &str) -> Result<usize, AdminError> {
+        let app = self.app(app)?;
+        let _one = self.changing.lock().await;
+        let (ring, dropped) = app.ring().without_fallback_secrets();
+        if dropped > 0 {
+            self.commit(app, ring)?;
+        }
+        tracing::info!(app = %app.name, dropped, "retired fallback client secrets");
+        Ok(dropped)
+    }
+
+    /// Drops cached tokens: of `app` (every app when empty), of `subject` only when given.
+    pub async fn invalidate(&self, app: &str, subject: Option<&Subject>) -> Result<usize, AdminError> {
+        let app_name = if app.is_empty() {
+            if subject.is_some() {
+                return Err(AdminError::InvalidArgument("a subject needs an app".to_owned()));
+            }
+            None
+        } else {
+            Some(self.app(app)?.clone())
+        };
+        let subject = match (subject, &app_name) {
+            (Some(Subject::Enterprise), Some(a)) => Some(BoxSubject::Enterprise(a.enterprise_id())),
+            (Some(Subject::User(id)), _) => Some(BoxSubject::User(id.clone())),
+            _ => None,
+        };
+        let dropped = self
+            .broker
+            .cache()
+            .invalidate_where(|key| {
+                app_name.as_ref().is_none_or(|a| key.app == a.name)
+                    && subject.as_ref().is_none_or(|s| key.subject == *s)
+            })
+            .await;
+        tracing::info!(app, dropped, "invalidated cached tokens");
+        Ok(dropped)
+    }
+}
+
+/// `[[admin.rules]]`: which admin identities may call which admin RPCs, for
+/// which apps. Deny by default.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRule {
+    /// Admin identities (API key identities, certificate SANs, the Unix
+    /// socket's identity), exact or `*`-globs.
+    pub callers: Vec<crate::policy::Glob>,
+    /// RPC names (`ListKeys`, `ActivateKey`, ...) or globs; `*` for all.
+    pub rpcs: Vec<crate::policy::Glob>,
+    /// Apps, by config name or glob; all when left out.
+    #[serde(default = "every_app")]
+    pub apps: Vec<crate::policy::Glob>,
+}
+
+fn every_app() -> Vec<crate::policy::Glob> {
+    vec![crate::policy::Glob::new("*")]
+}
+
+/// The admin RPC names, for validating rules.
+pub const ADMIN_RPCS: &[&str] = &[
+    "GenerateKey",
+    "ImportKey",
+    "ActivateKey",
+    "RetireKey",
+    "ListKeys",
+    "RotateClientSecret",
+    "RetireClientSecrets",
+    "InvalidateTokens",
+    "GetStatus",
+];
+
+/// The admin rules.
+#[derive(Debug, Clone, Default)]
+pub struct AdminRules(pub Vec<AdminRule>);
+
+impl AdminRules {
+    /// Rules granting everything to callers matching `caller` (for `dev` mode and tests).
+    pub fn allow_everything(caller: &str) -> Self {
+        Self(vec![AdminRule {
+            callers: vec![crate::policy::Glob::new(caller)],
+            rpcs: vec![crate::policy::Glob::new("*")],
+            apps: every_app(),
+        }])
+    }
+
+    /// Checks that every rule names callers and known RPCs.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, rule) in self.0.iter().enumerate() {
+            if rule.callers.is_empty() || rule.rpcs.is_empty() {
+                return Err(format!("admin.rules[{i}]: callers and rpcs must both be non-empty"));
+            }
+            if let Some(bad) = rule.rpcs.iter().find(|g| !ADMIN_RPCS.iter().any(|r| g.matches(r))) {
+                return Err(format!(
+                    "admin.rules[{i}]: {bad} matches no admin RPC (they are {})",
+                    ADMIN_RPCS.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// May `caller` call `rpc` for `app` (empty: not app-specific)?
+    pub fn allows(&self, caller: &str, rpc: &str, app: &str) -> Result<(), String> {
+        let granted = self.0.iter().any(|r| {
+            r.callers.iter().any(|c| c.matches(caller))
+                && r.rpcs.iter().any(|g| g.matches(rpc))
+                && (app.is_empty() || r.apps.iter().any(|a| a.matches(app)))
+        });
+        if granted {
+            Ok(())
+        } else if app.is_empty() {
+            Err(format!(
+                "admin identity {caller:?} may not call {rpc} (no [[admin.rules]] grants it)"
+            ))
+        } else {
+            Err(format!(
+                "admin identity {caller:?} may not call {rpc} for app {app:?} (no [[admin.rules]] grants it)"
+            ))
+        }
+    }
+}

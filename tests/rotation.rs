@@ -1,0 +1,486 @@
+//! Key and client-secret rotation through the admin RPC: under load with no
+//! failed call, trial mints that change nothing when Box refuses, the
+//! standby fallback and its alert, the admin listener's own authentication,
+//! and no secret in any response, log line, audit record or `Debug`.
+//! One test binary, because it installs a global log subscriber.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use box_token_broker::pb::{self, KeyState, broker_admin_service_client::BrokerAdminServiceClient};
+use common::{ADMIN_KEY, Harness, Options, admin_request, assert_status, enterprise, fixture, user};
+use secrecy::ExposeSecret as _;
+use tonic::{Code, transport::Channel};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every log line of this test binary (this crate at TRACE).
+fn logs() -> &'static Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("box_token_broker=trace,info")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        captured
+    })
+}
+
+fn log_text() -> String {
+    String::from_utf8(logs().0.lock().unwrap().clone()).unwrap()
+}
+
+async fn harness() -> Harness {
+    logs();
+    Harness::with(Options {
+        admin: true,
+        ..Options::default()
+    })
+    .await
+}
+
+fn admin(h: &Harness) -> BrokerAdminServiceClient<Channel> {
+    h.admin.as_ref().unwrap().client.clone()
+}
+
+/// GenerateKey; returns (fingerprint, public key PEM).
+async fn generate(h: &Harness) -> (String, String) {
+    let generated = admin(h)
+        .generate_key(admin_request(pb::GenerateKeyRequest {
+            app: String::new(),
+            bits: 2048,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let key = generated.key.unwrap();
+    assert_eq!(key.state(), KeyState::Pending);
+    assert!(key.kid.is_empty(), "Box has not assigned a kid yet");
+    (key.fingerprint, generated.public_key_pem)
+}
+
+async fn activate(h: &Harness, kid: &str, fingerprint: &str) -> Result<pb::ActivateKeyResponse, tonic::Status> {
+    admin(h)
+        .activate_key(admin_request(pb::ActivateKeyRequest {
+            app: String::new(),
+            kid: kid.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn list(h: &Harness) -> Vec<pb::KeyInfo> {
+    admin(h)
+        .list_keys(admin_request(pb::ListKeysRequest { app: String::new() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+}
+
+/// The whole procedure once: generate, upload to Box, activate, and remove
+/// old keys from Box — the retired one, or with `aggressive` (Box's
+/// documented "add the new key, remove the old one") the previous active key
+/// too, at once. Returns the new kid.
+async fn rotate(h: &Harness, aggressive: bool) -> String {
+    let (fingerprint, pem) = generate(h).await;
+    let kid = h.fake.add_public_key(&h.app.client_id, &pem).unwrap();
+    let activated = activate(h, &kid, &fingerprint).await.unwrap();
+    assert_eq!(activated.active.as_ref().unwrap().kid, kid);
+    for key in list(h).await {
+        let old = key.state() == KeyState::Retired || (aggressive && key.state() == KeyState::Standby);
+        if old && !key.kid.is_empty() {
+            h.fake.remove_public_key(&h.app.client_id, &key.kid);
+        }
+    }
+    kid
+}
+
+async fn forced(h: &Harness) -> Result<pb::GetTokenResponse, tonic::Status> {
+    let mut request = enterprise();
+    request.force_refresh = true;
+    h.get(request).await
+}
+
+fn last_kid(h: &Harness) -> String {
+    h.fake.accepted_assertions().last().unwrap().kid.clone().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_rotations_under_load_fail_no_call() {
+    let h = Arc::new(harness().await);
+    // Box takes a moment to answer, so mints are in flight when keys change.
+    h.fake.set_latency(std::time::Duration::from_millis(20));
+    // Each worker makes at least 1000 calls and keeps going until the last
+    // rotation is done, so every rotation happens under load.
+    let rotating = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let h = h.clone();
+        let rotating = rotating.clone();
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut i = 0;
+            while i < 1000 || rotating.load(std::sync::atomic::Ordering::SeqCst) {
+                i += 1;
+                let mut request = if i % 2 == 0 {
+                    enterprise()
+                } else {
+                    user(box_token_broker::fakebox::seed::APP_USER_IDS[worker % 3])
+                };
+                // A share of the calls mint for real, so rotations race real mints.
+                request.force_refresh = i % 10 == worker % 10;
+                if let Err(status) = h.get(request).await {
+                    failures.push(status);
+                }
+            }
+            (failures, i)
+        }));
+    }
+    let mut kids = Vec::new();
+    for _ in 0..10 {
+        // Mints under way with the previous key fail at Box and are retried
+        // with the key active now.
+        kids.push(rotate(&h, true).await);
+    }
+    rotating.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut failures = Vec::new();
+    for worker in workers {
+        let (failed, calls) = worker.await.unwrap();
+        assert!(calls >= 1000);
+        failures.extend(failed);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} calls failed, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+
+    let keys = list(&h).await;
+    assert_eq!(keys.len(), 11, "the config's key and ten generated keys");
+    let state = |s| keys.iter().filter(|k| k.state() == s).count();
+    assert_eq!(
+        (
+            state(KeyState::Active),
+            state(KeyState::Standby),
+            state(KeyState::Retired)
+        ),
+        (1, 1, 9)
+    );
+    assert_eq!(
+        keys.iter().find(|k| k.state() == KeyState::Active).unwrap().kid,
+        kids[9]
+    );
+    // Mints after the last rotation sign with the newest key.
+    h.fake.set_latency(std::time::Duration::ZERO);
+    forced(&h).await.unwrap();
+    assert_eq!(last_kid(&h), kids[9]);
+    assert!(
+        keys.iter()
+            .filter(|k| k.origin == "generated")
+            .all(|k| k.last_used_at.is_some()),
+        "Box accepted every key, at least in its trial mint"
+    );
+    assert!(h.fake.stats().token_requests > 100, "calls really minted");
+}
+
+#[tokio::test]
+async fn a_failed_trial_mint_leaves_the_old_key_active_and_in_use() {
+    let h = harness().await;
+    let (fingerprint, _pem) = generate(&h).await;
+    // Not uploaded to Box: Box does not know the kid.
+    let refused = activate(&h, "notuploaded1", &fingerprint).await.unwrap_err();
+    assert_status(
+        &refused,
+        Code::FailedPrecondition,
+        "the trial mint with key notuploaded1 failed, so nothing changed",
+    );
+    assert!(
+        refused.message().ends_with("Box refused: Box does not know public key id notuploaded1: upload the public key in the developer console or fix publicKeyID"),
+        "Box's reason is carried: {}",
+        refused.message()
+    );
+
+    let keys = list(&h).await;
+    let active = keys.iter().find(|k| k.state() == KeyState::Active).unwrap();
+    assert_eq!(active.kid, h.app.kid);
+    let pending = keys.iter().find(|k| k.fingerprint == fingerprint).unwrap();
+    assert_eq!((pending.state(), pending.kid.as_str()), (KeyState::Pending, ""));
+    forced(&h).await.unwrap();
+    assert_eq!(last_kid(&h), h.app.kid, "the old key still signs");
+
+    // Uploaded under one kid but activated under another: refused too.
+    let (fingerprint, pem) = generate(&h).await;
+    let kid = h.fake.add_public_key(&h.app.client_id, &pem).unwrap();
+    let wrong = format!("{kid}x");
+    assert_eq!(
+        activate(&h, &wrong, &fingerprint).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(activate(&h, &kid, &fingerprint).await.unwrap().active.unwrap().kid, kid);
+}
+
+#[tokio::test]
+async fn when_box_stops_accepting_the_active_key_the_standby_mints_and_an_alert_is_raised() {
+    let h = harness().await;
+    let old_kid = h.app.kid.clone();
+    let new_kid = rotate(&h, false).await;
+    forced(&h).await.unwrap();
+    assert_eq!(last_kid(&h), new_kid);
+
+    // Someone removes the new key in the Box console.
+    assert!(h.fake.remove_public_key(&h.app.client_id, &new_kid));
+    let served = forced(&h).await.unwrap();
+    assert!(!common::token_of(&served).is_empty());
+    assert_eq!(last_kid(&h), old_kid, "the standby minted");
+
+    let status = admin(&h)
+        .get_status(admin_request(pb::GetStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.apps[0].standby_fallbacks, 1, "the metric counts the fallback");
+    assert_eq!(
+        status.apps[0].active_key.as_ref().unwrap().kid,
+        new_kid,
+        "nothing switched by itself"
+    );
+    let logs = log_text();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("ALERT: Box rejected the active signing key")
+                && l.contains("standby_key_used")
+                && l.contains(&new_kid)
+                && l.contains(&old_kid)),
+        "the alert names both keys"
+    );
+}
+
+#[tokio::test]
+async fn rotating_the_client_secret_checks_it_and_keeps_the_previous_one_as_fallback() {
+    let h = harness().await;
+    let rotate_secret = |secret: &str| {
+        let mut client = admin(&h);
+        let request = admin_request(pb::RotateClientSecretRequest {
+            app: String::new(),
+            new_secret: secret.to_owned(),
+        });
+        async move {
+            client
+                .rotate_client_secret(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    // Not yet changed at Box: the trial mint fails and nothing changes.
+    let refused = rotate_secret("new-secret-not-at-box-yet").await.unwrap_err();
+    assert_status(
+        &refused,
+        Code::FailedPrecondition,
+        "the trial mint with the new client secret failed",
+    );
+    assert!(!refused.message().contains("new-secret-not-at-box-yet"));
+    forced(&h).await.unwrap();
+
+    h.fake.set_client_secret(&h.app.client_id, "second-client-secret-0002");
+    assert_eq!(
+        rotate_secret("second-client-secret-0002")
+            .await
+            .unwrap()
+            .fallback_secrets,
+        1
+    );
+    forced(&h).await.unwrap();
+
+    // Box goes back to the old secret: the fallback still mints, loudly.
+    let old = h.app.client_secret.expose_secret().to_owned();
+    h.fake.set_client_secret(&h.app.client_id, &old);
+    forced(&h).await.unwrap();
+    assert!(log_text().contains("previous_client_secret_used"));
+
+    // Retired, the fallback is gone.
+    let retired = admin(&h)
+        .retire_client_secrets(admin_request(pb::RetireClientSecretsRequest { app: String::new() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retired.retired, 1);
+    assert_eq!(forced(&h).await.unwrap_err().code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn the_admin_service_is_not_on_the_client_listener_and_needs_admin_credentials() {
+    let h = harness().await;
+    // The client listener does not serve it at all.
+    let on_client = BrokerAdminServiceClient::new(h.channel.clone())
+        .get_status(admin_request(pb::GetStatusRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(on_client.code(), Code::Unimplemented);
+    // The admin listener wants an admin key.
+    let none = admin(&h)
+        .get_status(tonic::Request::new(pb::GetStatusRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(pb::GetStatusRequest {});
+    wrong
+        .metadata_mut()
+        .insert("x-api-key", "admin-key-guess".parse().unwrap());
+    let wrong = admin(&h).get_status(wrong).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    assert!(!wrong.message().contains("admin-key-guess"));
+    // Nor does it serve the client API.
+    let mut client = pb::token_broker_service_client::TokenBrokerServiceClient::new(
+        Channel::from_shared(format!("http://{}", h.admin.as_ref().unwrap().addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        client.get_token(enterprise()).await.unwrap_err().code(),
+        Code::Unimplemented
+    );
+    // Every admin decision is audited.
+    let events = h.audit_events();
+    let admin_events: Vec<_> = events.iter().filter(|e| e["rpc"] == "GetStatus").collect();
+    assert_eq!(admin_events.len(), 2);
+    assert!(
+        admin_events
+            .iter()
+            .all(|e| e["decision"] == "deny" && e["caller"] == "unauthenticated")
+    );
+}
+
+#[tokio::test]
+async fn retiring_the_active_key_is_refused_and_keys_are_listed_without_private_material() {
+    let h = harness().await;
+    let refused = admin(&h)
+        .retire_key(admin_request(pb::RetireKeyRequest {
+            app: String::new(),
+            kid_or_fingerprint: h.app.kid.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_status(&refused, Code::FailedPrecondition, "the active key cannot be retired");
+    let (fingerprint, _) = generate(&h).await;
+    let retired = admin(&h)
+        .retire_key(admin_request(pb::RetireKeyRequest {
+            app: String::new(),
+            kid_or_fingerprint: fingerprint.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retired.key.unwrap().state(), KeyState::Retired);
+    let keys = list(&h).await;
+    assert_eq!(keys.len(), 2);
+    let config_key = keys.iter().find(|k| k.kid == h.app.kid).unwrap();
+    assert_eq!(
+        (
+            config_key.origin.as_str(),
+            config_key.bits,
+            config_key.algorithm.as_str()
+        ),
+        ("config", 2048, "RS256")
+    );
+    assert!(format!("{keys:?}").len() < 2000, "no key material in the listing");
+}
+
+#[tokio::test]
+async fn imported_keys_and_new_secrets_never_appear_in_responses_logs_audit_debug_or_the_store_file() {
+    let h = harness().await;
+    let pem = std::fs::read_to_string(fixture("rsa3072_aes128.pem")).unwrap();
+    let passphrase = common::fixture_passphrase().expose_secret().to_owned();
+    let key =
+        box_token_broker::boxapi::private_key::decode_private_key(&pem, Some(&common::fixture_passphrase())).unwrap();
+    let public = {
+        use rsa::pkcs8::{EncodePublicKey as _, LineEnding};
+        key.to_public_key().to_public_key_pem(LineEnding::LF).unwrap()
+    };
+    let kid = h.fake.add_public_key(&h.app.client_id, &public).unwrap();
+    let request = pb::ImportKeyRequest {
+        app: String::new(),
+        private_key_pem: pem.clone(),
+        passphrase: passphrase.clone(),
+        kid: kid.clone(),
+    };
+    let debug_of_request = format!("{request:?}");
+    let imported = admin(&h).import_key(admin_request(request)).await.unwrap().into_inner();
+    let activated = activate(&h, &kid, "").await.unwrap();
+    let secret_request = pb::RotateClientSecretRequest {
+        app: String::new(),
+        new_secret: "imported-test-secret-0003".to_owned(),
+    };
+    let debug_of_secret = format!("{secret_request:?}");
+    h.fake.set_client_secret(&h.app.client_id, "imported-test-secret-0003");
+    admin(&h)
+        .rotate_client_secret(admin_request(secret_request))
+        .await
+        .unwrap();
+    let wrong = admin(&h)
+        .import_key(admin_request(pb::ImportKeyRequest {
+            app: String::new(),
+            private_key_pem: pem.clone(),
+            passphrase: "wrong-passphrase-4".to_owned(),
+            kid: "other".to_owned(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+
+    let mut secrets: Vec<String> = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::to_owned)
+        .collect();
+    secrets.extend([
+        passphrase,
+        "imported-test-secret-0003".to_owned(),
+        "wrong-passphrase-4".to_owned(),
+        ADMIN_KEY.to_owned(),
+    ]);
+    secrets.push(h.app.client_secret.expose_secret().to_owned());
+    let side = h.admin.as_ref().unwrap();
+    let store_file = std::fs::read_to_string(&side.store_path).unwrap();
+    let everything = format!(
+        "{imported:?}\n{activated:?}\n{}\n{debug_of_request}\n{debug_of_secret}\n{:?}\n{:?}\n{}\n{store_file}\n{}",
+        wrong.message(),
+        h.broker.apps().next().unwrap().ring(),
+        side.key_admin,
+        String::from_utf8(h.audit.lock().unwrap().clone()).unwrap(),
+        log_text(),
+    );
+    for secret in &secrets {
+        assert!(
+            !everything.contains(secret.as_str()),
+            "a secret ({} chars) leaked",
+            secret.len()
+        );
+    }
+    assert!(store_file.contains("\"ciphertext\""), "the store is encrypted at rest");
+}
