@@ -330,12 +330,11 @@ impl KeyAdmin {
         Ok(dropped)
     }
 
-    /// Drops cached tokens: of `app` (every app when empty), of `subject` only when given.
+    /// Drops cached tokens: of `app` (every app when empty and no subject is
+    /// given), of `subject` only when given.
     pub async fn invalidate(&self, app: &str, subject: Option<&Subject>) -> Result<usize, AdminError> {
-        let app_name = if app.is_empty() {
-            if subject.is_some() {
-                return Err(AdminError::InvalidArgument("a subject needs an app".to_owned()));
-            }
+        // A subject belongs to an app: the named one, or the only one.
+        let app_name = if app.is_empty() && subject.is_none() {
             None
         } else {
             Some(self.app(app)?.clone())
@@ -438,5 +437,50 @@ impl AdminRules {
                 "admin identity {caller:?} may not call {rpc} for app {app:?} (no [[admin.rules]] grants it)"
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(text: &str) -> AdminRules {
+        #[derive(serde::Deserialize)]
+        struct File {
+            rules: Vec<AdminRule>,
+        }
+        AdminRules(toml::from_str::<File>(text).map(|f| f.rules).unwrap_or_default())
+    }
+
+    #[test]
+    fn admin_rules_deny_by_default_and_grant_only_what_they_name() {
+        let r = rules(
+            "[[rules]]\ncallers = [\"oncall-*\"]\nrpcs = [\"ListKeys\", \"GetStatus\"]\n\
+             [[rules]]\ncallers = [\"rotator\"]\nrpcs = [\"*\"]\napps = [\"billing\"]\n",
+        );
+        assert!(r.validate().is_ok());
+        assert!(r.allows("oncall-alice", "ListKeys", "default").is_ok());
+        assert!(r.allows("oncall-alice", "GetStatus", "").is_ok());
+        let denied = r
+            .allows("oncall-alice", "ActivateKey", "default")
+            .err()
+            .unwrap_or_default();
+        assert_eq!(
+            denied,
+            "admin identity \"oncall-alice\" may not call ActivateKey for app \"default\" (no [[admin.rules]] grants it)"
+        );
+        assert!(r.allows("rotator", "ActivateKey", "billing").is_ok());
+        assert!(r.allows("rotator", "ActivateKey", "default").is_err());
+        assert!(AdminRules::default().allows("anyone", "GetStatus", "").is_err());
+    }
+
+    #[test]
+    fn a_rule_naming_no_admin_rpc_is_invalid() {
+        let r = rules("[[rules]]\ncallers = [\"x\"]\nrpcs = [\"GetToken\"]\n");
+        let e = r.validate().err().unwrap_or_default();
+        assert!(
+            e.starts_with("admin.rules[0]: \"GetToken\" matches no admin RPC"),
+            "{e}"
+        );
     }
 }

@@ -138,7 +138,8 @@ impl Write for SharedBuffer {
 }
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-22T23:49:17.123Z`.
-fn rfc3339(t: SystemTime) -> String {
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T00:23:55.250Z`.
+pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

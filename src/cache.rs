@@ -422,6 +422,12 @@ impl TokenCache {
         self.inner.entries.entry_count()
     }
 
+    /// How many tokens are cached, after moka's pending bookkeeping has run.
+    pub async fn count(&self) -> u64 {
+        self.inner.entries.run_pending_tasks().await;
+        self.inner.entries.entry_count()
+    }
+
     /// True when no token is cached (approximate).
     pub fn is_empty(&self) -> bool {
         self.len() == 0

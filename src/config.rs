@@ -939,4 +939,66 @@ mod tests {
         let e = error(MINIMAL.replace("[server]\n", "[server]\naccept = [\"password\"]\n"));
         assert!(e.contains("unknown variant `password`"), "{e}");
     }
+
+    #[test]
+    fn the_admin_listener_needs_its_own_address_credentials_and_rules() {
+        let error = |extra: &str| {
+            load(&format!("{MINIMAL}{extra}"), &[])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let listen = |addr: &str| MINIMAL.replace("[server]\n", &format!("[server]\nadmin_listen = \"{addr}\"\n"));
+        let key = format!(
+            "[[admin.api_keys]]\nidentity = \"ops\"\nsha256 = \"{}\"\n",
+            "1".repeat(64)
+        );
+        let rule = "[[admin.rules]]\ncallers = [\"ops\"]\nrpcs = [\"*\"]\n";
+        let e = load(&listen("0.0.0.0:50051"), &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("admin_listen must differ from server.listen"), "{e}");
+        let e = load(&listen("127.0.0.1:50052"), &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("server.admin_listen needs admin credentials"), "{e}");
+        let e = load(&format!("{}{key}", listen("127.0.0.1:50052")), &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("[[admin.rules]] grants nothing"), "{e}");
+        assert!(load(&format!("{}{key}{rule}", listen("127.0.0.1:50052")), &[]).is_ok());
+        let e = error("[[admin.rules]]\ncallers = [\"ops\"]\nrpcs = [\"Rotate\"]\n");
+        assert!(e.contains("\"Rotate\" matches no admin RPC"), "{e}");
+    }
+
+    #[test]
+    fn the_keystore_needs_exactly_one_kek_source_and_never_echoes_it() {
+        let c = load(
+            &format!("{MINIMAL}[keystore]\npath = \"keys.json\"\nkek_env = \"MY_KEK\"\n"),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let store = c.keystore.as_ref().unwrap_or_else(|| unreachable!());
+        let e = store.open(|_| None).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(e, "keystore.kek_env: the environment variable MY_KEK is not set");
+        let e = store
+            .open(|_| Some("short-secret-value".to_owned()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("keystore: MY_KEK: the key-encryption key must be 32 bytes"),
+            "{e}"
+        );
+        assert!(!e.contains("short-secret-value"), "{e}");
+        assert!(store.open(|_| Some("ab".repeat(32))).is_ok());
+        let both = KeystoreConfig {
+            kek_file: Some(PathBuf::from("kek")),
+            ..store.clone()
+        };
+        assert!(both.open(|_| None).is_err());
+    }
 }

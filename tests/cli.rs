@@ -88,7 +88,8 @@ fn token_get(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn dev_mode_serves_tokens_with_no_box_account() {
-    let dev = Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0"]));
+    let dev =
+        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
     let line = Proc::wait_line(&dev.stdout, "broker gRPC:");
     let addr = line.split_whitespace().nth(2).unwrap().to_owned();
     let banner = Proc::wait_line(&dev.stdout, "callers:");
@@ -262,4 +263,102 @@ fn keygen_writes_an_encrypted_key_that_loads_and_never_overwrites() {
             .unwrap()
             .contains("refusing to overwrite")
     );
+}
+
+fn admin_cli(admin: &str, key: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(["admin", "--addr", admin])
+        .args(args)
+        .env("BOX_BROKER_ADMIN_KEY", key)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn dev_mode_plays_the_whole_key_rotation_with_the_admin_cli() {
+    let dev =
+        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
+    let broker = Proc::wait_line(&dev.stdout, "broker gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let admin = Proc::wait_line(&dev.stdout, "admin gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let fake = Proc::wait_line(&dev.stdout, "fake Box:");
+    let fake_url = fake.split_whitespace().nth(2).unwrap().to_owned();
+    let client_id = fake
+        .split("client id ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+    let key = Proc::wait_line(&dev.stdout, "BOX_BROKER_ADMIN_KEY=")
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // Without the admin key: refused.
+    let (code, _, stderr) = admin_cli(&admin, "", &["status"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("new.pem");
+    let (code, stdout, stderr) = admin_cli(
+        &admin,
+        &key,
+        &["keys", "generate", "--public-key-out", public.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let fingerprint = stdout
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("fingerprint ")
+        .unwrap()
+        .to_owned();
+    assert!(stdout.contains("-----BEGIN PUBLIC KEY-----") && !stdout.contains("PRIVATE"));
+
+    // The Box console's "Add a Public Key", on the fake.
+    let pem = std::fs::read_to_string(&public).unwrap();
+    let kid = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let reply: serde_json::Value = reqwest::Client::new()
+            .post(format!("{fake_url}/_fake/apps/{client_id}/keys"))
+            .body(pem)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        reply["kid"].as_str().unwrap().to_owned()
+    });
+    let (code, stdout, stderr) = admin_cli(
+        &admin,
+        &key,
+        &["keys", "activate", "--kid", &kid, "--fingerprint", &fingerprint],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with(&format!("active   kid {kid}")), "{stdout}");
+    assert!(stdout.lines().nth(1).unwrap().starts_with("standby"), "{stdout}");
+
+    let (code, _, stderr) = token_get(&["--addr", &broker, "--enterprise", "--force-refresh"]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, _) = admin_cli(&admin, &key, &["status"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains(&format!("active key {kid}")), "{stdout}");
+    assert!(stdout.contains("key store: configured"), "{stdout}");
 }

@@ -250,3 +250,59 @@ async fn a_listener_accepting_certificates_and_api_keys_takes_either() {
         .collect();
     assert_eq!(callers, [SPIFFE, "billing.internal", "unauthenticated"]);
 }
+
+#[tokio::test]
+async fn the_admin_listener_takes_client_certificates_as_admin_identities() {
+    use box_token_broker::{
+        admin::{AdminRules, KeyAdmin},
+        pb::{GetStatusRequest, broker_admin_service_client::BrokerAdminServiceClient},
+    };
+    let h = harness().await;
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(vec![dns("localhost")]);
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(pki.ca.pem()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let admin = Arc::new(KeyAdmin::open(h.broker.clone(), None).unwrap());
+    let (sink, audit) = AuditSink::memory();
+    tokio::spawn(service::serve_endpoints(
+        h.broker.clone(),
+        vec![(
+            Listener::Tls(listener, Authenticator::new(false).with_mtls(), tls),
+            service::Role::Admin(admin, AdminRules::allow_everything("ops.internal")),
+        )],
+        Arc::new(sink),
+        std::future::pending(),
+    ));
+    let channel = |sans| {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(pki.ca.pem()))
+            .domain_name("localhost")
+            .identity({
+                let (c, k) = pki.issue(sans);
+                Identity::from_pem(c, k)
+            });
+        async move {
+            Channel::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        }
+    };
+    let mut ops = BrokerAdminServiceClient::new(channel(vec![dns("ops.internal")]).await);
+    let status = ops.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(!status.key_store, "this admin has no key store");
+    let mut other = BrokerAdminServiceClient::new(channel(vec![dns("web.portal.svc")]).await);
+    assert_status(
+        &other.get_status(GetStatusRequest {}).await.unwrap_err(),
+        Code::PermissionDenied,
+        "admin identity \"web.portal.svc\" may not call GetStatus",
+    );
+    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
+    assert!(audit.contains("\"caller\":\"ops.internal\"") && audit.contains("\"caller\":\"web.portal.svc\""));
+}

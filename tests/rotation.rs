@@ -484,3 +484,44 @@ async fn imported_keys_and_new_secrets_never_appear_in_responses_logs_audit_debu
     }
     assert!(store_file.contains("\"ciphertext\""), "the store is encrypted at rest");
 }
+
+#[tokio::test]
+async fn invalidate_tokens_drops_a_subjects_an_apps_or_all_cached_tokens() {
+    let h = harness().await;
+    let app_user = box_token_broker::fakebox::seed::APP_USER_IDS[0];
+    h.get(enterprise()).await.unwrap();
+    h.get(user(app_user)).await.unwrap();
+    let invalidate = |app: &str, subject: Option<pb::Subject>| {
+        let mut client = admin(&h);
+        let request = admin_request(pb::InvalidateTokensRequest {
+            app: app.to_owned(),
+            subject,
+        });
+        async move {
+            client
+                .invalidate_tokens(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .invalidated
+        }
+    };
+    let subject = pb::Subject {
+        kind: Some(pb::subject::Kind::UserId(app_user.to_owned())),
+    };
+    assert_eq!(invalidate("", Some(subject)).await, 1, "one subject, in the only app");
+    assert!(!h.get(user(app_user)).await.unwrap().cache_hit, "minted again");
+    assert!(h.get(enterprise()).await.unwrap().cache_hit, "others stay cached");
+    assert_eq!(invalidate("default", None).await, 2, "the app's tokens");
+    h.get(enterprise()).await.unwrap();
+    assert_eq!(invalidate("", None).await, 1, "everything");
+    assert!(!h.get(enterprise()).await.unwrap().cache_hit);
+    let unknown = admin(&h)
+        .invalidate_tokens(admin_request(pb::InvalidateTokensRequest {
+            app: "nope".to_owned(),
+            subject: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}

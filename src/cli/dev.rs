@@ -6,9 +6,11 @@ use std::{path::Path, process::ExitCode, sync::Arc};
 use rand::RngCore as _;
 use rsa::RsaPrivateKey;
 use secrecy::{ExposeSecret as _, SecretString};
+use sha2::{Digest as _, Sha256};
 
 use super::{DevArgs, EXIT_CONFIG, FakeBoxArgs, fail, init_dev_logging, shutdown_signal};
 use crate::{
+    admin::{AdminRules, KeyAdmin},
     audit::AuditSink,
     auth::Authenticator,
     boxapi::{BoxClient, CredentialSources},
@@ -22,6 +24,7 @@ use crate::{
             SERVICE_ACCOUNT_FILE_ID, SERVICE_ACCOUNT_FOLDER_ID, SERVICE_ACCOUNT_ID, SHARED_LINK, SeededApp,
         },
     },
+    keys::store::{Kek, KeyStore},
     policy::Policy,
     service,
 };
@@ -88,24 +91,68 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
         Ok(addr) => addr,
         Err(e) => return fail(1, &format!("cannot read the listen address: {e}")),
     };
-    print_banner(&addr.to_string(), &fake_server.base_url(), &app);
-    let result = service::serve(
+    // The admin RPC: a random admin key, and a key store (with a random KEK)
+    // in a temporary directory that lives as long as this process.
+    let admin_key = new_passphrase();
+    let store_dir = std::env::temp_dir().join(format!("box-broker-dev-{}", new_passphrase().expose_secret()));
+    let store = match std::fs::create_dir(&store_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| Kek::generate())
+    {
+        Ok((kek, _)) => KeyStore::new(store_dir.join("keys.json"), kek),
+        Err(e) => return fail(1, &format!("cannot set up the dev key store: {e}")),
+    };
+    let key_admin = match KeyAdmin::open(broker.clone(), Some(store)) {
+        Ok(admin) => Arc::new(admin),
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    let admin_listener = match tokio::net::TcpListener::bind(args.admin_listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(1, &format!("cannot listen on {} (admin): {e}", args.admin_listen)),
+    };
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_or_else(|_| args.admin_listen.to_string(), |a| a.to_string());
+    let admin_auth = Authenticator::new(false).with_api_keys(vec![(
+        DEV_ADMIN.to_owned(),
+        Sha256::digest(admin_key.expose_secret().as_bytes()).into(),
+    )]);
+    print_banner(
+        &addr.to_string(),
+        &admin_addr,
+        admin_key.expose_secret(),
+        &fake_server.base_url(),
+        &app,
+    );
+    let result = service::serve_endpoints(
         broker,
-        Authenticator::new(true),
+        vec![
+            (
+                service::Listener::Tcp(listener, Authenticator::new(true)),
+                service::Role::Client,
+            ),
+            (
+                service::Listener::Tcp(admin_listener, admin_auth),
+                service::Role::Admin(key_admin, AdminRules::allow_everything(DEV_ADMIN)),
+            ),
+        ],
         // The banner owns stdout; audit records go to stderr with the logs.
         Arc::new(AuditSink::stderr()),
-        listener,
         shutdown_signal(),
     )
     .await;
     fake_server.stop().await;
+    let _ = std::fs::remove_dir_all(&store_dir);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e.to_string()),
     }
 }
 
-fn print_banner(addr: &str, fake_url: &str, app: &SeededApp) {
+/// The admin identity of dev mode's admin key.
+const DEV_ADMIN: &str = "dev-admin";
+
+fn print_banner(addr: &str, admin_addr: &str, admin_key: &str, fake_url: &str, app: &SeededApp) {
     let exe = std::env::current_exe().map_or_else(|_| "box-broker".to_owned(), |p| p.display().to_string());
     let users = APP_USER_IDS.join(", ");
     let first = APP_USER_IDS[0];
@@ -114,6 +161,7 @@ fn print_banner(addr: &str, fake_url: &str, app: &SeededApp) {
 box-broker dev mode (NOT for production)
   broker gRPC:    {addr} (plaintext)
   callers:        ANONYMOUS callers are allowed, and the dev policy gives them every token
+  admin gRPC:     {admin_addr} (plaintext; admin API key below; key store in a temp dir, gone at exit)
   fake Box:       {fake_url} (app client id {client}, key id {kid})
   enterprise:     {ENTERPRISE_ID} (Service Account user {SERVICE_ACCOUNT_ID})
   App Users:      {users}
@@ -133,6 +181,13 @@ Try:
   grpcurl -plaintext -d '{{\"subject\":{{\"userId\":\"{first}\"}}}}' {addr} boxbroker.v1.TokenBrokerService/GetToken
   grpcurl -plaintext -d '{{\"subject\":{{\"userId\":\"{first}\"}},\"scopes\":[\"item_preview\"],\"folderId\":\"{APP_USER_FOLDER_ID}\"}}' {addr} boxbroker.v1.TokenBrokerService/GetDownscopedToken
   grpcurl -plaintext {addr} grpc.health.v1.Health/Check
+
+Rotate the signing key (see README, \"Rotating keys\"):
+  export BOX_BROKER_ADMIN_KEY={admin_key}
+  {exe} admin --addr {admin_addr} keys generate --public-key-out new.pem
+  curl -s --data-binary @new.pem {fake_url}/_fake/apps/{client}/keys    # the Box console's \"Add a Public Key\"
+  {exe} admin --addr {admin_addr} keys activate --kid <kid> --fingerprint <fingerprint>
+  {exe} admin --addr {admin_addr} keys list
 
 Press Ctrl-C to stop.",
         client = app.client_id,

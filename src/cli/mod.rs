@@ -1,6 +1,7 @@
 //! The `box-broker` command line (clap): `serve`, `dev`, `fake-box`,
-//! `token get`, `keygen`, `check-config`.
+//! `token get|downscope|revoke`, `admin ...`, `keygen`, `check-config`.
 
+mod admin;
 mod dev;
 mod keygen;
 mod token;
@@ -47,6 +48,8 @@ enum Command {
     Token(TokenCommand),
     /// Generate an RSA key pair for a Box JWT app.
     Keygen(keygen::KeygenArgs),
+    /// Rotate keys and secrets, inspect status, drop cached tokens (the admin RPC).
+    Admin(admin::AdminArgs),
     /// Load and validate a config file, including its credentials, then exit.
     CheckConfig {
         /// The TOML config file.
@@ -60,6 +63,9 @@ pub struct DevArgs {
     /// The broker's gRPC listen address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// The admin RPC's listen address.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    admin_listen: SocketAddr,
     /// The embedded fake Box's listen address (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     fake_box_listen: SocketAddr,
@@ -105,6 +111,7 @@ pub fn main() -> ExitCode {
             Command::Token(TokenCommand::Downscope(args)) => token::downscope(args).await,
             Command::Token(TokenCommand::Revoke(args)) => token::revoke(args).await,
             Command::Keygen(args) => keygen::run(&args),
+            Command::Admin(args) => admin::run(args).await,
             Command::CheckConfig { file } => check_config(file).await,
         }
     })

@@ -265,12 +265,23 @@ struct AddKeyRequest {
 }
 
 /// What the developer console's "Add a Public Key" does: returns the kid.
+/// The body is `{"public_key_pem": "..."}`, or the PEM itself
+/// (`curl --data-binary @public.pem`).
 async fn add_key(
     State(fake): State<FakeBox>,
     axum::extract::Path(client_id): axum::extract::Path<String>,
-    Json(request): Json<AddKeyRequest>,
+    body: Bytes,
 ) -> Response {
-    match fake.add_public_key(&client_id, &request.public_key_pem) {
+    let text = String::from_utf8_lossy(&body);
+    let pem = if text.trim_start().starts_with('{') {
+        match serde_json::from_str::<AddKeyRequest>(&text) {
+            Ok(request) => request.public_key_pem,
+            Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({ "error": e.to_string() }))).into_response(),
+        }
+    } else {
+        text.into_owned()
+    };
+    match fake.add_public_key(&client_id, &pem) {
         Ok(kid) => (StatusCode::CREATED, Json(json!({ "kid": kid }))).into_response(),
         Err(problem) => (StatusCode::BAD_REQUEST, Json(json!({ "error": problem }))).into_response(),
     }

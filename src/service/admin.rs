@@ -326,7 +326,7 @@ impl BrokerAdminService for BrokerAdminApi {
                     .collect();
                 Ok(pb::GetStatusResponse {
                     apps,
-                    cached_tokens: broker.cache().len(),
+                    cached_tokens: broker.cache().count().await,
                     key_store: self.admin.has_store(),
                 })
             },
