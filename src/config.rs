@@ -507,7 +507,7 @@ impl Config {
         {
             *file = base.join(&*file);
         }
-        if let Some(tls) = &mut config.server.tls {
+        for tls in [&mut config.server.tls, &mut config.admin.tls].into_iter().flatten() {
             for path in [&mut tls.cert_file, &mut tls.key_file]
                 .into_iter()
                 .chain(tls.client_ca_file.as_mut())
@@ -519,16 +519,6 @@ impl Config {
         }
         if let Some(k8s) = &mut config.auth.kubernetes {
             k8s.resolve_paths(base);
-        }
-        if let Some(tls) = &mut config.admin.tls {
-            for path in [&mut tls.cert_file, &mut tls.key_file]
-                .into_iter()
-                .chain(tls.client_ca_file.as_mut())
-            {
-                if path.is_relative() {
-                    *path = base.join(&*path);
-                }
-            }
         }
         if let Some(store) = &mut config.keystore {
             for path in std::iter::once(&mut store.path).chain(store.kek_file.as_mut()) {

@@ -77,13 +77,18 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
     rx
 }
 
-fn token_get(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin()).arg("token").arg("get").args(args).output().unwrap();
+/// Runs the binary to completion: (exit code, stdout, stderr).
+fn run(command: &mut Command) -> (i32, String, String) {
+    let out = command.output().unwrap();
     (
         out.status.code().unwrap(),
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),
     )
+}
+
+fn token_get(args: &[&str]) -> (i32, String, String) {
+    run(Command::new(bin()).arg("token").arg("get").args(args))
 }
 
 #[test]
@@ -266,17 +271,10 @@ fn keygen_writes_an_encrypted_key_that_loads_and_never_overwrites() {
 }
 
 fn admin_cli(admin: &str, key: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
+    run(Command::new(bin())
         .args(["admin", "--addr", admin])
         .args(args)
-        .env("BOX_BROKER_ADMIN_KEY", key)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+        .env("BOX_BROKER_ADMIN_KEY", key))
 }
 
 #[test]

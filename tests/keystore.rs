@@ -56,14 +56,7 @@ fn restarted(h: &Harness) -> (Arc<Broker>, Result<KeyAdmin, String>) {
 
 async fn rotate_once(h: &Harness) -> String {
     let mut admin = h.admin.as_ref().unwrap().client.clone();
-    let generated = admin
-        .generate_key(admin_request(pb::GenerateKeyRequest {
-            app: String::new(),
-            bits: 2048,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let generated = common::generate_key(h).await;
     let kid = h
         .fake
         .add_public_key(&h.app.client_id, &generated.public_key_pem)
@@ -79,14 +72,20 @@ async fn rotate_once(h: &Harness) -> String {
     kid
 }
 
-#[tokio::test]
-async fn a_rotation_survives_a_restart() {
+/// A harness with an admin listener, after one key rotation; and the new kid.
+async fn rotated_harness() -> (Harness, String) {
     let h = Harness::with(Options {
         admin: true,
         ..Options::default()
     })
     .await;
-    let new_kid = rotate_once(&h).await;
+    let kid = rotate_once(&h).await;
+    (h, kid)
+}
+
+#[tokio::test]
+async fn a_rotation_survives_a_restart() {
+    let (h, new_kid) = rotated_harness().await;
     h.fake.set_client_secret(&h.app.client_id, "rotated-secret-0005");
     h.admin
         .as_ref()
@@ -140,12 +139,7 @@ async fn a_rotation_survives_a_restart() {
 
 #[tokio::test]
 async fn a_crash_between_write_and_rename_leaves_the_previous_set() {
-    let h = Harness::with(Options {
-        admin: true,
-        ..Options::default()
-    })
-    .await;
-    let kid = rotate_once(&h).await;
+    let (h, kid) = rotated_harness().await;
     let side = h.admin.as_ref().unwrap();
     // What a crash after writing the temp file (or in the middle of it) leaves.
     let dir = side.store_path.parent().unwrap();
@@ -165,12 +159,7 @@ async fn a_crash_between_write_and_rename_leaves_the_previous_set() {
 
 #[tokio::test]
 async fn a_corrupt_or_truncated_store_is_an_error_never_an_empty_store() {
-    let h = Harness::with(Options {
-        admin: true,
-        ..Options::default()
-    })
-    .await;
-    rotate_once(&h).await;
+    let (h, _) = rotated_harness().await;
     let side = h.admin.as_ref().unwrap();
     let good = std::fs::read(&side.store_path).unwrap();
 

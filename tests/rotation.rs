@@ -8,47 +8,21 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex, OnceLock},
-};
+use std::sync::{Arc, OnceLock};
 
 use box_token_broker::pb::{self, KeyState, broker_admin_service_client::BrokerAdminServiceClient};
-use common::{ADMIN_KEY, Harness, Options, admin_request, assert_status, enterprise, fixture, user};
+use common::{ADMIN_KEY, Captured, Harness, Options, admin_request, assert_status, enterprise, fixture, user};
 use secrecy::ExposeSecret as _;
 use tonic::{Code, transport::Channel};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Every log line of this test binary (this crate at TRACE).
 fn logs() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("box_token_broker=trace,info")
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
-        captured
-    })
+    LOGS.get_or_init(Captured::install)
 }
 
 fn log_text() -> String {
-    String::from_utf8(logs().0.lock().unwrap().clone()).unwrap()
+    logs().text()
 }
 
 async fn harness() -> Harness {
@@ -66,18 +40,8 @@ fn admin(h: &Harness) -> BrokerAdminServiceClient<Channel> {
 
 /// GenerateKey; returns (fingerprint, public key PEM).
 async fn generate(h: &Harness) -> (String, String) {
-    let generated = admin(h)
-        .generate_key(admin_request(pb::GenerateKeyRequest {
-            app: String::new(),
-            bits: 2048,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let key = generated.key.unwrap();
-    assert_eq!(key.state(), KeyState::Pending);
-    assert!(key.kid.is_empty(), "Box has not assigned a kid yet");
-    (key.fingerprint, generated.public_key_pem)
+    let generated = common::generate_key(h).await;
+    (generated.key.unwrap().fingerprint, generated.public_key_pem)
 }
 
 async fn activate(h: &Harness, kid: &str, fingerprint: &str) -> Result<pb::ActivateKeyResponse, tonic::Status> {

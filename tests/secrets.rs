@@ -5,31 +5,13 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
-
 use box_token_broker::{
     boxapi::{BoxId, BoxSubject, CredentialSources},
     broker::{Subject, TokenRequest},
     fakebox::{FakeAuth, Fault, seed},
 };
-use common::{Harness, Options, enterprise, fixture, token_of, user};
+use common::{Captured, Harness, Options, enterprise, fixture, token_of, user};
 use secrecy::ExposeSecret as _;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The base64 lines of the fixture private key's PEM, and its passphrase.
 fn key_material() -> Vec<String> {
@@ -135,15 +117,8 @@ async fn debug_output_hides_every_secret() {
 
 #[tokio::test]
 async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
-    let captured = Captured::default();
-    let writer = captured.clone();
     // Everything this crate emits, down to TRACE, plus dependencies at INFO.
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("box_token_broker=trace,info")
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let captured = Captured::install();
 
     let mut secrets = key_material();
     let mut messages = Vec::new();
@@ -233,7 +208,7 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
             .to_owned(),
     );
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("minted a Box token"), "the scenario was logged:\n{logs}");
     assert!(
         logs.contains("minting a Box token failed"),

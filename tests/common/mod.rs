@@ -388,3 +388,59 @@ impl Harness {
             .map(tonic::Response::into_inner)
     }
 }
+
+/// A log writer that keeps everything written to it, for tests that scan logs.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Installs a global subscriber writing this crate's events (down to
+    /// TRACE) and dependencies' (INFO) here; once per test binary.
+    pub fn install() -> Self {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("box_token_broker=trace,info")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        captured
+    }
+
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// GenerateKey on the harness's admin listener (pending, no kid yet).
+pub async fn generate_key(h: &Harness) -> pb::GenerateKeyResponse {
+    let generated = h
+        .admin
+        .as_ref()
+        .unwrap()
+        .client
+        .clone()
+        .generate_key(admin_request(pb::GenerateKeyRequest {
+            app: String::new(),
+            bits: 2048,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let key = generated.key.as_ref().unwrap();
+    assert_eq!(key.state(), pb::KeyState::Pending);
+    assert!(key.kid.is_empty(), "Box has not assigned a kid yet");
+    generated
+}
