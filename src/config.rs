@@ -21,7 +21,10 @@ use crate::{
         Authenticator,
         kubernetes::{KubernetesAuth, KubernetesConfig},
     },
-    boxapi::{BoxClient, CredentialSources, JwtAlgorithm, client::DEFAULT_API_BASE_URL},
+    boxapi::{
+        BoxClient, CredentialSources, JwtAlgorithm,
+        client::{DEFAULT_API_BASE_URL, UpstreamPolicy},
+    },
     broker::{App, Broker},
     cache::{CachePolicy, DEFAULT_MAX_ENTRIES, DEFAULT_REFRESH_AHEAD, DEFAULT_SAFETY_MARGIN, MIN_SAFETY_MARGIN},
     clock::SharedClock,
@@ -64,6 +67,76 @@ pub struct Config {
     /// The durable, encrypted store of keys and secrets added through the admin RPC.
     #[serde(default)]
     pub keystore: Option<KeystoreConfig>,
+    /// Retries, deadlines and the circuit breaker for calls to Box.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+}
+
+/// `[upstream]`: how token requests to Box are retried and cut off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Attempts per token request, the first included (429, 5xx and
+    /// connection failures are retried; other refusals never).
+    pub max_attempts: u32,
+    /// First backoff ceiling in ms; doubles per retry, with full jitter.
+    pub backoff_base_ms: u64,
+    /// Largest backoff ceiling in ms.
+    pub backoff_cap_ms: u64,
+    /// One attempt's time limit in ms.
+    pub attempt_timeout_ms: u64,
+    /// The whole request's time limit in ms, retries included.
+    pub deadline_ms: u64,
+    /// Failed requests in a row that open the circuit.
+    pub breaker_threshold: u32,
+    /// Seconds an open circuit refuses at once (or Box's Retry-After, if longer).
+    pub breaker_cooldown_secs: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        let p = UpstreamPolicy::default();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            max_attempts: p.max_attempts,
+            backoff_base_ms: ms(p.backoff_base),
+            backoff_cap_ms: ms(p.backoff_cap),
+            attempt_timeout_ms: ms(p.attempt_timeout),
+            deadline_ms: ms(p.deadline),
+            breaker_threshold: p.breaker_threshold,
+            breaker_cooldown_secs: p.breaker_cooldown.as_secs(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The policy these settings describe.
+    pub fn policy(&self) -> UpstreamPolicy {
+        UpstreamPolicy {
+            max_attempts: self.max_attempts,
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_cap: Duration::from_millis(self.backoff_cap_ms),
+            attempt_timeout: Duration::from_millis(self.attempt_timeout_ms),
+            deadline: Duration::from_millis(self.deadline_ms),
+            breaker_threshold: self.breaker_threshold,
+            breaker_cooldown: Duration::from_secs(self.breaker_cooldown_secs),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 || self.breaker_threshold == 0 {
+            return Err("upstream.max_attempts and upstream.breaker_threshold must be at least 1".to_owned());
+        }
+        if self.attempt_timeout_ms == 0 || self.deadline_ms < self.attempt_timeout_ms {
+            return Err(
+                "upstream.deadline_ms must be at least upstream.attempt_timeout_ms, which must be above 0".to_owned(),
+            );
+        }
+        if self.backoff_cap_ms < self.backoff_base_ms {
+            return Err("upstream.backoff_cap_ms must be at least upstream.backoff_base_ms".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// `[admin]`: who may call the admin RPC (on `[server] admin_listen` or
@@ -566,6 +639,7 @@ impl Config {
         }
         self.validate_accept()?;
         self.validate_admin()?;
+        self.upstream.validate()?;
         validate_api_keys("auth.api_keys", &self.auth.api_keys)?;
         Ok(())
     }
@@ -675,7 +749,8 @@ impl Config {
                 .load(name)
                 .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?;
             let client = BoxClient::new(&app.api_base_url, clock.clone())
-                .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?;
+                .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?
+                .with_policy(self.upstream.policy());
             apps.push(App::new(name.as_str(), &credentials, client));
         }
         let policy = match &self.policy.file {

@@ -185,9 +185,11 @@ async fn a_configured_larger_margin_is_honoured() {
 #[tokio::test]
 async fn a_failed_mint_is_not_cached_and_the_next_request_retries() {
     let h = harness().await;
+    // Every attempt of the first request fails (4 attempts: 1 + 3 retries).
     h.fake
-        .fail_next(1, box_token_broker::fakebox::Fault::ServerError { status: 503 });
+        .fail_next(4, box_token_broker::fakebox::Fault::ServerError { status: 503 });
     assert_eq!(h.get(enterprise()).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(h.fake.stats().token_arrivals, 4);
     assert!(!h.get(enterprise()).await.unwrap().cache_hit);
-    assert_eq!(h.fake.stats().token_requests, 2);
+    assert_eq!(h.fake.stats().token_arrivals, 5);
 }

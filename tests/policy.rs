@@ -388,7 +388,7 @@ async fn every_decision_is_audited_without_the_token() {
     get(&h, PORTAL_KEY, user(seed::APP_USER_IDS[0])).await.unwrap_err();
     h.get(enterprise()).await.unwrap_err();
     h.fake
-        .fail_next(1, box_token_broker::fakebox::Fault::ServerError { status: 503 });
+        .fail_next(4, box_token_broker::fakebox::Fault::ServerError { status: 503 });
     let mut forced = user(seed::MANAGED_USER_ID);
     forced.force_refresh = true;
     assert_eq!(get(&h, HR_KEY, forced).await.unwrap_err().code(), Code::Unavailable);

@@ -157,7 +157,7 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
         .to_owned(),
     );
     h.fake.set_omit_restrictions(false);
-    h.fake.fail_next(1, Fault::RateLimited { retry_after_secs: 1 });
+    h.fake.fail_next(1, Fault::RateLimited { retry_after_secs: 30 });
     messages.push(
         h.get(user(seed::APP_USER_IDS[1]))
             .await

@@ -3,6 +3,10 @@
 
 use std::{
     fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -15,7 +19,7 @@ use super::{
     assertion::{self, Claims},
     error::{BoxApiError, OAuthError},
 };
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, shift};
 
 /// The documented Box API host.
 pub const DEFAULT_API_BASE_URL: &str = "https://api.box.com";
@@ -55,6 +59,78 @@ impl fmt::Debug for IssuedToken {
     }
 }
 
+/// How the client retries, gives up, and stops asking a failing Box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamPolicy {
+    /// Attempts per token request, the first included (429, 5xx and
+    /// connection failures are retried; other refusals never are).
+    pub max_attempts: u32,
+    /// The first backoff ceiling; it doubles per retry (full jitter: a random
+    /// wait up to the ceiling). `Retry-After` replaces it when Box sends one.
+    pub backoff_base: Duration,
+    /// The largest backoff ceiling.
+    pub backoff_cap: Duration,
+    /// One attempt's time limit.
+    pub attempt_timeout: Duration,
+    /// The whole request's time limit, retries and waits included.
+    pub deadline: Duration,
+    /// Consecutive failed requests (after their retries) that open the circuit.
+    pub breaker_threshold: u32,
+    /// How long an open circuit refuses at once (or `Retry-After`, if longer).
+    pub breaker_cooldown: Duration,
+}
+
+impl Default for UpstreamPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(10),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counts of what happened upstream, for metrics.
+#[derive(Debug, Default)]
+pub struct UpstreamCounters {
+    /// HTTP attempts sent to `/oauth2/token`.
+    pub attempts: AtomicU64,
+    /// Attempts that were retries.
+    pub retries: AtomicU64,
+    /// 429 answers.
+    pub rate_limited: AtomicU64,
+    /// Assertions rebuilt with Box's clock.
+    pub skew_corrections: AtomicU64,
+    /// Requests refused at once because the circuit was open.
+    pub short_circuited: AtomicU64,
+    /// Times the circuit opened.
+    pub circuit_opened: AtomicU64,
+}
+
+/// The circuit to Box: closed (asking), open (refusing at once until a
+/// time), half-open (one probe in flight after the open time passed).
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive_failures: u32,
+    open_until: Option<SystemTime>,
+    probing: bool,
+}
+
+/// The circuit's state, for metrics and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Asking Box.
+    Closed,
+    /// Refusing at once.
+    Open,
+    /// One probe allowed.
+    HalfOpen,
+}
+
 /// A client of one Box API base URL.
 #[derive(Debug, Clone)]
 pub struct BoxClient {
@@ -62,6 +138,11 @@ pub struct BoxClient {
     token_url: String,
     revoke_url: String,
     clock: SharedClock,
+    policy: UpstreamPolicy,
+    breaker: Arc<Mutex<Breaker>>,
+    /// Box's clock minus ours, in milliseconds, learned from a skew refusal.
+    skew_millis: Arc<AtomicI64>,
+    counters: Arc<UpstreamCounters>,
 }
 
 /// The base URL is not usable.
@@ -104,16 +185,196 @@ impl BoxClient {
             token_url: format!("{base}/oauth2/token"),
             revoke_url: format!("{base}/oauth2/revoke"),
             clock,
+            policy: UpstreamPolicy::default(),
+            breaker: Arc::new(Mutex::new(Breaker::default())),
+            skew_millis: Arc::new(AtomicI64::new(0)),
+            counters: Arc::new(UpstreamCounters::default()),
         })
     }
 
-    /// Mints a token for `subject` with the app's JWT key or client credentials.
+    /// The same client with `policy`.
+    #[must_use]
+    pub fn with_policy(mut self, policy: UpstreamPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// What happened upstream so far.
+    pub fn counters(&self) -> &UpstreamCounters {
+        &self.counters
+    }
+
+    /// Box's clock minus ours, as learned from Box's `Date` header (zero until a skew refusal).
+    pub fn clock_skew_millis(&self) -> i64 {
+        self.skew_millis.load(Ordering::Relaxed)
+    }
+
+    /// The circuit's state now.
+    pub fn circuit_state(&self) -> CircuitState {
+        let breaker = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match breaker.open_until {
+            None => CircuitState::Closed,
+            Some(_) if breaker.probing => CircuitState::HalfOpen,
+            Some(until) if until > self.clock.now() => CircuitState::Open,
+            Some(_) => CircuitState::HalfOpen,
+        }
+    }
+
+    /// Lets a request through, or says how long the circuit stays open.
+    fn admit(&self) -> Result<(), BoxApiError> {
+        let now = self.clock.now();
+        let mut breaker = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let refuse = |wait: Duration| {
+            self.counters.short_circuited.fetch_add(1, Ordering::Relaxed);
+            Err(BoxApiError::CircuitOpen {
+                retry_after: wait.max(Duration::from_secs(1)),
+            })
+        };
+        match breaker.open_until {
+            None => Ok(()),
+            Some(until) if until > now => refuse(until.duration_since(now).unwrap_or_default()),
+            // Half-open: one probe at a time decides.
+            Some(_) if breaker.probing => refuse(Duration::from_secs(1)),
+            Some(_) => {
+                breaker.probing = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Records a request's final outcome in the circuit.
+    fn settle(&self, outcome: Result<(), &BoxApiError>) {
+        let now = self.clock.now();
+        let mut breaker = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let was_probe = std::mem::take(&mut breaker.probing);
+        match outcome {
+            Err(error) if error.is_retryable() => {
+                breaker.consecutive_failures = breaker.consecutive_failures.saturating_add(1);
+                let throttled = match error {
+                    BoxApiError::RateLimited { retry_after } => *retry_after,
+                    _ => None,
+                };
+                // A 429 with Retry-After holds every request to this app until
+                // then; otherwise enough failures in a row (or a failed probe) open it.
+                if throttled.is_some() || was_probe || breaker.consecutive_failures >= self.policy.breaker_threshold {
+                    let wait = throttled.unwrap_or_default().max(if throttled.is_some() {
+                        Duration::ZERO
+                    } else {
+                        self.policy.breaker_cooldown
+                    });
+                    if breaker.open_until.is_none_or(|u| u <= now) {
+                        self.counters.circuit_opened.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            url = %self.token_url,
+                            seconds = wait.as_secs(),
+                            "Box keeps failing: the circuit is open, token requests fail at once until it closes"
+                        );
+                    }
+                    breaker.open_until = Some(now + wait);
+                }
+            }
+            // Box answered (a success, or a refusal that proves it is up).
+            _ => {
+                if breaker.open_until.is_some() {
+                    tracing::info!(url = %self.token_url, "Box answers again: the circuit is closed");
+                }
+                *breaker = Breaker::default();
+            }
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the deadline
+    /// passes: retries 429, 5xx and connection failures with capped
+    /// exponential backoff and full jitter (or `Retry-After`), and rebuilds
+    /// the assertion once with Box's clock after a skew refusal. `attempt`
+    /// gets the time to put in the assertion.
+    async fn with_retries<F, Fut>(&self, mut attempt: F) -> Result<IssuedToken, BoxApiError>
+    where
+        F: FnMut(SystemTime) -> Fut,
+        Fut: Future<Output = Result<IssuedToken, BoxApiError>>,
+    {
+        self.admit()?;
+        let policy = self.policy;
+        let started = std::time::Instant::now();
+        let mut skew_corrected = false;
+        let mut n = 0;
+        let result = loop {
+            n += 1;
+            let remaining = policy.deadline.saturating_sub(started.elapsed());
+            let limit = remaining.min(policy.attempt_timeout);
+            self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+            let assertion_time = shift(self.clock.now(), self.skew_millis.load(Ordering::Relaxed));
+            let result = match tokio::time::timeout(limit, attempt(assertion_time)).await {
+                Ok(result) => result,
+                Err(_) => Err(BoxApiError::Transport {
+                    timeout: true,
+                    detail: format!("no answer within {} ms", limit.as_millis()),
+                }),
+            };
+            let error = match result {
+                Ok(token) => break Ok(token),
+                Err(error) => error,
+            };
+            if matches!(error, BoxApiError::RateLimited { .. }) {
+                self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(box_date) = error.clock_skew_date()
+                && !skew_corrected
+            {
+                // Box judged the assertion's exp/jti by its own clock: learn it, and try once more.
+                skew_corrected = true;
+                let ours = self.clock.now();
+                let skew = match box_date.duration_since(ours) {
+                    Ok(ahead) => i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX),
+                    Err(behind) => -i64::try_from(behind.duration().as_millis()).unwrap_or(i64::MAX),
+                };
+                self.skew_millis.store(skew, Ordering::Relaxed);
+                self.counters.skew_corrections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    skew_ms = skew,
+                    "Box refused the assertion's time: retrying with Box's clock"
+                );
+                continue;
+            }
+            if !error.is_retryable() || n >= policy.max_attempts {
+                break Err(error);
+            }
+            let wait = match &error {
+                BoxApiError::RateLimited {
+                    retry_after: Some(wait),
+                } => *wait,
+                _ => full_jitter(policy, n),
+            };
+            if started.elapsed() + wait >= policy.deadline {
+                // Waiting would pass the deadline: give up now, with the hint.
+                break Err(error);
+            }
+            tracing::debug!(attempt = n, wait_ms = wait.as_millis() as u64, error = %error, "retrying a Box token request");
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+        };
+        self.settle(result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// Mints a token for `subject` with the app's JWT key or client
+    /// credentials, retrying as [`UpstreamPolicy`] says (a fresh `jti` each time).
     pub async fn request_token(&self, app: &AppCredentials, subject: &BoxSubject) -> Result<IssuedToken, BoxApiError> {
+        self.with_retries(|assertion_time| self.request_token_once(app, subject, assertion_time))
+            .await
+    }
+
+    async fn request_token_once(
+        &self,
+        app: &AppCredentials,
+        subject: &BoxSubject,
+        assertion_time: SystemTime,
+    ) -> Result<IssuedToken, BoxApiError> {
         let issued_at = self.clock.now();
         let secret = app.client_secret.expose_secret();
         let response = match &app.auth {
             AuthMethod::Jwt { key, algorithm } => {
-                let claims = Claims::new(&app.client_id, subject, issued_at);
+                let claims = Claims::new(&app.client_id, subject, assertion_time);
                 let signed = assertion::sign(&claims, key, *algorithm)?;
                 let form = [
                     ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
@@ -139,8 +400,18 @@ impl BoxClient {
 
     /// Exchanges `subject_token` for one restricted to `scopes` (space-joined,
     /// in the order given) and, optionally, `target` (box-contract.md §5.1).
-    /// Every parameter goes in the POST body.
+    /// Every parameter goes in the POST body. Retried like a mint.
     pub async fn exchange(
+        &self,
+        subject_token: &SecretString,
+        scopes: &[String],
+        target: Option<&Target>,
+    ) -> Result<IssuedToken, BoxApiError> {
+        self.with_retries(|_| self.exchange_once(subject_token, scopes, target))
+            .await
+    }
+
+    async fn exchange_once(
         &self,
         subject_token: &SecretString,
         scopes: &[String],
@@ -188,6 +459,17 @@ impl BoxClient {
             .await
             .map_err(transport_error)
     }
+}
+
+/// A random wait up to the `n`th backoff ceiling (full jitter).
+fn full_jitter(policy: UpstreamPolicy, n: u32) -> Duration {
+    use rand::Rng as _;
+    let ceiling = policy
+        .backoff_base
+        .saturating_mul(1u32 << n.saturating_sub(1).min(20))
+        .min(policy.backoff_cap);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::thread_rng().gen_range(0..=millis))
 }
 
 fn transport_error(e: reqwest::Error) -> BoxApiError {
@@ -384,7 +666,7 @@ mod tests {
 
     #[test]
     fn base_urls_are_checked() {
-        let clock: SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
+        let clock: SharedClock = Arc::new(crate::clock::SystemClock);
         assert!(BoxClient::new("https://api.box.com/", clock.clone()).is_ok());
         assert!(BoxClient::new("api.box.com", clock.clone()).is_err());
         assert!(BoxClient::new("https://", clock).is_err());

@@ -56,6 +56,37 @@ pub enum BoxApiError {
     /// The assertion could not be signed.
     #[error(transparent)]
     Signing(#[from] super::assertion::SigningError),
+    /// Box has been failing or throttling; the broker is not asking it for now.
+    #[error("the circuit to Box is open for {} more s", .retry_after.as_secs())]
+    CircuitOpen {
+        /// How long until the broker asks Box again.
+        retry_after: Duration,
+    },
+}
+
+impl BoxApiError {
+    /// True for failures where asking again may help: throttling, server
+    /// errors, and connection failures or timeouts.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited { .. } | Self::ServerError { .. } | Self::Transport { .. }
+        )
+    }
+
+    /// Box's `Date` when it refused the assertion's `exp` or `jti`: its clock
+    /// and ours disagree (box-contract.md §2.7).
+    pub fn clock_skew_date(&self) -> Option<SystemTime> {
+        match self {
+            Self::Rejected(e)
+                if e.code == "invalid_grant"
+                    && (e.description.contains("'exp'") || e.description.contains("'jti'")) =>
+            {
+                e.server_date
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What kind of failure, for the gRPC status.
@@ -102,6 +133,16 @@ pub fn diagnose(error: &BoxApiError, subject: &BoxSubject, client_id: &str, kid:
                 kind: Unavailable,
                 message: format!("Box is rate limiting token requests (HTTP 429){hint}"),
                 retry_after: *retry_after,
+            };
+        }
+        BoxApiError::CircuitOpen { retry_after } => {
+            return Diagnosis {
+                kind: Unavailable,
+                message: format!(
+                    "Box has been failing or throttling, so the broker is not asking it for {} s; retry then",
+                    retry_after.as_secs_f64().ceil().max(1.0)
+                ),
+                retry_after: Some(*retry_after),
             };
         }
         BoxApiError::ServerError { status } => {

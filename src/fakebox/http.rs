@@ -83,12 +83,14 @@ fn request_id() -> HeaderValue {
 }
 
 async fn token(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> Response {
+    fake.with_world(|w| w.stats.token_arrivals += 1);
+    fake.notify();
     let latency = fake.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
     if let Some(fault) = fake.take_fault() {
-        return fault_response(&fault);
+        return fault_response(&fault).await;
     }
     let now = fake.now();
     let result = match parse_form(&headers, &body) {
@@ -128,7 +130,7 @@ async fn token(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> 
     response
 }
 
-fn fault_response(fault: &Fault) -> Response {
+async fn fault_response(fault: &Fault) -> Response {
     match fault {
         Fault::RateLimited { retry_after_secs } => {
             let mut response = (
@@ -157,6 +159,14 @@ fn fault_response(fault: &Fault) -> Response {
             body.clone(),
         )
             .into_response(),
+        Fault::Hang => {
+            // Longer than any client deadline; the client gives up first.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        // Unwinding out of the handler makes hyper drop the connection
+        // without an answer; resume_unwind skips the panic hook, so nothing is printed.
+        Fault::Reset => std::panic::resume_unwind(Box::new("fake Box: connection reset")),
     }
 }
 
@@ -199,7 +209,7 @@ async fn stats(State(fake): State<FakeBox>) -> Response {
 
 #[derive(Deserialize)]
 struct FaultRequest {
-    /// `rate_limited`, `server_error` or `reply`.
+    /// `rate_limited`, `server_error`, `reply`, `hang` or `reset`.
     kind: String,
     #[serde(default = "one")]
     count: usize,
@@ -227,10 +237,12 @@ async fn add_faults(State(fake): State<FakeBox>, Json(request): Json<FaultReques
             status: request.status,
             body: request.body,
         },
+        "hang" => Fault::Hang,
+        "reset" => Fault::Reset,
         _ => {
             return (
                 StatusCode::BAD_REQUEST,
-                "kind must be rate_limited, server_error or reply",
+                "kind must be rate_limited, server_error, reply, hang or reset",
             )
                 .into_response();
         }

@@ -107,19 +107,27 @@ pub enum Fault {
         /// 500, 502, 503 ...
         status: u16,
     },
-    /// Any status and body, e.g. Box's generic `{type, code, message}` error shape.
+    /// Any status and body, e.g. Box's generic `{type, code, message}` error
+    /// shape, malformed JSON, or a 200 without `expires_in`.
     Reply {
         /// HTTP status.
         status: u16,
         /// Body (sent as JSON).
         body: String,
     },
+    /// No answer at all: the request hangs until the client gives up.
+    Hang,
+    /// The connection is dropped without an answer.
+    Reset,
 }
 
 /// Call counts, by outcome and grant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
-    /// Every POST to `/oauth2/token`, whatever happened.
+    /// Every POST to `/oauth2/token` that arrived, faults included: the
+    /// number of upstream attempts.
+    pub token_arrivals: u64,
+    /// Every POST to `/oauth2/token` that reached the token logic (not faults).
     pub token_requests: u64,
     /// `jwt-bearer` requests (including rejected ones).
     pub jwt_requests: u64,

@@ -9,7 +9,10 @@ use box_token_broker::{
     admin::{AdminRules, KeyAdmin},
     audit::AuditSink,
     auth::Authenticator,
-    boxapi::{AppCredentials, AuthMethod, BoxClient, BoxId, JwtAlgorithm, SigningKey, private_key::decode_private_key},
+    boxapi::{
+        AppCredentials, AuthMethod, BoxClient, BoxId, JwtAlgorithm, SigningKey, client::UpstreamPolicy,
+        private_key::decode_private_key,
+    },
     broker::{App, Broker},
     cache::CachePolicy,
     clock::{ManualClock, SharedClock},
@@ -68,6 +71,20 @@ pub struct Options {
     pub kubernetes: Option<box_token_broker::auth::kubernetes::KubernetesConfig>,
     /// Serve the admin RPC on a second listener, with a key store in a temp dir.
     pub admin: bool,
+    /// Retries, deadline and circuit breaker; the default is `test_upstream()`.
+    pub upstream: UpstreamPolicy,
+}
+
+/// The tests' upstream policy: the production shape with millisecond
+/// backoff, so retries do not slow the suite.
+pub fn test_upstream() -> UpstreamPolicy {
+    UpstreamPolicy {
+        backoff_base: Duration::from_millis(2),
+        backoff_cap: Duration::from_millis(10),
+        attempt_timeout: Duration::from_secs(2),
+        deadline: Duration::from_secs(5),
+        ..UpstreamPolicy::default()
+    }
 }
 
 /// The admin API key the harness's admin listener accepts (identity `ops`).
@@ -105,6 +122,7 @@ impl Default for Options {
             api_keys: Vec::new(),
             kubernetes: None,
             admin: false,
+            upstream: test_upstream(),
         }
     }
 }
@@ -160,11 +178,10 @@ impl Harness {
         let base_url = options.api_base_url.clone().unwrap_or_else(|| fake_server.base_url());
         let mut apps = Vec::new();
         for name in std::iter::once("default").chain(options.extra_apps.iter().copied()) {
-            apps.push(App::new(
-                name,
-                &credentials,
-                BoxClient::new(&base_url, shared.clone()).unwrap(),
-            ));
+            let client = BoxClient::new(&base_url, shared.clone())
+                .unwrap()
+                .with_policy(options.upstream);
+            apps.push(App::new(name, &credentials, client));
         }
         let policy = options
             .policy
