@@ -55,6 +55,10 @@ pub struct AuditEvent {
     /// Box's request id for the mint or exchange, when it sent one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub box_request_id: Option<String>,
+    /// The request's id (the caller's `x-request-id`, or one the broker made),
+    /// also in the logs and the response's `x-request-id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Lowercase hex SHA-256 of a token: enough to correlate, useless to replay.

@@ -292,6 +292,56 @@ pub struct ServerConfig {
     /// The admin RPC on a Unix socket: every peer is its `identity`, if its uid is allowed.
     #[serde(default)]
     pub admin_unix_socket: Option<UnixSocketConfig>,
+    /// After SIGTERM/SIGINT, seconds requests are still served while health
+    /// already says NOT_SERVING (give load balancers time to notice; 5 suits Kubernetes).
+    #[serde(default)]
+    pub drain_delay_secs: u64,
+    /// Then seconds in-flight requests get to finish.
+    #[serde(default = "default_grace")]
+    pub grace_period_secs: u64,
+    /// The largest request message accepted, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Client requests in progress at once, over all callers.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_requests: usize,
+    /// Each caller's sustained request rate (0: no limit).
+    #[serde(default)]
+    pub rate_limit_per_second: f64,
+    /// Each caller's burst above the rate (default: one second's worth, at least 1).
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
+    /// The Prometheus metrics address (`GET /metrics`); none when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn default_grace() -> u64 {
+    20
+}
+fn default_max_message() -> usize {
+    64 * 1024
+}
+fn default_max_concurrent() -> usize {
+    1024
+}
+
+impl ServerConfig {
+    /// How the server starts, stops and limits callers.
+    pub fn serve_options(&self) -> crate::service::ServeOptions {
+        crate::service::ServeOptions {
+            drain_delay: Duration::from_secs(self.drain_delay_secs),
+            grace_period: Duration::from_secs(self.grace_period_secs),
+            max_message_bytes: self.max_message_bytes,
+            max_concurrent_requests: self.max_concurrent_requests,
+            rate_limit: (self.rate_limit_per_second > 0.0).then(|| {
+                let burst = self
+                    .rate_limit_burst
+                    .unwrap_or_else(|| (self.rate_limit_per_second.ceil() as u32).max(1));
+                (self.rate_limit_per_second, burst.max(1))
+            }),
+        }
+    }
 }
 
 /// A way for callers on the TCP listener to prove who they are.
@@ -363,6 +413,13 @@ impl Default for ServerConfig {
             accept: None,
             admin_listen: None,
             admin_unix_socket: None,
+            drain_delay_secs: 0,
+            grace_period_secs: default_grace(),
+            max_message_bytes: default_max_message(),
+            max_concurrent_requests: default_max_concurrent(),
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: None,
+            metrics_listen: None,
         }
     }
 }
@@ -640,6 +697,15 @@ impl Config {
         self.validate_accept()?;
         self.validate_admin()?;
         self.upstream.validate()?;
+        if self.server.max_concurrent_requests == 0 || self.server.max_message_bytes < 1024 {
+            return Err(
+                "server.max_concurrent_requests must be at least 1 and server.max_message_bytes at least 1024"
+                    .to_owned(),
+            );
+        }
+        if !self.server.rate_limit_per_second.is_finite() || self.server.rate_limit_per_second < 0.0 {
+            return Err("server.rate_limit_per_second must be 0 (no limit) or a positive number".to_owned());
+        }
         validate_api_keys("auth.api_keys", &self.auth.api_keys)?;
         Ok(())
     }

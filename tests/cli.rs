@@ -360,3 +360,121 @@ fn dev_mode_plays_the_whole_key_rotation_with_the_admin_cli() {
     assert!(stdout.contains(&format!("active key {kid}")), "{stdout}");
     assert!(stdout.contains("key store: configured"), "{stdout}");
 }
+
+#[test]
+fn sigterm_under_load_flips_health_first_fails_no_request_and_exits_0() {
+    use box_token_broker::pb::{self, token_broker_service_client::TokenBrokerServiceClient};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Proc::spawn(
+        Command::new(bin())
+            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
+            .arg(dir.path()),
+    );
+    let fake_url = Proc::wait_line(&fake.stdout, "fake Box at")
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    let mut serve = Proc::spawn(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(dir.path().join("broker.toml"))
+            .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env("BOX_BROKER_SERVER__DRAIN_DELAY_SECS", "1")
+            .env("BOX_BROKER_LOG__FORMAT", "json")
+            .env_remove("RUST_LOG"),
+    );
+    let line = Proc::wait_line(&serve.stderr, "serving gRPC");
+    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = format!("http://{}", log["fields"]["listen"].as_str().unwrap());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let flipped = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    runtime.block_on(async {
+        // Box answers slowly, so requests are in flight at the signal.
+        reqwest::Client::new()
+            .post(format!("{fake_url}/_fake/latency"))
+            .json(&serde_json::json!({"millis": 100}))
+            .send()
+            .await
+            .unwrap();
+        let channel = tonic::transport::Channel::from_shared(addr.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut workers = Vec::new();
+        for _ in 0..8 {
+            let mut client = TokenBrokerServiceClient::new(channel.clone());
+            let (flipped, ok, failed) = (flipped.clone(), ok.clone(), failed.clone());
+            workers.push(tokio::spawn(async move {
+                // A well-behaved client stops sending once health says NOT_SERVING.
+                while !flipped.load(Ordering::SeqCst) {
+                    let request = pb::GetTokenRequest {
+                        subject: Some(pb::Subject {
+                            kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+                        }),
+                        force_refresh: true,
+                        ..Default::default()
+                    };
+                    match client.get_token(request).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            }));
+        }
+        let mut health = HealthClient::new(channel.clone());
+        while ok.load(Ordering::SeqCst) < 16 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(serve.child.id().to_string())
+                .status()
+                .unwrap()
+                .success()
+        );
+        loop {
+            let status = health
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+                .unwrap();
+            if status.into_inner().status() == ServingStatus::NotServing {
+                flipped.store(true, Ordering::SeqCst);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    });
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "no request failed ({} succeeded)",
+        ok.load(Ordering::SeqCst)
+    );
+    let (done, wait) = mpsc::channel();
+    let mut child = std::mem::replace(&mut serve.child, Command::new("true").spawn().unwrap());
+    std::thread::spawn(move || done.send(child.wait().unwrap()));
+    assert_eq!(wait.recv_timeout(WAIT).unwrap().code(), Some(0), "exit code 0");
+    let logged: Vec<String> = serve.stderr.try_iter().collect();
+    let flip = logged
+        .iter()
+        .position(|l| l.contains("health is NOT_SERVING"))
+        .expect("flip logged");
+    let drain = logged
+        .iter()
+        .position(|l| l.contains("draining: no new requests"))
+        .expect("drain logged");
+    assert!(flip < drain, "health flips before requests are refused");
+}

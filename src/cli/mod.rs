@@ -212,7 +212,14 @@ async fn serve(path: PathBuf) -> ExitCode {
             None
         }
     };
-    let served = service::serve_endpoints(broker, endpoints, audit, shutdown_signal()).await;
+    let served = service::serve_with(
+        config.server.serve_options(),
+        broker,
+        endpoints,
+        audit,
+        shutdown_signal(),
+    )
+    .await;
     if let Some(watcher) = watcher {
         watcher.abort();
     }

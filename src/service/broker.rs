@@ -24,18 +24,102 @@ use crate::{
 /// The longest access token `RevokeToken` accepts; Box's are 32 characters.
 const MAX_TOKEN_LEN: usize = 4096;
 
+/// The header a request id travels in, both ways.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Client-request limits: requests in progress at once (over all callers)
+/// and a per-caller token bucket.
+#[derive(Debug)]
+pub struct Limits {
+    in_flight: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
+    /// (requests per second, burst).
+    rate: Option<(f64, u32)>,
+    /// Caller identity -> (tokens, last refill).
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl Limits {
+    /// The limits `options` describe.
+    pub fn new(options: &super::ServeOptions) -> Self {
+        Self {
+            in_flight: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_requests)),
+            max_in_flight: options.max_concurrent_requests,
+            rate: options.rate_limit,
+            buckets: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// A permit for one request, or ResourceExhausted naming the limit.
+    fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the broker is at its limit of {} concurrent requests ([server] max_concurrent_requests); retry with backoff",
+                self.max_in_flight
+            ))
+        })
+    }
+
+    /// Takes one token from `caller`'s bucket, or ResourceExhausted naming the limit.
+    fn charge(&self, caller: &str) -> Result<(), Status> {
+        let Some((per_second, burst)) = self.rate else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens, last) = buckets.entry(caller.to_owned()).or_insert((f64::from(burst), now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_second).min(f64::from(burst));
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        let wait_ms = ((1.0 - *tokens) / per_second * 1000.0).ceil();
+        let mut status = Status::resource_exhausted(format!(
+            "caller {caller:?} is over its rate limit of {per_second} requests per second (burst {burst}, [server] rate_limit_per_second); retry later"
+        ));
+        if let Ok(value) = format!("{wait_ms:.0}").parse() {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", value);
+        }
+        Err(status)
+    }
+}
+
+/// The caller's request id, if it is short and printable; else a new one.
+fn request_id<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| crate::boxapi::assertion::new_jti()[..16].to_owned(), str::to_owned)
+}
+
 /// The gRPC adapter over [`Broker`].
 #[derive(Debug, Clone)]
 pub struct TokenBrokerApi {
     broker: Arc<Broker>,
     auth: Authenticator,
     audit: Arc<AuditSink>,
+    limits: Option<Arc<Limits>>,
 }
 
 impl TokenBrokerApi {
     /// An adapter admitting callers per `auth` and auditing to `audit`.
     pub fn new(broker: Arc<Broker>, auth: Authenticator, audit: Arc<AuditSink>) -> Self {
-        Self { broker, auth, audit }
+        Self {
+            broker,
+            auth,
+            audit,
+            limits: None,
+        }
+    }
+
+    /// The same adapter, enforcing `limits`.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     /// Authenticates, runs `handle`, logs a refusal once, and audits the outcome.
@@ -49,10 +133,36 @@ impl TokenBrokerApi {
         F: Future<Output = (AuditEvent, Result<R, Status>)>,
     {
         let span = tracing::Span::current();
+        let id = request_id(&request);
+        span.record("request_id", id.as_str());
+        let permit = match self.limits.as_ref().map(|l| l.enter()).transpose() {
+            Ok(permit) => permit,
+            Err(status) => {
+                self.audit.record(AuditEvent {
+                    rpc,
+                    caller: "unauthenticated".to_owned(),
+                    decision: "deny",
+                    code: format!("{:?}", status.code()),
+                    reason: Some(status.message().to_owned()),
+                    request_id: Some(id),
+                    ..AuditEvent::default()
+                });
+                return Err(status);
+            }
+        };
         let (mut event, result) = match self.auth.authenticate(&request).await {
             Ok(caller) => {
                 span.record("caller", tracing::field::display(&caller));
-                handle(caller, request.into_inner()).await
+                match self.limits.as_ref().map_or(Ok(()), |l| l.charge(caller.name())) {
+                    Ok(()) => handle(caller, request.into_inner()).await,
+                    Err(status) => (
+                        AuditEvent {
+                            caller: caller.to_string(),
+                            ..AuditEvent::default()
+                        },
+                        Err(status),
+                    ),
+                }
             }
             Err(e) => (
                 AuditEvent {
@@ -62,7 +172,9 @@ impl TokenBrokerApi {
                 Err(e.into()),
             ),
         };
+        drop(permit);
         event.rpc = rpc;
+        event.request_id = Some(id.clone());
         match &result {
             Ok(_) => {
                 event.decision = "allow";
@@ -71,14 +183,32 @@ impl TokenBrokerApi {
             Err(status) => {
                 span.record("code", tracing::field::debug(status.code()));
                 tracing::info!(code = ?status.code(), reason = status.message(), "refused");
-                let denied = matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated);
+                let denied = matches!(
+                    status.code(),
+                    Code::PermissionDenied | Code::Unauthenticated | Code::ResourceExhausted
+                );
                 event.decision = if denied { "deny" } else { "error" };
                 event.code = format!("{:?}", status.code());
                 event.reason = Some(status.message().to_owned());
             }
         }
         self.audit.record(event);
-        result.map(Response::new)
+        let id = tonic::metadata::MetadataValue::try_from(id.as_str()).ok();
+        match result {
+            Ok(message) => {
+                let mut response = Response::new(message);
+                if let Some(id) = id {
+                    response.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                }
+                Ok(response)
+            }
+            Err(mut status) => {
+                if let Some(id) = id {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                }
+                Err(status)
+            }
+        }
     }
 }
 
@@ -120,7 +250,11 @@ fn target_label(target: &Target) -> String {
 
 #[tonic::async_trait]
 impl TokenBrokerService for TokenBrokerApi {
-    #[tracing::instrument(name = "GetToken", skip_all, fields(caller, app, subject_type, cache_hit, code))]
+    #[tracing::instrument(
+        name = "GetToken",
+        skip_all,
+        fields(request_id, caller, app, subject_type, cache_hit, code)
+    )]
     async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
         self.call("GetToken", request, |caller, request| async move {
             let domain = match token_request(&request) {
@@ -144,7 +278,7 @@ impl TokenBrokerService for TokenBrokerApi {
     #[tracing::instrument(
         name = "GetDownscopedToken",
         skip_all,
-        fields(caller, app, subject_type, cache_hit, code)
+        fields(request_id, caller, app, subject_type, cache_hit, code)
     )]
     async fn get_downscoped_token(
         &self,
@@ -171,7 +305,7 @@ impl TokenBrokerService for TokenBrokerApi {
         .await
     }
 
-    #[tracing::instrument(name = "RevokeToken", skip_all, fields(caller, app, code))]
+    #[tracing::instrument(name = "RevokeToken", skip_all, fields(request_id, caller, app, code))]
     async fn revoke_token(
         &self,
         request: Request<pb::RevokeTokenRequest>,

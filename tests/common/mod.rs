@@ -73,6 +73,8 @@ pub struct Options {
     pub admin: bool,
     /// Retries, deadline and circuit breaker; the default is `test_upstream()`.
     pub upstream: UpstreamPolicy,
+    /// Drain, limits.
+    pub serve: service::ServeOptions,
 }
 
 /// The tests' upstream policy: the production shape with millisecond
@@ -123,6 +125,7 @@ impl Default for Options {
             kubernetes: None,
             admin: false,
             upstream: test_upstream(),
+            serve: service::ServeOptions::default(),
         }
     }
 }
@@ -230,8 +233,9 @@ impl Harness {
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn({
             let broker = broker.clone();
+            let serve = options.serve.clone();
             async move {
-                service::serve_endpoints(broker, endpoints, audit_sink, async {
+                service::serve_with(serve, broker, endpoints, audit_sink, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -274,6 +278,14 @@ impl Harness {
             stop: Some(stop),
             server: Some(server),
         }
+    }
+
+    /// Signals the broker to stop; the handle resolves once it has.
+    pub fn begin_stop(&mut self) -> JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.server.take().unwrap()
     }
 
     /// Stops the broker and waits for in-flight calls to drain.

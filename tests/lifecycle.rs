@@ -1,0 +1,180 @@
+//! Starting, stopping and limits: health flips to NOT_SERVING first, in-flight
+//! requests drain, and callers over a limit get ResourceExhausted naming it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use box_token_broker::{fakebox::seed, pb, service::ServeOptions};
+use common::{Harness, Options, assert_status, enterprise, user};
+use tonic::{Code, metadata::MetadataValue};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+async fn harness(serve: ServeOptions) -> Harness {
+    Harness::with(Options {
+        serve,
+        ..Options::default()
+    })
+    .await
+}
+
+async fn health(h: &Harness, service: &str) -> Result<ServingStatus, tonic::Status> {
+    HealthClient::new(h.channel.clone())
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().status())
+}
+
+fn forced(id: &str) -> pb::GetTokenRequest {
+    let mut request = user(id);
+    request.force_refresh = true;
+    request
+}
+
+#[tokio::test]
+async fn health_is_serving_once_up_and_flips_before_requests_are_refused() {
+    let mut h = harness(ServeOptions {
+        drain_delay: Duration::from_millis(500),
+        ..ServeOptions::default()
+    })
+    .await;
+    assert_eq!(health(&h, "").await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        health(&h, "boxbroker.v1.TokenBrokerService").await.unwrap(),
+        ServingStatus::Serving
+    );
+    let stopped = h.begin_stop();
+    // Health says NOT_SERVING at once; requests are still served during the drain delay.
+    let mut flipped = false;
+    for _ in 0..100 {
+        if health(&h, "").await.unwrap() == ServingStatus::NotServing {
+            flipped = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(flipped, "health flipped");
+    h.get(enterprise()).await.unwrap();
+    stopped.await.unwrap();
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_when_the_broker_stops() {
+    let mut h = harness(ServeOptions::default()).await;
+    // Box is slow, so these are in flight when the stop comes.
+    h.fake.set_latency(Duration::from_millis(300));
+    let mut calls = Vec::new();
+    for i in 0..12 {
+        let mut client = h.client.clone();
+        let id = seed::APP_USER_IDS[i % 3];
+        calls.push(tokio::spawn(async move { client.get_token(forced(id)).await }));
+    }
+    assert!(h.fake.wait_for(Duration::from_secs(5), |s| s.token_arrivals >= 3).await);
+    let stopped = h.begin_stop();
+    for call in calls {
+        call.await.unwrap().expect("an in-flight request fails");
+    }
+    stopped.await.unwrap();
+    assert!(h.get(enterprise()).await.is_err(), "nothing is accepted after the stop");
+}
+
+#[tokio::test]
+async fn over_the_concurrency_limit_is_resource_exhausted_naming_it() {
+    let h = harness(ServeOptions {
+        max_concurrent_requests: 1,
+        ..ServeOptions::default()
+    })
+    .await;
+    h.fake.set_latency(Duration::from_millis(500));
+    let mut slow = h.client.clone();
+    let first = tokio::spawn(async move { slow.get_token(forced(seed::APP_USER_IDS[0])).await });
+    assert!(h.fake.wait_for(Duration::from_secs(5), |s| s.token_arrivals >= 1).await);
+    let refused = h.get(enterprise()).await.unwrap_err();
+    assert_status(
+        &refused,
+        Code::ResourceExhausted,
+        "at its limit of 1 concurrent requests ([server] max_concurrent_requests)",
+    );
+    first.await.unwrap().unwrap();
+    h.fake.set_latency(Duration::ZERO);
+    h.get(enterprise()).await.unwrap();
+    let events = h.audit_events();
+    assert!(events.iter().any(|e| e["code"] == "ResourceExhausted"));
+}
+
+#[tokio::test]
+async fn a_caller_over_its_rate_limit_is_resource_exhausted_and_others_are_not() {
+    let h = Harness::with(Options {
+        serve: ServeOptions {
+            rate_limit: Some((0.001, 2)),
+            ..ServeOptions::default()
+        },
+        api_keys: vec![("portal", "portal-key-1"), ("billing", "billing-key-1")],
+        policy: Some(box_token_broker::policy::Policy::allow_everything("*")),
+        ..Options::default()
+    })
+    .await;
+    let with_key = |key: &str| {
+        let mut request = tonic::Request::new(enterprise());
+        request
+            .metadata_mut()
+            .insert("x-api-key", MetadataValue::try_from(key).unwrap());
+        request
+    };
+    let mut client = h.client.clone();
+    client.get_token(with_key("portal-key-1")).await.unwrap();
+    client.get_token(with_key("portal-key-1")).await.unwrap();
+    let limited = client.get_token(with_key("portal-key-1")).await.unwrap_err();
+    assert_status(
+        &limited,
+        Code::ResourceExhausted,
+        "caller \"portal\" is over its rate limit of 0.001 requests per second (burst 2",
+    );
+    assert!(limited.metadata().get("grpc-retry-pushback-ms").is_some());
+    client.get_token(with_key("billing-key-1")).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_naming_the_limit() {
+    let h = harness(ServeOptions {
+        max_message_bytes: 1024,
+        ..ServeOptions::default()
+    })
+    .await;
+    let scopes: Vec<&str> = std::iter::repeat_n("item_preview", 200).collect();
+    let big = common::downscope(enterprise(), &scopes, common::folder(seed::SERVICE_ACCOUNT_FOLDER_ID));
+    let refused = h.downscoped(big).await.unwrap_err();
+    assert!(
+        matches!(refused.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("1024"), "{}", refused.message());
+    h.get(enterprise()).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_that_is_also_audited() {
+    let h = Harness::start().await;
+    let mut request = tonic::Request::new(enterprise());
+    request
+        .metadata_mut()
+        .insert("x-request-id", "caller-chosen-42".parse().unwrap());
+    let response = h.client.clone().get_token(request).await.unwrap();
+    assert_eq!(response.metadata().get("x-request-id").unwrap(), "caller-chosen-42");
+    let refused = h.get(user("not-a-number")).await.unwrap_err();
+    let made = refused
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(made.len(), 16);
+    let events = h.audit_events();
+    assert_eq!(events[0]["request_id"], "caller-chosen-42");
+    assert_eq!(events[1]["request_id"], made.as_str());
+}
