@@ -46,6 +46,21 @@ pub struct App {
     health: Mutex<UpstreamHealth>,
     /// Mints that succeeded only with the standby key.
     standby_fallbacks: AtomicU64,
+    /// Mints and exchanges by outcome.
+    pub outcomes: Outcomes,
+}
+
+/// Token requests by kind and outcome, for metrics.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    /// Mints Box answered with a token.
+    pub mints_ok: AtomicU64,
+    /// Mints that failed.
+    pub mints_failed: AtomicU64,
+    /// Exchanges that produced a served downscoped token.
+    pub exchanges_ok: AtomicU64,
+    /// Exchanges that failed or were refused by the restriction guard.
+    pub exchanges_failed: AtomicU64,
 }
 
 /// The outcome of an app's recent token requests, for `GetStatus`.
@@ -68,6 +83,7 @@ impl App {
             ring: RwLock::new(Arc::new(Ring::from_config(credentials, SystemTime::now()))),
             health: Mutex::new(UpstreamHealth::default()),
             standby_fallbacks: AtomicU64::new(0),
+            outcomes: Outcomes::default(),
         }
     }
 
@@ -293,6 +309,7 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
                 k.mark_used(now);
             }
             app.record(Ok(now));
+            app.outcomes.mints_ok.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 app = %app.name,
                 subject_type = key.subject.sub_type(),
@@ -310,6 +327,7 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
             let (kid, ccg) = kid_and_ccg(&used.credentials);
             let diagnosis = diagnose(&error, &key.subject, &used.credentials.client_id, kid, ccg);
             app.record(Err((now, &diagnosis.message)));
+            app.outcomes.mints_failed.fetch_add(1, Ordering::Relaxed);
             // The one place an upstream failure is logged in full.
             tracing::warn!(
                 app = %app.name,
@@ -392,6 +410,7 @@ async fn exchange(
                 "downscoping a Box token failed: {}",
                 diagnosis.message
             );
+            app.outcomes.exchanges_failed.fetch_add(1, Ordering::Relaxed);
             return Err(UpstreamError {
                 app: app.name.clone(),
                 subject: key.subject.clone(),
@@ -403,6 +422,7 @@ async fn exchange(
         // Never hand out a token broader than asked for; kill it at Box too.
         tracing::error!(app = %app.name, subject_id = %key.subject.id(), "refusing a downscoped token: {problem}");
         revoke_quietly(app, issued.access_token);
+        app.outcomes.exchanges_failed.fetch_add(1, Ordering::Relaxed);
         return Err(upstream(
             key,
             DiagnosisKind::Misconfigured,
@@ -419,6 +439,7 @@ async fn exchange(
         box_request_id = issued.request_id.as_deref().unwrap_or(""),
         "downscoped a Box token"
     );
+    app.outcomes.exchanges_ok.fetch_add(1, Ordering::Relaxed);
     Ok(Minted {
         issued,
         parent: Some(parent.token),
@@ -491,6 +512,8 @@ pub struct Broker {
     clock: SharedClock,
     /// Swapped whole on reload; read (never across an `.await`) per request.
     policy: RwLock<Arc<Policy>>,
+    /// What the RPC adapters record.
+    metrics: crate::metrics::RpcMetrics,
 }
 
 impl Broker {
@@ -508,7 +531,13 @@ impl Broker {
             cache,
             clock,
             policy: RwLock::new(Arc::new(policy)),
+            metrics: crate::metrics::RpcMetrics::default(),
         }
+    }
+
+    /// The RPC metrics.
+    pub fn metrics(&self) -> &crate::metrics::RpcMetrics {
+        &self.metrics
     }
 
     /// The policy in force.

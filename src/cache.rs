@@ -261,6 +261,8 @@ struct Flight {
 
 struct Inner {
     entries: moka::future::Cache<TokenKey, Arc<CachedToken>>,
+    /// Entries moka dropped for size or expiry (not invalidations or replacements).
+    evictions: Arc<AtomicU64>,
     flights: Mutex<HashMap<TokenKey, Flight>>,
     next_flight: AtomicU64,
     minter: Arc<dyn Minter>,
@@ -306,13 +308,21 @@ impl moka::Expiry<TokenKey, Arc<CachedToken>> for ExpireAtTokenExpiry {
 impl TokenCache {
     /// An empty cache that mints through `minter`.
     pub fn new(minter: Arc<dyn Minter>, clock: SharedClock, policy: CachePolicy) -> Self {
+        let evictions = Arc::new(AtomicU64::new(0));
+        let counted = evictions.clone();
         let entries = moka::future::Cache::builder()
             .name("box-tokens")
             .max_capacity(policy.max_entries)
             .expire_after(ExpireAtTokenExpiry)
+            .eviction_listener(move |_, _, cause| {
+                if cause.was_evicted() {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            })
             .build();
         Self {
             inner: Arc::new(Inner {
+                evictions,
                 entries,
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
@@ -426,6 +436,16 @@ impl TokenCache {
     pub async fn count(&self) -> u64 {
         self.inner.entries.run_pending_tasks().await;
         self.inner.entries.entry_count()
+    }
+
+    /// How many tokens are cached, counted (a scan; for metrics scrapes).
+    pub fn live_entries(&self) -> usize {
+        self.inner.entries.iter().count()
+    }
+
+    /// Entries dropped for size or expiry so far.
+    pub fn evictions(&self) -> u64 {
+        self.inner.evictions.load(Ordering::Relaxed)
     }
 
     /// True when no token is cached (approximate).

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod fakebox;
 pub mod keys;
+pub mod metrics;
 pub mod pb;
 pub mod policy;
 pub mod reload;

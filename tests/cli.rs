@@ -186,17 +186,34 @@ fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigter
             .args(["serve", "--config"])
             .arg(&config)
             .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env("BOX_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
             .env("BOX_BROKER_LOG__FORMAT", "json")
             .env_remove("RUST_LOG"),
     );
     let line = Proc::wait_line(&serve.stderr, "serving gRPC");
     let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
     let addr = log["fields"]["listen"].as_str().unwrap().to_owned();
+    let line = Proc::wait_line(&serve.stderr, "serving Prometheus metrics");
+    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let metrics = log["fields"]["listen"].as_str().unwrap().to_owned();
 
     let (code, stdout, stderr) = token_get(&["--addr", &addr, "--enterprise"]);
     assert_eq!(code, 0, "{stderr}");
     let token = stdout.trim().to_owned();
     assert_eq!(token.len(), 32);
+    let scraped = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(
+        scraped.contains("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Ok\"} 1"),
+        "{scraped}"
+    );
+    assert!(!scraped.contains(&token));
 
     assert_eq!(serve.terminate(), 0, "SIGTERM stops the broker cleanly");
     // Nothing the broker logged contains the token.

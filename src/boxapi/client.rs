@@ -95,7 +95,7 @@ impl Default for UpstreamPolicy {
 }
 
 /// Counts of what happened upstream, for metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UpstreamCounters {
     /// HTTP attempts sent to `/oauth2/token`.
     pub attempts: AtomicU64,
@@ -109,6 +109,46 @@ pub struct UpstreamCounters {
     pub short_circuited: AtomicU64,
     /// Times the circuit opened.
     pub circuit_opened: AtomicU64,
+    /// Attempts by outcome: the HTTP status, or `timeout`, `connection`, `malformed`.
+    pub responses: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Seconds per attempt.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for UpstreamCounters {
+    fn default() -> Self {
+        Self {
+            attempts: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            skew_corrections: AtomicU64::new(0),
+            short_circuited: AtomicU64::new(0),
+            circuit_opened: AtomicU64::new(0),
+            responses: Mutex::new(std::collections::BTreeMap::new()),
+            latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
+            ),
+        }
+    }
+}
+
+impl UpstreamCounters {
+    fn record(&self, result: &Result<IssuedToken, BoxApiError>, took: Duration) {
+        self.latency.observe(took.as_secs_f64());
+        let outcome = match result {
+            Ok(_) => "200".to_owned(),
+            Err(BoxApiError::Rejected(e)) => e.status.to_string(),
+            Err(BoxApiError::RateLimited { .. }) => "429".to_owned(),
+            Err(BoxApiError::ServerError { status }) => status.to_string(),
+            Err(BoxApiError::Transport { timeout: true, .. }) => "timeout".to_owned(),
+            Err(BoxApiError::Transport { .. }) => "connection".to_owned(),
+            Err(BoxApiError::Malformed(_)) => "malformed".to_owned(),
+            Err(BoxApiError::Signing(_)) => "signing".to_owned(),
+            Err(BoxApiError::CircuitOpen { .. }) => "circuit_open".to_owned(),
+        };
+        let mut responses = self.responses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *responses.entry(outcome).or_default() += 1;
+    }
 }
 
 /// The circuit to Box: closed (asking), open (refusing at once until a
@@ -304,6 +344,7 @@ impl BoxClient {
             let limit = remaining.min(policy.attempt_timeout);
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             let assertion_time = shift(self.clock.now(), self.skew_millis.load(Ordering::Relaxed));
+            let sent = std::time::Instant::now();
             let result = match tokio::time::timeout(limit, attempt(assertion_time)).await {
                 Ok(result) => result,
                 Err(_) => Err(BoxApiError::Transport {
@@ -311,6 +352,7 @@ impl BoxClient {
                     detail: format!("no answer within {} ms", limit.as_millis()),
                 }),
             };
+            self.counters.record(&result, sent.elapsed());
             let error = match result {
                 Ok(token) => break Ok(token),
                 Err(error) => error,

@@ -212,6 +212,24 @@ async fn serve(path: PathBuf) -> ExitCode {
             None
         }
     };
+    let metrics = match config.server.metrics_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let bound = listener
+                    .local_addr()
+                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
+                tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
+                let registry = crate::metrics::registry(broker.clone());
+                Some(tokio::spawn(crate::metrics::serve(
+                    listener,
+                    registry,
+                    std::future::pending(),
+                )))
+            }
+            Err(e) => return fail(1, &format!("cannot listen on {addr} (metrics): {e}")),
+        },
+        None => None,
+    };
     let served = service::serve_with(
         config.server.serve_options(),
         broker,
@@ -220,6 +238,9 @@ async fn serve(path: PathBuf) -> ExitCode {
         shutdown_signal(),
     )
     .await;
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Some(watcher) = watcher {
         watcher.abort();
     }

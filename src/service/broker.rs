@@ -133,6 +133,7 @@ impl TokenBrokerApi {
         F: Future<Output = (AuditEvent, Result<R, Status>)>,
     {
         let span = tracing::Span::current();
+        let started = std::time::Instant::now();
         let id = request_id(&request);
         span.record("request_id", id.as_str());
         let permit = match self.limits.as_ref().map(|l| l.enter()).transpose() {
@@ -147,6 +148,7 @@ impl TokenBrokerApi {
                     request_id: Some(id),
                     ..AuditEvent::default()
                 });
+                self.broker.metrics().rpc(rpc, status.code(), started.elapsed());
                 return Err(status);
             }
         };
@@ -193,6 +195,8 @@ impl TokenBrokerApi {
             }
         }
         self.audit.record(event);
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.broker.metrics().rpc(rpc, code, started.elapsed());
         let id = tonic::metadata::MetadataValue::try_from(id.as_str()).ok();
         match result {
             Ok(message) => {
@@ -265,6 +269,7 @@ impl TokenBrokerService for TokenBrokerApi {
             let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
             let result = self.broker.get_token(caller.name(), &domain).await.map(|granted| {
                 served(&mut event, &granted);
+                self.broker.metrics().cache_lookup("GetToken", granted.lookup.cache_hit);
                 pb::GetTokenResponse {
                     token: Some(to_proto(&granted, &[])),
                     cache_hit: granted.lookup.cache_hit,
@@ -295,6 +300,9 @@ impl TokenBrokerService for TokenBrokerApi {
             event.target = domain.target.as_ref().map(target_label);
             let result = self.broker.get_downscoped(caller.name(), &domain).await.map(|granted| {
                 served(&mut event, &granted);
+                self.broker
+                    .metrics()
+                    .cache_lookup("GetDownscopedToken", granted.lookup.cache_hit);
                 pb::GetDownscopedTokenResponse {
                     token: Some(to_proto(&granted, &domain.scopes)),
                     cache_hit: granted.lookup.cache_hit,

@@ -1,0 +1,133 @@
+//! `/metrics` is scraped and parsed, and the counters move as the scenario says.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use box_token_broker::{fakebox::Fault, fakebox::seed, policy::Policy};
+use common::{Harness, Options, enterprise, user};
+
+/// `name{labels}` -> value, from the text exposition.
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
+    let response = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+    assert!(response.status().is_success());
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    parse(&response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_counters_move_as_the_scenario_says() {
+    let policy = Policy::parse(
+        "[[rules]]\nname = \"sa only\"\ncallers = [\"anonymous\"]\nenterprise = true\nfull_tokens = true\nscopes = [\"item_preview\"]\nfolders = [\"*\"]\n",
+        "test",
+    )
+    .unwrap();
+    let h = Harness::with(Options {
+        policy: Some(policy),
+        ..Options::default()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(box_token_broker::metrics::serve(
+        listener,
+        box_token_broker::metrics::registry(h.broker.clone()),
+        std::future::pending(),
+    ));
+    let before = scrape(addr).await;
+    assert_eq!(
+        before.get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Ok\"}"),
+        None
+    );
+    assert_eq!(before["boxbroker_circuit_state{app=\"default\"}"], 0.0);
+
+    // A 503 first: the mint succeeds on the retry. Then a cache hit.
+    h.fake.fail_next(1, Fault::ServerError { status: 503 });
+    h.get(enterprise()).await.unwrap();
+    h.get(enterprise()).await.unwrap();
+    // A denial, and a downscoped token.
+    h.get(user(seed::APP_USER_IDS[0])).await.unwrap_err();
+    h.downscoped(common::downscope(
+        enterprise(),
+        &["item_preview"],
+        common::folder(seed::SERVICE_ACCOUNT_FOLDER_ID),
+    ))
+    .await
+    .unwrap();
+
+    let m = scrape(addr).await;
+    let get = |k: &str| m.get(k).copied().unwrap_or_else(|| panic!("no series {k}: {m:#?}"));
+    assert_eq!(
+        get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Ok\"}"),
+        2.0
+    );
+    assert_eq!(
+        get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"PermissionDenied\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("boxbroker_rpc_requests_total{method=\"GetDownscopedToken\",code=\"Ok\"}"),
+        1.0
+    );
+    assert_eq!(get("boxbroker_rpc_duration_seconds_count{method=\"GetToken\"}"), 3.0);
+    assert_eq!(get("boxbroker_policy_denials_total{method=\"GetToken\"}"), 1.0);
+    assert_eq!(
+        get("boxbroker_cache_lookups_total{method=\"GetToken\",result=\"miss\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("boxbroker_cache_lookups_total{method=\"GetToken\",result=\"hit\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("boxbroker_upstream_responses_total{app=\"default\",status=\"503\"}"),
+        1.0
+    );
+    // The mint (after its retry) and the exchange.
+    assert_eq!(
+        get("boxbroker_upstream_responses_total{app=\"default\",status=\"200\"}"),
+        2.0
+    );
+    assert_eq!(get("boxbroker_upstream_attempts_total{app=\"default\"}"), 3.0);
+    assert_eq!(get("boxbroker_upstream_retries_total{app=\"default\"}"), 1.0);
+    assert_eq!(get("boxbroker_upstream_duration_seconds_count{app=\"default\"}"), 3.0);
+    assert_eq!(get("boxbroker_mints_total{app=\"default\",outcome=\"ok\"}"), 1.0);
+    assert_eq!(get("boxbroker_exchanges_total{app=\"default\",outcome=\"ok\"}"), 1.0);
+    assert_eq!(
+        get(&format!(
+            "boxbroker_active_key_info{{app=\"default\",kid=\"{}\"}}",
+            h.app.kid
+        )),
+        1.0
+    );
+    assert_eq!(get("boxbroker_cache_entries"), 2.0);
+
+    // A 429 storm opens the circuit, and the gauge says so.
+    h.fake.fail_next(1, Fault::RateLimited { retry_after_secs: 100 });
+    let mut forced = enterprise();
+    forced.force_refresh = true;
+    h.get(forced).await.unwrap_err();
+    let m = scrape(addr).await;
+    assert_eq!(m["boxbroker_upstream_rate_limited_total{app=\"default\"}"], 1.0);
+    assert_eq!(m["boxbroker_circuit_state{app=\"default\"}"], 1.0);
+    assert_eq!(
+        m["boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Unavailable\"}"],
+        1.0
+    );
+}
