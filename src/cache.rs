@@ -486,7 +486,10 @@ impl TokenCache {
         let task_key = key.clone();
         // Spawned while the lock is held, so the task cannot finish and
         // deregister before the flight is registered below.
-        let handle = tokio::spawn(async move { inner.fly(task_key, id, need).await });
+        // The flight's spans are children of the request that started it.
+        let handle = tokio::spawn(tracing::Instrument::in_current_span(async move {
+            inner.fly(task_key, id, need).await
+        }));
         let result = async move {
             handle.await.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "token mint task failed");

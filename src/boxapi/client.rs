@@ -13,6 +13,7 @@ use std::{
 use reqwest::{StatusCode, header};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
+use tracing::Instrument as _;
 
 use super::{
     AppCredentials, AuthMethod, BoxSubject, Restriction, Target,
@@ -133,7 +134,8 @@ impl Default for UpstreamCounters {
 }
 
 impl UpstreamCounters {
-    fn record(&self, result: &Result<IssuedToken, BoxApiError>, took: Duration) {
+    /// Counts one attempt; returns its outcome label.
+    fn record(&self, result: &Result<IssuedToken, BoxApiError>, took: Duration) -> String {
         self.latency.observe(took.as_secs_f64());
         let outcome = match result {
             Ok(_) => "200".to_owned(),
@@ -147,7 +149,8 @@ impl UpstreamCounters {
             Err(BoxApiError::CircuitOpen { .. }) => "circuit_open".to_owned(),
         };
         let mut responses = self.responses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *responses.entry(outcome).or_default() += 1;
+        *responses.entry(outcome.clone()).or_default() += 1;
+        outcome
     }
 }
 
@@ -328,7 +331,7 @@ impl BoxClient {
     /// exponential backoff and full jitter (or `Retry-After`), and rebuilds
     /// the assertion once with Box's clock after a skew refusal. `attempt`
     /// gets the time to put in the assertion.
-    async fn with_retries<F, Fut>(&self, mut attempt: F) -> Result<IssuedToken, BoxApiError>
+    async fn with_retries<F, Fut>(&self, grant: &'static str, mut attempt: F) -> Result<IssuedToken, BoxApiError>
     where
         F: FnMut(SystemTime) -> Fut,
         Fut: Future<Output = Result<IssuedToken, BoxApiError>>,
@@ -345,14 +348,24 @@ impl BoxClient {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             let assertion_time = shift(self.clock.now(), self.skew_millis.load(Ordering::Relaxed));
             let sent = std::time::Instant::now();
-            let result = match tokio::time::timeout(limit, attempt(assertion_time)).await {
+            let span = tracing::info_span!(
+                "box.token_request",
+                otel.kind = "client",
+                grant,
+                attempt = n,
+                outcome = tracing::field::Empty,
+            );
+            let result = match tokio::time::timeout(limit, attempt(assertion_time))
+                .instrument(span.clone())
+                .await
+            {
                 Ok(result) => result,
                 Err(_) => Err(BoxApiError::Transport {
                     timeout: true,
                     detail: format!("no answer within {} ms", limit.as_millis()),
                 }),
             };
-            self.counters.record(&result, sent.elapsed());
+            span.record("outcome", self.counters.record(&result, sent.elapsed()).as_str());
             let error = match result {
                 Ok(token) => break Ok(token),
                 Err(error) => error,
@@ -402,8 +415,14 @@ impl BoxClient {
     /// Mints a token for `subject` with the app's JWT key or client
     /// credentials, retrying as [`UpstreamPolicy`] says (a fresh `jti` each time).
     pub async fn request_token(&self, app: &AppCredentials, subject: &BoxSubject) -> Result<IssuedToken, BoxApiError> {
-        self.with_retries(|assertion_time| self.request_token_once(app, subject, assertion_time))
-            .await
+        let grant = match app.auth {
+            AuthMethod::Jwt { .. } => "jwt-bearer",
+            AuthMethod::Ccg => "client_credentials",
+        };
+        self.with_retries(grant, |assertion_time| {
+            self.request_token_once(app, subject, assertion_time)
+        })
+        .await
     }
 
     async fn request_token_once(
@@ -449,7 +468,7 @@ impl BoxClient {
         scopes: &[String],
         target: Option<&Target>,
     ) -> Result<IssuedToken, BoxApiError> {
-        self.with_retries(|_| self.exchange_once(subject_token, scopes, target))
+        self.with_retries("token-exchange", |_| self.exchange_once(subject_token, scopes, target))
             .await
     }
 

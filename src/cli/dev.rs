@@ -40,7 +40,7 @@ fn new_passphrase() -> SecretString {
 
 /// Runs `dev`.
 pub async fn run_dev(args: DevArgs) -> ExitCode {
-    init_dev_logging();
+    let _telemetry = init_dev_logging();
     let clock: SharedClock = Arc::new(SystemClock);
     let key = match RsaPrivateKey::new(&mut rand::rngs::OsRng, DEV_KEY_BITS) {
         Ok(key) => key,
@@ -197,7 +197,7 @@ Press Ctrl-C to stop.",
 
 /// Runs `fake-box`: writes `box_config.json` and `broker.toml`, then serves.
 pub async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
-    init_dev_logging();
+    let _telemetry = init_dev_logging();
     let clock: SharedClock = Arc::new(SystemClock);
     let fake = FakeBox::new(clock);
     let (app, json) = if args.ccg {

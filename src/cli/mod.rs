@@ -128,9 +128,11 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    if let Err(e) = telemetry::init_logging(config.log.format, &config.log.level) {
-        return fail(EXIT_CONFIG, &e);
-    }
+    // Held until the broker stops, so the last traces are flushed.
+    let _telemetry = match telemetry::init(config.log.format, &config.log.level) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
     let broker = match config.build_broker(Arc::new(SystemClock)) {
         Ok(broker) => Arc::new(broker),
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
@@ -370,9 +372,10 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
-fn init_dev_logging() {
-    // The dev banner is on stdout; logs go to stderr at info.
-    if let Err(e) = telemetry::init_logging(LogFormat::Human, "info") {
+/// Logs to stderr at info (the dev banner is on stdout); keep the result alive.
+fn init_dev_logging() -> telemetry::Telemetry {
+    telemetry::init(LogFormat::Human, "info").unwrap_or_else(|e| {
         eprintln!("box-broker: warning: {e}");
-    }
+        telemetry::Telemetry::default()
+    })
 }
