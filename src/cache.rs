@@ -139,6 +139,8 @@ pub struct CachedToken {
     pub minted_at: SystemTime,
     /// Box's request id for the mint, when it sent one.
     pub request_id: Option<String>,
+    /// SHA-256 of the access token, for audit records (computed once, at mint).
+    pub sha256: [u8; 32],
     /// From this time (Unix ms) a hit starts a background refresh.
     refresh_at_ms: AtomicI64,
 }
@@ -166,6 +168,11 @@ impl CachedToken {
             id: NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
             parent_id: parent.map(|p| p.id),
             restricted_to: issued.restricted_to,
+            sha256: {
+                use secrecy::ExposeSecret as _;
+                use sha2::Digest as _;
+                sha2::Sha256::digest(issued.access_token.expose_secret().as_bytes()).into()
+            },
             access_token: issued.access_token,
             token_type: issued.token_type,
             expires_at: issued.expires_at,

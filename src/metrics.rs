@@ -31,13 +31,59 @@ fn rpc_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// `method` (and `code` or `result`): static strings, so recording allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RpcLabels {
+    method: &'static str,
+    /// A gRPC code name, or a cache result.
+    second: Option<(&'static str, &'static str)>,
+}
+
+impl prometheus_client::encoding::EncodeLabelSet for RpcLabels {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder) -> fmt::Result {
+        use prometheus_client::encoding::EncodeLabel;
+        EncodeLabel::encode(&("method", self.method), encoder.encode_label())?;
+        if let Some(second) = self.second {
+            EncodeLabel::encode(&second, encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::{
+        Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
+        NotFound, Ok, OutOfRange, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented,
+        Unknown,
+    };
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
 /// What the RPC adapters record as requests happen.
 #[derive(Debug, Clone)]
 pub struct RpcMetrics {
-    requests: Family<Labels, Counter>,
-    duration: Family<Labels, Histogram, fn() -> Histogram>,
-    cache: Family<Labels, Counter>,
-    denials: Family<Labels, Counter>,
+    requests: Family<RpcLabels, Counter>,
+    duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
+    cache: Family<RpcLabels, Counter>,
+    denials: Family<RpcLabels, Counter>,
 }
 
 impl Default for RpcMetrics {
@@ -54,15 +100,16 @@ impl Default for RpcMetrics {
 impl RpcMetrics {
     /// One finished RPC: its method, gRPC code and duration.
     pub fn rpc(&self, method: &'static str, code: tonic::Code, took: Duration) {
-        let code = format!("{code:?}");
         self.requests
-            .get_or_create(&vec![("method", method.to_owned()), ("code", code.clone())])
+            .get_or_create(&RpcLabels {
+                method,
+                second: Some(("code", code_name(code))),
+            })
             .inc();
-        self.duration
-            .get_or_create(&vec![("method", method.to_owned())])
-            .observe(took.as_secs_f64());
-        if code == "PermissionDenied" {
-            self.denials.get_or_create(&vec![("method", method.to_owned())]).inc();
+        let method_only = RpcLabels { method, second: None };
+        self.duration.get_or_create(&method_only).observe(took.as_secs_f64());
+        if code == tonic::Code::PermissionDenied {
+            self.denials.get_or_create(&method_only).inc();
         }
     }
 
@@ -70,7 +117,10 @@ impl RpcMetrics {
     pub fn cache_lookup(&self, method: &'static str, hit: bool) {
         let result = if hit { "hit" } else { "miss" };
         self.cache
-            .get_or_create(&vec![("method", method.to_owned()), ("result", result.to_owned())])
+            .get_or_create(&RpcLabels {
+                method,
+                second: Some(("result", result)),
+            })
             .inc();
     }
 }

@@ -92,7 +92,20 @@ fn request_id<T>(request: &Request<T>) -> String {
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| crate::boxapi::assertion::new_jti()[..16].to_owned(), str::to_owned)
+        .map_or_else(new_request_id, str::to_owned)
+}
+
+/// A new request id: 16 hex digits, a per-process random prefix and a
+/// counter — unique without a system call per request.
+fn new_request_id() -> String {
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    };
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random);
+    format!("{prefix:08x}{:08x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The gRPC adapter over [`Broker`].
@@ -238,7 +251,7 @@ fn served(event: &mut AuditEvent, granted: &Granted) {
     let token = &granted.lookup.token;
     event.rule = Some(granted.rule.clone());
     event.cache_hit = Some(granted.lookup.cache_hit);
-    event.token_sha256 = Some(fingerprint(token.access_token.expose_secret()));
+    event.token_sha256 = Some(hex::encode(token.sha256));
     event.box_request_id = token.request_id.clone();
     tracing::Span::current().record("cache_hit", granted.lookup.cache_hit);
 }

@@ -1,0 +1,567 @@
+//! broker-bench: the broker's cost against a baseline, in one run.
+//!
+//! It starts the broker (anonymous caller, allow-everything policy, audit to
+//! /dev/null) against the in-process fake Box, and a baseline gRPC server on
+//! the same tonic stack that answers `TokenBrokerService` with constant
+//! responses of the same size — no auth, policy, cache or audit. The same
+//! client drives both with the same concurrency and duration, and the
+//! broker/baseline ratios are printed. Then: cold mints, a stampede on one
+//! key, and memory per cached token. See BENCHMARKS.md.
+//!
+//! `cargo run --release --bin broker-bench` (about 2 minutes), or `-- --quick`
+//! (under 60 s; a smoke test, not a measurement).
+
+// A benchmark tool: a setup failure is a bug to see at once, so it panics;
+// and its figures are floating-point by nature.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use box_token_broker::{
+    audit::AuditSink,
+    auth::Authenticator,
+    boxapi::{AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, JwtAlgorithm, SigningKey},
+    broker::{App, Broker},
+    cache::{CachePolicy, Minted, Minter, Need, TokenCache, TokenKey},
+    clock::{SharedClock, SystemClock},
+    error::UpstreamError,
+    fakebox::{FakeAuth, FakeBox, FakeUser, UserKind, seed},
+    pb::{
+        self,
+        token_broker_service_client::TokenBrokerServiceClient,
+        token_broker_service_server::{TokenBrokerService, TokenBrokerServiceServer},
+    },
+    policy::Policy,
+    service::{self, Listener, Role, ServeOptions},
+};
+use clap::Parser;
+use futures_util::{FutureExt as _, future::BoxFuture};
+use secrecy::SecretString;
+use tonic::transport::Channel;
+
+/// Measures the broker against a baseline gRPC server.
+#[derive(Debug, Parser)]
+#[command(name = "broker-bench")]
+struct Args {
+    /// A short smoke run (under 60 s): small sizes, 2 s per load scenario.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per load scenario.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections the client spreads them over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Only the cached single-key `GetToken` against the baseline (for profiling).
+    #[arg(long)]
+    cached_only: bool,
+}
+
+/// One load run's results.
+struct Run {
+    requests: usize,
+    errors: usize,
+    seconds: f64,
+    /// Sorted, nanoseconds.
+    latencies: Vec<u64>,
+}
+
+impl Run {
+    fn throughput(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * self.latencies.len() as f64).ceil() as usize;
+        Duration::from_nanos(self.latencies[rank.clamp(1, self.latencies.len()) - 1])
+    }
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1e6)
+}
+
+fn print_header() {
+    println!(
+        "{:<44} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "scenario", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9", "errors"
+    );
+}
+
+fn print_run(name: &str, run: &Run) {
+    println!(
+        "{:<44} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        name,
+        run.throughput(),
+        micros(run.percentile(50.0)),
+        micros(run.percentile(90.0)),
+        micros(run.percentile(99.0)),
+        micros(run.percentile(99.9)),
+        run.errors
+    );
+}
+
+fn print_ratio(name: &str, broker: &Run, baseline: &Run) {
+    let p99 = broker.percentile(99.0).as_secs_f64() / baseline.percentile(99.0).as_secs_f64().max(1e-9);
+    println!(
+        "{:<44} throughput {:.2}x baseline (target >= 0.90), p99 {:.2}x baseline (target <= 1.25)",
+        name,
+        broker.throughput() / baseline.throughput().max(1e-9),
+        p99
+    );
+}
+
+/// Drives `concurrency` loops of `call` for `duration` over `channels`.
+async fn drive<F, Fut>(channels: &[Channel], concurrency: usize, duration: Duration, call: F) -> Run
+where
+    F: Fn(TokenBrokerServiceClient<Channel>, usize) -> Fut + Send + Sync + 'static + Clone,
+    Fut: Future<Output = bool> + Send,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::with_capacity(concurrency);
+    for worker in 0..concurrency {
+        let client = TokenBrokerServiceClient::new(channels[worker % channels.len()].clone());
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(100_000);
+            let mut errors = 0;
+            let mut i = worker;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                if !call(client.clone(), i).await {
+                    errors += 1;
+                }
+                latencies.push(u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                i += concurrency;
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        if let Ok((l, e)) = task.await {
+            latencies.extend(l);
+            errors += e;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    Run {
+        requests: latencies.len(),
+        errors,
+        seconds,
+        latencies,
+    }
+}
+
+fn enterprise() -> Option<pb::Subject> {
+    Some(pb::Subject {
+        kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+    })
+}
+
+fn user(id: &str) -> Option<pb::Subject> {
+    Some(pb::Subject {
+        kind: Some(pb::subject::Kind::UserId(id.to_owned())),
+    })
+}
+
+fn bench_user(i: usize) -> String {
+    format!("73{i:08}")
+}
+
+fn downscope_request() -> pb::GetDownscopedTokenRequest {
+    pb::GetDownscopedTokenRequest {
+        app: String::new(),
+        subject: enterprise(),
+        scopes: vec!["item_preview".to_owned()],
+        target: Some(pb::get_downscoped_token_request::Target::FolderId(
+            seed::SERVICE_ACCOUNT_FOLDER_ID.to_owned(),
+        )),
+        min_ttl: None,
+    }
+}
+
+/// The baseline: the same service on the same stack, answering constants.
+#[derive(Debug, Clone)]
+struct Baseline {
+    token: pb::GetTokenResponse,
+    downscoped: pb::GetDownscopedTokenResponse,
+}
+
+#[tonic::async_trait]
+impl TokenBrokerService for Baseline {
+    async fn get_token(
+        &self,
+        _: tonic::Request<pb::GetTokenRequest>,
+    ) -> Result<tonic::Response<pb::GetTokenResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.token.clone()))
+    }
+
+    async fn get_downscoped_token(
+        &self,
+        _: tonic::Request<pb::GetDownscopedTokenRequest>,
+    ) -> Result<tonic::Response<pb::GetDownscopedTokenResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.downscoped.clone()))
+    }
+
+    async fn revoke_token(
+        &self,
+        _: tonic::Request<pb::RevokeTokenRequest>,
+    ) -> Result<tonic::Response<pb::RevokeTokenResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::RevokeTokenResponse {}))
+    }
+}
+
+async fn channels(addr: std::net::SocketAddr, n: usize) -> Vec<Channel> {
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("a valid address")
+            .connect()
+            .await
+            .expect("the server is up");
+        channels.push(channel);
+    }
+    channels
+}
+
+/// Resident set size of this process, in bytes (Linux).
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Mints instantly, for filling a cache without Box.
+struct InstantMinter;
+
+impl Minter for InstantMinter {
+    fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
+        async {
+            let now = SystemTime::now();
+            Ok(Minted {
+                issued: box_token_broker::boxapi::IssuedToken {
+                    access_token: SecretString::from(box_token_broker::boxapi::assertion::new_jti()[..32].to_owned()),
+                    expires_at: now + Duration::from_secs(3600),
+                    issued_at: now,
+                    token_type: "bearer".to_owned(),
+                    request_id: None,
+                    restricted_to: Vec::new(),
+                },
+                parent: None,
+            })
+        }
+        .boxed()
+    }
+}
+
+/// RSS growth per cached user token, filling a cache of `n` tokens.
+async fn memory_per_token(n: usize) -> Option<f64> {
+    let cache = TokenCache::new(
+        Arc::new(InstantMinter),
+        Arc::new(SystemClock),
+        CachePolicy {
+            max_entries: u64::try_from(n).unwrap_or(u64::MAX) + 1,
+            ..CachePolicy::default()
+        },
+    );
+    let app: Arc<str> = Arc::from("default");
+    let before = rss_bytes()?;
+    for i in 0..n {
+        let key = TokenKey {
+            app: app.clone(),
+            subject: BoxSubject::User(BoxId::parse(&bench_user(i)).ok()?),
+            downscope: None,
+        };
+        cache.get(&key, Need::default()).await.ok()?;
+    }
+    cache.count().await;
+    let after = rss_bytes()?;
+    let per = (after.saturating_sub(before)) as f64 / n as f64;
+    drop(cache);
+    Some(per)
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(run(args));
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run(args: Args) {
+    let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
+    let users = if args.quick || args.cached_only { 1_000 } else { 10_000 };
+    let stampede = 1_000;
+    let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
+    let concurrency = args.concurrency;
+    println!(
+        "broker-bench: {} s per load scenario, concurrency {concurrency} over {} connections{}",
+        duration.as_secs(),
+        args.connections,
+        if args.quick {
+            " (--quick: a smoke run, not a measurement)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "machine: {} CPUs, {}",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        std::env::consts::ARCH
+    );
+
+    // The fake Box, with the bench's users, and the broker against it.
+    let clock: SharedClock = Arc::new(SystemClock);
+    let fake = FakeBox::new(clock.clone());
+    let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).expect("a key");
+    let seeded = seed::seed(&fake, FakeAuth::Jwt, Some(&key));
+    // Users 0..=users: the warm set, and one more for the stampede.
+    for i in 0..=users {
+        fake.add_user(FakeUser {
+            id: bench_user(i),
+            name: format!("Bench User {i}"),
+            login: format!("bench{i}@example.com"),
+            enterprise_id: seed::ENTERPRISE_ID.to_owned(),
+            kind: UserKind::Managed,
+        });
+    }
+    let fake_server = fake.clone().start().await.expect("the fake Box starts");
+    let credentials = AppCredentials {
+        client_id: seeded.client_id.clone(),
+        client_secret: seeded.client_secret.clone(),
+        enterprise_id: BoxId::parse(seed::ENTERPRISE_ID).expect("an id"),
+        auth: AuthMethod::Jwt {
+            key: SigningKey::new(seeded.kid.clone(), &key).expect("a signing key"),
+            algorithm: JwtAlgorithm::RS256,
+        },
+    };
+    let client = BoxClient::new(&fake_server.base_url(), clock.clone()).expect("a client");
+    let broker = Arc::new(Broker::new(
+        vec![App::new("default", &credentials, client)],
+        clock,
+        CachePolicy {
+            max_entries: 2_000_000,
+            ..CachePolicy::default()
+        },
+        Policy::allow_everything("anonymous"),
+    ));
+    let audit = Arc::new(AuditSink::file(std::path::Path::new("/dev/null")).expect("/dev/null"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let broker_addr = listener.local_addr().expect("an address");
+    tokio::spawn(service::serve_with(
+        ServeOptions {
+            max_concurrent_requests: 1_000_000,
+            ..ServeOptions::default()
+        },
+        broker.clone(),
+        vec![(Listener::Tcp(listener, Authenticator::new(true)), Role::Client)],
+        audit,
+        std::future::pending(),
+    ));
+
+    // The baseline: constant responses the size of the broker's.
+    let broker_channels = channels(broker_addr, args.connections).await;
+    let mut probe = TokenBrokerServiceClient::new(broker_channels[0].clone());
+    let token = probe
+        .get_token(pb::GetTokenRequest {
+            subject: enterprise(),
+            ..Default::default()
+        })
+        .await
+        .expect("the broker serves")
+        .into_inner();
+    let downscoped = probe
+        .get_downscoped_token(downscope_request())
+        .await
+        .expect("the broker downscopes")
+        .into_inner();
+    let baseline = Baseline { token, downscoped };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let baseline_addr = listener.local_addr().expect("an address");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TokenBrokerServiceServer::new(baseline))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let baseline_channels = channels(baseline_addr, args.connections).await;
+
+    let get_enterprise = |mut c: TokenBrokerServiceClient<Channel>, _| async move {
+        c.get_token(pb::GetTokenRequest {
+            subject: enterprise(),
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+    };
+    let get_user = move |mut c: TokenBrokerServiceClient<Channel>, i: usize| async move {
+        c.get_token(pb::GetTokenRequest {
+            subject: user(&bench_user(i % users)),
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+    };
+    let get_downscoped = |mut c: TokenBrokerServiceClient<Channel>, _| async move {
+        c.get_downscoped_token(downscope_request()).await.is_ok()
+    };
+
+    // Warm up both servers and connections, and the 10,000 users' tokens.
+    drive(
+        &baseline_channels,
+        concurrency,
+        Duration::from_millis(500),
+        get_enterprise,
+    )
+    .await;
+    drive(
+        &broker_channels,
+        concurrency,
+        Duration::from_millis(500),
+        get_enterprise,
+    )
+    .await;
+    if args.cached_only {
+        print_header();
+        let base = drive(&baseline_channels, concurrency, duration, get_enterprise).await;
+        print_run("baseline GetToken (constant)", &base);
+        let one = drive(&broker_channels, concurrency, duration, get_enterprise).await;
+        print_run("broker GetToken, cached, 1 key", &one);
+        print_ratio("cached GetToken, 1 key:", &one, &base);
+        return;
+    }
+    let warm_started = Instant::now();
+    let mut warm = Vec::new();
+    for chunk in (0..users).collect::<Vec<_>>().chunks(users.div_ceil(concurrency)) {
+        let mut client = TokenBrokerServiceClient::new(broker_channels[warm.len() % broker_channels.len()].clone());
+        let chunk = chunk.to_vec();
+        warm.push(tokio::spawn(async move {
+            for i in chunk {
+                let _ = client
+                    .get_token(pb::GetTokenRequest {
+                        subject: user(&bench_user(i)),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }));
+    }
+    for w in warm {
+        let _ = w.await;
+    }
+    let warm_secs = warm_started.elapsed().as_secs_f64();
+    println!();
+    print_header();
+    let base = drive(&baseline_channels, concurrency, duration, get_enterprise).await;
+    print_run("baseline GetToken (constant)", &base);
+    let one = drive(&broker_channels, concurrency, duration, get_enterprise).await;
+    print_run("broker GetToken, cached, 1 key", &one);
+    let many = drive(&broker_channels, concurrency, duration, get_user).await;
+    print_run(&format!("broker GetToken, cached, {users} users"), &many);
+    let base_down = drive(&baseline_channels, concurrency, duration, get_downscoped).await;
+    print_run("baseline GetDownscopedToken (constant)", &base_down);
+    let down = drive(&broker_channels, concurrency, duration, get_downscoped).await;
+    print_run("broker GetDownscopedToken, cached", &down);
+    let arrivals = fake.stats().token_arrivals;
+    let cold = drive(
+        &broker_channels,
+        concurrency,
+        duration,
+        |mut c: TokenBrokerServiceClient<Channel>, _| async move {
+            c.get_token(pb::GetTokenRequest {
+                subject: enterprise(),
+                force_refresh: true,
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        },
+    )
+    .await;
+    print_run("broker GetToken, force_refresh (cold mint)", &cold);
+    let mints = fake.stats().token_arrivals - arrivals;
+    println!();
+    print_ratio("cached GetToken, 1 key:", &one, &base);
+    print_ratio(&format!("cached GetToken, {users} users:"), &many, &base);
+    print_ratio("cached GetDownscopedToken:", &down, &base_down);
+    println!(
+        "cold mints: {:.0} mints/s reached the fake Box ({mints} in {:.1} s; RSA-2048 signing + the fake's verification); warming {users} users took {warm_secs:.1} s",
+        mints as f64 / cold.seconds,
+        cold.seconds
+    );
+
+    // Stampede: 1,000 concurrent cold requests for one key.
+    let subject = bench_user(users);
+    let arrivals = fake.stats().token_arrivals;
+    let mut herd = Vec::with_capacity(stampede);
+    for i in 0..stampede {
+        let mut client = TokenBrokerServiceClient::new(broker_channels[i % broker_channels.len()].clone());
+        let subject = subject.clone();
+        herd.push(tokio::spawn(async move {
+            client
+                .get_token(pb::GetTokenRequest {
+                    subject: user(&subject),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+        }));
+    }
+    let mut served = 0;
+    for h in herd {
+        if h.await.unwrap_or(false) {
+            served += 1;
+        }
+    }
+    println!(
+        "stampede: {stampede} concurrent cold requests for one key -> {} upstream call(s), {served} served (target: exactly 1 call)",
+        fake.stats().token_arrivals - arrivals
+    );
+
+    // Signing alone (criterion has the careful figure: cargo bench --bench signing).
+    let signing = SigningKey::new("bench", &key).expect("a signing key");
+    let claims = box_token_broker::boxapi::assertion::Claims::new(
+        &seeded.client_id,
+        &BoxSubject::Enterprise(BoxId::parse(seed::ENTERPRISE_ID).expect("an id")),
+        SystemTime::now(),
+    );
+    let n = if args.quick { 200 } else { 2_000 };
+    let started = Instant::now();
+    for _ in 0..n {
+        let _ = box_token_broker::boxapi::assertion::sign(&claims, &signing, JwtAlgorithm::RS256);
+    }
+    println!(
+        "assertion signing (RS256, 2048-bit): {:.0} µs each ({n} in a loop, one core)",
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+    );
+
+    match memory_per_token(memory_tokens).await {
+        Some(per) => {
+            println!("memory: {per:.0} bytes of RSS per cached user token ({memory_tokens} tokens; target <= 400)")
+        }
+        None => println!("memory: RSS is not readable here (/proc/self/statm)"),
+    }
+    fake_server.stop().await;
+}
