@@ -10,36 +10,8 @@ use box_token_broker::{
     broker::{Subject, TokenRequest},
     fakebox::{FakeAuth, Fault, seed},
 };
-use common::{Captured, Harness, Options, enterprise, fixture, token_of, user};
+use common::{Captured, Harness, Options, assert_free_of, enterprise, fixture, key_material, token_of, user};
 use secrecy::ExposeSecret as _;
-
-/// The base64 lines of the fixture private key's PEM, and its passphrase.
-fn key_material() -> Vec<String> {
-    let mut secrets: Vec<String> = std::fs::read_to_string(fixture("pkcs1.pem"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .map(str::to_owned)
-        .collect();
-    secrets.push(std::fs::read_to_string(fixture("passphrase")).unwrap());
-    secrets
-}
-
-fn assert_free_of(text: &str, secrets: &[String], what: &str) {
-    for secret in secrets {
-        assert!(!secret.is_empty());
-        assert!(
-            !text.contains(secret.as_str()),
-            "{what} contains a secret ({} chars)",
-            secret.len()
-        );
-    }
-    // A signed assertion (a JWT: base64 of `{"typ":...` or `{"alg":...`) never appears either.
-    assert!(
-        !text.contains("eyJ0eXAi") && !text.contains("eyJhbGci"),
-        "{what} contains a JWT"
-    );
-}
 
 #[tokio::test]
 async fn debug_output_hides_every_secret() {

@@ -473,3 +473,32 @@ pub async fn generate_key(h: &Harness) -> pb::GenerateKeyResponse {
     assert!(key.kid.is_empty(), "Box has not assigned a kid yet");
     generated
 }
+
+/// The base64 lines of the fixture private key's PEM, and its passphrase.
+pub fn key_material() -> Vec<String> {
+    let mut secrets: Vec<String> = std::fs::read_to_string(fixture("pkcs1.pem"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::to_owned)
+        .collect();
+    secrets.push(std::fs::read_to_string(fixture("passphrase")).unwrap());
+    secrets
+}
+
+/// Fails if `text` holds any of `secrets`, or a signed assertion (a JWT:
+/// base64 of `{"typ":...` or `{"alg":...`). `what` names the text.
+pub fn assert_free_of(text: &str, secrets: &[String], what: &str) {
+    for secret in secrets {
+        assert!(!secret.is_empty());
+        assert!(
+            !text.contains(secret.as_str()),
+            "{what} contains a secret ({} chars)",
+            secret.len()
+        );
+    }
+    assert!(
+        !text.contains("eyJ0eXAi") && !text.contains("eyJhbGci"),
+        "{what} contains a JWT"
+    );
+}
