@@ -33,6 +33,8 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub struct Limits {
     in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
+    /// The largest request message accepted.
+    max_message_bytes: usize,
     /// (requests per second, burst).
     rate: Option<(f64, u32)>,
     /// Caller identity -> (tokens, last refill).
@@ -45,9 +47,21 @@ impl Limits {
         Self {
             in_flight: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_requests)),
             max_in_flight: options.max_concurrent_requests,
+            max_message_bytes: options.max_message_bytes,
             rate: options.rate_limit,
             buckets: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// ResourceExhausted naming the limit when the request is too large.
+    fn check_size(&self, encoded_len: usize) -> Result<(), Status> {
+        if encoded_len > self.max_message_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the request is {encoded_len} bytes, over the limit of {} ([server] max_message_bytes)",
+                self.max_message_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// A permit for one request, or ResourceExhausted naming the limit.
@@ -143,13 +157,20 @@ impl TokenBrokerApi {
         handle: impl FnOnce(CallerIdentity, T) -> F,
     ) -> Result<Response<R>, Status>
     where
+        T: prost::Message,
         F: Future<Output = (AuditEvent, Result<R, Status>)>,
     {
         let span = tracing::Span::current();
         let started = std::time::Instant::now();
         let id = request_id(&request);
         span.record("request_id", id.as_str());
-        let permit = match self.limits.as_ref().map(|l| l.enter()).transpose() {
+        let size = request.get_ref().encoded_len();
+        let permit = match self
+            .limits
+            .as_ref()
+            .map(|l| l.check_size(size).and_then(|()| l.enter()))
+            .transpose()
+        {
             Ok(permit) => permit,
             Err(status) => {
                 self.audit.record(AuditEvent {

@@ -239,7 +239,10 @@ fn routes(
             pb::token_broker_service_server::TokenBrokerServiceServer::new(
                 TokenBrokerApi::new(broker, auth, audit).with_limits(limits),
             )
-            .max_decoding_message_size(max_message_bytes),
+            // Up to 4x the limit is decoded so the answer can be
+            // ResourceExhausted naming the limit; beyond that tonic refuses
+            // (OutOfRange) before decoding, so memory stays bounded.
+            .max_decoding_message_size(max_message_bytes.saturating_mul(4)),
         ),
         Role::Admin(admin, rules) => routes.add_service(
             pb::broker_admin_service_server::BrokerAdminServiceServer::new(BrokerAdminApi::new(
