@@ -253,6 +253,15 @@ pub enum CacheError {
         /// What the freshest token offered beyond the margin.
         available: Duration,
     },
+    /// The cached token lives, but not `min_ttl` longer, and Box could not
+    /// issue a new one.
+    #[error("min_ttl cannot be met: the cached token has {available:?} left beyond the safety margin, and {upstream}")]
+    MinTtlUnmetUpstreamDown {
+        /// What the cached token offers beyond the margin.
+        available: Duration,
+        /// Why no new token came.
+        upstream: Arc<UpstreamError>,
+    },
     /// The mint task panicked (a bug; logged).
     #[error("the token mint failed unexpectedly")]
     TaskFailed,
@@ -360,7 +369,24 @@ impl TokenCache {
         let mut available = Duration::ZERO;
         for _ in 0..MAX_FLIGHTS_PER_REQUEST {
             let (started_at, flight) = self.join_or_start(key, need);
-            let token = flight.await?;
+            let token = match flight.await {
+                Ok(token) => token,
+                Err(CacheError::Upstream(upstream)) if !need.min_ttl.is_zero() && need.minted_since.is_none() => {
+                    // A live token is held, just not long enough for this caller: say so.
+                    let spare = self.inner.entries.get(key).await.map_or(Duration::ZERO, |held| {
+                        held.remaining(self.inner.clock.now())
+                            .saturating_sub(self.inner.policy.safety_margin)
+                    });
+                    if spare.is_zero() {
+                        return Err(CacheError::Upstream(upstream));
+                    }
+                    return Err(CacheError::MinTtlUnmetUpstreamDown {
+                        available: spare,
+                        upstream,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
             let now = self.inner.clock.now();
             if self.inner.satisfies(&token, &need, now) {
                 return Ok(Lookup {

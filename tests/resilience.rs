@@ -241,3 +241,25 @@ async fn a_total_outage_longer_than_the_margins_serves_cached_tokens_until_the_m
     }
     assert_status(&fast.expect("the circuit opened"), Code::Unavailable, "not asking it");
 }
+
+#[tokio::test]
+async fn a_min_ttl_the_cached_token_cannot_meet_while_box_is_down_is_unavailable_saying_so() {
+    let h = Harness::start().await;
+    h.fake.set_token_lifetime(Some(Duration::from_secs(3600)));
+    h.get(enterprise()).await.unwrap();
+    h.clock.advance(Duration::from_secs(3600 - 120 - 600));
+    h.fake.fail_next(100, Fault::ServerError { status: 503 });
+    // 600 s are left beyond the margin: enough for min_ttl 300, not for 900.
+    let mut modest = enterprise();
+    modest.min_ttl = common::secs(300);
+    h.get(modest).await.unwrap();
+    let mut demanding = enterprise();
+    demanding.min_ttl = common::secs(900);
+    let status = h.get(demanding).await.unwrap_err();
+    assert_status(
+        &status,
+        Code::Unavailable,
+        "min_ttl cannot be met: the cached token has 59",
+    );
+    assert!(status.message().contains("HTTP 503") && status.message().contains("ask for a smaller min_ttl"));
+}

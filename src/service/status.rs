@@ -39,6 +39,19 @@ impl From<&BrokerError> for Status {
                 "min_ttl cannot be met: the freshest token Box issued has only {} s left beyond the broker's safety margin; ask for a smaller min_ttl",
                 available.as_secs()
             )),
+            BrokerError::Cache(CacheError::MinTtlUnmetUpstreamDown { available, upstream }) => {
+                let mut status = Status::unavailable(format!(
+                    "min_ttl cannot be met: the cached token has {} s left beyond the broker's safety margin, and no newer one could be had: {}; ask for a smaller min_ttl, or retry later",
+                    available.as_secs(),
+                    upstream.diagnosis.message
+                ));
+                if let Some(wait) = upstream.diagnosis.retry_after
+                    && let Ok(value) = wait.as_millis().to_string().parse()
+                {
+                    status.metadata_mut().insert(RETRY_PUSHBACK, value);
+                }
+                status
+            }
             BrokerError::Cache(CacheError::TaskFailed) => Status::internal("internal error while minting the token"),
         }
     }
