@@ -26,7 +26,7 @@ use crate::{
     clock::{SharedClock, unix_seconds},
     error::{BrokerError, UpstreamError},
     keys::{self, Attempt, KeyState, Ring},
-    policy::{Ask, Decision, Policy, PolicySubject, Request as PolicyRequest},
+    policy::{Ask, Policy, PolicySubject, Request as PolicyRequest},
 };
 
 /// The longest `min_ttl` a caller may ask for. Box's tokens live about an
@@ -567,18 +567,18 @@ impl Broker {
             BoxSubject::User(id) => PolicySubject::User(id.as_str()),
         };
         let policy = self.policy();
-        match policy.decide(&PolicyRequest {
+        match policy.granting_rule(&PolicyRequest {
             caller,
             app: &app.name,
             subject,
             ask,
             min_ttl,
         }) {
-            Decision::Allow { rule } => Ok(Permit {
-                max_lifetime: policy.rule(&rule).and_then(crate::policy::Rule::max_lifetime),
-                rule,
+            Ok(rule) => Ok(Permit {
+                rule: rule.name.clone(),
+                max_lifetime: rule.max_lifetime(),
             }),
-            Decision::Deny { reason } => Err(BrokerError::PermissionDenied(format!("denied by policy: {reason}"))),
+            Err(reason) => Err(BrokerError::PermissionDenied(format!("denied by policy: {reason}"))),
         }
     }
 

@@ -50,7 +50,8 @@ impl prometheus_client::encoding::EncodeLabelSet for RpcLabels {
     }
 }
 
-fn code_name(code: tonic::Code) -> &'static str {
+/// A gRPC code's name, as in metrics labels and audit records.
+pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::{
         Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
         NotFound, Ok, OutOfRange, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented,

@@ -271,13 +271,19 @@ impl Policy {
         Ok(())
     }
 
-    /// The rule named `name`.
-    pub fn rule(&self, name: &str) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.name == name)
-    }
-
     /// Decides `request`. Deny by default.
     pub fn decide(&self, request: &Request<'_>) -> Decision {
+        match self.granting_rule(request) {
+            Ok(rule) => Decision::Allow {
+                rule: rule.name.clone(),
+            },
+            Err(reason) => Decision::Deny { reason },
+        }
+    }
+
+    /// The first rule that grants `request`, or why none does (the first
+    /// offending item, naming its rule).
+    pub fn granting_rule(&self, request: &Request<'_>) -> Result<&Rule, String> {
         let mut first_reason = None;
         for rule in self
             .rules
@@ -285,20 +291,13 @@ impl Policy {
             .filter(|r| r.callers.iter().any(|c| c.matches(request.caller)))
         {
             match rule.check(request) {
-                Ok(()) => {
-                    return Decision::Allow {
-                        rule: rule.name.clone(),
-                    };
-                }
+                Ok(()) => return Ok(rule),
                 Err(reason) => {
                     first_reason.get_or_insert_with(|| format!("{reason} (rule {:?})", rule.name));
                 }
             }
         }
-        Decision::Deny {
-            reason: first_reason
-                .unwrap_or_else(|| format!("no policy rule grants anything to caller {:?}", request.caller)),
-        }
+        Err(first_reason.unwrap_or_else(|| format!("no policy rule grants anything to caller {:?}", request.caller)))
     }
 }
 

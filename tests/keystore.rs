@@ -54,6 +54,14 @@ fn restarted(h: &Harness) -> (Arc<Broker>, Result<KeyAdmin, String>) {
     (broker, admin)
 }
 
+/// [`restarted`], which must load the store, and the app's ring after it.
+fn restarted_ring(h: &Harness) -> (Arc<Broker>, Arc<box_token_broker::keys::Ring>) {
+    let (broker, admin) = restarted(h);
+    admin.unwrap();
+    let ring = broker.apps().next().unwrap().ring();
+    (broker, ring)
+}
+
 async fn rotate_once(h: &Harness) -> String {
     let mut admin = h.admin.as_ref().unwrap().client.clone();
     let generated = common::generate_key(h).await;
@@ -99,9 +107,7 @@ async fn a_rotation_survives_a_restart() {
         .await
         .unwrap();
 
-    let (broker, admin) = restarted(&h);
-    admin.unwrap();
-    let ring = broker.apps().next().unwrap().ring();
+    let (broker, ring) = restarted_ring(&h);
     assert_eq!(
         ring.key_in(KeyState::Active).unwrap().kid.as_deref(),
         Some(new_kid.as_str())
@@ -148,9 +154,7 @@ async fn a_crash_between_write_and_rename_leaves_the_previous_set() {
         b"{\"format\":\"box-broker key st",
     )
     .unwrap();
-    let (broker, admin) = restarted(&h);
-    admin.unwrap();
-    let ring = broker.apps().next().unwrap().ring();
+    let (_, ring) = restarted_ring(&h);
     assert_eq!(
         ring.key_in(KeyState::Active).unwrap().kid.as_deref(),
         Some(kid.as_str())

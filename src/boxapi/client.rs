@@ -300,11 +300,7 @@ impl BoxClient {
                 // A 429 with Retry-After holds every request to this app until
                 // then; otherwise enough failures in a row (or a failed probe) open it.
                 if throttled.is_some() || was_probe || breaker.consecutive_failures >= self.policy.breaker_threshold {
-                    let wait = throttled.unwrap_or_default().max(if throttled.is_some() {
-                        Duration::ZERO
-                    } else {
-                        self.policy.breaker_cooldown
-                    });
+                    let wait = throttled.unwrap_or(self.policy.breaker_cooldown);
                     if breaker.open_until.is_none_or(|u| u <= now) {
                         self.counters.circuit_opened.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(

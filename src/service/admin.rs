@@ -1,7 +1,7 @@
 //! The `BrokerAdminService` adapter: authenticate the admin caller, check the
 //! admin rules, run the operation, audit it. Served only on admin listeners.
 
-use std::{future::Future, sync::Arc, time::SystemTime};
+use std::{future::Future, sync::Arc};
 
 use secrecy::SecretString;
 use tonic::{Request, Response, Status};
@@ -12,7 +12,7 @@ use crate::{
     auth::Authenticator,
     keys::{KeyEntry, KeyState},
     pb::{self, broker_admin_service_server::BrokerAdminService},
-    service::broker::parse_subject,
+    service::broker::{parse_subject, timestamp},
 };
 
 /// The gRPC adapter over [`KeyAdmin`].
@@ -32,14 +32,6 @@ impl From<AdminError> for Status {
             AdminError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             AdminError::Store(_) => Status::internal(e.to_string()),
         }
-    }
-}
-
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: 0,
     }
 }
 
@@ -111,22 +103,10 @@ impl BrokerAdminApi {
                 }
             }
         };
-        match &result {
-            Ok(_) => {
-                event.decision = "allow";
-                event.code = "Ok".to_owned();
-            }
-            Err(status) => {
-                tracing::info!(rpc, code = ?status.code(), reason = status.message(), "admin call refused");
-                let denied = matches!(
-                    status.code(),
-                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-                );
-                event.decision = if denied { "deny" } else { "error" };
-                event.code = format!("{:?}", status.code());
-                event.reason = Some(status.message().to_owned());
-            }
+        if let Err(status) = &result {
+            tracing::info!(rpc, code = ?status.code(), reason = status.message(), "admin call refused");
         }
+        super::record_outcome(&mut event, result.as_ref().map(|_| ()));
         self.audit.record(event);
         result.map(Response::new)
     }

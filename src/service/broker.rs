@@ -173,15 +173,14 @@ impl TokenBrokerApi {
         {
             Ok(permit) => permit,
             Err(status) => {
-                self.audit.record(AuditEvent {
+                let mut event = AuditEvent {
                     rpc,
                     caller: "unauthenticated".to_owned(),
-                    decision: "deny",
-                    code: format!("{:?}", status.code()),
-                    reason: Some(status.message().to_owned()),
                     request_id: Some(id),
                     ..AuditEvent::default()
-                });
+                };
+                super::record_outcome(&mut event, Err(&status));
+                self.audit.record(event);
                 self.broker.metrics().rpc(rpc, status.code(), started.elapsed());
                 return Err(status);
             }
@@ -211,23 +210,11 @@ impl TokenBrokerApi {
         drop(permit);
         event.rpc = rpc;
         event.request_id = Some(id.clone());
-        match &result {
-            Ok(_) => {
-                event.decision = "allow";
-                event.code = format!("{:?}", Code::Ok);
-            }
-            Err(status) => {
-                span.record("code", tracing::field::debug(status.code()));
-                tracing::info!(code = ?status.code(), reason = status.message(), "refused");
-                let denied = matches!(
-                    status.code(),
-                    Code::PermissionDenied | Code::Unauthenticated | Code::ResourceExhausted
-                );
-                event.decision = if denied { "deny" } else { "error" };
-                event.code = format!("{:?}", status.code());
-                event.reason = Some(status.message().to_owned());
-            }
+        if let Err(status) = &result {
+            span.record("code", tracing::field::debug(status.code()));
+            tracing::info!(code = ?status.code(), reason = status.message(), "refused");
         }
+        super::record_outcome(&mut event, result.as_ref().map(|_| ()));
         self.audit.record(event);
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.broker.metrics().rpc(rpc, code, started.elapsed());
@@ -489,7 +476,8 @@ pub fn to_proto(granted: &Granted, scopes: &[String]) -> pb::AccessToken {
     }
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+/// A time as a protobuf `Timestamp`.
+pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     prost_types::Timestamp {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),

@@ -200,6 +200,28 @@ pub async fn serve_with(
     result
 }
 
+/// Fills in an audit record's decision, code and reason from an RPC's result:
+/// `deny` for refusals of the caller (authentication, policy, limits),
+/// `error` for every other failure.
+pub(crate) fn record_outcome(event: &mut crate::audit::AuditEvent, result: Result<(), &tonic::Status>) {
+    use tonic::Code;
+    match result {
+        Ok(()) => {
+            event.decision = "allow";
+            event.code = "Ok".to_owned();
+        }
+        Err(status) => {
+            let denied = matches!(
+                status.code(),
+                Code::PermissionDenied | Code::Unauthenticated | Code::ResourceExhausted
+            );
+            event.decision = if denied { "deny" } else { "error" };
+            event.code = crate::metrics::code_name(status.code()).to_owned();
+            event.reason = Some(status.message().to_owned());
+        }
+    }
+}
+
 /// The shared health status.
 struct Health(tonic_health::server::HealthReporter);
 
