@@ -2,9 +2,7 @@
 //! instant (kill -9) leaves the old or the new key set, never a torn or empty
 //! one; a corrupt store stops startup with one clear line.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
@@ -264,7 +262,7 @@ fn every_kill_9_leaves_the_old_or_the_new_set() {
     let mut seen = std::collections::BTreeSet::new();
     for round in 0..20u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "store_writer_child", "--ignored", "--nocapture"])
+            .args(["--exact", "keystore::store_writer_child", "--ignored", "--nocapture"])
             .env("BOX_BROKER_TEST_STORE", &path)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

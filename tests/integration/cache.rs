@@ -1,8 +1,6 @@
 //! The token cache as callers observe it: upstream call counts and tokens.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,9 +1,7 @@
 //! Bad requests get a precise status and a message that says what to fix;
 //! the server also answers health checks and reflection.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use box_token_broker::pb;
 use common::{Harness, Options, assert_status, enterprise, user};

@@ -1,107 +1,14 @@
 //! Traces reach an in-process OTLP collector (the RPC span and its upstream
 //! child), and a canary scenario with known secret values leaves none of them
 //! in any log line, span attribute, metric or error message.
-//! One test binary, because it installs the global subscriber.
+//! The subscriber and collector are the binary's one global pair (common).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+use crate::common;
 
-mod common;
-
-use std::sync::{Arc, Mutex, OnceLock};
-
-use box_token_broker::{fakebox::Fault, fakebox::seed, telemetry};
-use common::{Captured, Harness, Options, enterprise, token_of, user};
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    },
-    trace::v1::Span,
-};
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use box_token_broker::{fakebox::Fault, fakebox::seed};
+use common::{Harness, Options, enterprise, token_of, user};
+use opentelemetry_proto::tonic::trace::v1::Span;
 use secrecy::ExposeSecret as _;
-use tracing_subscriber::prelude::*;
-
-#[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-struct Observed {
-    logs: Captured,
-    collector: Collector,
-    provider: SdkTracerProvider,
-}
-
-/// The collector runs on its own runtime (a thread), so it outlives each test's runtime.
-fn observed() -> &'static Observed {
-    static OBSERVED: OnceLock<Observed> = OnceLock::new();
-    OBSERVED.get_or_init(|| {
-        let collector = Collector::default();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let serving = collector.clone();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                tonic::transport::Server::builder()
-                    .add_service(TraceServiceServer::new(serving))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                    .await
-                    .unwrap();
-            });
-        });
-        let addr = addr_rx.recv().unwrap();
-        let (provider, logs) = std::thread::spawn(move || {
-            // The exporter's channel is built inside a runtime that stays up.
-            let runtime = Box::leak(Box::new(tokio::runtime::Runtime::new().unwrap()));
-            let provider =
-                runtime.block_on(async { telemetry::otlp_provider(Some(&format!("http://{addr}"))).unwrap() });
-            let logs = Captured::default();
-            let writer = logs.clone();
-            let subscriber = tracing_subscriber::registry()
-                .with(
-                    tracing_subscriber::fmt::layer()
-                        .with_writer(move || writer.clone())
-                        .with_ansi(false)
-                        .with_filter(tracing_subscriber::EnvFilter::new("box_token_broker=trace,info")),
-                )
-                .with(telemetry::otel_layer(&provider));
-            tracing::subscriber::set_global_default(subscriber).unwrap();
-            (provider, logs)
-        })
-        .join()
-        .unwrap();
-        Observed {
-            logs,
-            collector,
-            provider,
-        }
-    })
-}
-
-fn spans(o: &Observed) -> Vec<Span> {
-    o.provider.force_flush().unwrap();
-    o.collector
-        .0
-        .lock()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.resource_spans.iter())
-        .flat_map(|r| r.scope_spans.iter())
-        .flat_map(|s| s.spans.iter().cloned())
-        .collect()
-}
 
 fn attribute(span: &Span, key: &str) -> Option<String> {
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -117,7 +24,7 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rpc_span_and_its_upstream_child_reach_the_collector() {
-    let o = observed();
+    let o = common::observed();
     let h = Harness::start().await;
     let mut request = tonic::Request::new(user(seed::APP_USER_IDS[2]));
     request
@@ -125,7 +32,7 @@ async fn the_rpc_span_and_its_upstream_child_reach_the_collector() {
         .insert("x-request-id", "trace-test-1".parse().unwrap());
     h.client.clone().get_token(request).await.unwrap();
 
-    let spans = spans(o);
+    let spans = common::spans(o);
     let rpc = spans
         .iter()
         .find(|s| s.name == "GetToken" && attribute(s, "request_id").as_deref() == Some("trace-test-1"))
@@ -145,7 +52,7 @@ async fn the_rpc_span_and_its_upstream_child_reach_the_collector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_scenario_leaves_no_secret_in_logs_spans_metrics_or_errors() {
-    let o = observed();
+    let o = common::observed();
     let h = Harness::with(Options {
         admin: true,
         api_keys: vec![("portal", "canary-api-key-0001")],
@@ -239,7 +146,7 @@ async fn a_canary_scenario_leaves_no_secret_in_logs_spans_metrics_or_errors() {
         .text()
         .await
         .unwrap();
-    let spans = format!("{:?}", spans(o));
+    let spans = format!("{:?}", common::spans(o));
     let logs = o.logs.text();
     let audit = String::from_utf8(h.audit.lock().unwrap().clone()).unwrap();
     assert!(spans.contains("GetToken") && scraped.contains("boxbroker_rpc_requests_total"));

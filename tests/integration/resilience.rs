@@ -2,9 +2,7 @@
 //! Unavailable, or the cached token still served — with the exact number of
 //! upstream attempts (the fake's `token_arrivals`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,9 +1,7 @@
 //! Minting exactly as Box requires: the fake verifies every assertion, and
 //! these tests check what it saw.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

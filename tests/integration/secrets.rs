@@ -1,16 +1,14 @@
 //! Secrets never leak: not through `Debug`, not into logs, not into error
-//! messages. One test binary, because it installs a global log subscriber.
+//! messages.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use box_token_broker::{
     boxapi::{BoxId, BoxSubject, CredentialSources},
     broker::{Subject, TokenRequest},
     fakebox::{FakeAuth, Fault, seed},
 };
-use common::{Captured, Harness, Options, assert_free_of, enterprise, fixture, key_material, token_of, user};
+use common::{Harness, Options, assert_free_of, enterprise, fixture, key_material, token_of, user};
 use secrecy::ExposeSecret as _;
 
 #[tokio::test]
@@ -90,7 +88,7 @@ async fn debug_output_hides_every_secret() {
 #[tokio::test]
 async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
     // Everything this crate emits, down to TRACE, plus dependencies at INFO.
-    let captured = Captured::install();
+    let captured = &common::observed().logs;
 
     let mut secrets = key_material();
     let mut messages = Vec::new();

@@ -1,9 +1,7 @@
 //! The fake Box is strict: it rejects what real Box rejects
 //! (box-contract.md §10), with Box's codes and messages.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::{sync::Arc, time::SystemTime};
 

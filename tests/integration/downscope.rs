@@ -1,9 +1,7 @@
 //! Downscoped tokens for front ends: exactly the narrow token asked for, or a
 //! clear refusal — never a broader one.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,9 +1,7 @@
 //! The Unix-socket listener (sidecar mode): every peer is the socket's
 //! configured identity, if its uid is allowed.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::{path::PathBuf, sync::Arc};
 

@@ -2,31 +2,18 @@
 //! failed call, trial mints that change nothing when Box refuses, the
 //! standby fallback and its alert, the admin listener's own authentication,
 //! and no secret in any response, log line, audit record or `Debug`.
-//! One test binary, because it installs a global log subscriber.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+use crate::common;
 
-mod common;
-
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use box_token_broker::pb::{self, KeyState, broker_admin_service_client::BrokerAdminServiceClient};
-use common::{ADMIN_KEY, Captured, Harness, Options, admin_request, assert_status, enterprise, fixture, user};
+use common::{ADMIN_KEY, Harness, Options, admin_request, assert_status, enterprise, fixture, log_text, user};
 use secrecy::ExposeSecret as _;
 use tonic::{Code, transport::Channel};
 
-/// Every log line of this test binary (this crate at TRACE).
-fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(Captured::install)
-}
-
-fn log_text() -> String {
-    logs().text()
-}
-
 async fn harness() -> Harness {
-    logs();
+    common::observed();
     Harness::with(Options {
         admin: true,
         ..Options::default()

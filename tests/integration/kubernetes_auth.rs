@@ -1,8 +1,6 @@
 //! Kubernetes projected service-account tokens as caller identity.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::{
     sync::Arc,

@@ -1,9 +1,7 @@
 //! Every Box token-endpoint error (box-contract.md §2.5, §2.6, §4, §8) maps
 //! to its documented gRPC code, with a message that says what to fix.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -3,9 +3,7 @@
 //! SAN (SPIFFE ID) or DNS SAN. A listener configured to accept certificates
 //! and API keys lets a caller without a certificate use a key.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

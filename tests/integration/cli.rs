@@ -1,8 +1,6 @@
 //! The `box-broker` binary end to end: `dev`, `fake-box` + `serve` +
 //! `token get`, SIGTERM, and `keygen`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,

@@ -1,9 +1,11 @@
 //! The integration-test harness: a fake Box and a real broker on ephemeral
 //! ports, sharing one manual clock, with a gRPC client connected.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // Shared by several test crates; each uses a part.
-
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
 
 use box_token_broker::{
     admin::{AdminRules, KeyAdmin},
@@ -23,13 +25,22 @@ use box_token_broker::{
         token_broker_service_client::TokenBrokerServiceClient,
     },
     policy::Policy,
-    service,
+    service, telemetry,
 };
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    trace::v1::Span,
+};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use rsa::RsaPrivateKey;
 use secrecy::{ExposeSecret as _, SecretString};
 use sha2::{Digest as _, Sha256};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
+use tracing_subscriber::prelude::*;
 
 /// The fixture directory.
 pub fn fixture(name: &str) -> PathBuf {
@@ -97,7 +108,8 @@ pub struct AdminSide {
     pub client: BrokerAdminServiceClient<Channel>,
     pub addr: std::net::SocketAddr,
     pub key_admin: Arc<KeyAdmin>,
-    pub store_dir: tempfile::TempDir,
+    /// Holds the key store's directory for the harness's lifetime.
+    pub _store_dir: tempfile::TempDir,
     pub store_path: PathBuf,
     pub kek: SecretString,
 }
@@ -140,7 +152,7 @@ pub struct Harness {
     pub client: TokenBrokerServiceClient<Channel>,
     pub channel: Channel,
     /// The audit records written so far (JSON lines).
-    pub audit: Arc<std::sync::Mutex<Vec<u8>>>,
+    pub audit: Arc<Mutex<Vec<u8>>>,
     /// The admin listener, when `Options::admin`.
     pub admin: Option<AdminSide>,
     stop: Option<oneshot::Sender<()>>,
@@ -253,7 +265,7 @@ impl Harness {
                 ),
                 addr,
                 key_admin,
-                store_dir,
+                _store_dir: store_dir,
                 store_path,
                 kek,
             }),
@@ -286,16 +298,6 @@ impl Harness {
             let _ = stop.send(());
         }
         self.server.take().unwrap()
-    }
-
-    /// Stops the broker and waits for in-flight calls to drain.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server.await.unwrap();
-        }
     }
 
     /// The audit records so far, parsed.
@@ -420,7 +422,7 @@ impl Harness {
 
 /// A log writer that keeps everything written to it, for tests that scan logs.
 #[derive(Clone, Default)]
-pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -433,20 +435,6 @@ impl std::io::Write for Captured {
 }
 
 impl Captured {
-    /// Installs a global subscriber writing this crate's events (down to
-    /// TRACE) and dependencies' (INFO) here; once per test binary.
-    pub fn install() -> Self {
-        let captured = Self::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("box_token_broker=trace,info")
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
-        captured
-    }
-
     /// Everything written so far.
     pub fn text(&self) -> String {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
@@ -501,4 +489,94 @@ pub fn assert_free_of(text: &str, secrets: &[String], what: &str) {
         !text.contains("eyJ0eXAi") && !text.contains("eyJhbGci"),
         "{what} contains a JWT"
     );
+}
+
+#[derive(Clone, Default)]
+pub struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+pub struct Observed {
+    pub logs: Captured,
+    pub collector: Collector,
+    pub provider: SdkTracerProvider,
+}
+
+/// The binary's one global subscriber: every log line (this crate at TRACE,
+/// dependencies at INFO) into a buffer, and every span to an in-process OTLP
+/// collector. Tests that scan logs or spans call this first; the collector
+/// runs on its own runtime (a thread), so it outlives each test's runtime.
+pub fn observed() -> &'static Observed {
+    static OBSERVED: OnceLock<Observed> = OnceLock::new();
+    OBSERVED.get_or_init(|| {
+        let collector = Collector::default();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let serving = collector.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(serving))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await
+                    .unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        let (provider, logs) = std::thread::spawn(move || {
+            // The exporter's channel is built inside a runtime that stays up.
+            let runtime = Box::leak(Box::new(tokio::runtime::Runtime::new().unwrap()));
+            let provider =
+                runtime.block_on(async { telemetry::otlp_provider(Some(&format!("http://{addr}"))).unwrap() });
+            let logs = Captured::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(move || writer.clone())
+                        .with_ansi(false)
+                        .with_filter(tracing_subscriber::EnvFilter::new("box_token_broker=trace,info")),
+                )
+                .with(telemetry::otel_layer(&provider));
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+            (provider, logs)
+        })
+        .join()
+        .unwrap();
+        Observed {
+            logs,
+            collector,
+            provider,
+        }
+    })
+}
+
+/// Every span the collector has received (flushing the exporter first).
+pub fn spans(o: &Observed) -> Vec<Span> {
+    o.provider.force_flush().unwrap();
+    o.collector
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.resource_spans.iter())
+        .flat_map(|r| r.scope_spans.iter())
+        .flat_map(|s| s.spans.iter().cloned())
+        .collect()
+}
+
+/// Every log line of this test binary so far (see `observed`).
+pub fn log_text() -> String {
+    observed().logs.text()
 }

@@ -1,9 +1,7 @@
 //! Every private-key form a Box user may hold loads; bad keys, passphrases and
 //! config files stop startup with one line naming the file and the problem.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -1,9 +1,7 @@
 //! Starting, stopping and limits: health flips to NOT_SERVING first, in-flight
 //! requests drain, and callers over a limit get ResourceExhausted naming it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

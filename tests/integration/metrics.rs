@@ -1,8 +1,6 @@
 //! `/metrics` is scraped and parsed, and the counters move as the scenario says.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

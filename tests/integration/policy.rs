@@ -1,9 +1,7 @@
 //! The deny-by-default policy: the worked examples for the four Box user
 //! models, and a caller × request matrix over gRPC with its audit trail.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

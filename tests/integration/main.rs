@@ -1,0 +1,28 @@
+//! The integration tests: one binary with a module per area, so the whole
+//! suite links once (nineteen binaries of ~300 MB each filled CI's disk) and
+//! shares one global log and trace subscriber (`common::observed`).
+//! Run one area with `cargo test --test integration policy::`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+mod cache;
+mod cli;
+mod downscope;
+mod fakebox;
+mod keys;
+mod keystore;
+mod kubernetes_auth;
+mod lifecycle;
+mod metrics;
+mod mint;
+mod mtls;
+mod observability;
+mod policy;
+mod requests;
+mod resilience;
+mod rotation;
+mod secrets;
+mod unix_socket;
+mod upstream_errors;
