@@ -206,7 +206,7 @@ pub struct Revoked {
     /// How many cache entries were dropped (the token and its children).
     pub evicted: usize,
     /// The policy rule that allowed it.
-    pub rule: String,
+    pub rule: Arc<str>,
 }
 
 /// The apps by name; mints and exchanges tokens for the cache.
@@ -478,7 +478,7 @@ pub struct Granted {
     /// The token.
     pub lookup: Lookup,
     /// The name of the rule that allowed it.
-    pub rule: String,
+    pub rule: Arc<str>,
     /// The expiry the caller is told: the token's own, or sooner when the
     /// rule sets `max_lifetime_secs`.
     pub expires_at: SystemTime,
@@ -486,7 +486,7 @@ pub struct Granted {
 
 /// A policy's permission: the rule, and the longest the token may be held.
 struct Permit {
-    rule: String,
+    rule: Arc<str>,
     max_lifetime: Option<Duration>,
 }
 

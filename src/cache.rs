@@ -128,17 +128,18 @@ pub struct CachedToken {
     /// For a downscoped token, the id of the parent it was exchanged from.
     pub parent_id: Option<u64>,
     /// For a downscoped token, what Box says it is restricted to.
-    pub restricted_to: Vec<Restriction>,
+    pub restricted_to: Box<[Restriction]>,
     /// The bearer token.
     pub access_token: SecretString,
-    /// `bearer`.
-    pub token_type: String,
+    /// Box's `token_type` when it is not `bearer` (kept small: a million
+    /// cached tokens each holding "bearer" would be a million allocations).
+    token_type: Option<Box<str>>,
     /// When Box stops accepting it.
     pub expires_at: SystemTime,
     /// When the request that minted it was sent.
     pub minted_at: SystemTime,
     /// Box's request id for the mint, when it sent one.
-    pub request_id: Option<String>,
+    pub request_id: Option<Box<str>>,
     /// SHA-256 of the access token, for audit records (computed once, at mint).
     pub sha256: [u8; 32],
     /// From this time (Unix ms) a hit starts a background refresh.
@@ -167,19 +168,24 @@ impl CachedToken {
         Self {
             id: NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
             parent_id: parent.map(|p| p.id),
-            restricted_to: issued.restricted_to,
+            restricted_to: issued.restricted_to.into_boxed_slice(),
             sha256: {
                 use secrecy::ExposeSecret as _;
                 use sha2::Digest as _;
                 sha2::Sha256::digest(issued.access_token.expose_secret().as_bytes()).into()
             },
             access_token: issued.access_token,
-            token_type: issued.token_type,
+            token_type: (issued.token_type != "bearer").then(|| issued.token_type.into_boxed_str()),
             expires_at: issued.expires_at,
             minted_at: issued.issued_at,
-            request_id: issued.request_id,
+            request_id: issued.request_id.map(String::into_boxed_str),
             refresh_at_ms: AtomicI64::new(unix_millis(refresh_at)),
         }
+    }
+
+    /// Box's `token_type` (`bearer`).
+    pub fn token_type(&self) -> &str {
+        self.token_type.as_deref().unwrap_or("bearer")
     }
 
     /// Time left at `now` (zero once expired).

@@ -64,8 +64,8 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
-    /// A name for audit records and denial messages.
-    pub name: String,
+    /// A name for audit records and denial messages (shared, not copied, per request).
+    pub name: std::sync::Arc<str>,
     /// Caller identities this rule applies to.
     pub callers: Vec<Glob>,
     /// Apps it grants (by config name).
@@ -199,7 +199,7 @@ impl Policy {
         let all = || vec![Glob("*".to_owned())];
         Self {
             rules: vec![Rule {
-                name: "allow everything (development)".to_owned(),
+                name: "allow everything (development)".into(),
                 callers: vec![Glob(caller.to_owned())],
                 apps: all(),
                 enterprise: true,
@@ -240,7 +240,7 @@ impl Policy {
         let mut names = BTreeSet::new();
         for rule in &self.rules {
             let name = &rule.name;
-            if name.is_empty() || !names.insert(name.as_str()) {
+            if name.is_empty() || !names.insert(&**name) {
                 return Err(format!("every rule needs a unique, non-empty name (problem: {name:?})"));
             }
             if rule.callers.is_empty() {
@@ -275,7 +275,7 @@ impl Policy {
     pub fn decide(&self, request: &Request<'_>) -> Decision {
         match self.granting_rule(request) {
             Ok(rule) => Decision::Allow {
-                rule: rule.name.clone(),
+                rule: rule.name.to_string(),
             },
             Err(reason) => Decision::Deny { reason },
         }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use tonic::Code;
 
 use crate::{
-    audit::{AuditEvent, AuditSink, fingerprint},
+    audit::{AuditEvent, AuditSink, digest, fingerprint},
     auth::{Authenticator, CallerIdentity},
     boxapi::{BoxId, BoxSubject, Target, credentials::BoxIdError, downscope::normalize_scopes},
     broker::{Broker, DownscopeRequest, Granted, Subject, TokenRequest},
@@ -208,8 +208,9 @@ impl TokenBrokerApi {
             ),
         };
         drop(permit);
+        let header = tonic::metadata::MetadataValue::try_from(id.as_str()).ok();
         event.rpc = rpc;
-        event.request_id = Some(id.clone());
+        event.request_id = Some(id);
         if let Err(status) = &result {
             span.record("code", tracing::field::debug(status.code()));
             tracing::info!(code = ?status.code(), reason = status.message(), "refused");
@@ -218,7 +219,7 @@ impl TokenBrokerApi {
         self.audit.record(event);
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.broker.metrics().rpc(rpc, code, started.elapsed());
-        let id = tonic::metadata::MetadataValue::try_from(id.as_str()).ok();
+        let id = header;
         match result {
             Ok(message) => {
                 let mut response = Response::new(message);
@@ -259,8 +260,8 @@ fn served(event: &mut AuditEvent, granted: &Granted) {
     let token = &granted.lookup.token;
     event.rule = Some(granted.rule.clone());
     event.cache_hit = Some(granted.lookup.cache_hit);
-    event.token_sha256 = Some(hex::encode(token.sha256));
-    event.box_request_id = token.request_id.clone();
+    event.token_sha256 = Some(token.sha256);
+    event.box_request_id = token.request_id.as_deref().map(str::to_owned);
     tracing::Span::current().record("cache_hit", granted.lookup.cache_hit);
 }
 
@@ -348,7 +349,7 @@ impl TokenBrokerService for TokenBrokerApi {
                 ));
                 return (event, Err(e.into()));
             }
-            event.token_sha256 = Some(fingerprint(&access_token));
+            event.token_sha256 = Some(digest(&access_token));
             let app = (!app.is_empty()).then_some(app);
             tracing::Span::current().record("app", app.as_deref().unwrap_or("(default)"));
             let result = self
@@ -462,7 +463,7 @@ pub fn to_proto(granted: &Granted, scopes: &[String]) -> pb::AccessToken {
     pb::AccessToken {
         access_token: token.access_token.expose_secret().to_owned(),
         expires_at: Some(timestamp(granted.expires_at)),
-        token_type: token.token_type.clone(),
+        token_type: token.token_type().to_owned(),
         scopes: scopes.to_vec(),
         restricted_to: token
             .restricted_to

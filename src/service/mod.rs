@@ -208,7 +208,7 @@ pub(crate) fn record_outcome(event: &mut crate::audit::AuditEvent, result: Resul
     match result {
         Ok(()) => {
             event.decision = "allow";
-            event.code = "Ok".to_owned();
+            event.code = "Ok";
         }
         Err(status) => {
             let denied = matches!(
@@ -216,7 +216,7 @@ pub(crate) fn record_outcome(event: &mut crate::audit::AuditEvent, result: Resul
                 Code::PermissionDenied | Code::Unauthenticated | Code::ResourceExhausted
             );
             event.decision = if denied { "deny" } else { "error" };
-            event.code = crate::metrics::code_name(status.code()).to_owned();
+            event.code = crate::metrics::code_name(status.code());
             event.reason = Some(status.message().to_owned());
         }
     }

@@ -508,7 +508,7 @@ async fn an_invalid_policy_change_is_rejected_and_the_old_policy_stays() {
         "{why}"
     );
     h.get(enterprise()).await.unwrap();
-    assert_eq!(h.broker.policy().rules[0].name, "anon");
+    assert_eq!(h.broker.policy().rules[0].name.as_ref(), "anon");
     // Deleting the file does not drop the policy either.
     std::fs::remove_file(&path).unwrap();
     assert!(matches!(watcher.check(true), ReloadOutcome::Rejected(_)));
@@ -523,7 +523,7 @@ async fn the_watcher_notices_a_changed_file_by_itself() {
         tokio::spawn(PolicyWatcher::new(path.clone(), h.broker.clone()).run(std::time::Duration::from_millis(20)));
     std::fs::write(&path, FOR_ANONYMOUS).unwrap();
     let changed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while h.broker.policy().rules[0].name != "anon" {
+        while h.broker.policy().rules[0].name.as_ref() != "anon" {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     })
