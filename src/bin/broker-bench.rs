@@ -4,11 +4,12 @@
 //! /dev/null) against the in-process fake Box, and a baseline gRPC server on
 //! the same tonic stack that answers `TokenBrokerService` with constant
 //! responses of the same size — no auth, policy, cache or audit. The same
-//! client drives both with the same concurrency and duration, and the
-//! broker/baseline ratios are printed. Then: cold mints, a stampede on one
-//! key, and memory per cached token. See BENCHMARKS.md.
+//! client drives both with the same concurrency and duration, in slices that
+//! alternate between them, and the broker/baseline ratios (throughput, p99,
+//! CPU per request) are printed. Then: cold mints, a stampede on one key, and
+//! memory per cached token. See BENCHMARKS.md.
 //!
-//! `cargo run --release --bin broker-bench` (about 2 minutes), or `-- --quick`
+//! `cargo run --release --bin broker-bench` (about 3 minutes), or `-- --quick`
 //! (under 60 s; a smoke test, not a measurement).
 
 // A benchmark tool: a setup failure is a bug to see at once, so it panics;
@@ -68,6 +69,13 @@ struct Args {
     /// Only the cached single-key `GetToken` against the baseline (for profiling).
     #[arg(long)]
     cached_only: bool,
+    /// Each load scenario runs in this many slices, alternating broker and
+    /// baseline, so both see the same machine (drift and noise) over the run.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Only the memory-per-token measurement.
+    #[arg(long)]
+    memory_only: bool,
 }
 
 /// One load run's results.
@@ -75,13 +83,40 @@ struct Run {
     requests: usize,
     errors: usize,
     seconds: f64,
+    /// CPU time the whole process (client and servers) used during the run.
+    cpu_seconds: Option<f64>,
     /// Sorted, nanoseconds.
     latencies: Vec<u64>,
 }
 
 impl Run {
+    fn empty() -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            seconds: 0.0,
+            cpu_seconds: Some(0.0),
+            latencies: Vec::new(),
+        }
+    }
+
+    /// Adds another slice of the same scenario.
+    fn merge(&mut self, slice: Self) {
+        self.requests += slice.requests;
+        self.errors += slice.errors;
+        self.seconds += slice.seconds;
+        self.cpu_seconds = self.cpu_seconds.zip(slice.cpu_seconds).map(|(a, b)| a + b);
+        self.latencies.extend(slice.latencies);
+        self.latencies.sort_unstable();
+    }
+
     fn throughput(&self) -> f64 {
         self.requests as f64 / self.seconds
+    }
+
+    /// CPU microseconds per request (client and server together).
+    fn cpu_per_request(&self) -> Option<f64> {
+        self.cpu_seconds.map(|cpu| cpu * 1e6 / self.requests.max(1) as f64)
     }
 
     fn percentile(&self, p: f64) -> Duration {
@@ -99,28 +134,36 @@ fn micros(d: Duration) -> String {
 
 fn print_header() {
     println!(
-        "{:<44} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}",
-        "scenario", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9", "errors"
+        "{:<44} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10}",
+        "scenario", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9", "errors", "CPU µs/req"
     );
 }
 
 fn print_run(name: &str, run: &Run) {
     println!(
-        "{:<44} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:<44} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10}",
         name,
         run.throughput(),
         micros(run.percentile(50.0)),
         micros(run.percentile(90.0)),
         micros(run.percentile(99.0)),
         micros(run.percentile(99.9)),
-        run.errors
+        run.errors,
+        run.cpu_per_request()
+            .map_or_else(|| "-".to_owned(), |c| format!("{c:.1}"))
     );
 }
 
 fn print_ratio(name: &str, broker: &Run, baseline: &Run) {
     let p99 = broker.percentile(99.0).as_secs_f64() / baseline.percentile(99.0).as_secs_f64().max(1e-9);
+    let cpu = broker
+        .cpu_per_request()
+        .zip(baseline.cpu_per_request())
+        .map_or_else(String::new, |(b, base)| {
+            format!(", CPU per request {:.2}x", b / base.max(1e-9))
+        });
     println!(
-        "{:<44} throughput {:.2}x baseline (target >= 0.90), p99 {:.2}x baseline (target <= 1.25)",
+        "{:<44} throughput {:.2}x baseline (target >= 0.90), p99 {:.2}x baseline (target <= 1.25){cpu}",
         name,
         broker.throughput() / baseline.throughput().max(1e-9),
         p99
@@ -134,6 +177,7 @@ where
     Fut: Future<Output = bool> + Send,
 {
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     let deadline = started + duration;
     let mut tasks = Vec::with_capacity(concurrency);
     for worker in 0..concurrency {
@@ -163,11 +207,13 @@ where
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_before.zip(cpu_seconds()).map(|(before, after)| after - before);
     latencies.sort_unstable();
     Run {
         requests: latencies.len(),
         errors,
         seconds,
+        cpu_seconds,
         latencies,
     }
 }
@@ -244,6 +290,18 @@ async fn channels(addr: std::net::SocketAddr, n: usize) -> Vec<Channel> {
     channels
 }
 
+/// CPU time this process has used so far, user and system, all threads
+/// (Linux: /proc/self/stat, in USER_HZ = 100 ticks per second).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces: count from the last ')'.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    // Field 3 (the state) comes first; utime and stime are fields 14 and 15.
+    let utime: f64 = fields.nth(11)?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 /// Resident set size of this process, in bytes (Linux).
 fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -317,8 +375,14 @@ async fn run(args: Args) {
     let stampede = 1_000;
     let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
     let concurrency = args.concurrency;
+    let rounds = if args.quick { 2 } else { args.rounds.max(1) };
+    let slice = duration / rounds;
+    if args.memory_only {
+        report_memory(memory_tokens).await;
+        return;
+    }
     println!(
-        "broker-bench: {} s per load scenario, concurrency {concurrency} over {} connections{}",
+        "broker-bench: {} s per load scenario in {rounds} slices alternating with the others, concurrency {concurrency} over {} connections{}",
         duration.as_secs(),
         args.connections,
         if args.quick {
@@ -445,9 +509,12 @@ async fn run(args: Args) {
     .await;
     if args.cached_only {
         print_header();
-        let base = drive(&baseline_channels, concurrency, duration, get_enterprise).await;
+        let (mut base, mut one) = (Run::empty(), Run::empty());
+        for _ in 0..rounds {
+            base.merge(drive(&baseline_channels, concurrency, slice, get_enterprise).await);
+            one.merge(drive(&broker_channels, concurrency, slice, get_enterprise).await);
+        }
         print_run("baseline GetToken (constant)", &base);
-        let one = drive(&broker_channels, concurrency, duration, get_enterprise).await;
         print_run("broker GetToken, cached, 1 key", &one);
         print_ratio("cached GetToken, 1 key:", &one, &base);
         return;
@@ -474,15 +541,19 @@ async fn run(args: Args) {
     let warm_secs = warm_started.elapsed().as_secs_f64();
     println!();
     print_header();
-    let base = drive(&baseline_channels, concurrency, duration, get_enterprise).await;
+    let (mut base, mut one, mut many) = (Run::empty(), Run::empty(), Run::empty());
+    let (mut base_down, mut down) = (Run::empty(), Run::empty());
+    for _ in 0..rounds {
+        base.merge(drive(&baseline_channels, concurrency, slice, get_enterprise).await);
+        one.merge(drive(&broker_channels, concurrency, slice, get_enterprise).await);
+        many.merge(drive(&broker_channels, concurrency, slice, get_user).await);
+        base_down.merge(drive(&baseline_channels, concurrency, slice, get_downscoped).await);
+        down.merge(drive(&broker_channels, concurrency, slice, get_downscoped).await);
+    }
     print_run("baseline GetToken (constant)", &base);
-    let one = drive(&broker_channels, concurrency, duration, get_enterprise).await;
     print_run("broker GetToken, cached, 1 key", &one);
-    let many = drive(&broker_channels, concurrency, duration, get_user).await;
     print_run(&format!("broker GetToken, cached, {users} users"), &many);
-    let base_down = drive(&baseline_channels, concurrency, duration, get_downscoped).await;
     print_run("baseline GetDownscopedToken (constant)", &base_down);
-    let down = drive(&broker_channels, concurrency, duration, get_downscoped).await;
     print_run("broker GetDownscopedToken, cached", &down);
     let arrivals = fake.stats().token_arrivals;
     let cold = drive(
@@ -557,11 +628,13 @@ async fn run(args: Args) {
         started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
     );
 
-    match memory_per_token(memory_tokens).await {
-        Some(per) => {
-            println!("memory: {per:.0} bytes of RSS per cached user token ({memory_tokens} tokens; target <= 400)")
-        }
+    report_memory(memory_tokens).await;
+    fake_server.stop().await;
+}
+
+async fn report_memory(tokens: usize) {
+    match memory_per_token(tokens).await {
+        Some(per) => println!("memory: {per:.0} bytes of RSS per cached user token ({tokens} tokens; target <= 400)"),
         None => println!("memory: RSS is not readable here (/proc/self/statm)"),
     }
-    fake_server.stop().await;
 }
