@@ -171,8 +171,7 @@ impl CachedToken {
             restricted_to: issued.restricted_to.into_boxed_slice(),
             sha256: {
                 use secrecy::ExposeSecret as _;
-                use sha2::Digest as _;
-                sha2::Sha256::digest(issued.access_token.expose_secret().as_bytes()).into()
+                crate::audit::digest(issued.access_token.expose_secret())
             },
             access_token: issued.access_token,
             token_type: (issued.token_type != "bearer").then(|| issued.token_type.into_boxed_str()),
