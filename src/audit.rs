@@ -1,10 +1,21 @@
 //! The audit trail: one JSON object per line for every issuance, denial and
 //! failure, on its own sink (stdout, stderr or a file). It carries the
 //! SHA-256 fingerprint of an issued token, never the token.
+//!
+//! Every record is on a request's path, so writing one takes no lock and
+//! allocates nothing: it is formatted into a buffer of the writing thread and
+//! written with one `write(2)` before the response is sent. One write per
+//! line keeps lines whole without a lock: appends to a file opened with
+//! `O_APPEND` do not interleave, and a pipe writes at most `PIPE_BUF` (4096
+//! bytes on Linux) atomically — which is why a record is never longer than
+//! [`MAX_RECORD_BYTES`]: its free-text fields are cut short (ending in `…`).
 
 use std::{
+    cell::RefCell,
     fmt,
+    fs::File,
     io::Write,
+    os::fd::AsFd as _,
     path::Path,
     sync::{Arc, Mutex},
     time::SystemTime,
@@ -12,14 +23,35 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 
+use crate::{
+    boxapi::{BoxId, Target},
+    cache::{CachedToken, Downscope},
+};
+
+/// The longest record, newline included: `PIPE_BUF` on Linux, so a record
+/// written to a pipe arrives whole even while other threads write theirs.
+pub const MAX_RECORD_BYTES: usize = 4096;
+
+/// The most bytes (after JSON escaping) of a free-text field; a longer value
+/// is cut at a character boundary and ends in `…`. The sum over all fields
+/// stays well under [`MAX_RECORD_BYTES`].
+const MAX_REASON_BYTES: usize = 1024;
+const MAX_NAME_BYTES: usize = 256;
+const MAX_SHORT_BYTES: usize = 128;
+/// Scopes are checked against Box's list before they reach a record, so
+/// there are few and they are short; the bound only makes that explicit.
+const MAX_SCOPES: usize = 32;
+
 /// One audit record. The sink stamps its time (RFC 3339, UTC) when it
 /// writes it; fields that are `None` or empty are left out of the JSON.
+/// The text fields are shared (`Arc<str>`), so filling one on the request
+/// path copies no strings.
 #[derive(Debug, Clone, Default)]
 pub struct AuditEvent {
-    /// `GetToken`, `GetDownscopedToken` or `RevokeToken`.
+    /// `GetToken`, `GetDownscopedToken`, `RevokeToken` or an admin RPC.
     pub rpc: &'static str,
     /// The caller's identity (`unauthenticated` when it proved none).
-    pub caller: String,
+    pub caller: Arc<str>,
     /// `allow`, `deny` or `error`.
     pub decision: &'static str,
     /// The gRPC status code.
@@ -29,24 +61,88 @@ pub struct AuditEvent {
     /// The policy rule that allowed it.
     pub rule: Option<Arc<str>>,
     /// The app asked for (empty when the caller left it empty).
-    pub app: String,
+    pub app: Arc<str>,
     /// `enterprise` or `user`.
     pub subject_type: Option<&'static str>,
     /// The user id, for user subjects.
-    pub subject_id: Option<String>,
-    /// Downscope scopes.
-    pub scopes: Vec<String>,
-    /// `file:ID`, `folder:ID` or `shared_link:<sha256 prefix>`.
-    pub target: Option<String>,
+    pub subject_id: Option<BoxId>,
+    /// For a downscoped token: its scopes, and its target written as
+    /// `file:ID`, `folder:ID` or `shared_link:<sha256 prefix>` (a shared link
+    /// can itself be a capability, so only its fingerprint is recorded).
+    pub downscope: Option<Arc<Downscope>>,
     /// Served from the cache without a call to Box.
     pub cache_hit: Option<bool>,
-    /// SHA-256 of the issued (or revoked) token, written as lowercase hex.
+    /// The token served: its SHA-256 (as `token_sha256`) and Box's request
+    /// id for its mint (as `box_request_id`) are recorded, never the token.
+    pub issued: Option<Arc<CachedToken>>,
+    /// SHA-256 of a token not served from the cache (a revoked one), written
+    /// as lowercase hex; `issued` takes precedence.
     pub token_sha256: Option<[u8; 32]>,
-    /// Box's request id for the mint or exchange, when it sent one.
-    pub box_request_id: Option<String>,
     /// The request's id (the caller's `x-request-id`, or one the broker made),
     /// also in the logs and the response's `x-request-id`.
-    pub request_id: Option<String>,
+    pub request_id: Option<RequestId>,
+}
+
+/// A request id: at most 64 printable ASCII characters, held inline (no
+/// allocation per request).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestId {
+    bytes: [u8; Self::MAX_LEN],
+    len: u8,
+}
+
+impl RequestId {
+    /// The longest request id kept; a longer one from a caller is replaced.
+    pub const MAX_LEN: usize = 64;
+
+    /// `id`, if it is 1 to 64 printable ASCII characters.
+    pub fn parse(id: &str) -> Option<Self> {
+        let valid = !id.is_empty() && id.len() <= Self::MAX_LEN && id.bytes().all(|b| b.is_ascii_graphic());
+        valid.then(|| {
+            let mut bytes = [0u8; Self::MAX_LEN];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            Self {
+                bytes,
+                // At most 64, checked above.
+                len: u8::try_from(id.len()).unwrap_or(0),
+            }
+        })
+    }
+
+    /// A new id: 16 hex digits, a per-process random prefix and a counter —
+    /// unique without a system call per request.
+    pub fn generate() -> Self {
+        use std::sync::{
+            OnceLock,
+            atomic::{AtomicU32, Ordering},
+        };
+        static PREFIX: OnceLock<u32> = OnceLock::new();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let prefix = *PREFIX.get_or_init(rand::random);
+        let next = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = [0u8; Self::MAX_LEN];
+        let _ = hex::encode_to_slice(prefix.to_be_bytes(), &mut bytes[..8]);
+        let _ = hex::encode_to_slice(next.to_be_bytes(), &mut bytes[8..16]);
+        Self { bytes, len: 16 }
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        // Only printable ASCII is ever stored, so this never falls back.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl AuditEvent {
@@ -67,55 +163,71 @@ impl AuditEvent {
             b'Z',
             b'"',
         ]);
-        field(out, "rpc", self.rpc);
-        field(out, "caller", &self.caller);
-        field(out, "decision", self.decision);
-        field(out, "code", self.code);
+        field(out, "rpc", self.rpc, MAX_SHORT_BYTES);
+        field(out, "caller", &self.caller, MAX_NAME_BYTES);
+        field(out, "decision", self.decision, MAX_SHORT_BYTES);
+        field(out, "code", self.code, MAX_SHORT_BYTES);
         if let Some(reason) = &self.reason {
-            field(out, "reason", reason);
+            field(out, "reason", reason, MAX_REASON_BYTES);
         }
         if let Some(rule) = &self.rule {
-            field(out, "rule", rule);
+            field(out, "rule", rule, MAX_SHORT_BYTES);
         }
-        field(out, "app", &self.app);
+        field(out, "app", &self.app, MAX_SHORT_BYTES);
         if let Some(subject_type) = self.subject_type {
-            field(out, "subject_type", subject_type);
+            field(out, "subject_type", subject_type, MAX_SHORT_BYTES);
         }
         if let Some(subject_id) = &self.subject_id {
-            field(out, "subject_id", subject_id);
+            field(out, "subject_id", subject_id.as_str(), MAX_SHORT_BYTES);
         }
-        if !self.scopes.is_empty() {
-            key(out, "scopes");
-            out.push(b'[');
-            for (i, scope) in self.scopes.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
+        if let Some(downscope) = &self.downscope {
+            if !downscope.scopes.is_empty() {
+                key(out, "scopes");
+                out.push(b'[');
+                for (i, scope) in downscope.scopes.iter().take(MAX_SCOPES).enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    json_str(out, scope, MAX_SHORT_BYTES);
                 }
-                json_str(out, scope);
+                out.push(b']');
             }
-            out.push(b']');
-        }
-        if let Some(target) = &self.target {
-            field(out, "target", target);
+            if let Some(target) = &downscope.target {
+                key(out, "target");
+                out.push(b'"');
+                match target {
+                    Target::File(id) => {
+                        out.extend_from_slice(b"file:");
+                        escaped(out, id.as_str(), MAX_SHORT_BYTES);
+                    }
+                    Target::Folder(id) => {
+                        out.extend_from_slice(b"folder:");
+                        escaped(out, id.as_str(), MAX_SHORT_BYTES);
+                    }
+                    Target::SharedLink(url) => {
+                        out.extend_from_slice(b"shared_link:");
+                        hex_into(out, &digest(url)[..8]);
+                    }
+                }
+                out.push(b'"');
+            }
         }
         if let Some(hit) = self.cache_hit {
             key(out, "cache_hit");
             out.extend_from_slice(if hit { b"true" } else { b"false" });
         }
-        if let Some(digest) = &self.token_sha256 {
-            let mut hex = [0u8; 64];
-            if hex::encode_to_slice(digest, &mut hex).is_ok() {
-                key(out, "token_sha256");
-                out.push(b'"');
-                out.extend_from_slice(&hex);
-                out.push(b'"');
-            }
+        let sha256 = self.issued.as_ref().map(|t| &t.sha256).or(self.token_sha256.as_ref());
+        if let Some(digest) = sha256 {
+            key(out, "token_sha256");
+            out.push(b'"');
+            hex_into(out, digest);
+            out.push(b'"');
         }
-        if let Some(id) = &self.box_request_id {
-            field(out, "box_request_id", id);
+        if let Some(id) = self.issued.as_ref().and_then(|t| t.request_id.as_deref()) {
+            field(out, "box_request_id", id, MAX_SHORT_BYTES);
         }
         if let Some(id) = &self.request_id {
-            field(out, "request_id", id);
+            field(out, "request_id", id.as_str(), MAX_SHORT_BYTES);
         }
         out.push(b'}');
     }
@@ -128,16 +240,55 @@ fn key(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(b"\":");
 }
 
-/// `,"key":"value"`, the value escaped.
-fn field(out: &mut Vec<u8>, name: &str, value: &str) {
+/// `,"key":"value"`, the value escaped and at most `max` bytes.
+fn field(out: &mut Vec<u8>, name: &str, value: &str, max: usize) {
     key(out, name);
-    json_str(out, value);
+    json_str(out, value, max);
 }
 
-/// A JSON string, escaped (quotes, backslashes, control characters).
-fn json_str(out: &mut Vec<u8>, value: &str) {
-    // Writing into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, value);
+/// A JSON string of `value`, escaped and at most `max` bytes between the quotes.
+fn json_str(out: &mut Vec<u8>, value: &str, max: usize) {
+    out.push(b'"');
+    escaped(out, value, max);
+    out.push(b'"');
+}
+
+/// `value` escaped as inside a JSON string (quotes, backslashes, control
+/// characters, as serde_json does), cut at a character boundary with `…`
+/// when the escaped form would pass `max` bytes.
+fn escaped(out: &mut Vec<u8>, value: &str, max: usize) {
+    const ELLIPSIS: &[u8] = "…".as_bytes();
+    let start = out.len();
+    for c in value.chars() {
+        let mark = out.len();
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            c if u32::from(c) < 0x20 => {
+                out.extend_from_slice(b"\\u00");
+                #[allow(clippy::cast_possible_truncation, reason = "below 0x20")]
+                hex_into(out, &[u32::from(c) as u8]);
+            }
+            c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+        }
+        if out.len() - start > max.saturating_sub(ELLIPSIS.len()) {
+            out.truncate(mark);
+            out.extend_from_slice(ELLIPSIS);
+            return;
+        }
+    }
+}
+
+/// Lowercase hex of `bytes`, appended.
+fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
+    }
 }
 
 /// SHA-256 of a token: enough to correlate, useless to replay.
@@ -152,16 +303,33 @@ pub fn fingerprint(token: &str) -> String {
 
 /// Where audit records go.
 pub struct AuditSink {
-    out: Mutex<Out>,
+    writer: Writer,
 }
 
-/// The writer, the line buffer reused for every record, and the current
-/// second already formatted (records in the same second reuse it).
-struct Out {
-    writer: Box<dyn Write + Send>,
-    line: Vec<u8>,
+enum Writer {
+    /// A file, or a duplicate of the stdout/stderr descriptor: written with
+    /// one `write(2)` per record, no lock.
+    Fd(File),
+    /// Memory, for tests.
+    Memory(Arc<Mutex<Vec<u8>>>),
+}
+
+/// The writing thread's line buffer, reused for every record, and the
+/// current second already formatted (records in the same second reuse it).
+struct Line {
+    buffer: Vec<u8>,
     second: u64,
     stamp: String,
+}
+
+thread_local! {
+    static LINE: RefCell<Line> = const {
+        RefCell::new(Line {
+            buffer: Vec::new(),
+            second: u64::MAX,
+            stamp: String::new(),
+        })
+    };
 }
 
 impl fmt::Debug for AuditSink {
@@ -171,78 +339,70 @@ impl fmt::Debug for AuditSink {
 }
 
 impl AuditSink {
-    fn new(writer: Box<dyn Write + Send>) -> Self {
-        Self {
-            out: Mutex::new(Out {
-                writer,
-                line: Vec::with_capacity(512),
-                second: u64::MAX,
-                stamp: String::new(),
-            }),
-        }
+    /// Records to standard output (a duplicate of its descriptor, so records
+    /// bypass the process's `Stdout` lock and buffer).
+    pub fn stdout() -> std::io::Result<Self> {
+        let fd = std::io::stdout().as_fd().try_clone_to_owned()?;
+        Ok(Self {
+            writer: Writer::Fd(File::from(fd)),
+        })
     }
 
-    /// Records to standard output.
-    pub fn stdout() -> Self {
-        Self::new(Box::new(std::io::stdout()))
-    }
-
-    /// Records to standard error.
-    pub fn stderr() -> Self {
-        Self::new(Box::new(std::io::stderr()))
+    /// Records to standard error (a duplicate of its descriptor).
+    pub fn stderr() -> std::io::Result<Self> {
+        let fd = std::io::stderr().as_fd().try_clone_to_owned()?;
+        Ok(Self {
+            writer: Writer::Fd(File::from(fd)),
+        })
     }
 
     /// Appends records to `path` (created if missing).
     pub fn file(path: &Path) -> std::io::Result<Self> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self::new(Box::new(file)))
+        Ok(Self {
+            writer: Writer::Fd(file),
+        })
     }
 
     /// Records into memory, for tests: the returned buffer fills with JSON lines.
     pub fn memory() -> (Self, Arc<Mutex<Vec<u8>>>) {
         let buffer = Arc::new(Mutex::new(Vec::new()));
-        (Self::new(Box::new(SharedBuffer(buffer.clone()))), buffer)
+        (
+            Self {
+                writer: Writer::Memory(buffer.clone()),
+            },
+            buffer,
+        )
     }
 
     /// Writes one record, with one `write` to the sink, before returning.
     /// A failing sink is logged, never fatal to the request.
-    pub fn record(&self, event: AuditEvent) {
+    pub fn record(&self, event: &AuditEvent) {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        let mut out = self.out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Out {
-            writer,
-            line,
-            second,
-            stamp,
-        } = &mut *out;
-        if *second != now.as_secs() {
-            *second = now.as_secs();
-            *stamp = utc_second(now.as_secs());
-        }
-        line.clear();
-        event.write_json(stamp, now.subsec_millis(), line);
-        line.push(b'\n');
-        if let Err(e) = writer.write_all(line).and_then(|()| writer.flush()) {
-            tracing::error!(error = %e, "writing an audit record failed");
-        }
-    }
-}
-
-struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        LINE.with_borrow_mut(|line| {
+            if line.second != now.as_secs() {
+                line.second = now.as_secs();
+                line.stamp = utc_second(now.as_secs());
+            }
+            line.buffer.clear();
+            event.write_json(&line.stamp, now.subsec_millis(), &mut line.buffer);
+            line.buffer.push(b'\n');
+            let written = match &self.writer {
+                Writer::Fd(file) => (&*file).write_all(&line.buffer),
+                Writer::Memory(memory) => {
+                    memory
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend_from_slice(&line.buffer);
+                    Ok(())
+                }
+            };
+            if let Err(e) = written {
+                tracing::error!(error = %e, "writing an audit record failed");
+            }
+        });
     }
 }
 
@@ -298,9 +458,9 @@ mod tests {
     #[test]
     fn records_are_json_lines_with_only_the_fields_set() {
         let (sink, buffer) = AuditSink::memory();
-        sink.record(AuditEvent {
+        sink.record(&AuditEvent {
             rpc: "GetToken",
-            caller: "c".to_owned(),
+            caller: "c".into(),
             decision: "allow",
             code: "Ok",
             ..AuditEvent::default()
@@ -321,23 +481,25 @@ mod tests {
         let (sink, buffer) = AuditSink::memory();
         let event = AuditEvent {
             rpc: "GetDownscopedToken",
-            caller: "spiffe://x/\"quoted\"".to_owned(),
+            caller: "spiffe://x/\"quoted\"".into(),
             decision: "deny",
             code: "PermissionDenied",
             reason: Some("line\nbreak and \\ backslash \u{1}".to_owned()),
             rule: Some(Arc::from("portal")),
-            app: "default".to_owned(),
+            app: "default".into(),
             subject_type: Some("user"),
-            subject_id: Some("42".to_owned()),
-            scopes: vec!["item_preview".to_owned(), "item_download".to_owned()],
-            target: Some("folder:7".to_owned()),
+            subject_id: BoxId::parse("42").ok(),
+            downscope: Some(Arc::new(Downscope {
+                scopes: vec!["item_preview".to_owned(), "item_download".to_owned()],
+                target: BoxId::parse("7").ok().map(Target::Folder),
+            })),
             cache_hit: Some(false),
+            issued: None,
             token_sha256: Some(digest("t")),
-            box_request_id: Some("box-1".to_owned()),
-            request_id: Some("req-1".to_owned()),
+            request_id: RequestId::parse("req-1"),
         };
-        sink.record(event.clone());
-        sink.record(event);
+        sink.record(&event);
+        sink.record(&event);
         let records = lines(&buffer);
         assert_eq!(records.len(), 2, "one line per record");
         let r = &records[1];
@@ -351,16 +513,101 @@ mod tests {
             fingerprint("t"),
             "e3b98a4da31a127d4bde6e43033f66ba274cab0eb7eb1c70ec41402bf6273dd8"
         );
-        for key in [
-            "subject_type",
-            "subject_id",
-            "target",
-            "box_request_id",
-            "request_id",
-            "app",
-            "code",
-        ] {
+        assert_eq!(r["target"], "folder:7");
+        assert_eq!(r["subject_id"], "42");
+        assert_eq!(r["request_id"], "req-1");
+        for key in ["subject_type", "app", "code", "rpc", "decision", "time"] {
             assert!(r[key].is_string(), "{key} is written");
         }
+    }
+
+    #[test]
+    fn a_shared_link_target_is_recorded_as_a_fingerprint() {
+        let (sink, buffer) = AuditSink::memory();
+        let link = "https://app.box.com/s/secretcapability";
+        sink.record(&AuditEvent {
+            downscope: Some(Arc::new(Downscope {
+                scopes: vec!["item_preview".to_owned()],
+                target: Target::shared_link(link).ok(),
+            })),
+            ..AuditEvent::default()
+        });
+        let records = lines(&buffer);
+        let expected = format!("shared_link:{}", &fingerprint(link)[..16]);
+        assert_eq!(records[0]["target"], expected.as_str());
+        let text = String::from_utf8(buffer.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
+        assert!(!text.contains("secretcapability"), "{text}");
+    }
+
+    #[test]
+    fn a_record_with_huge_fields_is_cut_to_one_atomic_pipe_write() {
+        let (sink, buffer) = AuditSink::memory();
+        let huge = "\u{1}\"é".repeat(5_000);
+        sink.record(&AuditEvent {
+            rpc: "GetToken",
+            caller: Arc::from(huge.as_str()),
+            reason: Some(huge.clone()),
+            app: Arc::from(huge.as_str()),
+            rule: Some(Arc::from(huge.as_str())),
+            request_id: Some(RequestId::generate()),
+            ..AuditEvent::default()
+        });
+        let text = String::from_utf8(buffer.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
+        assert!(text.len() <= MAX_RECORD_BYTES, "{} bytes", text.len());
+        assert_eq!(text.matches('\n').count(), 1, "one line");
+        let records = lines(&buffer);
+        let reason = records[0]["reason"].as_str().unwrap_or_default();
+        assert!(reason.starts_with("\u{1}\"é\u{1}"), "{reason}");
+        assert!(reason.ends_with('…'), "{reason}");
+        assert!(reason.len() <= MAX_REASON_BYTES, "{}", reason.len());
+        assert!(records[0]["caller"].as_str().is_some_and(|c| c.ends_with('…')));
+        assert_eq!(records[0]["request_id"].as_str().map(str::len), Some(16));
+    }
+
+    #[test]
+    fn records_written_at_once_from_many_threads_stay_whole_lines() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("audit.jsonl");
+        let sink = AuditSink::file(&path).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::scope(|s| {
+            for thread in 0..8 {
+                let sink = &sink;
+                s.spawn(move || {
+                    for i in 0..500 {
+                        sink.record(&AuditEvent {
+                            rpc: "GetToken",
+                            caller: Arc::from(format!("caller-{thread}").as_str()),
+                            reason: Some(format!("{i} {}", "x".repeat(i % 300))),
+                            ..AuditEvent::default()
+                        });
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a torn line {l:?}: {e}")))
+            .collect();
+        assert_eq!(records.len(), 8 * 500);
+        for thread in 0..8 {
+            let caller = format!("caller-{thread}");
+            assert_eq!(records.iter().filter(|r| r["caller"] == caller.as_str()).count(), 500);
+        }
+    }
+
+    #[test]
+    fn request_ids_from_callers_are_checked() {
+        assert_eq!(
+            RequestId::parse("abc-123").map(|r| r.to_string()),
+            Some("abc-123".to_owned())
+        );
+        assert!(RequestId::parse("").is_none());
+        assert!(RequestId::parse("has space").is_none());
+        assert!(RequestId::parse(&"x".repeat(65)).is_none());
+        assert!(RequestId::parse(&"x".repeat(64)).is_some());
+        let (a, b) = (RequestId::generate(), RequestId::generate());
+        assert_ne!(a, b);
+        assert!(a.as_str().bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
     }
 }

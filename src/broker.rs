@@ -8,18 +8,19 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        Arc, Mutex, OnceLock, RwLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
 
+use arc_swap::ArcSwap;
 use futures_util::future::{BoxFuture, FutureExt as _};
 use secrecy::SecretString;
 
 use crate::{
     boxapi::{
-        AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, Diagnosis, DiagnosisKind, Target,
+        AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, Diagnosis, DiagnosisKind,
         error::{diagnose, diagnose_exchange},
     },
     cache::{CacheError, CachePolicy, Downscope, Lookup, Minted, Minter, Need, TokenCache, TokenKey, WeakTokenCache},
@@ -40,8 +41,9 @@ pub struct App {
     pub name: Arc<str>,
     /// The client of its Box API base URL.
     pub client: BoxClient,
-    /// Its keys and secrets; replaced whole by the admin RPC.
-    ring: RwLock<Arc<Ring>>,
+    /// Its keys and secrets; replaced whole by the admin RPC. Read without a
+    /// lock by every request (the enterprise id is in it).
+    ring: ArcSwap<Ring>,
     /// How its last token requests went.
     health: Mutex<UpstreamHealth>,
     /// Mints that succeeded only with the standby key.
@@ -80,7 +82,7 @@ impl App {
         Self {
             name: name.into(),
             client,
-            ring: RwLock::new(Arc::new(Ring::from_config(credentials, SystemTime::now()))),
+            ring: ArcSwap::from_pointee(Ring::from_config(credentials, SystemTime::now())),
             health: Mutex::new(UpstreamHealth::default()),
             standby_fallbacks: AtomicU64::new(0),
             outcomes: Outcomes::default(),
@@ -89,13 +91,12 @@ impl App {
 
     /// Its keys and secrets now.
     pub fn ring(&self) -> Arc<Ring> {
-        self.ring.read().map_or_else(|p| p.into_inner().clone(), |r| r.clone())
+        self.ring.load_full()
     }
 
     /// Switches to `ring` for every mint that starts from now on.
     pub fn replace_ring(&self, ring: Ring) {
-        let mut current = self.ring.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *current = Arc::new(ring);
+        self.ring.store(Arc::new(ring));
     }
 
     /// The credentials mints use first (active key, current secret).
@@ -105,12 +106,12 @@ impl App {
 
     /// The client id (not a secret).
     pub fn client_id(&self) -> String {
-        self.ring().identity.client_id.clone()
+        self.ring.load().identity.client_id.clone()
     }
 
     /// The enterprise the app is authorized in.
     pub fn enterprise_id(&self) -> BoxId {
-        self.ring().identity.enterprise_id.clone()
+        self.ring.load().identity.enterprise_id.clone()
     }
 
     /// How its recent token requests went.
@@ -170,9 +171,9 @@ pub enum Subject {
 
 /// A validated `GetToken`.
 #[derive(Debug, Clone)]
-pub struct TokenRequest {
+pub struct TokenRequest<'a> {
     /// The app's name; `None` when the caller left it empty.
-    pub app: Option<String>,
+    pub app: Option<&'a str>,
     /// Whose token.
     pub subject: Subject,
     /// Remaining life needed beyond the safety margin.
@@ -183,15 +184,15 @@ pub struct TokenRequest {
 
 /// A validated `GetDownscopedToken`.
 #[derive(Debug, Clone)]
-pub struct DownscopeRequest {
+pub struct DownscopeRequest<'a> {
     /// The app's name; `None` when the caller left it empty.
-    pub app: Option<String>,
+    pub app: Option<&'a str>,
     /// Whose token is downscoped.
     pub subject: Subject,
-    /// Sorted, de-duplicated Box downscope scopes (see `boxapi::downscope::normalize_scopes`).
-    pub scopes: Vec<String>,
-    /// The one item, if any.
-    pub target: Option<Target>,
+    /// Sorted, de-duplicated Box downscope scopes (see
+    /// `boxapi::downscope::normalize_scopes`) and the one item, if any: built
+    /// once per request and shared by the cache key and the audit record.
+    pub downscope: Arc<Downscope>,
     /// Remaining life needed beyond the safety margin.
     pub min_ttl: Duration,
 }
@@ -199,6 +200,8 @@ pub struct DownscopeRequest {
 /// A revocation's result.
 #[derive(Debug, Clone)]
 pub struct Revoked {
+    /// The app's configured name.
+    pub app: Arc<str>,
     /// Whose token it was.
     pub subject: BoxSubject,
     /// True for a downscoped token.
@@ -475,6 +478,8 @@ fn revoke_quietly(app: &App, token: SecretString) {
 /// A served token and the policy rule that allowed it.
 #[derive(Debug, Clone)]
 pub struct Granted {
+    /// The app's configured name.
+    pub app: Arc<str>,
     /// The token.
     pub lookup: Lookup,
     /// The name of the rule that allowed it.
@@ -491,12 +496,13 @@ struct Permit {
 }
 
 impl Permit {
-    fn grant(self, lookup: Lookup, now: SystemTime) -> Granted {
+    fn grant(self, app: &App, lookup: Lookup, now: SystemTime) -> Granted {
         let expires_at = match self.max_lifetime {
             Some(max) => lookup.token.expires_at.min(now + max),
             None => lookup.token.expires_at,
         };
         Granted {
+            app: app.name.clone(),
             lookup,
             rule: self.rule,
             expires_at,
@@ -510,8 +516,8 @@ pub struct Broker {
     apps: Arc<Apps>,
     cache: TokenCache,
     clock: SharedClock,
-    /// Swapped whole on reload; read (never across an `.await`) per request.
-    policy: RwLock<Arc<Policy>>,
+    /// Swapped whole on reload; read without a lock per request.
+    policy: ArcSwap<Policy>,
     /// What the RPC adapters record.
     metrics: crate::metrics::RpcMetrics,
 }
@@ -530,7 +536,7 @@ impl Broker {
             apps,
             cache,
             clock,
-            policy: RwLock::new(Arc::new(policy)),
+            policy: ArcSwap::from_pointee(policy),
             metrics: crate::metrics::RpcMetrics::default(),
         }
     }
@@ -542,15 +548,12 @@ impl Broker {
 
     /// The policy in force.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .map_or_else(|p| p.into_inner().clone(), |p| p.clone())
+        self.policy.load_full()
     }
 
     /// Puts `policy` in force for every request that starts from now on.
     pub fn replace_policy(&self, policy: Policy) {
-        let mut current = self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *current = Arc::new(policy);
+        self.policy.store(Arc::new(policy));
     }
 
     /// Asks the policy; a denial becomes `PermissionDenied`.
@@ -566,7 +569,7 @@ impl Broker {
             BoxSubject::Enterprise(_) => PolicySubject::Enterprise,
             BoxSubject::User(id) => PolicySubject::User(id.as_str()),
         };
-        let policy = self.policy();
+        let policy = self.policy.load();
         match policy.granting_rule(&PolicyRequest {
             caller,
             app: &app.name,
@@ -637,8 +640,8 @@ impl Broker {
 
     /// A token for the request's subject, from the cache or minted, if the
     /// policy lets `caller` have it.
-    pub async fn get_token(&self, caller: &str, request: &TokenRequest) -> Result<Granted, BrokerError> {
-        let app = self.resolve_app(request.app.as_deref())?;
+    pub async fn get_token(&self, caller: &str, request: &TokenRequest<'_>) -> Result<Granted, BrokerError> {
+        let app = self.resolve_app(request.app)?;
         let key = self.key(app, &request.subject, request.min_ttl)?;
         let permit = self.authorize(caller, app, &key.subject, Ask::Full, request.min_ttl)?;
         let need = Need {
@@ -647,18 +650,18 @@ impl Broker {
             parent_at_least: None,
         };
         let lookup = self.cache.get(&key, need).await?;
-        Ok(permit.grant(lookup, self.clock.now()))
+        Ok(permit.grant(app, lookup, self.clock.now()))
     }
 
     /// A downscoped token: the subject's full token (cached or minted) is
     /// exchanged; the result is cached under subject + scopes + target, never
     /// outlives its parent, and is exchanged anew once the parent is replaced.
-    pub async fn get_downscoped(&self, caller: &str, request: &DownscopeRequest) -> Result<Granted, BrokerError> {
-        let app = self.resolve_app(request.app.as_deref())?;
+    pub async fn get_downscoped(&self, caller: &str, request: &DownscopeRequest<'_>) -> Result<Granted, BrokerError> {
+        let app = self.resolve_app(request.app)?;
         let parent_key = self.key(app, &request.subject, request.min_ttl)?;
         let ask = Ask::Downscoped {
-            scopes: &request.scopes,
-            target: request.target.as_ref(),
+            scopes: &request.downscope.scopes,
+            target: request.downscope.target.as_ref(),
         };
         let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl)?;
         let parent_need = Need {
@@ -667,10 +670,7 @@ impl Broker {
         };
         let parent = self.cache.get(&parent_key, parent_need).await?;
         let key = TokenKey {
-            downscope: Some(Arc::new(Downscope {
-                scopes: request.scopes.clone(),
-                target: request.target.clone(),
-            })),
+            downscope: Some(request.downscope.clone()),
             ..parent_key
         };
         let need = Need {
@@ -679,7 +679,7 @@ impl Broker {
             ..Need::default()
         };
         let lookup = self.cache.get(&key, need).await?;
-        Ok(permit.grant(lookup, self.clock.now()))
+        Ok(permit.grant(app, lookup, self.clock.now()))
     }
 
     /// Revokes `token` at Box if this broker issued it for `app`, and drops it
@@ -719,6 +719,7 @@ impl Broker {
             "revoked a Box token"
         );
         Ok(Revoked {
+            app: key.app,
             subject: key.subject,
             downscoped: key.downscope.is_some(),
             evicted: dropped,
@@ -730,7 +731,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boxapi::Restriction;
+    use crate::boxapi::{Restriction, Target};
 
     fn downscope(scopes: &[&str], target: Option<Target>) -> Downscope {
         Downscope {

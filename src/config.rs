@@ -226,8 +226,12 @@ impl AuditConfig {
     /// Opens the sink.
     pub fn open(&self) -> Result<AuditSink, ConfigError> {
         match self.sink.as_str() {
-            "stdout" => Ok(AuditSink::stdout()),
-            "stderr" => Ok(AuditSink::stderr()),
+            "stdout" => {
+                AuditSink::stdout().map_err(|e| ConfigError::new("audit.sink", format!("stdout: cannot be used: {e}")))
+            }
+            "stderr" => {
+                AuditSink::stderr().map_err(|e| ConfigError::new("audit.sink", format!("stderr: cannot be used: {e}")))
+            }
             path => AuditSink::file(Path::new(path))
                 .map_err(|e| ConfigError::new("audit.sink", format!("{path}: cannot open: {e}"))),
         }

@@ -9,46 +9,26 @@
 //! Labels are app names, RPC names, status codes and key ids: never tokens,
 //! secrets or caller-supplied strings.
 
-use std::{fmt, future::Future, sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{
-        counter::{ConstCounter, Counter},
-        family::Family,
-        gauge::ConstGauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
 
 use crate::{boxapi::client::CircuitState, broker::Broker, keys::KeyState};
 
 type Labels = Vec<(&'static str, String)>;
-
-fn rpc_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-}
-
-/// `method` (and `code` or `result`): static strings, so recording allocates nothing.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct RpcLabels {
-    method: &'static str,
-    /// A gRPC code name, or a cache result.
-    second: Option<(&'static str, &'static str)>,
-}
-
-impl prometheus_client::encoding::EncodeLabelSet for RpcLabels {
-    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder) -> fmt::Result {
-        use prometheus_client::encoding::EncodeLabel;
-        EncodeLabel::encode(&("method", self.method), encoder.encode_label())?;
-        if let Some(second) = self.second {
-            EncodeLabel::encode(&second, encoder.encode_label())?;
-        }
-        Ok(())
-    }
-}
 
 /// A gRPC code's name, as in metrics labels and audit records.
 pub fn code_name(code: tonic::Code) -> &'static str {
@@ -78,51 +58,173 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// What the RPC adapters record as requests happen.
-#[derive(Debug, Clone)]
-pub struct RpcMetrics {
-    requests: Family<RpcLabels, Counter>,
-    duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
-    cache: Family<RpcLabels, Counter>,
-    denials: Family<RpcLabels, Counter>,
+/// The methods [`RpcMetrics`] records: the client API's.
+const METHODS: [&str; 3] = ["GetToken", "GetDownscopedToken", "RevokeToken"];
+/// gRPC status codes 0 (Ok) to 16 (Unauthenticated).
+const CODES: usize = 17;
+/// Upper bounds of the RPC latency buckets, in seconds: 0.5 ms doubling to ~16 s.
+const RPC_BUCKETS: usize = 16;
+
+fn rpc_bucket_bound(i: usize) -> f64 {
+    0.0005 * f64::from(1u32 << i)
 }
 
-impl Default for RpcMetrics {
-    fn default() -> Self {
-        Self {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(rpc_histogram),
-            cache: Family::default(),
-            denials: Family::default(),
-        }
+/// A latency histogram of atomic counters: recording takes no lock
+/// (prometheus-client's `Histogram` takes a mutex per observation).
+#[derive(Debug, Default)]
+struct AtomicHistogram {
+    /// Observations per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; RPC_BUCKETS + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    fn observe(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = (0..RPC_BUCKETS)
+            .find(|&i| seconds <= rpc_bucket_bound(i))
+            .unwrap_or(RPC_BUCKETS);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, per-bucket counts with their upper bounds).
+    #[allow(clippy::cast_precision_loss, reason = "a sum of nanoseconds as f64 seconds")]
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets = (0..=RPC_BUCKETS)
+            .map(|i| {
+                let bound = if i == RPC_BUCKETS {
+                    f64::INFINITY
+                } else {
+                    rpc_bucket_bound(i)
+                };
+                (bound, self.buckets[i].load(Ordering::Relaxed))
+            })
+            .collect();
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        (sum, self.count.load(Ordering::Relaxed), buckets)
     }
 }
 
+/// One method's counters.
+#[derive(Debug, Default)]
+struct MethodMetrics {
+    by_code: [AtomicU64; CODES],
+    duration: AtomicHistogram,
+    denials: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+}
+
+/// What the RPC adapters record as requests happen: atomic counters in a
+/// fixed table (method × code), so recording takes no lock, hashes nothing
+/// and allocates nothing. Read at scrape time by [`registry`]'s collector;
+/// a series appears once it has counted something.
+#[derive(Debug, Clone, Default)]
+pub struct RpcMetrics(Arc<[MethodMetrics; METHODS.len()]>);
+
 impl RpcMetrics {
+    fn method(&self, method: &str) -> Option<&MethodMetrics> {
+        let found = METHODS.iter().position(|m| *m == method).map(|i| &self.0[i]);
+        debug_assert!(found.is_some(), "RpcMetrics does not know the method {method}");
+        found
+    }
+
     /// One finished RPC: its method, gRPC code and duration.
     pub fn rpc(&self, method: &'static str, code: tonic::Code, took: Duration) {
-        self.requests
-            .get_or_create(&RpcLabels {
-                method,
-                second: Some(("code", code_name(code))),
-            })
-            .inc();
-        let method_only = RpcLabels { method, second: None };
-        self.duration.get_or_create(&method_only).observe(took.as_secs_f64());
+        let Some(m) = self.method(method) else { return };
+        let index = usize::try_from(i32::from(code)).unwrap_or(2).min(CODES - 1);
+        m.by_code[index].fetch_add(1, Ordering::Relaxed);
+        m.duration.observe(took);
         if code == tonic::Code::PermissionDenied {
-            self.denials.get_or_create(&method_only).inc();
+            m.denials.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// A served token: from the cache or not.
     pub fn cache_lookup(&self, method: &'static str, hit: bool) {
-        let result = if hit { "hit" } else { "miss" };
-        self.cache
-            .get_or_create(&RpcLabels {
-                method,
-                second: Some(("result", result)),
-            })
-            .inc();
+        let Some(m) = self.method(method) else { return };
+        if hit { &m.cache_hits } else { &m.cache_misses }.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Encodes [`RpcMetrics`] at scrape time.
+struct RpcCollector(RpcMetrics);
+
+impl fmt::Debug for RpcCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RpcCollector")
+    }
+}
+
+impl Collector for RpcCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let methods = || METHODS.iter().zip(self.0.0.iter());
+        let mut requests = Vec::new();
+        let mut lookups = Vec::new();
+        let mut denials = Vec::new();
+        for (name, m) in methods() {
+            for (code, count) in m.by_code.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    let code = tonic::Code::from(i32::try_from(code).unwrap_or(2));
+                    requests.push((
+                        vec![("method", (*name).to_owned()), ("code", code_name(code).to_owned())],
+                        count,
+                    ));
+                }
+            }
+            for (result, count) in [("hit", &m.cache_hits), ("miss", &m.cache_misses)] {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    lookups.push((
+                        vec![("method", (*name).to_owned()), ("result", result.to_owned())],
+                        count,
+                    ));
+                }
+            }
+            let denied = m.denials.load(Ordering::Relaxed);
+            if denied > 0 {
+                denials.push((vec![("method", (*name).to_owned())], denied));
+            }
+        }
+        counter(
+            &mut encoder,
+            "boxbroker_rpc_requests",
+            "gRPC requests, by method and status code.",
+            &requests,
+        )?;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "boxbroker_rpc_duration_seconds",
+                "gRPC request latency, by method.",
+                None,
+                prometheus_client::metrics::MetricType::Histogram,
+            )?;
+            for (name, m) in methods() {
+                let (sum, count, buckets) = m.duration.snapshot();
+                if count > 0 {
+                    metric
+                        .encode_family(&vec![("method", (*name).to_owned())])?
+                        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+                }
+            }
+        }
+        counter(
+            &mut encoder,
+            "boxbroker_cache_lookups",
+            "Served tokens by method, from the cache (hit) or not (miss).",
+            &lookups,
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_policy_denials",
+            "Requests the policy denied, by method.",
+            &denials,
+        )
     }
 }
 
@@ -177,7 +279,7 @@ impl Collector for BrokerCollector {
         let per_app = |f: &dyn Fn(&crate::broker::App) -> u64| -> Vec<(Labels, u64)> {
             apps.iter().map(|a| (vec![("app", a.name.to_string())], f(a))).collect()
         };
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut outcomes = Vec::new();
         let mut exchanges = Vec::new();
         for a in &apps {
@@ -271,7 +373,7 @@ impl Collector for BrokerCollector {
                 "boxbroker_upstream_duration_seconds",
                 "Seconds per attempt to Box's token endpoint.",
                 None,
-                rpc_histogram().metric_type(),
+                prometheus_client::metrics::MetricType::Histogram,
             )?;
             for a in &apps {
                 a.client
@@ -324,27 +426,7 @@ impl Collector for BrokerCollector {
 /// The registry for `broker`: its RPC metrics and its scrape-time collector.
 pub fn registry(broker: Arc<Broker>) -> Registry {
     let mut registry = Registry::default();
-    let rpc = broker.metrics().clone();
-    registry.register(
-        "boxbroker_rpc_requests",
-        "gRPC requests, by method and status code.",
-        rpc.requests,
-    );
-    registry.register(
-        "boxbroker_rpc_duration_seconds",
-        "gRPC request latency, by method.",
-        rpc.duration,
-    );
-    registry.register(
-        "boxbroker_cache_lookups",
-        "Served tokens by method, from the cache (hit) or not (miss).",
-        rpc.cache,
-    );
-    registry.register(
-        "boxbroker_policy_denials",
-        "Requests the policy denied, by method.",
-        rpc.denials,
-    );
+    registry.register_collector(Box::new(RpcCollector(broker.metrics().clone())));
     registry.register_collector(Box::new(BrokerCollector(broker)));
     registry
 }
@@ -383,4 +465,64 @@ pub async fn serve(
         }),
     );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(metrics: &RpcMetrics) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(RpcCollector(metrics.clone())));
+        render(&registry)
+    }
+
+    #[test]
+    fn rpc_latency_lands_in_the_first_bucket_that_holds_it_and_buckets_are_cumulative() {
+        let metrics = RpcMetrics::default();
+        metrics.rpc("GetToken", tonic::Code::Ok, Duration::from_micros(300));
+        metrics.rpc("GetToken", tonic::Code::Ok, Duration::from_micros(900));
+        metrics.rpc("GetToken", tonic::Code::PermissionDenied, Duration::from_secs(60));
+        let text = rendered(&metrics);
+        for line in [
+            "boxbroker_rpc_duration_seconds_count{method=\"GetToken\"} 3",
+            "boxbroker_rpc_duration_seconds_bucket{le=\"0.0005\",method=\"GetToken\"} 1",
+            "boxbroker_rpc_duration_seconds_bucket{le=\"0.001\",method=\"GetToken\"} 2",
+            "boxbroker_rpc_duration_seconds_bucket{le=\"16.384\",method=\"GetToken\"} 2",
+            "boxbroker_rpc_duration_seconds_bucket{le=\"+Inf\",method=\"GetToken\"} 3",
+            "boxbroker_rpc_duration_seconds_sum{method=\"GetToken\"} 60.0012",
+            "boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Ok\"} 2",
+            "boxbroker_rpc_requests_total{method=\"GetToken\",code=\"PermissionDenied\"} 1",
+            "boxbroker_policy_denials_total{method=\"GetToken\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("GetDownscopedToken"),
+            "no series before a count:\n{text}"
+        );
+    }
+
+    #[test]
+    fn counts_from_many_threads_are_all_kept() {
+        let metrics = RpcMetrics::default();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 0..1000 {
+                        metrics.cache_lookup("GetDownscopedToken", i % 4 != 0);
+                    }
+                });
+            }
+        });
+        let text = rendered(&metrics);
+        assert!(
+            text.contains("boxbroker_cache_lookups_total{method=\"GetDownscopedToken\",result=\"hit\"} 3000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("boxbroker_cache_lookups_total{method=\"GetDownscopedToken\",result=\"miss\"} 1000"),
+            "{text}"
+        );
+    }
 }

@@ -24,13 +24,13 @@ pub enum CallerIdentity {
     /// No credentials; allowed only by `[server] allow_anonymous = true`.
     Anonymous,
     /// A configured API key's identity.
-    ApiKey(String),
+    ApiKey(Arc<str>),
     /// A Kubernetes service account: `system:serviceaccount:<namespace>:<name>`.
-    ServiceAccount(String),
+    ServiceAccount(Arc<str>),
     /// Whoever connects to a Unix socket listener: the name configured for it.
-    UnixSocket(String),
+    UnixSocket(Arc<str>),
     /// An mTLS client certificate's URI SAN (SPIFFE ID) or, failing that, DNS SAN.
-    Certificate(String),
+    Certificate(Arc<str>),
 }
 
 impl CallerIdentity {
@@ -44,6 +44,18 @@ impl CallerIdentity {
             | Self::Certificate(identity) => identity,
         }
     }
+
+    /// The same, shared (for audit records: no copy per request).
+    pub fn shared_name(&self) -> Arc<str> {
+        static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("anonymous"));
+        match self {
+            Self::Anonymous => ANONYMOUS.clone(),
+            Self::ApiKey(identity)
+            | Self::ServiceAccount(identity)
+            | Self::UnixSocket(identity)
+            | Self::Certificate(identity) => identity.clone(),
+        }
+    }
 }
 
 impl fmt::Display for CallerIdentity {
@@ -53,7 +65,7 @@ impl fmt::Display for CallerIdentity {
 }
 
 /// A configured API key: (identity, SHA-256 of the key).
-type ApiKey = (String, [u8; 32]);
+type ApiKey = (Arc<str>, [u8; 32]);
 
 /// Decides who a request comes from, on one listener.
 #[derive(Clone)]
@@ -63,7 +75,7 @@ pub struct Authenticator {
     api_keys: Option<Arc<[ApiKey]>>,
     kubernetes: Option<Arc<KubernetesAuth>>,
     /// On a Unix socket listener: the identity of every peer, and the uids allowed.
-    unix_socket: Option<(String, Vec<u32>)>,
+    unix_socket: Option<(Arc<str>, Vec<u32>)>,
     /// A client certificate (verified by the TLS layer) is an identity here.
     certificates: bool,
 }
@@ -120,7 +132,7 @@ impl Authenticator {
     /// check are the trust boundary of a sidecar.
     pub fn unix_socket(identity: String, allowed_uids: Vec<u32>) -> Self {
         Self {
-            unix_socket: Some((identity, allowed_uids)),
+            unix_socket: Some((identity.into(), allowed_uids)),
             ..Self::new(false)
         }
     }
@@ -135,7 +147,11 @@ impl Authenticator {
     /// Accepts API keys, given as (identity, SHA-256 of the key).
     #[must_use]
     pub fn with_api_keys(mut self, keys: Vec<(String, [u8; 32])>) -> Self {
-        self.api_keys = Some(keys.into());
+        self.api_keys = Some(
+            keys.into_iter()
+                .map(|(identity, hash)| (identity.into(), hash))
+                .collect(),
+        );
         self
     }
 
@@ -170,7 +186,7 @@ impl Authenticator {
         if self.certificates
             && let Some(certs) = request.peer_certs().filter(|c| !c.is_empty())
         {
-            return certificate_identity(&certs[0]).map(CallerIdentity::Certificate);
+            return certificate_identity(&certs[0]).map(|identity| CallerIdentity::Certificate(identity.into()));
         }
         if let Some(presented) = request.metadata().get(API_KEY_HEADER) {
             let keys = self.api_keys.as_ref().ok_or_else(|| {
@@ -196,7 +212,7 @@ impl Authenticator {
             return kubernetes
                 .verify(token.trim())
                 .await
-                .map(CallerIdentity::ServiceAccount);
+                .map(|identity| CallerIdentity::ServiceAccount(identity.into()));
         }
         if self.allow_anonymous {
             return Ok(CallerIdentity::Anonymous);
@@ -251,7 +267,7 @@ fn certificate_identity(der: &[u8]) -> Result<String, AuthError> {
 #[cfg(unix)]
 fn unix_peer<T>(
     request: &tonic::Request<T>,
-    identity: &str,
+    identity: &Arc<str>,
     allowed_uids: &[u32],
 ) -> Result<CallerIdentity, AuthError> {
     let uid = request
@@ -263,11 +279,11 @@ fn unix_peer<T>(
     if !allowed_uids.is_empty() && !allowed_uids.contains(&uid) {
         return Err(AuthError(format!("uid {uid} is not allowed on this Unix socket")));
     }
-    Ok(CallerIdentity::UnixSocket(identity.to_owned()))
+    Ok(CallerIdentity::UnixSocket(identity.clone()))
 }
 
 #[cfg(not(unix))]
-fn unix_peer<T>(_: &tonic::Request<T>, _: &str, _: &[u32]) -> Result<CallerIdentity, AuthError> {
+fn unix_peer<T>(_: &tonic::Request<T>, _: &Arc<str>, _: &[u32]) -> Result<CallerIdentity, AuthError> {
     Err(AuthError("Unix sockets are not supported on this platform".to_owned()))
 }
 
@@ -291,7 +307,7 @@ mod tests {
     async fn a_valid_api_key_names_its_identity() {
         assert_eq!(
             auth().authenticate(&request_with_key("k-123")).await.ok(),
-            Some(CallerIdentity::ApiKey("billing".to_owned()))
+            Some(CallerIdentity::ApiKey("billing".into()))
         );
     }
 

@@ -9,7 +9,6 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use jsonwebtoken::{Algorithm, EncodingKey};
@@ -19,9 +18,15 @@ use sha2::{Digest as _, Sha256};
 
 use super::private_key::{KeyError, decode_private_key};
 
-/// A numeric Box id (enterprise or user), validated on construction.
+/// A numeric Box id (enterprise or user), validated on construction. Held
+/// inline (no allocation): a million cached user tokens are keyed by these,
+/// and every request parses one. The digits are zero-padded ASCII, so the
+/// derived ordering is the string's.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BoxId(Arc<str>);
+pub struct BoxId {
+    digits: [u8; Self::MAX_DIGITS],
+    len: u8,
+}
 
 impl BoxId {
     /// Longest id accepted; Box ids are 64-bit integers (at most 20 digits).
@@ -35,24 +40,31 @@ impl BoxId {
         if s.len() > Self::MAX_DIGITS || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(BoxIdError::NotNumeric);
         }
-        Ok(Self(Arc::from(s)))
+        let mut digits = [0u8; Self::MAX_DIGITS];
+        digits[..s.len()].copy_from_slice(s.as_bytes());
+        Ok(Self {
+            digits,
+            // At most 20, checked above.
+            len: u8::try_from(s.len()).unwrap_or(0),
+        })
     }
 
     /// The id as Box spells it.
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Only ASCII digits are ever stored, so this never falls back.
+        std::str::from_utf8(&self.digits[..usize::from(self.len)]).unwrap_or_default()
     }
 }
 
 impl fmt::Debug for BoxId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Display for BoxId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 

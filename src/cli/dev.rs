@@ -41,6 +41,11 @@ fn new_passphrase() -> SecretString {
 /// Runs `dev`.
 pub async fn run_dev(args: DevArgs) -> ExitCode {
     let _telemetry = init_dev_logging();
+    // The banner owns stdout; audit records go to stderr with the logs.
+    let audit = match AuditSink::stderr() {
+        Ok(sink) => Arc::new(sink),
+        Err(e) => return fail(1, &format!("cannot write audit records to stderr: {e}")),
+    };
     let clock: SharedClock = Arc::new(SystemClock);
     let key = match RsaPrivateKey::new(&mut rand::rngs::OsRng, DEV_KEY_BITS) {
         Ok(key) => key,
@@ -136,8 +141,7 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
                 service::Role::Admin(key_admin, AdminRules::allow_everything(DEV_ADMIN)),
             ),
         ],
-        // The banner owns stdout; audit records go to stderr with the logs.
-        Arc::new(AuditSink::stderr()),
+        audit,
         shutdown_signal(),
     )
     .await;

@@ -87,16 +87,16 @@ impl BrokerAdminApi {
     {
         let mut event = AuditEvent {
             rpc,
-            caller: "unauthenticated".to_owned(),
+            caller: "unauthenticated".into(),
             ..AuditEvent::default()
         };
         let result = match self.auth.authenticate(&request).await {
             Err(e) => Err(Status::from(e)),
             Ok(caller) => {
-                event.caller = caller.to_string();
+                event.caller = caller.shared_name();
                 let message = request.into_inner();
                 let app = app(&message);
-                event.app.clone_from(&app);
+                event.app = app.as_str().into();
                 match self.rules.allows(caller.name(), rpc, &app) {
                     Err(reason) => Err(Status::permission_denied(format!("denied: {reason}"))),
                     Ok(()) => handle(message).await,
@@ -107,7 +107,7 @@ impl BrokerAdminApi {
             tracing::info!(rpc, code = ?status.code(), reason = status.message(), "admin call refused");
         }
         super::record_outcome(&mut event, result.as_ref().map(|_| ()));
-        self.audit.record(event);
+        self.audit.record(&event);
         result.map(Response::new)
     }
 }

@@ -13,10 +13,11 @@ use tonic::{Request, Response, Status};
 use tonic::Code;
 
 use crate::{
-    audit::{AuditEvent, AuditSink, digest, fingerprint},
+    audit::{AuditEvent, AuditSink, RequestId, digest},
     auth::{Authenticator, CallerIdentity},
     boxapi::{BoxId, BoxSubject, Target, credentials::BoxIdError, downscope::normalize_scopes},
     broker::{Broker, DownscopeRequest, Granted, Subject, TokenRequest},
+    cache::Downscope,
     error::BrokerError,
     pb::{self, get_downscoped_token_request, subject::Kind, token_broker_service_server::TokenBrokerService},
 };
@@ -100,26 +101,13 @@ impl Limits {
 }
 
 /// The caller's request id, if it is short and printable; else a new one.
-fn request_id<T>(request: &Request<T>) -> String {
+fn request_id<T>(request: &Request<T>) -> RequestId {
     request
         .metadata()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(new_request_id, str::to_owned)
-}
-
-/// A new request id: 16 hex digits, a per-process random prefix and a
-/// counter — unique without a system call per request.
-fn new_request_id() -> String {
-    use std::sync::{
-        OnceLock,
-        atomic::{AtomicU32, Ordering},
-    };
-    static PREFIX: OnceLock<u32> = OnceLock::new();
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let prefix = *PREFIX.get_or_init(rand::random);
-    format!("{prefix:08x}{:08x}", NEXT.fetch_add(1, Ordering::Relaxed))
+        .and_then(RequestId::parse)
+        .unwrap_or_else(RequestId::generate)
 }
 
 /// The gRPC adapter over [`Broker`].
@@ -175,12 +163,12 @@ impl TokenBrokerApi {
             Err(status) => {
                 let mut event = AuditEvent {
                     rpc,
-                    caller: "unauthenticated".to_owned(),
+                    caller: "unauthenticated".into(),
                     request_id: Some(id),
                     ..AuditEvent::default()
                 };
                 super::record_outcome(&mut event, Err(&status));
-                self.audit.record(event);
+                self.audit.record(&event);
                 self.broker.metrics().rpc(rpc, status.code(), started.elapsed());
                 return Err(status);
             }
@@ -192,7 +180,7 @@ impl TokenBrokerApi {
                     Ok(()) => handle(caller, request.into_inner()).await,
                     Err(status) => (
                         AuditEvent {
-                            caller: caller.to_string(),
+                            caller: caller.shared_name(),
                             ..AuditEvent::default()
                         },
                         Err(status),
@@ -201,7 +189,7 @@ impl TokenBrokerApi {
             }
             Err(e) => (
                 AuditEvent {
-                    caller: "unauthenticated".to_owned(),
+                    caller: "unauthenticated".into(),
                     ..AuditEvent::default()
                 },
                 Err(e.into()),
@@ -216,7 +204,7 @@ impl TokenBrokerApi {
             tracing::info!(code = ?status.code(), reason = status.message(), "refused");
         }
         super::record_outcome(&mut event, result.as_ref().map(|_| ()));
-        self.audit.record(event);
+        self.audit.record(&event);
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.broker.metrics().rpc(rpc, code, started.elapsed());
         let id = header;
@@ -238,40 +226,32 @@ impl TokenBrokerApi {
     }
 }
 
-/// Audit facts known before the broker answers.
-fn facts(caller: &CallerIdentity, app: Option<&str>, subject: Option<&Subject>) -> AuditEvent {
+/// Audit facts known before the broker answers. `app` is the name the
+/// request gave (empty when it left it empty), recorded when no app answers;
+/// once one does, [`served`] records its configured name instead.
+fn facts(caller: &CallerIdentity, app: &str, subject: Option<&Subject>) -> AuditEvent {
     AuditEvent {
-        caller: caller.to_string(),
-        app: app.unwrap_or_default().to_owned(),
+        caller: caller.shared_name(),
+        app: if app.is_empty() { Arc::default() } else { Arc::from(app) },
         subject_type: subject.map(|s| match s {
             Subject::Enterprise => "enterprise",
             Subject::User(_) => "user",
         }),
         subject_id: subject.and_then(|s| match s {
             Subject::Enterprise => None,
-            Subject::User(id) => Some(id.to_string()),
+            Subject::User(id) => Some(id.clone()),
         }),
         ..AuditEvent::default()
     }
 }
 
 /// Adds what the broker answered to `event`.
-fn served(event: &mut AuditEvent, granted: &Granted) {
-    let token = &granted.lookup.token;
-    event.rule = Some(granted.rule.clone());
+fn served(event: &mut AuditEvent, granted: Granted) {
+    event.app = granted.app;
+    event.rule = Some(granted.rule);
     event.cache_hit = Some(granted.lookup.cache_hit);
-    event.token_sha256 = Some(token.sha256);
-    event.box_request_id = token.request_id.as_deref().map(str::to_owned);
+    event.issued = Some(granted.lookup.token);
     tracing::Span::current().record("cache_hit", granted.lookup.cache_hit);
-}
-
-fn target_label(target: &Target) -> String {
-    match target {
-        Target::File(id) => format!("file:{id}"),
-        Target::Folder(id) => format!("folder:{id}"),
-        // A shared link can itself be a capability: record only a fingerprint.
-        Target::SharedLink(url) => format!("shared_link:{}", &fingerprint(url)[..16]),
-    }
 }
 
 #[tonic::async_trait]
@@ -285,17 +265,18 @@ impl TokenBrokerService for TokenBrokerApi {
         self.call("GetToken", request, |caller, request| async move {
             let domain = match token_request(&request) {
                 Ok(domain) => domain,
-                Err(e) => return (facts(&caller, Some(&request.app), None), Err(e.into())),
+                Err(e) => return (facts(&caller, &request.app, None), Err(e.into())),
             };
-            record_subject(domain.app.as_deref(), &domain.subject);
-            let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
+            record_subject(domain.app, &domain.subject);
+            let mut event = facts(&caller, &request.app, Some(&domain.subject));
             let result = self.broker.get_token(caller.name(), &domain).await.map(|granted| {
-                served(&mut event, &granted);
                 self.broker.metrics().cache_lookup("GetToken", granted.lookup.cache_hit);
-                pb::GetTokenResponse {
+                let response = pb::GetTokenResponse {
                     token: Some(to_proto(&granted, &[])),
                     cache_hit: granted.lookup.cache_hit,
-                }
+                };
+                served(&mut event, granted);
+                response
             });
             (event, result.map_err(Status::from))
         })
@@ -314,21 +295,21 @@ impl TokenBrokerService for TokenBrokerApi {
         self.call("GetDownscopedToken", request, |caller, request| async move {
             let domain = match downscope_request(&request) {
                 Ok(domain) => domain,
-                Err(e) => return (facts(&caller, Some(&request.app), None), Err(e.into())),
+                Err(e) => return (facts(&caller, &request.app, None), Err(e.into())),
             };
-            record_subject(domain.app.as_deref(), &domain.subject);
-            let mut event = facts(&caller, domain.app.as_deref(), Some(&domain.subject));
-            event.scopes = domain.scopes.clone();
-            event.target = domain.target.as_ref().map(target_label);
+            record_subject(domain.app, &domain.subject);
+            let mut event = facts(&caller, &request.app, Some(&domain.subject));
+            event.downscope = Some(domain.downscope.clone());
             let result = self.broker.get_downscoped(caller.name(), &domain).await.map(|granted| {
-                served(&mut event, &granted);
                 self.broker
                     .metrics()
                     .cache_lookup("GetDownscopedToken", granted.lookup.cache_hit);
-                pb::GetDownscopedTokenResponse {
-                    token: Some(to_proto(&granted, &domain.scopes)),
+                let response = pb::GetDownscopedTokenResponse {
+                    token: Some(to_proto(&granted, &domain.downscope.scopes)),
                     cache_hit: granted.lookup.cache_hit,
-                }
+                };
+                served(&mut event, granted);
+                response
             });
             (event, result.map_err(Status::from))
         })
@@ -342,7 +323,7 @@ impl TokenBrokerService for TokenBrokerApi {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         self.call("RevokeToken", request, |caller, request| async move {
             let pb::RevokeTokenRequest { app, access_token } = request;
-            let mut event = facts(&caller, Some(&app), None);
+            let mut event = facts(&caller, &app, None);
             if access_token.is_empty() || access_token.len() > MAX_TOKEN_LEN {
                 let e = BrokerError::InvalidArgument(format!(
                     "access_token must be 1 to {MAX_TOKEN_LEN} characters: the token to revoke, as the broker issued it"
@@ -357,11 +338,12 @@ impl TokenBrokerService for TokenBrokerApi {
                 .revoke(caller.name(), app.as_deref(), SecretString::from(access_token))
                 .await;
             let result = result.map(|revoked| {
+                event.app = revoked.app;
                 event.rule = Some(revoked.rule);
                 let subject = &revoked.subject;
                 event.subject_type = Some(subject.sub_type());
                 if let BoxSubject::User(id) = subject {
-                    event.subject_id = Some(id.to_string());
+                    event.subject_id = Some(id.clone());
                 }
                 pb::RevokeTokenResponse {}
             });
@@ -384,9 +366,9 @@ fn record_subject(app: Option<&str>, subject: &Subject) {
 }
 
 /// Validates a `GetTokenRequest` into the domain's request.
-pub fn token_request(request: &pb::GetTokenRequest) -> Result<TokenRequest, BrokerError> {
+pub fn token_request(request: &pb::GetTokenRequest) -> Result<TokenRequest<'_>, BrokerError> {
     Ok(TokenRequest {
-        app: (!request.app.is_empty()).then(|| request.app.clone()),
+        app: (!request.app.is_empty()).then_some(request.app.as_str()),
         subject: parse_subject(request.subject.as_ref())?,
         min_ttl: min_ttl(request.min_ttl.as_ref())?,
         force_refresh: request.force_refresh,
@@ -394,7 +376,7 @@ pub fn token_request(request: &pb::GetTokenRequest) -> Result<TokenRequest, Brok
 }
 
 /// Validates a `GetDownscopedTokenRequest` into the domain's request.
-pub fn downscope_request(request: &pb::GetDownscopedTokenRequest) -> Result<DownscopeRequest, BrokerError> {
+pub fn downscope_request(request: &pb::GetDownscopedTokenRequest) -> Result<DownscopeRequest<'_>, BrokerError> {
     use get_downscoped_token_request::Target as T;
     let scopes = normalize_scopes(&request.scopes).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
     let id = |field: &str, value: &str| {
@@ -411,10 +393,9 @@ pub fn downscope_request(request: &pb::GetDownscopedTokenRequest) -> Result<Down
         }
     };
     Ok(DownscopeRequest {
-        app: (!request.app.is_empty()).then(|| request.app.clone()),
+        app: (!request.app.is_empty()).then_some(request.app.as_str()),
         subject: parse_subject(request.subject.as_ref())?,
-        scopes,
-        target,
+        downscope: Arc::new(Downscope { scopes, target }),
         min_ttl: min_ttl(request.min_ttl.as_ref())?,
     })
 }
