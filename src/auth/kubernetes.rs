@@ -2,12 +2,20 @@
 //! verified against the cluster's JWKS with a pinned issuer and audience and
 //! an unexpired `exp`. The caller's identity is the token's `sub`,
 //! `system:serviceaccount:<namespace>:<name>`.
+//!
+//! A caller presents the same token on every request (the kubelet rotates it
+//! hourly), so a verified token is remembered — by its SHA-256, for at most
+//! [`VERIFIED_TTL`] and never past its `exp` — instead of parsing it and
+//! checking its RSA/ECDSA signature on every request.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::RwLock,
-    time::{Duration, Instant},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
@@ -25,6 +33,12 @@ const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clock difference tolerated between the API server and the broker.
 const LEEWAY_SECS: u64 = 5;
+/// How long a verified token is remembered (never past its `exp`). A key the
+/// cluster stops publishing stops vouching for its tokens after at most
+/// [`JWKS_MAX_AGE`] plus this.
+pub const VERIFIED_TTL: Duration = Duration::from_secs(60);
+/// The most verified tokens remembered (one per calling pod, typically).
+const VERIFIED_MAX: u64 = 10_000;
 /// The signature algorithms Kubernetes service-account issuers use.
 const ALGORITHMS: &[Algorithm] = &[
     Algorithm::RS256,
@@ -101,6 +115,10 @@ pub struct KubernetesAuth {
     /// The last reload attempt (none yet after the initial load); held while
     /// one runs, so there is one at a time.
     last_attempt: tokio::sync::Mutex<Option<Instant>>,
+    /// SHA-256 of a verified token -> (identity, `exp`).
+    verified: moka::future::Cache<[u8; 32], (Arc<str>, u64)>,
+    /// Signature verifications performed (the rest were remembered).
+    signature_checks: AtomicU64,
 }
 
 impl fmt::Debug for KubernetesAuth {
@@ -231,11 +249,40 @@ impl KubernetesAuth {
             source,
             keys: RwLock::new((keys, Instant::now())),
             last_attempt: tokio::sync::Mutex::new(None),
+            verified: moka::future::Cache::builder()
+                .max_capacity(VERIFIED_MAX)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
+            signature_checks: AtomicU64::new(0),
         })
     }
 
+    /// How many token signatures were checked (a remembered token is not
+    /// checked again).
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
+    }
+
     /// The caller identity a valid token proves.
-    pub async fn verify(&self, token: &str) -> Result<String, AuthError> {
+    pub async fn verify(&self, token: &str) -> Result<Arc<str>, AuthError> {
+        let digest = crate::audit::digest(token);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if let Some((identity, exp)) = self.verified.get(&digest).await
+            && now < exp.saturating_add(LEEWAY_SECS)
+        {
+            return Ok(identity);
+        }
+        let (identity, exp) = self.verify_signature(token).await?;
+        let identity: Arc<str> = identity.into();
+        self.verified.insert(digest, (identity.clone(), exp)).await;
+        Ok(identity)
+    }
+
+    /// Parses `token` and checks its signature and claims: (identity, `exp`).
+    async fn verify_signature(&self, token: &str) -> Result<(String, u64), AuthError> {
         let invalid = |why: &str| AuthError(format!("the Kubernetes service-account token is not accepted: {why}"));
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("it is not a JWT"))?;
         if !ALGORITHMS.contains(&header.alg) {
@@ -254,7 +301,9 @@ impl KubernetesAuth {
         #[derive(Deserialize)]
         struct Claims {
             sub: String,
+            exp: u64,
         }
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|e| {
                 invalid(match e.kind() {
@@ -273,7 +322,7 @@ impl KubernetesAuth {
             .ok_or_else(|| invalid("it is not a service-account token"))?;
         match rest.split_once(':') {
             Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains(':') => {
-                Ok(claims.sub)
+                Ok((claims.sub, claims.exp))
             }
             _ => Err(invalid("its subject is not system:serviceaccount:<namespace>:<name>")),
         }

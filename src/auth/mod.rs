@@ -212,7 +212,7 @@ impl Authenticator {
             return kubernetes
                 .verify(token.trim())
                 .await
-                .map(|identity| CallerIdentity::ServiceAccount(identity.into()));
+                .map(CallerIdentity::ServiceAccount);
         }
         if self.allow_anonymous {
             return Ok(CallerIdentity::Anonymous);

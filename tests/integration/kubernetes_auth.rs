@@ -259,14 +259,14 @@ async fn keys_come_from_the_issuers_discovery_document_and_follow_rotation() {
     let auth = KubernetesAuth::new(discovery_config(&cluster, &dir)).await.unwrap();
     assert_eq!(fetches(&cluster), 1, "the keys are fetched once at startup");
     let token = service_account_token(&key, KID, claims(PORTAL));
-    assert_eq!(auth.verify(&token).await.unwrap(), PORTAL);
+    assert_eq!(&*auth.verify(&token).await.unwrap(), PORTAL);
     assert_eq!(fetches(&cluster), 1, "known keys are not fetched again");
 
     // The cluster rotates to a second key: a token naming it makes one fetch.
     let rotated = other_key();
     *cluster.jwks.lock().unwrap() = jwks_of(&[(&key, KID), (&rotated, "k8s-key-2")]);
     let new_token = service_account_token(&rotated, "k8s-key-2", claims(PORTAL));
-    assert_eq!(auth.verify(&new_token).await.unwrap(), PORTAL);
+    assert_eq!(&*auth.verify(&new_token).await.unwrap(), PORTAL);
     assert_eq!(fetches(&cluster), 2);
 
     // Unknown kids cannot make the broker hammer the API server: the reload
@@ -277,6 +277,34 @@ async fn keys_come_from_the_issuers_discovery_document_and_follow_rotation() {
         assert!(err.0.contains("a key the cluster's JWKS does not hold"), "{err}");
     }
     assert_eq!(fetches(&cluster), 2, "reloads are rate-limited");
+}
+
+#[tokio::test]
+async fn a_verified_token_is_remembered_and_a_refused_one_is_checked_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = fixture_key();
+    let cluster = cluster(jwks(&key), ISSUER).await;
+    let auth = KubernetesAuth::new(discovery_config(&cluster, &dir)).await.unwrap();
+    let token = service_account_token(&key, KID, claims(PORTAL));
+    for _ in 0..50 {
+        assert_eq!(&*auth.verify(&token).await.unwrap(), PORTAL);
+    }
+    assert_eq!(auth.signature_checks(), 1, "the same token is verified once");
+
+    let mut other_claims = claims(PORTAL);
+    other_claims["exp"] = serde_json::json!(now() + 1800);
+    let other = service_account_token(&key, KID, other_claims);
+    assert_eq!(&*auth.verify(&other).await.unwrap(), PORTAL);
+    assert_eq!(auth.signature_checks(), 2, "another token is verified on its own");
+
+    let mut expired = claims(PORTAL);
+    expired["exp"] = serde_json::json!(now() - 3600);
+    let expired = service_account_token(&key, KID, expired);
+    for _ in 0..3 {
+        let err = auth.verify(&expired).await.unwrap_err();
+        assert!(err.0.contains("it has expired"), "{err}");
+    }
+    assert_eq!(auth.signature_checks(), 5, "a refused token is never remembered");
 }
 
 #[tokio::test]
