@@ -292,13 +292,16 @@ fn escaped(out: &mut Vec<u8>, value: &str, max: usize) {
     }
 }
 
-/// Lowercase hex of `bytes`, appended.
+/// Lowercase hex of `bytes`, appended (formatted on the stack, one copy).
 fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(2 * bytes.len());
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0xf)]);
+    for chunk in bytes.chunks(32) {
+        let mut hex = [0u8; 64];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(chunk) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        out.extend_from_slice(&hex[..2 * chunk.len()]);
     }
 }
 

@@ -78,7 +78,14 @@ pub struct Authenticator {
     unix_socket: Option<(Arc<str>, Vec<u32>)>,
     /// A client certificate (verified by the TLS layer) is an identity here.
     certificates: bool,
+    /// SHA-256 of a client certificate (DER) -> the identity in it: a
+    /// connection presents the same certificate on every request, so it is
+    /// parsed once, not per request.
+    certificate_identities: moka::future::Cache<[u8; 32], Arc<str>>,
 }
+
+/// The most client certificates whose identities are remembered.
+const CERTIFICATE_IDENTITIES_MAX: u64 = 10_000;
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,6 +120,7 @@ impl Authenticator {
             kubernetes: None,
             unix_socket: None,
             certificates: false,
+            certificate_identities: moka::future::Cache::new(CERTIFICATE_IDENTITIES_MAX),
         }
     }
 
@@ -186,7 +194,14 @@ impl Authenticator {
         if self.certificates
             && let Some(certs) = request.peer_certs().filter(|c| !c.is_empty())
         {
-            return certificate_identity(&certs[0]).map(|identity| CallerIdentity::Certificate(identity.into()));
+            let der: &[u8] = certs[0].as_ref();
+            let fingerprint: [u8; 32] = Sha256::digest(der).into();
+            if let Some(identity) = self.certificate_identities.get(&fingerprint).await {
+                return Ok(CallerIdentity::Certificate(identity));
+            }
+            let identity: Arc<str> = certificate_identity(der)?.into();
+            self.certificate_identities.insert(fingerprint, identity.clone()).await;
+            return Ok(CallerIdentity::Certificate(identity));
         }
         if let Some(presented) = request.metadata().get(API_KEY_HEADER) {
             let keys = self.api_keys.as_ref().ok_or_else(|| {

@@ -134,6 +134,33 @@ async fn a_spiffe_uri_san_is_the_callers_identity() {
 }
 
 #[tokio::test]
+async fn each_certificate_keeps_its_own_identity_over_many_requests() {
+    // Identities are remembered per certificate (by its SHA-256): clients
+    // with different certificates, taking turns, must never get each other's.
+    let h = harness().await;
+    let pki = Pki::new();
+    let (addr, audit) = serve_mtls(&h, &pki).await;
+    let other = "spiffe://cluster.local/ns/portal/sa/api";
+    let mut web = client(addr, &pki, Some(pki.issue(vec![uri(SPIFFE)]))).await.unwrap();
+    let mut api = client(addr, &pki, Some(pki.issue(vec![uri(other)]))).await.unwrap();
+    for _ in 0..3 {
+        web.get_token(enterprise()).await.unwrap();
+        api.get_token(enterprise()).await.unwrap();
+    }
+    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
+    let callers: Vec<String> = audit
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["caller"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(callers, [SPIFFE, other, SPIFFE, other, SPIFFE, other]);
+}
+
+#[tokio::test]
 async fn a_dns_san_is_the_identity_when_there_is_no_uri() {
     let h = harness().await;
     let pki = Pki::new();
