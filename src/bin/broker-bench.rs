@@ -76,6 +76,9 @@ struct Args {
     /// Only the memory-per-token measurement.
     #[arg(long)]
     memory_only: bool,
+    /// Only the cached `GetDownscopedToken` against its baseline (for profiling).
+    #[arg(long)]
+    downscoped_only: bool,
 }
 
 /// One load run's results.
@@ -371,7 +374,7 @@ fn main() {
 #[allow(clippy::too_many_lines)]
 async fn run(args: Args) {
     let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
-    let users = if args.quick || args.cached_only { 1_000 } else { 10_000 };
+    let users = if args.quick || args.cached_only || args.downscoped_only { 1_000 } else { 10_000 };
     let stampede = 1_000;
     let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
     let concurrency = args.concurrency;
@@ -517,6 +520,19 @@ async fn run(args: Args) {
         print_run("baseline GetToken (constant)", &base);
         print_run("broker GetToken, cached, 1 key", &one);
         print_ratio("cached GetToken, 1 key:", &one, &base);
+        return;
+    }
+    if args.downscoped_only {
+        drive(&broker_channels, concurrency, Duration::from_millis(500), get_downscoped).await;
+        print_header();
+        let (mut base, mut down) = (Run::empty(), Run::empty());
+        for _ in 0..rounds {
+            base.merge(drive(&baseline_channels, concurrency, slice, get_downscoped).await);
+            down.merge(drive(&broker_channels, concurrency, slice, get_downscoped).await);
+        }
+        print_run("baseline GetDownscopedToken (constant)", &base);
+        print_run("broker GetDownscopedToken, cached", &down);
+        print_ratio("cached GetDownscopedToken:", &down, &base);
         return;
     }
     let warm_started = Instant::now();
