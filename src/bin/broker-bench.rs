@@ -174,6 +174,39 @@ fn print_ratio(name: &str, broker: &Run, baseline: &Run) {
 }
 
 /// Drives `concurrency` loops of `call` for `duration` over `channels`.
+/// The two servers' channels and how to load them.
+struct Servers<'a> {
+    baseline: &'a [Channel],
+    broker: &'a [Channel],
+    concurrency: usize,
+    slice: Duration,
+    rounds: u32,
+}
+
+impl Servers<'_> {
+    /// One scenario alone on both servers, in alternating slices; prints both
+    /// runs and the ratios. `names`: the baseline's and the broker's scenario.
+    async fn versus<F, Fut>(&self, names: [&str; 2], call: F)
+    where
+        F: Fn(TokenBrokerServiceClient<Channel>, usize) -> Fut + Send + Sync + 'static + Clone,
+        Fut: Future<Output = bool> + Send,
+    {
+        print_header();
+        let (mut base, mut broker) = (Run::empty(), Run::empty());
+        for _ in 0..self.rounds {
+            base.merge(drive(self.baseline, self.concurrency, self.slice, call.clone()).await);
+            broker.merge(drive(self.broker, self.concurrency, self.slice, call.clone()).await);
+        }
+        print_run(&format!("baseline {}", names[0]), &base);
+        print_run(&format!("broker {}", names[1]), &broker);
+        print_ratio(
+            &format!("cached {}:", names[1].split(',').next().unwrap_or_default()),
+            &broker,
+            &base,
+        );
+    }
+}
+
 async fn drive<F, Fut>(channels: &[Channel], concurrency: usize, duration: Duration, call: F) -> Run
 where
     F: Fn(TokenBrokerServiceClient<Channel>, usize) -> Fut + Send + Sync + 'static + Clone,
@@ -374,7 +407,11 @@ fn main() {
 #[allow(clippy::too_many_lines)]
 async fn run(args: Args) {
     let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
-    let users = if args.quick || args.cached_only || args.downscoped_only { 1_000 } else { 10_000 };
+    let users = if args.quick || args.cached_only || args.downscoped_only {
+        1_000
+    } else {
+        10_000
+    };
     let stampede = 1_000;
     let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
     let concurrency = args.concurrency;
@@ -510,29 +547,33 @@ async fn run(args: Args) {
         get_enterprise,
     )
     .await;
+    let servers = Servers {
+        baseline: &baseline_channels,
+        broker: &broker_channels,
+        concurrency,
+        slice,
+        rounds,
+    };
     if args.cached_only {
-        print_header();
-        let (mut base, mut one) = (Run::empty(), Run::empty());
-        for _ in 0..rounds {
-            base.merge(drive(&baseline_channels, concurrency, slice, get_enterprise).await);
-            one.merge(drive(&broker_channels, concurrency, slice, get_enterprise).await);
-        }
-        print_run("baseline GetToken (constant)", &base);
-        print_run("broker GetToken, cached, 1 key", &one);
-        print_ratio("cached GetToken, 1 key:", &one, &base);
+        servers
+            .versus(["GetToken (constant)", "GetToken, cached, 1 key"], get_enterprise)
+            .await;
         return;
     }
     if args.downscoped_only {
-        drive(&broker_channels, concurrency, Duration::from_millis(500), get_downscoped).await;
-        print_header();
-        let (mut base, mut down) = (Run::empty(), Run::empty());
-        for _ in 0..rounds {
-            base.merge(drive(&baseline_channels, concurrency, slice, get_downscoped).await);
-            down.merge(drive(&broker_channels, concurrency, slice, get_downscoped).await);
-        }
-        print_run("baseline GetDownscopedToken (constant)", &base);
-        print_run("broker GetDownscopedToken, cached", &down);
-        print_ratio("cached GetDownscopedToken:", &down, &base);
+        drive(
+            &broker_channels,
+            concurrency,
+            Duration::from_millis(500),
+            get_downscoped,
+        )
+        .await;
+        servers
+            .versus(
+                ["GetDownscopedToken (constant)", "GetDownscopedToken, cached"],
+                get_downscoped,
+            )
+            .await;
         return;
     }
     let warm_started = Instant::now();

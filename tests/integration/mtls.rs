@@ -105,6 +105,20 @@ async fn client(
     Ok(TokenBrokerServiceClient::new(channel))
 }
 
+/// The `caller` of each audit record, in order.
+fn audited_callers(audit: &std::sync::Mutex<Vec<u8>>) -> Vec<String> {
+    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
+    audit
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["caller"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
 async fn harness() -> Harness {
     Harness::with(Options {
         policy: Some(Policy::parse(POLICY, "p").unwrap()),
@@ -147,16 +161,7 @@ async fn each_certificate_keeps_its_own_identity_over_many_requests() {
         web.get_token(enterprise()).await.unwrap();
         api.get_token(enterprise()).await.unwrap();
     }
-    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
-    let callers: Vec<String> = audit
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["caller"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let callers = audited_callers(&audit);
     assert_eq!(callers, [SPIFFE, other, SPIFFE, other, SPIFFE, other]);
 }
 
@@ -263,16 +268,7 @@ async fn a_listener_accepting_certificates_and_api_keys_takes_either() {
         Code::Unauthenticated,
         "this listener accepts a client certificate from the configured CA, or an API key in the x-api-key header",
     );
-    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
-    let callers: Vec<String> = audit
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["caller"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let callers = audited_callers(&audit);
     assert_eq!(callers, [SPIFFE, "billing.internal", "unauthenticated"]);
 }
 
