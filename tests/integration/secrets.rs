@@ -65,8 +65,12 @@ async fn debug_output_hides_every_secret() {
     secrets.push(token_of(&response));
     secrets.push(downscoped.token.as_ref().unwrap().access_token.clone());
 
+    let audit_event = box_token_broker::audit::AuditEvent {
+        issued: Some(lookup.token.clone()),
+        ..Default::default()
+    };
     let debug = format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         app.credentials(),
         app.ring(),
         console,
@@ -78,7 +82,8 @@ async fn debug_output_hides_every_secret() {
         h.app,
         h.broker,
         downscoped,
-        revoke
+        revoke,
+        audit_event
     );
     assert!(debug.contains("****"), "secrets are shown as ****");
     assert!(debug.contains(&h.app.client_id), "non-secret ids stay visible");
