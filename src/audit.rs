@@ -39,8 +39,9 @@ const MAX_REASON_BYTES: usize = 1024;
 const MAX_NAME_BYTES: usize = 256;
 const MAX_SHORT_BYTES: usize = 128;
 /// Scopes are checked against Box's list before they reach a record, so
-/// there are few and they are short; the bound only makes that explicit.
-const MAX_SCOPES: usize = 32;
+/// there are few and they are short; the bound (on the array, whole scopes
+/// only) makes the record's limit hold whatever reaches it.
+const MAX_SCOPES_BYTES: usize = 1024;
 
 /// One audit record. The sink stamps its time (RFC 3339, UTC) when it
 /// writes it; fields that are `None` or empty are left out of the JSON.
@@ -185,7 +186,11 @@ impl AuditEvent {
             if !downscope.scopes.is_empty() {
                 key(out, "scopes");
                 out.push(b'[');
-                for (i, scope) in downscope.scopes.iter().take(MAX_SCOPES).enumerate() {
+                let start = out.len();
+                for (i, scope) in downscope.scopes.iter().enumerate() {
+                    if out.len() - start > MAX_SCOPES_BYTES {
+                        break;
+                    }
                     if i > 0 {
                         out.push(b',');
                     }
@@ -558,12 +563,20 @@ mod tests {
         let (sink, buffer) = AuditSink::memory();
         let huge = "\u{1}\"é".repeat(5_000);
         sink.record(&AuditEvent {
-            rpc: "GetToken",
+            rpc: "GetDownscopedToken",
             caller: Arc::from(huge.as_str()),
             reason: Some(huge.clone()),
             app: Arc::from(huge.as_str()),
             rule: Some(Arc::from(huge.as_str())),
-            request_id: Some(RequestId::generate()),
+            subject_type: Some("enterprise"),
+            subject_id: BoxId::parse(&"9".repeat(20)).ok(),
+            downscope: Some(Arc::new(Downscope {
+                scopes: vec![huge.clone(); 100],
+                target: Target::shared_link("https://app.box.com/s/x").ok(),
+            })),
+            cache_hit: Some(true),
+            token_sha256: Some(digest("t")),
+            request_id: RequestId::parse(&"r".repeat(64)),
             ..AuditEvent::default()
         });
         let text = String::from_utf8(buffer.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
@@ -575,7 +588,7 @@ mod tests {
         assert!(reason.ends_with('…'), "{reason}");
         assert!(reason.len() <= MAX_REASON_BYTES, "{}", reason.len());
         assert!(records[0]["caller"].as_str().is_some_and(|c| c.ends_with('…')));
-        assert_eq!(records[0]["request_id"].as_str().map(str::len), Some(16));
+        assert_eq!(records[0]["request_id"].as_str().map(str::len), Some(64));
     }
 
     #[test]
