@@ -75,7 +75,6 @@ fn rpc_bucket_bound(i: usize) -> f64 {
 struct AtomicHistogram {
     /// Observations per bucket (not cumulative); the last is `+Inf`.
     buckets: [AtomicU64; RPC_BUCKETS + 1],
-    count: AtomicU64,
     sum_nanos: AtomicU64,
 }
 
@@ -86,7 +85,6 @@ impl AtomicHistogram {
             .find(|&i| seconds <= rpc_bucket_bound(i))
             .unwrap_or(RPC_BUCKETS);
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
@@ -94,7 +92,7 @@ impl AtomicHistogram {
     /// (sum in seconds, count, per-bucket counts with their upper bounds).
     #[allow(clippy::cast_precision_loss, reason = "a sum of nanoseconds as f64 seconds")]
     fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let buckets = (0..=RPC_BUCKETS)
+        let buckets: Vec<(f64, u64)> = (0..=RPC_BUCKETS)
             .map(|i| {
                 let bound = if i == RPC_BUCKETS {
                     f64::INFINITY
@@ -105,7 +103,9 @@ impl AtomicHistogram {
             })
             .collect();
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        (sum, self.count.load(Ordering::Relaxed), buckets)
+        // The count is the buckets' total, so `_count` and `le="+Inf"` agree.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        (sum, count, buckets)
     }
 }
 

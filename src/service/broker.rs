@@ -32,7 +32,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// and a per-caller token bucket.
 #[derive(Debug)]
 pub struct Limits {
-    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Requests in progress: counted with an atomic (never waited on), so
+    /// entering and leaving take no lock.
+    in_flight: std::sync::atomic::AtomicUsize,
     max_in_flight: usize,
     /// The largest request message accepted.
     max_message_bytes: usize,
@@ -44,6 +46,15 @@ pub struct Limits {
 }
 
 type Buckets = std::collections::HashMap<Box<str>, (f64, std::time::Instant)>;
+
+/// One request's place under `max_concurrent_requests`, given back on drop.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// Shards of the rate limiter's buckets.
 const BUCKET_SHARDS: usize = 16;
@@ -61,7 +72,7 @@ impl Limits {
     /// The limits `options` describe.
     pub fn new(options: &super::ServeOptions) -> Self {
         Self {
-            in_flight: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_requests)),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             max_in_flight: options.max_concurrent_requests,
             max_message_bytes: options.max_message_bytes,
             rate: options.rate_limit,
@@ -80,14 +91,18 @@ impl Limits {
         Ok(())
     }
 
-    /// A permit for one request, or ResourceExhausted naming the limit.
-    fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        self.in_flight.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
+    /// A place for one request (given back when dropped), or
+    /// ResourceExhausted naming the limit.
+    fn enter(&self) -> Result<InFlight<'_>, Status> {
+        use std::sync::atomic::Ordering;
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Status::resource_exhausted(format!(
                 "the broker is at its limit of {} concurrent requests ([server] max_concurrent_requests); retry with backoff",
                 self.max_in_flight
-            ))
-        })
+            )));
+        }
+        Ok(InFlight(&self.in_flight))
     }
 
     /// Takes one token from `caller`'s bucket, or ResourceExhausted naming the limit.
