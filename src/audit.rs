@@ -32,19 +32,31 @@ use crate::{
 /// written to a pipe arrives whole even while other threads write theirs.
 pub const MAX_RECORD_BYTES: usize = 4096;
 
-/// The most bytes (after JSON escaping) of a free-text field; a longer value
-/// is cut at a character boundary and ends in `…`. The sum over all fields
-/// stays well under [`MAX_RECORD_BYTES`].
+/// The most bytes (after JSON escaping) of each field's value; a longer
+/// value is cut at a character boundary and ends in `…`. Identities get
+/// room to stay distinct (a Kubernetes service-account identity reaches
+/// ~340 bytes, a SPIFFE id more); fixed words and ids get what they need.
+/// The worst case over all fields, every one at its cap, is about 3.6 KB,
+/// under [`MAX_RECORD_BYTES`] (`record` asserts it in debug builds, and a
+/// test fills every field).
 const MAX_REASON_BYTES: usize = 1024;
-const MAX_NAME_BYTES: usize = 256;
-const MAX_SHORT_BYTES: usize = 128;
-/// Scopes are checked against Box's list before they reach a record, so
-/// there are few and they are short; the bound (on the array, whole scopes
-/// only) makes the record's limit hold whatever reaches it.
-const MAX_SCOPES_BYTES: usize = 1024;
+const MAX_CALLER_BYTES: usize = 768;
+const MAX_RULE_BYTES: usize = 256;
+const MAX_APP_BYTES: usize = 128;
+/// `rpc`, `decision`, `code`, `subject_type` (words the broker chooses),
+/// `subject_id` and a target's id (at most 20 digits).
+const MAX_WORD_BYTES: usize = 32;
+/// `box_request_id` and `request_id` (the latter is at most 64 already).
+const MAX_ID_BYTES: usize = 64;
+/// One scope, and the scopes array (whole scopes only). Scopes are checked
+/// against Box's list before they reach a record, so there are few and they
+/// are short; the bound makes the record's limit hold whatever reaches it.
+const MAX_SCOPE_BYTES: usize = 64;
+const MAX_SCOPES_BYTES: usize = 768;
 
 /// One audit record. The sink stamps its time (RFC 3339, UTC) when it
-/// writes it; fields that are `None` or empty are left out of the JSON.
+/// writes it; fields that are `None` are left out of the JSON (so is an
+/// empty scope list).
 /// The text fields are shared (`Arc<str>`), so filling one on the request
 /// path copies no strings.
 #[derive(Debug, Clone, Default)]
@@ -61,7 +73,8 @@ pub struct AuditEvent {
     pub reason: Option<String>,
     /// The policy rule that allowed it.
     pub rule: Option<Arc<str>>,
-    /// The app asked for (empty when the caller left it empty).
+    /// The configured app the token was served from; on a failure before
+    /// that, the name the caller asked for (empty for the default app).
     pub app: Arc<str>,
     /// `enterprise` or `user`.
     pub subject_type: Option<&'static str>,
@@ -165,22 +178,22 @@ impl AuditEvent {
             b'Z',
             b'"',
         ]);
-        field(out, b",\"rpc\":\"", self.rpc, MAX_SHORT_BYTES);
-        field(out, b",\"caller\":\"", &self.caller, MAX_NAME_BYTES);
-        field(out, b",\"decision\":\"", self.decision, MAX_SHORT_BYTES);
-        field(out, b",\"code\":\"", self.code, MAX_SHORT_BYTES);
+        field(out, b",\"rpc\":\"", self.rpc, MAX_WORD_BYTES);
+        field(out, b",\"caller\":\"", &self.caller, MAX_CALLER_BYTES);
+        field(out, b",\"decision\":\"", self.decision, MAX_WORD_BYTES);
+        field(out, b",\"code\":\"", self.code, MAX_WORD_BYTES);
         if let Some(reason) = &self.reason {
             field(out, b",\"reason\":\"", reason, MAX_REASON_BYTES);
         }
         if let Some(rule) = &self.rule {
-            field(out, b",\"rule\":\"", rule, MAX_SHORT_BYTES);
+            field(out, b",\"rule\":\"", rule, MAX_RULE_BYTES);
         }
-        field(out, b",\"app\":\"", &self.app, MAX_SHORT_BYTES);
+        field(out, b",\"app\":\"", &self.app, MAX_APP_BYTES);
         if let Some(subject_type) = self.subject_type {
-            field(out, b",\"subject_type\":\"", subject_type, MAX_SHORT_BYTES);
+            field(out, b",\"subject_type\":\"", subject_type, MAX_WORD_BYTES);
         }
         if let Some(subject_id) = &self.subject_id {
-            field(out, b",\"subject_id\":\"", subject_id.as_str(), MAX_SHORT_BYTES);
+            field(out, b",\"subject_id\":\"", subject_id.as_str(), MAX_WORD_BYTES);
         }
         if let Some(downscope) = &self.downscope {
             if !downscope.scopes.is_empty() {
@@ -194,7 +207,7 @@ impl AuditEvent {
                     if i > 0 {
                         out.push(b',');
                     }
-                    json_str(out, scope, MAX_SHORT_BYTES);
+                    json_str(out, scope, MAX_SCOPE_BYTES);
                 }
                 out.push(b']');
             }
@@ -204,11 +217,11 @@ impl AuditEvent {
                 match target {
                     Target::File(id) => {
                         out.extend_from_slice(b"file:");
-                        escaped(out, id.as_str(), MAX_SHORT_BYTES);
+                        escaped(out, id.as_str(), MAX_WORD_BYTES);
                     }
                     Target::Folder(id) => {
                         out.extend_from_slice(b"folder:");
-                        escaped(out, id.as_str(), MAX_SHORT_BYTES);
+                        escaped(out, id.as_str(), MAX_WORD_BYTES);
                     }
                     Target::SharedLink(url) => {
                         out.extend_from_slice(b"shared_link:");
@@ -230,10 +243,10 @@ impl AuditEvent {
             out.push(b'"');
         }
         if let Some(id) = self.issued.as_ref().and_then(|t| t.request_id.as_deref()) {
-            field(out, b",\"box_request_id\":\"", id, MAX_SHORT_BYTES);
+            field(out, b",\"box_request_id\":\"", id, MAX_ID_BYTES);
         }
         if let Some(id) = &self.request_id {
-            field(out, b",\"request_id\":\"", id.as_str(), MAX_SHORT_BYTES);
+            field(out, b",\"request_id\":\"", id.as_str(), MAX_ID_BYTES);
         }
         out.push(b'}');
     }
@@ -274,8 +287,10 @@ fn escaped(out: &mut Vec<u8>, value: &str, max: usize) {
         return;
     }
     let start = out.len();
+    // Where the value is cut if it turns out too long: after the last
+    // character that still leaves room for the ellipsis.
+    let mut cut = start;
     for c in value.chars() {
-        let mark = out.len();
         match c {
             '"' => out.extend_from_slice(b"\\\""),
             '\\' => out.extend_from_slice(b"\\\\"),
@@ -289,10 +304,14 @@ fn escaped(out: &mut Vec<u8>, value: &str, max: usize) {
             }
             c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
         }
-        if out.len() - start > max.saturating_sub(ELLIPSIS.len()) {
-            out.truncate(mark);
+        let written = out.len() - start;
+        if written > max {
+            out.truncate(cut);
             out.extend_from_slice(ELLIPSIS);
             return;
+        }
+        if written <= max.saturating_sub(ELLIPSIS.len()) {
+            cut = out.len();
         }
     }
 }
@@ -408,6 +427,11 @@ impl AuditSink {
             line.buffer.clear();
             event.write_json(&line.stamp, now.subsec_millis(), &mut line.buffer);
             line.buffer.push(b'\n');
+            debug_assert!(
+                line.buffer.len() <= MAX_RECORD_BYTES,
+                "an audit record of {} bytes",
+                line.buffer.len()
+            );
             let written = match &self.writer {
                 Writer::Fd(file) => (&*file).write_all(&line.buffer),
                 Writer::Memory(memory) => {
@@ -575,9 +599,24 @@ mod tests {
                 target: Target::shared_link("https://app.box.com/s/x").ok(),
             })),
             cache_hit: Some(true),
+            issued: Some(Arc::new(CachedToken::new(
+                crate::cache::Minted {
+                    issued: crate::boxapi::IssuedToken {
+                        access_token: secrecy::SecretString::from("t".to_owned()),
+                        expires_at: SystemTime::now() + Duration::from_secs(3600),
+                        issued_at: SystemTime::now(),
+                        token_type: "bearer".to_owned(),
+                        request_id: Some(huge.clone()),
+                        restricted_to: Vec::new(),
+                    },
+                    parent: None,
+                },
+                &crate::cache::CachePolicy::default(),
+            ))),
             token_sha256: Some(digest("t")),
             request_id: RequestId::parse(&"r".repeat(64)),
-            ..AuditEvent::default()
+            decision: "a decision longer than its cap of 32 bytes",
+            code: "a code longer than its cap of 32 bytes, too",
         });
         let text = String::from_utf8(buffer.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
         assert!(text.len() <= MAX_RECORD_BYTES, "{} bytes", text.len());
@@ -588,7 +627,40 @@ mod tests {
         assert!(reason.ends_with('…'), "{reason}");
         assert!(reason.len() <= MAX_REASON_BYTES, "{}", reason.len());
         assert!(records[0]["caller"].as_str().is_some_and(|c| c.ends_with('…')));
+        assert!(records[0]["box_request_id"].as_str().is_some_and(|c| c.ends_with('…')));
         assert_eq!(records[0]["request_id"].as_str().map(str::len), Some(64));
+    }
+
+    #[test]
+    fn long_identities_are_recorded_whole() {
+        let (sink, buffer) = AuditSink::memory();
+        // The longest Kubernetes identity: a 253-byte namespace and name.
+        let caller = format!("k8s:{}/{}", "n".repeat(63), "s".repeat(253));
+        let rule = "r".repeat(200);
+        sink.record(&AuditEvent {
+            caller: Arc::from(caller.as_str()),
+            rule: Some(Arc::from(rule.as_str())),
+            ..AuditEvent::default()
+        });
+        let records = lines(&buffer);
+        assert_eq!(records[0]["caller"], caller.as_str());
+        assert_eq!(records[0]["rule"], rule.as_str());
+    }
+
+    #[test]
+    fn a_value_is_cut_only_when_its_escaped_form_passes_the_limit() {
+        let escape = |value: &str| {
+            let mut out = Vec::new();
+            escaped(&mut out, value, 16);
+            String::from_utf8(out).unwrap_or_default()
+        };
+        // 15 bytes with one quote: 16 escaped, exactly the limit.
+        assert_eq!(escape("abcdefghijklmn\""), "abcdefghijklmn\\\"");
+        assert_eq!(escape("abcdefghijklmn\"x"), "abcdefghijklm…");
+        // Cut between characters, never inside one, and never past the limit.
+        let cut = escape(&"é".repeat(20));
+        assert_eq!(cut, format!("{}…", "é".repeat(6)));
+        assert!(cut.len() <= 16);
     }
 
     #[test]

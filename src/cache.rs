@@ -147,7 +147,7 @@ pub struct CachedToken {
 }
 
 impl CachedToken {
-    fn new(minted: Minted, policy: &CachePolicy) -> Self {
+    pub(crate) fn new(minted: Minted, policy: &CachePolicy) -> Self {
         let Minted { mut issued, parent } = minted;
         // A downscoped token never outlives its parent.
         if let Some(parent) = &parent {

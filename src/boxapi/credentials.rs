@@ -20,8 +20,9 @@ use super::private_key::{KeyError, decode_private_key};
 
 /// A numeric Box id (enterprise or user), validated on construction. Held
 /// inline (no allocation): a million cached user tokens are keyed by these,
-/// and every request parses one. The digits are zero-padded ASCII, so the
-/// derived ordering is the string's.
+/// and every request parses one. The ASCII digits are padded with NUL
+/// bytes, which sort before any digit, so the derived ordering is the
+/// string's.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BoxId {
     digits: [u8; Self::MAX_DIGITS],

@@ -71,8 +71,9 @@ pub fn normalize_scopes(scopes: &[String]) -> Result<Vec<String>, ScopeError> {
     Ok(normalized)
 }
 
-/// The one item a downscoped token is restricted to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// The one item a downscoped token is restricted to. Its `Debug` shows a
+/// shared link only by fingerprint: the link can itself be a capability.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Target {
     /// A file.
     File(BoxId),
@@ -86,6 +87,19 @@ pub enum Target {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("shared_link must be an https:// Box shared link such as https://app.box.com/s/abc123")]
 pub struct SharedLinkError;
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(id) => f.debug_tuple("File").field(id).finish(),
+            Self::Folder(id) => f.debug_tuple("Folder").field(id).finish(),
+            Self::SharedLink(url) => {
+                let digest = crate::audit::digest(url);
+                write!(f, "SharedLink(sha256:{})", hex::encode(&digest[..8]))
+            }
+        }
+    }
+}
 
 impl Target {
     /// Checks a shared link: https, a box.com host, no whitespace, sane length.

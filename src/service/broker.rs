@@ -278,7 +278,7 @@ impl TokenBrokerApi {
 fn facts(caller: &CallerIdentity, app: &str, subject: Option<&Subject>) -> AuditEvent {
     AuditEvent {
         caller: caller.shared_name(),
-        app: if app.is_empty() { Arc::default() } else { Arc::from(app) },
+        app: asked_app(app),
         subject_type: subject.map(|s| match s {
             Subject::Enterprise => "enterprise",
             Subject::User(_) => "user",
@@ -289,6 +289,11 @@ fn facts(caller: &CallerIdentity, app: &str, subject: Option<&Subject>) -> Audit
         }),
         ..AuditEvent::default()
     }
+}
+
+/// The app a caller asked for, for an audit record (empty for the default).
+fn asked_app(app: &str) -> Arc<str> {
+    if app.is_empty() { Arc::default() } else { Arc::from(app) }
 }
 
 /// Adds what the broker answered to `event`.
@@ -314,7 +319,9 @@ impl TokenBrokerService for TokenBrokerApi {
                 Err(e) => return (facts(&caller, &request.app, None), Err(e.into())),
             };
             record_subject(domain.app, &domain.subject);
-            let mut event = facts(&caller, &request.app, Some(&domain.subject));
+            // The app served is recorded on success (`served`); the name
+            // asked for only on failure, so a success copies no string.
+            let mut event = facts(&caller, "", Some(&domain.subject));
             let result = self.broker.get_token(caller.name(), &domain).await.map(|granted| {
                 self.broker.metrics().cache_lookup("GetToken", granted.lookup.cache_hit);
                 let response = pb::GetTokenResponse {
@@ -324,6 +331,9 @@ impl TokenBrokerService for TokenBrokerApi {
                 served(&mut event, granted);
                 response
             });
+            if result.is_err() {
+                event.app = asked_app(&request.app);
+            }
             (event, result.map_err(Status::from))
         })
         .await
@@ -344,7 +354,7 @@ impl TokenBrokerService for TokenBrokerApi {
                 Err(e) => return (facts(&caller, &request.app, None), Err(e.into())),
             };
             record_subject(domain.app, &domain.subject);
-            let mut event = facts(&caller, &request.app, Some(&domain.subject));
+            let mut event = facts(&caller, "", Some(&domain.subject));
             event.downscope = Some(domain.downscope.clone());
             let result = self.broker.get_downscoped(caller.name(), &domain).await.map(|granted| {
                 self.broker
@@ -357,6 +367,9 @@ impl TokenBrokerService for TokenBrokerApi {
                 served(&mut event, granted);
                 response
             });
+            if result.is_err() {
+                event.app = asked_app(&request.app);
+            }
             (event, result.map_err(Status::from))
         })
         .await

@@ -4,7 +4,7 @@
 use crate::common;
 
 use box_token_broker::{
-    boxapi::{BoxId, BoxSubject, CredentialSources},
+    boxapi::{BoxId, BoxSubject, CredentialSources, Target},
     broker::{Subject, TokenRequest},
     fakebox::{FakeAuth, Fault, seed},
 };
@@ -65,10 +65,19 @@ async fn debug_output_hides_every_secret() {
     secrets.push(token_of(&response));
     secrets.push(downscoped.token.as_ref().unwrap().access_token.clone());
 
+    // A shared link can itself be a capability: records and Debug show only
+    // its fingerprint.
+    let shared_link = "https://app.box.com/s/k7secretcapabilitylink";
+    secrets.push(shared_link.to_owned());
     let audit_event = box_token_broker::audit::AuditEvent {
         issued: Some(lookup.token.clone()),
+        downscope: Some(std::sync::Arc::new(box_token_broker::cache::Downscope {
+            scopes: vec!["item_preview".to_owned()],
+            target: Target::shared_link(shared_link).ok(),
+        })),
         ..Default::default()
     };
+    assert!(format!("{audit_event:?}").contains("SharedLink(sha256:"));
     let debug = format!(
         "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         app.credentials(),
