@@ -280,9 +280,8 @@ fn json_str(out: &mut Vec<u8>, value: &str, max: usize) {
 /// when the escaped form would pass `max` bytes.
 fn escaped(out: &mut Vec<u8>, value: &str, max: usize) {
     const ELLIPSIS: &[u8] = "…".as_bytes();
-    let plain = |b: &u8| *b >= 0x20 && *b != b'"' && *b != b'\\';
     // Nearly every value is short and needs no escaping: copy it whole.
-    if value.len() <= max && value.as_bytes().iter().all(plain) {
+    if value.len() <= max && needs_no_escaping(value.as_bytes()) {
         out.extend_from_slice(value.as_bytes());
         return;
     }
@@ -314,6 +313,30 @@ fn escaped(out: &mut Vec<u8>, value: &str, max: usize) {
             cut = out.len();
         }
     }
+}
+
+/// True when `bytes` holds nothing JSON escapes inside a string (a control
+/// character, `"` or `\\`). Checked eight bytes at a time: a dozen values
+/// per record, on every request.
+fn needs_no_escaping(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Some byte of `word` is below `n` (for n <= 0x80; exact, no false hits).
+    let any_below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH != 0;
+    let any_equal = |word: u64, b: u8| any_below(word ^ (ONES * u64::from(b)), 1);
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(chunk);
+        let word = u64::from_ne_bytes(eight);
+        if any_below(word, 0x20) || any_equal(word, b'"') || any_equal(word, b'\\') {
+            return false;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .all(|b| *b >= 0x20 && *b != b'"' && *b != b'\\')
 }
 
 /// Lowercase hex of `bytes`, appended (formatted on the stack, one copy).
@@ -693,6 +716,29 @@ mod tests {
             let caller = format!("caller-{thread}");
             assert_eq!(records.iter().filter(|r| r["caller"] == caller.as_str()).count(), 500);
         }
+    }
+
+    #[test]
+    fn the_word_at_a_time_check_finds_every_byte_json_escapes() {
+        let naive = |bytes: &[u8]| bytes.iter().all(|b| *b >= 0x20 && *b != b'"' && *b != b'\\');
+        for len in [1, 7, 8, 9, 16, 17, 40] {
+            for at in 0..len {
+                for byte in 0..=u8::MAX {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = byte;
+                    assert_eq!(needs_no_escaping(&bytes), naive(&bytes), "{byte:#x} at {at} of {len}");
+                    // Neighbours that sit just above or below the limits.
+                    bytes.fill(0x21);
+                    bytes[at] = byte;
+                    assert_eq!(needs_no_escaping(&bytes), naive(&bytes), "{byte:#x} at {at} of {len}");
+                    bytes.fill(0xff);
+                    bytes[at] = byte;
+                    assert_eq!(needs_no_escaping(&bytes), naive(&bytes), "{byte:#x} at {at} of {len}");
+                }
+            }
+        }
+        assert!(needs_no_escaping(b""));
+        assert!(needs_no_escaping("spiffe://cluster.local/ns/é/sa/x".as_bytes()));
     }
 
     #[test]
