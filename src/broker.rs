@@ -664,15 +664,19 @@ impl Broker {
             target: request.downscope.target.as_ref(),
         };
         let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl)?;
+        let key = TokenKey {
+            downscope: Some(request.downscope.clone()),
+            ..parent_key.clone()
+        };
+        // The common case: the token is cached and its parent still is.
+        if let Some(lookup) = self.cache.cached_child(&key, request.min_ttl).await {
+            return Ok(permit.grant(app, lookup, self.clock.now()));
+        }
         let parent_need = Need {
             min_ttl: request.min_ttl,
             ..Need::default()
         };
         let parent = self.cache.get(&parent_key, parent_need).await?;
-        let key = TokenKey {
-            downscope: Some(request.downscope.clone()),
-            ..parent_key
-        };
         let need = Need {
             min_ttl: request.min_ttl,
             parent_at_least: Some(parent.token.id),
@@ -715,7 +719,7 @@ impl Broker {
             subject_type = key.subject.sub_type(),
             subject_id = %key.subject.id(),
             downscoped = key.downscope.is_some(),
-                        evicted = dropped,
+            evicted = dropped,
             "revoked a Box token"
         );
         Ok(Revoked {

@@ -16,7 +16,7 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -125,8 +125,11 @@ static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
 pub struct CachedToken {
     /// Unique, increasing in mint order.
     pub id: u64,
-    /// For a downscoped token, the id of the parent it was exchanged from.
-    pub parent_id: Option<u64>,
+    /// For a downscoped token, the full token it was exchanged from (held so
+    /// a hit can tell whether that parent is still the cached one without
+    /// looking it up; a child never outlives its parent, so this keeps a
+    /// replaced parent alive no longer than its children).
+    parent: Option<Arc<CachedToken>>,
     /// For a downscoped token, what Box says it is restricted to.
     pub restricted_to: Box<[Restriction]>,
     /// The bearer token.
@@ -144,6 +147,9 @@ pub struct CachedToken {
     pub sha256: [u8; 32],
     /// From this time (Unix ms) a hit starts a background refresh.
     refresh_at_ms: AtomicI64,
+    /// Set once this token left the cache (replaced, invalidated, evicted or
+    /// expired): its downscoped children are no longer served.
+    superseded: AtomicBool,
 }
 
 impl CachedToken {
@@ -167,7 +173,7 @@ impl CachedToken {
             .unwrap_or(issued.issued_at);
         Self {
             id: NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
-            parent_id: parent.map(|p| p.id),
+            parent,
             restricted_to: issued.restricted_to.into_boxed_slice(),
             sha256: {
                 use secrecy::ExposeSecret as _;
@@ -179,7 +185,13 @@ impl CachedToken {
             minted_at: issued.issued_at,
             request_id: issued.request_id.map(String::into_boxed_str),
             refresh_at_ms: AtomicI64::new(unix_millis(refresh_at)),
+            superseded: AtomicBool::new(false),
         }
+    }
+
+    /// For a downscoped token, the id of the parent it was exchanged from.
+    pub fn parent_id(&self) -> Option<u64> {
+        self.parent.as_ref().map(|p| p.id)
     }
 
     /// Box's `token_type` (`bearer`).
@@ -281,7 +293,7 @@ struct Flight {
 }
 
 struct Inner {
-    entries: moka::future::Cache<TokenKey, Arc<CachedToken>>,
+    entries: moka::future::Cache<TokenKey, Arc<CachedToken>, foldhash::fast::RandomState>,
     /// Entries moka dropped for size or expiry (not invalidations or replacements).
     evictions: Arc<AtomicU64>,
     flights: Mutex<HashMap<TokenKey, Flight>>,
@@ -335,12 +347,17 @@ impl TokenCache {
             .name("box-tokens")
             .max_capacity(policy.max_entries)
             .expire_after(ExpireAtTokenExpiry)
-            .eviction_listener(move |_, _, cause| {
+            .eviction_listener(move |_, token: Arc<CachedToken>, cause| {
+                // Whatever the cause, the token is no longer the cached one:
+                // its children must be exchanged anew (`cached_child`).
+                // moka calls this within `insert`/`invalidate` for a
+                // replacement or an invalidation, before they return.
+                token.superseded.store(true, Ordering::Release);
                 if cause.was_evicted() {
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
             })
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             inner: Arc::new(Inner {
                 evictions,
@@ -406,6 +423,32 @@ impl TokenCache {
             }
         }
         Err(CacheError::MinTtlUnmet { available })
+    }
+
+    /// The cached downscoped token for `key` with at least `min_ttl` left,
+    /// if the parent it was exchanged from is still the cached full token —
+    /// found without looking the parent up. This is what [`Self::get`] with
+    /// `parent_at_least` set to the current parent's id would serve from
+    /// the cache; `None` sends the caller that way. Like any hit, it starts
+    /// the background refresh of the token (and of its parent) when due.
+    pub async fn cached_child(&self, key: &TokenKey, min_ttl: Duration) -> Option<Lookup> {
+        let token = self.inner.entries.get(key).await?;
+        let parent = token.parent.as_ref()?;
+        let now = self.inner.clock.now();
+        let need = Need {
+            min_ttl,
+            ..Need::default()
+        };
+        if parent.superseded.load(Ordering::Acquire) || !self.inner.satisfies(&token, &need, now) {
+            return None;
+        }
+        if parent.claim_refresh(now) {
+            self.start_refresh(&key.parent(), parent);
+        }
+        if token.claim_refresh(now) {
+            self.start_refresh(key, &token);
+        }
+        Some(Lookup { token, cache_hit: true })
     }
 
     /// The key of the cached token of `app` whose value is `token`, if any.
@@ -554,7 +597,7 @@ impl Inner {
             && need.minted_since.is_none_or(|t| token.minted_at >= t)
             && need
                 .parent_at_least
-                .is_none_or(|p| token.parent_id.is_some_and(|id| id >= p))
+                .is_none_or(|p| token.parent_id().is_some_and(|id| id >= p))
     }
 
     /// One flight: re-check the cache (a flight that just finished may have
@@ -700,7 +743,7 @@ mod tests {
             &policy,
         );
         assert_eq!(child.expires_at, parent.expires_at);
-        assert_eq!(child.parent_id, Some(parent.id));
+        assert_eq!(child.parent_id(), Some(parent.id));
         assert!(child.id > parent.id);
     }
 
@@ -767,5 +810,120 @@ mod tests {
             plain.token.access_token.expose_secret()
         );
         assert_eq!(minter.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Mints full tokens; a downscoped one is "exchanged" from the cached parent.
+    #[derive(Default)]
+    struct FamilyMinter {
+        calls: AtomicUsize,
+        cache: std::sync::OnceLock<WeakTokenCache>,
+    }
+
+    impl Minter for FamilyMinter {
+        fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let cache = self.cache.get().and_then(WeakTokenCache::upgrade);
+            let key = key.clone();
+            async move {
+                let parent = match (&key.downscope, cache) {
+                    (Some(_), Some(cache)) => Some(cache.get(&key.parent(), Need::default()).await.unwrap().token),
+                    _ => None,
+                };
+                let now = SystemTime::now();
+                let issued = IssuedToken {
+                    access_token: SecretString::from(format!("token-{n}")),
+                    expires_at: now + Duration::from_secs(3600),
+                    issued_at: now,
+                    token_type: "bearer".to_owned(),
+                    request_id: None,
+                    restricted_to: Vec::new(),
+                };
+                Ok(Minted { issued, parent })
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_child_is_served_only_while_its_parent_is_the_cached_one() {
+        let minter = Arc::new(FamilyMinter::default());
+        let cache = TokenCache::new(minter.clone(), Arc::new(SystemClock), CachePolicy::default());
+        minter.cache.set(cache.downgrade()).ok();
+        let parent_key = key(1);
+        let child_key = TokenKey {
+            downscope: Some(Arc::new(Downscope {
+                scopes: vec!["item_preview".to_owned()],
+                target: None,
+            })),
+            ..parent_key.clone()
+        };
+        let current_child = async |cache: &TokenCache| {
+            let parent = cache.get(&parent_key, Need::default()).await.unwrap().token;
+            let need = Need {
+                parent_at_least: Some(parent.id),
+                ..Need::default()
+            };
+            cache.get(&child_key, need).await.unwrap().token
+        };
+        let served = async |cache: &TokenCache| {
+            cache
+                .cached_child(&child_key, Duration::ZERO)
+                .await
+                .map(|hit| hit.token.access_token.expose_secret().to_owned())
+        };
+        let secret = |t: &CachedToken| t.access_token.expose_secret().to_owned();
+
+        let child = current_child(&cache).await;
+        assert_eq!(served(&cache).await, Some(secret(&child)));
+        assert!(
+            cache.cached_child(&parent_key, Duration::ZERO).await.is_none(),
+            "not a child"
+        );
+        assert!(
+            cache
+                .cached_child(&child_key, Duration::from_secs(3500))
+                .await
+                .is_none(),
+            "min_ttl still applies"
+        );
+
+        // The parent is replaced (a forced refresh): its child is not served.
+        let forced = Need {
+            minted_since: Some(SystemTime::now() + Duration::from_millis(1)),
+            ..Need::default()
+        };
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        cache.get(&parent_key, forced).await.unwrap();
+        assert_eq!(served(&cache).await, None);
+        let second = current_child(&cache).await;
+        assert_ne!(secret(&second), secret(&child), "exchanged anew");
+        assert_eq!(served(&cache).await, Some(secret(&second)));
+
+        // The parent is dropped: its child is not served either.
+        cache.invalidate(&parent_key).await;
+        assert_eq!(served(&cache).await, None);
+        let third = current_child(&cache).await;
+        assert_eq!(served(&cache).await, Some(secret(&third)));
+        assert_eq!(minter.calls.load(Ordering::SeqCst), 6, "3 parents, 3 children");
+
+        // A child's hit starts its parent's refresh when that is due, though
+        // the parent itself is not looked up.
+        let parent = cache.get(&parent_key, Need::default()).await.unwrap().token;
+        parent.refresh_at_ms.store(0, Ordering::Release);
+        assert_eq!(served(&cache).await, Some(secret(&third)));
+        for _ in 0..200 {
+            if minter.calls.load(Ordering::SeqCst) == 7 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(minter.calls.load(Ordering::SeqCst), 7, "the parent was refreshed");
+        let refreshed = cache.get(&parent_key, Need::default()).await.unwrap().token;
+        assert!(refreshed.id > parent.id);
+        assert_eq!(
+            served(&cache).await,
+            None,
+            "the refreshed parent's old child is not served"
+        );
     }
 }

@@ -146,6 +146,32 @@ async fn a_replaced_parent_means_a_new_exchange() {
 }
 
 #[tokio::test]
+async fn downscoped_requests_alone_keep_the_parent_refreshed_ahead_of_expiry() {
+    let h = Harness::start().await;
+    h.fake.set_token_lifetime(Some(Duration::from_secs(3600)));
+    let request = || downscope(enterprise(), &["item_preview"], folder(seed::SERVICE_ACCOUNT_FOLDER_ID));
+    let first = h.downscoped(request()).await.unwrap();
+    assert!(h.downscoped(request()).await.unwrap().cache_hit);
+    assert_eq!(h.fake.stats().jwt_issued, 1);
+    // 400 s before expiry: past the (jittered) refresh point, before the margin.
+    h.clock.advance(Duration::from_secs(3600 - 400));
+    let during = h.downscoped(request()).await.unwrap();
+    assert!(during.cache_hit, "the caller does not wait for the refresh");
+    assert_eq!(token(&during).access_token, token(&first).access_token);
+    assert!(
+        h.wait_for(|s| s.jwt_issued == 2).await,
+        "the parent is refreshed in the background, though only downscoped tokens were asked for"
+    );
+    let after = h.downscoped(request()).await.unwrap();
+    assert_ne!(
+        token(&after).access_token,
+        token(&first).access_token,
+        "the old parent's child is no longer served"
+    );
+    assert_eq!(h.fake.stats().jwt_issued, 2);
+}
+
+#[tokio::test]
 async fn a_downscoped_token_never_outlives_its_parent() {
     let h = Harness::start().await;
     h.fake.set_token_lifetime(Some(Duration::from_secs(3600)));
