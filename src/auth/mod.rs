@@ -8,15 +8,24 @@
 
 pub mod kubernetes;
 
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    sync::{Arc, LazyLock},
+};
 
 use kubernetes::KubernetesAuth;
+use tonic::metadata::{Ascii, MetadataKey};
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
 /// The header an API key is sent in.
 pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// The request headers looked up on every request, parsed once (tonic parses
+/// a `&str` name on each lookup).
+static API_KEY_KEY: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static(API_KEY_HEADER));
+static AUTHORIZATION_KEY: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static("authorization"));
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +56,7 @@ impl CallerIdentity {
 
     /// The same, shared (for audit records: no copy per request).
     pub fn shared_name(&self) -> Arc<str> {
-        static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("anonymous"));
+        static ANONYMOUS: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("anonymous"));
         match self {
             Self::Anonymous => ANONYMOUS.clone(),
             Self::ApiKey(identity)
@@ -203,7 +212,7 @@ impl Authenticator {
             self.certificate_identities.insert(fingerprint, identity.clone()).await;
             return Ok(CallerIdentity::Certificate(identity));
         }
-        if let Some(presented) = request.metadata().get(API_KEY_HEADER) {
+        if let Some(presented) = request.metadata().get(&*API_KEY_KEY) {
             let keys = self.api_keys.as_ref().ok_or_else(|| {
                 AuthError(format!(
                     "API keys are not accepted on this listener: {}",
@@ -212,7 +221,7 @@ impl Authenticator {
             })?;
             return api_key(keys, presented.as_bytes());
         }
-        if let Some(authorization) = request.metadata().get("authorization") {
+        if let Some(authorization) = request.metadata().get(&*AUTHORIZATION_KEY) {
             let token = authorization
                 .to_str()
                 .ok()

@@ -3,12 +3,15 @@
 
 use std::{
     future::Future,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::{Duration, SystemTime},
 };
 
 use secrecy::{ExposeSecret as _, SecretString};
-use tonic::{Request, Response, Status};
+use tonic::{
+    Request, Response, Status,
+    metadata::{Ascii, MetadataKey},
+};
 
 use tonic::Code;
 
@@ -27,6 +30,9 @@ const MAX_TOKEN_LEN: usize = 4096;
 
 /// The header a request id travels in, both ways.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// [`REQUEST_ID_HEADER`], parsed once: it is read and written on every request.
+static REQUEST_ID_KEY: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static(REQUEST_ID_HEADER));
 
 /// Client-request limits: requests in progress at once (over all callers)
 /// and a per-caller token bucket.
@@ -141,7 +147,7 @@ impl Limits {
 fn request_id<T>(request: &Request<T>) -> RequestId {
     request
         .metadata()
-        .get(REQUEST_ID_HEADER)
+        .get(&*REQUEST_ID_KEY)
         .and_then(|v| v.to_str().ok())
         .and_then(RequestId::parse)
         .unwrap_or_else(RequestId::generate)
@@ -258,13 +264,13 @@ impl TokenBrokerApi {
             Ok(message) => {
                 let mut response = Response::new(message);
                 if let Some(id) = id {
-                    response.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                    response.metadata_mut().insert(REQUEST_ID_KEY.clone(), id);
                 }
                 Ok(response)
             }
             Err(mut status) => {
                 if let Some(id) = id {
-                    status.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                    status.metadata_mut().insert(REQUEST_ID_KEY.clone(), id);
                 }
                 Err(status)
             }
