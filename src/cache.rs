@@ -682,18 +682,23 @@ mod tests {
             let delay = self.delay;
             async move {
                 tokio::time::sleep(delay).await;
-                let now = SystemTime::now();
-                let issued = IssuedToken {
-                    access_token: SecretString::from(format!("token-{n}")),
-                    expires_at: now + Duration::from_secs(3600),
-                    issued_at: now,
-                    token_type: "bearer".to_owned(),
-                    request_id: None,
-                    restricted_to: Vec::new(),
-                };
+                let issued = issued_now(n);
                 Ok(Minted { issued, parent: None })
             }
             .boxed()
+        }
+    }
+
+    /// `token-N`, issued now for an hour.
+    fn issued_now(n: usize) -> IssuedToken {
+        let now = SystemTime::now();
+        IssuedToken {
+            access_token: SecretString::from(format!("token-{n}")),
+            expires_at: now + Duration::from_secs(3600),
+            issued_at: now,
+            token_type: "bearer".to_owned(),
+            request_id: None,
+            restricted_to: Vec::new(),
         }
     }
 
@@ -829,15 +834,7 @@ mod tests {
                     (Some(_), Some(cache)) => Some(cache.get(&key.parent(), Need::default()).await.unwrap().token),
                     _ => None,
                 };
-                let now = SystemTime::now();
-                let issued = IssuedToken {
-                    access_token: SecretString::from(format!("token-{n}")),
-                    expires_at: now + Duration::from_secs(3600),
-                    issued_at: now,
-                    token_type: "bearer".to_owned(),
-                    request_id: None,
-                    restricted_to: Vec::new(),
-                };
+                let issued = issued_now(n);
                 Ok(Minted { issued, parent })
             }
             .boxed()
