@@ -657,7 +657,7 @@ mod tests {
     #[test]
     fn long_identities_are_recorded_whole() {
         let (sink, buffer) = AuditSink::memory();
-        // The longest Kubernetes identity: a 253-byte namespace and name.
+        // A long Kubernetes identity: a 63-byte namespace, a 253-byte name.
         let caller = format!("k8s:{}/{}", "n".repeat(63), "s".repeat(253));
         let rule = "r".repeat(200);
         sink.record(&AuditEvent {

@@ -15,8 +15,8 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -125,11 +125,11 @@ static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
 pub struct CachedToken {
     /// Unique, increasing in mint order.
     pub id: u64,
-    /// For a downscoped token, the full token it was exchanged from (held so
-    /// a hit can tell whether that parent is still the cached one without
-    /// looking it up; a child never outlives its parent, so this keeps a
-    /// replaced parent alive no longer than its children).
-    parent: Option<Arc<CachedToken>>,
+    /// For a downscoped token, the full token it was exchanged from, so a hit
+    /// can tell whether that parent is still the cached one without looking
+    /// it up. Weak: a replaced parent's secret is dropped (and zeroized) with
+    /// its last strong reference, not kept alive by its children.
+    parent: Weak<CachedToken>,
     /// For a downscoped token, what Box says it is restricted to.
     pub restricted_to: Box<[Restriction]>,
     /// The bearer token.
@@ -147,10 +147,19 @@ pub struct CachedToken {
     pub sha256: [u8; 32],
     /// From this time (Unix ms) a hit starts a background refresh.
     refresh_at_ms: AtomicI64,
-    /// Set once this token left the cache (replaced, invalidated, evicted or
-    /// expired): its downscoped children are no longer served.
-    superseded: AtomicBool,
+    /// The top bit ([`SUPERSEDED`]) is set once this token left the cache
+    /// (replaced, invalidated, evicted or expired): its downscoped children
+    /// are no longer served. The other bits: when (Unix ms) a child's hit
+    /// last touched this token in moka (see [`TokenCache::cached_child`]).
+    state: AtomicU64,
 }
+
+/// See [`CachedToken::state`].
+const SUPERSEDED: u64 = 1 << 63;
+
+/// How often a child's hits touch its parent in moka, so the parent stays
+/// recent in the eviction policy though hits no longer look it up.
+const PARENT_TOUCH_INTERVAL_MS: u64 = 1000;
 
 impl CachedToken {
     pub(crate) fn new(minted: Minted, policy: &CachePolicy) -> Self {
@@ -173,7 +182,7 @@ impl CachedToken {
             .unwrap_or(issued.issued_at);
         Self {
             id: NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
-            parent,
+            parent: parent.as_ref().map_or_else(Weak::new, Arc::downgrade),
             restricted_to: issued.restricted_to.into_boxed_slice(),
             sha256: {
                 use secrecy::ExposeSecret as _;
@@ -185,13 +194,36 @@ impl CachedToken {
             minted_at: issued.issued_at,
             request_id: issued.request_id.map(String::into_boxed_str),
             refresh_at_ms: AtomicI64::new(unix_millis(refresh_at)),
-            superseded: AtomicBool::new(false),
+            state: AtomicU64::new(0),
         }
     }
 
-    /// For a downscoped token, the id of the parent it was exchanged from.
+    /// For a downscoped token, the id of the parent it was exchanged from,
+    /// while that parent is held anywhere (a dropped parent is not current).
     pub fn parent_id(&self) -> Option<u64> {
-        self.parent.as_ref().map(|p| p.id)
+        self.parent.upgrade().map(|p| p.id)
+    }
+
+    /// Marks this token as no longer the cached one.
+    fn supersede(&self) {
+        self.state.fetch_or(SUPERSEDED, Ordering::Release);
+    }
+
+    /// True once this token left the cache.
+    fn is_superseded(&self) -> bool {
+        self.state.load(Ordering::Acquire) & SUPERSEDED != 0
+    }
+
+    /// Claims the right to touch this (parent) token in moka at `now_ms`:
+    /// one caller per [`PARENT_TOUCH_INTERVAL_MS`], none once superseded.
+    fn claim_touch(&self, now_ms: u64) -> bool {
+        let state = self.state.load(Ordering::Relaxed);
+        state & SUPERSEDED == 0
+            && now_ms.saturating_sub(state) >= PARENT_TOUCH_INTERVAL_MS
+            && self
+                .state
+                .compare_exchange(state, now_ms & !SUPERSEDED, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Box's `token_type` (`bearer`).
@@ -293,7 +325,7 @@ struct Flight {
 }
 
 struct Inner {
-    entries: moka::future::Cache<TokenKey, Arc<CachedToken>, foldhash::fast::RandomState>,
+    entries: moka::future::Cache<TokenKey, Arc<CachedToken>, foldhash::fast::SeedableRandomState>,
     /// Entries moka dropped for size or expiry (not invalidations or replacements).
     evictions: Arc<AtomicU64>,
     flights: Mutex<HashMap<TokenKey, Flight>>,
@@ -338,6 +370,14 @@ impl moka::Expiry<TokenKey, Arc<CachedToken>> for ExpireAtTokenExpiry {
     }
 }
 
+/// The cache keys' hasher: foldhash, seeded from the OS's random generator
+/// (foldhash's own default seed mixes addresses and the time).
+fn key_hasher() -> foldhash::fast::SeedableRandomState {
+    static SHARED: std::sync::OnceLock<foldhash::SharedSeed> = std::sync::OnceLock::new();
+    let shared = SHARED.get_or_init(|| foldhash::SharedSeed::from_u64(rand::random()));
+    foldhash::fast::SeedableRandomState::with_seed(rand::random(), shared)
+}
+
 impl TokenCache {
     /// An empty cache that mints through `minter`.
     pub fn new(minter: Arc<dyn Minter>, clock: SharedClock, policy: CachePolicy) -> Self {
@@ -349,15 +389,20 @@ impl TokenCache {
             .expire_after(ExpireAtTokenExpiry)
             .eviction_listener(move |_, token: Arc<CachedToken>, cause| {
                 // Whatever the cause, the token is no longer the cached one:
-                // its children must be exchanged anew (`cached_child`).
-                // moka calls this within `insert`/`invalidate` for a
-                // replacement or an invalidation, before they return.
-                token.superseded.store(true, Ordering::Release);
+                // its children must be exchanged anew (`cached_child`). For a
+                // replacement or an invalidation moka calls this inside
+                // `insert`/`invalidate`, before they return. For a size
+                // eviction or an expiry it calls it from its housekeeping, a
+                // little after the entry stopped being returned; meanwhile a
+                // child may still be served, which is harmless: an evicted
+                // parent is still a valid token nothing newer has replaced,
+                // and a child expires no later than its parent.
+                token.supersede();
                 if cause.was_evicted() {
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
             })
-            .build_with_hasher(foldhash::fast::RandomState::default());
+            .build_with_hasher(key_hasher());
         Self {
             inner: Arc::new(Inner {
                 evictions,
@@ -429,23 +474,33 @@ impl TokenCache {
     /// if the parent it was exchanged from is still the cached full token —
     /// found without looking the parent up. This is what [`Self::get`] with
     /// `parent_at_least` set to the current parent's id would serve from
-    /// the cache; `None` sends the caller that way. Like any hit, it starts
-    /// the background refresh of the token (and of its parent) when due.
+    /// the cache; `None` sends the caller that way.
+    ///
+    /// What the skipped parent lookup did, a hit still does: it touches the
+    /// parent in moka (once a second), so a parent whose children are busy
+    /// stays recent in the eviction policy; and it starts the parent's
+    /// background refresh when due — and then not the child's, whose
+    /// replacement comes from the new parent.
     pub async fn cached_child(&self, key: &TokenKey, min_ttl: Duration) -> Option<Lookup> {
         let token = self.inner.entries.get(key).await?;
-        let parent = token.parent.as_ref()?;
+        let parent = token.parent.upgrade()?;
         let now = self.inner.clock.now();
         let need = Need {
             min_ttl,
             ..Need::default()
         };
-        if parent.superseded.load(Ordering::Acquire) || !self.inner.satisfies(&token, &need, now) {
+        if parent.is_superseded() || !self.inner.satisfies(&token, &need, now) {
             return None;
         }
-        if parent.claim_refresh(now) {
-            self.start_refresh(&key.parent(), parent);
+        if parent.claim_touch(u64::try_from(unix_millis(now)).unwrap_or(0)) {
+            let _ = self.inner.entries.get(&key.parent()).await;
         }
-        if token.claim_refresh(now) {
+        if parent.claim_refresh(now) {
+            self.start_refresh(&key.parent(), &parent);
+            // Postponed: once the new parent is cached this child is not
+            // served; if that refresh fails, the child's comes after the retry interval.
+            let _ = token.claim_refresh(now);
+        } else if token.claim_refresh(now) {
             self.start_refresh(key, &token);
         }
         Some(Lookup { token, cache_hit: true })
@@ -635,7 +690,7 @@ impl Inner {
 
 /// A [`TokenCache`] that may have been dropped.
 #[derive(Clone)]
-pub struct WeakTokenCache(std::sync::Weak<Inner>);
+pub struct WeakTokenCache(Weak<Inner>);
 
 impl WeakTokenCache {
     /// The cache, if it still exists.
@@ -841,6 +896,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_parent_is_touched_at_most_once_a_second_and_never_once_superseded() {
+        let token = CachedToken::new(
+            Minted {
+                issued: issued_now(0),
+                parent: None,
+            },
+            &CachePolicy::default(),
+        );
+        let t = 1_795_000_000_000;
+        assert!(token.claim_touch(t));
+        assert!(!token.claim_touch(t + 999), "within the interval");
+        assert!(token.claim_touch(t + 1000));
+        assert!(!token.is_superseded());
+        token.supersede();
+        assert!(token.is_superseded());
+        assert!(!token.claim_touch(t + 10_000), "a superseded token is not touched");
+        assert!(token.is_superseded(), "and stays superseded");
+    }
+
     #[tokio::test]
     async fn a_cached_child_is_served_only_while_its_parent_is_the_cached_one() {
         let minter = Arc::new(FamilyMinter::default());
@@ -892,6 +967,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(2)).await;
         cache.get(&parent_key, forced).await.unwrap();
         assert_eq!(served(&cache).await, None);
+        // Nor does the old child keep the replaced parent (and its secret) alive.
+        cache.inner.entries.run_pending_tasks().await;
+        assert_eq!(child.parent_id(), None, "the replaced parent was dropped");
         let second = current_child(&cache).await;
         assert_ne!(secret(&second), secret(&child), "exchanged anew");
         assert_eq!(served(&cache).await, Some(secret(&second)));
@@ -904,19 +982,22 @@ mod tests {
         assert_eq!(minter.calls.load(Ordering::SeqCst), 6, "3 parents, 3 children");
 
         // A child's hit starts its parent's refresh when that is due, though
-        // the parent itself is not looked up.
+        // the parent itself is not looked up (and not the child's own: its
+        // replacement comes from the new parent).
         let parent = cache.get(&parent_key, Need::default()).await.unwrap().token;
         parent.refresh_at_ms.store(0, Ordering::Release);
+        third.refresh_at_ms.store(0, Ordering::Release);
         assert_eq!(served(&cache).await, Some(secret(&third)));
-        for _ in 0..200 {
-            if minter.calls.load(Ordering::SeqCst) == 7 {
+        let mut refreshed = parent.clone();
+        for _ in 0..400 {
+            refreshed = cache.get(&parent_key, Need::default()).await.unwrap().token;
+            if refreshed.id != parent.id {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(minter.calls.load(Ordering::SeqCst), 7, "the parent was refreshed");
-        let refreshed = cache.get(&parent_key, Need::default()).await.unwrap().token;
-        assert!(refreshed.id > parent.id);
+        assert!(refreshed.id > parent.id, "the parent was refreshed");
+        assert_eq!(minter.calls.load(Ordering::SeqCst), 7, "the parent only, not the child");
         assert_eq!(
             served(&cache).await,
             None,

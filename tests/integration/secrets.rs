@@ -68,7 +68,7 @@ async fn debug_output_hides_every_secret() {
     // A shared link can itself be a capability: records and Debug show only
     // its fingerprint.
     let shared_link = "https://app.box.com/s/k7secretcapabilitylink";
-    secrets.push(shared_link.to_owned());
+    secrets.push("k7secretcapabilitylink".to_owned());
     let audit_event = box_token_broker::audit::AuditEvent {
         issued: Some(lookup.token.clone()),
         downscope: Some(std::sync::Arc::new(box_token_broker::cache::Downscope {
