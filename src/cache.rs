@@ -479,8 +479,10 @@ impl TokenCache {
     /// What the skipped parent lookup did, a hit still does: it touches the
     /// parent in moka (once a second), so a parent whose children are busy
     /// stays recent in the eviction policy; and it starts the parent's
-    /// background refresh when due — and then not the child's, whose
-    /// replacement comes from the new parent.
+    /// background refresh when due. The child's own refresh starts only if
+    /// it expires before its parent: one that expires with its parent gains
+    /// nothing from another exchange with it, and its successor comes from
+    /// the parent's successor.
     pub async fn cached_child(&self, key: &TokenKey, min_ttl: Duration) -> Option<Lookup> {
         let token = self.inner.entries.get(key).await?;
         let parent = token.parent.upgrade()?;
@@ -497,10 +499,8 @@ impl TokenCache {
         }
         if parent.claim_refresh(now) {
             self.start_refresh(&key.parent(), &parent);
-            // Postponed: once the new parent is cached this child is not
-            // served; if that refresh fails, the child's comes after the retry interval.
-            let _ = token.claim_refresh(now);
-        } else if token.claim_refresh(now) {
+        }
+        if token.expires_at < parent.expires_at && token.claim_refresh(now) {
             self.start_refresh(key, &token);
         }
         Some(Lookup { token, cache_hit: true })
@@ -805,6 +805,9 @@ mod tests {
         assert_eq!(child.expires_at, parent.expires_at);
         assert_eq!(child.parent_id(), Some(parent.id));
         assert!(child.id > parent.id);
+        // The child does not keep its parent (and the parent's secret) alive.
+        drop(parent);
+        assert_eq!(child.parent_id(), None);
     }
 
     #[tokio::test]
@@ -877,19 +880,25 @@ mod tests {
     struct FamilyMinter {
         calls: AtomicUsize,
         cache: std::sync::OnceLock<WeakTokenCache>,
+        /// Children live half an hour (else an hour, capped at the parent's).
+        short_children: std::sync::atomic::AtomicBool,
     }
 
     impl Minter for FamilyMinter {
         fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             let cache = self.cache.get().and_then(WeakTokenCache::upgrade);
+            let short = self.short_children.load(Ordering::SeqCst);
             let key = key.clone();
             async move {
                 let parent = match (&key.downscope, cache) {
                     (Some(_), Some(cache)) => Some(cache.get(&key.parent(), Need::default()).await.unwrap().token),
                     _ => None,
                 };
-                let issued = issued_now(n);
+                let mut issued = issued_now(n);
+                if parent.is_some() && short {
+                    issued.expires_at = issued.issued_at + Duration::from_secs(1800);
+                }
                 Ok(Minted { issued, parent })
             }
             .boxed()
@@ -967,9 +976,6 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(2)).await;
         cache.get(&parent_key, forced).await.unwrap();
         assert_eq!(served(&cache).await, None);
-        // Nor does the old child keep the replaced parent (and its secret) alive.
-        cache.inner.entries.run_pending_tasks().await;
-        assert_eq!(child.parent_id(), None, "the replaced parent was dropped");
         let second = current_child(&cache).await;
         assert_ne!(secret(&second), secret(&child), "exchanged anew");
         assert_eq!(served(&cache).await, Some(secret(&second)));
@@ -982,8 +988,8 @@ mod tests {
         assert_eq!(minter.calls.load(Ordering::SeqCst), 6, "3 parents, 3 children");
 
         // A child's hit starts its parent's refresh when that is due, though
-        // the parent itself is not looked up (and not the child's own: its
-        // replacement comes from the new parent).
+        // the parent itself is not looked up (and not the child's own: it
+        // expires with its parent, so only the parent's successor helps).
         let parent = cache.get(&parent_key, Need::default()).await.unwrap().token;
         parent.refresh_at_ms.store(0, Ordering::Release);
         third.refresh_at_ms.store(0, Ordering::Release);
@@ -1003,5 +1009,26 @@ mod tests {
             None,
             "the refreshed parent's old child is not served"
         );
+
+        // A child that expires before its parent is refreshed from it when due.
+        minter.short_children.store(true, Ordering::SeqCst);
+        let short = current_child(&cache).await;
+        assert!(short.expires_at < refreshed.expires_at);
+        let before = minter.calls.load(Ordering::SeqCst);
+        short.refresh_at_ms.store(0, Ordering::Release);
+        assert_eq!(served(&cache).await, Some(secret(&short)));
+        let mut now_served = None;
+        for _ in 0..400 {
+            now_served = served(&cache).await;
+            if now_served != Some(secret(&short)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            now_served.is_some_and(|t| t != secret(&short)),
+            "the child was refreshed"
+        );
+        assert_eq!(minter.calls.load(Ordering::SeqCst), before + 1, "the child only");
     }
 }
