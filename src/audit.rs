@@ -225,7 +225,7 @@ impl AuditEvent {
                     }
                     Target::SharedLink(url) => {
                         out.extend_from_slice(b"shared_link:");
-                        hex_into(out, &digest(url)[..8]);
+                        hex_into(out, &crate::boxapi::downscope::link_fingerprint(url));
                     }
                 }
                 out.push(b'"');
@@ -333,10 +333,12 @@ fn needs_no_escaping(bytes: &[u8]) -> bool {
             return false;
         }
     }
-    chunks
-        .remainder()
-        .iter()
-        .all(|b| *b >= 0x20 && *b != b'"' && *b != b'\\')
+    chunks.remainder().iter().all(plain)
+}
+
+/// A byte JSON copies as is inside a string.
+fn plain(b: &u8) -> bool {
+    *b >= 0x20 && *b != b'"' && *b != b'\\'
 }
 
 /// Lowercase hex of `bytes`, appended (formatted on the stack, one copy).
@@ -720,7 +722,7 @@ mod tests {
 
     #[test]
     fn the_word_at_a_time_check_finds_every_byte_json_escapes() {
-        let naive = |bytes: &[u8]| bytes.iter().all(|b| *b >= 0x20 && *b != b'"' && *b != b'\\');
+        let naive = |bytes: &[u8]| bytes.iter().all(plain);
         for len in [1, 7, 8, 9, 16, 17, 40] {
             for at in 0..len {
                 for byte in 0..=u8::MAX {

@@ -88,15 +88,22 @@ pub enum Target {
 #[error("shared_link must be an https:// Box shared link such as https://app.box.com/s/abc123")]
 pub struct SharedLinkError;
 
+/// How a shared link is shown in audit records and `Debug` output: the first
+/// 8 bytes of its SHA-256 (enough to correlate; the link itself can be a
+/// capability).
+pub fn link_fingerprint(url: &str) -> [u8; 8] {
+    let digest = crate::audit::digest(url);
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&digest[..8]);
+    prefix
+}
+
 impl fmt::Debug for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::File(id) => f.debug_tuple("File").field(id).finish(),
             Self::Folder(id) => f.debug_tuple("Folder").field(id).finish(),
-            Self::SharedLink(url) => {
-                let digest = crate::audit::digest(url);
-                write!(f, "SharedLink(sha256:{})", hex::encode(&digest[..8]))
-            }
+            Self::SharedLink(url) => write!(f, "SharedLink(sha256:{})", hex::encode(link_fingerprint(url))),
         }
     }
 }
