@@ -199,7 +199,12 @@ impl KeyAdmin {
         }
         let app = self.app(app)?;
         Self::jwt_only(app, &app.ring())?;
-        let private = decode_private_key(pem.expose_secret(), passphrase)
+        // Decrypting can take a while (key derivation): on a blocking
+        // thread, so requests on the runtime are not held up.
+        let (pem, passphrase) = (pem.clone(), passphrase.cloned());
+        let private = tokio::task::spawn_blocking(move || decode_private_key(pem.expose_secret(), passphrase.as_ref()))
+            .await
+            .map_err(|_| AdminError::FailedPrecondition("decoding the key was interrupted".to_owned()))?
             .map_err(|e| AdminError::InvalidArgument(format!("private_key_pem: {e}")))?;
         let key = KeyEntry::from_private(
             private,
@@ -409,6 +414,9 @@ impl AdminRules {
             if rule.callers.is_empty() || rule.rpcs.is_empty() {
                 return Err(format!("admin.rules[{i}]: callers and rpcs must both be non-empty"));
             }
+            if let Some(bad) = rule.callers.iter().find_map(|c| c.check_caller().err()) {
+                return Err(format!("admin.rules[{i}]: {bad}"));
+            }
             if let Some(bad) = rule.rpcs.iter().find(|g| !ADMIN_RPCS.iter().any(|r| g.matches(r))) {
                 return Err(format!(
                     "admin.rules[{i}]: {bad} matches no admin RPC (they are {})",
@@ -419,19 +427,22 @@ impl AdminRules {
         Ok(())
     }
 
-    /// May `caller` call `rpc` for `app` (empty: not app-specific)?
+    /// May `caller` call `rpc` for some app?
+    pub fn allows_some(&self, caller: &str, rpc: &str) -> bool {
+        self.0
+            .iter()
+            .any(|r| r.callers.iter().any(|c| c.matches(caller)) && r.rpcs.iter().any(|g| g.matches(rpc)))
+    }
+
+    /// May `caller` call `rpc` for `app` (a configured app's name)?
     pub fn allows(&self, caller: &str, rpc: &str, app: &str) -> Result<(), String> {
         let granted = self.0.iter().any(|r| {
             r.callers.iter().any(|c| c.matches(caller))
                 && r.rpcs.iter().any(|g| g.matches(rpc))
-                && (app.is_empty() || r.apps.iter().any(|a| a.matches(app)))
+                && r.apps.iter().any(|a| a.matches(app))
         });
         if granted {
             Ok(())
-        } else if app.is_empty() {
-            Err(format!(
-                "admin identity {caller:?} may not call {rpc} (no [[admin.rules]] grants it)"
-            ))
         } else {
             Err(format!(
                 "admin identity {caller:?} may not call {rpc} for app {app:?} (no [[admin.rules]] grants it)"
@@ -455,28 +466,32 @@ mod tests {
     #[test]
     fn admin_rules_deny_by_default_and_grant_only_what_they_name() {
         let r = rules(
-            "[[rules]]\ncallers = [\"oncall-*\"]\nrpcs = [\"ListKeys\", \"GetStatus\"]\n\
-             [[rules]]\ncallers = [\"rotator\"]\nrpcs = [\"*\"]\napps = [\"billing\"]\n",
+            "[[rules]]\ncallers = [\"apikey:oncall-*\"]\nrpcs = [\"ListKeys\", \"GetStatus\"]\n\
+             [[rules]]\ncallers = [\"apikey:rotator\"]\nrpcs = [\"*\"]\napps = [\"billing\"]\n",
         );
         assert!(r.validate().is_ok());
-        assert!(r.allows("oncall-alice", "ListKeys", "default").is_ok());
-        assert!(r.allows("oncall-alice", "GetStatus", "").is_ok());
+        assert!(r.allows("apikey:oncall-alice", "ListKeys", "default").is_ok());
+        assert!(r.allows_some("apikey:oncall-alice", "GetStatus"));
         let denied = r
-            .allows("oncall-alice", "ActivateKey", "default")
+            .allows("apikey:oncall-alice", "ActivateKey", "default")
             .err()
             .unwrap_or_default();
         assert_eq!(
             denied,
-            "admin identity \"oncall-alice\" may not call ActivateKey for app \"default\" (no [[admin.rules]] grants it)"
+            "admin identity \"apikey:oncall-alice\" may not call ActivateKey for app \"default\" (no [[admin.rules]] grants it)"
         );
-        assert!(r.allows("rotator", "ActivateKey", "billing").is_ok());
-        assert!(r.allows("rotator", "ActivateKey", "default").is_err());
-        assert!(AdminRules::default().allows("anyone", "GetStatus", "").is_err());
+        assert!(r.allows("apikey:rotator", "ActivateKey", "billing").is_ok());
+        assert!(r.allows("apikey:rotator", "ActivateKey", "default").is_err());
+        assert!(!AdminRules::default().allows_some("anyone", "GetStatus"));
+        assert!(
+            r.allows("apikey:rotator", "ActivateKey", "").is_err(),
+            "an empty name is not a wildcard"
+        );
     }
 
     #[test]
     fn a_rule_naming_no_admin_rpc_is_invalid() {
-        let r = rules("[[rules]]\ncallers = [\"x\"]\nrpcs = [\"GetToken\"]\n");
+        let r = rules("[[rules]]\ncallers = [\"apikey:x\"]\nrpcs = [\"GetToken\"]\n");
         let e = r.validate().err().unwrap_or_default();
         assert!(
             e.starts_with("admin.rules[0]: \"GetToken\" matches no admin RPC"),

@@ -9,16 +9,26 @@
 //! `O_APPEND` do not interleave, and a pipe writes at most `PIPE_BUF` (4096
 //! bytes on Linux) atomically — which is why a record is never longer than
 //! [`MAX_RECORD_BYTES`]: its free-text fields are cut short (ending in `…`).
+//!
+//! Refusals (`deny` and `error`) that repeat are counted, not written one by
+//! one: the first of a kind (same RPC, caller, peer, code, reason and
+//! subject) is written at once; identical ones in the next
+//! [`DEFAULT_REPEAT_WINDOW`] are counted and written as one record with
+//! `"repeated": N` when the window closes. A flood of bad credentials costs
+//! one record per kind per window, and no kind goes unrecorded. Issuances
+//! are always written one by one.
 
 use std::{
     cell::RefCell,
+    collections::HashMap,
     fmt,
     fs::File,
+    hash::{BuildHasher as _, Hash as _, Hasher as _},
     io::Write,
     os::fd::AsFd as _,
     path::Path,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use sha2::{Digest as _, Sha256};
@@ -46,7 +56,8 @@ const MAX_APP_BYTES: usize = 128;
 /// `rpc`, `decision`, `code`, `subject_type` (words the broker chooses),
 /// `subject_id` and a target's id (at most 20 digits).
 const MAX_WORD_BYTES: usize = 32;
-/// `box_request_id` and `request_id` (the latter is at most 64 already).
+/// `box_request_id`, `request_id` (at most 64 already) and `peer` (an IP
+/// address or `uid N`).
 const MAX_ID_BYTES: usize = 64;
 /// One scope, and the scopes array (whole scopes only). Scopes are checked
 /// against Box's list before they reach a record, so there are few and they
@@ -65,6 +76,9 @@ pub struct AuditEvent {
     pub rpc: &'static str,
     /// The caller's identity (`unauthenticated` when it proved none).
     pub caller: Arc<str>,
+    /// Where a refused request came from: the peer's IP address, or `uid N`
+    /// on a Unix socket (left out of issuances).
+    pub peer: Option<Arc<str>>,
     /// `allow`, `deny` or `error`.
     pub decision: &'static str,
     /// The gRPC status code.
@@ -95,6 +109,9 @@ pub struct AuditEvent {
     /// The request's id (the caller's `x-request-id`, or one the broker made),
     /// also in the logs and the response's `x-request-id`.
     pub request_id: Option<RequestId>,
+    /// On a summary of repeats: how many more records identical to this one
+    /// (but for time and request id) were counted instead of written.
+    pub repeated: Option<u64>,
 }
 
 /// A request id: at most 64 printable ASCII characters, held inline (no
@@ -180,6 +197,9 @@ impl AuditEvent {
         ]);
         field(out, b",\"rpc\":\"", self.rpc, MAX_WORD_BYTES);
         field(out, b",\"caller\":\"", &self.caller, MAX_CALLER_BYTES);
+        if let Some(peer) = &self.peer {
+            field(out, b",\"peer\":\"", peer, MAX_ID_BYTES);
+        }
         field(out, b",\"decision\":\"", self.decision, MAX_WORD_BYTES);
         field(out, b",\"code\":\"", self.code, MAX_WORD_BYTES);
         if let Some(reason) = &self.reason {
@@ -247,6 +267,10 @@ impl AuditEvent {
         }
         if let Some(id) = &self.request_id {
             field(out, b",\"request_id\":\"", id.as_str(), MAX_ID_BYTES);
+        }
+        if let Some(n) = self.repeated {
+            key(out, "repeated");
+            out.extend_from_slice(n.to_string().as_bytes());
         }
         out.push(b'}');
     }
@@ -364,9 +388,72 @@ pub fn fingerprint(token: &str) -> String {
     hex::encode(digest(token))
 }
 
+/// How long identical refusals are counted instead of written (see the
+/// module documentation).
+pub const DEFAULT_REPEAT_WINDOW: Duration = Duration::from_secs(10);
+/// The most kinds of refusal counted at once; past it, a new kind is
+/// written (never lost) but its repeats are not counted.
+const MAX_REPEAT_KINDS: usize = 16 * 1024;
+const REPEAT_SHARDS: usize = 16;
+
 /// Where audit records go.
 pub struct AuditSink {
     writer: Writer,
+    repeats: Option<Repeats>,
+}
+
+/// Refusals being counted, by kind (a hash of every field but the time and
+/// the request id), in shards.
+struct Repeats {
+    window: Duration,
+    hasher: std::hash::RandomState,
+    shards: Box<[Mutex<HashMap<u64, Repeat>>]>,
+}
+
+struct Repeat {
+    /// When the record that opened the window was written.
+    first: Instant,
+    /// Identical records since, not written.
+    suppressed: u64,
+    /// The record that opened the window.
+    sample: AuditEvent,
+}
+
+impl Repeats {
+    fn new(window: Duration) -> Self {
+        Self {
+            window,
+            hasher: std::hash::RandomState::new(),
+            shards: (0..REPEAT_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn kind(&self, event: &AuditEvent) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        event.rpc.hash(&mut h);
+        event.caller.hash(&mut h);
+        event.peer.hash(&mut h);
+        event.decision.hash(&mut h);
+        event.code.hash(&mut h);
+        event.reason.hash(&mut h);
+        event.rule.hash(&mut h);
+        event.app.hash(&mut h);
+        event.subject_type.hash(&mut h);
+        event.subject_id.as_ref().map(BoxId::as_str).hash(&mut h);
+        event.downscope.hash(&mut h);
+        h.finish()
+    }
+}
+
+impl Repeat {
+    /// The record standing for the suppressed repeats, if there were any.
+    fn summary(&self) -> Option<AuditEvent> {
+        (self.suppressed > 0).then(|| AuditEvent {
+            repeated: Some(self.suppressed),
+            request_id: None,
+            ..self.sample.clone()
+        })
+    }
 }
 
 enum Writer {
@@ -406,41 +493,118 @@ impl AuditSink {
     /// bypass the process's `Stdout` lock and buffer).
     pub fn stdout() -> std::io::Result<Self> {
         let fd = std::io::stdout().as_fd().try_clone_to_owned()?;
-        Ok(Self {
-            writer: Writer::Fd(File::from(fd)),
-        })
+        Ok(Self::over(Writer::Fd(File::from(fd))))
+    }
+
+    fn over(writer: Writer) -> Self {
+        Self {
+            writer,
+            repeats: Some(Repeats::new(DEFAULT_REPEAT_WINDOW)),
+        }
+    }
+
+    /// The same sink, counting repeated refusals for `window` (`None` or
+    /// zero: every record is written).
+    #[must_use]
+    pub fn with_repeat_window(mut self, window: Option<Duration>) -> Self {
+        self.repeats = window.filter(|w| !w.is_zero()).map(Repeats::new);
+        self
     }
 
     /// Records to standard error (a duplicate of its descriptor).
     pub fn stderr() -> std::io::Result<Self> {
         let fd = std::io::stderr().as_fd().try_clone_to_owned()?;
-        Ok(Self {
-            writer: Writer::Fd(File::from(fd)),
-        })
+        Ok(Self::over(Writer::Fd(File::from(fd))))
     }
 
     /// Appends records to `path` (created if missing).
     pub fn file(path: &Path) -> std::io::Result<Self> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self {
-            writer: Writer::Fd(file),
-        })
+        Ok(Self::over(Writer::Fd(file)))
     }
 
     /// Records into memory, for tests: the returned buffer fills with JSON lines.
     pub fn memory() -> (Self, Arc<Mutex<Vec<u8>>>) {
         let buffer = Arc::new(Mutex::new(Vec::new()));
-        (
-            Self {
-                writer: Writer::Memory(buffer.clone()),
-            },
-            buffer,
-        )
+        (Self::over(Writer::Memory(buffer.clone())), buffer)
+    }
+
+    /// Records `event`: an issuance is written at once; a refusal is written
+    /// at once unless it repeats one written in the current window, in which
+    /// case it is counted (see the module documentation). True when written.
+    pub fn record(&self, event: &AuditEvent) -> bool {
+        let Some(repeats) = self.repeats.as_ref().filter(|_| event.decision != "allow") else {
+            self.write(event);
+            return true;
+        };
+        let kind = repeats.kind(event);
+        let shard = &repeats.shards[usize::try_from(kind % REPEAT_SHARDS as u64).unwrap_or(0)];
+        let now = Instant::now();
+        let mut counted = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let summary = match counted.get_mut(&kind) {
+            Some(repeat) if now.duration_since(repeat.first) < repeats.window => {
+                repeat.suppressed += 1;
+                return false;
+            }
+            Some(repeat) => {
+                let summary = repeat.summary();
+                *repeat = Repeat {
+                    first: now,
+                    suppressed: 0,
+                    sample: event.clone(),
+                };
+                summary
+            }
+            None => {
+                if counted.len() < MAX_REPEAT_KINDS / REPEAT_SHARDS {
+                    counted.insert(
+                        kind,
+                        Repeat {
+                            first: now,
+                            suppressed: 0,
+                            sample: event.clone(),
+                        },
+                    );
+                }
+                None
+            }
+        };
+        drop(counted);
+        if let Some(summary) = summary {
+            self.write(&summary);
+        }
+        self.write(event);
+        true
+    }
+
+    /// Writes the counts of repeats whose window has closed (or, with
+    /// `all`, of every kind being counted: at shutdown), and forgets them.
+    pub fn flush_repeats(&self, all: bool) {
+        let Some(repeats) = &self.repeats else {
+            return;
+        };
+        let now = Instant::now();
+        for shard in &repeats.shards {
+            let mut summaries = Vec::new();
+            shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|_, repeat| {
+                    let closed = all || now.duration_since(repeat.first) >= repeats.window;
+                    if closed {
+                        summaries.extend(repeat.summary());
+                    }
+                    !closed
+                });
+            for summary in &summaries {
+                self.write(summary);
+            }
+        }
     }
 
     /// Writes one record, with one `write` to the sink, before returning.
     /// A failing sink is logged, never fatal to the request.
-    pub fn record(&self, event: &AuditEvent) {
+    fn write(&self, event: &AuditEvent) {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
@@ -547,9 +711,11 @@ mod tests {
     #[test]
     fn every_field_is_written_and_strings_are_escaped() {
         let (sink, buffer) = AuditSink::memory();
+        let sink = sink.with_repeat_window(None);
         let event = AuditEvent {
             rpc: "GetDownscopedToken",
             caller: "spiffe://x/\"quoted\"".into(),
+            peer: Some("10.0.0.7".into()),
             decision: "deny",
             code: "PermissionDenied",
             reason: Some("line\nbreak and \\ backslash \u{1}".to_owned()),
@@ -565,6 +731,7 @@ mod tests {
             issued: None,
             token_sha256: Some(digest("t")),
             request_id: RequestId::parse("req-1"),
+            repeated: Some(3),
         };
         sink.record(&event);
         sink.record(&event);
@@ -584,9 +751,84 @@ mod tests {
         assert_eq!(r["target"], "folder:7");
         assert_eq!(r["subject_id"], "42");
         assert_eq!(r["request_id"], "req-1");
+        assert_eq!(r["peer"], "10.0.0.7");
+        assert_eq!(r["repeated"], 3);
         for key in ["subject_type", "app", "code", "rpc", "decision", "time"] {
             assert!(r[key].is_string(), "{key} is written");
         }
+    }
+
+    fn refusal(reason: &str) -> AuditEvent {
+        AuditEvent {
+            rpc: "GetToken",
+            caller: "unauthenticated".into(),
+            peer: Some("10.0.0.9".into()),
+            decision: "deny",
+            code: "Unauthenticated",
+            reason: Some(reason.to_owned()),
+            ..AuditEvent::default()
+        }
+    }
+
+    #[test]
+    fn repeated_refusals_are_counted_and_the_first_of_each_kind_is_written() {
+        let (sink, buffer) = AuditSink::memory();
+        for _ in 0..1000 {
+            sink.record(&refusal("the x-api-key header does not hold a valid API key"));
+        }
+        sink.record(&refusal("no credentials"));
+        let allowed = AuditEvent {
+            decision: "allow",
+            code: "Ok",
+            ..refusal("")
+        };
+        for _ in 0..3 {
+            assert!(sink.record(&allowed), "issuances are always written");
+        }
+        let records = lines(&buffer);
+        assert_eq!(records.len(), 5, "the first of each refusal kind, and every issuance");
+        assert_eq!(
+            records[0]["reason"],
+            "the x-api-key header does not hold a valid API key"
+        );
+        assert!(records[0].get("repeated").is_none());
+        assert_eq!(records[1]["reason"], "no credentials");
+        sink.flush_repeats(false);
+        assert_eq!(lines(&buffer).len(), 5, "the window is still open");
+        sink.flush_repeats(true);
+        let records = lines(&buffer);
+        assert_eq!(records.len(), 6, "one summary, for the kind that repeated");
+        assert_eq!(records[5]["repeated"], 999);
+        assert_eq!(
+            records[5]["reason"],
+            "the x-api-key header does not hold a valid API key"
+        );
+        assert_eq!(records[5]["peer"], "10.0.0.9");
+    }
+
+    #[test]
+    fn a_refusal_after_its_window_closed_is_written_with_the_count_before_it() {
+        let (sink, buffer) = AuditSink::memory();
+        let sink = sink.with_repeat_window(Some(Duration::from_millis(50)));
+        for _ in 0..3 {
+            sink.record(&refusal("denied"));
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(sink.record(&refusal("denied")), "a new window opens with a record");
+        let records = lines(&buffer);
+        assert_eq!(records.len(), 3, "first, the summary of 2 repeats, the new first");
+        assert_eq!(records[1]["repeated"], 2);
+        assert!(records[2].get("repeated").is_none());
+    }
+
+    #[test]
+    fn without_a_window_every_refusal_is_written() {
+        let (sink, buffer) = AuditSink::memory();
+        let sink = sink.with_repeat_window(None);
+        for _ in 0..5 {
+            assert!(sink.record(&refusal("denied")));
+        }
+        assert_eq!(lines(&buffer).len(), 5);
     }
 
     #[test]
@@ -614,6 +856,8 @@ mod tests {
         sink.record(&AuditEvent {
             rpc: "GetDownscopedToken",
             caller: Arc::from(huge.as_str()),
+            peer: Some(Arc::from(huge.as_str())),
+            repeated: Some(u64::MAX),
             reason: Some(huge.clone()),
             app: Arc::from(huge.as_str()),
             rule: Some(Arc::from(huge.as_str())),

@@ -6,10 +6,10 @@
 //! via boxapi) -> cache -> response. Nothing here knows gRPC.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -23,7 +23,9 @@ use crate::{
         AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, Diagnosis, DiagnosisKind,
         error::{diagnose, diagnose_exchange},
     },
-    cache::{CacheError, CachePolicy, Downscope, Lookup, Minted, Minter, Need, TokenCache, TokenKey, WeakTokenCache},
+    cache::{
+        CacheError, CachePolicy, Downscope, Lookup, Minted, Minter, Need, Served, TokenCache, TokenKey, WeakTokenCache,
+    },
     clock::{SharedClock, unix_seconds},
     error::{BrokerError, UpstreamError},
     keys::{self, Attempt, KeyState, Ring},
@@ -497,8 +499,8 @@ struct Permit {
 
 impl Permit {
     fn grant(self, app: &App, lookup: Lookup, now: SystemTime) -> Granted {
-        let expires_at = match self.max_lifetime {
-            Some(max) => lookup.token.expires_at.min(now + max),
+        let expires_at = match self.max_lifetime.and_then(|max| now.checked_add(max)) {
+            Some(latest) => lookup.token.expires_at.min(latest),
             None => lookup.token.expires_at,
         };
         Granted {
@@ -507,6 +509,89 @@ impl Permit {
             rule: self.rule,
             expires_at,
         }
+    }
+}
+
+/// A cap on calls to Box in progress that requests started (mints and
+/// exchanges): over all callers, and per caller, so one caller's slow or
+/// numerous misses cannot take every place. A cache hit takes no place, nor
+/// does a request that joins a call already in progress for the same token:
+/// the cap exists to protect Box, and neither reaches it.
+#[derive(Debug)]
+pub struct UpstreamBudget {
+    max: usize,
+    per_caller_max: usize,
+    in_progress: AtomicUsize,
+    /// Caller -> its calls in progress (entries leave at zero).
+    by_caller: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+/// One call's place in the [`UpstreamBudget`], given back when dropped.
+#[derive(Debug)]
+struct Place {
+    budget: Arc<UpstreamBudget>,
+    caller: Arc<str>,
+}
+
+impl UpstreamBudget {
+    /// At most `max` calls to Box in progress, `per_caller_max` of them for one caller.
+    pub fn new(max: usize, per_caller_max: usize) -> Self {
+        Self {
+            max,
+            per_caller_max,
+            in_progress: AtomicUsize::new(0),
+            by_caller: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for a call `caller`'s request starts, or Busy naming the limit.
+    fn enter(self: &Arc<Self>, caller: &Arc<str>) -> Result<Place, CacheError> {
+        let mut by_caller = self.by_caller.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mine = by_caller.entry(caller.clone()).or_insert(0);
+        if *mine >= self.per_caller_max {
+            return Err(CacheError::Busy(format!(
+                "caller {caller:?} already has {} calls to Box in progress ([server] max_concurrent_requests_per_caller); retry with backoff",
+                self.per_caller_max
+            )));
+        }
+        if self.in_progress.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.in_progress.fetch_sub(1, Ordering::AcqRel);
+            if *mine == 0 {
+                by_caller.remove(caller);
+            }
+            return Err(CacheError::Busy(format!(
+                "the broker is at its limit of {} concurrent requests calling Box ([server] max_concurrent_requests); retry with backoff",
+                self.max
+            )));
+        }
+        *mine += 1;
+        Ok(Place {
+            budget: self.clone(),
+            caller: caller.clone(),
+        })
+    }
+}
+
+impl Default for UpstreamBudget {
+    fn default() -> Self {
+        Self::new(1024, 64)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut by_caller = self
+            .budget
+            .by_caller
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(mine) = by_caller.get_mut(&self.caller) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                by_caller.remove(&self.caller);
+            }
+        }
+        self.budget.in_progress.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -520,6 +605,10 @@ pub struct Broker {
     policy: ArcSwap<Policy>,
     /// What the RPC adapters record.
     metrics: crate::metrics::RpcMetrics,
+    /// Calls to Box in progress.
+    budget: Arc<UpstreamBudget>,
+    /// A `force_refresh` is served a token minted this recently.
+    force_refresh_interval: Duration,
 }
 
 impl Broker {
@@ -538,7 +627,16 @@ impl Broker {
             clock,
             policy: ArcSwap::from_pointee(policy),
             metrics: crate::metrics::RpcMetrics::default(),
+            budget: Arc::new(UpstreamBudget::default()),
+            force_refresh_interval: cache_policy.force_refresh_interval,
         }
+    }
+
+    /// The same broker with `budget` for calls to Box.
+    #[must_use]
+    pub fn with_budget(mut self, budget: UpstreamBudget) -> Self {
+        self.budget = Arc::new(budget);
+        self
     }
 
     /// The RPC metrics.
@@ -564,6 +662,7 @@ impl Broker {
         subject: &BoxSubject,
         ask: Ask<'_>,
         min_ttl: Duration,
+        force_refresh: bool,
     ) -> Result<Permit, BrokerError> {
         let subject = match subject {
             BoxSubject::Enterprise(_) => PolicySubject::Enterprise,
@@ -576,6 +675,7 @@ impl Broker {
             subject,
             ask,
             min_ttl,
+            force_refresh,
         }) {
             Ok(rule) => Ok(Permit {
                 rule: rule.name.clone(),
@@ -600,22 +700,36 @@ impl Broker {
         &self.cache
     }
 
-    /// Resolves a requested app name; `None` means "the only one".
+    /// Resolves a requested app name; `None` means "the only one". Errors
+    /// name no app (see [`Self::resolve_app_for`]).
     pub fn resolve_app(&self, name: Option<&str>) -> Result<&Arc<App>, BrokerError> {
+        self.resolve(name, |_| Vec::new())
+    }
+
+    /// [`Self::resolve_app`] for `caller`: an error names the apps its
+    /// policy lets it use, and no others.
+    pub fn resolve_app_for(&self, caller: &str, name: Option<&str>) -> Result<&Arc<App>, BrokerError> {
+        self.resolve(name, |broker| {
+            broker
+                .policy
+                .load()
+                .apps_for(caller, broker.apps.by_name.keys().map(|k| &**k))
+        })
+    }
+
+    fn resolve(&self, name: Option<&str>, usable: impl Fn(&Self) -> Vec<String>) -> Result<&Arc<App>, BrokerError> {
         match name {
             Some(name) => self.apps.by_name.get(name).ok_or_else(|| BrokerError::UnknownApp {
                 name: name.chars().filter(|c| !c.is_control()).take(64).collect(),
-                configured: self.app_names(),
+                usable: usable(self),
             }),
             None if self.apps.by_name.len() == 1 => self
                 .apps
                 .by_name
                 .values()
                 .next()
-                .ok_or_else(|| BrokerError::AppRequired { configured: vec![] }),
-            None => Err(BrokerError::AppRequired {
-                configured: self.app_names(),
-            }),
+                .ok_or_else(|| BrokerError::AppRequired { usable: Vec::new() }),
+            None => Err(BrokerError::AppRequired { usable: usable(self) }),
         }
     }
 
@@ -635,74 +749,135 @@ impl Broker {
             app: app.name.clone(),
             subject,
             downscope: None,
+            caller: None,
         })
+    }
+
+    /// A cached token for `key`, or one from Box: a call this request
+    /// starts takes a place in `caller`'s budget.
+    async fn lookup(&self, caller: &Arc<str>, key: &TokenKey, need: Need) -> Result<Lookup, BrokerError> {
+        let admit = || {
+            self.budget
+                .enter(caller)
+                .map(|place| crate::cache::FlightPermit(Box::new(place)))
+        };
+        Ok(self.cache.get_admitted(key, need, Some(&admit)).await?)
+    }
+
+    /// What a `force_refresh` needs: a token minted within the interval.
+    fn forced(&self) -> SystemTime {
+        let now = self.clock.now();
+        now.checked_sub(self.force_refresh_interval).unwrap_or(now)
     }
 
     /// A token for the request's subject, from the cache or minted, if the
     /// policy lets `caller` have it.
-    pub async fn get_token(&self, caller: &str, request: &TokenRequest<'_>) -> Result<Granted, BrokerError> {
-        let app = self.resolve_app(request.app)?;
+    pub async fn get_token(&self, caller: &Arc<str>, request: &TokenRequest<'_>) -> Result<Granted, BrokerError> {
+        let app = self.resolve_app_for(caller, request.app)?;
         let key = self.key(app, &request.subject, request.min_ttl)?;
-        let permit = self.authorize(caller, app, &key.subject, Ask::Full, request.min_ttl)?;
+        let permit = self.authorize(
+            caller,
+            app,
+            &key.subject,
+            Ask::Full,
+            request.min_ttl,
+            request.force_refresh,
+        )?;
         let need = Need {
             min_ttl: request.min_ttl,
-            minted_since: request.force_refresh.then(|| self.clock.now()),
+            minted_since: request.force_refresh.then(|| self.forced()),
             parent_at_least: None,
         };
-        let lookup = self.cache.get(&key, need).await?;
+        let lookup = self.lookup(caller, &key, need).await?;
+        lookup.token.note_served(caller);
         Ok(permit.grant(app, lookup, self.clock.now()))
     }
 
     /// A downscoped token: the subject's full token (cached or minted) is
-    /// exchanged; the result is cached under subject + scopes + target, never
-    /// outlives its parent, and is exchanged anew once the parent is replaced.
-    pub async fn get_downscoped(&self, caller: &str, request: &DownscopeRequest<'_>) -> Result<Granted, BrokerError> {
-        let app = self.resolve_app(request.app)?;
+    /// exchanged; the result is cached under subject + scopes + target and
+    /// the caller, never outlives its parent, and is exchanged anew once the
+    /// parent is replaced.
+    pub async fn get_downscoped(
+        &self,
+        caller: &Arc<str>,
+        request: &DownscopeRequest<'_>,
+    ) -> Result<Granted, BrokerError> {
+        let app = self.resolve_app_for(caller, request.app)?;
         let parent_key = self.key(app, &request.subject, request.min_ttl)?;
         let ask = Ask::Downscoped {
             scopes: &request.downscope.scopes,
             target: request.downscope.target.as_ref(),
         };
-        let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl)?;
+        let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl, false)?;
         let key = TokenKey {
             downscope: Some(request.downscope.clone()),
+            caller: Some(caller.clone()),
             ..parent_key.clone()
         };
         // The common case: the token is cached and its parent still is.
-        if let Some(lookup) = self.cache.cached_child(&key, request.min_ttl).await {
-            return Ok(permit.grant(app, lookup, self.clock.now()));
+        let lookup = match self.cache.cached_child(&key, request.min_ttl).await {
+            Some(lookup) => lookup,
+            None => {
+                let parent_need = Need {
+                    min_ttl: request.min_ttl,
+                    ..Need::default()
+                };
+                let parent = self.lookup(caller, &parent_key, parent_need).await?;
+                let need = Need {
+                    min_ttl: request.min_ttl,
+                    parent_at_least: Some(parent.token.id),
+                    ..Need::default()
+                };
+                self.lookup(caller, &key, need).await?
+            }
+        };
+        lookup.token.note_served(caller);
+        if let Some(parent) = lookup.token.parent() {
+            parent.note_served(caller);
         }
-        let parent_need = Need {
-            min_ttl: request.min_ttl,
-            ..Need::default()
-        };
-        let parent = self.cache.get(&parent_key, parent_need).await?;
-        let need = Need {
-            min_ttl: request.min_ttl,
-            parent_at_least: Some(parent.token.id),
-            ..Need::default()
-        };
-        let lookup = self.cache.get(&key, need).await?;
         Ok(permit.grant(app, lookup, self.clock.now()))
     }
 
-    /// Revokes `token` at Box if this broker issued it for `app`, and drops it
-    /// from the cache — with, for a full token, every downscoped token made from it.
+    /// Revokes `token` at Box and drops it from the cache — with, for a full
+    /// token, every downscoped token made from it — if `caller` may revoke
+    /// and was the only caller it was served to.
+    ///
+    /// Whether `caller` may revoke at all is asked before the token is
+    /// looked up; the lookup is by SHA-256 (no scan); and the answer for a
+    /// token served to someone else is the answer for one that does not
+    /// exist, so revoking reveals nothing about other callers' tokens.
     pub async fn revoke(&self, caller: &str, app: Option<&str>, token: SecretString) -> Result<Revoked, BrokerError> {
         use secrecy::ExposeSecret as _;
-        let app = self.resolve_app(app)?;
-        let key = self.cache.find(&app.name, token.expose_secret()).ok_or_else(|| {
+        let app = self.resolve_app_for(caller, app)?;
+        if !self.policy.load().may_revoke(caller, &app.name) {
+            return Err(BrokerError::PermissionDenied(format!(
+                "denied by policy: no rule grants revoke = true to caller {caller:?} for app {:?}",
+                app.name
+            )));
+        }
+        let not_issued = || {
             BrokerError::NotIssued(format!(
-                "app {} has no live token with that value in this broker: it was not issued here, was already revoked, or has expired",
+                "app {} has no live token with that value that was issued to you: it was not issued here, was already revoked, or has expired",
                 app.name
             ))
-        })?;
+        };
+        let digest = crate::audit::digest(token.expose_secret());
+        let (key, cached) = self.cache.find(&app.name, &digest).await.ok_or_else(not_issued)?;
+        match cached.served_to(caller) {
+            Served::NotTo => return Err(not_issued()),
+            Served::AlsoToOthers => {
+                return Err(BrokerError::FailedPrecondition(
+                    "this token was also served to other callers, and revoking it at Box would cut them off too; it stays valid until it expires (an operator can drop it from the cache with the admin InvalidateTokens)".to_owned(),
+                ));
+            }
+            Served::OnlyTo => {}
+        }
         let rule = self
-            .authorize(caller, app, &key.subject, Ask::Revoke, Duration::ZERO)?
+            .authorize(caller, app, &key.subject, Ask::Revoke, Duration::ZERO, false)?
             .rule;
-        let credentials = app
-            .credentials()
-            .ok_or_else(|| BrokerError::InvalidArgument(format!("app {} has no usable credentials", app.name)))?;
+        let credentials = app.credentials().ok_or_else(|| {
+            BrokerError::FailedPrecondition(format!("app {} has no usable credentials to revoke with", app.name))
+        })?;
         if let Err(error) = app.client.revoke(&credentials, &token).await {
             let diagnosis = diagnose_exchange(&error, &key.subject, None);
             tracing::warn!(app = %app.name, error = %error, "revoking a Box token failed: {}", diagnosis.message);

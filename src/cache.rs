@@ -10,6 +10,12 @@
 //!   begins) starts a background flight and returns the cached token at once.
 //! - No lock is held across I/O: the flight map's `std::sync::Mutex` is taken
 //!   only to look up or insert a flight, never across an `.await`.
+//! - Box's "no such user" (and "target not reachable") answers are
+//!   remembered for [`DEFAULT_NEGATIVE_TTL`], so repeating the request does
+//!   not ask Box again.
+//! - Each token remembers which caller it was first served to and whether
+//!   any other caller got it too, and is found by its SHA-256 in O(1): what
+//!   revocation needs to refuse touching a token someone else holds.
 
 use std::{
     collections::HashMap,
@@ -49,6 +55,11 @@ pub const REFRESH_JITTER: Duration = Duration::from_secs(60);
 pub const REFRESH_RETRY_INTERVAL: Duration = Duration::from_secs(10);
 /// Default bound on cached tokens.
 pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+/// How long Box's "no such user" (or "target not reachable") is remembered.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// A `force_refresh` within this long of the cached token's mint is served
+/// that token: one forced mint per key per interval, however many callers ask.
+pub const DEFAULT_FORCE_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// How many flights one request may join before giving up (a joiner whose
 /// `min_ttl` the shared result does not meet tries again).
 const MAX_FLIGHTS_PER_REQUEST: usize = 3;
@@ -64,6 +75,10 @@ pub struct CachePolicy {
     pub refresh_jitter: Duration,
     /// Bound on cached tokens.
     pub max_entries: u64,
+    /// See [`DEFAULT_NEGATIVE_TTL`] (zero: not remembered).
+    pub negative_ttl: Duration,
+    /// See [`DEFAULT_FORCE_REFRESH_INTERVAL`].
+    pub force_refresh_interval: Duration,
 }
 
 impl Default for CachePolicy {
@@ -73,6 +88,8 @@ impl Default for CachePolicy {
             refresh_ahead: DEFAULT_REFRESH_AHEAD,
             refresh_jitter: REFRESH_JITTER,
             max_entries: DEFAULT_MAX_ENTRIES,
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            force_refresh_interval: DEFAULT_FORCE_REFRESH_INTERVAL,
         }
     }
 }
@@ -86,6 +103,10 @@ pub struct TokenKey {
     pub subject: BoxSubject,
     /// For a downscoped token: its scopes and target. `None` for a full token.
     pub downscope: Option<Arc<Downscope>>,
+    /// For a downscoped token: the caller it is made for. Downscoped tokens
+    /// are what reaches browsers and gets revoked at logout, so each caller
+    /// has its own: one caller's revocation never cuts off another's.
+    pub caller: Option<Arc<str>>,
 }
 
 impl TokenKey {
@@ -95,6 +116,7 @@ impl TokenKey {
             app: self.app.clone(),
             subject: self.subject.clone(),
             downscope: None,
+            caller: None,
         }
     }
 }
@@ -152,6 +174,22 @@ pub struct CachedToken {
     /// are no longer served. The other bits: when (Unix ms) a child's hit
     /// last touched this token in moka (see [`TokenCache::cached_child`]).
     state: AtomicU64,
+    /// The first caller it was served to.
+    owner: std::sync::OnceLock<Arc<str>>,
+    /// Set once it (or a downscoped token made from it) was served to
+    /// another caller than `owner`.
+    shared: std::sync::atomic::AtomicBool,
+}
+
+/// Who a token was served to, as revocation asks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// To this caller and nobody else.
+    OnlyTo,
+    /// To this caller first, and to others too.
+    AlsoToOthers,
+    /// Never to this caller first (perhaps never at all).
+    NotTo,
 }
 
 /// See [`CachedToken::state`].
@@ -195,7 +233,37 @@ impl CachedToken {
             request_id: issued.request_id.map(String::into_boxed_str),
             refresh_at_ms: AtomicI64::new(unix_millis(refresh_at)),
             state: AtomicU64::new(0),
+            owner: std::sync::OnceLock::new(),
+            shared: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Records that `caller` was served this token (a comparison, and a
+    /// store only the first time another caller shows up).
+    pub fn note_served(&self, caller: &Arc<str>) {
+        let owner = self.owner.get_or_init(|| caller.clone());
+        if !Arc::ptr_eq(owner, caller) && **owner != **caller && !self.shared.load(Ordering::Relaxed) {
+            self.shared.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `caller` alone was served this token.
+    pub fn served_to(&self, caller: &str) -> Served {
+        match self.owner.get() {
+            Some(owner) if **owner == *caller => {
+                if self.shared.load(Ordering::Relaxed) {
+                    Served::AlsoToOthers
+                } else {
+                    Served::OnlyTo
+                }
+            }
+            _ => Served::NotTo,
+        }
+    }
+
+    /// For a downscoped token, the full token it was made from, while it is held.
+    pub fn parent(&self) -> Option<Arc<Self>> {
+        self.parent.upgrade()
     }
 
     /// For a downscoped token, the id of the parent it was exchanged from,
@@ -314,7 +382,24 @@ pub enum CacheError {
     /// The mint task panicked (a bug; logged).
     #[error("the token mint failed unexpectedly")]
     TaskFailed,
+    /// No new call to Box may start now (the broker's budget); the message
+    /// names the limit.
+    #[error("{0}")]
+    Busy(String),
 }
+
+/// A place among the calls to Box in progress, held by a flight until it
+/// lands (see [`TokenCache::get_admitted`]).
+pub struct FlightPermit(pub Box<dyn Send + Sync>);
+
+impl fmt::Debug for FlightPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FlightPermit")
+    }
+}
+
+/// Asked once for each flight a request would start (never for one it joins).
+pub type Admission<'a> = &'a (dyn Fn() -> Result<FlightPermit, CacheError> + Sync);
 
 type FlightResult = Result<Arc<CachedToken>, CacheError>;
 
@@ -326,6 +411,13 @@ struct Flight {
 
 struct Inner {
     entries: moka::future::Cache<TokenKey, Arc<CachedToken>, foldhash::fast::SeedableRandomState>,
+    /// SHA-256 of each cached token -> its key: revocation finds a token in
+    /// O(1). Filled before a token enters `entries`, emptied by the
+    /// eviction listener when it leaves.
+    by_digest: Arc<DigestIndex>,
+    /// Box's "no such user" answers, with when they stop counting (by the
+    /// injected clock; moka's TTL only bounds memory).
+    negative: Option<moka::future::Cache<TokenKey, (Arc<UpstreamError>, SystemTime)>>,
     /// Entries moka dropped for size or expiry (not invalidations or replacements).
     evictions: Arc<AtomicU64>,
     flights: Mutex<HashMap<TokenKey, Flight>>,
@@ -333,6 +425,21 @@ struct Inner {
     minter: Arc<dyn Minter>,
     clock: SharedClock,
     policy: CachePolicy,
+}
+
+/// SHA-256 of a cached token -> its key, in shards.
+#[derive(Default)]
+struct DigestIndex {
+    shards: [Mutex<HashMap<[u8; 32], TokenKey>>; 16],
+}
+
+impl DigestIndex {
+    fn shard(&self, digest: &[u8; 32]) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], TokenKey>> {
+        // A digest is uniformly random: its first byte picks the shard.
+        self.shards[usize::from(digest[0] % 16)]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// The token cache. Cloning shares it.
@@ -383,6 +490,8 @@ impl TokenCache {
     pub fn new(minter: Arc<dyn Minter>, clock: SharedClock, policy: CachePolicy) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
         let counted = evictions.clone();
+        let by_digest = Arc::new(DigestIndex::default());
+        let index = by_digest.clone();
         let entries = moka::future::Cache::builder()
             .name("box-tokens")
             .max_capacity(policy.max_entries)
@@ -398,15 +507,24 @@ impl TokenCache {
                 // parent is still a valid token nothing newer has replaced,
                 // and a child expires no later than its parent.
                 token.supersede();
+                index.shard(&token.sha256).remove(&token.sha256);
                 if cause.was_evicted() {
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
             })
             .build_with_hasher(key_hasher());
+        let negative = (!policy.negative_ttl.is_zero()).then(|| {
+            moka::future::Cache::builder()
+                .max_capacity((policy.max_entries / 10).max(1000))
+                .time_to_live(policy.negative_ttl)
+                .build()
+        });
         Self {
             inner: Arc::new(Inner {
                 evictions,
                 entries,
+                by_digest,
+                negative,
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
                 minter,
@@ -416,26 +534,52 @@ impl TokenCache {
         }
     }
 
+    /// The cached token for `key`, if it meets `need` (including, for a
+    /// downscoped token, being exchanged from the current parent): served
+    /// without touching the flight map, starting a background refresh when
+    /// one is due.
+    pub async fn cached(&self, key: &TokenKey, need: Need) -> Option<Lookup> {
+        let token = self.inner.entries.get(key).await?;
+        let now = self.inner.clock.now();
+        if !self.inner.satisfies(&token, &need, now) {
+            return None;
+        }
+        if token.claim_refresh(now) {
+            self.start_refresh(key, &token);
+        }
+        Some(Lookup { token, cache_hit: true })
+    }
+
+    /// Box's remembered "no such user" for `key`, while it counts.
+    async fn known_missing(&self, key: &TokenKey) -> Option<Arc<UpstreamError>> {
+        let (error, until) = self.inner.negative.as_ref()?.get(key).await?;
+        (self.inner.clock.now() < until).then_some(error)
+    }
+
     /// A token for `key` that meets `need`: from the cache, or from a mint
     /// shared with every concurrent request for the same key.
     pub async fn get(&self, key: &TokenKey, need: Need) -> Result<Lookup, CacheError> {
-        // The fast path: a cached token that meets the need (including, for a
-        // downscoped token, being exchanged from the current parent) is served
-        // without touching the flight map.
-        if need.minted_since.is_none()
-            && let Some(token) = self.inner.entries.get(key).await
-        {
-            let now = self.inner.clock.now();
-            if self.inner.satisfies(&token, &need, now) {
-                if token.claim_refresh(now) {
-                    self.start_refresh(key, &token);
-                }
-                return Ok(Lookup { token, cache_hit: true });
-            }
+        self.get_admitted(key, need, None).await
+    }
+
+    /// [`Self::get`], where a request that would start a call to Box (not
+    /// one that joins a call in progress, nor a hit) must first be admitted:
+    /// the permit is held until the call ends.
+    pub async fn get_admitted(
+        &self,
+        key: &TokenKey,
+        need: Need,
+        admit: Option<Admission<'_>>,
+    ) -> Result<Lookup, CacheError> {
+        if let Some(hit) = self.cached(key, need).await {
+            return Ok(hit);
+        }
+        if let Some(missing) = self.known_missing(key).await {
+            return Err(CacheError::Upstream(missing));
         }
         let mut available = Duration::ZERO;
         for _ in 0..MAX_FLIGHTS_PER_REQUEST {
-            let (started_at, flight) = self.join_or_start(key, need);
+            let (started_at, flight) = self.join_or_start(key, need, admit)?;
             let token = match flight.await {
                 Ok(token) => token,
                 Err(CacheError::Upstream(upstream)) if !need.min_ttl.is_zero() && need.minted_since.is_none() => {
@@ -506,15 +650,12 @@ impl TokenCache {
         Some(Lookup { token, cache_hit: true })
     }
 
-    /// The key of the cached token of `app` whose value is `token`, if any.
-    /// A scan: revocation is rare and the cache is bounded.
-    pub fn find(&self, app: &str, token: &str) -> Option<TokenKey> {
-        use secrecy::ExposeSecret as _;
-        self.inner
-            .entries
-            .iter()
-            .find(|(k, v)| &*k.app == app && v.access_token.expose_secret() == token)
-            .map(|(k, _)| (*k).clone())
+    /// The cached token of `app` whose SHA-256 is `digest`, and its key:
+    /// two hash lookups, whatever the cache holds.
+    pub async fn find(&self, app: &str, digest: &[u8; 32]) -> Option<(TokenKey, Arc<CachedToken>)> {
+        let key = self.inner.by_digest.shard(digest).get(digest).cloned()?;
+        let token = self.inner.entries.get(&key).await?;
+        (&*key.app == app && token.sha256 == *digest).then_some((key, token))
     }
 
     /// Drops `key` and, when it is a full token, every downscoped token of the
@@ -550,7 +691,22 @@ impl TokenCache {
         for k in &keys {
             self.inner.entries.invalidate(k).await;
         }
+        if let Some(negative) = &self.inner.negative {
+            let missing: Vec<TokenKey> = negative
+                .iter()
+                .filter(|(k, _)| doomed(k))
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            for k in &missing {
+                negative.invalidate(k).await;
+            }
+        }
         keys.len()
+    }
+
+    /// How many cached tokens' keys satisfy `counted` (a scan).
+    pub fn count_where(&self, counted: impl Fn(&TokenKey) -> bool) -> usize {
+        self.inner.entries.iter().filter(|(k, _)| counted(k)).count()
     }
 
     /// A handle that does not keep the cache alive (for the minter, which the cache owns).
@@ -598,12 +754,18 @@ impl TokenCache {
         if !already_running {
             tracing::debug!(app = %key.app, subject = %key.subject, "refreshing a token ahead of expiry");
             // The spawned flight runs to completion whether or not anyone awaits it.
-            drop(self.join_or_start(key, need));
+            drop(self.join_or_start(key, need, None));
         }
     }
 
-    /// Joins the running flight for `key` if it can meet `need`, or starts one.
-    fn join_or_start(&self, key: &TokenKey, need: Need) -> (SystemTime, Shared<BoxFuture<'static, FlightResult>>) {
+    /// Joins the running flight for `key` if it can meet `need`, or starts
+    /// one if `admit` (when given) lets it.
+    fn join_or_start(
+        &self,
+        key: &TokenKey,
+        need: Need,
+        admit: Option<Admission<'_>>,
+    ) -> Result<(SystemTime, Shared<BoxFuture<'static, FlightResult>>), CacheError> {
         // Poisoning only follows a panic while holding the lock, which the
         // code below cannot do; recover the map rather than fail every request.
         let mut flights = self
@@ -614,8 +776,9 @@ impl TokenCache {
         if let Some(flight) = flights.get(key)
             && need.minted_since.is_none_or(|t| flight.started_at >= t)
         {
-            return (flight.started_at, flight.result.clone());
+            return Ok((flight.started_at, flight.result.clone()));
         }
+        let permit = admit.map(|admit| admit()).transpose()?;
         let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
         let started_at = self.inner.clock.now();
         let inner = Arc::clone(&self.inner);
@@ -624,6 +787,7 @@ impl TokenCache {
         // deregister before the flight is registered below.
         // The flight's spans are children of the request that started it.
         let handle = tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let _permit = permit;
             inner.fly(task_key, id, need).await
         }));
         let result = async move {
@@ -642,7 +806,7 @@ impl TokenCache {
                 result: result.clone(),
             },
         );
-        (started_at, result)
+        Ok((started_at, result))
     }
 }
 
@@ -669,11 +833,23 @@ impl Inner {
             Ok(issued) => {
                 let token = Arc::new(CachedToken::new(issued, &self.policy));
                 if token.remaining(self.clock.now()) > self.policy.safety_margin {
+                    // Indexed first: the eviction listener removes it again
+                    // whenever the entry leaves, even at once.
+                    self.by_digest.shard(&token.sha256).insert(token.sha256, key.clone());
                     self.entries.insert(key.clone(), Arc::clone(&token)).await;
                 }
                 Ok(token)
             }
-            Err(e) => Err(CacheError::Upstream(Arc::new(e))),
+            Err(e) => {
+                let e = Arc::new(e);
+                if e.diagnosis.kind == crate::boxapi::DiagnosisKind::NotFound
+                    && let Some(negative) = &self.negative
+                {
+                    let until = self.clock.now() + self.policy.negative_ttl;
+                    negative.insert(key.clone(), (e.clone(), until)).await;
+                }
+                Err(CacheError::Upstream(e))
+            }
         };
         self.land(&key, id);
         result
@@ -762,6 +938,7 @@ mod tests {
             app: Arc::from("a"),
             subject: BoxSubject::User(BoxId::parse(&user.to_string()).unwrap()),
             downscope: None,
+            caller: None,
         }
     }
 

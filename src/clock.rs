@@ -67,7 +67,7 @@ impl Clock for ManualClock {
 pub fn shift(t: SystemTime, offset_ms: i64) -> SystemTime {
     let magnitude = Duration::from_millis(offset_ms.unsigned_abs());
     if offset_ms >= 0 {
-        t + magnitude
+        t.checked_add(magnitude).unwrap_or(t)
     } else {
         t.checked_sub(magnitude)
             .filter(|r| *r >= SystemTime::UNIX_EPOCH)

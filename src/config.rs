@@ -25,10 +25,11 @@ use crate::{
         BoxClient, CredentialSources, JwtAlgorithm,
         client::{DEFAULT_API_BASE_URL, UpstreamPolicy},
     },
-    broker::{App, Broker},
+    broker::{App, Broker, UpstreamBudget},
     cache::{CachePolicy, DEFAULT_MAX_ENTRIES, DEFAULT_REFRESH_AHEAD, DEFAULT_SAFETY_MARGIN, MIN_SAFETY_MARGIN},
     clock::SharedClock,
     policy::Policy,
+    service::{ClientCertificates, ConnectionLimits, ServerTls},
 };
 
 /// The prefix of environment overrides: `BOX_BROKER_SERVER__LISTEN` sets
@@ -135,6 +136,22 @@ impl UpstreamConfig {
         if self.backoff_cap_ms < self.backoff_base_ms {
             return Err("upstream.backoff_cap_ms must be at least upstream.backoff_base_ms".to_owned());
         }
+        let hour_ms = 3_600_000;
+        for (name, value) in [
+            ("attempt_timeout_ms", self.attempt_timeout_ms),
+            ("deadline_ms", self.deadline_ms),
+            ("backoff_base_ms", self.backoff_base_ms),
+            ("backoff_cap_ms", self.backoff_cap_ms),
+        ] {
+            if value > hour_ms {
+                return Err(format!("upstream.{name} must be at most {hour_ms} (an hour)"));
+            }
+        }
+        if self.max_attempts > 20 || self.breaker_cooldown_secs > 86_400 {
+            return Err(
+                "upstream.max_attempts must be at most 20 and upstream.breaker_cooldown_secs at most 86400".to_owned(),
+            );
+        }
         Ok(())
     }
 }
@@ -175,21 +192,23 @@ impl KeystoreConfig {
     /// `kek_env`. Errors name the file or variable, never the key.
     pub fn open(&self, env: impl Fn(&str) -> Option<String>) -> Result<crate::keys::store::KeyStore, ConfigError> {
         use crate::keys::store::{Kek, KeyStore};
-        let text =
-            match (&self.kek_file, &self.kek_env) {
-                (Some(file), None) => zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
+        let text = match (&self.kek_file, &self.kek_env) {
+            (Some(file), None) => {
+                refuse_world_readable("keystore.kek_file", file)?;
+                zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
                     ConfigError::new("keystore.kek_file", format!("{}: cannot read: {e}", file.display()))
-                })?),
-                (None, Some(var)) => zeroize::Zeroizing::new(env(var).ok_or_else(|| {
-                    ConfigError::new("keystore.kek_env", format!("the environment variable {var} is not set"))
-                })?),
-                _ => {
-                    return Err(ConfigError::new(
-                        "keystore",
-                        "set exactly one of kek_file and kek_env (the key-encryption key)",
-                    ));
-                }
-            };
+                })?)
+            }
+            (None, Some(var)) => zeroize::Zeroizing::new(env(var).ok_or_else(|| {
+                ConfigError::new("keystore.kek_env", format!("the environment variable {var} is not set"))
+            })?),
+            _ => {
+                return Err(ConfigError::new(
+                    "keystore",
+                    "set exactly one of kek_file and kek_env (the key-encryption key)",
+                ));
+            }
+        };
         let kek = Kek::parse(&text).map_err(|problem| {
             let source = self
                 .kek_file
@@ -201,6 +220,31 @@ impl KeystoreConfig {
     }
 }
 
+/// Refuses a secret file that users other than its owner and group may
+/// read or write (a Kubernetes Secret volume's default mode, 0644, is one:
+/// set `defaultMode: 0400`, or 0440 with an `fsGroup`).
+fn refuse_world_readable(section: &str, file: &Path) -> Result<(), ConfigError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(file)
+            .map_err(|e| ConfigError::new(section, format!("{}: cannot read: {e}", file.display())))?
+            .permissions()
+            .mode();
+        if mode & 0o007 != 0 {
+            return Err(ConfigError::new(
+                section,
+                format!(
+                    "{}: other users may read or write it (mode {:04o}); make it owner-only: chmod 0400 (or 0440 for a group)",
+                    file.display(),
+                    mode & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `[audit]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -208,14 +252,22 @@ pub struct AuditConfig {
     /// `stdout`, `stderr`, or a file path to append JSON lines to.
     #[serde(default = "default_audit_sink")]
     pub sink: String,
+    /// Seconds identical refusals are counted instead of written one by one (0: write each).
+    #[serde(default = "default_repeat_window")]
+    pub repeat_window_secs: u64,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             sink: default_audit_sink(),
+            repeat_window_secs: default_repeat_window(),
         }
     }
+}
+
+fn default_repeat_window() -> u64 {
+    crate::audit::DEFAULT_REPEAT_WINDOW.as_secs()
 }
 
 fn default_audit_sink() -> String {
@@ -223,18 +275,25 @@ fn default_audit_sink() -> String {
 }
 
 impl AuditConfig {
-    /// Opens the sink.
+    /// Opens the sink (a file is created if missing; its directory must exist).
     pub fn open(&self) -> Result<AuditSink, ConfigError> {
-        match self.sink.as_str() {
-            "stdout" => {
-                AuditSink::stdout().map_err(|e| ConfigError::new("audit.sink", format!("stdout: cannot be used: {e}")))
-            }
-            "stderr" => {
-                AuditSink::stderr().map_err(|e| ConfigError::new("audit.sink", format!("stderr: cannot be used: {e}")))
-            }
-            path => AuditSink::file(Path::new(path))
-                .map_err(|e| ConfigError::new("audit.sink", format!("{path}: cannot open: {e}"))),
+        if self.repeat_window_secs > 3600 {
+            return Err(ConfigError::new(
+                "audit.repeat_window_secs",
+                "must be at most 3600 (seconds)",
+            ));
         }
+        let window = Some(Duration::from_secs(self.repeat_window_secs));
+        let sink =
+            match self.sink.as_str() {
+                "stdout" => AuditSink::stdout()
+                    .map_err(|e| ConfigError::new("audit.sink", format!("stdout: cannot be used: {e}"))),
+                "stderr" => AuditSink::stderr()
+                    .map_err(|e| ConfigError::new("audit.sink", format!("stderr: cannot be used: {e}"))),
+                path => AuditSink::file(Path::new(path))
+                    .map_err(|e| ConfigError::new("audit.sink", format!("{path}: cannot open: {e}"))),
+            }?;
+        Ok(sink.with_repeat_window(window))
     }
 }
 
@@ -306,9 +365,49 @@ pub struct ServerConfig {
     /// The largest request message accepted, in bytes.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
-    /// Client requests in progress at once, over all callers.
+    /// Requests waiting on Box at once, over all callers (cache hits never count).
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
+    /// Requests waiting on Box at once, per caller identity.
+    #[serde(default = "default_max_concurrent_per_caller")]
+    pub max_concurrent_requests_per_caller: usize,
+    /// The longest a request may take, in seconds (a caller's deadline may be shorter).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// Connections open at once on each listener; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests in progress on one HTTP/2 connection.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+    /// The largest request header block, in bytes.
+    #[serde(default = "default_max_header_list")]
+    pub max_header_list_bytes: u32,
+    /// Seconds from accept until TLS and the HTTP/2 preface are done.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a connection may stay without a request in progress before GOAWAY.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Seconds after which any connection gets GOAWAY (0: never).
+    #[serde(default = "default_max_connection_age")]
+    pub max_connection_age_secs: u64,
+    /// Seconds between HTTP/2 PINGs that find half-open connections (0: none).
+    #[serde(default = "default_keepalive_interval")]
+    pub keepalive_interval_secs: u64,
+    /// Seconds a PING may go unanswered before the connection is closed.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_secs: u64,
+    /// Streams reset for a peer's protocol errors before the connection gets GOAWAY.
+    #[serde(default = "default_max_local_reset_streams")]
+    pub max_local_reset_streams: usize,
+    /// Failed authentications per second a peer may have before its requests
+    /// are refused without checking credentials.
+    #[serde(default = "default_failed_auth_rate")]
+    pub failed_auth_per_second: f64,
+    /// The burst above that rate.
+    #[serde(default = "default_failed_auth_burst")]
+    pub failed_auth_burst: u32,
     /// Each caller's sustained request rate (0: no limit).
     #[serde(default)]
     pub rate_limit_per_second: f64,
@@ -329,22 +428,131 @@ fn default_max_message() -> usize {
 fn default_max_concurrent() -> usize {
     1024
 }
+fn default_max_concurrent_per_caller() -> usize {
+    64
+}
+fn default_request_timeout() -> u64 {
+    30
+}
+fn default_max_connections() -> usize {
+    ConnectionLimits::default().max_connections
+}
+fn default_max_streams() -> u32 {
+    ConnectionLimits::default().max_concurrent_streams
+}
+fn default_max_header_list() -> u32 {
+    ConnectionLimits::default().max_header_list_bytes
+}
+fn default_handshake_timeout() -> u64 {
+    ConnectionLimits::default().handshake_timeout.as_secs()
+}
+fn default_idle_timeout() -> u64 {
+    ConnectionLimits::default().idle_timeout.as_secs()
+}
+fn default_max_connection_age() -> u64 {
+    ConnectionLimits::default()
+        .max_connection_age
+        .map_or(0, |d| d.as_secs())
+}
+fn default_keepalive_interval() -> u64 {
+    ConnectionLimits::default()
+        .keepalive_interval
+        .map_or(0, |d| d.as_secs())
+}
+fn default_keepalive_timeout() -> u64 {
+    ConnectionLimits::default().keepalive_timeout.as_secs()
+}
+fn default_max_local_reset_streams() -> usize {
+    ConnectionLimits::default().max_local_reset_streams
+}
+fn default_failed_auth_rate() -> f64 {
+    10.0
+}
+fn default_failed_auth_burst() -> u32 {
+    20
+}
 
 impl ServerConfig {
-    /// How the server starts, stops and limits callers.
+    /// How the server starts, stops and limits callers and connections.
     pub fn serve_options(&self) -> crate::service::ServeOptions {
+        let secs = Duration::from_secs;
         crate::service::ServeOptions {
-            drain_delay: Duration::from_secs(self.drain_delay_secs),
-            grace_period: Duration::from_secs(self.grace_period_secs),
+            drain_delay: secs(self.drain_delay_secs),
+            grace_period: secs(self.grace_period_secs),
             max_message_bytes: self.max_message_bytes,
-            max_concurrent_requests: self.max_concurrent_requests,
             rate_limit: (self.rate_limit_per_second > 0.0).then(|| {
-                let burst = self
-                    .rate_limit_burst
-                    .unwrap_or_else(|| (self.rate_limit_per_second.ceil() as u32).max(1));
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a validated, finite, positive rate"
+                )]
+                let default_burst = (self.rate_limit_per_second.ceil() as u32).max(1);
+                let burst = self.rate_limit_burst.unwrap_or(default_burst);
                 (self.rate_limit_per_second, burst.max(1))
             }),
+            failed_auth: (self.failed_auth_per_second, self.failed_auth_burst.max(1)),
+            request_timeout: secs(self.request_timeout_secs),
+            connections: ConnectionLimits {
+                max_connections: self.max_connections,
+                max_concurrent_streams: self.max_concurrent_streams,
+                max_header_list_bytes: self.max_header_list_bytes,
+                handshake_timeout: secs(self.handshake_timeout_secs),
+                idle_timeout: secs(self.idle_timeout_secs),
+                max_connection_age: (self.max_connection_age_secs > 0).then(|| secs(self.max_connection_age_secs)),
+                keepalive_interval: (self.keepalive_interval_secs > 0).then(|| secs(self.keepalive_interval_secs)),
+                keepalive_timeout: secs(self.keepalive_timeout_secs),
+                max_local_reset_streams: self.max_local_reset_streams,
+            },
+            counters: Arc::default(),
         }
+    }
+
+    /// The broker's budget for requests that wait on Box.
+    pub fn upstream_budget(&self) -> UpstreamBudget {
+        UpstreamBudget::new(self.max_concurrent_requests, self.max_concurrent_requests_per_caller)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_concurrent_requests == 0 || self.max_concurrent_requests_per_caller == 0 {
+            return Err(
+                "server.max_concurrent_requests and server.max_concurrent_requests_per_caller must be at least 1"
+                    .to_owned(),
+            );
+        }
+        if self.max_message_bytes < 1024 || self.max_message_bytes > 16 * 1024 * 1024 {
+            return Err("server.max_message_bytes must be 1024 to 16777216".to_owned());
+        }
+        if !self.rate_limit_per_second.is_finite() || self.rate_limit_per_second < 0.0 {
+            return Err("server.rate_limit_per_second must be 0 (no limit) or a positive number".to_owned());
+        }
+        if !self.failed_auth_per_second.is_finite() || self.failed_auth_per_second <= 0.0 {
+            return Err("server.failed_auth_per_second must be a positive number".to_owned());
+        }
+        let day = 86_400;
+        for (name, value, least) in [
+            ("request_timeout_secs", self.request_timeout_secs, 1),
+            ("handshake_timeout_secs", self.handshake_timeout_secs, 1),
+            ("idle_timeout_secs", self.idle_timeout_secs, 1),
+            ("keepalive_timeout_secs", self.keepalive_timeout_secs, 1),
+            ("max_connection_age_secs", self.max_connection_age_secs, 0),
+            ("keepalive_interval_secs", self.keepalive_interval_secs, 0),
+            ("drain_delay_secs", self.drain_delay_secs, 0),
+            ("grace_period_secs", self.grace_period_secs, 0),
+        ] {
+            if value < least || value > day {
+                return Err(format!("server.{name} must be {least} to {day} (seconds)"));
+            }
+        }
+        if self.max_connections == 0 || self.max_concurrent_streams == 0 || self.max_local_reset_streams == 0 {
+            return Err(
+                "server.max_connections, server.max_concurrent_streams and server.max_local_reset_streams must be at least 1"
+                    .to_owned(),
+            );
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_header_list_bytes) {
+            return Err("server.max_header_list_bytes must be 1024 to 1048576".to_owned());
+        }
+        Ok(())
     }
 }
 
@@ -375,22 +583,30 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
-    /// Reads the files into tonic's TLS settings; errors name the file.
-    /// `certificate_optional` lets callers without a client certificate
-    /// through the handshake (to authenticate another way).
-    pub fn load(&self, certificate_optional: bool) -> Result<tonic::transport::ServerTlsConfig, ConfigError> {
+    /// Reads and checks the files (certificates and key parsed, the key
+    /// matched to the certificate, the CA usable); errors name `section`
+    /// and the file. `certificate_optional` lets callers without a client
+    /// certificate through the handshake (to authenticate another way).
+    pub fn load(&self, section: &str, certificate_optional: bool) -> Result<ServerTls, ConfigError> {
         let read = |path: &Path| {
-            std::fs::read(path)
-                .map_err(|e| ConfigError::new("server.tls", format!("{}: cannot read: {e}", path.display())))
+            std::fs::read(path).map_err(|e| ConfigError::new(section, format!("{}: cannot read: {e}", path.display())))
         };
-        let identity = tonic::transport::Identity::from_pem(read(&self.cert_file)?, read(&self.key_file)?);
-        let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.client_ca_file {
-            tls = tls
-                .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
-                .client_auth_optional(certificate_optional);
-        }
-        Ok(tls)
+        let cert = read(&self.cert_file)?;
+        let key = zeroize::Zeroizing::new(read(&self.key_file)?);
+        let ca = self.client_ca_file.as_deref().map(read).transpose()?;
+        let requirement = if certificate_optional {
+            ClientCertificates::Optional
+        } else {
+            ClientCertificates::Required
+        };
+        ServerTls::from_pem(&cert, &key, ca.as_deref().map(|ca| (ca, requirement))).map_err(|e| {
+            let file = match e.part {
+                "the certificate chain" => &self.cert_file,
+                "the client CA" => self.client_ca_file.as_ref().unwrap_or(&self.cert_file),
+                _ => &self.key_file,
+            };
+            ConfigError::new(section, format!("{}: {}: {}", file.display(), e.part, e.problem))
+        })
     }
 }
 
@@ -421,6 +637,19 @@ impl Default for ServerConfig {
             grace_period_secs: default_grace(),
             max_message_bytes: default_max_message(),
             max_concurrent_requests: default_max_concurrent(),
+            max_concurrent_requests_per_caller: default_max_concurrent_per_caller(),
+            request_timeout_secs: default_request_timeout(),
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_streams(),
+            max_header_list_bytes: default_max_header_list(),
+            handshake_timeout_secs: default_handshake_timeout(),
+            idle_timeout_secs: default_idle_timeout(),
+            max_connection_age_secs: default_max_connection_age(),
+            keepalive_interval_secs: default_keepalive_interval(),
+            keepalive_timeout_secs: default_keepalive_timeout(),
+            max_local_reset_streams: default_max_local_reset_streams(),
+            failed_auth_per_second: default_failed_auth_rate(),
+            failed_auth_burst: default_failed_auth_burst(),
             rate_limit_per_second: 0.0,
             rate_limit_burst: None,
             metrics_listen: None,
@@ -479,6 +708,14 @@ pub struct CacheConfig {
     /// Seconds before the margin begins that hits start a background refresh.
     #[serde(default = "default_refresh_ahead")]
     pub refresh_ahead_secs: u64,
+    /// Seconds a "no such user" (or unreachable target) answer from Box is
+    /// remembered, so repeating the request does not ask Box again.
+    #[serde(default = "default_unknown_subject_ttl")]
+    pub unknown_subject_ttl_secs: u64,
+    /// A `force_refresh` is served a token minted this few seconds ago
+    /// instead of another mint: at most one forced mint per key per interval.
+    #[serde(default = "default_force_refresh_interval")]
+    pub force_refresh_interval_secs: u64,
 }
 
 impl Default for CacheConfig {
@@ -487,8 +724,17 @@ impl Default for CacheConfig {
             max_entries: default_max_entries(),
             safety_margin_secs: default_margin(),
             refresh_ahead_secs: default_refresh_ahead(),
+            unknown_subject_ttl_secs: default_unknown_subject_ttl(),
+            force_refresh_interval_secs: default_force_refresh_interval(),
         }
     }
+}
+
+fn default_unknown_subject_ttl() -> u64 {
+    crate::cache::DEFAULT_NEGATIVE_TTL.as_secs()
+}
+fn default_force_refresh_interval() -> u64 {
+    crate::cache::DEFAULT_FORCE_REFRESH_INTERVAL.as_secs()
 }
 
 fn default_max_entries() -> u64 {
@@ -509,7 +755,32 @@ impl CacheConfig {
             refresh_ahead: Duration::from_secs(self.refresh_ahead_secs),
             refresh_jitter: crate::cache::REFRESH_JITTER,
             max_entries: self.max_entries,
+            negative_ttl: Duration::from_secs(self.unknown_subject_ttl_secs),
+            force_refresh_interval: Duration::from_secs(self.force_refresh_interval_secs),
         }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.safety_margin_secs < MIN_SAFETY_MARGIN.as_secs() {
+            return Err(format!(
+                "cache.safety_margin_secs must be at least {}",
+                MIN_SAFETY_MARGIN.as_secs()
+            ));
+        }
+        if self.max_entries == 0 {
+            return Err("cache.max_entries must be at least 1".to_owned());
+        }
+        for (name, value) in [
+            ("safety_margin_secs", self.safety_margin_secs),
+            ("refresh_ahead_secs", self.refresh_ahead_secs),
+            ("unknown_subject_ttl_secs", self.unknown_subject_ttl_secs),
+            ("force_refresh_interval_secs", self.force_refresh_interval_secs),
+        ] {
+            if value > 3600 {
+                return Err(format!("cache.{name} must be at most 3600 (seconds)"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -689,27 +960,11 @@ impl Config {
                 ));
             }
         }
-        if self.cache.safety_margin_secs < MIN_SAFETY_MARGIN.as_secs() {
-            return Err(format!(
-                "cache.safety_margin_secs must be at least {}",
-                MIN_SAFETY_MARGIN.as_secs()
-            ));
-        }
-        if self.cache.max_entries == 0 {
-            return Err("cache.max_entries must be at least 1".to_owned());
-        }
         self.validate_accept()?;
         self.validate_admin()?;
         self.upstream.validate()?;
-        if self.server.max_concurrent_requests == 0 || self.server.max_message_bytes < 1024 {
-            return Err(
-                "server.max_concurrent_requests must be at least 1 and server.max_message_bytes at least 1024"
-                    .to_owned(),
-            );
-        }
-        if !self.server.rate_limit_per_second.is_finite() || self.server.rate_limit_per_second < 0.0 {
-            return Err("server.rate_limit_per_second must be 0 (no limit) or a positive number".to_owned());
-        }
+        self.server.validate()?;
+        self.cache.validate()?;
         validate_api_keys("auth.api_keys", &self.auth.api_keys)?;
         Ok(())
     }
@@ -1088,7 +1343,7 @@ mod tests {
             "[[admin.api_keys]]\nidentity = \"ops\"\nsha256 = \"{}\"\n",
             "1".repeat(64)
         );
-        let rule = "[[admin.rules]]\ncallers = [\"ops\"]\nrpcs = [\"*\"]\n";
+        let rule = "[[admin.rules]]\ncallers = [\"apikey:ops\"]\nrpcs = [\"*\"]\n";
         let e = load(&listen("0.0.0.0:50051"), &[])
             .err()
             .map(|e| e.to_string())
@@ -1105,7 +1360,7 @@ mod tests {
             .unwrap_or_default();
         assert!(e.contains("[[admin.rules]] grants nothing"), "{e}");
         assert!(load(&format!("{}{key}{rule}", listen("127.0.0.1:50052")), &[]).is_ok());
-        let e = error("[[admin.rules]]\ncallers = [\"ops\"]\nrpcs = [\"Rotate\"]\n");
+        let e = error("[[admin.rules]]\ncallers = [\"apikey:ops\"]\nrpcs = [\"Rotate\"]\n");
         assert!(e.contains("\"Rotate\" matches no admin RPC"), "{e}");
     }
 

@@ -20,25 +20,34 @@ pub struct UpstreamError {
     pub diagnosis: Diagnosis,
 }
 
+/// ` (apps you may use: a, b)`, or nothing when there are none.
+fn usable_apps(usable: &[String]) -> String {
+    if usable.is_empty() {
+        String::new()
+    } else {
+        format!(" (apps you may use: {})", usable.join(", "))
+    }
+}
+
 /// Why a request could not be served.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// The request is malformed; the message says which field and why.
     #[error("{0}")]
     InvalidArgument(String),
-    /// No app has that name.
-    #[error("no app named \"{name}\" is configured (configured: {})", configured.join(", "))]
+    /// No app has that name. Only the apps the caller may use are named.
+    #[error("no app named \"{name}\" is configured{}", usable_apps(usable))]
     UnknownApp {
         /// The name asked for (already sanitised).
         name: String,
-        /// The configured names.
-        configured: Vec<String>,
+        /// The configured apps the caller's policy lets it use.
+        usable: Vec<String>,
     },
     /// The request named no app and several are configured.
-    #[error("app is required because several apps are configured ({})", configured.join(", "))]
+    #[error("app is required because several apps are configured{}", usable_apps(usable))]
     AppRequired {
-        /// The configured names.
-        configured: Vec<String>,
+        /// The configured apps the caller's policy lets it use.
+        usable: Vec<String>,
     },
     /// The token to revoke is not one this broker holds.
     #[error("{0}")]
@@ -46,9 +55,9 @@ pub enum BrokerError {
     /// The policy does not allow the request; the reason names the first offending item.
     #[error("{0}")]
     PermissionDenied(String),
-    /// The caller did not prove who it is.
+    /// The request cannot be served in the current state; the message says why.
     #[error("{0}")]
-    Unauthenticated(String),
+    FailedPrecondition(String),
     /// The cache could not serve a token.
     #[error(transparent)]
     Cache(#[from] CacheError),

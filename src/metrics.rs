@@ -26,7 +26,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{boxapi::client::CircuitState, broker::Broker, keys::KeyState};
+use crate::{boxapi::client::CircuitState, broker::Broker, keys::KeyState, service::TransportCounters};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -423,11 +423,68 @@ impl Collector for BrokerCollector {
     }
 }
 
-/// The registry for `broker`: its RPC metrics and its scrape-time collector.
-pub fn registry(broker: Arc<Broker>) -> Registry {
+/// Reads the transport's connection counters at scrape time.
+struct TransportCollector(Arc<TransportCounters>);
+
+impl fmt::Debug for TransportCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TransportCollector")
+    }
+}
+
+impl Collector for TransportCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let c = &self.0;
+        let load = |n: &AtomicU64| vec![(Labels::new(), n.load(Ordering::Relaxed))];
+        gauge(
+            &mut encoder,
+            "boxbroker_connections_open",
+            "Connections open now, over all listeners.",
+            &[(
+                vec![],
+                i64::try_from(c.open.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+            )],
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_connections_accepted",
+            "Connections accepted.",
+            &load(&c.accepted),
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_connections_refused",
+            "Connections closed at once because a listener was at [server] max_connections.",
+            &load(&c.refused),
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_accept_errors",
+            "Failed accepts (out of descriptors or memory), each followed by a backoff.",
+            &load(&c.accept_errors),
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_handshake_timeouts",
+            "Connections closed for not finishing TLS and the HTTP/2 preface within [server] handshake_timeout_secs.",
+            &load(&c.handshake_timeouts),
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_connections_idle_closed",
+            "Connections sent GOAWAY after [server] idle_timeout_secs without a request.",
+            &load(&c.idle_closed),
+        )
+    }
+}
+
+/// The registry for `broker`: its RPC metrics, its scrape-time collector,
+/// and the transport's connection counters.
+pub fn registry(broker: Arc<Broker>, transport: Arc<TransportCounters>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RpcCollector(broker.metrics().clone())));
     registry.register_collector(Box::new(BrokerCollector(broker)));
+    registry.register_collector(Box::new(TransportCollector(transport)));
     registry
 }
 

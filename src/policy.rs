@@ -35,6 +35,22 @@ impl Glob {
     pub fn matches(&self, text: &str) -> bool {
         glob_match(self.0.as_bytes(), text.as_bytes())
     }
+
+    /// As a caller pattern: refused when it cannot match any caller
+    /// identity, which always names its mechanism (`apikey:…`, `dns:…`,
+    /// `spiffe://…`, `uri:…`, `system:serviceaccount:…`, `uds:…`) or is
+    /// `anonymous`. A bare name such as `customer-portal` matched an API key
+    /// before identities carried their mechanism; it matches nothing now.
+    pub fn check_caller(&self) -> Result<(), String> {
+        let p = &self.0;
+        if p == "anonymous" || p.contains(':') || (!p.is_empty() && p.bytes().all(|b| b == b'*')) {
+            return Ok(());
+        }
+        Err(format!(
+            "caller {p:?} names no mechanism, so it matches no caller: identities are apikey:NAME, dns:NAME, \
+             spiffe://..., uri:URI, system:serviceaccount:NAMESPACE:NAME, uds:NAME or anonymous (e.g. \"apikey:{p}\")"
+        ))
+    }
 }
 
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
@@ -95,6 +111,14 @@ pub struct Rule {
     /// May get downscoped tokens with no target (restricted by scope only).
     #[serde(default)]
     pub untargeted: bool,
+    /// May revoke (`RevokeToken`) the tokens of its subjects that were
+    /// served to the caller alone.
+    #[serde(default)]
+    pub revoke: bool,
+    /// May ask for `force_refresh` (a new mint instead of the cached token;
+    /// at most one per key per `[cache] force_refresh_interval_secs`).
+    #[serde(default)]
+    pub force_refresh: bool,
     /// The longest a token served under this rule may be held, in seconds.
     /// Box tokens cannot be shortened, so this is enforced in two ways: a
     /// request whose `min_ttl` exceeds it is denied, and the `expires_at` the
@@ -117,6 +141,10 @@ pub struct Policy {
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
+
+/// The largest `max_lifetime_secs` a rule may set: a day (Box tokens live
+/// about an hour, so a larger bound could never bind).
+pub const MAX_LIFETIME_SECS: u64 = 86_400;
 
 /// Whose token, as the policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +193,8 @@ pub struct Request<'a> {
     pub ask: Ask<'a>,
     /// The remaining life the caller needs (zero for revocation).
     pub min_ttl: Duration,
+    /// The caller asks for a new mint instead of the cached token.
+    pub force_refresh: bool,
 }
 
 /// The policy's answer.
@@ -210,6 +240,8 @@ impl Policy {
                 folders: all(),
                 shared_links: true,
                 untargeted: true,
+                revoke: true,
+                force_refresh: true,
                 max_lifetime_secs: None,
             }],
         }
@@ -257,9 +289,12 @@ impl Policy {
                     "rule {name:?}: targets are granted but no scopes; add scopes = [...]"
                 ));
             }
-            if rule.max_lifetime_secs == Some(0) {
+            if let Some(bad) = rule.callers.iter().find_map(|c| c.check_caller().err()) {
+                return Err(format!("rule {name:?}: {bad}"));
+            }
+            if rule.max_lifetime_secs.is_some_and(|s| s == 0 || s > MAX_LIFETIME_SECS) {
                 return Err(format!(
-                    "rule {name:?}: max_lifetime_secs must be at least 1 (leave it out for no limit)"
+                    "rule {name:?}: max_lifetime_secs must be 1 to {MAX_LIFETIME_SECS} (Box tokens live about an hour; leave it out for no limit)"
                 ));
             }
             if !rule.enterprise && rule.users.is_empty() {
@@ -279,6 +314,29 @@ impl Policy {
             },
             Err(reason) => Decision::Deny { reason },
         }
+    }
+
+    /// May `caller` revoke any token of `app` (some rule grants `revoke`)?
+    /// Asked before a token is looked up, so a caller without the grant
+    /// learns nothing about which tokens exist.
+    pub fn may_revoke(&self, caller: &str, app: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.revoke && r.callers.iter().any(|c| c.matches(caller)) && r.apps.iter().any(|a| a.matches(app)))
+    }
+
+    /// Of `apps`, those some rule lets `caller` use (for telling a caller
+    /// which app names it may give, and no others).
+    pub fn apps_for<'a>(&self, caller: &str, apps: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let rules: Vec<&Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.callers.iter().any(|c| c.matches(caller)))
+            .collect();
+        apps.into_iter()
+            .filter(|app| rules.iter().any(|r| r.apps.iter().any(|a| a.matches(app))))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The first rule that grants `request`, or why none does (the first
@@ -318,6 +376,9 @@ impl Rule {
         if !subject_ok {
             return Err(format!("{} is not allowed", request.subject));
         }
+        if request.force_refresh && !self.force_refresh {
+            return Err("force_refresh is not allowed (the rule does not set force_refresh = true)".to_owned());
+        }
         if let Some(max) = self.max_lifetime()
             && request.min_ttl > max
         {
@@ -328,7 +389,8 @@ impl Rule {
             ));
         }
         match request.ask {
-            Ask::Revoke => Ok(()),
+            Ask::Revoke if self.revoke => Ok(()),
+            Ask::Revoke => Err("revoking tokens is not allowed (the rule does not set revoke = true)".to_owned()),
             Ask::Full if self.full_tokens => Ok(()),
             Ask::Full => Err("full (un-downscoped) tokens are not allowed; ask for a downscoped token".to_owned()),
             Ask::Downscoped { scopes, target } => {
@@ -361,8 +423,8 @@ mod tests {
     fn globs_match_as_expected() {
         let g = |p: &str| Glob(p.to_owned());
         assert!(g("*").matches(""));
-        assert!(g("api-key:portal-*").matches("api-key:portal-web"));
-        assert!(!g("api-key:portal-*").matches("api-key:admin"));
+        assert!(g("apikey:portal-*").matches("apikey:portal-web"));
+        assert!(!g("apikey:portal-*").matches("apikey:admin"));
         assert!(g("72000?").matches("720001"));
         assert!(!g("72000?").matches("7200011"));
         assert!(g("a*b*c").matches("aXXbYYc"));
@@ -373,7 +435,7 @@ mod tests {
     const POLICY: &str = r#"
         [[rules]]
         name = "portal"
-        callers = ["portal-*"]
+        callers = ["apikey:portal-*"]
         users = ["72000*"]
         scopes = ["item_preview", "item_download"]
         folders = ["7500002"]
@@ -386,6 +448,7 @@ mod tests {
             subject,
             ask,
             min_ttl: Duration::ZERO,
+            force_refresh: false,
         }
     }
 
@@ -403,7 +466,7 @@ mod tests {
         let policy = Policy::parse(POLICY, "p.toml").unwrap_or_default();
         let scopes = vec!["item_delete".to_owned()];
         let folder = Target::Folder(crate::boxapi::BoxId::parse("7500002").unwrap_or_else(|_| unreachable!()));
-        let deny = |ask| match policy.decide(&request("portal-web", PolicySubject::User("7200001"), ask)) {
+        let deny = |ask| match policy.decide(&request("apikey:portal-web", PolicySubject::User("7200001"), ask)) {
             Decision::Deny { reason } => reason,
             Decision::Allow { .. } => String::new(),
         };
@@ -425,7 +488,7 @@ mod tests {
         );
         assert_eq!(
             policy.decide(&request(
-                "portal-web",
+                "apikey:portal-web",
                 PolicySubject::User("7200001"),
                 Ask::Downscoped {
                     scopes: &ok,
@@ -441,7 +504,7 @@ mod tests {
     #[test]
     fn invalid_policies_are_refused_with_the_rule_named() {
         let unknown_scope =
-            "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nscopes = [\"item_everything\"]\n";
+            "[[rules]]\nname = \"r\"\ncallers = [\"apikey:x\"]\nenterprise = true\nscopes = [\"item_everything\"]\n";
         let e = Policy::parse(unknown_scope, "p.toml")
             .err()
             .map(|e| e.to_string())
@@ -450,15 +513,74 @@ mod tests {
             e.contains("p.toml: rule \"r\": \"item_everything\" is not a Box downscope scope"),
             "{e}"
         );
-        let no_subject = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nfull_tokens = true\n";
+        let no_subject = "[[rules]]\nname = \"r\"\ncallers = [\"apikey:x\"]\nfull_tokens = true\n";
         assert!(Policy::parse(no_subject, "p").is_err());
-        let dup = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\n[[rules]]\nname = \"r\"\ncallers = [\"y\"]\nenterprise = true\n";
+        let dup = "[[rules]]\nname = \"r\"\ncallers = [\"apikey:x\"]\nenterprise = true\n[[rules]]\nname = \"r\"\ncallers = [\"apikey:y\"]\nenterprise = true\n";
         assert!(Policy::parse(dup, "p").is_err());
-        let typo = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nfull_token = true\n";
+        let typo = "[[rules]]\nname = \"r\"\ncallers = [\"apikey:x\"]\nenterprise = true\nfull_token = true\n";
         assert!(
             Policy::parse(typo, "p")
                 .err()
                 .is_some_and(|e| e.to_string().contains("unknown field `full_token`"))
         );
+    }
+
+    #[test]
+    fn a_caller_pattern_without_a_mechanism_is_refused_with_the_fix() {
+        let bare = "[[rules]]\nname = \"r\"\ncallers = [\"customer-portal\"]\nenterprise = true\n";
+        let e = Policy::parse(bare, "p.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("caller \"customer-portal\" names no mechanism"), "{e}");
+        assert!(e.contains("\"apikey:customer-portal\""), "{e}");
+        for fine in [
+            "*",
+            "anonymous",
+            "apikey:*",
+            "dns:billing.internal",
+            "system:serviceaccount:ns:*",
+        ] {
+            let text = format!("[[rules]]\nname = \"r\"\ncallers = [\"{fine}\"]\nenterprise = true\n");
+            assert!(Policy::parse(&text, "p").is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn numbers_that_cannot_bind_are_refused_at_load() {
+        for bad in ["0", "86401", "9223372036854775807"] {
+            let text =
+                format!("[[rules]]\nname = \"r\"\ncallers = [\"*\"]\nenterprise = true\nmax_lifetime_secs = {bad}\n");
+            let e = Policy::parse(&text, "p")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("max_lifetime_secs must be 1 to 86400"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn revoking_and_forcing_a_refresh_are_grants_of_their_own() {
+        let policy = Policy::parse(
+            "[[rules]]\nname = \"plain\"\ncallers = [\"apikey:a\"]\nenterprise = true\nfull_tokens = true\n\
+             [[rules]]\nname = \"revoker\"\ncallers = [\"apikey:b\"]\nenterprise = true\nfull_tokens = true\nrevoke = true\nforce_refresh = true\n",
+            "p",
+        )
+        .unwrap_or_default();
+        assert!(!policy.may_revoke("apikey:a", "default"));
+        assert!(policy.may_revoke("apikey:b", "default"));
+        let revoke = |caller| policy.decide(&request(caller, PolicySubject::Enterprise, Ask::Revoke));
+        assert!(matches!(revoke("apikey:a"), Decision::Deny { reason } if reason.contains("revoke = true")));
+        assert!(matches!(revoke("apikey:b"), Decision::Allow { .. }));
+        let forced = |caller| {
+            policy.decide(&Request {
+                force_refresh: true,
+                ..request(caller, PolicySubject::Enterprise, Ask::Full)
+            })
+        };
+        assert!(
+            matches!(forced("apikey:a"), Decision::Deny { reason } if reason.contains("force_refresh is not allowed"))
+        );
+        assert!(matches!(forced("apikey:b"), Decision::Allow { .. }));
     }
 }

@@ -70,27 +70,32 @@ impl PolicyWatcher {
         ReloadOutcome::Rejected(problem)
     }
 
-    /// Checks every `poll` and on every SIGHUP, forever.
-    pub async fn run(mut self, poll: Duration) {
+    /// Checks every `poll` and on every SIGHUP (from `hangups`, registered
+    /// at startup), forever.
+    pub async fn run(mut self, poll: Duration, mut hangups: Option<tokio::signal::unix::Signal>) {
         let mut ticks = tokio::time::interval(poll);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        #[cfg(unix)]
-        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
-            #[cfg(unix)]
             let forced = tokio::select! {
                 _ = ticks.tick() => false,
                 Some(()) = async { match hangups.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => true,
-            };
-            #[cfg(not(unix))]
-            let forced = {
-                ticks.tick().await;
-                false
             };
             if forced {
                 tracing::info!("SIGHUP: reloading the policy");
             }
             self.check(forced);
         }
+    }
+}
+
+/// Logs each SIGHUP from `hangups` when there is nothing to reload (no
+/// policy file, or `dev`): the signal is handled, so it never kills the
+/// broker.
+pub async fn log_hangups(hangups: Option<tokio::signal::unix::Signal>) {
+    let Some(mut hangups) = hangups else {
+        return std::future::pending().await;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: nothing to reload (no [policy] file)");
     }
 }

@@ -145,9 +145,7 @@ impl Source {
                 return Err("auth.kubernetes: set exactly one of jwks_file, jwks_url and discovery_url".to_owned());
             }
         };
-        if !(url.0.starts_with("https://") || url.0.starts_with("http://")) {
-            return Err(format!("auth.kubernetes: {:?} is not an http(s) URL", url.0));
-        }
+        check_key_url(&url.0).map_err(|problem| format!("auth.kubernetes: {problem}"))?;
         let mut builder = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none());
@@ -202,11 +200,34 @@ impl Source {
                     document.issuer
                 ));
             }
+            check_key_url(&document.jwks_uri)
+                .map_err(|problem| format!("{url}: the discovery document's jwks_uri: {problem}"))?;
             document.jwks_uri
         } else {
             url.clone()
         };
         fetch_json(client, &jwks_url, token.as_deref(), "a JWKS (JSON Web Key Set)").await
+    }
+}
+
+/// The cluster's keys decide who every caller is: they are fetched over
+/// https, or plain http only from this host (`kubectl proxy`).
+fn check_key_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| format!("{url:?} is not a URL"))?;
+    let host = parsed.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!(
+            "{url:?} is plain http: the cluster's keys must come over https (plain http only from this host, e.g. kubectl proxy)"
+        )),
+        _ => Err(format!("{url:?} is not an https URL")),
     }
 }
 
@@ -285,6 +306,11 @@ impl KubernetesAuth {
     async fn verify_signature(&self, token: &str) -> Result<(String, u64), AuthError> {
         let invalid = |why: &str| AuthError(format!("the Kubernetes service-account token is not accepted: {why}"));
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("it is not a JWT"))?;
+        if critical_extensions(token) {
+            return Err(invalid(
+                "its header marks extensions as critical (crit), and the broker implements none",
+            ));
+        }
         if !ALGORITHMS.contains(&header.alg) {
             return Err(invalid("its signature algorithm is not allowed"));
         }
@@ -297,32 +323,44 @@ impl KubernetesAuth {
         validation.set_issuer(&[&self.config.issuer]);
         validation.set_audience(&[&self.config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECS;
+        /// What the broker reads of the claims; every claim is optional
+        /// here, so a missing one is reported by name, not as a parse error.
         #[derive(Deserialize)]
         struct Claims {
-            sub: String,
-            exp: u64,
+            sub: Option<String>,
+            exp: Option<u64>,
         }
         self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
             .map_err(|e| {
-                invalid(match e.kind() {
-                    ErrorKind::ExpiredSignature => "it has expired",
-                    ErrorKind::ImmatureSignature => "it is not valid yet",
-                    ErrorKind::InvalidIssuer => "its issuer is not the configured one",
-                    ErrorKind::InvalidAudience => "its audience is not the configured one",
-                    ErrorKind::MissingRequiredClaim(_) => "it lacks a required claim (exp, iss, aud, sub)",
-                    _ => "its signature does not verify",
-                })
+                AuthError(format!(
+                    "the Kubernetes service-account token is not accepted: {}",
+                    match e.kind() {
+                        ErrorKind::ExpiredSignature => "it has expired".to_owned(),
+                        ErrorKind::ImmatureSignature => "it is not valid yet (its nbf is in the future)".to_owned(),
+                        ErrorKind::InvalidIssuer => "its issuer is not the configured one".to_owned(),
+                        ErrorKind::InvalidAudience => "its audience is not the configured one".to_owned(),
+                        ErrorKind::MissingRequiredClaim(claim) => format!("it has no {claim} claim"),
+                        ErrorKind::InvalidSignature => "its signature does not verify".to_owned(),
+                        ErrorKind::Json(_) | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+                            "its claims are malformed (exp, iat and nbf must be numbers, sub a string)".to_owned()
+                        }
+                        _ => "it is not a valid signed JWT".to_owned(),
+                    }
+                ))
             })?
             .claims;
-        let rest = claims
-            .sub
+        let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
+            return Err(invalid("it has no sub or exp claim"));
+        };
+        let rest = sub
             .strip_prefix("system:serviceaccount:")
             .ok_or_else(|| invalid("it is not a service-account token"))?;
         match rest.split_once(':') {
             Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains(':') => {
-                Ok((claims.sub, claims.exp))
+                Ok((sub, exp))
             }
             _ => Err(invalid("its subject is not system:serviceaccount:<namespace>:<name>")),
         }
@@ -369,6 +407,20 @@ impl KubernetesAuth {
             }
         }
     }
+}
+
+/// True when the token's header has a `crit` member (RFC 7515 §4.1.11: a
+/// verifier must refuse a token naming extensions it does not implement).
+fn critical_extensions(token: &str) -> bool {
+    use base64::Engine as _;
+    let Some(header) = token.split('.').next() else {
+        return false;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .is_some_and(|header| header.get("crit").is_some())
 }
 
 fn find(keys: &JwkSet, kid: &str) -> Option<DecodingKey> {

@@ -5,6 +5,23 @@
 //! (`authorization: Bearer`, see [`kubernetes`]), the peer of a Unix socket
 //! (a configured identity, optionally uid-checked), and the anonymous caller,
 //! refused unless the config explicitly allows it (dev mode does, and says so).
+//!
+//! A caller identity names its mechanism, so two mechanisms can never yield
+//! the same identity (a certificate with DNS SAN `portal` is not the API
+//! key `portal`):
+//!
+//! | mechanism | identity |
+//! |---|---|
+//! | API key | `apikey:<configured identity>` |
+//! | client certificate, SPIFFE URI SAN | `spiffe://…` (as written) |
+//! | client certificate, other URI SAN | `uri:<uri>` |
+//! | client certificate, DNS SAN | `dns:<name>` |
+//! | Kubernetes service account | `system:serviceaccount:<namespace>:<name>` (Kubernetes' own form) |
+//! | Unix socket | `uds:<configured identity>` |
+//! | none (when allowed) | `anonymous` |
+//!
+//! Authentication reads only headers and what the transport knows of the
+//! connection ([`Peer`]): it runs before a request's body is read.
 
 pub mod kubernetes;
 
@@ -14,7 +31,9 @@ use std::{
 };
 
 use kubernetes::KubernetesAuth;
-use tonic::metadata::{Ascii, MetadataKey};
+use tonic::codegen::http::{HeaderMap, HeaderName};
+
+use crate::service::transport::Peer;
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -22,23 +41,30 @@ use subtle::ConstantTimeEq as _;
 /// The header an API key is sent in.
 pub const API_KEY_HEADER: &str = "x-api-key";
 
-/// The request headers looked up on every request, parsed once (tonic parses
-/// a `&str` name on each lookup).
-static API_KEY_KEY: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static(API_KEY_HEADER));
-static AUTHORIZATION_KEY: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static("authorization"));
+/// The request headers looked up on every request, as static names (a
+/// `&str` name is parsed on each lookup).
+static API_KEY_NAME: HeaderName = HeaderName::from_static(API_KEY_HEADER);
+static AUTHORIZATION_NAME: HeaderName = HeaderName::from_static("authorization");
 
-/// An authenticated caller.
+/// The identity prefixes of the mechanisms that name their callers by configuration.
+pub const API_KEY_PREFIX: &str = "apikey:";
+/// See [`API_KEY_PREFIX`].
+pub const UNIX_SOCKET_PREFIX: &str = "uds:";
+
+/// An authenticated caller. Each variant holds the whole identity, its
+/// mechanism's prefix included (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallerIdentity {
     /// No credentials; allowed only by `[server] allow_anonymous = true`.
     Anonymous,
-    /// A configured API key's identity.
+    /// `apikey:<identity>`: a configured API key.
     ApiKey(Arc<str>),
-    /// A Kubernetes service account: `system:serviceaccount:<namespace>:<name>`.
+    /// `system:serviceaccount:<namespace>:<name>`: a Kubernetes service account.
     ServiceAccount(Arc<str>),
-    /// Whoever connects to a Unix socket listener: the name configured for it.
+    /// `uds:<identity>`: whoever connects to a Unix socket listener.
     UnixSocket(Arc<str>),
-    /// An mTLS client certificate's URI SAN (SPIFFE ID) or, failing that, DNS SAN.
+    /// `spiffe://…`, `uri:…` or `dns:…`: an mTLS client certificate's URI
+    /// SAN or, failing that, DNS SAN.
     Certificate(Arc<str>),
 }
 
@@ -147,9 +173,9 @@ impl Authenticator {
     /// provided its uid is in `allowed_uids` (any uid when empty). Nothing
     /// else is accepted there: the socket's file permissions and the uid
     /// check are the trust boundary of a sidecar.
-    pub fn unix_socket(identity: String, allowed_uids: Vec<u32>) -> Self {
+    pub fn unix_socket(identity: &str, allowed_uids: Vec<u32>) -> Self {
         Self {
-            unix_socket: Some((identity.into(), allowed_uids)),
+            unix_socket: Some((format!("{UNIX_SOCKET_PREFIX}{identity}").into(), allowed_uids)),
             ..Self::new(false)
         }
     }
@@ -161,12 +187,13 @@ impl Authenticator {
         self
     }
 
-    /// Accepts API keys, given as (identity, SHA-256 of the key).
+    /// Accepts API keys, given as (configured identity, SHA-256 of the
+    /// key); a key's caller is `apikey:<identity>`.
     #[must_use]
     pub fn with_api_keys(mut self, keys: Vec<(String, [u8; 32])>) -> Self {
         self.api_keys = Some(
             keys.into_iter()
-                .map(|(identity, hash)| (identity.into(), hash))
+                .map(|(identity, hash)| (format!("{API_KEY_PREFIX}{identity}").into(), hash))
                 .collect(),
         );
         self
@@ -195,13 +222,13 @@ impl Authenticator {
         }
     }
 
-    /// Identifies the caller of `request`.
-    pub async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<CallerIdentity, AuthError> {
+    /// Identifies the caller from its request headers and the connection's `peer`.
+    pub async fn authenticate(&self, headers: &HeaderMap, peer: &Peer) -> Result<CallerIdentity, AuthError> {
         if let Some((identity, allowed_uids)) = &self.unix_socket {
-            return unix_peer(request, identity, allowed_uids);
+            return unix_peer(peer, identity, allowed_uids);
         }
         if self.certificates
-            && let Some(certs) = request.peer_certs().filter(|c| !c.is_empty())
+            && let Some(certs) = peer.certificates.as_ref().filter(|c| !c.is_empty())
         {
             let der: &[u8] = certs[0].as_ref();
             let fingerprint: [u8; 32] = Sha256::digest(der).into();
@@ -212,7 +239,7 @@ impl Authenticator {
             self.certificate_identities.insert(fingerprint, identity.clone()).await;
             return Ok(CallerIdentity::Certificate(identity));
         }
-        if let Some(presented) = request.metadata().get(&*API_KEY_KEY) {
+        if let Some(presented) = headers.get(&API_KEY_NAME) {
             let keys = self.api_keys.as_ref().ok_or_else(|| {
                 AuthError(format!(
                     "API keys are not accepted on this listener: {}",
@@ -221,7 +248,7 @@ impl Authenticator {
             })?;
             return api_key(keys, presented.as_bytes());
         }
-        if let Some(authorization) = request.metadata().get(&*AUTHORIZATION_KEY) {
+        if let Some(authorization) = headers.get(&AUTHORIZATION_NAME) {
             let token = authorization
                 .to_str()
                 .ok()
@@ -262,8 +289,9 @@ fn api_key(keys: &[ApiKey], presented: &[u8]) -> Result<CallerIdentity, AuthErro
         .ok_or_else(|| AuthError(format!("the {API_KEY_HEADER} header does not hold a valid API key")))
 }
 
-/// The identity in a client certificate: its first URI SAN (a SPIFFE ID), or
-/// else its first DNS SAN. The TLS layer has already verified the chain.
+/// The identity in a client certificate: its first URI SAN (`spiffe://…` as
+/// written, any other URI as `uri:<uri>`), or else its first DNS SAN as
+/// `dns:<name>`. The TLS layer has already verified the chain.
 fn certificate_identity(der: &[u8]) -> Result<String, AuthError> {
     use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
     let bad = |why: &str| AuthError(format!("the client certificate is not usable: {why}"));
@@ -274,12 +302,13 @@ fn certificate_identity(der: &[u8]) -> Result<String, AuthError> {
         .map(|ext| ext.value.general_names.clone())
         .unwrap_or_default();
     let uri = names.iter().find_map(|n| match n {
-        GeneralName::URI(uri) => Some((*uri).to_owned()),
+        GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some((*uri).to_owned()),
+        GeneralName::URI(uri) => Some(format!("uri:{uri}")),
         _ => None,
     });
     let dns = || {
         names.iter().find_map(|n| match n {
-            GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            GeneralName::DNSName(dns) => Some(format!("dns:{dns}")),
             _ => None,
         })
     };
@@ -288,17 +317,9 @@ fn certificate_identity(der: &[u8]) -> Result<String, AuthError> {
 }
 
 /// The identity of a Unix-socket peer, after the uid check.
-#[cfg(unix)]
-fn unix_peer<T>(
-    request: &tonic::Request<T>,
-    identity: &Arc<str>,
-    allowed_uids: &[u32],
-) -> Result<CallerIdentity, AuthError> {
-    let uid = request
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .map(|cred| cred.uid())
+fn unix_peer(peer: &Peer, identity: &Arc<str>, allowed_uids: &[u32]) -> Result<CallerIdentity, AuthError> {
+    let uid = peer
+        .uid
         .ok_or_else(|| AuthError("the Unix socket peer's credentials are not available".to_owned()))?;
     if !allowed_uids.is_empty() && !allowed_uids.contains(&uid) {
         return Err(AuthError(format!("uid {uid} is not allowed on this Unix socket")));
@@ -306,21 +327,24 @@ fn unix_peer<T>(
     Ok(CallerIdentity::UnixSocket(identity.clone()))
 }
 
-#[cfg(not(unix))]
-fn unix_peer<T>(_: &tonic::Request<T>, _: &Arc<str>, _: &[u32]) -> Result<CallerIdentity, AuthError> {
-    Err(AuthError("Unix sockets are not supported on this platform".to_owned()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn request_with_key(key: &str) -> tonic::Request<()> {
-        let mut request = tonic::Request::new(());
+    fn request_with_key(key: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
         if let Ok(value) = key.parse() {
-            request.metadata_mut().insert(API_KEY_HEADER, value);
+            headers.insert(API_KEY_HEADER, value);
         }
-        request
+        headers
+    }
+
+    fn tcp_peer() -> Peer {
+        Peer {
+            addr: "127.0.0.1:1".parse().ok(),
+            uid: None,
+            certificates: None,
+        }
     }
 
     fn auth() -> Authenticator {
@@ -330,15 +354,15 @@ mod tests {
     #[tokio::test]
     async fn a_valid_api_key_names_its_identity() {
         assert_eq!(
-            auth().authenticate(&request_with_key("k-123")).await.ok(),
-            Some(CallerIdentity::ApiKey("billing".into()))
+            auth().authenticate(&request_with_key("k-123"), &tcp_peer()).await.ok(),
+            Some(CallerIdentity::ApiKey("apikey:billing".into()))
         );
     }
 
     #[tokio::test]
     async fn a_wrong_api_key_is_refused_without_echoing_it() {
         let err = auth()
-            .authenticate(&request_with_key("guess-987"))
+            .authenticate(&request_with_key("guess-987"), &tcp_peer())
             .await
             .err()
             .map(|e| e.0)
@@ -351,7 +375,7 @@ mod tests {
     async fn a_mechanism_this_listener_does_not_accept_is_refused_by_name() {
         let certificates_only = Authenticator::new(false).with_mtls();
         let err = certificates_only
-            .authenticate(&request_with_key("k-123"))
+            .authenticate(&request_with_key("k-123"), &tcp_peer())
             .await
             .err()
             .map(|e| e.0)
@@ -360,12 +384,12 @@ mod tests {
             err,
             "API keys are not accepted on this listener: this listener accepts a client certificate from the configured CA"
         );
-        let mut bearer = tonic::Request::new(());
+        let mut bearer = HeaderMap::new();
         if let Ok(value) = "Bearer abc.def.ghi".parse() {
-            bearer.metadata_mut().insert("authorization", value);
+            bearer.insert("authorization", value);
         }
         let err = auth()
-            .authenticate(&bearer)
+            .authenticate(&bearer, &tcp_peer())
             .await
             .err()
             .map(|e| e.0)
@@ -379,10 +403,10 @@ mod tests {
 
     #[tokio::test]
     async fn no_credentials_are_refused_unless_anonymous_is_allowed() {
-        assert!(auth().authenticate(&tonic::Request::new(())).await.is_err());
+        assert!(auth().authenticate(&HeaderMap::new(), &tcp_peer()).await.is_err());
         assert_eq!(
             Authenticator::new(true)
-                .authenticate(&tonic::Request::new(()))
+                .authenticate(&HeaderMap::new(), &tcp_peer())
                 .await
                 .ok(),
             Some(CallerIdentity::Anonymous)

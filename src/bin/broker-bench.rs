@@ -32,7 +32,7 @@ use box_token_broker::{
     audit::AuditSink,
     auth::Authenticator,
     boxapi::{AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, JwtAlgorithm, SigningKey},
-    broker::{App, Broker},
+    broker::{App, Broker, UpstreamBudget},
     cache::{CachePolicy, Minted, Minter, Need, TokenCache, TokenKey},
     clock::{SharedClock, SystemClock},
     error::UpstreamError,
@@ -385,6 +385,7 @@ async fn memory_per_token(n: usize) -> Option<f64> {
             app: app.clone(),
             subject: BoxSubject::User(BoxId::parse(&bench_user(i)).ok()?),
             downscope: None,
+            caller: None,
         };
         cache.get(&key, Need::default()).await.ok()?;
     }
@@ -463,23 +464,25 @@ async fn run(args: Args) {
         },
     };
     let client = BoxClient::new(&fake_server.base_url(), clock.clone()).expect("a client");
-    let broker = Arc::new(Broker::new(
-        vec![App::new("default", &credentials, client)],
-        clock,
-        CachePolicy {
-            max_entries: 2_000_000,
-            ..CachePolicy::default()
-        },
-        Policy::allow_everything("anonymous"),
-    ));
+    let broker = Arc::new(
+        Broker::new(
+            vec![App::new("default", &credentials, client)],
+            clock,
+            CachePolicy {
+                max_entries: 2_000_000,
+                // The cold-mint scenario forces a mint on every request.
+                force_refresh_interval: Duration::ZERO,
+                ..CachePolicy::default()
+            },
+            Policy::allow_everything("anonymous"),
+        )
+        .with_budget(UpstreamBudget::new(1_000_000, 1_000_000)),
+    );
     let audit = Arc::new(AuditSink::file(std::path::Path::new("/dev/null")).expect("/dev/null"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let broker_addr = listener.local_addr().expect("an address");
     tokio::spawn(service::serve_with(
-        ServeOptions {
-            max_concurrent_requests: 1_000_000,
-            ..ServeOptions::default()
-        },
+        ServeOptions::default(),
         broker.clone(),
         vec![(Listener::Tcp(listener, Authenticator::new(true)), Role::Client)],
         audit,

@@ -31,6 +31,16 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest error description kept from Box.
 const MAX_DESCRIPTION: usize = 300;
+/// The longest `expires_in` believed: twice the longest lifetime Box
+/// documents or has been seen to give (about 4,200 s). A larger one is a
+/// fault, and believing it would serve a dead token for years.
+pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(2 * 3600);
+/// The longest `Retry-After` honoured: Box's documented example is 100 s;
+/// the circuit to Box stays open at most this long on one answer.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// The largest clock difference with Box that is corrected; a `Date` header
+/// further off than this is a fault, not a clock.
+const MAX_SKEW: Duration = Duration::from_secs(24 * 3600);
 
 /// A token Box issued.
 pub struct IssuedToken {
@@ -309,7 +319,7 @@ impl BoxClient {
                             "Box keeps failing: the circuit is open, token requests fail at once until it closes"
                         );
                     }
-                    breaker.open_until = Some(now + wait);
+                    breaker.open_until = Some(now.checked_add(wait).unwrap_or(now));
                 }
             }
             // Box answered (a success, or a refusal that proves it is up).
@@ -375,10 +385,19 @@ impl BoxClient {
                 // Box judged the assertion's exp/jti by its own clock: learn it, and try once more.
                 skew_corrected = true;
                 let ours = self.clock.now();
-                let skew = match box_date.duration_since(ours) {
-                    Ok(ahead) => i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX),
-                    Err(behind) => -i64::try_from(behind.duration().as_millis()).unwrap_or(i64::MAX),
+                let (ahead, magnitude) = match box_date.duration_since(ours) {
+                    Ok(ahead) => (true, ahead),
+                    Err(behind) => (false, behind.duration()),
                 };
+                if magnitude > MAX_SKEW {
+                    tracing::warn!(
+                        skew_secs = magnitude.as_secs(),
+                        "Box's Date header is more than a day off this clock; not correcting for it"
+                    );
+                    break Err(error);
+                }
+                let millis = i64::try_from(magnitude.as_millis()).unwrap_or(i64::MAX);
+                let skew = if ahead { millis } else { -millis };
                 self.skew_millis.store(skew, Ordering::Relaxed);
                 self.counters.skew_corrections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -575,14 +594,29 @@ async fn read_token_response(response: reqwest::Response, issued_at: SystemTime)
         let expires_in = body
             .expires_in
             .and_then(|n| {
-                n.as_u64()
-                    .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                n.as_u64().or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.is_finite() && *f >= 0.0)
+                        .and_then(|f| Duration::try_from_secs_f64(f).ok())
+                        .map(|d| d.as_secs())
+                })
             })
             .filter(|s| *s > 0)
             .ok_or(BoxApiError::Malformed("no usable expires_in"))?;
+        let lifetime = Duration::from_secs(expires_in);
+        if lifetime > MAX_EXPIRES_IN {
+            tracing::warn!(
+                expires_in,
+                max = MAX_EXPIRES_IN.as_secs(),
+                "Box's expires_in is beyond any lifetime Box gives; believing the maximum instead"
+            );
+        }
+        let expires_at = issued_at
+            .checked_add(lifetime.min(MAX_EXPIRES_IN))
+            .ok_or(BoxApiError::Malformed("no usable expires_in"))?;
         return Ok(IssuedToken {
             access_token: SecretString::from(access_token),
-            expires_at: issued_at + Duration::from_secs(expires_in),
+            expires_at,
             issued_at,
             token_type: body.token_type.unwrap_or_else(|| "bearer".to_owned()),
             request_id,
@@ -627,18 +661,21 @@ fn header_str(response: &reqwest::Response, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// `Retry-After` as seconds or an HTTP date.
+/// `Retry-After` as seconds or an HTTP date, at most [`MAX_RETRY_AFTER`].
 fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    httpdate::parse_http_date(value)
-        .ok()
-        .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default())
+    let wait = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else if let Ok(secs) = value.parse::<f64>() {
+        if !secs.is_finite() || secs < 0.0 {
+            return None;
+        }
+        Duration::try_from_secs_f64(secs).unwrap_or(MAX_RETRY_AFTER)
+    } else {
+        let date = httpdate::parse_http_date(value).ok()?;
+        date.duration_since(SystemTime::now()).unwrap_or_default()
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// Parses `{error, error_description}` or `{code, message, request_id}`.
@@ -719,6 +756,20 @@ mod tests {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("1.5"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn retry_after_is_capped_whatever_box_sends() {
+        for huge in [
+            "18446744073709551615",
+            "1e300",
+            "99999999999",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            assert_eq!(parse_retry_after(huge), Some(MAX_RETRY_AFTER), "{huge}");
+        }
+        assert_eq!(parse_retry_after("-5"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
     }
 
     #[test]

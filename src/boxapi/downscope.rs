@@ -109,12 +109,22 @@ impl fmt::Debug for Target {
 }
 
 impl Target {
-    /// Checks a shared link: https, a box.com host, no whitespace, sane length.
+    /// Checks a shared link: https, a box.com host (parsed as a URL, so
+    /// `https://evil.example?.box.com/` or `https://box.com@evil.example/`
+    /// are not), no credentials or other port, no whitespace, sane length.
     pub fn shared_link(url: &str) -> Result<Self, SharedLinkError> {
-        let rest = url.strip_prefix("https://").ok_or(SharedLinkError)?;
-        let host = rest.split('/').next().unwrap_or_default().to_ascii_lowercase();
+        if url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(SharedLinkError);
+        }
+        let parsed = reqwest::Url::parse(url).map_err(|_| SharedLinkError)?;
+        let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
         let box_host = host == "box.com" || host.ends_with(".box.com");
-        if !box_host || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if parsed.scheme() != "https"
+            || !box_host
+            || !parsed.username().is_empty()
+            || parsed.password().is_some()
+            || parsed.port().is_some()
+        {
             return Err(SharedLinkError);
         }
         Ok(Self::SharedLink(url.to_owned()))
@@ -191,5 +201,21 @@ mod tests {
         assert!(Target::shared_link("http://app.box.com/s/abc").is_err());
         assert!(Target::shared_link("https://evil.com/app.box.com/s/x").is_err());
         assert!(Target::shared_link("https://notbox.com/s/x").is_err());
+    }
+
+    #[test]
+    fn a_shared_link_whose_host_only_looks_like_box_is_refused() {
+        for evil in [
+            "https://evil.example?.box.com/s/x",
+            "https://evil.example#.box.com/s/x",
+            "https://app.box.com@evil.example/s/x",
+            "https://user:pw@app.box.com/s/x",
+            "https://app.box.com:8443/s/x",
+            "https://evil.example\\.box.com/s/x",
+            "https://app.box.com.evil.example/s/x",
+        ] {
+            assert!(Target::shared_link(evil).is_err(), "{evil}");
+        }
+        assert!(Target::shared_link("https://app.box.com/s/abc?x=1#frag").is_ok());
     }
 }

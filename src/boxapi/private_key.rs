@@ -140,9 +140,49 @@ pub fn encrypt_private_key(
         .map_err(|e| KeyError::Malformed(format!("PEM encoding failed: {e}")))
 }
 
+/// The most PBKDF2 iterations decrypted: OWASP's 2023 advice is 600,000
+/// (HMAC-SHA256) to 1,300,000 (HMAC-SHA1); OpenSSL and the Box console use
+/// 2,048. A larger count is a denial of service, not a key.
+pub const MAX_PBKDF2_ITERATIONS: u32 = 2_000_000;
+/// The most scrypt work decrypted, as N·r·p: 32 times OpenSSL's default
+/// (N = 2^14, r = 8, p = 1).
+pub const MAX_SCRYPT_WORK: u64 = 1 << 22;
+/// The most scrypt memory decrypted, 128·r·N bytes: 128 MiB (OpenSSL's
+/// default takes 16 MiB).
+pub const MAX_SCRYPT_MEMORY: u64 = 128 << 20;
+
+/// Refuses key-derivation parameters beyond what real tools produce, before
+/// spending the time and memory they ask for.
+fn check_kdf_cost(scheme: &pkcs8::pkcs5::EncryptionScheme<'_>) -> Result<(), KeyError> {
+    use pkcs8::pkcs5::{EncryptionScheme, pbes2::Kdf};
+    let EncryptionScheme::Pbes2(params) = scheme else {
+        return Ok(());
+    };
+    match &params.kdf {
+        Kdf::Pbkdf2(p) if p.iteration_count > MAX_PBKDF2_ITERATIONS => Err(KeyError::Unsupported(format!(
+            "PBKDF2 with {} iterations, more than the {MAX_PBKDF2_ITERATIONS} the broker decrypts (re-encrypt the key: openssl pkcs8 -topk8 -v2 aes-256-cbc -iter 600000)",
+            p.iteration_count
+        ))),
+        Kdf::Scrypt(p) => {
+            let (n, r, parallel) = (p.cost_parameter, u64::from(p.block_size), u64::from(p.parallelization));
+            let work = n.saturating_mul(r).saturating_mul(parallel);
+            let memory = n.saturating_mul(r).saturating_mul(128);
+            if work > MAX_SCRYPT_WORK || memory > MAX_SCRYPT_MEMORY {
+                return Err(KeyError::Unsupported(format!(
+                    "scrypt with N={n}, r={r}, p={parallel}, more than the broker decrypts (N·r·p at most {MAX_SCRYPT_WORK}, 128·r·N at most 128 MiB; openssl's defaults are N=16384, r=8, p=1)"
+                )));
+            }
+            Ok(())
+        }
+        // PBKDF2 within the cap; any other KDF fails to decrypt with "unsupported".
+        _ => Ok(()),
+    }
+}
+
 fn decode_encrypted_pkcs8(der: &[u8], passphrase: &SecretString) -> Result<RsaPrivateKey, KeyError> {
     let info =
         EncryptedPrivateKeyInfo::try_from(der).map_err(|e| KeyError::Malformed(format!("encrypted PKCS#8: {e}")))?;
+    check_kdf_cost(&info.encryption_algorithm)?;
     let document = info
         .decrypt(passphrase.expose_secret().as_bytes())
         .map_err(|e| match e {

@@ -40,7 +40,9 @@ fn new_passphrase() -> SecretString {
 
 /// Runs `dev`.
 pub async fn run_dev(args: DevArgs) -> ExitCode {
+    let hangups = super::hangups();
     let _telemetry = init_dev_logging();
+    let _hangups = AbortOnDrop(tokio::spawn(crate::reload::log_hangups(hangups)));
     // The banner owns stdout; audit records go to stderr with the logs.
     let audit = match AuditSink::stderr() {
         Ok(sink) => Arc::new(sink),
@@ -138,7 +140,10 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
             ),
             (
                 service::Listener::Tcp(admin_listener, admin_auth),
-                service::Role::Admin(key_admin, AdminRules::allow_everything(DEV_ADMIN)),
+                service::Role::Admin(
+                    key_admin,
+                    AdminRules::allow_everything(&format!("{}{DEV_ADMIN}", crate::auth::API_KEY_PREFIX)),
+                ),
             ),
         ],
         audit,
@@ -150,6 +155,15 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -201,7 +215,9 @@ Press Ctrl-C to stop.",
 
 /// Runs `fake-box`: writes `box_config.json` and `broker.toml`, then serves.
 pub async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
+    let hangups = super::hangups();
     let _telemetry = init_dev_logging();
+    let _hangups = AbortOnDrop(tokio::spawn(crate::reload::log_hangups(hangups)));
     let clock: SharedClock = Arc::new(SystemClock);
     let fake = FakeBox::new(clock);
     let (app, json) = if args.ccg {
@@ -269,7 +285,7 @@ fn write_configs(dir: &Path, json: &SecretString, base_url: &str) -> Result<(), 
         "# Written by `box-broker fake-box`: the anonymous caller may have everything. Development only.\n\
          [[rules]]\nname = \"development: anonymous gets everything\"\ncallers = [\"anonymous\"]\n\
          enterprise = true\nusers = [\"*\"]\nfull_tokens = true\nscopes = [{}]\n\
-         files = [\"*\"]\nfolders = [\"*\"]\nshared_links = true\nuntargeted = true\n",
+         files = [\"*\"]\nfolders = [\"*\"]\nshared_links = true\nuntargeted = true\nrevoke = true\nforce_refresh = true\n",
         scopes.join(", ")
     );
     std::fs::write(dir.join("policy.toml"), policy)

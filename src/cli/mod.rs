@@ -123,7 +123,61 @@ fn fail(code: u8, message: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Everything `serve` builds from its config before binding a port — the
+/// same for `check-config`, so what one accepts the other does: keys
+/// decrypted, policy parsed, Kubernetes keys fetched, TLS files parsed and
+/// matched, the audit sink opened, the key store read.
+struct Prepared {
+    broker: Arc<crate::broker::Broker>,
+    auth: Authenticator,
+    tls: Option<service::ServerTls>,
+    admin_tls: Option<service::ServerTls>,
+    audit: Arc<crate::audit::AuditSink>,
+    admin: Arc<KeyAdmin>,
+}
+
+async fn prepare(config: &Config) -> Result<Prepared, String> {
+    let broker = config
+        .build_broker(Arc::new(SystemClock))
+        .map_err(|e| e.to_string())?
+        .with_budget(config.server.upstream_budget());
+    let broker = Arc::new(broker);
+    let auth = config.authenticator().await.map_err(|e| e.to_string())?;
+    // A client certificate is optional when the listener also accepts other credentials.
+    let certificate_optional = config.accepted().len() > 1;
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(|tls| tls.load("server.tls", certificate_optional))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let admin_tls = config
+        .admin
+        .tls
+        .as_ref()
+        .map(|tls| tls.load("admin.tls", !config.admin.api_keys.is_empty()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let audit = Arc::new(config.audit.open().map_err(|e| e.to_string())?);
+    let admin = open_key_admin(config, &broker)?;
+    Ok(Prepared {
+        broker,
+        auth,
+        tls,
+        admin_tls,
+        audit,
+        admin,
+    })
+}
+
+/// SIGHUP, listened for from startup on (its default action kills the process).
+fn hangups() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
 async fn serve(path: PathBuf) -> ExitCode {
+    let hangups = hangups();
     let config = match Config::load(&path, std::env::vars()) {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
@@ -133,32 +187,15 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
-    let broker = match config.build_broker(Arc::new(SystemClock)) {
-        Ok(broker) => Arc::new(broker),
-        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
-    };
-    let auth = match config.authenticator().await {
-        Ok(auth) => auth,
-        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
-    };
-    // A client certificate is optional when the listener also accepts other credentials.
-    let certificate_optional = config.accepted().len() > 1;
-    let tls = match config
-        .server
-        .tls
-        .as_ref()
-        .map(|tls| tls.load(certificate_optional))
-        .transpose()
-    {
-        Ok(tls) => tls,
-        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
-    };
-    let audit = match config.audit.open() {
-        Ok(sink) => Arc::new(sink),
-        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
-    };
-    let admin = match open_key_admin(&config, &broker) {
-        Ok(admin) => admin,
+    let Prepared {
+        broker,
+        auth,
+        tls,
+        admin_tls,
+        audit,
+        admin,
+    } = match prepare(&config).await {
+        Ok(prepared) => prepared,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
@@ -178,7 +215,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         match bind_unix(&unix.path) {
             Ok(l) => {
                 tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving gRPC on a Unix socket");
-                let auth = Authenticator::unix_socket(unix.identity.clone(), unix.allowed_uids.clone());
+                let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
                 listeners.push(service::Listener::Unix(l, auth));
             }
             Err(e) => return fail(1, &format!("cannot listen on {}: {e}", unix.path.display())),
@@ -187,9 +224,9 @@ async fn serve(path: PathBuf) -> ExitCode {
     let admin_role = service::Role::Admin(admin, AdminRules(config.admin.rules.clone()));
     let mut endpoints: Vec<(service::Listener, service::Role)> =
         listeners.into_iter().map(|l| (l, service::Role::Client)).collect();
-    match admin_listeners(&config).await {
+    match admin_listeners(&config, admin_tls).await {
         Ok(admin) => endpoints.extend(admin.into_iter().map(|l| (l, admin_role.clone()))),
-        Err((code, e)) => return fail(code, &e),
+        Err(e) => return fail(1, &e),
     }
     for app in broker.apps() {
         tracing::info!(app = %app.name, auth = %app.auth_summary(), "app loaded");
@@ -206,14 +243,14 @@ async fn serve(path: PathBuf) -> ExitCode {
         .collect();
     tracing::info!(listen = %bound, tls = config.server.tls.is_some(), accept = ?accepted, "serving gRPC");
     let watcher = match &config.policy.file {
-        Some(file) => Some(tokio::spawn(
-            PolicyWatcher::new(file.clone(), broker.clone()).run(POLL_INTERVAL),
-        )),
+        Some(file) => tokio::spawn(PolicyWatcher::new(file.clone(), broker.clone()).run(POLL_INTERVAL, hangups)),
         None => {
             tracing::warn!("no [policy] file is configured: every request will be denied");
-            None
+            tokio::spawn(crate::reload::log_hangups(hangups))
         }
     };
+    let mut options = config.server.serve_options();
+    fit_to_open_files(&mut options.connections, endpoints.len());
     let metrics = match config.server.metrics_listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
@@ -221,7 +258,7 @@ async fn serve(path: PathBuf) -> ExitCode {
                     .local_addr()
                     .map_or_else(|_| addr.to_string(), |a| a.to_string());
                 tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
-                let registry = crate::metrics::registry(broker.clone());
+                let registry = crate::metrics::registry(broker.clone(), options.counters.clone());
                 Some(tokio::spawn(crate::metrics::serve(
                     listener,
                     registry,
@@ -232,20 +269,11 @@ async fn serve(path: PathBuf) -> ExitCode {
         },
         None => None,
     };
-    let served = service::serve_with(
-        config.server.serve_options(),
-        broker,
-        endpoints,
-        audit,
-        shutdown_signal(),
-    )
-    .await;
+    let served = service::serve_with(options, broker, endpoints, audit, shutdown_signal()).await;
     if let Some(metrics) = metrics {
         metrics.abort();
     }
-    if let Some(watcher) = watcher {
-        watcher.abort();
-    }
+    watcher.abort();
     for unix in [&config.server.unix_socket, &config.server.admin_unix_socket]
         .into_iter()
         .flatten()
@@ -258,6 +286,30 @@ async fn serve(path: PathBuf) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+/// Descriptors kept free of connections, for Box, files and the metrics listener.
+const RESERVED_FILES: u64 = 256;
+
+/// Lowers each listener's connection cap so that all of them together fit
+/// under the open-files limit (less [`RESERVED_FILES`]), saying so: a cap
+/// the process cannot reach would leave `accept` failing instead.
+fn fit_to_open_files(limits: &mut service::ConnectionLimits, listeners: usize) {
+    let Some(files) = service::transport::open_files_limit() else {
+        return;
+    };
+    let listeners = u64::try_from(listeners.max(1)).unwrap_or(1);
+    let room = files.saturating_sub(RESERVED_FILES).max(16 * listeners) / listeners;
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    if limits.max_connections > room {
+        tracing::warn!(
+            open_files = files,
+            max_connections = limits.max_connections,
+            lowered_to = room,
+            "[server] max_connections does not fit the open-files limit (ulimit -n) for every listener; lowered"
+        );
+        limits.max_connections = room;
     }
 }
 
@@ -274,28 +326,23 @@ fn open_key_admin(config: &Config, broker: &Arc<crate::broker::Broker>) -> Resul
 }
 
 /// Binds the admin listeners `[server] admin_listen` and `[server.admin_unix_socket]` name.
-async fn admin_listeners(config: &Config) -> Result<Vec<service::Listener>, (u8, String)> {
+async fn admin_listeners(config: &Config, tls: Option<service::ServerTls>) -> Result<Vec<service::Listener>, String> {
     let mut listeners = Vec::new();
     if let Some(addr) = config.server.admin_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| (1, format!("cannot listen on {addr} (admin): {e}")))?;
+            .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
         let auth = config.admin_authenticator();
-        listeners.push(match &config.admin.tls {
-            Some(tls) => {
-                let tls = tls
-                    .load(!config.admin.api_keys.is_empty())
-                    .map_err(|e| (EXIT_CONFIG, e.to_string()))?;
-                service::Listener::Tls(listener, auth, tls)
-            }
+        listeners.push(match tls {
+            Some(tls) => service::Listener::Tls(listener, auth, tls),
             None => service::Listener::Tcp(listener, auth),
         });
         tracing::info!(listen = %addr, "serving the admin RPC");
     }
     if let Some(unix) = &config.server.admin_unix_socket {
         let listener =
-            bind_unix(&unix.path).map_err(|e| (1, format!("cannot listen on {} (admin): {e}", unix.path.display())))?;
-        let auth = Authenticator::unix_socket(unix.identity.clone(), unix.allowed_uids.clone());
+            bind_unix(&unix.path).map_err(|e| format!("cannot listen on {} (admin): {e}", unix.path.display()))?;
+        let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
         listeners.push(service::Listener::Unix(listener, auth));
         tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving the admin RPC on a Unix socket");
     }
@@ -322,29 +369,21 @@ async fn check_config(path: PathBuf) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    if let Err(e) = config.authenticator().await {
-        return fail(EXIT_CONFIG, &e.to_string());
+    let prepared = match prepare(&config).await {
+        Ok(prepared) => prepared,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
+    println!("{}: ok, listen {}", path.display(), config.server.listen);
+    for app in prepared.broker.apps() {
+        println!(
+            "  app {}: {}; client id {}, enterprise {}",
+            app.name,
+            app.auth_summary(),
+            app.client_id(),
+            app.enterprise_id()
+        );
     }
-    match config.build_broker(Arc::new(SystemClock)) {
-        Ok(broker) => {
-            let broker = Arc::new(broker);
-            if let Err(e) = open_key_admin(&config, &broker) {
-                return fail(EXIT_CONFIG, &e);
-            }
-            println!("{}: ok, listen {}", path.display(), config.server.listen);
-            for app in broker.apps() {
-                println!(
-                    "  app {}: {}; client id {}, enterprise {}",
-                    app.name,
-                    app.auth_summary(),
-                    app.client_id(),
-                    app.enterprise_id()
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(EXIT_CONFIG, &e.to_string()),
-    }
+    ExitCode::SUCCESS
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).

@@ -144,6 +144,36 @@ impl KeyEntry {
         }
     }
 
+    /// A retired key as remembered: its metadata, no private material.
+    pub(crate) fn retired_metadata(
+        fingerprint: String,
+        kid: Option<String>,
+        bits: usize,
+        origin: KeyOrigin,
+        created: SystemTime,
+    ) -> Self {
+        Self {
+            fingerprint,
+            kid,
+            bits,
+            created,
+            state: KeyState::Retired,
+            origin,
+            last_used: Arc::new(AtomicI64::new(0)),
+            private: None,
+            signing: None,
+        }
+    }
+
+    /// Retires this key: its private material is dropped (and, being
+    /// `zeroize`d on drop by `rsa`, wiped) once no mint holds it; the
+    /// metadata stays for `ListKeys` and the audit trail.
+    fn retire(&mut self) {
+        self.state = KeyState::Retired;
+        self.private = None;
+        self.signing = None;
+    }
+
     /// The same key under `kid` (for a generated key being activated).
     pub fn with_kid(&self, kid: &str) -> Result<Self, String> {
         let private = self
@@ -442,11 +472,11 @@ impl Ring {
                     ..candidate.clone()
                 };
             } else {
-                key.state = match key.state {
-                    KeyState::Active => KeyState::Standby,
-                    KeyState::Standby => KeyState::Retired,
-                    other => other,
-                };
+                match key.state {
+                    KeyState::Active => key.state = KeyState::Standby,
+                    KeyState::Standby => key.retire(),
+                    _ => {}
+                }
             }
         }
         ring
@@ -465,10 +495,10 @@ impl Ring {
             KeyState::Pending | KeyState::Standby => {
                 let mut ring = self.clone();
                 let mut retired = key.clone();
-                retired.state = KeyState::Retired;
+                retired.retire();
                 for k in &mut ring.keys {
                     if k.fingerprint == retired.fingerprint {
-                        k.state = KeyState::Retired;
+                        k.retire();
                     }
                 }
                 Ok((ring, retired))

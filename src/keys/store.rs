@@ -221,6 +221,18 @@ impl StoredApp {
         let mut config_key_placed = false;
         for stored in &self.keys {
             let entry = match (&stored.private_pkcs8, stored.origin) {
+                _ if stored.state == KeyState::Retired => {
+                    if config_key.as_ref().is_some_and(|k| k.fingerprint == stored.fingerprint) {
+                        config_key_placed = true;
+                    }
+                    KeyEntry::retired_metadata(
+                        stored.fingerprint.clone(),
+                        stored.kid.clone(),
+                        stored.bits,
+                        stored.origin,
+                        time(stored.created),
+                    )
+                }
                 (None, KeyOrigin::Config) => match &config_key {
                     Some(k) if k.fingerprint == stored.fingerprint => {
                         config_key_placed = true;

@@ -1,5 +1,13 @@
-//! The `BrokerAdminService` adapter: authenticate the admin caller, check the
-//! admin rules, run the operation, audit it. Served only on admin listeners.
+//! The `BrokerAdminService` adapter: check the admin rules for the caller
+//! the gate authenticated, run the operation, audit it. Served only on
+//! admin listeners.
+//!
+//! Rules are checked against the app a request *resolves to*: an empty
+//! `app` means the only configured app (or is refused when there are
+//! several), so a rule scoped to app `b` never lets an empty name reach app
+//! `a`. An RPC that touches every app (`InvalidateTokens` with no app and
+//! no subject) needs a grant for every app; `GetStatus` shows only the apps
+//! the caller is granted.
 
 use std::{future::Future, sync::Arc};
 
@@ -9,7 +17,6 @@ use tonic::{Request, Response, Status};
 use crate::{
     admin::{AdminError, AdminRules, KeyAdmin},
     audit::{AuditEvent, AuditSink},
-    auth::Authenticator,
     keys::{KeyEntry, KeyState},
     pb::{self, broker_admin_service_server::BrokerAdminService},
     service::broker::{parse_subject, timestamp},
@@ -19,9 +26,19 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct BrokerAdminApi {
     admin: Arc<KeyAdmin>,
-    auth: Authenticator,
     rules: Arc<AdminRules>,
     audit: Arc<AuditSink>,
+}
+
+/// Which apps an admin request touches.
+#[derive(Debug, Clone, Copy)]
+enum Apps<'a> {
+    /// The named app, or the only one when the name is empty.
+    One(&'a str),
+    /// Every configured app.
+    All,
+    /// Whichever apps the caller is granted (a read-only overview).
+    Granted,
 }
 
 impl From<AdminError> for Status {
@@ -56,11 +73,10 @@ fn key_info(key: &KeyEntry, algorithm: Option<crate::boxapi::JwtAlgorithm>) -> p
 }
 
 impl BrokerAdminApi {
-    /// An adapter admitting admin callers per `auth` and `rules`, auditing to `audit`.
-    pub fn new(admin: Arc<KeyAdmin>, auth: Authenticator, rules: AdminRules, audit: Arc<AuditSink>) -> Self {
+    /// An adapter admitting admin callers per `rules`, auditing to `audit`.
+    pub fn new(admin: Arc<KeyAdmin>, rules: AdminRules, audit: Arc<AuditSink>) -> Self {
         Self {
             admin,
-            auth,
             rules: Arc::new(rules),
             audit,
         }
@@ -74,42 +90,104 @@ impl BrokerAdminApi {
             .and_then(|a| a.ring().identity.algorithm)
     }
 
-    /// Authenticates, checks the rules, runs `handle`, and audits the outcome.
+    /// The configured names of the apps `apps` touches, if `caller` may
+    /// call `rpc` for every one of them.
+    fn authorize(&self, caller: &str, rpc: &str, apps: Apps<'_>) -> Result<Vec<String>, Status> {
+        let broker = self.admin.broker();
+        let denied = |reason: String| Status::permission_denied(format!("denied: {reason}"));
+        if !self.rules.allows_some(caller, rpc) {
+            return Err(denied(format!(
+                "admin identity {caller:?} may not call {rpc} (no [[admin.rules]] grants it)"
+            )));
+        }
+        match apps {
+            Apps::One(name) => {
+                let app = match broker.resolve_app((!name.is_empty()).then_some(name)) {
+                    Ok(app) => app.name.to_string(),
+                    // Name only the apps this caller may ask about.
+                    Err(_) if name.is_empty() => {
+                        return Err(Status::invalid_argument(format!(
+                            "app is required because several apps are configured; name one you may use: {}",
+                            self.granted(caller, rpc).join(", ")
+                        )));
+                    }
+                    Err(e) => {
+                        self.rules.allows(caller, rpc, name).map_err(denied)?;
+                        return Err(Status::from(e));
+                    }
+                };
+                self.rules.allows(caller, rpc, &app).map_err(denied)?;
+                Ok(vec![app])
+            }
+            Apps::All => {
+                let all = broker.app_names();
+                for app in &all {
+                    self.rules
+                        .allows(caller, rpc, app)
+                        .map_err(|reason| denied(format!("{reason}; without an app, {rpc} touches every app")))?;
+                }
+                Ok(all)
+            }
+            Apps::Granted => Ok(self.granted(caller, rpc)),
+        }
+    }
+
+    /// The configured apps `caller` may call `rpc` for.
+    fn granted(&self, caller: &str, rpc: &str) -> Vec<String> {
+        self.admin
+            .broker()
+            .app_names()
+            .into_iter()
+            .filter(|app| self.rules.allows(caller, rpc, app).is_ok())
+            .collect()
+    }
+
+    /// Checks the rules for the gate's caller and the apps the request
+    /// touches, runs `handle` with their names, and audits the outcome.
     async fn call<T, R, F>(
         &self,
         rpc: &'static str,
-        app: impl FnOnce(&T) -> String,
+        apps: impl FnOnce(&T) -> Apps<'_>,
         request: Request<T>,
-        handle: impl FnOnce(T) -> F,
+        handle: impl FnOnce(T, Vec<String>) -> F,
     ) -> Result<Response<R>, Status>
     where
         F: Future<Output = Result<R, Status>>,
     {
+        let context = super::broker::context(&request)?;
+        let caller = &context.caller;
         let mut event = AuditEvent {
             rpc,
-            caller: "unauthenticated".into(),
+            caller: caller.shared_name(),
+            request_id: Some(context.request_id),
             ..AuditEvent::default()
         };
-        let result = match self.auth.authenticate(&request).await {
-            Err(e) => Err(Status::from(e)),
-            Ok(caller) => {
-                event.caller = caller.shared_name();
-                let message = request.into_inner();
-                let app = app(&message);
-                event.app = app.as_str().into();
-                match self.rules.allows(caller.name(), rpc, &app) {
-                    Err(reason) => Err(Status::permission_denied(format!("denied: {reason}"))),
-                    Ok(()) => handle(message).await,
+        let message = request.into_inner();
+        let result = match self.authorize(caller.name(), rpc, apps(&message)) {
+            Err(status) => Err(status),
+            Ok(names) => {
+                if let [one] = names.as_slice() {
+                    event.app = one.as_str().into();
                 }
+                handle(message, names).await
             }
         };
-        if let Err(status) = &result {
-            tracing::info!(rpc, code = ?status.code(), reason = status.message(), "admin call refused");
+        if result.is_err() {
+            event.peer = Some(context.peer.to_string().into());
         }
         super::record_outcome(&mut event, result.as_ref().map(|_| ()));
-        self.audit.record(&event);
+        if self.audit.record(&event)
+            && let Err(status) = &result
+        {
+            tracing::info!(rpc, code = ?status.code(), reason = status.message(), "admin call refused");
+        }
         result.map(Response::new)
     }
+}
+
+/// The one app a request was authorized for.
+fn one(names: &[String]) -> &str {
+    names.first().map_or("", String::as_str)
 }
 
 #[tonic::async_trait]
@@ -120,13 +198,13 @@ impl BrokerAdminService for BrokerAdminApi {
     ) -> Result<Response<pb::GenerateKeyResponse>, Status> {
         self.call(
             "GenerateKey",
-            |m| m.app.clone(),
+            |m| Apps::One(&m.app),
             request,
-            |m| async move {
+            |m, names| async move {
                 let bits = usize::try_from(m.bits).unwrap_or(usize::MAX);
-                let generated = self.admin.generate(&m.app, bits).await?;
+                let generated = self.admin.generate(one(&names), bits).await?;
                 Ok(pb::GenerateKeyResponse {
-                    key: Some(key_info(&generated.key, self.algorithm(&m.app))),
+                    key: Some(key_info(&generated.key, self.algorithm(one(&names)))),
                     public_key_pem: generated.public_key_pem,
                 })
             },
@@ -140,14 +218,17 @@ impl BrokerAdminService for BrokerAdminApi {
     ) -> Result<Response<pb::ImportKeyResponse>, Status> {
         self.call(
             "ImportKey",
-            |m| m.app.clone(),
+            |m| Apps::One(&m.app),
             request,
-            |m| async move {
+            |m, names| async move {
                 let pem = SecretString::from(m.private_key_pem);
                 let passphrase = (!m.passphrase.is_empty()).then(|| SecretString::from(m.passphrase));
-                let key = self.admin.import(&m.app, &pem, passphrase.as_ref(), &m.kid).await?;
+                let key = self
+                    .admin
+                    .import(one(&names), &pem, passphrase.as_ref(), &m.kid)
+                    .await?;
                 Ok(pb::ImportKeyResponse {
-                    key: Some(key_info(&key, self.algorithm(&m.app))),
+                    key: Some(key_info(&key, self.algorithm(one(&names)))),
                 })
             },
         )
@@ -160,11 +241,11 @@ impl BrokerAdminService for BrokerAdminApi {
     ) -> Result<Response<pb::ActivateKeyResponse>, Status> {
         self.call(
             "ActivateKey",
-            |m| m.app.clone(),
+            |m| Apps::One(&m.app),
             request,
-            |m| async move {
-                let (active, standby) = self.admin.activate(&m.app, &m.kid, &m.fingerprint).await?;
-                let algorithm = self.algorithm(&m.app);
+            |m, names| async move {
+                let (active, standby) = self.admin.activate(one(&names), &m.kid, &m.fingerprint).await?;
+                let algorithm = self.algorithm(one(&names));
                 Ok(pb::ActivateKeyResponse {
                     active: Some(key_info(&active, algorithm)),
                     standby: standby.as_ref().map(|k| key_info(k, algorithm)),
@@ -180,12 +261,12 @@ impl BrokerAdminService for BrokerAdminApi {
     ) -> Result<Response<pb::RetireKeyResponse>, Status> {
         self.call(
             "RetireKey",
-            |m| m.app.clone(),
+            |m| Apps::One(&m.app),
             request,
-            |m| async move {
-                let key = self.admin.retire(&m.app, &m.kid_or_fingerprint).await?;
+            |m, names| async move {
+                let key = self.admin.retire(one(&names), &m.kid_or_fingerprint).await?;
                 Ok(pb::RetireKeyResponse {
-                    key: Some(key_info(&key, self.algorithm(&m.app))),
+                    key: Some(key_info(&key, self.algorithm(one(&names)))),
                 })
             },
         )
@@ -195,11 +276,11 @@ impl BrokerAdminService for BrokerAdminApi {
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         self.call(
             "ListKeys",
-            |m| m.app.clone(),
+            |m| Apps::One(&m.app),
             request,
-            |m| async move {
-                let algorithm = self.algorithm(&m.app);
-                let keys = self.admin.list(&m.app)?;
+            |_, names| async move {
+                let algorithm = self.algorithm(one(&names));
+                let keys = self.admin.list(one(&names))?;
                 Ok(pb::ListKeysResponse {
                     keys: keys.iter().map(|k| key_info(k, algorithm)).collect(),
                 })
@@ -214,12 +295,12 @@ impl BrokerAdminService for BrokerAdminApi {
     ) -> Result<Response<pb::RotateClientSecretResponse>, Status> {
         self.call(
             "RotateClientSecret",
-            |m| m.app.clone(),
+            |m| Apps::One(&m.app),
             request,
-            |m| async move {
+            |m, names| async move {
                 let fallbacks = self
                     .admin
-                    .rotate_secret(&m.app, SecretString::from(m.new_secret))
+                    .rotate_secret(one(&names), SecretString::from(m.new_secret))
                     .await?;
                 Ok(pb::RotateClientSecretResponse {
                     fallback_secrets: u32::try_from(fallbacks).unwrap_or(u32::MAX),
@@ -235,10 +316,10 @@ impl BrokerAdminService for BrokerAdminApi {
     ) -> Result<Response<pb::RetireClientSecretsResponse>, Status> {
         self.call(
             "RetireClientSecrets",
-            |m| m.app.clone(),
+            |m| Apps::One(&m.app),
             request,
-            |m| async move {
-                let retired = self.admin.retire_secrets(&m.app).await?;
+            |_, names| async move {
+                let retired = self.admin.retire_secrets(one(&names)).await?;
                 Ok(pb::RetireClientSecretsResponse {
                     retired: u32::try_from(retired).unwrap_or(u32::MAX),
                 })
@@ -253,14 +334,25 @@ impl BrokerAdminService for BrokerAdminApi {
     ) -> Result<Response<pb::InvalidateTokensResponse>, Status> {
         self.call(
             "InvalidateTokens",
-            |m| m.app.clone(),
+            |m| {
+                if m.app.is_empty() && m.subject.is_none() {
+                    Apps::All
+                } else {
+                    Apps::One(&m.app)
+                }
+            },
             request,
-            |m| async move {
+            |m, names| async move {
                 let subject = match &m.subject {
                     Some(s) => Some(parse_subject(Some(s)).map_err(Status::from)?),
                     None => None,
                 };
-                let dropped = self.admin.invalidate(&m.app, subject.as_ref()).await?;
+                let app = if m.app.is_empty() && subject.is_none() {
+                    ""
+                } else {
+                    one(&names)
+                };
+                let dropped = self.admin.invalidate(app, subject.as_ref()).await?;
                 Ok(pb::InvalidateTokensResponse {
                     invalidated: dropped as u64,
                 })
@@ -275,12 +367,14 @@ impl BrokerAdminService for BrokerAdminApi {
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         self.call(
             "GetStatus",
-            |_| String::new(),
+            |_| Apps::Granted,
             request,
-            |_| async move {
+            |_, names| async move {
                 let broker = self.admin.broker();
+                let all = names.len() == broker.app_names().len();
                 let apps = broker
                     .apps()
+                    .filter(|app| names.iter().any(|n| **n == *app.name))
                     .map(|app| {
                         let ring = app.ring();
                         let health = app.health();
@@ -306,7 +400,11 @@ impl BrokerAdminService for BrokerAdminApi {
                     .collect();
                 Ok(pb::GetStatusResponse {
                     apps,
-                    cached_tokens: broker.cache().count().await,
+                    cached_tokens: if all {
+                        broker.cache().count().await
+                    } else {
+                        broker.cache().count_where(|key| names.iter().any(|n| **n == *key.app)) as u64
+                    },
                     key_store: self.admin.has_store(),
                 })
             },

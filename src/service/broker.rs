@@ -3,21 +3,17 @@
 
 use std::{
     future::Future,
-    sync::{Arc, LazyLock},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use secrecy::{ExposeSecret as _, SecretString};
-use tonic::{
-    Request, Response, Status,
-    metadata::{Ascii, MetadataKey},
-};
+use tonic::{Code, Request, Response, Status};
 
-use tonic::Code;
-
+use super::gate::CallContext;
 use crate::{
-    audit::{AuditEvent, AuditSink, RequestId, digest},
-    auth::{Authenticator, CallerIdentity},
+    audit::{AuditEvent, AuditSink, digest},
+    auth::CallerIdentity,
     boxapi::{BoxId, BoxSubject, Target, credentials::BoxIdError, downscope::normalize_scopes},
     broker::{Broker, DownscopeRequest, Granted, Subject, TokenRequest},
     cache::Downscope,
@@ -28,159 +24,34 @@ use crate::{
 /// The longest access token `RevokeToken` accepts; Box's are 32 characters.
 const MAX_TOKEN_LEN: usize = 4096;
 
-/// The header a request id travels in, both ways.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// [`REQUEST_ID_HEADER`], parsed once: it is read and written on every request.
-static REQUEST_ID_KEY: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static(REQUEST_ID_HEADER));
-
-/// Client-request limits: requests in progress at once (over all callers)
-/// and a per-caller token bucket.
-#[derive(Debug)]
-pub struct Limits {
-    /// Requests in progress: counted with an atomic (never waited on), so
-    /// entering and leaving take no lock.
-    in_flight: std::sync::atomic::AtomicUsize,
-    max_in_flight: usize,
-    /// The largest request message accepted.
-    max_message_bytes: usize,
-    /// (requests per second, burst).
-    rate: Option<(f64, u32)>,
-    /// Caller identity -> (tokens, last refill), in shards by caller so
-    /// callers do not queue on one lock.
-    buckets: Box<[std::sync::Mutex<Buckets>]>,
-}
-
-type Buckets = std::collections::HashMap<Box<str>, (f64, std::time::Instant)>;
-
-/// One request's place under `max_concurrent_requests`, given back on drop.
-struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// Shards of the rate limiter's buckets.
-const BUCKET_SHARDS: usize = 16;
-
-/// The shard of `caller`'s bucket (FNV-1a of the name: cheap, and callers
-/// are authenticated, so nobody picks names to collide).
-fn bucket_shard(caller: &str) -> usize {
-    let hash = caller
-        .bytes()
-        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    usize::try_from(hash).unwrap_or(0) % BUCKET_SHARDS
-}
-
-impl Limits {
-    /// The limits `options` describe.
-    pub fn new(options: &super::ServeOptions) -> Self {
-        Self {
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-            max_in_flight: options.max_concurrent_requests,
-            max_message_bytes: options.max_message_bytes,
-            rate: options.rate_limit,
-            buckets: (0..BUCKET_SHARDS).map(|_| std::sync::Mutex::default()).collect(),
-        }
-    }
-
-    /// ResourceExhausted naming the limit when the request is too large.
-    fn check_size(&self, encoded_len: usize) -> Result<(), Status> {
-        if encoded_len > self.max_message_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "the request is {encoded_len} bytes, over the limit of {} ([server] max_message_bytes)",
-                self.max_message_bytes
-            )));
-        }
-        Ok(())
-    }
-
-    /// A place for one request (given back when dropped), or
-    /// ResourceExhausted naming the limit.
-    fn enter(&self) -> Result<InFlight<'_>, Status> {
-        use std::sync::atomic::Ordering;
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Status::resource_exhausted(format!(
-                "the broker is at its limit of {} concurrent requests ([server] max_concurrent_requests); retry with backoff",
-                self.max_in_flight
-            )));
-        }
-        Ok(InFlight(&self.in_flight))
-    }
-
-    /// Takes one token from `caller`'s bucket, or ResourceExhausted naming the limit.
-    fn charge(&self, caller: &str) -> Result<(), Status> {
-        let Some((per_second, burst)) = self.rate else {
-            return Ok(());
-        };
-        let now = std::time::Instant::now();
-        let mut buckets = self.buckets[bucket_shard(caller)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !buckets.contains_key(caller) {
-            buckets.insert(caller.into(), (f64::from(burst), now));
-        }
-        let Some((tokens, last)) = buckets.get_mut(caller) else {
-            return Ok(());
-        };
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_second).min(f64::from(burst));
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return Ok(());
-        }
-        let wait_ms = ((1.0 - *tokens) / per_second * 1000.0).ceil();
-        let mut status = Status::resource_exhausted(format!(
-            "caller {caller:?} is over its rate limit of {per_second} requests per second (burst {burst}, [server] rate_limit_per_second); retry later"
-        ));
-        if let Ok(value) = format!("{wait_ms:.0}").parse() {
-            status.metadata_mut().insert("grpc-retry-pushback-ms", value);
-        }
-        Err(status)
-    }
-}
-
-/// The caller's request id, if it is short and printable; else a new one.
-fn request_id<T>(request: &Request<T>) -> RequestId {
-    request
-        .metadata()
-        .get(&*REQUEST_ID_KEY)
-        .and_then(|v| v.to_str().ok())
-        .and_then(RequestId::parse)
-        .unwrap_or_else(RequestId::generate)
-}
-
-/// The gRPC adapter over [`Broker`].
+/// The gRPC adapter over [`Broker`]. The gate in front of it has
+/// authenticated the caller and applied the per-caller limits; the
+/// request's [`CallContext`] says who it is.
 #[derive(Debug, Clone)]
 pub struct TokenBrokerApi {
     broker: Arc<Broker>,
-    auth: Authenticator,
     audit: Arc<AuditSink>,
-    limits: Option<Arc<Limits>>,
+}
+
+/// The gate's context of `request`, marked as taken over by its handler.
+pub(crate) fn context<T>(request: &Request<T>) -> Result<Arc<CallContext>, Status> {
+    let context = request
+        .extensions()
+        .get::<Arc<CallContext>>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the request did not pass the broker's gate (a bug)"))?;
+    context.reach();
+    Ok(context)
 }
 
 impl TokenBrokerApi {
-    /// An adapter admitting callers per `auth` and auditing to `audit`.
-    pub fn new(broker: Arc<Broker>, auth: Authenticator, audit: Arc<AuditSink>) -> Self {
-        Self {
-            broker,
-            auth,
-            audit,
-            limits: None,
-        }
+    /// An adapter auditing to `audit`.
+    pub fn new(broker: Arc<Broker>, audit: Arc<AuditSink>) -> Self {
+        Self { broker, audit }
     }
 
-    /// The same adapter, enforcing `limits`.
-    #[must_use]
-    pub fn with_limits(mut self, limits: Arc<Limits>) -> Self {
-        self.limits = Some(limits);
-        self
-    }
-
-    /// Authenticates, runs `handle`, logs a refusal once, and audits the outcome.
+    /// Runs `handle` for the gate's caller, logs a refusal once (with its
+    /// audit record), and audits the outcome.
     async fn call<T, R, F>(
         &self,
         rpc: &'static str,
@@ -188,93 +59,29 @@ impl TokenBrokerApi {
         handle: impl FnOnce(CallerIdentity, T) -> F,
     ) -> Result<Response<R>, Status>
     where
-        T: prost::Message,
         F: Future<Output = (AuditEvent, Result<R, Status>)>,
     {
-        let span = tracing::Span::current();
         let started = std::time::Instant::now();
-        let id = request_id(&request);
-        span.record("request_id", id.as_str());
-        let size = request.get_ref().encoded_len();
-        let permit = match self
-            .limits
-            .as_ref()
-            .map(|l| l.check_size(size).and_then(|()| l.enter()))
-            .transpose()
-        {
-            Ok(permit) => permit,
-            Err(status) => {
-                let mut event = AuditEvent {
-                    rpc,
-                    caller: "unauthenticated".into(),
-                    request_id: Some(id),
-                    ..AuditEvent::default()
-                };
-                super::record_outcome(&mut event, Err(&status));
-                self.audit.record(&event);
-                self.broker.metrics().rpc(rpc, status.code(), started.elapsed());
-                return Err(status);
-            }
-        };
-        let (mut event, result) = match self.auth.authenticate(&request).await {
-            Ok(caller) => {
-                span.record("caller", tracing::field::display(&caller));
-                match self.limits.as_ref().map_or(Ok(()), |l| l.charge(caller.name())) {
-                    Ok(()) => handle(caller, request.into_inner()).await,
-                    Err(status) => (
-                        AuditEvent {
-                            caller: caller.shared_name(),
-                            ..AuditEvent::default()
-                        },
-                        Err(status),
-                    ),
-                }
-            }
-            Err(e) => (
-                AuditEvent {
-                    caller: "unauthenticated".into(),
-                    ..AuditEvent::default()
-                },
-                Err(e.into()),
-            ),
-        };
-        drop(permit);
-        let header = tonic::metadata::MetadataValue::try_from(id.as_str())
-            .ok()
-            .map(|mut value| {
-                // A request id is new on every response: entering it in HPACK's
-                // dynamic table only evicts useful entries, and h2 compares each
-                // new one with every id already there (measured: ~90 compares per
-                // response at concurrency 64). "Never indexed" sends it literally.
-                value.set_sensitive(true);
-                value
-            });
+        let context = context(&request)?;
+        let span = tracing::Span::current();
+        span.record("request_id", context.request_id.as_str());
+        span.record("caller", tracing::field::display(&context.caller));
+        let (mut event, result) = handle(context.caller.clone(), request.into_inner()).await;
         event.rpc = rpc;
-        event.request_id = Some(id);
+        event.request_id = Some(context.request_id);
         if let Err(status) = &result {
             span.record("code", tracing::field::debug(status.code()));
-            tracing::info!(code = ?status.code(), reason = status.message(), "refused");
+            event.peer = Some(context.peer.to_string().into());
         }
         super::record_outcome(&mut event, result.as_ref().map(|_| ()));
-        self.audit.record(&event);
+        if self.audit.record(&event)
+            && let Err(status) = &result
+        {
+            tracing::info!(code = ?status.code(), reason = status.message(), "refused");
+        }
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.broker.metrics().rpc(rpc, code, started.elapsed());
-        let id = header;
-        match result {
-            Ok(message) => {
-                let mut response = Response::new(message);
-                if let Some(id) = id {
-                    response.metadata_mut().insert(REQUEST_ID_KEY.clone(), id);
-                }
-                Ok(response)
-            }
-            Err(mut status) => {
-                if let Some(id) = id {
-                    status.metadata_mut().insert(REQUEST_ID_KEY.clone(), id);
-                }
-                Err(status)
-            }
-        }
+        result.map(Response::new)
     }
 }
 
@@ -328,15 +135,19 @@ impl TokenBrokerService for TokenBrokerApi {
             // The app served is recorded on success (`served`); the name
             // asked for only on failure, so a success copies no string.
             let mut event = facts(&caller, "", Some(&domain.subject));
-            let result = self.broker.get_token(caller.name(), &domain).await.map(|granted| {
-                self.broker.metrics().cache_lookup("GetToken", granted.lookup.cache_hit);
-                let response = pb::GetTokenResponse {
-                    token: Some(to_proto(&granted, &[])),
-                    cache_hit: granted.lookup.cache_hit,
-                };
-                served(&mut event, granted);
-                response
-            });
+            let result = self
+                .broker
+                .get_token(&caller.shared_name(), &domain)
+                .await
+                .map(|granted| {
+                    self.broker.metrics().cache_lookup("GetToken", granted.lookup.cache_hit);
+                    let response = pb::GetTokenResponse {
+                        token: Some(to_proto(&granted, &[])),
+                        cache_hit: granted.lookup.cache_hit,
+                    };
+                    served(&mut event, granted);
+                    response
+                });
             if result.is_err() {
                 event.app = asked_app(&request.app);
             }
@@ -362,17 +173,21 @@ impl TokenBrokerService for TokenBrokerApi {
             record_subject(domain.app, &domain.subject);
             let mut event = facts(&caller, "", Some(&domain.subject));
             event.downscope = Some(domain.downscope.clone());
-            let result = self.broker.get_downscoped(caller.name(), &domain).await.map(|granted| {
-                self.broker
-                    .metrics()
-                    .cache_lookup("GetDownscopedToken", granted.lookup.cache_hit);
-                let response = pb::GetDownscopedTokenResponse {
-                    token: Some(to_proto(&granted, &domain.downscope.scopes)),
-                    cache_hit: granted.lookup.cache_hit,
-                };
-                served(&mut event, granted);
-                response
-            });
+            let result = self
+                .broker
+                .get_downscoped(&caller.shared_name(), &domain)
+                .await
+                .map(|granted| {
+                    self.broker
+                        .metrics()
+                        .cache_lookup("GetDownscopedToken", granted.lookup.cache_hit);
+                    let response = pb::GetDownscopedTokenResponse {
+                        token: Some(to_proto(&granted, &domain.downscope.scopes)),
+                        cache_hit: granted.lookup.cache_hit,
+                    };
+                    served(&mut event, granted);
+                    response
+                });
             if result.is_err() {
                 event.app = asked_app(&request.app);
             }

@@ -4,12 +4,13 @@
 
 pub mod admin;
 pub mod broker;
+pub mod gate;
 pub mod status;
+pub mod transport;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
     admin::{AdminRules, KeyAdmin},
@@ -19,7 +20,9 @@ use crate::{
     pb,
 };
 pub use admin::BrokerAdminApi;
-pub use broker::{Limits, TokenBrokerApi};
+pub use broker::TokenBrokerApi;
+pub use gate::{CallContext, CallerLimits};
+pub use transport::{ClientCertificates, ConnectionLimits, ServerTls, TransportCounters};
 
 /// The server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -27,9 +30,6 @@ pub enum ServeError {
     /// Reflection could not be built (a bug in the embedded descriptors).
     #[error("building gRPC reflection failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
-    #[error("the gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 /// An already-bound listener and how its callers are authenticated.
@@ -37,23 +37,11 @@ pub enum ServeError {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener, Authenticator),
-    /// TCP with TLS that requires client certificates (mTLS).
-    Tls(TcpListener, Authenticator, tonic::transport::ServerTlsConfig),
+    /// TCP with TLS (and client certificates, when the TLS settings ask for them).
+    Tls(TcpListener, Authenticator, ServerTls),
     /// A Unix domain socket (sidecar mode).
     #[cfg(unix)]
     Unix(tokio::net::UnixListener, Authenticator),
-}
-
-/// Serves the broker on one already-bound TCP `listener` until `shutdown`
-/// resolves, then stops accepting and lets in-flight calls finish.
-pub async fn serve(
-    broker: Arc<Broker>,
-    auth: Authenticator,
-    audit: Arc<AuditSink>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    serve_listeners(broker, vec![Listener::Tcp(listener, auth)], audit, shutdown).await
 }
 
 /// What a listener serves.
@@ -87,10 +75,17 @@ pub struct ServeOptions {
     pub grace_period: Duration,
     /// The largest request message accepted, in bytes.
     pub max_message_bytes: usize,
-    /// Client requests in progress at once, over all callers.
-    pub max_concurrent_requests: usize,
     /// Per-caller rate limit (requests per second, burst); `None` for none.
     pub rate_limit: Option<(f64, u32)>,
+    /// Failed authentications a peer may have (per second, burst) before its
+    /// requests are refused without checking their credentials.
+    pub failed_auth: (f64, u32),
+    /// The longest a request may take (the caller's `grpc-timeout` may be shorter).
+    pub request_timeout: Duration,
+    /// Each listener's connection bounds.
+    pub connections: ConnectionLimits,
+    /// Where the transport counts connections (shared with the metrics).
+    pub counters: Arc<TransportCounters>,
 }
 
 impl Default for ServeOptions {
@@ -99,8 +94,11 @@ impl Default for ServeOptions {
             drain_delay: Duration::ZERO,
             grace_period: Duration::from_secs(20),
             max_message_bytes: 64 * 1024,
-            max_concurrent_requests: 1024,
             rate_limit: None,
+            failed_auth: (10.0, 20),
+            request_timeout: Duration::from_secs(30),
+            connections: ConnectionLimits::default(),
+            counters: Arc::default(),
         }
     }
 }
@@ -118,7 +116,7 @@ pub async fn serve_endpoints(
 }
 
 /// [`serve_endpoints`] with `options`. Health (`grpc.health.v1`, shared by
-/// every listener) says NOT_SERVING until every listener is serving, and
+/// every listener) says NOT_SERVING until every listener is accepting, and
 /// again from the moment `shutdown` resolves: then, after the drain delay,
 /// no new request is accepted and in-flight ones get the grace period.
 pub async fn serve_with(
@@ -131,49 +129,66 @@ pub async fn serve_with(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let health_state = Health(health_reporter);
     health_state.set(false).await;
-    let limits = Arc::new(Limits::new(&options));
+    let limits = Arc::new(CallerLimits::new(options.rate_limit, options.failed_auth));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
+    let mut ready = Vec::new();
     for (listener, role) in endpoints {
-        let broker = broker.clone();
-        let audit = audit.clone();
-        let health = health.clone();
-        let limits = limits.clone();
-        let max_message_bytes = options.max_message_bytes;
-        let mut stopped = stopped.clone();
-        let until = async move {
-            let _ = stopped.wait_for(|s| *s).await;
+        let (bound, auth) = match listener {
+            Listener::Tcp(l, auth) => (transport::Bound::Tcp(l, None), auth),
+            Listener::Tls(l, auth, tls) => (transport::Bound::Tcp(l, Some(tls)), auth),
+            #[cfg(unix)]
+            Listener::Unix(l, auth) => (transport::Bound::Unix(l), auth),
         };
-        servers.spawn(async move {
-            let (auth, tls) = match &listener {
-                Listener::Tcp(_, auth) => (auth.clone(), None),
-                Listener::Tls(_, auth, tls) => (auth.clone(), Some(tls.clone())),
-                #[cfg(unix)]
-                Listener::Unix(_, auth) => (auth.clone(), None),
-            };
-            let routes = routes(broker, auth, audit, role, health, limits, max_message_bytes)?;
-            match listener {
-                Listener::Tcp(l, _) | Listener::Tls(l, _, _) => {
-                    serve_one(routes, TcpListenerStream::new(l), tls, until).await
-                }
-                #[cfg(unix)]
-                Listener::Unix(l, _) => {
-                    serve_one(routes, tokio_stream::wrappers::UnixListenerStream::new(l), None, until).await
-                }
-            }
+        let service = match role {
+            Role::Client => gate::CLIENT_SERVICE,
+            Role::Admin(..) => gate::ADMIN_SERVICE,
+        };
+        let shared = Arc::new(gate::GateShared {
+            routes: routes(&broker, audit.clone(), role, health.clone(), options.max_message_bytes)?,
+            service,
+            auth,
+            audit: audit.clone(),
+            metrics: broker.metrics().clone(),
+            limits: limits.clone(),
+            request_timeout: options.request_timeout,
+            max_message_bytes: options.max_message_bytes,
         });
+        let (accepting, accepted) = tokio::sync::oneshot::channel();
+        ready.push(accepted);
+        servers.spawn(transport::serve(
+            bound,
+            options.connections.clone(),
+            options.counters.clone(),
+            stopped.clone(),
+            move |connection| gate::Gate::new(shared.clone(), connection),
+            accepting,
+        ));
+    }
+    for accepted in ready {
+        let _ = accepted.await;
     }
     health_state.set(true).await;
-    let mut result = Ok(());
+    // Repeated refusals are counted, not written one by one; the counts are
+    // written as each window closes.
+    let flusher = tokio::spawn({
+        let audit = audit.clone();
+        async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticks.tick().await;
+                audit.flush_repeats(false);
+            }
+        }
+    });
     tokio::select! {
         () = shutdown => {}
-        Some(finished) = servers.join_next() => {
-            // A listener stopped on its own: report it and stop the rest.
-            result = finished.unwrap_or(Ok(()));
+        Some(_) = servers.join_next() => {
+            tracing::error!("a listener stopped on its own; stopping the others");
         }
     }
     health_state.set(false).await;
-    if result.is_ok() && !options.drain_delay.is_zero() {
+    if !options.drain_delay.is_zero() {
         tracing::info!(
             delay_ms = u64::try_from(options.drain_delay.as_millis()).unwrap_or(u64::MAX),
             "health is NOT_SERVING; still accepting requests during the drain delay"
@@ -186,18 +201,16 @@ pub async fn serve_with(
     );
     let _ = stop.send(true);
     let drained = tokio::time::timeout(options.grace_period, async {
-        while let Some(finished) = servers.join_next().await {
-            if let (Ok(()), Ok(Err(e))) = (&result, finished) {
-                result = Err(e);
-            }
-        }
+        while servers.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
         tracing::warn!("the grace period passed with requests still in flight; they are cut off");
         servers.abort_all();
     }
-    result
+    flusher.abort();
+    audit.flush_repeats(true);
+    Ok(())
 }
 
 /// Fills in an audit record's decision, code and reason from an RPC's result:
@@ -237,12 +250,10 @@ impl Health {
 
 /// Health, reflection, and the role's service.
 fn routes(
-    broker: Arc<Broker>,
-    auth: Authenticator,
+    broker: &Arc<Broker>,
     audit: Arc<AuditSink>,
     role: Role,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    limits: Arc<Limits>,
     max_message_bytes: usize,
 ) -> Result<tonic::service::Routes, ServeError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -256,43 +267,16 @@ fn routes(
     let routes = tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    // tonic refuses a larger message from its length prefix, before reading
+    // it; the gate turns that into RESOURCE_EXHAUSTED naming the limit.
     Ok(match role {
         Role::Client => routes.add_service(
-            pb::token_broker_service_server::TokenBrokerServiceServer::new(
-                TokenBrokerApi::new(broker, auth, audit).with_limits(limits),
-            )
-            // Up to 4x the limit is decoded so the answer can be
-            // ResourceExhausted naming the limit; beyond that tonic refuses
-            // (OutOfRange) before decoding, so memory stays bounded.
-            .max_decoding_message_size(max_message_bytes.saturating_mul(4)),
+            pb::token_broker_service_server::TokenBrokerServiceServer::new(TokenBrokerApi::new(broker.clone(), audit))
+                .max_decoding_message_size(max_message_bytes),
         ),
         Role::Admin(admin, rules) => routes.add_service(
-            pb::broker_admin_service_server::BrokerAdminServiceServer::new(BrokerAdminApi::new(
-                admin, auth, rules, audit,
-            ))
-            .max_decoding_message_size(max_message_bytes),
+            pb::broker_admin_service_server::BrokerAdminServiceServer::new(BrokerAdminApi::new(admin, rules, audit))
+                .max_decoding_message_size(max_message_bytes),
         ),
     })
-}
-
-async fn serve_one<S, IO>(
-    routes: tonic::service::Routes,
-    incoming: S,
-    tls: Option<tonic::transport::ServerTlsConfig>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError>
-where
-    S: tokio_stream::Stream<Item = std::io::Result<IO>> + Send + 'static,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
-    IO::ConnectInfo: Clone + Send + Sync + 'static,
-{
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls)?;
-    }
-    server
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
 }

@@ -19,7 +19,7 @@ impl From<&BrokerError> for Status {
                 Status::invalid_argument(error.to_string())
             }
             BrokerError::UnknownApp { .. } | BrokerError::NotIssued(_) => Status::not_found(error.to_string()),
-            BrokerError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
+            BrokerError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
             BrokerError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             BrokerError::Cache(CacheError::Upstream(upstream)) => {
                 let code = match upstream.diagnosis.kind {
@@ -53,6 +53,7 @@ impl From<&BrokerError> for Status {
                 status
             }
             BrokerError::Cache(CacheError::TaskFailed) => Status::internal("internal error while minting the token"),
+            BrokerError::Cache(CacheError::Busy(message)) => Status::resource_exhausted(message.clone()),
         }
     }
 }

@@ -137,6 +137,12 @@ async fn force_refresh_mints_anew_and_replaces_the_cached_token() {
     let first = token_of(&h.get(enterprise()).await.unwrap());
     let mut force = enterprise();
     force.force_refresh = true;
+    // Within the interval, a forced request gets the token just minted.
+    let soon = h.get(force.clone()).await.unwrap();
+    assert!(soon.cache_hit);
+    assert_eq!(token_of(&soon), first);
+    assert_eq!(h.fake.stats().jwt_issued, 1);
+    h.clock.advance(Duration::from_secs(6));
     let forced = h.get(force).await.unwrap();
     assert!(!forced.cache_hit);
     assert_ne!(token_of(&forced), first);

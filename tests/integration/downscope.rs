@@ -132,6 +132,8 @@ async fn a_replaced_parent_means_a_new_exchange() {
     let h = Harness::start().await;
     let request = || downscope(enterprise(), &["item_preview"], folder(seed::SERVICE_ACCOUNT_FOLDER_ID));
     let first = h.downscoped(request()).await.unwrap();
+    // Past the forced-refresh interval, so the forced request mints.
+    h.clock.advance(Duration::from_secs(6));
     let mut force = enterprise();
     force.force_refresh = true;
     let new_parent = token_of(&h.get(force).await.unwrap());

@@ -286,7 +286,7 @@ fn check_config_validates_the_policy_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("policy.toml"),
-        "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nfull_tokens = true\n",
+        "[[rules]]\nname = \"r\"\ncallers = [\"apikey:x\"]\nfull_tokens = true\n",
     )
     .unwrap();
     let path = write_config(

@@ -125,7 +125,7 @@ async fn a_rotation_survives_a_restart() {
     // The restarted broker mints with the rotated key and secret.
     broker
         .get_token(
-            "anonymous",
+            &Arc::from("anonymous"),
             &TokenRequest {
                 app: None,
                 subject: Subject::Enterprise,
@@ -193,6 +193,7 @@ fn a_corrupt_store_stops_the_binary_with_one_line_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(fixture("box_config.json"), dir.path().join("box_config.json")).unwrap();
     std::fs::write(dir.path().join("kek"), "ab".repeat(32)).unwrap();
+    owner_only(&dir.path().join("kek"));
     std::fs::write(
         dir.path().join("keys.json"),
         "{\"format\": \"box-broker key store\", \"vers",
@@ -220,6 +221,49 @@ fn a_corrupt_store_stops_the_binary_with_one_line_naming_the_file() {
         "{stderr}"
     );
     assert!(!stderr.contains(&"ab".repeat(32)), "the KEK is never printed");
+}
+
+/// Makes `path` readable by its owner only, as a KEK file must be.
+fn owner_only(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn a_kek_file_others_may_read_stops_startup_naming_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("box_config.json"), dir.path().join("box_config.json")).unwrap();
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, "ab".repeat(32)).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        "[apps.default]\nbox_config_file = \"box_config.json\"\n[keystore]\npath = \"keys.json\"\nkek_file = \"kek\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_box-broker"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "box-broker: error: keystore.kek_file: {}: other users may read or write it (mode 0644); make it owner-only: chmod 0400 (or 0440 for a group)",
+            kek.display()
+        )
+    );
+    owner_only(&kek);
+    let out = Command::new(env!("CARGO_BIN_EXE_box-broker"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The child side of the kill -9 test: saves two alternating key sets in a

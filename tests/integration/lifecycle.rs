@@ -5,7 +5,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use box_token_broker::{fakebox::seed, pb, service::ServeOptions};
+use box_token_broker::{broker::UpstreamBudget, fakebox::seed, pb, service::ServeOptions};
 use common::{Harness, Options, assert_status, enterprise, user};
 use tonic::{Code, metadata::MetadataValue};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -82,9 +82,9 @@ async fn in_flight_requests_finish_when_the_broker_stops() {
 
 #[tokio::test]
 async fn over_the_concurrency_limit_is_resource_exhausted_naming_it() {
-    let h = harness(ServeOptions {
-        max_concurrent_requests: 1,
-        ..ServeOptions::default()
+    let h = Harness::with(Options {
+        budget: Some(UpstreamBudget::new(1, 64)),
+        ..Options::default()
     })
     .await;
     h.fake.set_latency(Duration::from_millis(500));
@@ -95,7 +95,7 @@ async fn over_the_concurrency_limit_is_resource_exhausted_naming_it() {
     assert_status(
         &refused,
         Code::ResourceExhausted,
-        "at its limit of 1 concurrent requests ([server] max_concurrent_requests)",
+        "at its limit of 1 concurrent requests calling Box ([server] max_concurrent_requests)",
     );
     first.await.unwrap().unwrap();
     h.fake.set_latency(Duration::ZERO);
@@ -130,7 +130,7 @@ async fn a_caller_over_its_rate_limit_is_resource_exhausted_and_others_are_not()
     assert_status(
         &limited,
         Code::ResourceExhausted,
-        "caller \"portal\" is over its rate limit of 0.001 requests per second (burst 2",
+        "caller \"apikey:portal\" is over its rate limit of 0.001 requests per second (burst 2",
     );
     assert!(limited.metadata().get("grpc-retry-pushback-ms").is_some());
     client.get_token(with_key("billing-key-1")).await.unwrap();
@@ -149,14 +149,34 @@ async fn an_oversized_request_is_refused_naming_the_limit() {
     assert_status(
         &refused,
         Code::ResourceExhausted,
-        "over the limit of 1024 ([server] max_message_bytes)",
+        "over the limit of 1024 bytes ([server] max_message_bytes)",
     );
-    // Far beyond the limit, tonic refuses before decoding.
+    // Far beyond the limit too: refused from the length prefix, never read.
     let scopes: Vec<&str> = std::iter::repeat_n("item_preview", 2000).collect();
     let huge = common::downscope(enterprise(), &scopes, common::folder(seed::SERVICE_ACCOUNT_FOLDER_ID));
     let refused = h.downscoped(huge).await.unwrap_err();
-    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert_status(
+        &refused,
+        Code::ResourceExhausted,
+        "over the limit of 1024 bytes ([server] max_message_bytes)",
+    );
     h.get(enterprise()).await.unwrap();
+    // Audited, though no handler ran.
+    let events = h.audit_events();
+    let oversized: Vec<_> = events
+        .iter()
+        .filter(|e| e["rpc"] == "GetDownscopedToken" && e["code"] == "ResourceExhausted")
+        .collect();
+    assert_eq!(oversized.len(), 2, "{events:?}");
+    assert_eq!(oversized[0]["decision"], "deny");
+    assert_eq!(oversized[0]["caller"], "anonymous");
+    assert!(
+        oversized[1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("the request is 28013 bytes")
+    );
+    assert!(oversized[0]["request_id"].is_string());
 }
 
 #[tokio::test]

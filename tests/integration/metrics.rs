@@ -32,7 +32,7 @@ async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
 #[tokio::test]
 async fn the_counters_move_as_the_scenario_says() {
     let policy = Policy::parse(
-        "[[rules]]\nname = \"sa only\"\ncallers = [\"anonymous\"]\nenterprise = true\nfull_tokens = true\nscopes = [\"item_preview\"]\nfolders = [\"*\"]\n",
+        "[[rules]]\nname = \"sa only\"\ncallers = [\"anonymous\"]\nenterprise = true\nfull_tokens = true\nforce_refresh = true\nscopes = [\"item_preview\"]\nfolders = [\"*\"]\n",
         "test",
     )
     .unwrap();
@@ -45,7 +45,7 @@ async fn the_counters_move_as_the_scenario_says() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(box_token_broker::metrics::serve(
         listener,
-        box_token_broker::metrics::registry(h.broker.clone()),
+        box_token_broker::metrics::registry(h.broker.clone(), std::sync::Arc::default()),
         std::future::pending(),
     ));
     let before = scrape(addr).await;
@@ -118,6 +118,7 @@ async fn the_counters_move_as_the_scenario_says() {
 
     // A 429 storm opens the circuit, and the gauge says so.
     h.fake.fail_next(1, Fault::RateLimited { retry_after_secs: 100 });
+    h.clock.advance(std::time::Duration::from_secs(6));
     let mut forced = enterprise();
     forced.force_refresh = true;
     h.get(forced).await.unwrap_err();

@@ -96,6 +96,8 @@ async fn every_mint_uses_a_fresh_jti() {
         let mut request = enterprise();
         request.force_refresh = true;
         h.get(request).await.unwrap();
+        // Past the forced-refresh interval, so the next forced request mints.
+        h.clock.advance(Duration::from_secs(6));
     }
     let jtis: std::collections::HashSet<String> = h
         .fake

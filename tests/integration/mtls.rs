@@ -7,6 +7,7 @@ use crate::common;
 
 use std::sync::Arc;
 
+use box_token_broker::service::{ClientCertificates, ServerTls};
 use box_token_broker::{
     audit::AuditSink,
     auth::Authenticator,
@@ -18,12 +19,12 @@ use common::{Harness, Options, assert_status, enterprise, token_of};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use tonic::{
     Code,
-    transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig},
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
 const SPIFFE: &str = "spiffe://cluster.local/ns/portal/sa/web";
 
-const POLICY: &str = "[[rules]]\nname = \"portal pods\"\ncallers = [\"spiffe://cluster.local/ns/portal/*\", \"billing.internal\"]\nenterprise = true\nfull_tokens = true\n";
+const POLICY: &str = "[[rules]]\nname = \"portal pods\"\ncallers = [\"spiffe://cluster.local/ns/portal/*\", \"dns:billing.internal\", \"apikey:billing.internal\"]\nenterprise = true\nfull_tokens = true\n";
 
 struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
@@ -58,16 +59,24 @@ fn dns(s: &str) -> SanType {
 
 /// Serves the harness's broker with mTLS; returns the address and the audit buffer.
 async fn serve_mtls(h: &Harness, pki: &Pki) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    serve_tls(h, server_tls(pki), Authenticator::new(false).with_mtls()).await
+}
+
+/// The broker's TLS: a certificate for `localhost` from `pki`, client
+/// certificates required from the same CA.
+fn server_tls(pki: &Pki) -> ServerTls {
     let (cert, key) = pki.issue(vec![dns("localhost")]);
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(pki.ca.pem()));
-    serve_tls(h, tls, Authenticator::new(false).with_mtls()).await
+    ServerTls::from_pem(
+        cert.as_bytes(),
+        key.as_bytes(),
+        Some((pki.ca.pem().as_bytes(), ClientCertificates::Required)),
+    )
+    .unwrap()
 }
 
 async fn serve_tls(
     h: &Harness,
-    tls: ServerTlsConfig,
+    tls: ServerTls,
     auth: Authenticator,
 ) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -177,8 +186,38 @@ async fn a_dns_san_is_the_identity_when_there_is_no_uri() {
     assert!(
         String::from_utf8(audit.lock().unwrap().clone())
             .unwrap()
-            .contains("\"caller\":\"billing.internal\"")
+            .contains("\"caller\":\"dns:billing.internal\"")
     );
+}
+
+#[tokio::test]
+async fn a_certificate_never_takes_an_api_key_identity_of_the_same_name() {
+    // Before identities named their mechanism, a certificate with DNS SAN
+    // "customer-portal" was the API key identity "customer-portal".
+    let h = Harness::with(Options {
+        policy: Some(
+            Policy::parse(
+                "[[rules]]\nname = \"portal key\"\ncallers = [\"apikey:customer-portal\"]\nenterprise = true\nfull_tokens = true\n",
+                "p",
+            )
+            .unwrap(),
+        ),
+        allow_anonymous: false,
+        ..Options::default()
+    })
+    .await;
+    let pki = Pki::new();
+    let (addr, audit) = serve_mtls(&h, &pki).await;
+    let mut c = client(addr, &pki, Some(pki.issue(vec![dns("customer-portal")])))
+        .await
+        .unwrap();
+    assert_status(
+        &c.get_token(enterprise()).await.unwrap_err(),
+        Code::PermissionDenied,
+        "no policy rule grants anything to caller \"dns:customer-portal\"",
+    );
+    assert_eq!(audited_callers(&audit), ["dns:customer-portal"]);
+    assert_eq!(h.fake.stats().token_requests, 0);
 }
 
 #[tokio::test]
@@ -248,7 +287,7 @@ async fn a_listener_accepting_certificates_and_api_keys_takes_either() {
         .tls
         .as_ref()
         .unwrap()
-        .load(config.accepted().len() > 1)
+        .load("server.tls", config.accepted().len() > 1)
         .unwrap();
     let (addr, audit) = serve_tls(&h, tls, config.authenticator().await.unwrap()).await;
 
@@ -269,7 +308,7 @@ async fn a_listener_accepting_certificates_and_api_keys_takes_either() {
         "this listener accepts a client certificate from the configured CA, or an API key in the x-api-key header",
     );
     let callers = audited_callers(&audit);
-    assert_eq!(callers, [SPIFFE, "billing.internal", "unauthenticated"]);
+    assert_eq!(callers, [SPIFFE, "apikey:billing.internal", "unauthenticated"]);
 }
 
 #[tokio::test]
@@ -280,10 +319,7 @@ async fn the_admin_listener_takes_client_certificates_as_admin_identities() {
     };
     let h = harness().await;
     let pki = Pki::new();
-    let (cert, key) = pki.issue(vec![dns("localhost")]);
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(pki.ca.pem()));
+    let tls = server_tls(&pki);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let admin = Arc::new(KeyAdmin::open(h.broker.clone(), None).unwrap());
@@ -292,7 +328,7 @@ async fn the_admin_listener_takes_client_certificates_as_admin_identities() {
         h.broker.clone(),
         vec![(
             Listener::Tls(listener, Authenticator::new(false).with_mtls(), tls),
-            service::Role::Admin(admin, AdminRules::allow_everything("ops.internal")),
+            service::Role::Admin(admin, AdminRules::allow_everything("dns:ops.internal")),
         )],
         Arc::new(sink),
         std::future::pending(),
@@ -322,8 +358,8 @@ async fn the_admin_listener_takes_client_certificates_as_admin_identities() {
     assert_status(
         &other.get_status(GetStatusRequest {}).await.unwrap_err(),
         Code::PermissionDenied,
-        "admin identity \"web.portal.svc\" may not call GetStatus",
+        "admin identity \"dns:web.portal.svc\" may not call GetStatus",
     );
     let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
-    assert!(audit.contains("\"caller\":\"ops.internal\"") && audit.contains("\"caller\":\"web.portal.svc\""));
+    assert!(audit.contains("\"caller\":\"dns:ops.internal\"") && audit.contains("\"caller\":\"dns:web.portal.svc\""));
 }

@@ -31,6 +31,7 @@ fn allowed(policy: &Policy, caller: &str, subject: PolicySubject<'_>, ask: Ask<'
             subject,
             ask,
             min_ttl: std::time::Duration::ZERO,
+            force_refresh: false,
         }),
         Decision::Allow { .. }
     )
@@ -47,8 +48,13 @@ fn folder_target(id: &str) -> Target {
 #[test]
 fn system_to_system_gets_enterprise_tokens_only() {
     let p = example("system-to-system.toml");
-    assert!(allowed(&p, "billing-sync", PolicySubject::Enterprise, Ask::Full));
-    assert!(!allowed(&p, "billing-sync", PolicySubject::User("7200001"), Ask::Full));
+    assert!(allowed(&p, "apikey:billing-sync", PolicySubject::Enterprise, Ask::Full));
+    assert!(!allowed(
+        &p,
+        "apikey:billing-sync",
+        PolicySubject::User("7200001"),
+        Ask::Full
+    ));
     assert!(!allowed(&p, "someone-else", PolicySubject::Enterprise, Ask::Full));
 }
 
@@ -60,17 +66,22 @@ fn service_account_portal_gets_only_downscoped_tokens_for_its_folder() {
     let elsewhere = folder_target("999");
     assert!(allowed(
         &p,
-        "public-portal",
+        "system:serviceaccount:portal:public-portal",
         PolicySubject::Enterprise,
         Ask::Downscoped {
             scopes: &preview,
             target: Some(&portal)
         }
     ));
-    assert!(!allowed(&p, "public-portal", PolicySubject::Enterprise, Ask::Full));
     assert!(!allowed(
         &p,
-        "public-portal",
+        "system:serviceaccount:portal:public-portal",
+        PolicySubject::Enterprise,
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "system:serviceaccount:portal:public-portal",
         PolicySubject::Enterprise,
         Ask::Downscoped {
             scopes: &preview,
@@ -80,7 +91,7 @@ fn service_account_portal_gets_only_downscoped_tokens_for_its_folder() {
     let write = scopes(&["item_upload"]);
     assert!(!allowed(
         &p,
-        "public-portal",
+        "system:serviceaccount:portal:public-portal",
         PolicySubject::Enterprise,
         Ask::Downscoped {
             scopes: &write,
@@ -96,7 +107,7 @@ fn app_user_portal_gets_downscoped_tokens_for_its_own_users() {
     let theirs = folder_target(seed::APP_USER_FOLDER_ID);
     assert!(allowed(
         &p,
-        "customer-portal",
+        "apikey:customer-portal",
         PolicySubject::User("7200001"),
         Ask::Downscoped {
             scopes: &preview,
@@ -105,13 +116,13 @@ fn app_user_portal_gets_downscoped_tokens_for_its_own_users() {
     ));
     assert!(!allowed(
         &p,
-        "customer-portal",
+        "apikey:customer-portal",
         PolicySubject::User("7200001"),
         Ask::Full
     ));
     assert!(!allowed(
         &p,
-        "customer-portal",
+        "apikey:customer-portal",
         PolicySubject::User("7300001"),
         Ask::Downscoped {
             scopes: &preview,
@@ -120,7 +131,7 @@ fn app_user_portal_gets_downscoped_tokens_for_its_own_users() {
     ));
     assert!(!allowed(
         &p,
-        "customer-portal",
+        "apikey:customer-portal",
         PolicySubject::Enterprise,
         Ask::Downscoped {
             scopes: &preview,
@@ -129,7 +140,7 @@ fn app_user_portal_gets_downscoped_tokens_for_its_own_users() {
     ));
     assert!(!allowed(
         &p,
-        "customer-portal",
+        "apikey:customer-portal",
         PolicySubject::User("7200001"),
         Ask::Downscoped {
             scopes: &preview,
@@ -143,25 +154,25 @@ fn classic_lets_an_internal_app_have_managed_user_tokens_and_never_external_user
     let p = example("classic.toml");
     assert!(allowed(
         &p,
-        "hr-app",
+        "apikey:hr-app",
         PolicySubject::User(seed::MANAGED_USER_ID),
         Ask::Full
     ));
     assert!(!allowed(
         &p,
-        "hr-app",
+        "apikey:hr-app",
         PolicySubject::User(seed::APP_USER_IDS[0]),
         Ask::Full
     ));
     assert!(!allowed(
         &p,
-        "hr-app",
+        "apikey:hr-app",
         PolicySubject::User(seed::EXTERNAL_USER_ID),
         Ask::Full
     ));
     assert!(!allowed(
         &p,
-        "customer-portal",
+        "apikey:customer-portal",
         PolicySubject::User(seed::EXTERNAL_USER_ID),
         Ask::Full
     ));
@@ -169,7 +180,7 @@ fn classic_lets_an_internal_app_have_managed_user_tokens_and_never_external_user
     let theirs = folder_target(seed::APP_USER_FOLDER_ID);
     assert!(allowed(
         &p,
-        "customer-portal",
+        "apikey:customer-portal",
         PolicySubject::User("7200001"),
         Ask::Downscoped {
             scopes: &preview,
@@ -300,7 +311,7 @@ async fn callers_get_what_the_policy_allows_and_nothing_more() {
         ),
         (
             get(&h, BILLING_KEY, enterprise()).await.map(drop),
-            "no policy rule grants anything to caller \"billing-sync\"",
+            "no policy rule grants anything to caller \"apikey:billing-sync\"",
         ),
     ];
     for (result, fragment) in cases {
@@ -359,7 +370,7 @@ async fn revocation_is_allowed_only_for_tokens_the_caller_may_have() {
     assert_status(
         &revoke(HR_KEY, token.clone()).await.unwrap_err(),
         Code::PermissionDenied,
-        "user 7200001 is not allowed",
+        "no rule grants revoke = true to caller \"apikey:hr-app\"",
     );
     assert!(!h.fake.is_revoked(&token));
     revoke(PORTAL_KEY, token.clone()).await.unwrap();
@@ -387,6 +398,8 @@ async fn every_decision_is_audited_without_the_token() {
     h.get(enterprise()).await.unwrap_err();
     h.fake
         .fail_next(4, box_token_broker::fakebox::Fault::ServerError { status: 503 });
+    // Past the forced-refresh interval, so the forced request asks Box.
+    h.clock.advance(std::time::Duration::from_secs(6));
     let mut forced = user(seed::MANAGED_USER_ID);
     forced.force_refresh = true;
     assert_eq!(get(&h, HR_KEY, forced).await.unwrap_err().code(), Code::Unavailable);
@@ -402,7 +415,7 @@ async fn every_decision_is_audited_without_the_token() {
     let issued = &events[0];
     assert_eq!(issued["decision"], "allow");
     assert_eq!(issued["rpc"], "GetToken");
-    assert_eq!(issued["caller"], "hr-app");
+    assert_eq!(issued["caller"], "apikey:hr-app");
     assert_eq!(issued["rule"], "internal HR app");
     assert_eq!(issued["subject_type"], "user");
     assert_eq!(issued["subject_id"], seed::MANAGED_USER_ID);
@@ -460,7 +473,7 @@ async fn without_a_policy_every_request_is_denied() {
 // Hot reload.
 
 const FOR_SOMEONE_ELSE: &str =
-    "[[rules]]\nname = \"other\"\ncallers = [\"someone-else\"]\nenterprise = true\nfull_tokens = true\n";
+    "[[rules]]\nname = \"other\"\ncallers = [\"apikey:someone-else\"]\nenterprise = true\nfull_tokens = true\n";
 const FOR_ANONYMOUS: &str =
     "[[rules]]\nname = \"anon\"\ncallers = [\"anonymous\"]\nenterprise = true\nfull_tokens = true\n";
 
@@ -519,8 +532,9 @@ async fn an_invalid_policy_change_is_rejected_and_the_old_policy_stays() {
 async fn the_watcher_notices_a_changed_file_by_itself() {
     use box_token_broker::reload::PolicyWatcher;
     let (h, _dir, path) = reloadable().await;
-    let watcher =
-        tokio::spawn(PolicyWatcher::new(path.clone(), h.broker.clone()).run(std::time::Duration::from_millis(20)));
+    let watcher = tokio::spawn(
+        PolicyWatcher::new(path.clone(), h.broker.clone()).run(std::time::Duration::from_millis(20), None),
+    );
     std::fs::write(&path, FOR_ANONYMOUS).unwrap();
     let changed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         while h.broker.policy().rules[0].name.as_ref() != "anon" {
@@ -579,10 +593,10 @@ async fn a_rule_s_max_lifetime_caps_expires_at_and_refuses_longer_min_ttl() {
 
 #[test]
 fn a_zero_max_lifetime_is_an_invalid_policy() {
-    let text = "[[rules]]\nname = \"r\"\ncallers = [\"x\"]\nenterprise = true\nmax_lifetime_secs = 0\n";
+    let text = "[[rules]]\nname = \"r\"\ncallers = [\"apikey:x\"]\nenterprise = true\nmax_lifetime_secs = 0\n";
     let e = Policy::parse(text, "p.toml")
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-    assert!(e.contains("max_lifetime_secs must be at least 1"), "{e}");
+    assert!(e.contains("max_lifetime_secs must be 1 to 86400"), "{e}");
 }

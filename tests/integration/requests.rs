@@ -48,13 +48,13 @@ async fn a_non_numeric_user_id_is_invalid_and_quoted() {
 }
 
 #[tokio::test]
-async fn an_unknown_app_is_not_found_and_lists_the_configured_apps() {
+async fn an_unknown_app_is_not_found_and_lists_the_apps_the_caller_may_use() {
     let h = Harness::start().await;
     let mut request = enterprise();
     request.app = "nosuchapp".to_owned();
     let s = h.get(request).await.unwrap_err();
     assert_status(&s, Code::NotFound, "no app named \"nosuchapp\"");
-    assert!(s.message().contains("configured: default"));
+    assert!(s.message().contains("(apps you may use: default)"), "{}", s.message());
 }
 
 #[tokio::test]

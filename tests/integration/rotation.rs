@@ -16,6 +16,11 @@ async fn harness() -> Harness {
     common::observed();
     Harness::with(Options {
         admin: true,
+        // Every forced request mints: these tests watch which key each mint uses.
+        cache: box_token_broker::cache::CachePolicy {
+            force_refresh_interval: std::time::Duration::ZERO,
+            ..Default::default()
+        },
         ..Options::default()
     })
     .await

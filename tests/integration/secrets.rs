@@ -18,7 +18,7 @@ async fn debug_output_hides_every_secret() {
     let lookup = h
         .broker
         .get_token(
-            "anonymous",
+            &std::sync::Arc::from("anonymous"),
             &TokenRequest {
                 app: None,
                 subject: Subject::Enterprise,

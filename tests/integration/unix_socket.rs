@@ -16,7 +16,7 @@ use common::{Harness, Options, assert_status, enterprise, token_of};
 use tonic::{Code, transport::Endpoint};
 
 const SIDECAR_POLICY: &str =
-    "[[rules]]\nname = \"my sidecar\"\ncallers = [\"orders-app\"]\nenterprise = true\nfull_tokens = true\n";
+    "[[rules]]\nname = \"my sidecar\"\ncallers = [\"uds:orders-app\"]\nenterprise = true\nfull_tokens = true\n";
 
 /// Serves the harness's broker on a Unix socket with `auth`; returns a client of it.
 async fn over_socket(
@@ -70,16 +70,11 @@ async fn a_socket_peer_is_the_sockets_identity() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut client, audit) = over_socket(
-        &h,
-        &dir,
-        Authenticator::unix_socket("orders-app".to_owned(), vec![my_uid()]),
-    )
-    .await;
+    let (mut client, audit) = over_socket(&h, &dir, Authenticator::unix_socket("orders-app", vec![my_uid()])).await;
     let response = client.get_token(enterprise()).await.unwrap().into_inner();
     assert_eq!(token_of(&response).len(), 32);
     let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
-    assert!(audit.contains("\"caller\":\"orders-app\""), "{audit}");
+    assert!(audit.contains("\"caller\":\"uds:orders-app\""), "{audit}");
     // The same broker on TCP does not treat anonymous callers as the sidecar.
     assert_eq!(h.get(enterprise()).await.unwrap_err().code(), Code::PermissionDenied);
 }
@@ -93,12 +88,7 @@ async fn a_peer_whose_uid_is_not_allowed_is_unauthenticated() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let other = my_uid().wrapping_add(1);
-    let (mut client, _) = over_socket(
-        &h,
-        &dir,
-        Authenticator::unix_socket("orders-app".to_owned(), vec![other]),
-    )
-    .await;
+    let (mut client, _) = over_socket(&h, &dir, Authenticator::unix_socket("orders-app", vec![other])).await;
     let status = client.get_token(enterprise()).await.unwrap_err();
     assert_status(
         &status,

@@ -60,7 +60,7 @@ pub fn fixture_key() -> RsaPrivateKey {
 }
 
 /// How to set up a harness.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Options {
     pub auth: FakeAuth,
     pub algorithm: JwtAlgorithm,
@@ -86,6 +86,8 @@ pub struct Options {
     pub upstream: UpstreamPolicy,
     /// Drain, limits.
     pub serve: service::ServeOptions,
+    /// Requests waiting on Box (the broker's default when `None`).
+    pub budget: Option<box_token_broker::broker::UpstreamBudget>,
 }
 
 /// The tests' upstream policy: the production shape with millisecond
@@ -138,6 +140,7 @@ impl Default for Options {
             admin: false,
             upstream: test_upstream(),
             serve: service::ServeOptions::default(),
+            budget: None,
         }
     }
 }
@@ -202,7 +205,11 @@ impl Harness {
             .policy
             .clone()
             .unwrap_or_else(|| Policy::allow_everything("anonymous"));
-        let broker = Arc::new(Broker::new(apps, shared, options.cache, policy));
+        let mut broker = Broker::new(apps, shared, options.cache, policy);
+        if let Some(budget) = options.budget {
+            broker = broker.with_budget(budget);
+        }
+        let broker = Arc::new(broker);
         let (audit_sink, audit) = AuditSink::memory();
         let audit_sink = Arc::new(audit_sink);
         let keys = options
@@ -238,7 +245,7 @@ impl Harness {
                 .with_api_keys(vec![("ops".to_owned(), Sha256::digest(ADMIN_KEY.as_bytes()).into())]);
             endpoints.push((
                 service::Listener::Tcp(admin_listener, admin_auth),
-                service::Role::Admin(key_admin.clone(), AdminRules::allow_everything("ops")),
+                service::Role::Admin(key_admin.clone(), AdminRules::allow_everything("apikey:ops")),
             ));
             admin_side = Some((admin_addr, key_admin, store_dir, store_path, kek_text));
         }
