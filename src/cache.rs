@@ -999,6 +999,59 @@ mod tests {
         assert_eq!(minter.calls.load(Ordering::SeqCst), 100);
     }
 
+    fn indexed(cache: &TokenCache) -> usize {
+        cache
+            .inner
+            .by_digest
+            .shards
+            .iter()
+            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn revocation_finds_exactly_the_cached_tokens_by_digest() {
+        let minter = Arc::new(CountingMinter::default());
+        let cache = cache(minter.clone(), 10);
+        let mut tokens = Vec::new();
+        for user in 1..=30 {
+            tokens.push((user, cache.get(&key(user), Need::default()).await.unwrap().token));
+        }
+        cache.inner.entries.run_pending_tasks().await;
+        assert_eq!(
+            indexed(&cache) as u64,
+            cache.count().await,
+            "evictions leave the index too"
+        );
+        let mut found = 0;
+        for (user, token) in &tokens {
+            if let Some((k, t)) = cache.find("a", &token.sha256).await {
+                assert_eq!((&k, t.id), (&key(*user), token.id));
+                found += 1;
+            }
+        }
+        assert_eq!(found as u64, cache.count().await);
+        assert!(
+            cache.find("other-app", &tokens[29].1.sha256).await.is_none(),
+            "another app's"
+        );
+
+        // A replaced token and an invalidated one are no longer found.
+        let (user, last) = tokens[29].clone();
+        let forced = Need {
+            minted_since: Some(SystemTime::now() + Duration::from_millis(1)),
+            ..Need::default()
+        };
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let newer = cache.get(&key(user), forced).await.unwrap().token;
+        assert!(cache.find("a", &last.sha256).await.is_none(), "replaced");
+        assert!(cache.find("a", &newer.sha256).await.is_some());
+        cache.invalidate(&key(user)).await;
+        assert!(cache.find("a", &newer.sha256).await.is_none(), "invalidated");
+        cache.inner.entries.run_pending_tasks().await;
+        assert_eq!(indexed(&cache) as u64, cache.count().await);
+    }
+
     #[tokio::test]
     async fn a_cancelled_caller_does_not_cancel_the_shared_mint() {
         let minter = Arc::new(CountingMinter {

@@ -595,10 +595,11 @@ async fn read_token_response(response: reqwest::Response, issued_at: SystemTime)
             .expires_in
             .and_then(|n| {
                 n.as_u64().or_else(|| {
+                    // A float too large for a Duration is as absurd as a
+                    // huge integer: both are capped below.
                     n.as_f64()
                         .filter(|f| f.is_finite() && *f >= 0.0)
-                        .and_then(|f| Duration::try_from_secs_f64(f).ok())
-                        .map(|d| d.as_secs())
+                        .map(|f| Duration::try_from_secs_f64(f).map_or(u64::MAX, |d| d.as_secs()))
                 })
             })
             .filter(|s| *s > 0)

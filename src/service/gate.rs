@@ -261,7 +261,7 @@ impl CallerLimits {
         self.failed_auth.check(&PeerKey::of(peer), false).map_err(|wait_ms| {
             with_pushback(
                 Status::unauthenticated(format!(
-                    "too many failed authentications from {peer}; credentials are not checked for {wait_ms} ms ([server] failed_auth_per_second)"
+                    "too many failed authentications from {peer}: its credentials are not checked for now ([server] failed_auth_per_second); retry after the pushback"
                 )),
                 wait_ms,
             )
@@ -463,7 +463,14 @@ impl GateShared {
         };
         super::record_outcome(&mut event, Err(&status));
         if self.audit.record(&event) {
-            tracing::info!(rpc, code = ?status.code(), reason = status.message(), peer = %peer, "refused");
+            tracing::info!(
+                rpc,
+                request_id = id.as_str(),
+                code = ?status.code(),
+                reason = status.message(),
+                peer = %peer,
+                "refused"
+            );
         }
         if is_client_rpc(rpc) {
             self.metrics.rpc(rpc, status.code(), started.elapsed());

@@ -625,10 +625,14 @@ async fn connection<F, S, B>(
                 }
                 break;
             }
+            // (A precondition is checked when the select starts, not while it
+            // waits: the preface may have arrived since, so check again.)
             () = &mut handshake, if !state.spoke() => {
-                shared.counters.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("closing a connection that did not start HTTP/2 in time");
-                break;
+                if !state.spoke() {
+                    shared.counters.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("closing a connection that did not start HTTP/2 in time");
+                    break;
+                }
             }
             () = &mut idle, if !closing => match state.idle_check(limits.idle_timeout) {
                 Some(later) => idle.as_mut().reset(later),

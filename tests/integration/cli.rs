@@ -493,3 +493,189 @@ fn sigterm_under_load_flips_health_first_fails_no_request_and_exits_0() {
         .expect("drain logged");
     assert!(flip < drain, "health flips before requests are refused");
 }
+
+/// A config for `serve`/`check-config` against the key fixture, with `extra`.
+fn fixture_config(dir: &tempfile::TempDir, extra: &str) -> PathBuf {
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{extra}\n[apps.default]\nbox_config_file = {:?}\n",
+            crate::common::fixture("box_config.json")
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `serve` and `check-config` both stop with exit 64 and one line containing every `needle`.
+fn both_refuse(config: &std::path::Path, needles: &[&str]) {
+    for command in ["check-config", "serve"] {
+        let mut cmd = Command::new(bin());
+        if command == "serve" {
+            cmd.args(["serve", "--config"]);
+        } else {
+            cmd.arg("check-config");
+        }
+        let (code, _, stderr) = run(cmd.arg(config).env_remove("RUST_LOG"));
+        assert_eq!(code, 64, "{command}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{command}: {stderr}");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{command}: {stderr} should name {needle}");
+        }
+    }
+}
+
+#[test]
+fn check_config_and_serve_refuse_garbage_tls_files_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.crt"), "not a certificate").unwrap();
+    std::fs::write(dir.path().join("tls.key"), "not a key").unwrap();
+    let config = fixture_config(&dir, "[server.tls]\ncert_file = \"tls.crt\"\nkey_file = \"tls.key\"\n");
+    both_refuse(&config, &["server.tls", "tls.crt", "the certificate chain"]);
+}
+
+#[test]
+fn check_config_and_serve_refuse_an_audit_path_in_a_missing_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("missing").join("audit.log");
+    let config = fixture_config(&dir, &format!("[audit]\nsink = {:?}\n", sink.display().to_string()));
+    both_refuse(&config, &["audit.sink", "missing/audit.log", "cannot open"]);
+}
+
+/// A `fake-box` and its written config, with the `[policy]` section taken out.
+fn fake_box_without_policy(dir: &tempfile::TempDir) -> (Proc, PathBuf) {
+    let fake = Proc::spawn(
+        Command::new(bin())
+            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
+            .arg(dir.path()),
+    );
+    Proc::wait_line(&fake.stdout, "fake Box at");
+    let config = dir.path().join("broker.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[policy]\nfile = \"policy.toml\"\n", "");
+    std::fs::write(&config, text).unwrap();
+    (fake, config)
+}
+
+#[test]
+fn sighup_does_not_stop_serve_without_a_policy_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, config) = fake_box_without_policy(&dir);
+    let mut serve = Proc::spawn(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env_remove("RUST_LOG"),
+    );
+    Proc::wait_line(&serve.stderr, "serving gRPC");
+    for _ in 0..2 {
+        assert!(
+            Command::new("kill")
+                .arg("-HUP")
+                .arg(serve.child.id().to_string())
+                .status()
+                .unwrap()
+                .success()
+        );
+        Proc::wait_line(&serve.stderr, "SIGHUP: nothing to reload");
+    }
+    assert!(serve.child.try_wait().unwrap().is_none(), "still running");
+    assert_eq!(serve.terminate(), 0);
+}
+
+#[test]
+fn sighup_does_not_stop_dev_and_it_still_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dev = Proc::spawn(
+        Command::new(bin())
+            .args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("TMPDIR", tmp.path())
+            .env_remove("RUST_LOG"),
+    );
+    Proc::wait_line(&dev.stdout, "grpcurl");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "dev's key store directory"
+    );
+    assert!(
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(dev.child.id().to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    Proc::wait_line(&dev.stderr, "SIGHUP: nothing to reload");
+    assert!(dev.child.try_wait().unwrap().is_none(), "still running");
+    assert_eq!(dev.terminate(), 0);
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "its temporary directory is gone"
+    );
+}
+
+#[test]
+fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Proc::spawn(
+        Command::new(bin())
+            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
+            .arg(dir.path()),
+    );
+    Proc::wait_line(&fake.stdout, "fake Box at");
+    // Few descriptors: the broker's own, plus a handful of connections.
+    let mut serve = Proc::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 28 && exec \"$0\" serve --config \"$1\"")
+            .arg(bin())
+            .arg(dir.path().join("broker.toml"))
+            .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env("BOX_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+            .env("BOX_BROKER_SERVER__HANDSHAKE_TIMEOUT_SECS", "2")
+            .env("BOX_BROKER_LOG__FORMAT", "json")
+            .env_remove("RUST_LOG"),
+    );
+    let line = Proc::wait_line(&serve.stderr, "serving gRPC");
+    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = log["fields"]["listen"].as_str().unwrap().to_owned();
+    let line = Proc::wait_line(&serve.stderr, "serving Prometheus metrics");
+    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let metrics = log["fields"]["listen"].as_str().unwrap().to_owned();
+    // More connections than it has descriptors for, held open for a second.
+    let held: Vec<std::net::TcpStream> = (0..40)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(held.len() > 20, "{} connections", held.len());
+    Proc::wait_line(&serve.stderr, "accepting a connection failed; backing off");
+    std::thread::sleep(Duration::from_secs(1));
+    drop(held);
+    // The silent connections are closed (handshake timeout); it serves again.
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, stdout, stderr) = token_get(&["--addr", &addr, "--enterprise"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim().len(), 32);
+    let scraped = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let errors: f64 = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("boxbroker_accept_errors_total "))
+        .unwrap_or_else(|| panic!("{scraped}"))
+        .parse()
+        .unwrap();
+    // A busy loop makes millions of failed accepts in that time; the
+    // backoff (5 ms doubling to 1 s) a few dozen at most.
+    assert!((1.0..1000.0).contains(&errors), "{errors} failed accepts");
+    assert_eq!(serve.terminate(), 0);
+}

@@ -322,3 +322,66 @@ fn every_kill_9_leaves_the_old_or_the_new_set() {
     }
     assert_eq!(seen.len(), 2, "the child really wrote both sets between kills");
 }
+
+/// The stored state of the harness's key store, as JSON.
+fn stored(h: &Harness) -> serde_json::Value {
+    let side = h.admin.as_ref().unwrap();
+    let kek = Kek::parse(side.kek.expose_secret()).unwrap();
+    serde_json::to_value(KeyStore::new(side.store_path.clone(), kek).load().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_retired_key_keeps_its_metadata_and_loses_its_private_material() {
+    let h = Harness::with(Options {
+        admin: true,
+        ..Options::default()
+    })
+    .await;
+    let fingerprint = common::generate_key(&h).await.key.unwrap().fingerprint;
+    let private_of = |state: &serde_json::Value| {
+        state["apps"]["default"]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["fingerprint"] == fingerprint.as_str())
+            .map(|k| (k["state"].clone(), k["private_pkcs8"].is_string()))
+    };
+    assert_eq!(
+        private_of(&stored(&h)),
+        Some((serde_json::json!("pending"), true)),
+        "a pending key is stored whole"
+    );
+    h.admin
+        .as_ref()
+        .unwrap()
+        .client
+        .clone()
+        .retire_key(admin_request(pb::RetireKeyRequest {
+            app: String::new(),
+            kid_or_fingerprint: fingerprint.clone(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        private_of(&stored(&h)),
+        Some((serde_json::json!("retired"), false)),
+        "the retired key's private part is gone from the store"
+    );
+    let listed = h
+        .admin
+        .as_ref()
+        .unwrap()
+        .client
+        .clone()
+        .list_keys(admin_request(pb::ListKeysRequest { app: String::new() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let retired = listed.iter().find(|k| k.fingerprint == fingerprint).unwrap();
+    assert_eq!(retired.state(), pb::KeyState::Retired, "its metadata stays");
+    // And it stays retired, without private material, across a restart.
+    let (_restarted, ring) = restarted_ring(&h);
+    let entry = ring.keys.iter().find(|k| k.fingerprint == fingerprint).unwrap();
+    assert_eq!(entry.state, KeyState::Retired);
+}

@@ -371,3 +371,92 @@ fn other_key() -> RsaPrivateKey {
     )
     .unwrap()
 }
+
+/// A token signed by `key` whose header also says `"crit": ["x-ext"]`.
+fn token_with_critical_extension(key: &RsaPrivateKey) -> String {
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = serde_json::json!({"alg": "RS256", "kid": KID, "typ": "JWT", "crit": ["x-ext"], "x-ext": 1});
+    let signing_input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims(PORTAL).to_string().as_bytes())
+    );
+    let der = key.to_pkcs1_der().unwrap();
+    let signature = jsonwebtoken::crypto::sign(
+        signing_input.as_bytes(),
+        &EncodingKey::from_rsa_der(der.as_bytes()),
+        Algorithm::RS256,
+    )
+    .unwrap();
+    format!("{signing_input}.{signature}")
+}
+
+#[tokio::test]
+async fn tokens_the_api_server_would_refuse_are_refused_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = harness(&dir).await;
+    let key = fixture_key();
+    let mut not_yet = claims(PORTAL);
+    not_yet["nbf"] = serde_json::json!(now() + 3600);
+    let mut no_exp = claims(PORTAL);
+    no_exp.as_object_mut().unwrap().remove("exp");
+    let mut no_sub = claims(PORTAL);
+    no_sub.as_object_mut().unwrap().remove("sub");
+    let cases = [
+        (
+            service_account_token(&key, KID, not_yet),
+            "it is not valid yet (its nbf is in the future)",
+        ),
+        (service_account_token(&key, KID, no_exp), "it has no exp claim"),
+        (service_account_token(&key, KID, no_sub), "it has no sub claim"),
+        (
+            token_with_critical_extension(&key),
+            "its header marks extensions as critical (crit)",
+        ),
+    ];
+    for (token, fragment) in cases {
+        assert_status(
+            &get_with_bearer(&h, &token).await.unwrap_err(),
+            Code::Unauthenticated,
+            fragment,
+        );
+    }
+    assert_eq!(h.fake.stats().token_requests, 0);
+    // The same token without those faults is accepted.
+    get_with_bearer(&h, &service_account_token(&key, KID, claims(PORTAL)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_clusters_keys_are_fetched_over_https_or_from_this_host_only() {
+    let config = |jwks_url: Option<&str>, discovery_url: Option<&str>| KubernetesConfig {
+        jwks_url: jwks_url.map(str::to_owned),
+        discovery_url: discovery_url.map(str::to_owned),
+        issuer: ISSUER.to_owned(),
+        audience: AUDIENCE.to_owned(),
+        ..KubernetesConfig::default()
+    };
+    for (jwks, discovery) in [
+        (Some("http://10.96.0.1/openid/v1/jwks"), None),
+        (
+            None,
+            Some("http://kubernetes.default.svc/.well-known/openid-configuration"),
+        ),
+    ] {
+        let err = KubernetesAuth::new(config(jwks, discovery)).await.unwrap_err();
+        assert!(
+            err.contains("is plain http: the cluster's keys must come over https"),
+            "{err}"
+        );
+    }
+    let err = KubernetesAuth::new(config(Some("ftp://example/jwks"), None))
+        .await
+        .unwrap_err();
+    assert!(err.contains("is not an https URL"), "{err}");
+    // Plain http to this host (kubectl proxy) is allowed: this fails only at the fetch.
+    let err = KubernetesAuth::new(config(Some("http://127.0.0.1:1/openid/v1/jwks"), None))
+        .await
+        .unwrap_err();
+    assert!(err.contains("cannot fetch"), "{err}");
+}

@@ -11,6 +11,7 @@ mod cache;
 mod cli;
 mod downscope;
 mod fakebox;
+mod hardening;
 mod keys;
 mod keystore;
 mod kubernetes_auth;

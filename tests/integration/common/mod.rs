@@ -86,8 +86,10 @@ pub struct Options {
     pub upstream: UpstreamPolicy,
     /// Drain, limits.
     pub serve: service::ServeOptions,
-    /// Requests waiting on Box (the broker's default when `None`).
+    /// Calls to Box in progress (the broker's default when `None`).
     pub budget: Option<box_token_broker::broker::UpstreamBudget>,
+    /// The admin listener's rules (default: everything for `apikey:ops`).
+    pub admin_rules: Option<AdminRules>,
 }
 
 /// The tests' upstream policy: the production shape with millisecond
@@ -141,6 +143,7 @@ impl Default for Options {
             upstream: test_upstream(),
             serve: service::ServeOptions::default(),
             budget: None,
+            admin_rules: None,
         }
     }
 }
@@ -154,6 +157,8 @@ pub struct Harness {
     pub clock: Arc<ManualClock>,
     pub client: TokenBrokerServiceClient<Channel>,
     pub channel: Channel,
+    /// The client listener's address.
+    pub addr: std::net::SocketAddr,
     /// The audit records written so far (JSON lines).
     pub audit: Arc<Mutex<Vec<u8>>>,
     /// The admin listener, when `Options::admin`.
@@ -245,7 +250,13 @@ impl Harness {
                 .with_api_keys(vec![("ops".to_owned(), Sha256::digest(ADMIN_KEY.as_bytes()).into())]);
             endpoints.push((
                 service::Listener::Tcp(admin_listener, admin_auth),
-                service::Role::Admin(key_admin.clone(), AdminRules::allow_everything("apikey:ops")),
+                service::Role::Admin(
+                    key_admin.clone(),
+                    options
+                        .admin_rules
+                        .clone()
+                        .unwrap_or_else(|| AdminRules::allow_everything("apikey:ops")),
+                ),
             ));
             admin_side = Some((admin_addr, key_admin, store_dir, store_path, kek_text));
         }
@@ -292,6 +303,7 @@ impl Harness {
             clock,
             client,
             channel,
+            addr,
             audit,
             admin,
             stop: Some(stop),
