@@ -892,6 +892,15 @@ impl Config {
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?;
+        Self::parse(&text, path, env)
+    }
+
+    /// [`Self::load`] of `text`, as if read from `path` (which names it in
+    /// errors, and whose directory relative paths are resolved against).
+    /// Reads no file.
+    pub fn parse(text: &str, path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = text.to_owned();
         let mut table: toml::Table =
             toml::from_str(&text).map_err(|e| ConfigError::new(&name, toml_problem(&e, &text)))?;
         let overridden = apply_env(&mut table, env)?;

@@ -128,6 +128,10 @@ struct Buckets<K> {
     per_second: f64,
     burst: u32,
     shards: Box<[Mutex<Shard<K>>]>,
+    /// Keys held in each shard, readable without its lock: looking at a
+    /// key in an empty shard (the failed-authentication check of every
+    /// request, when nobody is failing) takes no lock.
+    held: Box<[std::sync::atomic::AtomicUsize]>,
 }
 
 /// Key -> (tokens, last refill).
@@ -142,33 +146,53 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
             per_second,
             burst: burst.max(1),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            held: (0..SHARDS).map(|_| std::sync::atomic::AtomicUsize::new(0)).collect(),
         }
     }
 
-    fn shard(&self, key: &K) -> &Mutex<Shard<K>> {
+    fn shard_of(key: &K) -> usize {
         use std::hash::BuildHasher as _;
         static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
-        &self.shards[usize::try_from(SEED.hash_one(key) % SHARDS as u64).unwrap_or(0)]
+        usize::try_from(SEED.hash_one(key) % SHARDS as u64).unwrap_or(0)
+    }
+
+    /// Forgets the keys whose buckets have refilled (they behave as new ones).
+    fn forget_full(&self) {
+        let burst = f64::from(self.burst);
+        for (shard, held) in self.shards.iter().zip(self.held.iter()) {
+            if held.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let mut shard = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let per_second = self.per_second;
+            shard.retain(|_, (tokens, last)| *tokens + last.elapsed().as_secs_f64() * per_second < burst);
+            held.store(shard.len(), Ordering::Release);
+        }
     }
 
     /// Takes a token from `key`'s bucket when `take`; either way, the
     /// milliseconds to wait for one when the bucket is empty.
     fn check(&self, key: &K, take: bool) -> Result<(), u64> {
+        let index = Self::shard_of(key);
+        if !take && self.held[index].load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
         let now = Instant::now();
         let burst = f64::from(self.burst);
-        let mut shard = self
-            .shard(key)
+        let mut shard = self.shards[index]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !shard.contains_key(key) {
             if shard.len() >= MAX_KEYS_PER_SHARD {
                 let per_second = self.per_second;
                 shard.retain(|_, (tokens, last)| *tokens + last.elapsed().as_secs_f64() * per_second < burst);
+                self.held[index].store(shard.len(), Ordering::Release);
             }
             if !take {
                 return Ok(());
             }
             shard.insert(key.clone(), (burst, now));
+            self.held[index].store(shard.len(), Ordering::Release);
         }
         let Some((tokens, last)) = shard.get_mut(key) else {
             return Ok(());
@@ -270,6 +294,16 @@ impl CallerLimits {
 
     fn failed(&self, peer: &Peer) {
         let _ = self.failed_auth.check(&PeerKey::of(peer), true);
+    }
+
+    /// Forgets callers and peers whose budgets have refilled, so the tables
+    /// hold only the ones being limited (and the hot path's lookups stay
+    /// lock-free while nobody is).
+    pub fn forget_idle(&self) {
+        self.failed_auth.forget_full();
+        if let Some(rate) = &self.rate {
+            rate.forget_full();
+        }
     }
 }
 
@@ -548,6 +582,18 @@ mod tests {
         assert!((1..=1000).contains(&wait), "{wait}");
         assert!(buckets.check(&8, false).is_ok(), "another key is not affected");
         assert!(buckets.check(&7, false).is_err(), "looking does not refill it");
+    }
+
+    #[test]
+    fn refilled_buckets_are_forgotten_and_empty_shards_take_no_lock() {
+        let buckets: Buckets<u32> = Buckets::new(1000.0, 1);
+        assert!(buckets.check(&7, true).is_ok());
+        let shard = Buckets::<u32>::shard_of(&7);
+        assert_eq!(buckets.held[shard].load(Ordering::Relaxed), 1);
+        std::thread::sleep(Duration::from_millis(5));
+        buckets.forget_full();
+        assert_eq!(buckets.held[shard].load(Ordering::Relaxed), 0);
+        assert!(buckets.held.iter().all(|h| h.load(Ordering::Relaxed) == 0));
     }
 
     #[test]

@@ -171,13 +171,16 @@ pub async fn serve_with(
     health_state.set(true).await;
     // Repeated refusals are counted, not written one by one; the counts are
     // written as each window closes.
+    // Each second: write the counts of closed repeat windows, and forget
+    // callers and peers whose budgets refilled.
     let flusher = tokio::spawn({
-        let audit = audit.clone();
+        let (audit, limits) = (audit.clone(), limits.clone());
         async move {
             let mut ticks = tokio::time::interval(Duration::from_secs(1));
             loop {
                 ticks.tick().await;
                 audit.flush_repeats(false);
+                limits.forget_idle();
             }
         }
     });

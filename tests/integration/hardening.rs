@@ -955,3 +955,37 @@ async fn a_shared_link_whose_host_only_looks_like_box_is_invalid() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_peer_whose_streams_keep_failing_gets_goaway() {
+    let h = Harness::with(Options {
+        serve: serve(ConnectionLimits {
+            max_local_reset_streams: 10,
+            ..ConnectionLimits::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let (send, conn) = raw(h.addr).await;
+    let connection = tokio::spawn(conn);
+    // A body longer than its content-length: a stream-level protocol
+    // error the server answers by resetting the stream.
+    let lying = [("content-length", "1".to_owned())];
+    let mut sent = 0;
+    for _ in 0..100 {
+        let Ok(mut ready) = send.clone().ready().await else {
+            break;
+        };
+        let Ok((response, mut stream)) = ready.send_request(grpc("GetToken", &lying), false) else {
+            break;
+        };
+        let _ = stream.send_data(Bytes::from_static(&[0u8; 100]), true);
+        sent += 1;
+        if response.await.is_err_and(|e| e.is_go_away() || e.is_io()) {
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(ended.is_ok(), "the connection was ended after {sent} failed streams");
+    assert!(sent < 100, "{sent}");
+}
