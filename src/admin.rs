@@ -74,6 +74,12 @@ impl KeyAdmin {
         if let Some(store) = &store {
             let state = store.load()?;
             let mut stored = state.apps;
+            // Retired keys keep no private material, in stores written
+            // before that was so and for apps the config no longer names.
+            let mut purged = false;
+            for app in stored.values_mut() {
+                purged |= app.purge_retired();
+            }
             for app in broker.apps() {
                 if let Some(saved) = stored.remove(&*app.name) {
                     let ring = saved.merge_into((*app.ring()).clone()).map_err(|problem| StoreError {
@@ -87,6 +93,10 @@ impl KeyAdmin {
                 tracing::warn!(app = %name, "the key store holds an app the config does not name; its keys are kept");
             }
             orphans = stored;
+            if purged {
+                store.save(&snapshot(&broker, &orphans, None)?)?;
+                tracing::info!("dropped retired keys' private material from the key store");
+            }
         }
         Ok(Self {
             broker,
@@ -120,18 +130,8 @@ impl KeyAdmin {
                 "no [keystore] is configured, so a new key or secret would be lost at restart: configure [keystore] path and kek_file (or kek_env)".to_owned(),
             )
         })?;
-        let mut state = StoredState {
-            apps: self.orphans.clone(),
-        };
-        for other in self.broker.apps() {
-            let ring = if other.name == app.name {
-                StoredApp::from_ring(&changed)
-            } else {
-                StoredApp::from_ring(&other.ring())
-            };
-            let stored = ring.map_err(AdminError::FailedPrecondition)?;
-            state.apps.insert(other.name.to_string(), stored);
-        }
+        let state = snapshot(&self.broker, &self.orphans, Some((app, &changed)))
+            .map_err(|e| AdminError::FailedPrecondition(e.problem))?;
         store.save(&state)?;
         app.replace_ring(changed);
         Ok(())
@@ -360,6 +360,28 @@ impl KeyAdmin {
         tracing::info!(app, dropped, "invalidated cached tokens");
         Ok(dropped)
     }
+}
+
+/// What the key store holds: every app's ring (with `changed` in place of
+/// its app's) and the apps the config no longer names.
+fn snapshot(
+    broker: &Broker,
+    orphans: &BTreeMap<String, StoredApp>,
+    changed: Option<(&App, &Ring)>,
+) -> Result<StoredState, StoreError> {
+    let mut state = StoredState { apps: orphans.clone() };
+    for app in broker.apps() {
+        let ring = match changed {
+            Some((changed_app, ring)) if changed_app.name == app.name => StoredApp::from_ring(ring),
+            _ => StoredApp::from_ring(&app.ring()),
+        };
+        let stored = ring.map_err(|problem| StoreError {
+            path: String::new(),
+            problem,
+        })?;
+        state.apps.insert(app.name.to_string(), stored);
+    }
+    Ok(state)
 }
 
 /// `[[admin.rules]]`: which admin identities may call which admin RPCs, for

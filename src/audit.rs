@@ -403,7 +403,8 @@ pub struct AuditSink {
 }
 
 /// Refusals being counted, by kind (a hash of every field but the time and
-/// the request id), in shards.
+/// the request id: two revocations of different tokens are two kinds), in
+/// shards.
 struct Repeats {
     window: Duration,
     hasher: std::hash::RandomState,
@@ -441,6 +442,7 @@ impl Repeats {
         event.subject_type.hash(&mut h);
         event.subject_id.as_ref().map(BoxId::as_str).hash(&mut h);
         event.downscope.hash(&mut h);
+        event.token_sha256.hash(&mut h);
         h.finish()
     }
 }
@@ -819,6 +821,21 @@ mod tests {
         assert_eq!(records.len(), 3, "first, the summary of 2 repeats, the new first");
         assert_eq!(records[1]["repeated"], 2);
         assert!(records[2].get("repeated").is_none());
+    }
+
+    #[test]
+    fn refusals_about_different_tokens_are_different_kinds() {
+        let (sink, buffer) = AuditSink::memory();
+        for token in ["t1", "t2", "t1"] {
+            sink.record(&AuditEvent {
+                rpc: "RevokeToken",
+                token_sha256: Some(digest(token)),
+                ..refusal("not issued to you")
+            });
+        }
+        let records = lines(&buffer);
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_ne!(records[0]["token_sha256"], records[1]["token_sha256"]);
     }
 
     #[test]

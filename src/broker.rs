@@ -755,13 +755,26 @@ impl Broker {
 
     /// A cached token for `key`, or one from Box: a call this request
     /// starts takes a place in `caller`'s budget.
+    /// Records that `caller` was served it, and returns it unless a
+    /// revocation of it began meanwhile: then a newer token is fetched.
     async fn lookup(&self, caller: &Arc<str>, key: &TokenKey, need: Need) -> Result<Lookup, BrokerError> {
         let admit = || {
             self.budget
                 .enter(caller)
                 .map(|place| crate::cache::FlightPermit(Box::new(place)))
         };
-        Ok(self.cache.get_admitted(key, need, Some(&admit)).await?)
+        let lookup = self.cache.get_admitted(key, need, Some(&admit)).await?;
+        lookup.token.note_served(caller);
+        if !lookup.token.is_revoking() {
+            return Ok(lookup);
+        }
+        let newer = Need {
+            minted_since: Some(lookup.token.minted_at + Duration::from_millis(1)),
+            ..need
+        };
+        let lookup = self.cache.get_admitted(key, newer, Some(&admit)).await?;
+        lookup.token.note_served(caller);
+        Ok(lookup)
     }
 
     /// What a `force_refresh` needs: a token minted within the interval.
@@ -789,7 +802,6 @@ impl Broker {
             parent_at_least: None,
         };
         let lookup = self.lookup(caller, &key, need).await?;
-        lookup.token.note_served(caller);
         Ok(permit.grant(app, lookup, self.clock.now()))
     }
 
@@ -814,8 +826,17 @@ impl Broker {
             caller: Some(caller.clone()),
             ..parent_key.clone()
         };
-        // The common case: the token is cached and its parent still is.
-        let lookup = match self.cache.cached_child(&key, request.min_ttl).await {
+        // The common case: the token is cached and its parent still is (and
+        // neither is being revoked, checked after recording the serve).
+        let hit = self.cache.cached_child(&key, request.min_ttl).await.filter(|hit| {
+            hit.token.note_served(caller);
+            let parent = hit.token.parent();
+            if let Some(parent) = &parent {
+                parent.note_served(caller);
+            }
+            !hit.token.is_revoking() && parent.is_none_or(|p| !p.is_revoking())
+        });
+        let lookup = match hit {
             Some(lookup) => lookup,
             None => {
                 let parent_need = Need {
@@ -828,13 +849,13 @@ impl Broker {
                     parent_at_least: Some(parent.token.id),
                     ..Need::default()
                 };
-                self.lookup(caller, &key, need).await?
+                let child = self.lookup(caller, &key, need).await?;
+                if let Some(parent) = child.token.parent() {
+                    parent.note_served(caller);
+                }
+                child
             }
         };
-        lookup.token.note_served(caller);
-        if let Some(parent) = lookup.token.parent() {
-            parent.note_served(caller);
-        }
         Ok(permit.grant(app, lookup, self.clock.now()))
     }
 
@@ -863,13 +884,14 @@ impl Broker {
         };
         let digest = crate::audit::digest(token.expose_secret());
         let (key, cached) = self.cache.find(&app.name, &digest).await.ok_or_else(not_issued)?;
+        let shared = || {
+            BrokerError::FailedPrecondition(
+                "this token was also served to other callers, and revoking it at Box would cut them off too; it stays valid until it expires (an operator can drop it from the cache with the admin InvalidateTokens)".to_owned(),
+            )
+        };
         match cached.served_to(caller) {
             Served::NotTo => return Err(not_issued()),
-            Served::AlsoToOthers => {
-                return Err(BrokerError::FailedPrecondition(
-                    "this token was also served to other callers, and revoking it at Box would cut them off too; it stays valid until it expires (an operator can drop it from the cache with the admin InvalidateTokens)".to_owned(),
-                ));
-            }
+            Served::AlsoToOthers => return Err(shared()),
             Served::OnlyTo => {}
         }
         let rule = self
@@ -878,17 +900,41 @@ impl Broker {
         let credentials = app.credentials().ok_or_else(|| {
             BrokerError::FailedPrecondition(format!("app {} has no usable credentials to revoke with", app.name))
         })?;
-        if let Err(error) = app.client.revoke(&credentials, &token).await {
-            let diagnosis = diagnose_exchange(&error, &key.subject, None);
-            tracing::warn!(app = %app.name, error = %error, "revoking a Box token failed: {}", diagnosis.message);
-            return Err(CacheError::Upstream(Arc::new(UpstreamError {
-                app: app.name.clone(),
-                subject: key.subject,
-                diagnosis,
-            }))
-            .into());
+        // From here the token is not served; a caller served it meanwhile
+        // (recorded before it checks this mark) is seen by this second look.
+        cached.begin_revoking();
+        if cached.served_to(caller) != Served::OnlyTo {
+            cached.end_revoking();
+            return Err(shared());
         }
-        let dropped = self.cache.invalidate_family(&key).await;
+        // Revoked at Box and dropped from the cache in a task of its own: a
+        // caller that goes away (or times out) mid-way cannot leave a
+        // revoked token cached for others.
+        let (client, cache, family) = (app.client.clone(), self.cache.clone(), key.clone());
+        let revoked = tokio::spawn(async move {
+            match client.revoke(&credentials, &token).await {
+                Ok(()) => Ok(cache.invalidate_family(&family).await),
+                Err(error) => {
+                    cached.end_revoking();
+                    Err(error)
+                }
+            }
+        })
+        .await
+        .map_err(|_| CacheError::TaskFailed)?;
+        let dropped = match revoked {
+            Ok(dropped) => dropped,
+            Err(error) => {
+                let diagnosis = diagnose_exchange(&error, &key.subject, None);
+                tracing::warn!(app = %app.name, error = %error, "revoking a Box token failed: {}", diagnosis.message);
+                return Err(CacheError::Upstream(Arc::new(UpstreamError {
+                    app: app.name.clone(),
+                    subject: key.subject,
+                    diagnosis,
+                }))
+                .into());
+            }
+        };
         tracing::info!(
             app = %app.name,
             subject_type = key.subject.sub_type(),

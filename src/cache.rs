@@ -171,8 +171,10 @@ pub struct CachedToken {
     refresh_at_ms: AtomicI64,
     /// The top bit ([`SUPERSEDED`]) is set once this token left the cache
     /// (replaced, invalidated, evicted or expired): its downscoped children
-    /// are no longer served. The other bits: when (Unix ms) a child's hit
-    /// last touched this token in moka (see [`TokenCache::cached_child`]).
+    /// are no longer served. The next ([`REVOKING`]) is set while a
+    /// revocation of it is under way: it is not served. The other bits: when
+    /// (Unix ms) a child's hit last touched this token in moka (see
+    /// [`TokenCache::cached_child`]).
     state: AtomicU64,
     /// The first caller it was served to.
     owner: std::sync::OnceLock<Arc<str>>,
@@ -194,6 +196,10 @@ pub enum Served {
 
 /// See [`CachedToken::state`].
 const SUPERSEDED: u64 = 1 << 63;
+/// See [`CachedToken::state`].
+const REVOKING: u64 = 1 << 62;
+/// The time bits of [`CachedToken::state`].
+const TOUCHED_MS: u64 = !(SUPERSEDED | REVOKING);
 
 /// How often a child's hits touch its parent in moka, so the parent stays
 /// recent in the eviction policy though hits no longer look it up.
@@ -242,8 +248,8 @@ impl CachedToken {
     /// store only the first time another caller shows up).
     pub fn note_served(&self, caller: &Arc<str>) {
         let owner = self.owner.get_or_init(|| caller.clone());
-        if !Arc::ptr_eq(owner, caller) && **owner != **caller && !self.shared.load(Ordering::Relaxed) {
-            self.shared.store(true, Ordering::Relaxed);
+        if !Arc::ptr_eq(owner, caller) && **owner != **caller && !self.shared.load(Ordering::SeqCst) {
+            self.shared.store(true, Ordering::SeqCst);
         }
     }
 
@@ -251,7 +257,7 @@ impl CachedToken {
     pub fn served_to(&self, caller: &str) -> Served {
         match self.owner.get() {
             Some(owner) if **owner == *caller => {
-                if self.shared.load(Ordering::Relaxed) {
+                if self.shared.load(Ordering::SeqCst) {
                     Served::AlsoToOthers
                 } else {
                     Served::OnlyTo
@@ -287,11 +293,35 @@ impl CachedToken {
     fn claim_touch(&self, now_ms: u64) -> bool {
         let state = self.state.load(Ordering::Relaxed);
         state & SUPERSEDED == 0
-            && now_ms.saturating_sub(state) >= PARENT_TOUCH_INTERVAL_MS
+            && now_ms.saturating_sub(state & TOUCHED_MS) >= PARENT_TOUCH_INTERVAL_MS
             && self
                 .state
-                .compare_exchange(state, now_ms & !SUPERSEDED, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    state,
+                    (state & REVOKING) | (now_ms & TOUCHED_MS),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
+    }
+
+    /// Marks a revocation of this token as under way: from now on it is not
+    /// served. With [`Self::note_served`] it makes a two-sided handshake
+    /// (both sequentially consistent): a caller served it concurrently either
+    /// sees this mark and is given another token, or is seen by the
+    /// revocation's second look at [`Self::served_to`], which then refuses.
+    pub fn begin_revoking(&self) {
+        self.state.fetch_or(REVOKING, Ordering::SeqCst);
+    }
+
+    /// The revocation did not happen (Box refused it): serve it again.
+    pub fn end_revoking(&self) {
+        self.state.fetch_and(!REVOKING, Ordering::SeqCst);
+    }
+
+    /// True while a revocation of this token is under way.
+    pub fn is_revoking(&self) -> bool {
+        self.state.load(Ordering::SeqCst) & REVOKING != 0
     }
 
     /// Box's `token_type` (`bearer`).
@@ -635,7 +665,7 @@ impl TokenCache {
             min_ttl,
             ..Need::default()
         };
-        if parent.is_superseded() || !self.inner.satisfies(&token, &need, now) {
+        if parent.is_superseded() || parent.is_revoking() || !self.inner.satisfies(&token, &need, now) {
             return None;
         }
         if parent.claim_touch(u64::try_from(unix_millis(now)).unwrap_or(0)) {
@@ -812,7 +842,8 @@ impl TokenCache {
 
 impl Inner {
     fn satisfies(&self, token: &CachedToken, need: &Need, now: SystemTime) -> bool {
-        token.remaining(now) > self.policy.safety_margin + need.min_ttl
+        !token.is_revoking()
+            && token.remaining(now) > self.policy.safety_margin + need.min_ttl
             && need.minted_since.is_none_or(|t| token.minted_at >= t)
             && need
                 .parent_at_least
@@ -1050,6 +1081,48 @@ mod tests {
         assert!(cache.find("a", &newer.sha256).await.is_none(), "invalidated");
         cache.inner.entries.run_pending_tasks().await;
         assert_eq!(indexed(&cache) as u64, cache.count().await);
+    }
+
+    #[test]
+    fn a_revocation_and_a_concurrent_serve_never_both_go_ahead() {
+        let token = CachedToken::new(
+            Minted {
+                issued: issued_now(0),
+                parent: None,
+            },
+            &CachePolicy::default(),
+        );
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("apikey:a"), Arc::from("apikey:b"));
+        token.note_served(&a);
+        assert_eq!(token.served_to("apikey:a"), Served::OnlyTo);
+        assert_eq!(token.served_to("apikey:b"), Served::NotTo);
+        // A begins revoking; B, served meanwhile, records the serve first.
+        token.begin_revoking();
+        token.note_served(&b);
+        assert!(token.is_revoking(), "B sees the mark and takes another token");
+        assert_eq!(
+            token.served_to("apikey:a"),
+            Served::AlsoToOthers,
+            "A's second look sees B and refuses"
+        );
+        token.end_revoking();
+        assert!(!token.is_revoking());
+        // The mark does not disturb the touch bits, nor they the mark.
+        token.begin_revoking();
+        assert!(token.claim_touch(1_795_000_000_000));
+        assert!(token.is_revoking());
+    }
+
+    #[tokio::test]
+    async fn a_token_being_revoked_is_not_served_from_the_cache() {
+        let minter = Arc::new(CountingMinter::default());
+        let cache = cache(minter.clone(), 10);
+        let first = cache.get(&key(1), Need::default()).await.unwrap().token;
+        first.begin_revoking();
+        assert!(cache.cached(&key(1), Need::default()).await.is_none());
+        let next = cache.get(&key(1), Need::default()).await.unwrap().token;
+        assert_ne!(next.id, first.id, "minted anew");
+        assert_eq!(minter.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

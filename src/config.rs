@@ -377,6 +377,9 @@ pub struct ServerConfig {
     /// Connections open at once on each listener; more are closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections open at once on a listener from one TCP peer address (0: no limit).
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
     /// Requests in progress on one HTTP/2 connection.
     #[serde(default = "default_max_streams")]
     pub max_concurrent_streams: u32,
@@ -389,6 +392,9 @@ pub struct ServerConfig {
     /// Seconds a connection may stay without a request in progress before GOAWAY.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
+    /// The same, for a connection that has not carried an authenticated request yet.
+    #[serde(default = "default_unauthenticated_idle_timeout")]
+    pub unauthenticated_idle_timeout_secs: u64,
     /// Seconds after which any connection gets GOAWAY (0: never).
     #[serde(default = "default_max_connection_age")]
     pub max_connection_age_secs: u64,
@@ -437,6 +443,9 @@ fn default_request_timeout() -> u64 {
 fn default_max_connections() -> usize {
     ConnectionLimits::default().max_connections
 }
+fn default_max_connections_per_peer() -> usize {
+    ConnectionLimits::default().max_connections_per_peer
+}
 fn default_max_streams() -> u32 {
     ConnectionLimits::default().max_concurrent_streams
 }
@@ -448,6 +457,9 @@ fn default_handshake_timeout() -> u64 {
 }
 fn default_idle_timeout() -> u64 {
     ConnectionLimits::default().idle_timeout.as_secs()
+}
+fn default_unauthenticated_idle_timeout() -> u64 {
+    ConnectionLimits::default().unauthenticated_idle_timeout.as_secs()
 }
 fn default_max_connection_age() -> u64 {
     ConnectionLimits::default()
@@ -494,10 +506,12 @@ impl ServerConfig {
             request_timeout: secs(self.request_timeout_secs),
             connections: ConnectionLimits {
                 max_connections: self.max_connections,
+                max_connections_per_peer: self.max_connections_per_peer,
                 max_concurrent_streams: self.max_concurrent_streams,
                 max_header_list_bytes: self.max_header_list_bytes,
                 handshake_timeout: secs(self.handshake_timeout_secs),
                 idle_timeout: secs(self.idle_timeout_secs),
+                unauthenticated_idle_timeout: secs(self.unauthenticated_idle_timeout_secs),
                 max_connection_age: (self.max_connection_age_secs > 0).then(|| secs(self.max_connection_age_secs)),
                 keepalive_interval: (self.keepalive_interval_secs > 0).then(|| secs(self.keepalive_interval_secs)),
                 keepalive_timeout: secs(self.keepalive_timeout_secs),
@@ -533,6 +547,11 @@ impl ServerConfig {
             ("request_timeout_secs", self.request_timeout_secs, 1),
             ("handshake_timeout_secs", self.handshake_timeout_secs, 1),
             ("idle_timeout_secs", self.idle_timeout_secs, 1),
+            (
+                "unauthenticated_idle_timeout_secs",
+                self.unauthenticated_idle_timeout_secs,
+                1,
+            ),
             ("keepalive_timeout_secs", self.keepalive_timeout_secs, 1),
             ("max_connection_age_secs", self.max_connection_age_secs, 0),
             ("keepalive_interval_secs", self.keepalive_interval_secs, 0),
@@ -640,10 +659,12 @@ impl Default for ServerConfig {
             max_concurrent_requests_per_caller: default_max_concurrent_per_caller(),
             request_timeout_secs: default_request_timeout(),
             max_connections: default_max_connections(),
+            max_connections_per_peer: default_max_connections_per_peer(),
             max_concurrent_streams: default_max_streams(),
             max_header_list_bytes: default_max_header_list(),
             handshake_timeout_secs: default_handshake_timeout(),
             idle_timeout_secs: default_idle_timeout(),
+            unauthenticated_idle_timeout_secs: default_unauthenticated_idle_timeout(),
             max_connection_age_secs: default_max_connection_age(),
             keepalive_interval_secs: default_keepalive_interval(),
             keepalive_timeout_secs: default_keepalive_timeout(),
@@ -898,7 +919,11 @@ impl Config {
     /// [`Self::load`] of `text`, as if read from `path` (which names it in
     /// errors, and whose directory relative paths are resolved against).
     /// Reads no file.
-    pub fn parse(text: &str, path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
         let text = text.to_owned();
         let mut table: toml::Table =

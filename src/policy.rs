@@ -43,12 +43,24 @@ impl Glob {
     /// before identities carried their mechanism; it matches nothing now.
     pub fn check_caller(&self) -> Result<(), String> {
         let p = &self.0;
-        if p == "anonymous" || p.contains(':') || (!p.is_empty() && p.bytes().all(|b| b == b'*')) {
+        if p == "anonymous"
+            || CALLER_MECHANISMS.iter().any(|m| p.starts_with(m))
+            || (!p.is_empty() && p.bytes().all(|b| b == b'*'))
+        {
             return Ok(());
         }
+        let hint = match p.split_once(':') {
+            // `*:portal` and the like would match several mechanisms at once.
+            Some((scheme, _)) if scheme.contains(['*', '?']) => format!(
+                "a pattern may not span mechanisms: name one, e.g. \"apikey:{}\"",
+                p.split_once(':').map_or("", |(_, rest)| rest)
+            ),
+            Some(_) => "its mechanism is none the broker knows".to_owned(),
+            None => format!("it names no mechanism (e.g. \"apikey:{p}\")"),
+        };
         Err(format!(
-            "caller {p:?} names no mechanism, so it matches no caller: identities are apikey:NAME, dns:NAME, \
-             spiffe://..., uri:URI, system:serviceaccount:NAMESPACE:NAME, uds:NAME or anonymous (e.g. \"apikey:{p}\")"
+            "caller {p:?} matches no caller: {hint}; identities are apikey:NAME, dns:NAME, spiffe://..., \
+             uri:URI, system:serviceaccount:NAMESPACE:NAME, uds:NAME or anonymous"
         ))
     }
 }
@@ -141,6 +153,9 @@ pub struct Policy {
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
+
+/// The prefixes caller identities carry, one per mechanism (see `auth`).
+pub const CALLER_MECHANISMS: &[&str] = &["apikey:", "dns:", "spiffe://", "uri:", "system:serviceaccount:", "uds:"];
 
 /// The largest `max_lifetime_secs` a rule may set: a day (Box tokens live
 /// about an hour, so a larger bound could never bind).
@@ -532,7 +547,10 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(e.contains("caller \"customer-portal\" names no mechanism"), "{e}");
+        assert!(
+            e.contains("caller \"customer-portal\" matches no caller: it names no mechanism"),
+            "{e}"
+        );
         assert!(e.contains("\"apikey:customer-portal\""), "{e}");
         for fine in [
             "*",

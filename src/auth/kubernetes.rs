@@ -284,6 +284,19 @@ impl KubernetesAuth {
         self.signature_checks.load(Ordering::Relaxed)
     }
 
+    /// True when `token` verified recently and is remembered (checking it
+    /// again costs no signature verification).
+    pub async fn is_remembered(&self, token: &str) -> bool {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.verified
+            .get(&crate::audit::digest(token))
+            .await
+            .is_some_and(|(_, exp)| now < exp.saturating_add(LEEWAY_SECS))
+    }
+
     /// The caller identity a valid token proves.
     pub async fn verify(&self, token: &str) -> Result<Arc<str>, AuthError> {
         let digest = crate::audit::digest(token);

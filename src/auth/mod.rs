@@ -222,6 +222,29 @@ impl Authenticator {
         }
     }
 
+    /// True when authenticating this request would verify a signature (a
+    /// Kubernetes token not verified recently): the work a peer that keeps
+    /// failing authentication is not given.
+    pub async fn needs_signature_check(&self, headers: &HeaderMap, peer: &Peer) -> bool {
+        if self.unix_socket.is_some()
+            || (self.certificates && peer.certificates.as_ref().is_some_and(|c| !c.is_empty()))
+            || headers.contains_key(&API_KEY_NAME)
+        {
+            return false;
+        }
+        let (Some(kubernetes), Some(authorization)) = (&self.kubernetes, headers.get(&AUTHORIZATION_NAME)) else {
+            return false;
+        };
+        match authorization
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        {
+            Some(token) => !kubernetes.is_remembered(token.trim()).await,
+            None => false,
+        }
+    }
+
     /// Identifies the caller from its request headers and the connection's `peer`.
     pub async fn authenticate(&self, headers: &HeaderMap, peer: &Peer) -> Result<CallerIdentity, AuthError> {
         if let Some((identity, allowed_uids)) = &self.unix_socket {

@@ -171,6 +171,11 @@ async fn fault_response(fault: &Fault) -> Response {
 }
 
 async fn revoke(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> Response {
+    // The configured latency applies here as on the token endpoint.
+    let latency = fake.latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let result = parse_form(&headers, &body).and_then(|form| fake.with_world(|w| w.revoke(&form)));
     fake.notify();
     match result {

@@ -174,6 +174,12 @@ impl KeyEntry {
         self.signing = None;
     }
 
+    /// True while the broker holds this key's private material (false once
+    /// it is retired).
+    pub fn has_private_material(&self) -> bool {
+        self.private.is_some() || self.signing.is_some()
+    }
+
     /// The same key under `kid` (for a generated key being activated).
     pub fn with_kid(&self, kid: &str) -> Result<Self, String> {
         let private = self

@@ -211,6 +211,19 @@ impl StoredApp {
         })
     }
 
+    /// Drops the private material of retired keys (stores written before
+    /// retiring purged it still hold some). True when anything was dropped.
+    pub fn purge_retired(&mut self) -> bool {
+        let mut purged = false;
+        for key in &mut self.keys {
+            if key.state == KeyState::Retired && key.private_pkcs8.is_some() {
+                key.private_pkcs8 = None;
+                purged = true;
+            }
+        }
+        purged
+    }
+
     /// Lays this stored state over the ring built from the config. The
     /// store's states win; the config's key joins as standby (or pending)
     /// when the store already has another active key, and the config's

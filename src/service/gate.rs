@@ -7,8 +7,10 @@
 //!    decoding its message: what it can make the broker hold is bounded by
 //!    the transport's limits alone.
 //! 2. **Throttles failed authentication per peer** (address, or uid on a Unix
-//!    socket): past `failed_auth_per_second`, a peer's requests are refused
-//!    without checking their credentials (no RSA verification on demand).
+//!    socket): past `failed_auth_per_second`, a peer's Kubernetes tokens are
+//!    not verified unless they were recently (no RSA verification on
+//!    demand). API keys and certificates, cheap to check, are still checked,
+//!    so a good caller behind the same address is not locked out.
 //! 3. **Rate-limits each caller** (`rate_limit_per_second`, when set).
 //! 4. **Bounds each request's time** (`request_timeout_secs`, or the
 //!    caller's `grpc-timeout` if sooner): past it, DEADLINE_EXCEEDED.
@@ -228,15 +230,7 @@ enum PeerKey {
 impl PeerKey {
     fn of(peer: &Peer) -> Self {
         match (peer.addr, peer.uid) {
-            (Some(addr), _) => Self::Ip(match addr.ip() {
-                IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-                    let mut octets = v6.octets();
-                    octets[8..].fill(0);
-                    IpAddr::from(octets)
-                }
-                IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)),
-                v4 => v4,
-            }),
+            (Some(addr), _) => Self::Ip(super::transport::peer_ip_key(addr.ip())),
             (None, Some(uid)) => Self::Uid(uid),
             (None, None) => Self::Unknown,
         }
@@ -285,7 +279,7 @@ impl CallerLimits {
         self.failed_auth.check(&PeerKey::of(peer), false).map_err(|wait_ms| {
             with_pushback(
                 Status::unauthenticated(format!(
-                    "too many failed authentications from {peer}: its credentials are not checked for now ([server] failed_auth_per_second); retry after the pushback"
+                    "too many failed authentications from {peer}: tokens that need a signature check are not verified for now ([server] failed_auth_per_second); retry after the pushback"
                 )),
                 wait_ms,
             )
@@ -351,10 +345,10 @@ impl hyper::service::Service<http::Request<Incoming>> for Gate {
 
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
-        let peer = self.connection.peer.clone();
+        let connection = self.connection.clone();
         let in_progress = self.connection.activity.begin();
         Box::pin(async move {
-            let response = shared.handle(request.map(Body::new), peer).await;
+            let response = shared.handle(request.map(Body::new), connection).await;
             drop(in_progress);
             Ok(response)
         })
@@ -401,16 +395,31 @@ impl GateShared {
         }
     }
 
-    async fn handle(&self, mut request: http::Request<Body>, peer: Arc<Peer>) -> http::Response<Body> {
+    async fn handle(&self, mut request: http::Request<Body>, connection: ConnectionInfo) -> http::Response<Body> {
+        let peer = connection.peer;
         let Some(rpc) = rpc_of(request.uri().path(), self.service) else {
-            // Health, reflection, a service not served here: no caller authentication.
-            return self.route(request).await;
+            // Health, reflection, a service not served here: no caller
+            // authentication, but the same time bound (their messages are
+            // held to a few KiB where they are registered).
+            return match tokio::time::timeout(self.request_timeout, self.route(request)).await {
+                Ok(response) => response,
+                Err(_) => Status::deadline_exceeded(format!(
+                    "the request did not finish within {} ms ([server] request_timeout_secs)",
+                    self.request_timeout.as_millis()
+                ))
+                .into_http(),
+            };
         };
         let started = Instant::now();
         let id = request_id(request.headers());
         let refuse =
             |caller: Option<&CallerIdentity>, status: Status| self.refuse(rpc, caller, &peer, id, status, started);
-        if let Err(status) = self.limits.admit_peer(&peer) {
+        // A peer that keeps failing is not given signature checks; a key, a
+        // certificate or a recently verified token still works from it.
+        if let Err(status) = self.limits.admit_peer(&peer)
+            && self.auth.needs_signature_check(request.headers(), &peer).await
+        {
+            self.limits.failed(&peer);
             return refuse(None, status);
         }
         let caller = match self.auth.authenticate(request.headers(), &peer).await {
@@ -420,6 +429,7 @@ impl GateShared {
                 return refuse(None, Status::unauthenticated(e.0));
             }
         };
+        connection.activity.authenticated();
         if let Err(status) = self.limits.charge(&caller) {
             return refuse(Some(&caller), status);
         }
@@ -469,7 +479,10 @@ impl GateShared {
                     self.max_message_bytes
                 ))
             }
-            Code::Internal if status.message().contains("decode") => {
+            // Before a handler runs, tonic's INTERNAL is always about the
+            // request's framing: not protobuf, truncated, no message, a
+            // compression flag without an encoding.
+            Code::Internal => {
                 let detail: String = status.message().chars().filter(|c| !c.is_control()).take(200).collect();
                 Status::invalid_argument(format!("the request is not a valid {rpc} request message ({detail})"))
             }

@@ -251,6 +251,9 @@ impl Health {
     }
 }
 
+/// The largest message health and reflection accept (from anyone).
+const OPEN_MESSAGE_BYTES: usize = 4 * 1024;
+
 /// Health, reflection, and the role's service.
 fn routes(
     broker: &Arc<Broker>,
@@ -259,14 +262,20 @@ fn routes(
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     max_message_bytes: usize,
 ) -> Result<tonic::service::Routes, ServeError> {
+    // Health and reflection answer anyone, so their messages (a service
+    // name, a symbol) are held to a few KiB: tonic's default would let an
+    // unauthenticated caller announce and send 4 MiB per stream.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()?
+        .max_decoding_message_size(OPEN_MESSAGE_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+        .build_v1alpha()?
+        .max_decoding_message_size(OPEN_MESSAGE_BYTES);
+    let health = health.max_decoding_message_size(OPEN_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

@@ -21,8 +21,12 @@
 //!   size, flow-control windows ([`STREAM_WINDOW`], [`CONNECTION_WINDOW`]),
 //!   locally reset streams before GOAWAY, keepalive PINGs for half-open
 //!   peers;
-//! - an idle timeout (no request in progress) and a maximum age, both ending
-//!   the connection with GOAWAY so in-flight requests finish;
+//! - an idle timeout (no request in progress; a shorter one for a
+//!   connection that has not carried an authenticated request) and a
+//!   maximum age, both ending the connection with GOAWAY so in-flight
+//!   requests finish;
+//! - a cap on connections from one TCP peer address, so one peer cannot
+//!   take every slot;
 //! - on shutdown: a connection that has not finished its handshake is
 //!   dropped at once; the others get GOAWAY (an idle one closes at once).
 //!
@@ -33,7 +37,7 @@
 
 use std::{
     fmt, io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc,
@@ -79,6 +83,9 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 pub struct ConnectionLimits {
     /// Connections open at once; one more is accepted and closed at once.
     pub max_connections: usize,
+    /// Connections open at once from one TCP peer address (an IPv6 address
+    /// by its /64); 0 for no limit. One peer cannot take every slot.
+    pub max_connections_per_peer: usize,
     /// Requests in progress on one connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub max_concurrent_streams: u32,
     /// The largest header block a request may send (`SETTINGS_MAX_HEADER_LIST_SIZE`).
@@ -87,6 +94,11 @@ pub struct ConnectionLimits {
     pub handshake_timeout: Duration,
     /// A connection with no request in progress for this long gets GOAWAY.
     pub idle_timeout: Duration,
+    /// The same for a connection that has not yet carried an authenticated
+    /// request (at most `idle_timeout`): a peer that only opens connections
+    /// holds each this long. Long enough for a client that connects eagerly
+    /// and sends its first request a little later.
+    pub unauthenticated_idle_timeout: Duration,
     /// Every connection gets GOAWAY after this long (`None`: never).
     pub max_connection_age: Option<Duration>,
     /// How often an HTTP/2 PING checks that the peer is still there (`None`: never).
@@ -101,10 +113,12 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_connections_per_peer: 64,
             max_concurrent_streams: 100,
             max_header_list_bytes: 8 * 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            unauthenticated_idle_timeout: Duration::from_secs(30),
             max_connection_age: Some(Duration::from_secs(30 * 60)),
             keepalive_interval: Some(Duration::from_secs(60)),
             keepalive_timeout: Duration::from_secs(20),
@@ -120,7 +134,7 @@ pub struct TransportCounters {
     pub open: AtomicUsize,
     /// Connections accepted.
     pub accepted: AtomicU64,
-    /// Connections closed at once because the listener was at `max_connections`.
+    /// Connections closed at once because the listener (or the peer) was at its limit.
     pub refused: AtomicU64,
     /// `accept` failures (other than the peer giving up), each followed by a backoff.
     pub accept_errors: AtomicU64,
@@ -154,11 +168,14 @@ impl fmt::Debug for Peer {
 }
 
 impl fmt::Display for Peer {
-    /// `10.0.0.7` for TCP (no port: one peer opens many), `uid 1000` for a
-    /// Unix socket.
+    /// How the peer is counted: `10.0.0.7` for TCP (no port: one peer opens
+    /// many), `2001:db8::/64` for IPv6, `uid 1000` for a Unix socket.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.addr, self.uid) {
-            (Some(addr), _) => write!(f, "{}", addr.ip()),
+            (Some(addr), _) => match peer_ip_key(addr.ip()) {
+                IpAddr::V6(prefix) => write!(f, "{prefix}/64"),
+                v4 => write!(f, "{v4}"),
+            },
             (None, Some(uid)) => write!(f, "uid {uid}"),
             (None, None) => f.write_str("unknown"),
         }
@@ -181,6 +198,15 @@ impl Activity {
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         InProgress(self.0.clone())
     }
+
+    /// Marks the connection as having carried an authenticated request:
+    /// from then on it may idle for `idle_timeout`, not
+    /// `unauthenticated_idle_timeout`.
+    pub fn authenticated(&self) {
+        if !self.0.authenticated.load(Ordering::Relaxed) {
+            self.0.authenticated.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl Drop for InProgress {
@@ -195,6 +221,8 @@ struct ConnState {
     started: Instant,
     /// The HTTP/2 preface has arrived.
     spoke: AtomicBool,
+    /// A request on it was authenticated.
+    authenticated: AtomicBool,
     /// Requests in progress.
     in_flight: AtomicUsize,
     /// When the last request ended, in ms since `started`.
@@ -206,6 +234,7 @@ impl ConnState {
         Self {
             started: Instant::now(),
             spoke: AtomicBool::new(false),
+            authenticated: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(0),
         }
@@ -220,8 +249,15 @@ impl ConnState {
         self.spoke.load(Ordering::Acquire)
     }
 
-    /// `None` when the connection has been idle for `timeout`; else when to look again.
-    fn idle_check(&self, timeout: Duration) -> Option<tokio::time::Instant> {
+    /// `None` when the connection has been idle too long (`idle` once it
+    /// carried an authenticated request, `unauthenticated` until then); else
+    /// when to look again.
+    fn idle_check(&self, idle: Duration, unauthenticated: Duration) -> Option<tokio::time::Instant> {
+        let timeout = if self.authenticated.load(Ordering::Acquire) {
+            idle
+        } else {
+            unauthenticated.min(idle)
+        };
         let now = tokio::time::Instant::now();
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Some(now + timeout);
@@ -439,6 +475,7 @@ pub(crate) async fn serve<F, S, B>(
         counters,
         service,
         open: AtomicUsize::new(0),
+        by_peer: std::sync::Mutex::new(std::collections::HashMap::new()),
         refused_warning: Occasional::new(),
     });
     let tls = match &bound {
@@ -476,18 +513,23 @@ pub(crate) async fn serve<F, S, B>(
                 }
             }
         };
-        if shared.open.load(Ordering::Acquire) >= shared.limits.max_connections {
+        let peer_ip = match &accepted {
+            Accepted::Tcp(_, addr) => Some(peer_ip_key(addr.ip())),
+            #[cfg(unix)]
+            Accepted::Unix(_) => None,
+        };
+        let Some(slot) = Slot::take(&shared, peer_ip) else {
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
             if shared.refused_warning.due() {
                 tracing::warn!(
                     max_connections = shared.limits.max_connections,
-                    "a connection was closed at once: the listener is at [server] max_connections"
+                    max_connections_per_peer = shared.limits.max_connections_per_peer,
+                    "a connection was closed at once: the listener, or its peer, is at its limit ([server] max_connections, max_connections_per_peer)"
                 );
             }
             drop(accepted);
             continue;
-        }
-        let slot = Slot::take(&shared);
+        };
         let tls = tls.clone();
         let stop = stop.clone();
         let shared = shared.clone();
@@ -506,25 +548,68 @@ struct Shared<F> {
     service: F,
     /// Connections open on this listener.
     open: AtomicUsize,
+    /// Connections open on this listener by TCP peer (see [`peer_ip_key`]);
+    /// entries leave at zero.
+    by_peer: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
     refused_warning: Occasional,
 }
 
-/// A place among a listener's open connections, given back when dropped.
-struct Slot<F>(Arc<Shared<F>>);
+/// A place among a listener's open connections (and its peer's), given
+/// back when dropped.
+struct Slot<F>(Arc<Shared<F>>, Option<IpAddr>);
 
 impl<F> Slot<F> {
-    fn take(shared: &Arc<Shared<F>>) -> Self {
+    /// A place, unless the listener or the peer is at its limit.
+    fn take(shared: &Arc<Shared<F>>, peer: Option<IpAddr>) -> Option<Self> {
+        if shared.open.load(Ordering::Acquire) >= shared.limits.max_connections {
+            return None;
+        }
+        if let Some(ip) = peer {
+            let mut by_peer = shared.by_peer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let open = by_peer.entry(ip).or_insert(0);
+            let per_peer = shared.limits.max_connections_per_peer;
+            if per_peer > 0 && *open >= per_peer {
+                return None;
+            }
+            *open += 1;
+        }
         shared.open.fetch_add(1, Ordering::AcqRel);
         shared.counters.open.fetch_add(1, Ordering::AcqRel);
         shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        Self(shared.clone())
+        Some(Self(shared.clone(), peer))
     }
 }
 
 impl<F> Drop for Slot<F> {
     fn drop(&mut self) {
+        if let Some(ip) = self.1 {
+            let mut by_peer = self.0.by_peer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(open) = by_peer.get_mut(&ip) {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    by_peer.remove(&ip);
+                }
+            }
+        }
         self.0.open.fetch_sub(1, Ordering::AcqRel);
         self.0.counters.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How a TCP peer is counted (connections, failed authentications, audit):
+/// its IP address, an IPv6 address by its /64 (which one host usually
+/// holds whole), an IPv4-mapped IPv6 address as the IPv4 address.
+pub(crate) fn peer_ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -608,7 +693,7 @@ async fn connection<F, S, B>(
     });
     let conn = shared.builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let idle = tokio::time::sleep(limits.idle_timeout);
+    let idle = tokio::time::sleep(limits.unauthenticated_idle_timeout.min(limits.idle_timeout));
     tokio::pin!(idle);
     let far = Duration::from_secs(100 * 365 * 24 * 3600);
     let age = tokio::time::sleep(limits.max_connection_age.unwrap_or(far));
@@ -634,7 +719,7 @@ async fn connection<F, S, B>(
                     break;
                 }
             }
-            () = &mut idle, if !closing => match state.idle_check(limits.idle_timeout) {
+            () = &mut idle, if !closing => match state.idle_check(limits.idle_timeout, limits.unauthenticated_idle_timeout) {
                 Some(later) => idle.as_mut().reset(later),
                 None => {
                     shared.counters.idle_closed.fetch_add(1, Ordering::Relaxed);
@@ -786,4 +871,27 @@ pub fn open_files_limit() -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_shown_as_they_are_counted() {
+        let peer = |addr: &str| Peer {
+            addr: addr.parse().ok(),
+            uid: None,
+            certificates: None,
+        };
+        assert_eq!(peer("10.0.0.7:4000").to_string(), "10.0.0.7");
+        assert_eq!(peer("[2001:db8::1:2]:4000").to_string(), "2001:db8::/64");
+        assert_eq!(peer("[::ffff:10.0.0.7]:4000").to_string(), "10.0.0.7");
+        let uds = Peer {
+            addr: None,
+            uid: Some(1000),
+            certificates: None,
+        };
+        assert_eq!(uds.to_string(), "uid 1000");
+    }
 }

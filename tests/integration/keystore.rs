@@ -384,4 +384,49 @@ async fn a_retired_key_keeps_its_metadata_and_loses_its_private_material() {
     let (_restarted, ring) = restarted_ring(&h);
     let entry = ring.keys.iter().find(|k| k.fingerprint == fingerprint).unwrap();
     assert_eq!(entry.state, KeyState::Retired);
+    assert!(!entry.has_private_material(), "nor in memory");
+}
+
+#[tokio::test]
+async fn a_store_written_before_retiring_purged_keys_is_purged_at_startup() {
+    let h = Harness::with(Options {
+        admin: true,
+        ..Options::default()
+    })
+    .await;
+    let fingerprint = common::generate_key(&h).await.key.unwrap().fingerprint;
+    // As an older broker left it: a retired key with its private key, and
+    // an app the config no longer names holding one too.
+    let mut state = stored(&h);
+    for key in state["apps"]["default"]["keys"].as_array_mut().unwrap() {
+        if key["fingerprint"] == fingerprint.as_str() {
+            key["state"] = serde_json::json!("retired");
+            assert!(key["private_pkcs8"].is_string());
+        }
+    }
+    let mut orphan = state["apps"]["default"].clone();
+    orphan["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| k["fingerprint"] == fingerprint.as_str());
+    state["apps"]["gone"] = orphan;
+    let side = h.admin.as_ref().unwrap();
+    let store = KeyStore::new(side.store_path.clone(), Kek::parse(side.kek.expose_secret()).unwrap());
+    store
+        .save(&serde_json::from_value::<StoredState>(state).unwrap())
+        .unwrap();
+
+    let (_broker, _ring) = restarted_ring(&h);
+    let after = stored(&h);
+    for app in ["default", "gone"] {
+        let key = after["apps"][app]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["fingerprint"] == fingerprint.as_str())
+            .cloned()
+            .unwrap();
+        assert_eq!(key["state"], "retired", "{app}");
+        assert!(key["private_pkcs8"].is_null(), "{app}: purged from the store");
+    }
 }

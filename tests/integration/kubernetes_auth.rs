@@ -460,3 +460,47 @@ async fn the_clusters_keys_are_fetched_over_https_or_from_this_host_only() {
         .unwrap_err();
     assert!(err.contains("cannot fetch"), "{err}");
 }
+
+#[tokio::test]
+async fn a_peer_that_keeps_failing_gets_no_signature_checks_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = harness(&dir).await;
+    let key = fixture_key();
+    // A token verified before the failures starts: remembered, so it goes on working.
+    let known = service_account_token(&key, KID, claims(PORTAL));
+    get_with_bearer(&h, &known).await.unwrap();
+    let forged = service_account_token(&other_key(), KID, claims(PORTAL));
+    for _ in 0..20 {
+        let status = get_with_bearer(&h, &forged).await.unwrap_err();
+        assert_status(&status, Code::Unauthenticated, "its signature does not verify");
+    }
+    // Past the burst, a token that would need a signature check is not checked...
+    let mut other = claims(PORTAL);
+    other["exp"] = serde_json::json!(now() + 900);
+    let fresh = service_account_token(&key, KID, other);
+    let throttled = get_with_bearer(&h, &fresh).await.unwrap_err();
+    assert_status(
+        &throttled,
+        Code::Unauthenticated,
+        "too many failed authentications from 127.0.0.1: tokens that need a signature check are not verified for now",
+    );
+    assert!(throttled.metadata().get("grpc-retry-pushback-ms").is_some());
+    // ...a remembered one still works...
+    get_with_bearer(&h, &known).await.unwrap();
+    // ...and another address is not affected.
+    let elsewhere = tonic::transport::Endpoint::from_shared(format!("http://{}", h.addr))
+        .unwrap()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(enterprise());
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {fresh}")).unwrap(),
+    );
+    pb::token_broker_service_client::TokenBrokerServiceClient::new(elsewhere)
+        .get_token(request)
+        .await
+        .unwrap();
+}
