@@ -62,6 +62,9 @@ pub struct KeyAdmin {
     store: Option<KeyStore>,
     /// Apps in the store that the config no longer names: kept, never dropped.
     orphans: BTreeMap<String, StoredApp>,
+    /// The store holds retired keys' private material (see
+    /// [`KeyAdmin::write_pending_purge`]).
+    purge_pending: bool,
     /// One change at a time.
     changing: tokio::sync::Mutex<()>,
 }
@@ -71,6 +74,7 @@ impl KeyAdmin {
     /// credentials. A store that cannot be read stops startup.
     pub fn open(broker: Arc<Broker>, store: Option<KeyStore>) -> Result<Self, StoreError> {
         let mut orphans = BTreeMap::new();
+        let mut purge_pending = false;
         if let Some(store) = &store {
             let state = store.load()?;
             let mut stored = state.apps;
@@ -93,17 +97,27 @@ impl KeyAdmin {
                 tracing::warn!(app = %name, "the key store holds an app the config does not name; its keys are kept");
             }
             orphans = stored;
-            if purged {
-                store.save(&snapshot(&broker, &orphans, None)?)?;
-                tracing::info!("dropped retired keys' private material from the key store");
-            }
+            purge_pending = purged;
         }
         Ok(Self {
             broker,
             store,
             orphans,
+            purge_pending,
             changing: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Rewrites the key store without the private material of retired keys
+    /// that an older broker left in it (memory holds none already). Called
+    /// by `serve`, never by `check-config`, which writes nothing. True when
+    /// the store was rewritten.
+    pub fn write_pending_purge(&self) -> Result<bool, StoreError> {
+        let Some(store) = self.store.as_ref().filter(|_| self.purge_pending) else {
+            return Ok(false);
+        };
+        store.save(&snapshot(&self.broker, &self.orphans, None)?)?;
+        Ok(true)
     }
 
     /// The broker.

@@ -36,6 +36,14 @@ use crate::{
 /// hour; asking for more than this can never be met, so it is refused up front.
 pub const MAX_MIN_TTL: Duration = Duration::from_secs(50 * 60);
 
+/// How many tokens a request passes over because each was being revoked
+/// before it gives up (UNAVAILABLE): a revocation replaces at most one.
+const REVOCATION_RETRIES: usize = 3;
+
+fn being_revoked() -> BrokerError {
+    BrokerError::Retry("the token for this request is being revoked; retry in a moment".to_owned())
+}
+
 /// One configured Box app.
 #[derive(Debug)]
 pub struct App {
@@ -395,9 +403,30 @@ async fn exchange(
     key: &TokenKey,
     downscope: &Downscope,
 ) -> Result<Minted, UpstreamError> {
-    let parent = cache.get(&key.parent(), Need::default()).await.map_err(|e| match e {
-        CacheError::Upstream(u) => (*u).clone(),
-        other => upstream(key, DiagnosisKind::Unavailable, other.to_string()),
+    // The parent is served to the child's caller: recorded as such, and
+    // never one being revoked (see `Broker::lookup`).
+    let mut need = Need::default();
+    let mut parent = None;
+    for _ in 0..REVOCATION_RETRIES {
+        let found = cache.get(&key.parent(), need).await.map_err(|e| match e {
+            CacheError::Upstream(u) => (*u).clone(),
+            other => upstream(key, DiagnosisKind::Unavailable, other.to_string()),
+        })?;
+        if let Some(caller) = &key.caller {
+            found.token.note_served(caller);
+        }
+        if !found.token.is_revoking() {
+            parent = Some(found);
+            break;
+        }
+        need.minted_since = Some(found.token.minted_at + Duration::from_millis(1));
+    }
+    let parent = parent.ok_or_else(|| {
+        upstream(
+            key,
+            DiagnosisKind::Unavailable,
+            "the token this one is exchanged from is being revoked; retry in a moment".to_owned(),
+        )
     })?;
     let issued = match app
         .client
@@ -755,26 +784,25 @@ impl Broker {
 
     /// A cached token for `key`, or one from Box: a call this request
     /// starts takes a place in `caller`'s budget.
-    /// Records that `caller` was served it, and returns it unless a
-    /// revocation of it began meanwhile: then a newer token is fetched.
+    /// Records that `caller` was served it — and, only then, checks that no
+    /// revocation of it began meanwhile (the handshake with `revoke`): a
+    /// token being revoked is never returned; a newer one is fetched.
     async fn lookup(&self, caller: &Arc<str>, key: &TokenKey, need: Need) -> Result<Lookup, BrokerError> {
         let admit = || {
             self.budget
                 .enter(caller)
                 .map(|place| crate::cache::FlightPermit(Box::new(place)))
         };
-        let lookup = self.cache.get_admitted(key, need, Some(&admit)).await?;
-        lookup.token.note_served(caller);
-        if !lookup.token.is_revoking() {
-            return Ok(lookup);
+        let mut need = need;
+        for _ in 0..REVOCATION_RETRIES {
+            let lookup = self.cache.get_admitted(key, need, Some(&admit)).await?;
+            lookup.token.note_served(caller);
+            if !lookup.token.is_revoking() {
+                return Ok(lookup);
+            }
+            need.minted_since = Some(lookup.token.minted_at + Duration::from_millis(1));
         }
-        let newer = Need {
-            minted_since: Some(lookup.token.minted_at + Duration::from_millis(1)),
-            ..need
-        };
-        let lookup = self.cache.get_admitted(key, newer, Some(&admit)).await?;
-        lookup.token.note_served(caller);
-        Ok(lookup)
+        Err(being_revoked())
     }
 
     /// What a `force_refresh` needs: a token minted within the interval.
@@ -838,25 +866,45 @@ impl Broker {
         });
         let lookup = match hit {
             Some(lookup) => lookup,
-            None => {
-                let parent_need = Need {
-                    min_ttl: request.min_ttl,
-                    ..Need::default()
-                };
-                let parent = self.lookup(caller, &parent_key, parent_need).await?;
-                let need = Need {
-                    min_ttl: request.min_ttl,
-                    parent_at_least: Some(parent.token.id),
-                    ..Need::default()
-                };
-                let child = self.lookup(caller, &key, need).await?;
-                if let Some(parent) = child.token.parent() {
-                    parent.note_served(caller);
-                }
-                child
-            }
+            None => self.exchanged(caller, &parent_key, &key, request.min_ttl).await?,
         };
         Ok(permit.grant(app, lookup, self.clock.now()))
+    }
+
+    /// The slow way to a downscoped token: the current parent, then a child
+    /// exchanged from it (or a newer one); neither being revoked, both
+    /// recorded as served to `caller`.
+    async fn exchanged(
+        &self,
+        caller: &Arc<str>,
+        parent_key: &TokenKey,
+        key: &TokenKey,
+        min_ttl: Duration,
+    ) -> Result<Lookup, BrokerError> {
+        for _ in 0..REVOCATION_RETRIES {
+            let parent_need = Need {
+                min_ttl,
+                ..Need::default()
+            };
+            let parent = self.lookup(caller, parent_key, parent_need).await?;
+            let need = Need {
+                min_ttl,
+                parent_at_least: Some(parent.token.id),
+                ..Need::default()
+            };
+            let child = self.lookup(caller, key, need).await?;
+            // The child may come from a newer parent than the one looked up.
+            match child.token.parent() {
+                Some(parent) => {
+                    parent.note_served(caller);
+                    if !parent.is_revoking() {
+                        return Ok(child);
+                    }
+                }
+                None => return Ok(child),
+            }
+        }
+        Err(being_revoked())
     }
 
     /// Revokes `token` at Box and drops it from the cache — with, for a full
@@ -878,7 +926,7 @@ impl Broker {
         }
         let not_issued = || {
             BrokerError::NotIssued(format!(
-                "app {} has no live token with that value that was issued to you: it was not issued here, was already revoked, or has expired",
+                "app {} holds no token with that value that was issued to you: it was not issued here, or the broker no longer holds it (replaced by a newer one, revoked, or expired)",
                 app.name
             ))
         };
@@ -902,20 +950,36 @@ impl Broker {
         })?;
         // From here the token is not served; a caller served it meanwhile
         // (recorded before it checks this mark) is seen by this second look.
-        cached.begin_revoking();
+        if !cached.begin_revoking() {
+            return Err(BrokerError::Retry(
+                "a revocation of this token is already under way; retry to see its outcome".to_owned(),
+            ));
+        }
         if cached.served_to(caller) != Served::OnlyTo {
             cached.end_revoking();
             return Err(shared());
         }
         // Revoked at Box and dropped from the cache in a task of its own: a
         // caller that goes away (or times out) mid-way cannot leave a
-        // revoked token cached for others.
-        let (client, cache, family) = (app.client.clone(), self.cache.clone(), key.clone());
+        // revoked token cached for others. The outcome is logged there.
+        let (client, cache, family, name) = (app.client.clone(), self.cache.clone(), key.clone(), app.name.clone());
         let revoked = tokio::spawn(async move {
             match client.revoke(&credentials, &token).await {
-                Ok(()) => Ok(cache.invalidate_family(&family).await),
+                Ok(()) => {
+                    let dropped = cache.invalidate_token(&family, &cached).await;
+                    tracing::info!(
+                        app = %name,
+                        subject_type = family.subject.sub_type(),
+                        subject_id = %family.subject.id(),
+                        downscoped = family.downscope.is_some(),
+                        evicted = dropped,
+                        "revoked a Box token"
+                    );
+                    Ok(dropped)
+                }
                 Err(error) => {
                     cached.end_revoking();
+                    tracing::warn!(app = %name, error = %error, "revoking a Box token failed");
                     Err(error)
                 }
             }
@@ -926,7 +990,6 @@ impl Broker {
             Ok(dropped) => dropped,
             Err(error) => {
                 let diagnosis = diagnose_exchange(&error, &key.subject, None);
-                tracing::warn!(app = %app.name, error = %error, "revoking a Box token failed: {}", diagnosis.message);
                 return Err(CacheError::Upstream(Arc::new(UpstreamError {
                     app: app.name.clone(),
                     subject: key.subject,
@@ -935,14 +998,6 @@ impl Broker {
                 .into());
             }
         };
-        tracing::info!(
-            app = %app.name,
-            subject_type = key.subject.sub_type(),
-            subject_id = %key.subject.id(),
-            downscoped = key.downscope.is_some(),
-            evicted = dropped,
-            "revoked a Box token"
-        );
         Ok(Revoked {
             app: key.app,
             subject: key.subject,

@@ -310,11 +310,16 @@ impl CachedToken {
     /// (both sequentially consistent): a caller served it concurrently either
     /// sees this mark and is given another token, or is seen by the
     /// revocation's second look at [`Self::served_to`], which then refuses.
-    pub fn begin_revoking(&self) {
-        self.state.fetch_or(REVOKING, Ordering::SeqCst);
+    ///
+    /// The mark is exclusive: false when another revocation already set it
+    /// (only the one that set it may clear it).
+    #[must_use]
+    pub fn begin_revoking(&self) -> bool {
+        self.state.fetch_or(REVOKING, Ordering::SeqCst) & REVOKING == 0
     }
 
-    /// The revocation did not happen (Box refused it): serve it again.
+    /// The revocation that set the mark did not happen (Box refused it):
+    /// serve it again.
     pub fn end_revoking(&self) {
         self.state.fetch_and(!REVOKING, Ordering::SeqCst);
     }
@@ -688,23 +693,39 @@ impl TokenCache {
         (&*key.app == app && token.sha256 == *digest).then_some((key, token))
     }
 
-    /// Drops `key` and, when it is a full token, every downscoped token of the
-    /// same app and subject. Returns how many entries were dropped.
-    pub async fn invalidate_family(&self, key: &TokenKey) -> usize {
-        let doomed: Vec<TokenKey> = if key.downscope.is_some() {
-            vec![key.clone()]
-        } else {
-            self.inner
-                .entries
-                .iter()
-                .filter(|(k, _)| k.app == key.app && k.subject == key.subject)
-                .map(|(k, _)| (*k).clone())
-                .collect()
-        };
-        for k in &doomed {
-            self.inner.entries.invalidate(k).await;
+    /// Drops `token` (cached under `key`) and, for a full token, the
+    /// downscoped tokens exchanged from it — and nothing else: a newer token
+    /// that replaced it meanwhile stays. Returns how many entries were dropped.
+    pub async fn invalidate_token(&self, key: &TokenKey, token: &CachedToken) -> usize {
+        let mut doomed = vec![(key.clone(), token.id)];
+        if key.downscope.is_none() {
+            doomed.extend(
+                self.inner
+                    .entries
+                    .iter()
+                    .filter(|(k, v)| k.app == key.app && k.subject == key.subject && v.parent_id() == Some(token.id))
+                    .map(|(k, v)| ((*k).clone(), v.id)),
+            );
         }
-        doomed.len()
+        let mut dropped = 0;
+        for (k, id) in doomed {
+            let removed = self
+                .inner
+                .entries
+                .entry(k)
+                .and_compute_with(|held| {
+                    let op = match held {
+                        Some(entry) if entry.value().id == id => moka::ops::compute::Op::Remove,
+                        _ => moka::ops::compute::Op::Nop,
+                    };
+                    std::future::ready(op)
+                })
+                .await;
+            if matches!(removed, moka::ops::compute::CompResult::Removed(_)) {
+                dropped += 1;
+            }
+        }
+        dropped
     }
 
     /// Drops every cached token whose key satisfies `doomed` (with a full
@@ -1097,7 +1118,8 @@ mod tests {
         assert_eq!(token.served_to("apikey:a"), Served::OnlyTo);
         assert_eq!(token.served_to("apikey:b"), Served::NotTo);
         // A begins revoking; B, served meanwhile, records the serve first.
-        token.begin_revoking();
+        assert!(token.begin_revoking());
+        assert!(!token.begin_revoking(), "one revocation at a time");
         token.note_served(&b);
         assert!(token.is_revoking(), "B sees the mark and takes another token");
         assert_eq!(
@@ -1108,9 +1130,31 @@ mod tests {
         token.end_revoking();
         assert!(!token.is_revoking());
         // The mark does not disturb the touch bits, nor they the mark.
-        token.begin_revoking();
+        assert!(token.begin_revoking());
         assert!(token.claim_touch(1_795_000_000_000));
         assert!(token.is_revoking());
+    }
+
+    #[tokio::test]
+    async fn invalidating_a_token_leaves_the_newer_one_that_replaced_it() {
+        let minter = Arc::new(CountingMinter::default());
+        let cache = cache(minter.clone(), 10);
+        let old = cache.get(&key(1), Need::default()).await.unwrap().token;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let forced = Need {
+            minted_since: Some(SystemTime::now()),
+            ..Need::default()
+        };
+        let newer = cache.get(&key(1), forced).await.unwrap().token;
+        assert_eq!(
+            cache.invalidate_token(&key(1), &old).await,
+            0,
+            "the old one was already gone"
+        );
+        let held = cache.cached(&key(1), Need::default()).await.unwrap().token;
+        assert_eq!(held.id, newer.id, "the newer one stays");
+        assert_eq!(cache.invalidate_token(&key(1), &newer).await, 1);
+        assert!(cache.cached(&key(1), Need::default()).await.is_none());
     }
 
     #[tokio::test]
@@ -1118,7 +1162,7 @@ mod tests {
         let minter = Arc::new(CountingMinter::default());
         let cache = cache(minter.clone(), 10);
         let first = cache.get(&key(1), Need::default()).await.unwrap().token;
-        first.begin_revoking();
+        assert!(first.begin_revoking());
         assert!(cache.cached(&key(1), Need::default()).await.is_none());
         let next = cache.get(&key(1), Need::default()).await.unwrap().token;
         assert_ne!(next.id, first.id, "minted anew");

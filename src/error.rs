@@ -58,6 +58,9 @@ pub enum BrokerError {
     /// The request cannot be served in the current state; the message says why.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A passing state prevents it (a token being revoked); retrying soon works.
+    #[error("{0}")]
+    Retry(String),
     /// The cache could not serve a token.
     #[error(transparent)]
     Cache(#[from] CacheError),

@@ -221,6 +221,12 @@ async fn serve(path: PathBuf) -> ExitCode {
             Err(e) => return fail(1, &format!("cannot listen on {}: {e}", unix.path.display())),
         }
     }
+    match admin.write_pending_purge() {
+        Ok(true) => tracing::info!("dropped retired keys' private material from the key store"),
+        Ok(false) => {}
+        // Memory holds none already; the next change rewrites the store.
+        Err(e) => tracing::warn!(error = %e, "could not drop retired keys' private material from the key store"),
+    }
     let admin_role = service::Role::Admin(admin, AdminRules(config.admin.rules.clone()));
     let mut endpoints: Vec<(service::Listener, service::Role)> =
         listeners.into_iter().map(|l| (l, service::Role::Client)).collect();

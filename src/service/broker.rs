@@ -210,13 +210,19 @@ impl TokenBrokerService for TokenBrokerApi {
                 ));
                 return (event, Err(e.into()));
             }
-            event.token_sha256 = Some(digest(&access_token));
+            let sha256 = digest(&access_token);
             let app = (!app.is_empty()).then_some(app);
             tracing::Span::current().record("app", app.as_deref().unwrap_or("(default)"));
             let result = self
                 .broker
                 .revoke(caller.name(), app.as_deref(), SecretString::from(access_token))
                 .await;
+            // A caller denied revocation outright never had the token looked
+            // at: its records are alike whatever it sent (and so counted, not
+            // written one by one).
+            if !matches!(result, Err(BrokerError::PermissionDenied(_))) {
+                event.token_sha256 = Some(sha256);
+            }
             let result = result.map(|revoked| {
                 event.app = revoked.app;
                 event.rule = Some(revoked.rule);

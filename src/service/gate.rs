@@ -97,29 +97,31 @@ pub(crate) const ADMIN_SERVICE: &str = "/boxbroker.v1.BrokerAdminService/";
 fn rpc_of(path: &str, service: &str) -> Option<&'static str> {
     let method = path.strip_prefix(service)?;
     Some(
-        [
-            "GetToken",
-            "GetDownscopedToken",
-            "RevokeToken",
-            "GenerateKey",
-            "ImportKey",
-            "ActivateKey",
-            "RetireKey",
-            "ListKeys",
-            "RotateClientSecret",
-            "RetireClientSecrets",
-            "InvalidateTokens",
-            "GetStatus",
-        ]
-        .into_iter()
-        .find(|m| *m == method)
-        .unwrap_or("unknown"),
+        CLIENT_RPCS
+            .iter()
+            .chain(crate::admin::ADMIN_RPCS)
+            .copied()
+            .find(|m| *m == method)
+            .unwrap_or("unknown"),
     )
 }
 
+/// How tonic's refusals of a malformed request message begin (its
+/// INTERNAL otherwise means something else, e.g. a transport error).
+const FRAMING_ERRORS: &[&str] = &[
+    "failed to decode Protobuf message",
+    "Missing request message",
+    "Unexpected EOF decoding stream",
+    "protocol error: received message with",
+    "Error decompressing",
+];
+
+/// The client API's methods.
+const CLIENT_RPCS: &[&str] = &["GetToken", "GetDownscopedToken", "RevokeToken"];
+
 /// True for the client API's methods (the ones [`RpcMetrics`] counts).
 fn is_client_rpc(rpc: &str) -> bool {
-    matches!(rpc, "GetToken" | "GetDownscopedToken" | "RevokeToken")
+    CLIENT_RPCS.contains(&rpc)
 }
 
 /// Token buckets by key, in shards so callers do not queue on one lock;
@@ -479,10 +481,9 @@ impl GateShared {
                     self.max_message_bytes
                 ))
             }
-            // Before a handler runs, tonic's INTERNAL is always about the
-            // request's framing: not protobuf, truncated, no message, a
-            // compression flag without an encoding.
-            Code::Internal => {
+            // tonic's INTERNAL about the request's framing: not protobuf,
+            // truncated, no message, a compression flag without an encoding.
+            Code::Internal if FRAMING_ERRORS.iter().any(|m| status.message().contains(m)) => {
                 let detail: String = status.message().chars().filter(|c| !c.is_control()).take(200).collect();
                 Status::invalid_argument(format!("the request is not a valid {rpc} request message ({detail})"))
             }

@@ -20,6 +20,7 @@ impl From<&BrokerError> for Status {
             }
             BrokerError::UnknownApp { .. } | BrokerError::NotIssued(_) => Status::not_found(error.to_string()),
             BrokerError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
+            BrokerError::Retry(_) => Status::unavailable(error.to_string()),
             BrokerError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             BrokerError::Cache(CacheError::Upstream(upstream)) => {
                 let code = match upstream.diagnosis.kind {

@@ -83,8 +83,8 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 pub struct ConnectionLimits {
     /// Connections open at once; one more is accepted and closed at once.
     pub max_connections: usize,
-    /// Connections open at once from one TCP peer address (an IPv6 address
-    /// by its /64); 0 for no limit. One peer cannot take every slot.
+    /// Connections open at once from one TCP peer address; 0 for no limit.
+    /// One peer cannot take every slot.
     pub max_connections_per_peer: usize,
     /// Requests in progress on one connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub max_concurrent_streams: u32,
@@ -382,6 +382,30 @@ impl ServerTls {
     }
 }
 
+/// What answers one connection's requests (the gate, in the broker): a
+/// hyper service from HTTP/2 requests to gRPC responses.
+pub(crate) trait Responder:
+    hyper::service::Service<
+        http::Request<Incoming>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> Responder for S where
+    S: hyper::service::Service<
+            http::Request<Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
 /// A bound listener.
 #[derive(Debug)]
 pub(crate) enum Bound {
@@ -442,7 +466,7 @@ impl Occasional {
 /// each connection in its own task with `service(connection)` answering
 /// its requests, then waits for the connections to finish. `ready` fires
 /// once accepting.
-pub(crate) async fn serve<F, S, B>(
+pub(crate) async fn serve<F, S>(
     bound: Bound,
     limits: ConnectionLimits,
     counters: Arc<TransportCounters>,
@@ -451,12 +475,7 @@ pub(crate) async fn serve<F, S, B>(
     ready: oneshot::Sender<()>,
 ) where
     F: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>, Error = std::convert::Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Responder,
 {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -513,8 +532,12 @@ pub(crate) async fn serve<F, S, B>(
                 }
             }
         };
+        // By the exact address (a Kubernetes node's pods can share one IPv6 /64).
         let peer_ip = match &accepted {
-            Accepted::Tcp(_, addr) => Some(peer_ip_key(addr.ip())),
+            Accepted::Tcp(_, addr) => Some(match addr.ip() {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                v4 => v4,
+            }),
             #[cfg(unix)]
             Accepted::Unix(_) => None,
         };
@@ -548,8 +571,8 @@ struct Shared<F> {
     service: F,
     /// Connections open on this listener.
     open: AtomicUsize,
-    /// Connections open on this listener by TCP peer (see [`peer_ip_key`]);
-    /// entries leave at zero.
+    /// Connections open on this listener by TCP peer address; entries
+    /// leave at zero.
     by_peer: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
     refused_warning: Occasional,
 }
@@ -596,7 +619,7 @@ impl<F> Drop for Slot<F> {
     }
 }
 
-/// How a TCP peer is counted (connections, failed authentications, audit):
+/// How a TCP peer is counted for failed authentications and audit records:
 /// its IP address, an IPv6 address by its /64 (which one host usually
 /// holds whole), an IPv4-mapped IPv6 address as the IPv4 address.
 pub(crate) fn peer_ip_key(ip: IpAddr) -> IpAddr {
@@ -613,7 +636,7 @@ pub(crate) fn peer_ip_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-async fn connection<F, S, B>(
+async fn connection<F, S>(
     accepted: Accepted,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: &Shared<F>,
@@ -621,12 +644,7 @@ async fn connection<F, S, B>(
     _slot: Slot<F>,
 ) where
     F: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>, Error = std::convert::Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Responder,
 {
     let limits = &shared.limits;
     let state = Arc::new(ConnState::new());

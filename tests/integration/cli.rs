@@ -42,13 +42,18 @@ impl Proc {
         }
     }
 
-    fn terminate(&mut self) -> i32 {
+    /// Sends `signal` (`-HUP`, `-TERM`, ...) to the process.
+    fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .arg("-TERM")
+            .arg(signal)
             .arg(self.child.id().to_string())
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    fn terminate(&mut self) -> i32 {
+        self.signal("-TERM");
         let (done, wait) = mpsc::channel();
         let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
         std::thread::spawn(move || done.send(child.wait().unwrap()));
@@ -73,6 +78,22 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
         }
     });
     rx
+}
+
+/// `fake-box` writing its configs into `dir`, once it serves: the process
+/// and its URL.
+fn fake_box(dir: &std::path::Path) -> (Proc, String) {
+    let fake = Proc::spawn(
+        Command::new(bin())
+            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
+            .arg(dir),
+    );
+    let url = Proc::wait_line(&fake.stdout, "fake Box at")
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_owned();
+    (fake, url)
 }
 
 /// Runs the binary to completion: (exit code, stdout, stderr).
@@ -170,12 +191,7 @@ fn revoke(addr: &str, token: &str) -> (i32, String) {
 #[test]
 fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = Proc::spawn(
-        Command::new(bin())
-            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
-            .arg(dir.path()),
-    );
-    Proc::wait_line(&fake.stdout, "fake Box at");
+    let (_fake, _) = fake_box(dir.path());
     let config = dir.path().join("broker.toml");
     assert!(config.exists() && dir.path().join("box_config.json").exists());
 
@@ -386,16 +402,7 @@ fn sigterm_under_load_flips_health_first_fails_no_request_and_exits_0() {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
     let dir = tempfile::tempdir().unwrap();
-    let fake = Proc::spawn(
-        Command::new(bin())
-            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
-            .arg(dir.path()),
-    );
-    let fake_url = Proc::wait_line(&fake.stdout, "fake Box at")
-        .split_whitespace()
-        .nth(3)
-        .unwrap()
-        .to_owned();
+    let (_fake, fake_url) = fake_box(dir.path());
     let mut serve = Proc::spawn(
         Command::new(bin())
             .args(["serve", "--config"])
@@ -545,12 +552,7 @@ fn check_config_and_serve_refuse_an_audit_path_in_a_missing_directory() {
 
 /// A `fake-box` and its written config, with the `[policy]` section taken out.
 fn fake_box_without_policy(dir: &tempfile::TempDir) -> (Proc, PathBuf) {
-    let fake = Proc::spawn(
-        Command::new(bin())
-            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
-            .arg(dir.path()),
-    );
-    Proc::wait_line(&fake.stdout, "fake Box at");
+    let (fake, _) = fake_box(dir.path());
     let config = dir.path().join("broker.toml");
     let text = std::fs::read_to_string(&config)
         .unwrap()
@@ -572,14 +574,7 @@ fn sighup_does_not_stop_serve_without_a_policy_file() {
     );
     Proc::wait_line(&serve.stderr, "serving gRPC");
     for _ in 0..2 {
-        assert!(
-            Command::new("kill")
-                .arg("-HUP")
-                .arg(serve.child.id().to_string())
-                .status()
-                .unwrap()
-                .success()
-        );
+        serve.signal("-HUP");
         Proc::wait_line(&serve.stderr, "SIGHUP: nothing to reload");
     }
     assert!(serve.child.try_wait().unwrap().is_none(), "still running");
@@ -601,14 +596,7 @@ fn sighup_does_not_stop_dev_and_it_still_cleans_up() {
         1,
         "dev's key store directory"
     );
-    assert!(
-        Command::new("kill")
-            .arg("-HUP")
-            .arg(dev.child.id().to_string())
-            .status()
-            .unwrap()
-            .success()
-    );
+    dev.signal("-HUP");
     Proc::wait_line(&dev.stderr, "SIGHUP: nothing to reload");
     assert!(dev.child.try_wait().unwrap().is_none(), "still running");
     assert_eq!(dev.terminate(), 0);
@@ -622,12 +610,7 @@ fn sighup_does_not_stop_dev_and_it_still_cleans_up() {
 #[test]
 fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = Proc::spawn(
-        Command::new(bin())
-            .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
-            .arg(dir.path()),
-    );
-    Proc::wait_line(&fake.stdout, "fake Box at");
+    let (_fake, _) = fake_box(dir.path());
     // Few descriptors: the broker's own, plus a handful of connections.
     let mut serve = Proc::spawn(
         Command::new("sh")

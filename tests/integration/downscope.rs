@@ -346,7 +346,7 @@ async fn revoking_a_token_the_broker_did_not_issue_is_not_found() {
     assert_status(
         &h.revoke("not-one-of-ours").await.unwrap_err(),
         Code::NotFound,
-        "no live token with that value",
+        "holds no token with that value",
     );
     assert_status(
         &h.revoke("").await.unwrap_err(),

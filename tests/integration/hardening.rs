@@ -378,6 +378,46 @@ async fn a_revocation_the_caller_gives_up_on_still_completes() {
 }
 
 #[tokio::test]
+async fn one_revocation_of_a_token_at_a_time() {
+    let h = Harness::start().await;
+    let child = h
+        .downscoped(downscope(
+            enterprise(),
+            &["item_preview"],
+            file(seed::SERVICE_ACCOUNT_FILE_ID),
+        ))
+        .await
+        .unwrap()
+        .token
+        .unwrap()
+        .access_token;
+    h.fake.set_latency(Duration::from_millis(500));
+    let first = tokio::spawn({
+        let client = h.client.clone();
+        let child = child.clone();
+        async move {
+            client
+                .clone()
+                .revoke_token(pb::RevokeTokenRequest {
+                    app: String::new(),
+                    access_token: child,
+                })
+                .await
+        }
+    });
+    // The first is at Box (which takes 500 ms) when the second comes.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = h.revoke(&child).await.unwrap_err();
+    assert_status(
+        &second,
+        Code::Unavailable,
+        "a revocation of this token is already under way",
+    );
+    first.await.unwrap().unwrap();
+    assert!(h.fake.is_revoked(&child));
+}
+
+#[tokio::test]
 async fn a_header_block_over_the_limit_is_refused_and_the_server_keeps_serving() {
     let h = Harness::start().await;
     let (send, conn) = raw(h.addr).await;
@@ -746,7 +786,7 @@ async fn a_token_served_to_another_caller_is_not_found_like_one_that_never_exist
     assert_status(
         &theirs,
         Code::NotFound,
-        "no live token with that value that was issued to you",
+        "holds no token with that value that was issued to you",
     );
     assert_eq!(
         (theirs.code(), theirs.message()),

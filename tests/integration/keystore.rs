@@ -199,6 +199,22 @@ fn a_corrupt_store_stops_the_binary_with_one_line_naming_the_file() {
         "{\"format\": \"box-broker key store\", \"vers",
     )
     .unwrap();
+    let (code, stderr) = check_store_config(&dir);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "box-broker: error: key store {}: not a key store: the file is corrupt or truncated",
+            dir.path().join("keys.json").display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&"ab".repeat(32)), "the KEK is never printed");
+}
+
+/// `check-config` of a config in `dir` naming `box_config.json`, the key
+/// store `keys.json` and the KEK file `kek`: (exit code, stderr).
+fn check_store_config(dir: &tempfile::TempDir) -> (Option<i32>, String) {
     let config = dir.path().join("broker.toml");
     std::fs::write(
         &config,
@@ -210,17 +226,7 @@ fn a_corrupt_store_stops_the_binary_with_one_line_naming_the_file() {
         .arg(&config)
         .output()
         .unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with(&format!(
-            "box-broker: error: key store {}: not a key store: the file is corrupt or truncated",
-            dir.path().join("keys.json").display()
-        )),
-        "{stderr}"
-    );
-    assert!(!stderr.contains(&"ab".repeat(32)), "the KEK is never printed");
+    (out.status.code(), String::from_utf8(out.stderr).unwrap())
 }
 
 /// Makes `path` readable by its owner only, as a KEK file must be.
@@ -237,19 +243,8 @@ fn a_kek_file_others_may_read_stops_startup_naming_the_fix() {
     std::fs::write(&kek, "ab".repeat(32)).unwrap();
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let config = dir.path().join("broker.toml");
-    std::fs::write(
-        &config,
-        "[apps.default]\nbox_config_file = \"box_config.json\"\n[keystore]\npath = \"keys.json\"\nkek_file = \"kek\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_box-broker"))
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let (code, stderr) = check_store_config(&dir);
+    assert_eq!(code, Some(64), "{stderr}");
     assert_eq!(
         stderr.trim_end(),
         format!(
@@ -258,12 +253,8 @@ fn a_kek_file_others_may_read_stops_startup_naming_the_fix() {
         )
     );
     owner_only(&kek);
-    let out = Command::new(env!("CARGO_BIN_EXE_box-broker"))
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, stderr) = check_store_config(&dir);
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 /// The child side of the kill -9 test: saves two alternating key sets in a
@@ -416,7 +407,12 @@ async fn a_store_written_before_retiring_purged_keys_is_purged_at_startup() {
         .save(&serde_json::from_value::<StoredState>(state).unwrap())
         .unwrap();
 
-    let (_broker, _ring) = restarted_ring(&h);
+    // Opening (what check-config does too) writes nothing...
+    let (_broker, admin) = restarted(&h);
+    let admin = admin.unwrap();
+    assert!(stored(&h)["apps"]["gone"]["keys"][0]["private_pkcs8"].is_string());
+    // ...serve then drops the material.
+    assert!(admin.write_pending_purge().unwrap());
     let after = stored(&h);
     for app in ["default", "gone"] {
         let key = after["apps"][app]["keys"]
