@@ -462,16 +462,25 @@ struct Inner {
     policy: CachePolicy,
 }
 
-/// SHA-256 of a cached token -> its key, in shards.
+/// SHA-256 of a cached token -> its key, in shards. Keyed by the digest's
+/// first eight bytes (a third of the memory of the whole digest); `find`
+/// compares the whole digest with the token it finds.
 #[derive(Default)]
 struct DigestIndex {
-    shards: [Mutex<HashMap<[u8; 32], TokenKey>>; 16],
+    shards: [Mutex<HashMap<u64, TokenKey>>; 16],
+}
+
+/// The index's key for `digest`.
+fn short(digest: &[u8; 32]) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_ne_bytes(first)
 }
 
 impl DigestIndex {
-    fn shard(&self, digest: &[u8; 32]) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], TokenKey>> {
-        // A digest is uniformly random: its first byte picks the shard.
-        self.shards[usize::from(digest[0] % 16)]
+    fn shard(&self, digest: &[u8; 32]) -> std::sync::MutexGuard<'_, HashMap<u64, TokenKey>> {
+        // A digest is uniformly random: a byte past the index key picks the shard.
+        self.shards[usize::from(digest[8] % 16)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -531,7 +540,7 @@ impl TokenCache {
             .name("box-tokens")
             .max_capacity(policy.max_entries)
             .expire_after(ExpireAtTokenExpiry)
-            .eviction_listener(move |_, token: Arc<CachedToken>, cause| {
+            .eviction_listener(move |key: Arc<TokenKey>, token: Arc<CachedToken>, cause| {
                 // Whatever the cause, the token is no longer the cached one:
                 // its children must be exchanged anew (`cached_child`). For a
                 // replacement or an invalidation moka calls this inside
@@ -542,7 +551,11 @@ impl TokenCache {
                 // parent is still a valid token nothing newer has replaced,
                 // and a child expires no later than its parent.
                 token.supersede();
-                index.shard(&token.sha256).remove(&token.sha256);
+                let mut shard = index.shard(&token.sha256);
+                // Only this token's entry (a colliding newer one stays).
+                if shard.get(&short(&token.sha256)).is_some_and(|indexed| *indexed == *key) {
+                    shard.remove(&short(&token.sha256));
+                }
                 if cause.was_evicted() {
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -688,7 +701,7 @@ impl TokenCache {
     /// The cached token of `app` whose SHA-256 is `digest`, and its key:
     /// two hash lookups, whatever the cache holds.
     pub async fn find(&self, app: &str, digest: &[u8; 32]) -> Option<(TokenKey, Arc<CachedToken>)> {
-        let key = self.inner.by_digest.shard(digest).get(digest).cloned()?;
+        let key = self.inner.by_digest.shard(digest).get(&short(digest)).cloned()?;
         let token = self.inner.entries.get(&key).await?;
         (&*key.app == app && token.sha256 == *digest).then_some((key, token))
     }
@@ -887,7 +900,9 @@ impl Inner {
                 if token.remaining(self.clock.now()) > self.policy.safety_margin {
                     // Indexed first: the eviction listener removes it again
                     // whenever the entry leaves, even at once.
-                    self.by_digest.shard(&token.sha256).insert(token.sha256, key.clone());
+                    self.by_digest
+                        .shard(&token.sha256)
+                        .insert(short(&token.sha256), key.clone());
                     self.entries.insert(key.clone(), Arc::clone(&token)).await;
                 }
                 Ok(token)
