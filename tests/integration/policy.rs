@@ -592,11 +592,17 @@ async fn a_rule_s_max_lifetime_caps_expires_at_and_refuses_longer_min_ttl() {
 }
 
 #[test]
-fn a_zero_max_lifetime_is_an_invalid_policy() {
-    let text = "[[rules]]\nname = \"r\"\ncallers = [\"apikey:x\"]\nenterprise = true\nmax_lifetime_secs = 0\n";
-    let e = Policy::parse(text, "p.toml")
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(e.contains("max_lifetime_secs must be 1 to 86400"), "{e}");
+fn a_max_lifetime_of_zero_or_past_a_day_is_an_invalid_policy() {
+    // i64::MAX once passed validation and then panicked every request under
+    // the rule, unaudited.
+    for secs in ["0", "86401", "9223372036854775807"] {
+        let text = format!(
+            "[[rules]]\nname = \"r\"\ncallers = [\"apikey:x\"]\nenterprise = true\nmax_lifetime_secs = {secs}\n"
+        );
+        let e = Policy::parse(&text, "p.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("max_lifetime_secs must be 1 to 86400"), "{secs}: {e}");
+    }
 }
