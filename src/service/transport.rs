@@ -287,6 +287,24 @@ pub struct TlsError {
     pub problem: String,
 }
 
+/// The certificates of a PEM file, at least one; `part` names it in errors.
+fn pem_certificates(pem: &[u8], part: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject as _;
+    let certificates: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError {
+            part,
+            problem: format!("not PEM certificates: {e}"),
+        })?;
+    if certificates.is_empty() {
+        return Err(TlsError {
+            part,
+            problem: "holds no PEM certificate".to_owned(),
+        });
+    }
+    Ok(certificates)
+}
+
 /// A listener's TLS: its certificate and key, and optionally the CA its
 /// callers' client certificates must chain to. Parsed and checked when
 /// built, so a garbage file stops startup (and `check-config`).
@@ -317,18 +335,7 @@ impl ServerTls {
         client_ca: Option<(&[u8], ClientCertificates)>,
     ) -> Result<Self, TlsError> {
         use rustls::pki_types::{PrivateKeyDer, pem::PemObject as _};
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_chain)
-            .collect::<Result<_, _>>()
-            .map_err(|e| TlsError {
-                part: "the certificate chain",
-                problem: format!("not PEM certificates: {e}"),
-            })?;
-        if chain.is_empty() {
-            return Err(TlsError {
-                part: "the certificate chain",
-                problem: "holds no PEM certificate".to_owned(),
-            });
-        }
+        let chain = pem_certificates(cert_chain, "the certificate chain")?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| TlsError {
             part: "the private key",
             problem: format!("not a PEM private key: {e}"),
@@ -344,21 +351,11 @@ impl ServerTls {
             None => builder.with_no_client_auth(),
             Some((ca, requirement)) => {
                 let mut roots = rustls::RootCertStore::empty();
-                for cert in CertificateDer::pem_slice_iter(ca) {
-                    let cert = cert.map_err(|e| TlsError {
-                        part: "the client CA",
-                        problem: format!("not PEM certificates: {e}"),
-                    })?;
+                for cert in pem_certificates(ca, "the client CA")? {
                     roots.add(cert).map_err(|e| TlsError {
                         part: "the client CA",
                         problem: format!("not a usable CA certificate: {e}"),
                     })?;
-                }
-                if roots.is_empty() {
-                    return Err(TlsError {
-                        part: "the client CA",
-                        problem: "holds no PEM certificate".to_owned(),
-                    });
                 }
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
                 let verifier = match requirement {

@@ -42,6 +42,14 @@ impl Proc {
         }
     }
 
+    /// The `listen` field of the first JSON log line holding `needle`
+    /// (`serving gRPC`, `serving Prometheus metrics`, ...).
+    fn wait_listen(stream: &mpsc::Receiver<String>, needle: &str) -> String {
+        let line = Self::wait_line(stream, needle);
+        let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        log["fields"]["listen"].as_str().expect("a listen field").to_owned()
+    }
+
     /// Sends `signal` (`-HUP`, `-TERM`, ...) to the process.
     fn signal(&self, signal: &str) {
         let status = Command::new("kill")
@@ -204,12 +212,8 @@ fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigter
             .env("BOX_BROKER_LOG__FORMAT", "json")
             .env_remove("RUST_LOG"),
     );
-    let line = Proc::wait_line(&serve.stderr, "serving gRPC");
-    let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
-    let addr = log["fields"]["listen"].as_str().unwrap().to_owned();
-    let line = Proc::wait_line(&serve.stderr, "serving Prometheus metrics");
-    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let metrics = log["fields"]["listen"].as_str().unwrap().to_owned();
+    let addr = Proc::wait_listen(&serve.stderr, "serving gRPC");
+    let metrics = Proc::wait_listen(&serve.stderr, "serving Prometheus metrics");
 
     let (code, stdout, stderr) = token_get(&["--addr", &addr, "--enterprise"]);
     assert_eq!(code, 0, "{stderr}");
@@ -412,9 +416,7 @@ fn sigterm_under_load_flips_health_first_fails_no_request_and_exits_0() {
             .env("BOX_BROKER_LOG__FORMAT", "json")
             .env_remove("RUST_LOG"),
     );
-    let line = Proc::wait_line(&serve.stderr, "serving gRPC");
-    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let addr = format!("http://{}", log["fields"]["listen"].as_str().unwrap());
+    let addr = format!("http://{}", Proc::wait_listen(&serve.stderr, "serving gRPC"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let flipped = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -624,12 +626,8 @@ fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
             .env("BOX_BROKER_LOG__FORMAT", "json")
             .env_remove("RUST_LOG"),
     );
-    let line = Proc::wait_line(&serve.stderr, "serving gRPC");
-    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let addr = log["fields"]["listen"].as_str().unwrap().to_owned();
-    let line = Proc::wait_line(&serve.stderr, "serving Prometheus metrics");
-    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let metrics = log["fields"]["listen"].as_str().unwrap().to_owned();
+    let addr = Proc::wait_listen(&serve.stderr, "serving gRPC");
+    let metrics = Proc::wait_listen(&serve.stderr, "serving Prometheus metrics");
     // More connections than it has descriptors for, held open for a second.
     let held: Vec<std::net::TcpStream> = (0..40)
         .filter_map(|_| std::net::TcpStream::connect(&addr).ok())

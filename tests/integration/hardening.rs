@@ -21,7 +21,9 @@ use box_token_broker::{
     policy::Policy,
     service::{ConnectionLimits, ServeOptions, TransportCounters},
 };
-use common::{Harness, Options, admin_request, assert_status, downscope, enterprise, file, token_of, user};
+use common::{
+    Harness, Options, admin_request, assert_status, downscope, enterprise, file, pushback_ms, token_of, user,
+};
 use tokio::{io::AsyncReadExt as _, net::TcpStream};
 use tonic::{
     Code,
@@ -142,6 +144,28 @@ fn serve(connections: ConnectionLimits) -> ServeOptions {
     }
 }
 
+/// A broker with `connections`, and the counters of its transport.
+async fn counted(connections: ConnectionLimits) -> (Harness, Arc<TransportCounters>) {
+    let counters = Arc::new(TransportCounters::default());
+    let h = Harness::with(Options {
+        serve: ServeOptions {
+            counters: counters.clone(),
+            ..serve(connections)
+        },
+        ..Options::default()
+    })
+    .await;
+    (h, counters)
+}
+
+/// One anonymous `GetToken` on `send`'s connection, answered 200.
+async fn get_token_on(send: h2::client::SendRequest<Bytes>) {
+    let mut send = send.ready().await.unwrap();
+    let (response, mut stream) = send.send_request(grpc("GetToken", &[]), false).unwrap();
+    stream.send_data(framed(&enterprise_message()), true).unwrap();
+    assert_eq!(response.await.unwrap().status(), http::StatusCode::OK);
+}
+
 // ---------------------------------------------------------------------------
 // 1, 4. What a peer can hold before it has authenticated.
 
@@ -249,16 +273,9 @@ async fn health_and_reflection_answer_anyone_but_only_small_messages() {
 
 #[tokio::test]
 async fn one_peer_address_cannot_take_every_connection() {
-    let counters = Arc::new(TransportCounters::default());
-    let h = Harness::with(Options {
-        serve: ServeOptions {
-            counters: counters.clone(),
-            ..serve(ConnectionLimits {
-                max_connections_per_peer: 2,
-                ..ConnectionLimits::default()
-            })
-        },
-        ..Options::default()
+    let (h, counters) = counted(ConnectionLimits {
+        max_connections_per_peer: 2,
+        ..ConnectionLimits::default()
     })
     .await;
     // The harness's client is one connection from 127.0.0.1; take the other.
@@ -287,26 +304,16 @@ async fn one_peer_address_cannot_take_every_connection() {
 
 #[tokio::test]
 async fn a_connection_that_never_authenticates_idles_out_sooner() {
-    let counters = Arc::new(TransportCounters::default());
-    let h = Harness::with(Options {
-        serve: ServeOptions {
-            counters: counters.clone(),
-            ..serve(ConnectionLimits {
-                idle_timeout: Duration::from_secs(60),
-                unauthenticated_idle_timeout: Duration::from_millis(300),
-                ..ConnectionLimits::default()
-            })
-        },
-        ..Options::default()
+    let (h, _) = counted(ConnectionLimits {
+        idle_timeout: Duration::from_secs(60),
+        unauthenticated_idle_timeout: Duration::from_millis(300),
+        ..ConnectionLimits::default()
     })
     .await;
     // One connection carries an authenticated request, one only a health check.
     let (authenticated, conn) = raw(h.addr).await;
     let authenticated_conn = tokio::spawn(conn);
-    let mut authenticated = authenticated.ready().await.unwrap();
-    let (response, mut stream) = authenticated.send_request(grpc("GetToken", &[]), false).unwrap();
-    stream.send_data(framed(&enterprise_message()), true).unwrap();
-    assert_eq!(response.await.unwrap().status(), http::StatusCode::OK);
+    get_token_on(authenticated.clone()).await;
     let (probe, conn) = raw(h.addr).await;
     let probe_conn = tokio::spawn(conn);
     let mut probe = probe.ready().await.unwrap();
@@ -318,26 +325,27 @@ async fn a_connection_that_never_authenticates_idles_out_sooner() {
     let ended = tokio::time::timeout(Duration::from_secs(10), probe_conn).await;
     assert!(ended.is_ok(), "the never-authenticated connection was closed");
     assert!(!authenticated_conn.is_finished(), "the authenticated one was not");
-    let mut authenticated = authenticated.ready().await.unwrap();
-    let (response, mut stream) = authenticated.send_request(grpc("GetToken", &[]), false).unwrap();
-    stream.send_data(framed(&enterprise_message()), true).unwrap();
-    assert_eq!(response.await.unwrap().status(), http::StatusCode::OK);
+    get_token_on(authenticated).await;
+}
+
+/// A downscoped `item_preview` token on the Service Account's file.
+async fn preview_token(h: &Harness) -> String {
+    h.downscoped(downscope(
+        enterprise(),
+        &["item_preview"],
+        file(seed::SERVICE_ACCOUNT_FILE_ID),
+    ))
+    .await
+    .unwrap()
+    .token
+    .unwrap()
+    .access_token
 }
 
 #[tokio::test]
 async fn a_revocation_the_caller_gives_up_on_still_completes() {
     let h = Harness::start().await;
-    let child = h
-        .downscoped(downscope(
-            enterprise(),
-            &["item_preview"],
-            file(seed::SERVICE_ACCOUNT_FILE_ID),
-        ))
-        .await
-        .unwrap()
-        .token
-        .unwrap()
-        .access_token;
+    let child = preview_token(&h).await;
     h.fake.set_latency(Duration::from_millis(600));
     let mut request = tonic::Request::new(pb::RevokeTokenRequest {
         app: String::new(),
@@ -362,35 +370,13 @@ async fn a_revocation_the_caller_gives_up_on_still_completes() {
     assert!(revoked, "revoked at Box");
     h.fake.set_latency(Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let again = h
-        .downscoped(downscope(
-            enterprise(),
-            &["item_preview"],
-            file(seed::SERVICE_ACCOUNT_FILE_ID),
-        ))
-        .await
-        .unwrap();
-    assert_ne!(
-        again.token.unwrap().access_token,
-        child,
-        "a new token, not the revoked one"
-    );
+    assert_ne!(preview_token(&h).await, child, "a new token, not the revoked one");
 }
 
 #[tokio::test]
 async fn one_revocation_of_a_token_at_a_time() {
     let h = Harness::start().await;
-    let child = h
-        .downscoped(downscope(
-            enterprise(),
-            &["item_preview"],
-            file(seed::SERVICE_ACCOUNT_FILE_ID),
-        ))
-        .await
-        .unwrap()
-        .token
-        .unwrap()
-        .access_token;
+    let child = preview_token(&h).await;
     h.fake.set_latency(Duration::from_millis(500));
     let first = tokio::spawn({
         let client = h.client.clone();
@@ -435,16 +421,9 @@ async fn a_header_block_over_the_limit_is_refused_and_the_server_keeps_serving()
 
 #[tokio::test]
 async fn a_connection_that_never_speaks_http2_is_closed_after_the_handshake_timeout() {
-    let counters = Arc::new(TransportCounters::default());
-    let h = Harness::with(Options {
-        serve: ServeOptions {
-            counters: counters.clone(),
-            ..serve(ConnectionLimits {
-                handshake_timeout: Duration::from_millis(200),
-                ..ConnectionLimits::default()
-            })
-        },
-        ..Options::default()
+    let (h, counters) = counted(ConnectionLimits {
+        handshake_timeout: Duration::from_millis(200),
+        ..ConnectionLimits::default()
     })
     .await;
     let mut silent = TcpStream::connect(h.addr).await.unwrap();
@@ -480,25 +459,16 @@ async fn a_silent_connection_does_not_hold_up_shutdown() {
 
 #[tokio::test]
 async fn an_idle_connection_gets_goaway() {
-    let counters = Arc::new(TransportCounters::default());
-    let h = Harness::with(Options {
-        serve: ServeOptions {
-            counters: counters.clone(),
-            ..serve(ConnectionLimits {
-                idle_timeout: Duration::from_millis(300),
-                ..ConnectionLimits::default()
-            })
-        },
-        ..Options::default()
+    let (h, counters) = counted(ConnectionLimits {
+        idle_timeout: Duration::from_millis(300),
+        ..ConnectionLimits::default()
     })
     .await;
     let (send, conn) = raw(h.addr).await;
     let connection = tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
-    let (response, mut stream) = send.send_request(grpc("GetToken", &[]), false).unwrap();
-    stream.send_data(framed(&enterprise_message()), true).unwrap();
-    assert_eq!(response.await.unwrap().status(), http::StatusCode::OK);
-    // Then nothing: the server ends the connection.
+    get_token_on(send.clone()).await;
+    // Then nothing (`send` is still held, so the client keeps it open): the
+    // server ends the connection.
     let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
     assert!(ended.is_ok(), "the idle connection was closed");
     // This one, and the harness's own idle client connection.
@@ -524,16 +494,9 @@ async fn a_connection_is_closed_at_its_maximum_age() {
 
 #[tokio::test]
 async fn connections_past_the_cap_are_closed_at_once() {
-    let counters = Arc::new(TransportCounters::default());
-    let h = Harness::with(Options {
-        serve: ServeOptions {
-            counters: counters.clone(),
-            ..serve(ConnectionLimits {
-                max_connections: 2,
-                ..ConnectionLimits::default()
-            })
-        },
-        ..Options::default()
+    let (h, counters) = counted(ConnectionLimits {
+        max_connections: 2,
+        ..ConnectionLimits::default()
     })
     .await;
     // The harness's own client holds one connection; take the other.
@@ -978,14 +941,7 @@ async fn a_retry_after_beyond_any_clock_is_capped_not_a_panic() {
     );
     let status = h.get(enterprise()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let pushback: u64 = status
-        .metadata()
-        .get("grpc-retry-pushback-ms")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pushback = pushback_ms(&status);
     assert!(pushback <= 600_000, "{pushback}");
 }
 

@@ -7,7 +7,7 @@ use crate::common;
 use std::time::Duration;
 
 use box_token_broker::{boxapi::client::UpstreamPolicy, fakebox::Fault, fakebox::seed};
-use common::{Harness, Options, assert_status, enterprise, test_upstream, token_of, user};
+use common::{Harness, Options, assert_status, enterprise, pushback_ms, test_upstream, token_of, user};
 use tonic::Code;
 
 async fn harness_with(upstream: UpstreamPolicy) -> Harness {
@@ -152,14 +152,7 @@ async fn an_open_circuit_fails_fast_with_a_retry_hint_and_a_probe_closes_it() {
     // Open: refused at once, Box is not asked.
     let fast = h.get(user(seed::APP_USER_IDS[0])).await.unwrap_err();
     assert_status(&fast, Code::Unavailable, "not asking it for 30 s");
-    let pushback: u64 = fast
-        .metadata()
-        .get("grpc-retry-pushback-ms")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pushback = pushback_ms(&fast);
     assert!((29_000..=30_000).contains(&pushback), "{pushback}");
     assert_eq!(arrivals(&h), 2);
     // After the cooldown one probe goes through; it succeeds and closes the circuit.

@@ -390,6 +390,18 @@ pub fn assert_status(status: &tonic::Status, code: tonic::Code, fragment: &str) 
     );
 }
 
+/// The `grpc-retry-pushback-ms` a status carries, in milliseconds.
+pub fn pushback_ms(status: &tonic::Status) -> u64 {
+    status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .expect("a grpc-retry-pushback-ms")
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("milliseconds")
+}
+
 /// A `GetDownscopedTokenRequest` for `subject` with `scopes` and `target`.
 pub fn downscope(
     subject: pb::GetTokenRequest,
