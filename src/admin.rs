@@ -277,7 +277,11 @@ impl KeyAdmin {
     ) -> Result<(), AdminError> {
         let subject = BoxSubject::Enterprise(credentials.enterprise_id.clone());
         match app.client.request_token(credentials, &subject).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                // Box answered the app: status shows it as the last success.
+                app.record(Ok(SystemTime::now()));
+                Ok(())
+            }
             Err(error) => {
                 let kid = match &credentials.auth {
                     crate::boxapi::AuthMethod::Jwt { key, .. } => Some(key.kid()),

@@ -136,7 +136,7 @@ impl App {
         self.standby_fallbacks.load(Ordering::Relaxed)
     }
 
-    fn record(&self, outcome: Result<SystemTime, (SystemTime, &str)>) {
+    pub(crate) fn record(&self, outcome: Result<SystemTime, (SystemTime, &str)>) {
         let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match outcome {
             Ok(at) => health.last_success = Some(at),
@@ -339,7 +339,11 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
         Err(error) => {
             let (kid, ccg) = kid_and_ccg(&used.credentials);
             let diagnosis = diagnose(&error, &key.subject, &used.credentials.client_id, kid, ccg);
-            app.record(Err((now, &diagnosis.message)));
+            // A user Box does not know (or will not tokenize) is the caller's
+            // mistake, not the app failing: status shows only the latter.
+            if diagnosis.kind != DiagnosisKind::NotFound {
+                app.record(Err((now, &diagnosis.message)));
+            }
             app.outcomes.mints_failed.fetch_add(1, Ordering::Relaxed);
             // The one place an upstream failure is logged in full.
             tracing::warn!(

@@ -1202,7 +1202,11 @@ fn apply_env(
 ) -> Result<Vec<String>, ConfigError> {
     let mut applied = Vec::new();
     for (name, raw) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        // Only `BOX_BROKER_<SECTION>__<KEY>`: every setting is in a section,
+        // so an override always has a `__`, and a name without one is some
+        // other use of the prefix (the admin CLI's BOX_BROKER_ADMIN_KEY, a
+        // `kek_env` such as BOX_BROKER_KEK), never a setting.
+        let Some(rest) = name.strip_prefix(ENV_PREFIX).filter(|rest| rest.contains("__")) else {
             continue;
         };
         let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
@@ -1288,6 +1292,22 @@ mod tests {
         assert_eq!(c.apps["default"].api_base_url, "http://127.0.0.1:9");
         assert_eq!(c.apps["default"].enterprise_id.as_deref(), Some("12345"));
         assert_eq!(c.cache.max_entries, 10);
+    }
+
+    #[test]
+    fn the_prefix_without_a_section_is_not_an_override() {
+        // The admin CLI's key and the README's `kek_env`, exported in the
+        // shell that runs `serve`, once stopped it: unknown field `admin_key`.
+        let c = load(
+            MINIMAL,
+            &[
+                ("BOX_BROKER_ADMIN_KEY", "an-admin-key"),
+                ("BOX_BROKER_KEK", "a-kek"),
+                ("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:6000"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.server.listen.port(), 6000);
     }
 
     #[test]

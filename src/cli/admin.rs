@@ -78,13 +78,13 @@ enum KeysCommand {
         /// The kid Box assigned.
         #[arg(long)]
         kid: String,
-        /// For a generated key: its fingerprint (as `keys generate` printed it).
+        /// For a generated key: its fingerprint (as `keys generate` printed it, or its first 8+ hex digits).
         #[arg(long, default_value = "")]
         fingerprint: String,
     },
     /// Retire a key (never the active one).
     Retire {
-        /// Its kid, or a pending key's fingerprint.
+        /// Its kid, or its fingerprint (or the fingerprint's first 8+ hex digits).
         kid_or_fingerprint: String,
     },
     /// List the keys.
@@ -152,8 +152,8 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                     .map_err(|e| fail(1, &format!("{}: cannot write: {e}", out.display())))?;
             }
             let fingerprint = generated.key.map(|k| k.fingerprint).unwrap_or_default();
-            println!("fingerprint {fingerprint}");
-            print!("{}", generated.public_key_pem);
+            out!("fingerprint {fingerprint}");
+            out!("{}", generated.public_key_pem.trim_end());
             eprintln!(
                 "Upload this public key in the Box developer console (Configuration > Add and Manage Public Keys), then:\n  box-broker admin keys activate --kid <the key id Box shows> --fingerprint {fingerprint}"
             );
@@ -234,7 +234,7 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            println!(
+            out!(
                 "rotated; {} previous secret(s) kept as fallback until `admin secret retire-previous`",
                 rotated.fallback_secrets
             );
@@ -245,7 +245,7 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            println!("retired {} previous secret(s)", retired.retired);
+            out!("retired {} previous secret(s)", retired.retired);
         }
         AdminCommand::Status => {
             let status = client
@@ -253,7 +253,7 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            println!(
+            out!(
                 "cached tokens: {}; key store: {}",
                 status.cached_tokens,
                 if status.key_store {
@@ -270,7 +270,7 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 let when = |t: Option<prost_types::Timestamp>| {
                     t.map_or_else(|| "never".to_owned(), |t| crate::audit::rfc3339(timestamp(&t)))
                 };
-                println!(
+                out!(
                     "app {}: {}; active key {key}; {} key(s); {} fallback secret(s); standby fallbacks {}; last Box success {}; last failure {}{}",
                     a.name,
                     a.auth,
@@ -302,7 +302,7 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            println!("invalidated {} cached token(s)", dropped.invalidated);
+            out!("invalidated {} cached token(s)", dropped.invalidated);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -317,7 +317,7 @@ fn print_keys(keys: &[pb::KeyInfo]) {
             pb::KeyState::Retired => "retired",
             pb::KeyState::Unspecified => "unspecified",
         });
-        println!(
+        out!(
             "{state:<8} kid {:<12} {} {} bits  sha256 {}  {}  last used {}",
             if k.kid.is_empty() { "(none yet)" } else { &k.kid },
             k.algorithm,

@@ -41,6 +41,7 @@ fn new_passphrase() -> SecretString {
 /// Runs `dev`.
 pub async fn run_dev(args: DevArgs) -> ExitCode {
     let hangups = super::hangups();
+    let shutdown = shutdown_signal();
     let _telemetry = init_dev_logging();
     let _hangups = AbortOnDrop(tokio::spawn(crate::reload::log_hangups(hangups)));
     // The banner owns stdout; audit records go to stderr with the logs.
@@ -147,7 +148,7 @@ pub async fn run_dev(args: DevArgs) -> ExitCode {
             ),
         ],
         audit,
-        shutdown_signal(),
+        shutdown,
     )
     .await;
     fake_server.stop().await;
@@ -174,7 +175,7 @@ fn print_banner(addr: &str, admin_addr: &str, admin_key: &str, fake_url: &str, a
     let exe = std::env::current_exe().map_or_else(|_| "box-broker".to_owned(), |p| p.display().to_string());
     let users = APP_USER_IDS.join(", ");
     let first = APP_USER_IDS[0];
-    println!(
+    out!(
         "\
 box-broker dev mode (NOT for production)
   broker gRPC:    {addr} (plaintext)
@@ -216,6 +217,7 @@ Press Ctrl-C to stop.",
 /// Runs `fake-box`: writes `box_config.json` and `broker.toml`, then serves.
 pub async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
     let hangups = super::hangups();
+    let shutdown = shutdown_signal();
     let _telemetry = init_dev_logging();
     let _hangups = AbortOnDrop(tokio::spawn(crate::reload::log_hangups(hangups)));
     let clock: SharedClock = Arc::new(SystemClock);
@@ -254,7 +256,7 @@ pub async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
         Err(e) => return fail(1, &format!("cannot start the fake Box: {e}")),
     };
     let dir = args.write_config.display();
-    println!(
+    out!(
         "fake Box at {base_url} (app client id {client})\n  wrote {dir}/box_config.json and {dir}/broker.toml\n  \
          enterprise {ENTERPRISE_ID}; App Users {users}; Managed User {MANAGED_USER_ID}\n  \
          run the broker against it: box-broker serve --config {dir}/broker.toml\n  \
@@ -262,7 +264,7 @@ pub async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
         client = app.client_id,
         users = APP_USER_IDS.join(", "),
     );
-    shutdown_signal().await;
+    shutdown.await;
     server.stop().await;
     ExitCode::SUCCESS
 }

@@ -78,16 +78,16 @@ fn generate(args: &KeygenArgs) -> Result<(), (u8, String)> {
     write_new(&paths[0], pem.expose_secret(), true)?;
     write_new(&paths[1], passphrase.expose_secret(), true)?;
     write_new(&paths[2], &public, false)?;
-    println!(
+    out!(
         "Wrote {} (encrypted), {} and {}.",
         paths[0].display(),
         paths[1].display(),
         paths[2].display()
     );
-    println!("Public key (SHA-256 {fingerprint}):\n\n{public}");
-    println!("Next: in the Box developer console, open the app's Configuration > Add and Manage Public Keys,");
-    println!("add this public key, and put the ID Box shows into the broker config as public_key_id,");
-    println!("with private_key_file and private_key_passphrase_file pointing at the files above.");
+    out!("Public key (SHA-256 {fingerprint}):\n\n{public}");
+    out!("Next: in the Box developer console, open the app's Configuration > Add and Manage Public Keys,");
+    out!("add this public key, and put the ID Box shows into the broker config as public_key_id,");
+    out!("with private_key_file and private_key_passphrase_file pointing at the files above.");
     Ok(())
 }
 

@@ -1,6 +1,16 @@
 //! The `box-broker` command line (clap): `serve`, `dev`, `fake-box`,
 //! `token get|downscope|revoke`, `admin ...`, `keygen`, `check-config`.
 
+/// `println!` for the CLI's output: when stdout is closed (`box-broker
+/// admin keys generate | head -1`) the process ends quietly, as SIGPIPE ends
+/// other Unix tools — exit status 141 (128 + SIGPIPE), no message — instead
+/// of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod dev;
 mod keygen;
@@ -117,6 +127,28 @@ pub fn main() -> ExitCode {
     })
 }
 
+/// The exit status of a process ended by SIGPIPE, as the shell reports it.
+const EXIT_CLOSED_STDOUT: i32 = 128 + 13;
+
+/// Writes one line to stdout (see [`out!`]); another write error (a full
+/// disk) is reported on stderr and ends the process with 74 (EX_IOERR).
+pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(EXIT_CLOSED_STDOUT),
+        Err(e) => {
+            eprintln!("box-broker: error: cannot write to stdout: {e}");
+            std::process::exit(74);
+        }
+    }
+}
+
 /// Prints one error line and returns `code`.
 fn fail(code: u8, message: &str) -> ExitCode {
     eprintln!("box-broker: error: {message}");
@@ -178,6 +210,7 @@ fn hangups() -> Option<tokio::signal::unix::Signal> {
 
 async fn serve(path: PathBuf) -> ExitCode {
     let hangups = hangups();
+    let shutdown = shutdown_signal();
     let config = match Config::load(&path, std::env::vars()) {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
@@ -275,7 +308,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         },
         None => None,
     };
-    let served = service::serve_with(options, broker, endpoints, audit, shutdown_signal()).await;
+    let served = service::serve_with(options, broker, endpoints, audit, shutdown).await;
     if let Some(metrics) = metrics {
         metrics.abort();
     }
@@ -379,9 +412,9 @@ async fn check_config(path: PathBuf) -> ExitCode {
         Ok(prepared) => prepared,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
-    println!("{}: ok, listen {}", path.display(), config.server.listen);
+    out!("{}: ok, listen {}", path.display(), config.server.listen);
     for app in prepared.broker.apps() {
-        println!(
+        out!(
             "  app {}: {}; client id {}, enterprise {}",
             app.name,
             app.auth_summary(),
@@ -392,29 +425,40 @@ async fn check_config(path: PathBuf) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Resolves on SIGTERM or Ctrl-C (SIGINT).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Resolves on SIGTERM or Ctrl-C (SIGINT). The handlers are installed when
+/// this is called, not when the future is first polled: call it at startup,
+/// or a SIGTERM in between kills the process without a drain.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let (term, interrupt) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(term) => {},
+                () = wait(interrupt) => {},
+            }
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        tracing::info!("shutdown requested");
     }
-    tracing::info!("shutdown requested");
 }
 
 /// Logs to stderr at info (the dev banner is on stdout); keep the result alive.

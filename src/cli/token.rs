@@ -126,7 +126,7 @@ fn ttl(seconds: Option<u32>) -> Option<prost_types::Duration> {
 
 fn print(token: &pb::AccessToken, cache_hit: bool, json: bool) {
     if !json {
-        println!("{}", token.access_token);
+        out!("{}", token.access_token);
         return;
     }
     let mut out = serde_json::json!({
@@ -143,7 +143,7 @@ fn print(token: &pb::AccessToken, cache_hit: bool, json: bool) {
             .map(|r| serde_json::json!({"scope": r.scope, "object_type": r.object_type, "object_id": r.object_id}))
             .collect();
     }
-    println!("{out}");
+    out!("{out}");
 }
 
 /// Prints a served token; a response without one is a failure.
@@ -232,7 +232,7 @@ pub async fn revoke(args: RevokeArgs) -> ExitCode {
         .await
     {
         Ok(_) => {
-            println!("revoked");
+            out!("revoked");
             ExitCode::SUCCESS
         }
         Err(status) => status_failure(&status),

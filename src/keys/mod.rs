@@ -212,6 +212,10 @@ impl KeyEntry {
     }
 }
 
+/// The fewest hex digits of a fingerprint that name a key (32 bits: two
+/// keys of one app share them by chance about once in four billion).
+pub const MIN_FINGERPRINT_PREFIX: usize = 8;
+
 /// Lowercase hex SHA-256 of the key's public half (SubjectPublicKeyInfo DER).
 pub fn public_fingerprint(key: &RsaPrivateKey) -> Result<String, String> {
     use rsa::pkcs8::EncodePublicKey as _;
@@ -348,6 +352,32 @@ impl Ring {
         self.keys.iter().find(|k| k.is(id))
     }
 
+    /// The key whose fingerprint is `given`, or begins with it: a prefix of
+    /// at least [`MIN_FINGERPRINT_PREFIX`] hex digits that no other key shares
+    /// (what a person copies from `ListKeys`; a trailing `…` is ignored).
+    pub fn by_fingerprint(&self, given: &str) -> Result<&KeyEntry, RingError> {
+        let prefix = given.trim().trim_end_matches('…').to_ascii_lowercase();
+        if let Some(key) = self.keys.iter().find(|k| k.fingerprint == prefix) {
+            return Ok(key);
+        }
+        if prefix.len() < MIN_FINGERPRINT_PREFIX || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RingError::NotFound(format!(
+                "no key has fingerprint {given}: give the fingerprint ListKeys shows, or at least its first \
+                 {MIN_FINGERPRINT_PREFIX} hex digits"
+            )));
+        }
+        let mut matching = self.keys.iter().filter(|k| k.fingerprint.starts_with(&prefix));
+        match (matching.next(), matching.next()) {
+            (Some(key), None) => Ok(key),
+            (None, _) => Err(RingError::NotFound(format!(
+                "no key has a fingerprint beginning {prefix}"
+            ))),
+            (Some(_), Some(_)) => Err(RingError::Refused(format!(
+                "more than one key has a fingerprint beginning {prefix}: give more of it"
+            ))),
+        }
+    }
+
     fn credentials(&self, key: Option<&KeyEntry>, secret: &SecretEntry) -> Option<Attempt> {
         let auth = match (self.identity.algorithm, key) {
             (None, _) => AuthMethod::Ccg,
@@ -437,10 +467,7 @@ impl Ring {
                     ))
                 })?
         } else {
-            self.keys
-                .iter()
-                .find(|k| k.fingerprint == fingerprint)
-                .ok_or_else(|| RingError::NotFound(format!("no key has fingerprint {fingerprint}")))?
+            self.by_fingerprint(fingerprint)?
         };
         if let Some(other) = self
             .keys
@@ -490,9 +517,16 @@ impl Ring {
 
     /// The ring with the key `id` (kid or fingerprint) retired.
     pub fn retired(&self, id: &str) -> Result<(Self, KeyEntry), RingError> {
-        let key = self
-            .key(id)
-            .ok_or_else(|| RingError::NotFound(format!("no key has kid or fingerprint {id}")))?;
+        let key = match self.key(id) {
+            Some(key) => key,
+            None => self.by_fingerprint(id).map_err(|e| match e {
+                RingError::NotFound(_) => RingError::NotFound(format!(
+                    "no key has kid or fingerprint {id} (a fingerprint may be shortened to its first \
+                     {MIN_FINGERPRINT_PREFIX} hex digits)"
+                )),
+                refused => refused,
+            })?,
+        };
         match key.state {
             KeyState::Active => Err(RingError::Refused(
                 "the active key cannot be retired: activate another key first".to_owned(),
@@ -555,4 +589,60 @@ pub fn is_key_rejection(error: &crate::boxapi::BoxApiError) -> bool {
 /// True when Box refused the client id and secret.
 pub fn is_secret_rejection(error: &crate::boxapi::BoxApiError) -> bool {
     matches!(error, crate::boxapi::BoxApiError::Rejected(e) if e.code == "invalid_client")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn ring(fingerprints: &[&str]) -> Ring {
+        Ring {
+            identity: Arc::new(AppIdentity {
+                client_id: "client".to_owned(),
+                enterprise_id: BoxId::parse("7000001").unwrap(),
+                algorithm: None,
+            }),
+            keys: fingerprints
+                .iter()
+                .map(|f| {
+                    KeyEntry::retired_metadata(
+                        (*f).to_owned(),
+                        None,
+                        2048,
+                        KeyOrigin::Generated,
+                        SystemTime::UNIX_EPOCH,
+                    )
+                })
+                .collect(),
+            secrets: Vec::new(),
+            retired_secrets: Vec::new(),
+        }
+    }
+
+    fn found(ring: &Ring, given: &str) -> Result<String, String> {
+        ring.by_fingerprint(given)
+            .map(|k| k.fingerprint.clone())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_fingerprint_may_be_shortened_to_eight_hex_digits_that_name_one_key() {
+        let a = "5b0c17a2".to_owned() + &"1".repeat(56);
+        let b = "5b0c17a3".to_owned() + &"2".repeat(56);
+        let c = "5b0c17a3".to_owned() + &"3".repeat(56);
+        let ring = ring(&[&a, &b, &c]);
+        assert_eq!(found(&ring, &a), Ok(a.clone()));
+        assert_eq!(found(&ring, "5b0c17a2"), Ok(a.clone()));
+        // As ListKeys or the README shows it: upper case, a trailing ellipsis.
+        assert_eq!(found(&ring, "5B0C17A2…"), Ok(a.clone()));
+        assert_eq!(found(&ring, "5b0c17a32"), Ok(b));
+        let shared = found(&ring, "5b0c17a3").unwrap_err();
+        assert!(shared.contains("more than one key"), "{shared}");
+        let short = found(&ring, "5b0c").unwrap_err();
+        assert!(short.contains("at least its first 8 hex digits"), "{short}");
+        let none = found(&ring, "ffffffff").unwrap_err();
+        assert!(none.contains("no key has a fingerprint beginning ffffffff"), "{none}");
+    }
 }

@@ -106,6 +106,26 @@ fn rpc_of(path: &str, service: &str) -> Option<&'static str> {
     )
 }
 
+/// For a call of the broker service this listener does not serve: its
+/// method and the status saying which listener serves it.
+fn elsewhere(path: &str, served: &str) -> Option<(&'static str, Status)> {
+    let (other, message) = if served == CLIENT_SERVICE {
+        (
+            ADMIN_SERVICE,
+            "boxbroker.v1.BrokerAdminService is not served on this listener: call it on the admin listener \
+             ([server] admin_listen or [server.admin_unix_socket]; `box-broker dev` prints its address)",
+        )
+    } else {
+        (
+            CLIENT_SERVICE,
+            "boxbroker.v1.TokenBrokerService is not served on the admin listener: call it on the client listener \
+             ([server] listen or [server.unix_socket])",
+        )
+    };
+    let rpc = rpc_of(path, other)?;
+    Some((rpc, Status::unimplemented(message)))
+}
+
 /// How tonic's refusals of a malformed request message begin (its
 /// INTERNAL otherwise means something else, e.g. a transport error).
 const FRAMING_ERRORS: &[&str] = &[
@@ -399,6 +419,12 @@ impl GateShared {
 
     async fn handle(&self, mut request: http::Request<Body>, connection: ConnectionInfo) -> http::Response<Body> {
         let peer = connection.peer;
+        if let Some((rpc, status)) = elsewhere(request.uri().path(), self.service) {
+            // Before authentication: the credentials are for the other
+            // listener, and what is served where is no secret.
+            let id = request_id(request.headers());
+            return self.refuse(rpc, None, &peer, id, status, Instant::now());
+        }
         let Some(rpc) = rpc_of(request.uri().path(), self.service) else {
             // Health, reflection, a service not served here: no caller
             // authentication, but the same time bound (their messages are
@@ -487,6 +513,11 @@ impl GateShared {
                 let detail: String = status.message().chars().filter(|c| !c.is_control()).take(200).collect();
                 Status::invalid_argument(format!("the request is not a valid {rpc} request message ({detail})"))
             }
+            Code::Unimplemented if status.message().is_empty() => Status::unimplemented(format!(
+                "{} has no method of that name (its methods: grpcurl -plaintext ADDRESS describe {})",
+                self.service.trim_matches('/'),
+                self.service.trim_matches('/')
+            )),
             _ => Status::new(status.code(), status.message().to_owned()),
         }
     }

@@ -3,6 +3,7 @@
 //! reflection (v1 and v1alpha, so grpcurl 1.8 works) on each.
 
 pub mod admin;
+pub mod authority;
 pub mod broker;
 pub mod gate;
 pub mod status;
@@ -30,6 +31,9 @@ pub enum ServeError {
     /// Reflection could not be built (a bug in the embedded descriptors).
     #[error("building gRPC reflection failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The embedded descriptors do not decode (a bug).
+    #[error("the embedded protobuf descriptors do not decode: {0}")]
+    Descriptors(String),
 }
 
 /// An already-bound listener and how its callers are authenticated.
@@ -251,6 +255,16 @@ impl Health {
     }
 }
 
+/// The broker's descriptors without the admin API's file (for the client
+/// listener's reflection).
+fn client_descriptors() -> Result<Vec<u8>, ServeError> {
+    use prost::Message as _;
+    let mut set = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET)
+        .map_err(|e| ServeError::Descriptors(e.to_string()))?;
+    set.file.retain(|file| file.name() != "boxbroker/v1/admin.proto");
+    Ok(set.encode_to_vec())
+}
+
 /// The largest message health and reflection accept (from anyone).
 const OPEN_MESSAGE_BYTES: usize = 4 * 1024;
 
@@ -265,14 +279,28 @@ fn routes(
     // Health and reflection answer anyone, so their messages (a service
     // name, a symbol) are held to a few KiB: tonic's default would let an
     // unauthenticated caller announce and send 4 MiB per stream.
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+    // Reflection lists what this listener serves, nothing else: the client
+    // listener does not even describe the admin API.
+    let (served, files) = match &role {
+        Role::Client => ("boxbroker.v1.TokenBrokerService", client_descriptors()?),
+        Role::Admin(..) => ("boxbroker.v1.BrokerAdminService", pb::FILE_DESCRIPTOR_SET.to_vec()),
+    };
+    let reflection = || {
+        [
+            served,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+        .into_iter()
+        .fold(tonic_reflection::server::Builder::configure(), |builder, name| {
+            builder.with_service_name(name)
+        })
+        .register_encoded_file_descriptor_set(&files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?
-        .max_decoding_message_size(OPEN_MESSAGE_BYTES);
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?.max_decoding_message_size(OPEN_MESSAGE_BYTES);
+    let reflection_v1alpha = reflection()
         .build_v1alpha()?
         .max_decoding_message_size(OPEN_MESSAGE_BYTES);
     let health = health.max_decoding_message_size(OPEN_MESSAGE_BYTES);

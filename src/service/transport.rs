@@ -30,6 +30,10 @@
 //! - on shutdown: a connection that has not finished its handshake is
 //!   dropped at once; the others get GOAWAY (an idle one closes at once).
 //!
+//! On a Unix socket, the bytes pass through `authority::Fixed` first: the
+//! socket path grpc-core clients send as `:authority` is replaced before
+//! the HTTP/2 server sees it (it would refuse every such request).
+//!
 //! Memory before authentication is therefore bounded per connection by the
 //! connection window plus the streams' header blocks (the request body is
 //! not read until the caller is authenticated, see `gate`), and in total by
@@ -57,6 +61,9 @@ use tokio::{
     task::JoinSet,
 };
 use tonic::codegen::http;
+
+#[cfg(unix)]
+use super::authority::Fixed;
 
 /// Each stream's HTTP/2 receive window: room for a request of the largest
 /// size the broker accepts (64 KiB by default) twice over.
@@ -687,8 +694,10 @@ async fn connection<F, S>(
         #[cfg(unix)]
         Accepted::Unix(unix) => {
             let uid = unix.peer_cred().ok().map(|c| c.uid());
+            let max_list = usize::try_from(limits.max_header_list_bytes).unwrap_or(usize::MAX);
             (
-                Stream::Unix(unix),
+                // grpc-core's :authority on a Unix socket, made acceptable.
+                Stream::Unix(Box::new(Fixed::new(unix, max_list))),
                 Peer {
                     addr: None,
                     uid,
@@ -766,7 +775,7 @@ enum Stream {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     #[cfg(unix)]
-    Unix(tokio::net::UnixStream),
+    Unix(Box<Fixed<tokio::net::UnixStream>>),
 }
 
 macro_rules! delegate {
@@ -782,7 +791,7 @@ macro_rules! delegate {
             }
             #[cfg(unix)]
             Stream::Unix($s) => {
-                let $s = Pin::new($s);
+                let $s = Pin::new(&mut **$s);
                 $e
             }
         }

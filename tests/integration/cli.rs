@@ -65,7 +65,11 @@ impl Proc {
         let (done, wait) = mpsc::channel();
         let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
         std::thread::spawn(move || done.send(child.wait().unwrap()));
-        wait.recv_timeout(WAIT).unwrap().code().unwrap_or(-1)
+        let status = wait.recv_timeout(WAIT).unwrap();
+        status.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt as _;
+            -status.signal().unwrap_or(0)
+        })
     }
 }
 
@@ -659,4 +663,70 @@ fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     // backoff (5 ms doubling to 1 s) a few dozen at most.
     assert!((1.0..1000.0).contains(&errors), "{errors} failed accepts");
     assert_eq!(serve.terminate(), 0);
+}
+
+#[test]
+fn the_admin_key_and_a_kek_variable_in_the_shell_do_not_stop_check_config_or_serve() {
+    // The README exports BOX_BROKER_ADMIN_KEY for the admin CLI and names
+    // BOX_BROKER_KEK as a `kek_env`; both were read as config overrides
+    // (exit 64: unknown field `admin_key`).
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, _) = fake_box(dir.path());
+    let config = dir.path().join("broker.toml");
+    let shell = [("BOX_BROKER_ADMIN_KEY", "an-admin-key"), ("BOX_BROKER_KEK", "a-kek")];
+    let (code, stdout, stderr) = run(Command::new(bin()).arg("check-config").arg(&config).envs(shell));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let mut serve = Proc::spawn(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .envs(shell)
+            .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env_remove("RUST_LOG"),
+    );
+    Proc::wait_line(&serve.stderr, "serving gRPC");
+    assert_eq!(serve.terminate(), 0);
+}
+
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    // `box-broker admin keys generate | head -1` panicked: "failed printing
+    // to stdout: Broken pipe".
+    let dev =
+        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
+    let broker = Proc::wait_line(&dev.stdout, "broker gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let admin = Proc::wait_line(&dev.stdout, "admin gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let key = Proc::wait_line(&dev.stdout, "BOX_BROKER_ADMIN_KEY=")
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    for args in [
+        vec!["admin", "--addr", &admin, "keys", "generate"],
+        vec!["admin", "--addr", &admin, "status"],
+        vec!["token", "get", "--addr", &broker, "--enterprise"],
+    ] {
+        // The reading end is closed before the command writes anything.
+        let mut child = Command::new(bin())
+            .args(&args)
+            .env("BOX_BROKER_ADMIN_KEY", &key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
 }

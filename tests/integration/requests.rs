@@ -128,28 +128,81 @@ async fn health_reports_the_broker_as_serving() {
     }
 }
 
-#[tokio::test]
-async fn reflection_is_served_in_both_versions() {
-    use tonic_reflection::pb::{v1, v1alpha};
-    let h = Harness::start().await;
-    let list_v1 = v1::ServerReflectionRequest {
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
+/// One reflection (v1) request on `channel`, and its answer.
+async fn reflect(
+    channel: tonic::transport::Channel,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> Result<tonic_reflection::pb::v1::server_reflection_response::MessageResponse, tonic::Status> {
+    use tonic_reflection::pb::v1;
+    let request = v1::ServerReflectionRequest {
+        message_request: Some(request),
         ..Default::default()
     };
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(h.channel.clone());
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
     let mut stream = client
-        .server_reflection_info(tokio_stream::iter([list_v1]))
+        .server_reflection_info(tokio_stream::iter([request]))
         .await
         .unwrap()
         .into_inner();
-    let response = stream.message().await.unwrap().unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = response.message_response
+    Ok(stream.message().await?.unwrap().message_response.unwrap())
+}
+
+/// The services reflection lists on `channel`, sorted.
+async fn listed(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let MessageResponse::ListServicesResponse(list) = reflect(channel, MessageRequest::ListServices(String::new()))
+        .await
+        .unwrap()
     else {
         panic!("a service list")
     };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn each_listeners_reflection_lists_only_what_it_serves() {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let h = Harness::with(Options {
+        admin: true,
+        ..Options::default()
+    })
+    .await;
+    let common = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let client_listener = listed(h.channel.clone()).await;
+    let mut expected: Vec<&str> = common.to_vec();
+    expected.insert(0, "boxbroker.v1.TokenBrokerService");
+    assert_eq!(client_listener, expected);
+    let admin_channel = tonic::transport::Channel::from_shared(format!("http://{}", h.admin.as_ref().unwrap().addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let admin_listener = listed(admin_channel).await;
+    expected[0] = "boxbroker.v1.BrokerAdminService";
+    assert_eq!(admin_listener, expected);
+    // The client listener does not describe the admin API either.
+    let described = reflect(
+        h.channel.clone(),
+        MessageRequest::FileContainingSymbol("boxbroker.v1.BrokerAdminService".to_owned()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(described.code(), Code::NotFound, "{described:?}");
+}
+
+#[tokio::test]
+async fn reflection_is_served_in_both_versions() {
+    use tonic_reflection::pb::v1alpha;
+    let h = Harness::start().await;
+    let names = listed(h.channel.clone()).await;
     assert!(
         names.contains(&"boxbroker.v1.TokenBrokerService".to_owned()),
         "{names:?}"

@@ -290,12 +290,16 @@ async fn rotating_the_client_secret_checks_it_and_keeps_the_previous_one_as_fall
 #[tokio::test]
 async fn the_admin_service_is_not_on_the_client_listener_and_needs_admin_credentials() {
     let h = harness().await;
-    // The client listener does not serve it at all.
+    // The client listener does not serve it at all, and says where it is.
     let on_client = BrokerAdminServiceClient::new(h.channel.clone())
         .get_status(admin_request(pb::GetStatusRequest {}))
         .await
         .unwrap_err();
-    assert_eq!(on_client.code(), Code::Unimplemented);
+    assert_status(
+        &on_client,
+        Code::Unimplemented,
+        "call it on the admin listener ([server] admin_listen",
+    );
     // The admin listener wants an admin key.
     let none = admin(&h)
         .get_status(tonic::Request::new(pb::GetStatusRequest {}))
@@ -317,19 +321,17 @@ async fn the_admin_service_is_not_on_the_client_listener_and_needs_admin_credent
             .await
             .unwrap(),
     );
-    assert_eq!(
-        client.get_token(enterprise()).await.unwrap_err().code(),
-        Code::Unimplemented
+    assert_status(
+        &client.get_token(enterprise()).await.unwrap_err(),
+        Code::Unimplemented,
+        "call it on the client listener ([server] listen",
     );
-    // Every admin decision is audited.
+    // Every admin decision is audited, the call on the wrong listener too.
     let events = h.audit_events();
     let admin_events: Vec<_> = events.iter().filter(|e| e["rpc"] == "GetStatus").collect();
-    assert_eq!(admin_events.len(), 2);
-    assert!(
-        admin_events
-            .iter()
-            .all(|e| e["decision"] == "deny" && e["caller"] == "unauthenticated")
-    );
+    assert_eq!(admin_events.len(), 3);
+    assert!(admin_events.iter().all(|e| e["caller"] == "unauthenticated"));
+    assert_eq!(admin_events.iter().filter(|e| e["decision"] == "deny").count(), 2);
 }
 
 #[tokio::test]
@@ -480,4 +482,64 @@ async fn invalidate_tokens_drops_a_subjects_an_apps_or_all_cached_tokens() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
+}
+
+async fn status(h: &Harness) -> pb::AppStatus {
+    admin(h)
+        .get_status(admin_request(pb::GetStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .apps
+        .remove(0)
+}
+
+#[tokio::test]
+async fn status_counts_a_trial_mint_as_success_and_a_callers_unknown_user_as_no_failure() {
+    let h = harness().await;
+    assert!(status(&h).await.last_upstream_success_at.is_none());
+    // A rotation's trial mint is the only call to Box: it succeeded.
+    rotate(&h, false).await;
+    let after_rotation = status(&h).await;
+    assert!(after_rotation.last_upstream_success_at.is_some(), "{after_rotation:?}");
+    // A caller asking for an external user is the caller's mistake, not Box
+    // failing the app.
+    let refused = h
+        .get(user(box_token_broker::fakebox::seed::EXTERNAL_USER_ID))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    let after_mistake = status(&h).await;
+    assert!(after_mistake.last_upstream_failure_at.is_none(), "{after_mistake:?}");
+    assert_eq!(after_mistake.last_upstream_failure, "");
+    // Box failing is a failure.
+    h.fake
+        .fail_next(10, box_token_broker::fakebox::Fault::ServerError { status: 503 });
+    assert!(forced(&h).await.is_err());
+    let after_outage = status(&h).await;
+    assert!(after_outage.last_upstream_failure_at.is_some(), "{after_outage:?}");
+    assert!(after_outage.last_upstream_failure.contains("503"), "{after_outage:?}");
+}
+
+#[tokio::test]
+async fn a_key_is_activated_and_retired_by_the_first_eight_digits_of_its_fingerprint() {
+    let h = harness().await;
+    let old_kid = h.app.kid.clone();
+    let (fingerprint, pem) = generate(&h).await;
+    let kid = h.fake.add_public_key(&h.app.client_id, &pem).unwrap();
+    let short = activate(&h, &kid, &fingerprint[..4]).await.unwrap_err();
+    assert_status(&short, Code::NotFound, "at least its first 8 hex digits");
+    let activated = activate(&h, &kid, &fingerprint[..8]).await.unwrap();
+    assert_eq!(activated.active.unwrap().fingerprint, fingerprint);
+    // The previous key, now standby, retired by its fingerprint's first digits.
+    let old = list(&h).await.into_iter().find(|k| k.kid == old_kid).unwrap();
+    let retired = admin(&h)
+        .retire_key(admin_request(pb::RetireKeyRequest {
+            app: String::new(),
+            kid_or_fingerprint: old.fingerprint[..10].to_owned(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retired.key.unwrap().kid, old_kid);
 }

@@ -8,6 +8,7 @@ use std::{path::PathBuf, sync::Arc};
 use box_token_broker::{
     audit::AuditSink,
     auth::Authenticator,
+    fakebox::seed,
     pb::token_broker_service_client::TokenBrokerServiceClient,
     policy::Policy,
     service::{self, Listener},
@@ -96,4 +97,78 @@ async fn a_peer_whose_uid_is_not_allowed_is_unauthenticated() {
         &format!("uid {} is not allowed", my_uid()),
     );
     assert_eq!(h.fake.stats().token_requests, 0);
+}
+
+/// The sidecar's caller may have the Service Account's token, and one
+/// downscoped to a file.
+const SIDECAR_DOWNSCOPE_POLICY: &str = "[[rules]]\nname = \"my sidecar\"\ncallers = [\"uds:orders-app\"]\n\
+     enterprise = true\nfull_tokens = true\nscopes = [\"item_preview\"]\nfiles = [\"*\"]\n";
+
+/// Runs `command` to completion off the runtime: (success, stdout, stderr).
+async fn output(mut command: std::process::Command) -> (bool, String, String) {
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn grpc_core_clients_are_served_whatever_authority_they_send() {
+    // grpcio (gRPC's C core) sends `tmp%2F...%2Fbroker.sock` for an absolute
+    // path and `broker.sock` for a relative one; grpcurl 1.8 sends the path.
+    // The HTTP/2 server refused the first and the last with
+    // RST_STREAM(PROTOCOL_ERROR).
+    let h = Harness::with(Options {
+        policy: Some(Policy::parse(SIDECAR_DOWNSCOPE_POLICY, "p").unwrap()),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, audit) = over_socket(&h, &dir, Authenticator::unix_socket("orders-app", vec![my_uid()])).await;
+    let socket = dir.path().join("broker.sock");
+    let python = common::python::python();
+    let stubs = tempfile::tempdir().unwrap();
+    python.stubs(stubs.path());
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/clients/python/broker_client.py");
+    for address in [
+        format!("unix:{}", socket.display()),
+        format!("unix://{}", socket.display()),
+        "unix:broker.sock".to_owned(),
+    ] {
+        let mut command = std::process::Command::new(&python.python);
+        command
+            .arg(&example)
+            .arg(&address)
+            .env("PYTHONPATH", stubs.path())
+            .current_dir(dir.path());
+        let (ok, stdout, stderr) = output(command).await;
+        assert!(ok, "{address}: {stderr}");
+        let got: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(got["enterprise"]["token_length"], 32, "{address}: {got}");
+        assert_eq!(
+            got["downscoped"]["restricted_to"][0]["object_id"],
+            seed::SERVICE_ACCOUNT_FILE_ID,
+            "{address}: {got}"
+        );
+    }
+    // grpcurl 1.8, without `-authority`, through reflection.
+    let mut command = std::process::Command::new(python.bin.join("grpcurl"));
+    command
+        .args(["-plaintext", "-unix", "-d", r#"{"subject":{"enterprise":{}}}"#])
+        .arg(&socket)
+        .arg("boxbroker.v1.TokenBrokerService/GetToken");
+    let (ok, stdout, stderr) = output(command).await;
+    assert!(ok, "grpcurl: {stderr}");
+    assert!(stdout.contains("\"accessToken\""), "{stdout}");
+    // Every call was the sidecar's caller, and allowed.
+    let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
+    let allowed = audit
+        .lines()
+        .filter(|l| l.contains("\"caller\":\"uds:orders-app\"") && l.contains("\"decision\":\"allow\""))
+        .count();
+    assert_eq!(allowed, 7, "{audit}");
 }
