@@ -9,7 +9,7 @@ use rsa::RsaPrivateKey;
 use secrecy::SecretString;
 
 use crate::{
-    boxapi::{BoxSubject, DiagnosisKind, error::diagnose, private_key::decode_private_key},
+    boxapi::{BoxSubject, DiagnosisKind, private_key::decode_private_key},
     broker::{App, Broker, Subject},
     keys::{
         KeyEntry, KeyOrigin, KeyState, Ring, RingError, SecretEntry, SecretOrigin,
@@ -275,30 +275,17 @@ impl KeyAdmin {
         credentials: &crate::boxapi::AppCredentials,
         what: &str,
     ) -> Result<(), AdminError> {
-        let subject = BoxSubject::Enterprise(credentials.enterprise_id.clone());
-        match app.client.request_token(credentials, &subject).await {
-            Ok(_) => {
-                // Box answered the app: status shows it as the last success.
-                app.record(Ok(SystemTime::now()));
-                Ok(())
-            }
-            Err(error) => {
-                let kid = match &credentials.auth {
-                    crate::boxapi::AuthMethod::Jwt { key, .. } => Some(key.kid()),
-                    crate::boxapi::AuthMethod::Ccg => None,
-                };
-                let diagnosis = diagnose(&error, &subject, &credentials.client_id, kid, kid.is_none());
-                tracing::warn!(app = %app.name, error = %error, "the trial mint with {what} failed; nothing changed");
-                let prefix = match diagnosis.kind {
-                    DiagnosisKind::Unavailable => "Box could not be asked",
-                    DiagnosisKind::Misconfigured | DiagnosisKind::NotFound => "Box refused",
-                };
-                Err(AdminError::FailedPrecondition(format!(
-                    "the trial mint with {what} failed, so nothing changed. {prefix}: {}",
-                    diagnosis.message
-                )))
-            }
-        }
+        app.trial_mint(credentials, false).await.map_err(|diagnosis| {
+            tracing::warn!(app = %app.name, error = %diagnosis.message, "the trial mint with {what} failed; nothing changed");
+            let prefix = match diagnosis.kind {
+                DiagnosisKind::Unavailable => "Box could not be asked",
+                DiagnosisKind::Misconfigured | DiagnosisKind::NotFound => "Box refused",
+            };
+            AdminError::FailedPrecondition(format!(
+                "the trial mint with {what} failed, so nothing changed. {prefix}: {}",
+                diagnosis.message
+            ))
+        })
     }
 
     /// Retires the key whose kid or fingerprint is `id`.

@@ -136,13 +136,34 @@ impl App {
         self.standby_fallbacks.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn record(&self, outcome: Result<SystemTime, (SystemTime, &str)>) {
+    fn record(&self, outcome: Result<SystemTime, (SystemTime, &str)>) {
         let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match outcome {
             Ok(at) => health.last_success = Some(at),
             Err((at, message)) => {
                 health.last_failure = Some(at);
                 message.clone_into(&mut health.last_failure_message);
+            }
+        }
+    }
+
+    /// Asks Box for the Service Account's token with `credentials` (the
+    /// app's own, or a candidate key or secret), as the first request would,
+    /// then revokes it (when `revoke`): Box's refusal, explained. A success
+    /// is the app's last Box success in status.
+    pub async fn trial_mint(&self, credentials: &AppCredentials, revoke: bool) -> Result<(), Diagnosis> {
+        let subject = BoxSubject::Enterprise(credentials.enterprise_id.clone());
+        match self.client.request_token(credentials, &subject).await {
+            Ok(token) => {
+                self.record(Ok(SystemTime::now()));
+                if revoke && let Err(e) = self.client.revoke(credentials, &token.access_token).await {
+                    tracing::debug!(app = %self.name, error = %e, "revoking the trial token failed");
+                }
+                Ok(())
+            }
+            Err(error) => {
+                let (kid, ccg) = kid_and_ccg(credentials);
+                Err(diagnose(&error, &subject, &credentials.client_id, kid, ccg))
             }
         }
     }

@@ -81,16 +81,21 @@ pub struct UpstreamConfig {
     /// connection failures are retried; other refusals never).
     pub max_attempts: u32,
     /// First backoff ceiling in ms; doubles per retry, with full jitter.
+    #[serde(deserialize_with = "de_millis")]
     pub backoff_base_ms: u64,
     /// Largest backoff ceiling in ms.
+    #[serde(deserialize_with = "de_millis")]
     pub backoff_cap_ms: u64,
     /// One attempt's time limit in ms.
+    #[serde(deserialize_with = "de_millis")]
     pub attempt_timeout_ms: u64,
     /// The whole request's time limit in ms, retries included.
+    #[serde(deserialize_with = "de_millis")]
     pub deadline_ms: u64,
     /// Failed requests in a row that open the circuit.
     pub breaker_threshold: u32,
     /// Seconds an open circuit refuses at once (or Box's Retry-After, if longer).
+    #[serde(deserialize_with = "de_secs")]
     pub breaker_cooldown_secs: u64,
 }
 
@@ -254,6 +259,7 @@ pub struct AuditConfig {
     pub sink: String,
     /// Seconds identical refusals are counted instead of written one by one (0: write each).
     #[serde(default = "default_repeat_window")]
+    #[serde(deserialize_with = "de_secs")]
     pub repeat_window_secs: u64,
 }
 
@@ -358,9 +364,11 @@ pub struct ServerConfig {
     /// After SIGTERM/SIGINT, seconds requests are still served while health
     /// already says NOT_SERVING (give load balancers time to notice; 5 suits Kubernetes).
     #[serde(default)]
+    #[serde(deserialize_with = "de_secs")]
     pub drain_delay_secs: u64,
     /// Then seconds in-flight requests get to finish.
     #[serde(default = "default_grace")]
+    #[serde(deserialize_with = "de_secs")]
     pub grace_period_secs: u64,
     /// The largest request message accepted, in bytes.
     #[serde(default = "default_max_message")]
@@ -373,6 +381,7 @@ pub struct ServerConfig {
     pub max_concurrent_requests_per_caller: usize,
     /// The longest a request may take, in seconds (a caller's deadline may be shorter).
     #[serde(default = "default_request_timeout")]
+    #[serde(deserialize_with = "de_secs")]
     pub request_timeout_secs: u64,
     /// Connections open at once on each listener; more are closed at once.
     #[serde(default = "default_max_connections")]
@@ -388,21 +397,27 @@ pub struct ServerConfig {
     pub max_header_list_bytes: u32,
     /// Seconds from accept until TLS and the HTTP/2 preface are done.
     #[serde(default = "default_handshake_timeout")]
+    #[serde(deserialize_with = "de_secs")]
     pub handshake_timeout_secs: u64,
     /// Seconds a connection may stay without a request in progress before GOAWAY.
     #[serde(default = "default_idle_timeout")]
+    #[serde(deserialize_with = "de_secs")]
     pub idle_timeout_secs: u64,
     /// The same, for a connection that has not carried an authenticated request yet.
     #[serde(default = "default_unauthenticated_idle_timeout")]
+    #[serde(deserialize_with = "de_secs")]
     pub unauthenticated_idle_timeout_secs: u64,
     /// Seconds after which any connection gets GOAWAY (0: never).
     #[serde(default = "default_max_connection_age")]
+    #[serde(deserialize_with = "de_secs")]
     pub max_connection_age_secs: u64,
     /// Seconds between HTTP/2 PINGs that find half-open connections (0: none).
     #[serde(default = "default_keepalive_interval")]
+    #[serde(deserialize_with = "de_secs")]
     pub keepalive_interval_secs: u64,
     /// Seconds a PING may go unanswered before the connection is closed.
     #[serde(default = "default_keepalive_timeout")]
+    #[serde(deserialize_with = "de_secs")]
     pub keepalive_timeout_secs: u64,
     /// Streams reset for a peer's protocol errors before the connection gets GOAWAY.
     #[serde(default = "default_max_local_reset_streams")]
@@ -725,17 +740,21 @@ pub struct CacheConfig {
     pub max_entries: u64,
     /// Seconds of life a served token keeps beyond the caller's `min_ttl` (at least 60).
     #[serde(default = "default_margin")]
+    #[serde(deserialize_with = "de_secs")]
     pub safety_margin_secs: u64,
     /// Seconds before the margin begins that hits start a background refresh.
     #[serde(default = "default_refresh_ahead")]
+    #[serde(deserialize_with = "de_secs")]
     pub refresh_ahead_secs: u64,
     /// Seconds a "no such user" (or unreachable target) answer from Box is
     /// remembered, so repeating the request does not ask Box again.
     #[serde(default = "default_unknown_subject_ttl")]
+    #[serde(deserialize_with = "de_secs")]
     pub unknown_subject_ttl_secs: u64,
     /// A `force_refresh` is served a token minted this few seconds ago
     /// instead of another mint: at most one forced mint per key per interval.
     #[serde(default = "default_force_refresh_interval")]
+    #[serde(deserialize_with = "de_secs")]
     pub force_refresh_interval_secs: u64,
 }
 
@@ -1243,6 +1262,84 @@ fn apply_env(
     Ok(applied)
 }
 
+/// A `*_secs` setting: whole seconds (`600`), or a duration with units
+/// (`"600s"`, `"10m"`, `"1h30m"`).
+pub(crate) fn de_secs<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    d.deserialize_any(DurationVisitor { unit: Unit::Secs })
+}
+
+/// An optional `*_secs` setting (see [`de_secs`]).
+pub(crate) fn de_secs_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_secs(d).map(Some)
+}
+
+/// A `*_ms` setting: whole milliseconds (`250`), or a duration with units
+/// (`"250ms"`, `"2s"`).
+pub(crate) fn de_millis<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    d.deserialize_any(DurationVisitor { unit: Unit::Millis })
+}
+
+/// Parses `text` as whole seconds or a duration with units ("10m").
+pub fn parse_secs(text: &str) -> Result<u64, String> {
+    parse_duration(text, Unit::Secs)
+}
+
+#[derive(Clone, Copy)]
+enum Unit {
+    Secs,
+    Millis,
+}
+
+fn parse_duration(text: &str, unit: Unit) -> Result<u64, String> {
+    let text = text.trim();
+    if let Ok(n) = text.parse::<u64>() {
+        return Ok(n);
+    }
+    let (name, example) = match unit {
+        Unit::Secs => ("seconds", "600, \"600s\", \"10m\" or \"1h30m\""),
+        Unit::Millis => ("milliseconds", "250, \"250ms\" or \"2s\""),
+    };
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration ({e}): give {name}, e.g. {example}"))?;
+    match unit {
+        Unit::Secs if duration.subsec_nanos() != 0 => {
+            Err(format!("{text:?} is not a whole number of seconds: e.g. {example}"))
+        }
+        Unit::Secs => Ok(duration.as_secs()),
+        Unit::Millis if duration.subsec_nanos() % 1_000_000 != 0 => Err(format!(
+            "{text:?} is not a whole number of milliseconds: e.g. {example}"
+        )),
+        Unit::Millis => u64::try_from(duration.as_millis()).map_err(|_| format!("{text:?} is too long")),
+    }
+}
+
+struct DurationVisitor {
+    unit: Unit,
+}
+
+impl serde::de::Visitor<'_> for DurationVisitor {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.unit {
+            Unit::Secs => f.write_str("whole seconds, or a duration such as \"10m\""),
+            Unit::Millis => f.write_str("whole milliseconds, or a duration such as \"2s\""),
+        }
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+        Ok(v)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+        u64::try_from(v).map_err(|_| E::custom(format!("{v} is negative: a duration cannot be")))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+        parse_duration(v, self.unit).map_err(E::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1308,6 +1405,34 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.server.listen.port(), 6000);
+    }
+
+    #[test]
+    fn durations_are_seconds_or_numbers_with_units() {
+        let text = MINIMAL.replace(
+            "[apps.default]",
+            "request_timeout_secs = \"2m\"\nidle_timeout_secs = 90\n\
+             [upstream]\nattempt_timeout_ms = \"2s\"\ndeadline_ms = 5000\n[apps.default]",
+        );
+        let c = load(&text, &[("BOX_BROKER_CACHE__SAFETY_MARGIN_SECS", "1m30s")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.server.request_timeout_secs, 120);
+        assert_eq!(c.server.idle_timeout_secs, 90);
+        assert_eq!(c.upstream.attempt_timeout_ms, 2000);
+        assert_eq!(c.upstream.deadline_ms, 5000);
+        assert_eq!(c.cache.safety_margin_secs, 90);
+        for (bad, says) in [
+            ("\"1.5s\"", "\"1.5s\" is not a whole number of seconds"),
+            ("\"1500ms\"", "not a whole number of seconds"),
+            ("\"soon\"", "give seconds, e.g. 600, \"600s\", \"10m\""),
+            ("-5", "-5 is negative"),
+        ] {
+            let text = MINIMAL.replace(
+                "[apps.default]",
+                &format!("request_timeout_secs = {bad}\n[apps.default]"),
+            );
+            let e = load(&text, &[]).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

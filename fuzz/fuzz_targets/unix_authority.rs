@@ -14,18 +14,31 @@ fuzz_target!(|data: &[u8]| {
     let step = usize::from(step).max(1);
     let mut whole = AuthorityFix::new(8192);
     let mut whole_out = Vec::new();
-    let whole_result = whole.feed(input, &mut whole_out);
+    let whole_result = feed_all(&mut whole, input, input.len().max(1), &mut whole_out);
     let mut pieces = AuthorityFix::new(8192);
     let mut pieces_out = Vec::new();
-    let mut pieces_result = Ok(());
-    for piece in input.chunks(step) {
-        pieces_result = pieces.feed(piece, &mut pieces_out);
-        if pieces_result.is_err() {
-            break;
-        }
-    }
-    assert_eq!(whole_result.is_ok(), pieces_result.is_ok());
-    if whole_result.is_ok() {
+    let pieces_result = feed_all(&mut pieces, input, step, &mut pieces_out);
+    assert_eq!(whole_result, pieces_result);
+    if whole_result {
         assert_eq!(whole_out, pieces_out);
     }
 });
+
+/// Feeds `input` in pieces of `step` bytes, each until taken (a feed may
+/// take part of a piece); false on an error.
+fn feed_all(fix: &mut AuthorityFix, input: &[u8], step: usize, out: &mut Vec<u8>) -> bool {
+    for mut piece in input.chunks(step) {
+        while !piece.is_empty() {
+            let before = out.len();
+            match fix.feed(piece, out) {
+                Ok(taken) => {
+                    // Progress: input taken, or output made.
+                    assert!(taken > 0 || out.len() > before);
+                    piece = &piece[taken..];
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+    true
+}

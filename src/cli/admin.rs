@@ -4,11 +4,13 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Args, Subcommand};
-use tonic::{metadata::MetadataValue, transport::Channel};
-
-use super::{EXIT_CONFIG, fail};
+use super::{
+    EXIT_CONFIG,
+    connect::{Broker, TlsArgs},
+    fail, rfc3339,
+};
 use crate::pb::{self, broker_admin_service_client::BrokerAdminServiceClient};
+use clap::{Args, Subcommand};
 
 /// The environment variable holding the admin API key.
 pub const ADMIN_KEY_ENV: &str = "BOX_BROKER_ADMIN_KEY";
@@ -16,8 +18,9 @@ pub const ADMIN_KEY_ENV: &str = "BOX_BROKER_ADMIN_KEY";
 /// `admin` options.
 #[derive(Debug, Args)]
 pub struct AdminArgs {
-    /// The broker's admin address.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:50052")]
+    /// The broker's admin address: host:port, http:// or https://host:port, or a
+    /// Unix socket as unix:/abs/path (also unix:///abs/path) or unix:relative/path.
+    #[arg(long, global = true, default_value = "127.0.0.1:50052")]
     addr: String,
     /// A file holding the admin API key (else $BOX_BROKER_ADMIN_KEY; else none, for an mTLS or Unix-socket admin).
     #[arg(long, global = true, value_name = "FILE")]
@@ -25,6 +28,11 @@ pub struct AdminArgs {
     /// The app's name in the broker's config (needed when it has several).
     #[arg(long, global = true, default_value = "")]
     app: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Print one JSON object (times in RFC 3339) instead of text, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -111,34 +119,18 @@ pub async fn run(args: AdminArgs) -> ExitCode {
 }
 
 async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
-    let key = match &args.api_key_file {
-        Some(file) => Some(read_file(file)?.trim().to_owned()),
-        None => std::env::var(ADMIN_KEY_ENV).ok().filter(|k| !k.is_empty()),
-    };
-    let addr = if args.addr.contains("://") {
-        args.addr.clone()
-    } else {
-        format!("http://{}", args.addr)
-    };
-    let channel = Channel::from_shared(addr.clone())
-        .map_err(|e| fail(EXIT_CONFIG, &format!("{addr} is not an address: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| fail(1, &format!("cannot connect to the admin listener at {addr}: {e}")))?;
-    let key = match key {
-        Some(k) => Some(
-            MetadataValue::try_from(k.as_str())
-                .map_err(|_| fail(EXIT_CONFIG, "the admin API key holds characters a header cannot"))?,
-        ),
-        None => None,
-    };
-    let mut client = BrokerAdminServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-        if let Some(key) = &key {
-            request.metadata_mut().insert(crate::auth::API_KEY_HEADER, key.clone());
-        }
-        Ok(request)
-    });
+    let (channel, key) = Broker {
+        addr: &args.addr,
+        what: "the admin listener",
+        tls: &args.tls,
+        api_key_file: args.api_key_file.as_ref(),
+        api_key_env: ADMIN_KEY_ENV,
+    }
+    .connect()
+    .await?;
+    let mut client = BrokerAdminServiceClient::with_interceptor(channel, key);
     let app = args.app.clone();
+    let json = args.json;
     let failed = |status: tonic::Status| fail(1, &format!("{:?}: {}", status.code(), status.message()));
     match args.command {
         AdminCommand::Keys(KeysCommand::Generate { bits, public_key_out }) => {
@@ -150,6 +142,16 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
             if let Some(out) = public_key_out {
                 std::fs::write(&out, &generated.public_key_pem)
                     .map_err(|e| fail(1, &format!("{}: cannot write: {e}", out.display())))?;
+            }
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({
+                        "key": generated.key.as_ref().map(key_json),
+                        "public_key_pem": generated.public_key_pem,
+                    })
+                );
+                return Ok(ExitCode::SUCCESS);
             }
             let fingerprint = generated.key.map(|k| k.fingerprint).unwrap_or_default();
             out!("fingerprint {fingerprint}");
@@ -179,7 +181,11 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .map_err(failed)?
                 .into_inner()
                 .key;
-            print_keys(key.as_slice());
+            if json {
+                out!("{}", serde_json::json!({ "key": key.as_ref().map(key_json) }));
+            } else {
+                print_keys(key.as_slice());
+            }
         }
         AdminCommand::Keys(KeysCommand::Activate { kid, fingerprint }) => {
             let activated = client
@@ -187,15 +193,25 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            print_keys(
-                activated
-                    .active
-                    .iter()
-                    .chain(activated.standby.iter())
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .as_slice(),
-            );
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({
+                        "active": activated.active.as_ref().map(key_json),
+                        "standby": activated.standby.as_ref().map(key_json),
+                    })
+                );
+            } else {
+                print_keys(
+                    activated
+                        .active
+                        .iter()
+                        .chain(activated.standby.iter())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .as_slice(),
+                );
+            }
         }
         AdminCommand::Keys(KeysCommand::Retire { kid_or_fingerprint }) => {
             let retired = client
@@ -206,7 +222,11 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            print_keys(retired.key.as_slice());
+            if json {
+                out!("{}", serde_json::json!({ "key": retired.key.as_ref().map(key_json) }));
+            } else {
+                print_keys(retired.key.as_slice());
+            }
         }
         AdminCommand::Keys(KeysCommand::List) => {
             let keys = client
@@ -215,7 +235,14 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .map_err(failed)?
                 .into_inner()
                 .keys;
-            print_keys(&keys);
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({ "keys": keys.iter().map(key_json).collect::<Vec<_>>() })
+                );
+            } else {
+                print_keys(&keys);
+            }
         }
         AdminCommand::Secret(SecretCommand::Rotate) => {
             let mut line = String::new();
@@ -234,10 +261,17 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            out!(
-                "rotated; {} previous secret(s) kept as fallback until `admin secret retire-previous`",
-                rotated.fallback_secrets
-            );
+            if json {
+                out!(
+                    "{}",
+                    serde_json::json!({ "fallback_secrets": rotated.fallback_secrets })
+                );
+            } else {
+                out!(
+                    "rotated; {} previous secret(s) kept as fallback until `admin secret retire-previous`",
+                    rotated.fallback_secrets
+                );
+            }
         }
         AdminCommand::Secret(SecretCommand::RetirePrevious) => {
             let retired = client
@@ -245,7 +279,11 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            out!("retired {} previous secret(s)", retired.retired);
+            if json {
+                out!("{}", serde_json::json!({ "retired": retired.retired }));
+            } else {
+                out!("retired {} previous secret(s)", retired.retired);
+            }
         }
         AdminCommand::Status => {
             let status = client
@@ -253,6 +291,10 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
+            if json {
+                out!("{}", status_json(&status));
+                return Ok(ExitCode::SUCCESS);
+            }
             out!(
                 "cached tokens: {}; key store: {}",
                 status.cached_tokens,
@@ -267,9 +309,8 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                     || "-".to_owned(),
                     |k| format!("{} ({} bits, sha256 {})", k.kid, k.bits, k.fingerprint),
                 );
-                let when = |t: Option<prost_types::Timestamp>| {
-                    t.map_or_else(|| "never".to_owned(), |t| crate::audit::rfc3339(timestamp(&t)))
-                };
+                let when =
+                    |t: Option<prost_types::Timestamp>| rfc3339(t.as_ref()).unwrap_or_else(|| "never".to_owned());
                 out!(
                     "app {}: {}; active key {key}; {} key(s); {} fallback secret(s); standby fallbacks {}; last Box success {}; last failure {}{}",
                     a.name,
@@ -302,21 +343,68 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 .await
                 .map_err(failed)?
                 .into_inner();
-            out!("invalidated {} cached token(s)", dropped.invalidated);
+            if json {
+                out!("{}", serde_json::json!({ "invalidated": dropped.invalidated }));
+            } else {
+                out!("invalidated {} cached token(s)", dropped.invalidated);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// A key state's name.
+fn state_name(state: i32) -> &'static str {
+    pb::KeyState::try_from(state).map_or("unknown", |s| match s {
+        pb::KeyState::Pending => "pending",
+        pb::KeyState::Active => "active",
+        pb::KeyState::Standby => "standby",
+        pb::KeyState::Retired => "retired",
+        pb::KeyState::Unspecified => "unspecified",
+    })
+}
+
+fn key_json(k: &pb::KeyInfo) -> serde_json::Value {
+    serde_json::json!({
+        "kid": k.kid,
+        "fingerprint": k.fingerprint,
+        "state": state_name(k.state),
+        "algorithm": k.algorithm,
+        "bits": k.bits,
+        "origin": k.origin,
+        "created_at": rfc3339(k.created_at.as_ref()),
+        "last_used_at": rfc3339(k.last_used_at.as_ref()),
+    })
+}
+
+fn status_json(status: &pb::GetStatusResponse) -> serde_json::Value {
+    let apps: Vec<_> = status
+        .apps
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "name": a.name,
+                "auth": a.auth,
+                "active_key": a.active_key.as_ref().map(key_json),
+                "keys": a.keys,
+                "fallback_secrets": a.fallback_secrets,
+                "standby_fallbacks": a.standby_fallbacks,
+                "last_upstream_success_at": rfc3339(a.last_upstream_success_at.as_ref()),
+                "last_upstream_failure_at": rfc3339(a.last_upstream_failure_at.as_ref()),
+                "last_upstream_failure": a.last_upstream_failure,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "cached_tokens": status.cached_tokens,
+        "key_store": status.key_store,
+        "apps": apps,
+    })
+}
+
 fn print_keys(keys: &[pb::KeyInfo]) {
     for k in keys {
-        let state = pb::KeyState::try_from(k.state).map_or("unknown", |s| match s {
-            pb::KeyState::Pending => "pending",
-            pb::KeyState::Active => "active",
-            pb::KeyState::Standby => "standby",
-            pb::KeyState::Retired => "retired",
-            pb::KeyState::Unspecified => "unspecified",
-        });
+        let state = state_name(k.state);
         out!(
             "{state:<8} kid {:<12} {} {} bits  sha256 {}  {}  last used {}",
             if k.kid.is_empty() { "(none yet)" } else { &k.kid },
@@ -324,13 +412,7 @@ fn print_keys(keys: &[pb::KeyInfo]) {
             k.bits,
             k.fingerprint,
             k.origin,
-            k.last_used_at
-                .as_ref()
-                .map_or_else(|| "never".to_owned(), |t| crate::audit::rfc3339(timestamp(t))),
+            rfc3339(k.last_used_at.as_ref()).unwrap_or_else(|| "never".to_owned()),
         );
     }
-}
-
-fn timestamp(t: &prost_types::Timestamp) -> std::time::SystemTime {
-    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.seconds.max(0).unsigned_abs())
 }

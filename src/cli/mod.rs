@@ -12,6 +12,7 @@ macro_rules! out {
 }
 
 mod admin;
+mod connect;
 mod dev;
 mod keygen;
 mod token;
@@ -64,6 +65,12 @@ enum Command {
     CheckConfig {
         /// The TOML config file.
         file: PathBuf,
+        /// Also ask Box for each app's Service Account token (revoked at
+        /// once), so a wrong key id, secret or unauthorized app shows now,
+        /// not at the first request. Exit 64 if Box refuses, 69 if it cannot
+        /// be reached.
+        #[arg(long)]
+        online: bool,
     },
 }
 
@@ -122,7 +129,7 @@ pub fn main() -> ExitCode {
             Command::Token(TokenCommand::Revoke(args)) => token::revoke(args).await,
             Command::Keygen(args) => keygen::run(&args),
             Command::Admin(args) => admin::run(args).await,
-            Command::CheckConfig { file } => check_config(file).await,
+            Command::CheckConfig { file, online } => check_config(file, online).await,
         }
     })
 }
@@ -147,6 +154,16 @@ pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
             std::process::exit(74);
         }
     }
+}
+
+/// A timestamp in RFC 3339 (UTC, milliseconds), as the gRPC JSON mapping
+/// writes it; `None` for none.
+pub(crate) fn rfc3339(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    t.map(|t| {
+        let nanos = u32::try_from(t.nanos).unwrap_or(0).min(999_999_999);
+        let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::new(t.seconds.max(0).unsigned_abs(), nanos);
+        crate::audit::rfc3339(at)
+    })
 }
 
 /// Prints one error line and returns `code`.
@@ -367,16 +384,19 @@ fn open_key_admin(config: &Config, broker: &Arc<crate::broker::Broker>) -> Resul
 /// Binds the admin listeners `[server] admin_listen` and `[server.admin_unix_socket]` name.
 async fn admin_listeners(config: &Config, tls: Option<service::ServerTls>) -> Result<Vec<service::Listener>, String> {
     let mut listeners = Vec::new();
+    let tls_on = tls.is_some();
     if let Some(addr) = config.server.admin_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
         let auth = config.admin_authenticator();
+        // The bound address (port 0 picks one).
+        let bound = listener.local_addr().unwrap_or(addr);
         listeners.push(match tls {
             Some(tls) => service::Listener::Tls(listener, auth, tls),
             None => service::Listener::Tcp(listener, auth),
         });
-        tracing::info!(listen = %addr, "serving the admin RPC");
+        tracing::info!(listen = %bound, tls = tls_on, "serving the admin RPC");
     }
     if let Some(unix) = &config.server.admin_unix_socket {
         let listener =
@@ -403,7 +423,10 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener
     tokio::net::UnixListener::bind(path)
 }
 
-async fn check_config(path: PathBuf) -> ExitCode {
+/// Exit status when Box cannot be reached (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+async fn check_config(path: PathBuf, online: bool) -> ExitCode {
     let config = match Config::load(&path, std::env::vars()) {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
@@ -422,7 +445,33 @@ async fn check_config(path: PathBuf) -> ExitCode {
             app.enterprise_id()
         );
     }
-    ExitCode::SUCCESS
+    if !online {
+        return ExitCode::SUCCESS;
+    }
+    let mut worst = ExitCode::SUCCESS;
+    for app in prepared.broker.apps() {
+        let Some(credentials) = app.credentials() else {
+            out!("  app {}: no credentials to try (no active key)", app.name);
+            worst = ExitCode::from(EXIT_CONFIG);
+            continue;
+        };
+        match app.trial_mint(&credentials, true).await {
+            Ok(()) => out!("  app {}: Box issued a Service Account token (revoked again)", app.name),
+            Err(diagnosis) => {
+                let unavailable = diagnosis.kind == crate::boxapi::DiagnosisKind::Unavailable;
+                eprintln!(
+                    "box-broker: error: {}: app {}: {}",
+                    path.display(),
+                    app.name,
+                    diagnosis.message
+                );
+                if worst == ExitCode::SUCCESS || !unavailable {
+                    worst = ExitCode::from(if unavailable { EXIT_UNAVAILABLE } else { EXIT_CONFIG });
+                }
+            }
+        }
+    }
+    worst
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT). The handlers are installed when

@@ -3,10 +3,16 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use tonic::transport::Channel;
+use tonic::{codegen::InterceptedService, transport::Channel};
 
-use super::fail;
+use super::{
+    connect::{ApiKey, Broker, TlsArgs},
+    fail,
+};
 use crate::pb::{self, get_downscoped_token_request::Target, token_broker_service_client::TokenBrokerServiceClient};
+
+/// The environment variable holding the API key when no file is given.
+pub const API_KEY_ENV: &str = "BOX_BROKER_API_KEY";
 
 /// Options every `token` command shares.
 #[derive(Debug, Args)]
@@ -14,9 +20,15 @@ pub struct Common {
     /// The app's name in the broker's config (needed when it has several).
     #[arg(long, default_value = "")]
     app: String,
-    /// The broker's address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    /// The broker's address: host:port, http:// or https://host:port, or a Unix
+    /// socket as unix:/abs/path (also unix:///abs/path) or unix:relative/path.
+    #[arg(long, default_value = "127.0.0.1:50051")]
     addr: String,
+    /// A file holding the API key to send (else $BOX_BROKER_API_KEY; else none).
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// Whose token.
@@ -48,9 +60,9 @@ pub struct GetArgs {
     subject: SubjectArgs,
     #[command(flatten)]
     common: Common,
-    /// Least remaining lifetime wanted, in seconds.
-    #[arg(long, value_name = "SECONDS")]
-    min_ttl: Option<u32>,
+    /// Least remaining lifetime wanted: seconds, or a duration such as 10m.
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_secs)]
+    min_ttl: Option<u64>,
     /// Mint a new token even if one is cached.
     #[arg(long)]
     force_refresh: bool,
@@ -86,9 +98,9 @@ pub struct DownscopeArgs {
     target: TargetArgs,
     #[command(flatten)]
     common: Common,
-    /// Least remaining lifetime wanted, in seconds.
-    #[arg(long, value_name = "SECONDS")]
-    min_ttl: Option<u32>,
+    /// Least remaining lifetime wanted: seconds, or a duration such as 10m.
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_secs)]
+    min_ttl: Option<u64>,
     /// Print JSON (token, expiry, scopes, restrictions, cache hit) instead of the bare token.
     #[arg(long)]
     json: bool,
@@ -102,24 +114,28 @@ pub struct RevokeArgs {
     common: Common,
 }
 
-async fn connect(common: &Common) -> Result<TokenBrokerServiceClient<Channel>, ExitCode> {
-    let addr = if common.addr.contains("://") {
-        common.addr.clone()
-    } else {
-        format!("http://{}", common.addr)
-    };
-    TokenBrokerServiceClient::connect(addr.clone())
-        .await
-        .map_err(|e| fail(1, &format!("cannot connect to the broker at {addr}: {e}")))
+type Client = TokenBrokerServiceClient<InterceptedService<Channel, ApiKey>>;
+
+async fn connect(common: &Common) -> Result<Client, ExitCode> {
+    let (channel, key) = Broker {
+        addr: &common.addr,
+        what: "the broker",
+        tls: &common.tls,
+        api_key_file: common.api_key_file.as_ref(),
+        api_key_env: API_KEY_ENV,
+    }
+    .connect()
+    .await?;
+    Ok(TokenBrokerServiceClient::with_interceptor(channel, key))
 }
 
 fn status_failure(status: &tonic::Status) -> ExitCode {
     fail(1, &format!("{:?}: {}", status.code(), status.message()))
 }
 
-fn ttl(seconds: Option<u32>) -> Option<prost_types::Duration> {
+fn ttl(seconds: Option<u64>) -> Option<prost_types::Duration> {
     seconds.map(|s| prost_types::Duration {
-        seconds: i64::from(s),
+        seconds: i64::try_from(s).unwrap_or(i64::MAX),
         nanos: 0,
     })
 }
@@ -131,7 +147,7 @@ fn print(token: &pb::AccessToken, cache_hit: bool, json: bool) {
     }
     let mut out = serde_json::json!({
         "access_token": token.access_token,
-        "expires_at": token.expires_at.as_ref().map_or(0, |t| t.seconds),
+        "expires_at": super::rfc3339(token.expires_at.as_ref()),
         "token_type": token.token_type,
         "cache_hit": cache_hit,
     });

@@ -20,13 +20,19 @@
 //! always agrees with what it is sent. The broker does not route or
 //! authorize by authority, so nothing is lost.
 //!
-//! Bounds: a header block is buffered up to [`MAX_BLOCK`] bytes and a frame
-//! up to the server's frame size; a decoded list over the server's limit is
-//! passed on as one field over that limit, so the server refuses the stream
-//! as it would on TCP. What the server would refuse anyway (a malformed
-//! frame, a broken HPACK block) is passed on untouched while the connection
-//! is still being passed through, so the server answers it as always; on a
-//! rewritten connection it ends the connection.
+//! Bounds, all before authentication: a header block is buffered up to
+//! [`MAX_BLOCK`] bytes (or the server's list limit, if larger) in at most
+//! [`MAX_BLOCK_FRAMES`] frames (h2's own CONTINUATION-flood bound); one read
+//! of the socket yields at most [`OUT_PER_FEED`] bytes for the server, the
+//! rest of the read waiting its turn (a few bytes of HPACK can stand for
+//! kilobytes). A decoded list over the server's limit is passed on as one
+//! field over that limit, so the server refuses the stream as it would on
+//! TCP; over four times the limit (an HPACK bomb, which h2 answers with
+//! GOAWAY) ends the connection. What the server would refuse anyway (a
+//! malformed frame, a broken HPACK block, a CONTINUATION flood) is passed on
+//! untouched while the connection is still being passed through, so the
+//! server answers it as always; on a rewritten connection it ends the
+//! connection.
 
 use std::io;
 use std::pin::Pin;
@@ -43,9 +49,23 @@ pub const REPLACEMENT: &[u8] = b"localhost";
 /// transport does not change. No client frame may be larger.
 pub const MAX_FRAME: usize = 16_384;
 
-/// Header block bytes (HEADERS and its CONTINUATIONs) buffered at most: far
-/// past any list the server's header list limit lets through.
+/// Header block bytes (HEADERS and its CONTINUATIONs) buffered at most, if
+/// the server's header list limit is smaller: far past any list it lets
+/// through.
 pub const MAX_BLOCK: usize = 64 * 1024;
+
+/// Frames (HEADERS and CONTINUATIONs) in one header block at most: h2 sends
+/// GOAWAY past `max(5, n + n/4)` for `n` full frames of list, and ends here
+/// no later.
+pub const MAX_BLOCK_FRAMES: usize = 8;
+
+/// Bytes one [`AuthorityFix::feed`] call produces at most before it stops
+/// taking input.
+pub const OUT_PER_FEED: usize = 64 * 1024;
+
+/// A decoded list this many times over the server's limit ends the
+/// connection (h2's `MAX_HEADER_LIST_ABUSE_MULTIPLIER`).
+const ABUSE_MULTIPLIER: usize = 4;
 
 /// The HPACK dynamic table size the server allows (the protocol's default
 /// 4,096: the transport does not advertise another).
@@ -83,6 +103,8 @@ struct Block {
     end_stream: bool,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    /// Frames so far.
+    frames: usize,
     /// The frames as received (kept while deciding, to pass them on as they are).
     raw: Vec<u8>,
 }
@@ -93,6 +115,7 @@ struct Block {
 /// writes.
 pub struct AuthorityFix {
     max_list: usize,
+    max_block: usize,
     mode: Mode,
     preface_left: usize,
     /// A frame's header, or a whole HEADERS / CONTINUATION frame, as it arrives.
@@ -125,6 +148,7 @@ impl AuthorityFix {
         decoder.set_max_allowed_table_size(TABLE_SIZE);
         Self {
             max_list,
+            max_block: MAX_BLOCK.max(max_list),
             mode: Mode::Deciding,
             preface_left: PREFACE_LEN,
             frame: Vec::new(),
@@ -146,11 +170,15 @@ impl AuthorityFix {
 
     /// Takes the next bytes from the client and appends what the server is
     /// to read to `out` (possibly nothing yet: a frame may be incomplete).
-    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), Malformed> {
-        while !input.is_empty() {
+    /// Returns how many bytes of `input` it took: all of them, unless it
+    /// produced [`OUT_PER_FEED`] bytes first (feed the rest again later).
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, Malformed> {
+        let (start, whole) = (out.len(), input.len());
+        let mut input = input;
+        while !input.is_empty() && out.len() - start < OUT_PER_FEED {
             if self.mode == Mode::Through {
                 out.extend_from_slice(input);
-                return Ok(());
+                return Ok(whole);
             }
             if self.preface_left > 0 || self.copy_left > 0 {
                 let left = if self.preface_left > 0 {
@@ -170,7 +198,7 @@ impl AuthorityFix {
                 self.frame.extend_from_slice(&input[..n]);
                 input = &input[n..];
                 if self.frame.len() < FRAME_HEADER {
-                    return Ok(());
+                    return Ok(whole);
                 }
             }
             let len = usize::from(self.frame[0]) << 16 | usize::from(self.frame[1]) << 8 | usize::from(self.frame[2]);
@@ -192,12 +220,12 @@ impl AuthorityFix {
             self.frame.extend_from_slice(&input[..n]);
             input = &input[n..];
             if self.frame.len() < FRAME_HEADER + len {
-                return Ok(());
+                return Ok(whole);
             }
             let frame = std::mem::take(&mut self.frame);
             self.header_frame(frame, out)?;
         }
-        Ok(())
+        Ok(whole - input.len())
     }
 
     /// Passes on the block and frame held so far, unchanged, and everything
@@ -232,6 +260,7 @@ impl AuthorityFix {
                 end_stream: flags & END_STREAM != 0,
                 priority,
                 fragment: fragment.to_vec(),
+                frames: 1,
                 raw: Vec::new(),
             });
         } else {
@@ -239,13 +268,17 @@ impl AuthorityFix {
             let room = self
                 .block
                 .as_ref()
-                .is_some_and(|b| b.fragment.len() + payload.len() <= MAX_BLOCK);
+                .is_some_and(|b| b.fragment.len() + payload.len() <= self.max_block && b.frames < MAX_BLOCK_FRAMES);
             if !same_stream || !room {
                 self.frame = frame;
-                return self.give_up(out, "a CONTINUATION of another stream, or a header block too large");
+                return self.give_up(
+                    out,
+                    "a CONTINUATION of another stream, or a header block of too many bytes or frames",
+                );
             }
             if let Some(block) = self.block.as_mut() {
                 block.fragment.extend_from_slice(payload);
+                block.frames += 1;
             }
         }
         if self.mode == Mode::Deciding
@@ -286,6 +319,9 @@ impl AuthorityFix {
             self.mode = Mode::Rewriting;
         } else if decoded.is_err() {
             return Err(Malformed("a header block that does not decode"));
+        }
+        if size > max_list.saturating_mul(ABUSE_MULTIPLIER) {
+            return Err(Malformed("a header list far over the server's limit"));
         }
         let mut encoded = Vec::with_capacity(block.fragment.len() + 64);
         if size > max_list {
@@ -378,10 +414,13 @@ fn write_block(block: &Block, fragment: &[u8], out: &mut Vec<u8>) {
 pub struct Fixed<S> {
     inner: S,
     fix: AuthorityFix,
-    /// Rewritten bytes not yet read by the server, from `pos`.
+    /// Rewritten bytes not yet read by the server, from `out_pos`.
     out: Vec<u8>,
-    pos: usize,
+    out_pos: usize,
+    /// Bytes read from the socket, not yet fed from `in_pos` to `in_len`.
     scratch: Box<[u8]>,
+    in_pos: usize,
+    in_len: usize,
 }
 
 impl<S> Fixed<S> {
@@ -391,8 +430,10 @@ impl<S> Fixed<S> {
             inner,
             fix: AuthorityFix::new(max_list),
             out: Vec::new(),
-            pos: 0,
+            out_pos: 0,
             scratch: vec![0; MAX_FRAME].into_boxed_slice(),
+            in_pos: 0,
+            in_len: 0,
         }
     }
 
@@ -406,15 +447,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for Fixed<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.pos < this.out.len() {
-                let n = (this.out.len() - this.pos).min(buf.remaining());
-                buf.put_slice(&this.out[this.pos..this.pos + n]);
-                this.pos += n;
-                if this.pos == this.out.len() {
-                    this.out.clear();
-                    this.pos = 0;
+            if this.out_pos < this.out.len() {
+                let n = (this.out.len() - this.out_pos).min(buf.remaining());
+                buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
+                this.out_pos += n;
+                if this.out_pos == this.out.len() {
+                    this.out_pos = 0;
+                    if this.out.capacity() > 2 * OUT_PER_FEED {
+                        // A burst of rewritten blocks: do not keep its peak.
+                        this.out = Vec::new();
+                    } else {
+                        this.out.clear();
+                    }
                 }
                 return Poll::Ready(Ok(()));
+            }
+            if this.in_pos < this.in_len {
+                let taken = this
+                    .fix
+                    .feed(&this.scratch[this.in_pos..this.in_len], &mut this.out)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                this.in_pos += taken;
+                continue;
             }
             if this.fix.passing_through() {
                 if !this.scratch.is_empty() {
@@ -425,12 +479,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Fixed<S> {
             }
             let mut read = ReadBuf::new(&mut this.scratch);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-            if read.filled().is_empty() {
+            let n = read.filled().len();
+            if n == 0 {
                 return Poll::Ready(Ok(()));
             }
-            this.fix
-                .feed(read.filled(), &mut this.out)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            (this.in_pos, this.in_len) = (0, n);
         }
     }
 }
@@ -504,8 +557,11 @@ mod tests {
     /// Everything `input` becomes, fed in pieces of `step` bytes.
     fn run(fix: &mut AuthorityFix, input: &[u8], step: usize) -> Result<Vec<u8>, Malformed> {
         let mut out = Vec::new();
-        for piece in input.chunks(step) {
-            fix.feed(piece, &mut out)?;
+        for mut piece in input.chunks(step) {
+            while !piece.is_empty() {
+                let taken = fix.feed(piece, &mut out)?;
+                piece = &piece[taken..];
+            }
         }
         Ok(out)
     }
@@ -687,5 +743,82 @@ mod tests {
         }
         let mut fix = AuthorityFix::new(8192);
         assert!(run(&mut fix, &input, MAX_FRAME).is_err());
+    }
+
+    /// A connection rewriting already (its first block had a socket path),
+    /// whose client table holds one 4,000-byte field, and the client.
+    fn rewriting_with_a_big_entry() -> (AuthorityFix, loona_hpack::Encoder<'static>, Vec<u8>) {
+        let mut client = loona_hpack::Encoder::new();
+        let big = "b".repeat(4_000);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &encode(&mut client, &request("a/b", &[("x-big", &big)])),
+        ));
+        let mut fix = AuthorityFix::new(8192);
+        let out = run(&mut fix, &input, input.len()).unwrap();
+        assert!(fix.rewriting());
+        (fix, client, out)
+    }
+
+    #[test]
+    fn a_continuation_flood_is_not_buffered() {
+        // Deciding: passed on as it came once past the bound (the server
+        // answers the flood with GOAWAY), not held.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &[0x82]));
+        for _ in 0..MAX_BLOCK_FRAMES * 4 {
+            input.extend(frame(CONTINUATION, 0, 1, &[]));
+        }
+        let mut fix = AuthorityFix::new(8192);
+        assert_eq!(run(&mut fix, &input, 9).unwrap(), input);
+        assert!(fix.passing_through());
+        // Rewriting: the connection ends.
+        let (mut fix, _, _) = rewriting_with_a_big_entry();
+        let mut flood = frame(HEADERS, 0, 3, &[0x82]);
+        for _ in 0..MAX_BLOCK_FRAMES {
+            flood.extend(frame(CONTINUATION, 0, 3, &[]));
+        }
+        assert!(run(&mut fix, &flood, 9).is_err());
+    }
+
+    #[test]
+    fn an_hpack_bomb_ends_a_rewritten_connection() {
+        // Twenty one-byte references to a 4,000-byte field: 80 KB from 20
+        // bytes, ten times the limit.
+        let (mut fix, _, _) = rewriting_with_a_big_entry();
+        let bomb = frame(HEADERS, END_HEADERS, 3, &[0x80 | 62; 20]);
+        assert!(run(&mut fix, &bomb, bomb.len()).is_err());
+    }
+
+    #[test]
+    fn one_read_yields_a_bounded_amount_however_much_it_stands_for() {
+        // Blocks of three references (12 KB, over the limit but not a bomb):
+        // each becomes an 8 KB marker for the server. 16 KB of them would be
+        // ~10 MB at once; a feed stops after OUT_PER_FEED.
+        let (mut fix, _, _) = rewriting_with_a_big_entry();
+        let mut input = Vec::new();
+        let mut stream = 3u32;
+        while input.len() < MAX_FRAME {
+            input.extend(frame(HEADERS, END_HEADERS | END_STREAM, stream, &[0x80 | 62; 3]));
+            stream += 2;
+        }
+        let mut out = Vec::new();
+        let taken = fix.feed(&input, &mut out).unwrap();
+        assert!(taken < input.len(), "took {taken} of {}", input.len());
+        assert!(out.len() < OUT_PER_FEED + 9_000, "{} bytes at once", out.len());
+        // The rest comes with the next feeds.
+        let mut rest = &input[taken..];
+        let mut total = out.len();
+        while !rest.is_empty() {
+            out.clear();
+            let taken = fix.feed(rest, &mut out).unwrap();
+            assert!(taken > 0);
+            total += out.len();
+            rest = &rest[taken..];
+        }
+        assert!(total > 10 * OUT_PER_FEED);
     }
 }

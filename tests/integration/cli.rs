@@ -32,22 +32,29 @@ impl Proc {
 
     /// The first line on `stream` containing `needle`.
     fn wait_line(stream: &mpsc::Receiver<String>, needle: &str) -> String {
+        let mut seen = Vec::new();
         loop {
             let line = stream
                 .recv_timeout(WAIT)
-                .unwrap_or_else(|e| panic!("no line with {needle:?}: {e}"));
+                .unwrap_or_else(|e| panic!("no line with {needle:?} ({e}) in:\n{}", seen.join("\n")));
             if line.contains(needle) {
                 return line;
             }
+            seen.push(line);
         }
     }
 
     /// The `listen` field of the first JSON log line holding `needle`
     /// (`serving gRPC`, `serving Prometheus metrics`, ...).
     fn wait_listen(stream: &mpsc::Receiver<String>, needle: &str) -> String {
-        let line = Self::wait_line(stream, needle);
-        let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
-        log["fields"]["listen"].as_str().expect("a listen field").to_owned()
+        loop {
+            let line = Self::wait_line(stream, needle);
+            let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+            // (`serving gRPC on a Unix socket` has a path instead.)
+            if let Some(listen) = log["fields"]["listen"].as_str() {
+                return listen.to_owned();
+            }
+        }
     }
 
     /// Sends `signal` (`-HUP`, `-TERM`, ...) to the process.
@@ -729,4 +736,247 @@ fn a_closed_stdout_ends_the_cli_quietly() {
         assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// A broker whose client listener takes TLS with an optional client
+/// certificate or an API key, beside a Unix socket; its admin listener takes
+/// TLS client certificates. Returns it, its client and admin addresses, and
+/// the directory holding `ca.crt`, `cli.crt`/`cli.key` (caller
+/// `dns:cli.internal`), `ops.crt`/`ops.key` (admin `dns:ops.internal`),
+/// `portal.key` (the API key of `apikey:portal`) and `broker.sock` (`uds:sidecar`).
+fn authenticated_broker(dir: &std::path::Path) -> (Proc, Proc, String, String) {
+    use crate::common::pki::{Pki, dns, ip};
+    use sha2::{Digest as _, Sha256};
+    let (fake, _) = fake_box(dir);
+    let pki = Pki::new();
+    std::fs::write(dir.join("ca.crt"), pki.ca.pem()).unwrap();
+    for (name, sans) in [
+        // The client listener on 127.0.0.1, the admin one on 127.0.0.2.
+        ("server", vec![ip("127.0.0.1"), ip("127.0.0.2")]),
+        ("cli", vec![dns("cli.internal")]),
+        ("ops", vec![dns("ops.internal")]),
+    ] {
+        let (cert, key) = pki.issue(sans);
+        std::fs::write(dir.join(format!("{name}.crt")), cert).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
+    }
+    std::fs::write(dir.join("portal.key"), "portal-key-0123456789\n").unwrap();
+    let digest = hex::encode(Sha256::digest(b"portal-key-0123456789"));
+    let config = dir.join("broker.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "allow_anonymous = true\n",
+        &format!(
+            "allow_anonymous = false\naccept = [\"client_certificate\", \"api_key\"]\nadmin_listen = \"127.0.0.2:0\"\n\n\
+             [server.tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\nclient_ca_file = \"ca.crt\"\n\n\
+             [server.unix_socket]\npath = \"{}\"\nidentity = \"sidecar\"\n\n\
+             [[auth.api_keys]]\nidentity = \"portal\"\nsha256 = \"{digest}\"\n\n\
+             [admin.tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\nclient_ca_file = \"ca.crt\"\n\n\
+             [[admin.rules]]\ncallers = [\"dns:ops.internal\"]\nrpcs = [\"GetStatus\"]\napps = [\"*\"]\n",
+            dir.join("broker.sock").display()
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[[rules]]\nname = \"cli callers\"\ncallers = [\"apikey:portal\", \"dns:cli.internal\", \"uds:sidecar\"]\n\
+         enterprise = true\nfull_tokens = true\n",
+    )
+    .unwrap();
+    let serve = Proc::spawn(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env("BOX_BROKER_LOG__FORMAT", "json")
+            .env_remove("RUST_LOG"),
+    );
+    // (The admin listener is bound first.)
+    let admin = Proc::wait_listen(&serve.stderr, "serving the admin RPC");
+    let addr = Proc::wait_listen(&serve.stderr, "serving gRPC");
+    (fake, serve, addr, admin)
+}
+
+#[test]
+fn the_token_and_admin_clis_authenticate_with_a_key_a_certificate_or_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_fake, mut serve, addr, admin) = authenticated_broker(d);
+    let file = |name: &str| d.join(name).display().to_string();
+    let token = |extra: &[&str]| {
+        let mut args = vec!["--enterprise"];
+        args.extend_from_slice(extra);
+        run(Command::new(bin()).args(["token", "get"]).args(&args).current_dir(d))
+    };
+    // An API key over TLS.
+    let (code, stdout, stderr) = token(&[
+        "--addr",
+        &addr,
+        "--ca-file",
+        &file("ca.crt"),
+        "--api-key-file",
+        &file("portal.key"),
+    ]);
+    assert_eq!((code, stdout.trim().len()), (0, 32), "{stderr}");
+    Proc::wait_line(&serve.stdout, "\"caller\":\"apikey:portal\"");
+    // The same key from the environment.
+    let (code, _, stderr) = run(Command::new(bin())
+        .args([
+            "token",
+            "get",
+            "--enterprise",
+            "--addr",
+            &addr,
+            "--ca-file",
+            &file("ca.crt"),
+        ])
+        .env("BOX_BROKER_API_KEY", "portal-key-0123456789"));
+    assert_eq!(code, 0, "{stderr}");
+    // A client certificate (mTLS).
+    let (code, stdout, stderr) = token(&[
+        "--addr",
+        &addr,
+        "--ca-file",
+        &file("ca.crt"),
+        "--cert-file",
+        &file("cli.crt"),
+        "--key-file",
+        &file("cli.key"),
+    ]);
+    assert_eq!((code, stdout.trim().len()), (0, 32), "{stderr}");
+    Proc::wait_line(&serve.stdout, "\"caller\":\"dns:cli.internal\"");
+    // The Unix socket, by absolute and by relative path.
+    for socket in [format!("unix:{}", file("broker.sock")), "unix:broker.sock".to_owned()] {
+        let (code, stdout, stderr) = token(&["--addr", &socket]);
+        assert_eq!((code, stdout.trim().len()), (0, 32), "{socket}: {stderr}");
+    }
+    Proc::wait_line(&serve.stdout, "\"caller\":\"uds:sidecar\"");
+    // Nothing presented: refused, and the message says so.
+    let (code, _, stderr) = token(&["--addr", &addr, "--ca-file", &file("ca.crt")]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    // A CA file that is not PEM: exit 64 naming it, before connecting.
+    let (code, _, stderr) = token(&["--addr", &addr, "--ca-file", &file("portal.key")]);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("portal.key: the CA certificate holds no PEM certificate"),
+        "{stderr}"
+    );
+    // TLS options for a plaintext address are a contradiction, not ignored.
+    let (code, _, stderr) = token(&["--addr", &format!("http://{addr}"), "--ca-file", &file("ca.crt")]);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("plaintext (http://) but TLS options were given"),
+        "{stderr}"
+    );
+    // The admin CLI with a client certificate on its TLS listener.
+    let (code, stdout, stderr) = run(Command::new(bin())
+        .args(["admin", "--addr", &admin, "--ca-file", &file("ca.crt")])
+        .args([
+            "--cert-file",
+            &file("ops.crt"),
+            "--key-file",
+            &file("ops.key"),
+            "status",
+        ])
+        .env_remove("BOX_BROKER_ADMIN_KEY"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("app default"), "{stdout}");
+    assert_eq!(serve.terminate(), 0);
+}
+
+#[test]
+fn check_config_online_asks_box_and_reports_what_the_first_request_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, _) = fake_box(dir.path());
+    let config = dir.path().join("broker.toml");
+    let check = || run(Command::new(bin()).args(["check-config", "--online"]).arg(&config));
+    let (code, stdout, stderr) = check();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("app default: Box issued a Service Account token (revoked again)"),
+        "{stdout}"
+    );
+    // A public key id Box does not know: what a first GetToken would say, exit 64.
+    let json_path = dir.path().join("box_config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    json["boxAppSettings"]["appAuth"]["publicKeyID"] = "nosuchkid".into();
+    std::fs::write(&json_path, json.to_string()).unwrap();
+    let (code, _, stderr) = check();
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("app default: Box does not know public key id nosuchkid"),
+        "{stderr}"
+    );
+    // Box unreachable: 69, retry later.
+    let (code, _, stderr) = run(Command::new(bin())
+        .args(["check-config", "--online"])
+        .arg(&config)
+        .env("BOX_BROKER_APPS__DEFAULT__API_BASE_URL", "http://127.0.0.1:9")
+        .env("BOX_BROKER_UPSTREAM__MAX_ATTEMPTS", "1"));
+    assert_eq!(code, 69, "{stderr}");
+    assert!(stderr.contains("could not be reached"), "{stderr}");
+    // Without --online nothing is asked of Box.
+    let (code, _, _) = run(Command::new(bin()).arg("check-config").arg(&config));
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn json_output_is_one_object_with_rfc3339_times_and_durations_take_units() {
+    let dev =
+        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
+    let broker = Proc::wait_line(&dev.stdout, "broker gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let admin = Proc::wait_line(&dev.stdout, "admin gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let key = Proc::wait_line(&dev.stdout, "BOX_BROKER_ADMIN_KEY=")
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let rfc3339 = |v: &serde_json::Value| {
+        let s = v.as_str().unwrap_or_else(|| panic!("a string time: {v}"));
+        assert!(
+            s.len() == 24 && s.as_bytes()[10] == b'T' && s.ends_with('Z'),
+            "not RFC 3339: {s}"
+        );
+    };
+    // A token for at least ten minutes, as JSON.
+    let (code, stdout, stderr) = token_get(&["--addr", &broker, "--enterprise", "--min-ttl", "10m", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let token: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    rfc3339(&token["expires_at"]);
+    let (code, _, stderr) = token_get(&["--addr", &broker, "--enterprise", "--min-ttl", "soon"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("\"soon\" is not a duration"), "{stderr}");
+    // The admin CLI's status and key list.
+    let (code, stdout, stderr) = admin_cli(&admin, &key, &["--json", "status"]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["apps"][0]["name"], "default", "{status}");
+    assert_eq!(status["apps"][0]["active_key"]["state"], "active", "{status}");
+    rfc3339(&status["apps"][0]["last_upstream_success_at"]);
+    assert!(status["apps"][0]["last_upstream_failure_at"].is_null(), "{status}");
+    let (code, stdout, stderr) = admin_cli(&admin, &key, &["keys", "generate", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let generated: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(generated["key"]["state"], "pending", "{generated}");
+    assert!(
+        generated["public_key_pem"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PUBLIC KEY-----")
+    );
+    let (code, stdout, stderr) = admin_cli(&admin, &key, &["keys", "list", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{listed}");
+    rfc3339(&keys[0]["created_at"]);
 }

@@ -15,8 +15,8 @@ use box_token_broker::{
     policy::Policy,
     service::{self, Listener},
 };
+use common::pki::{Pki, dns, uri};
 use common::{Harness, Options, assert_status, enterprise, token_of};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use tonic::{
     Code,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
@@ -25,37 +25,6 @@ use tonic::{
 const SPIFFE: &str = "spiffe://cluster.local/ns/portal/sa/web";
 
 const POLICY: &str = "[[rules]]\nname = \"portal pods\"\ncallers = [\"spiffe://cluster.local/ns/portal/*\", \"dns:billing.internal\", \"apikey:billing.internal\"]\nenterprise = true\nfull_tokens = true\n";
-
-struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        Self {
-            ca: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    /// A certificate for `sans`, signed by this CA, as (cert PEM, key PEM).
-    fn issue(&self, sans: Vec<SanType>) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = sans;
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-fn uri(s: &str) -> SanType {
-    SanType::URI(s.try_into().unwrap())
-}
-
-fn dns(s: &str) -> SanType {
-    SanType::DnsName(s.try_into().unwrap())
-}
 
 /// Serves the harness's broker with mTLS; returns the address and the audit buffer.
 async fn serve_mtls(h: &Harness, pki: &Pki) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {

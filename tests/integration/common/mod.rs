@@ -1,6 +1,7 @@
 //! The integration-test harness: a fake Box and a real broker on ephemeral
 //! ports, sharing one manual clock, with a gRPC client connected.
 
+pub mod pki;
 pub mod python;
 
 use std::{
