@@ -696,7 +696,7 @@ mod tests {
             rpc: "GetToken",
             caller: "c".into(),
             decision: "allow",
-            code: "Ok",
+            code: "OK",
             ..AuditEvent::default()
         });
         let records = lines(&buffer);
@@ -719,7 +719,7 @@ mod tests {
             caller: "spiffe://x/\"quoted\"".into(),
             peer: Some("10.0.0.7".into()),
             decision: "deny",
-            code: "PermissionDenied",
+            code: "PERMISSION_DENIED",
             reason: Some("line\nbreak and \\ backslash \u{1}".to_owned()),
             rule: Some(Arc::from("portal")),
             app: "default".into(),
@@ -766,7 +766,7 @@ mod tests {
             caller: "unauthenticated".into(),
             peer: Some("10.0.0.9".into()),
             decision: "deny",
-            code: "Unauthenticated",
+            code: "UNAUTHENTICATED",
             reason: Some(reason.to_owned()),
             ..AuditEvent::default()
         }
@@ -781,7 +781,7 @@ mod tests {
         sink.record(&refusal("no credentials"));
         let allowed = AuditEvent {
             decision: "allow",
-            code: "Ok",
+            code: "OK",
             ..refusal("")
         };
         for _ in 0..3 {

@@ -30,7 +30,9 @@ use crate::{boxapi::client::CircuitState, broker::Broker, keys::KeyState, servic
 
 type Labels = Vec<(&'static str, String)>;
 
-/// A gRPC code's name, as in metrics labels and audit records.
+/// A gRPC code's canonical name (`PERMISSION_DENIED`, as the gRPC spec and
+/// other languages' libraries spell it), in metrics labels, audit records and
+/// CLI errors.
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::{
         Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
@@ -38,23 +40,23 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Unknown,
     };
     match code {
-        Ok => "Ok",
-        Cancelled => "Cancelled",
-        Unknown => "Unknown",
-        InvalidArgument => "InvalidArgument",
-        DeadlineExceeded => "DeadlineExceeded",
-        NotFound => "NotFound",
-        AlreadyExists => "AlreadyExists",
-        PermissionDenied => "PermissionDenied",
-        ResourceExhausted => "ResourceExhausted",
-        FailedPrecondition => "FailedPrecondition",
-        Aborted => "Aborted",
-        OutOfRange => "OutOfRange",
-        Unimplemented => "Unimplemented",
-        Internal => "Internal",
-        Unavailable => "Unavailable",
-        DataLoss => "DataLoss",
-        Unauthenticated => "Unauthenticated",
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -548,8 +550,8 @@ mod tests {
             "boxbroker_rpc_duration_seconds_bucket{le=\"16.384\",method=\"GetToken\"} 2",
             "boxbroker_rpc_duration_seconds_bucket{le=\"+Inf\",method=\"GetToken\"} 3",
             "boxbroker_rpc_duration_seconds_sum{method=\"GetToken\"} 60.0012",
-            "boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Ok\"} 2",
-            "boxbroker_rpc_requests_total{method=\"GetToken\",code=\"PermissionDenied\"} 1",
+            "boxbroker_rpc_requests_total{method=\"GetToken\",code=\"OK\"} 2",
+            "boxbroker_rpc_requests_total{method=\"GetToken\",code=\"PERMISSION_DENIED\"} 1",
             "boxbroker_policy_denials_total{method=\"GetToken\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -131,7 +131,12 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
     let mut client = BrokerAdminServiceClient::with_interceptor(channel, key);
     let app = args.app.clone();
     let json = args.json;
-    let failed = |status: tonic::Status| fail(1, &format!("{:?}: {}", status.code(), status.message()));
+    let failed = |status: tonic::Status| {
+        fail(
+            1,
+            &format!("{}: {}", crate::metrics::code_name(status.code()), status.message()),
+        )
+    };
     match args.command {
         AdminCommand::Keys(KeysCommand::Generate { bits, public_key_out }) => {
             let generated = client

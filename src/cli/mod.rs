@@ -297,7 +297,13 @@ async fn serve(path: PathBuf) -> ExitCode {
         .into_iter()
         .map(crate::config::Mechanism::name)
         .collect();
-    tracing::info!(listen = %bound, tls = config.server.tls.is_some(), accept = ?accepted, "serving gRPC");
+    tracing::info!(
+        listen = %bound,
+        tls = config.server.tls.is_some(),
+        // A plain string (a JSON log line holds no JSON inside a string).
+        accept = accepted.join(","),
+        "serving gRPC"
+    );
     let watcher = match &config.policy.file {
         Some(file) => tokio::spawn(PolicyWatcher::new(file.clone(), broker.clone()).run(POLL_INTERVAL, hangups)),
         None => {

@@ -130,7 +130,10 @@ async fn connect(common: &Common) -> Result<Client, ExitCode> {
 }
 
 fn status_failure(status: &tonic::Status) -> ExitCode {
-    fail(1, &format!("{:?}: {}", status.code(), status.message()))
+    fail(
+        1,
+        &format!("{}: {}", crate::metrics::code_name(status.code()), status.message()),
+    )
 }
 
 fn ttl(seconds: Option<u64>) -> Option<prost_types::Duration> {

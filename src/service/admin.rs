@@ -179,7 +179,12 @@ impl BrokerAdminApi {
         if self.audit.record(&event)
             && let Err(status) = &result
         {
-            tracing::info!(rpc, code = ?status.code(), reason = status.message(), "admin call refused");
+            tracing::info!(
+                rpc,
+                code = crate::metrics::code_name(status.code()),
+                reason = status.message(),
+                "admin call refused"
+            );
         }
         result.map(Response::new)
     }

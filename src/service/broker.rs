@@ -31,6 +31,9 @@ const MAX_TOKEN_LEN: usize = 4096;
 pub struct TokenBrokerApi {
     broker: Arc<Broker>,
     audit: Arc<AuditSink>,
+    /// The one app's name when exactly one is configured (what an empty
+    /// `app` means), else empty: audit records name it even on a refusal.
+    only_app: Arc<str>,
 }
 
 /// The gate's context of `request`, marked as taken over by its handler.
@@ -47,7 +50,28 @@ pub(crate) fn context<T>(request: &Request<T>) -> Result<Arc<CallContext>, Statu
 impl TokenBrokerApi {
     /// An adapter auditing to `audit`.
     pub fn new(broker: Arc<Broker>, audit: Arc<AuditSink>) -> Self {
-        Self { broker, audit }
+        let only_app = {
+            let mut apps = broker.apps();
+            match (apps.next(), apps.next()) {
+                (Some(app), None) => app.name.clone(),
+                _ => Arc::default(),
+            }
+        };
+        Self {
+            broker,
+            audit,
+            only_app,
+        }
+    }
+
+    /// The app a caller asked for, for an audit record: the one app if it
+    /// left `app` empty and there is one, else the name it gave.
+    fn asked_app(&self, app: &str) -> Arc<str> {
+        if app.is_empty() {
+            self.only_app.clone()
+        } else {
+            Arc::from(app)
+        }
     }
 
     /// Runs `handle` for the gate's caller, logs a refusal once (with its
@@ -70,14 +94,18 @@ impl TokenBrokerApi {
         event.rpc = rpc;
         event.request_id = Some(context.request_id);
         if let Err(status) = &result {
-            span.record("code", tracing::field::debug(status.code()));
+            span.record("code", crate::metrics::code_name(status.code()));
             event.peer = Some(context.peer.to_string().into());
         }
         super::record_outcome(&mut event, result.as_ref().map(|_| ()));
         if self.audit.record(&event)
             && let Err(status) = &result
         {
-            tracing::info!(code = ?status.code(), reason = status.message(), "refused");
+            tracing::info!(
+                code = crate::metrics::code_name(status.code()),
+                reason = status.message(),
+                "refused"
+            );
         }
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.broker.metrics().rpc(rpc, code, started.elapsed());
@@ -85,13 +113,13 @@ impl TokenBrokerApi {
     }
 }
 
-/// Audit facts known before the broker answers. `app` is the name the
-/// request gave (empty when it left it empty), recorded when no app answers;
-/// once one does, [`served`] records its configured name instead.
-fn facts(caller: &CallerIdentity, app: &str, subject: Option<&Subject>) -> AuditEvent {
+/// Audit facts known before the broker answers. `app` is the app asked for
+/// (`TokenBrokerApi::asked_app`), recorded when no app answers; once one
+/// does, [`served`] records its configured name instead.
+fn facts(caller: &CallerIdentity, app: Arc<str>, subject: Option<&Subject>) -> AuditEvent {
     AuditEvent {
         caller: caller.shared_name(),
-        app: asked_app(app),
+        app,
         subject_type: subject.map(|s| match s {
             Subject::Enterprise => "enterprise",
             Subject::User(_) => "user",
@@ -102,11 +130,6 @@ fn facts(caller: &CallerIdentity, app: &str, subject: Option<&Subject>) -> Audit
         }),
         ..AuditEvent::default()
     }
-}
-
-/// The app a caller asked for, for an audit record (empty for the default).
-fn asked_app(app: &str) -> Arc<str> {
-    if app.is_empty() { Arc::default() } else { Arc::from(app) }
 }
 
 /// Adds what the broker answered to `event`.
@@ -129,12 +152,12 @@ impl TokenBrokerService for TokenBrokerApi {
         self.call("GetToken", request, |caller, request| async move {
             let domain = match token_request(&request) {
                 Ok(domain) => domain,
-                Err(e) => return (facts(&caller, &request.app, None), Err(e.into())),
+                Err(e) => return (facts(&caller, self.asked_app(&request.app), None), Err(e.into())),
             };
-            record_subject(domain.app, &domain.subject);
+            record_subject(&self.only_app, domain.app, &domain.subject);
             // The app served is recorded on success (`served`); the name
             // asked for only on failure, so a success copies no string.
-            let mut event = facts(&caller, "", Some(&domain.subject));
+            let mut event = facts(&caller, Arc::default(), Some(&domain.subject));
             let result = self
                 .broker
                 .get_token(&caller.shared_name(), &domain)
@@ -149,7 +172,7 @@ impl TokenBrokerService for TokenBrokerApi {
                     response
                 });
             if result.is_err() {
-                event.app = asked_app(&request.app);
+                event.app = self.asked_app(&request.app);
             }
             (event, result.map_err(Status::from))
         })
@@ -168,10 +191,10 @@ impl TokenBrokerService for TokenBrokerApi {
         self.call("GetDownscopedToken", request, |caller, request| async move {
             let domain = match downscope_request(&request) {
                 Ok(domain) => domain,
-                Err(e) => return (facts(&caller, &request.app, None), Err(e.into())),
+                Err(e) => return (facts(&caller, self.asked_app(&request.app), None), Err(e.into())),
             };
-            record_subject(domain.app, &domain.subject);
-            let mut event = facts(&caller, "", Some(&domain.subject));
+            record_subject(&self.only_app, domain.app, &domain.subject);
+            let mut event = facts(&caller, Arc::default(), Some(&domain.subject));
             event.downscope = Some(domain.downscope.clone());
             let result = self
                 .broker
@@ -189,7 +212,7 @@ impl TokenBrokerService for TokenBrokerApi {
                     response
                 });
             if result.is_err() {
-                event.app = asked_app(&request.app);
+                event.app = self.asked_app(&request.app);
             }
             (event, result.map_err(Status::from))
         })
@@ -203,7 +226,7 @@ impl TokenBrokerService for TokenBrokerApi {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         self.call("RevokeToken", request, |caller, request| async move {
             let pb::RevokeTokenRequest { app, access_token } = request;
-            let mut event = facts(&caller, &app, None);
+            let mut event = facts(&caller, self.asked_app(&app), None);
             if access_token.is_empty() || access_token.len() > MAX_TOKEN_LEN {
                 let e = BrokerError::InvalidArgument(format!(
                     "access_token must be 1 to {MAX_TOKEN_LEN} characters: the token to revoke, as the broker issued it"
@@ -212,7 +235,14 @@ impl TokenBrokerService for TokenBrokerApi {
             }
             let sha256 = digest(&access_token);
             let app = (!app.is_empty()).then_some(app);
-            tracing::Span::current().record("app", app.as_deref().unwrap_or("(default)"));
+            tracing::Span::current().record(
+                "app",
+                app.as_deref().unwrap_or(if self.only_app.is_empty() {
+                    "(default)"
+                } else {
+                    &self.only_app
+                }),
+            );
             let result = self
                 .broker
                 .revoke(caller.name(), app.as_deref(), SecretString::from(access_token))
@@ -239,9 +269,12 @@ impl TokenBrokerService for TokenBrokerApi {
     }
 }
 
-fn record_subject(app: Option<&str>, subject: &Subject) {
+/// Records the app (the one app, for an empty name, if there is one) and the
+/// subject's type on the RPC's span.
+fn record_subject(only_app: &str, app: Option<&str>, subject: &Subject) {
     let span = tracing::Span::current();
-    span.record("app", app.unwrap_or("(default)"));
+    let only_app = if only_app.is_empty() { "(default)" } else { only_app };
+    span.record("app", app.unwrap_or(only_app));
     span.record(
         "subject_type",
         match subject {

@@ -545,7 +545,7 @@ impl GateShared {
             tracing::info!(
                 rpc,
                 request_id = id.as_str(),
-                code = ?status.code(),
+                code = crate::metrics::code_name(status.code()),
                 reason = status.message(),
                 peer = %peer,
                 "refused"

@@ -228,7 +228,7 @@ pub(crate) fn record_outcome(event: &mut crate::audit::AuditEvent, result: Resul
     match result {
         Ok(()) => {
             event.decision = "allow";
-            event.code = "Ok";
+            event.code = "OK";
         }
         Err(status) => {
             let denied = matches!(

@@ -159,7 +159,7 @@ fn dev_mode_serves_tokens_with_no_box_account() {
 
     let (code, _, stderr) = token_get(&["--addr", &addr, "--user", "7400001"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("NotFound") && stderr.contains("7400001"), "{stderr}");
+    assert!(stderr.contains("NOT_FOUND") && stderr.contains("7400001"), "{stderr}");
 
     // A browser's token: downscoped to one folder, then revoked.
     let out = Command::new(bin())
@@ -189,7 +189,7 @@ fn dev_mode_serves_tokens_with_no_box_account() {
     assert_eq!(revoke(&addr, token).0, 0);
     let (code, stderr) = revoke(&addr, token);
     assert_eq!(code, 1, "a revoked token is no longer the broker's");
-    assert!(stderr.contains("NotFound"), "{stderr}");
+    assert!(stderr.contains("NOT_FOUND"), "{stderr}");
 }
 
 /// `token revoke`, with the token on standard input.
@@ -239,7 +239,7 @@ fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigter
             .unwrap()
     });
     assert!(
-        scraped.contains("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Ok\"} 1"),
+        scraped.contains("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"OK\"} 1"),
         "{scraped}"
     );
     assert!(!scraped.contains(&token));
@@ -357,7 +357,7 @@ fn dev_mode_plays_the_whole_key_rotation_with_the_admin_cli() {
     // Without the admin key: refused.
     let (code, _, stderr) = admin_cli(&admin, "", &["status"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
 
     let dir = tempfile::tempdir().unwrap();
     let public = dir.path().join("new.pem");
@@ -853,7 +853,7 @@ fn the_token_and_admin_clis_authenticate_with_a_key_a_certificate_or_a_unix_sock
     // Nothing presented: refused, and the message says so.
     let (code, _, stderr) = token(&["--addr", &addr, "--ca-file", &file("ca.crt")]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
     // A CA file that is not PEM: exit 64 naming it, before connecting.
     let (code, _, stderr) = token(&["--addr", &addr, "--ca-file", &file("portal.key")]);
     assert_eq!(code, 64);
@@ -979,4 +979,55 @@ fn json_output_is_one_object_with_rfc3339_times_and_durations_take_units() {
     let keys = listed["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 2, "{listed}");
     rfc3339(&keys[0]["created_at"]);
+}
+
+#[test]
+fn json_logs_hold_no_json_inside_strings_and_spell_codes_the_grpc_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, _) = fake_box(dir.path());
+    let mut serve = Proc::spawn(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(dir.path().join("broker.toml"))
+            .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env("BOX_BROKER_LOG__FORMAT", "json")
+            .env_remove("RUST_LOG"),
+    );
+    // Every line, kept: up to the listener's, and then up to the refusal's.
+    let mut lines: Vec<String> = Vec::new();
+    let mut until = |needle: &str| loop {
+        let line = serve.stderr.recv_timeout(WAIT).unwrap();
+        lines.push(line.clone());
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    let serving: serde_json::Value = serde_json::from_str(&until("\"serving gRPC\"")).unwrap();
+    let addr = serving["fields"]["listen"].as_str().unwrap().to_owned();
+    assert_eq!(serving["fields"]["accept"], "", "{serving}");
+    // A refusal: an external user.
+    let (code, _, stderr) = token_get(&["--addr", &addr, "--user", "7400001"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("NOT_FOUND: "), "{stderr}");
+    let refused: serde_json::Value = serde_json::from_str(&until("\"refused\"")).unwrap();
+    assert_eq!(serve.terminate(), 0);
+    lines.extend(serve.stderr.try_iter());
+    assert_eq!(refused["fields"]["code"], "NOT_FOUND", "{refused}");
+    assert_eq!(refused["span"]["code"], "NOT_FOUND", "{refused}");
+    assert_eq!(refused["span"]["app"], "default", "{refused}");
+    // No field of any line is JSON written into a string.
+    for line in &lines {
+        let log: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for section in ["fields", "span"] {
+            for (name, value) in log[section].as_object().into_iter().flatten() {
+                if let Some(text) = value.as_str() {
+                    let nested = serde_json::from_str::<serde_json::Value>(text);
+                    assert!(
+                        !nested.is_ok_and(|v| v.is_array() || v.is_object()),
+                        "{section}.{name} is JSON in a string: {line}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -230,7 +230,7 @@ async fn a_message_that_does_not_decode_is_invalid_argument_and_audited() {
             events[0]["code"].as_str(),
             events[0]["decision"].as_str()
         ),
-        (Some("GetToken"), Some("InvalidArgument"), Some("error"))
+        (Some("GetToken"), Some("INVALID_ARGUMENT"), Some("error"))
     );
     assert_eq!(events[0]["peer"], "127.0.0.1");
 }
@@ -538,7 +538,7 @@ async fn a_request_past_the_request_timeout_is_deadline_exceeded_and_audited() {
     assert_status(&status, Code::DeadlineExceeded, "did not finish within 300 ms");
     let events = h.audit_events();
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!(events[0]["code"], "DeadlineExceeded");
+    assert_eq!(events[0]["code"], "DEADLINE_EXCEEDED");
     assert_eq!(events[0]["caller"], "anonymous");
 }
 

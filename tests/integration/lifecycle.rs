@@ -101,7 +101,7 @@ async fn over_the_concurrency_limit_is_resource_exhausted_naming_it() {
     h.fake.set_latency(Duration::ZERO);
     h.get(enterprise()).await.unwrap();
     let events = h.audit_events();
-    assert!(events.iter().any(|e| e["code"] == "ResourceExhausted"));
+    assert!(events.iter().any(|e| e["code"] == "RESOURCE_EXHAUSTED"));
 }
 
 #[tokio::test]
@@ -165,7 +165,7 @@ async fn an_oversized_request_is_refused_naming_the_limit() {
     let events = h.audit_events();
     let oversized: Vec<_> = events
         .iter()
-        .filter(|e| e["rpc"] == "GetDownscopedToken" && e["code"] == "ResourceExhausted")
+        .filter(|e| e["rpc"] == "GetDownscopedToken" && e["code"] == "RESOURCE_EXHAUSTED")
         .collect();
     assert_eq!(oversized.len(), 2, "{events:?}");
     assert_eq!(oversized[0]["decision"], "deny");

@@ -50,7 +50,7 @@ async fn the_counters_move_as_the_scenario_says() {
     ));
     let before = scrape(addr).await;
     assert_eq!(
-        before.get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Ok\"}"),
+        before.get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"OK\"}"),
         None
     );
     assert_eq!(before["boxbroker_circuit_state{app=\"default\"}"], 0.0);
@@ -72,15 +72,15 @@ async fn the_counters_move_as_the_scenario_says() {
     let m = scrape(addr).await;
     let get = |k: &str| m.get(k).copied().unwrap_or_else(|| panic!("no series {k}: {m:#?}"));
     assert_eq!(
-        get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Ok\"}"),
+        get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"OK\"}"),
         2.0
     );
     assert_eq!(
-        get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"PermissionDenied\"}"),
+        get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"PERMISSION_DENIED\"}"),
         1.0
     );
     assert_eq!(
-        get("boxbroker_rpc_requests_total{method=\"GetDownscopedToken\",code=\"Ok\"}"),
+        get("boxbroker_rpc_requests_total{method=\"GetDownscopedToken\",code=\"OK\"}"),
         1.0
     );
     assert_eq!(get("boxbroker_rpc_duration_seconds_count{method=\"GetToken\"}"), 3.0);
@@ -126,7 +126,7 @@ async fn the_counters_move_as_the_scenario_says() {
     assert_eq!(m["boxbroker_upstream_rate_limited_total{app=\"default\"}"], 1.0);
     assert_eq!(m["boxbroker_circuit_state{app=\"default\"}"], 1.0);
     assert_eq!(
-        m["boxbroker_rpc_requests_total{method=\"GetToken\",code=\"Unavailable\"}"],
+        m["boxbroker_rpc_requests_total{method=\"GetToken\",code=\"UNAVAILABLE\"}"],
         1.0
     );
 }

@@ -433,8 +433,11 @@ async fn every_decision_is_audited_without_the_token() {
     let denied = &events[3];
     assert_eq!(
         (denied["decision"].as_str(), denied["code"].as_str()),
-        (Some("deny"), Some("PermissionDenied"))
+        (Some("deny"), Some("PERMISSION_DENIED"))
     );
+    // The request left `app` empty and one app is configured: the record
+    // names it, refused or not.
+    assert_eq!(denied["app"], "default", "{denied}");
     assert!(
         denied["reason"]
             .as_str()
