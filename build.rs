@@ -17,10 +17,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut config = tonic_prost_build::Config::new();
     // A vendored protoc keeps the build free of system packages; an explicit
     // PROTOC from the environment still wins.
-    match env::var_os("PROTOC") {
-        Some(protoc) => config.protoc_executable(protoc),
-        None => config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?),
+    let protoc = match env::var_os("PROTOC") {
+        Some(protoc) => PathBuf::from(protoc),
+        None => protoc_bin_vendored::protoc_bin_path()?,
     };
+    config.protoc_executable(&protoc);
+    // The same protoc for the tests that check the protos' packaging options
+    // with its Java and C# generators.
+    println!("cargo:rustc-env=BOX_BROKER_PROTOC={}", protoc.display());
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("boxbroker_descriptor.bin"))
         .skip_debug(SECRET_MESSAGES.iter().copied())

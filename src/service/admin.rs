@@ -12,8 +12,9 @@
 use std::{future::Future, sync::Arc};
 
 use secrecy::SecretString;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
+use super::status::detailed;
 use crate::{
     admin::{AdminError, AdminRules, KeyAdmin},
     audit::{AuditEvent, AuditSink},
@@ -43,12 +44,13 @@ enum Apps<'a> {
 
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Self {
-        match &e {
-            AdminError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-            AdminError::NotFound(_) => Status::not_found(e.to_string()),
-            AdminError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-            AdminError::Store(_) => Status::internal(e.to_string()),
-        }
+        let (code, reason) = match &e {
+            AdminError::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_REQUEST"),
+            AdminError::NotFound(_) => (Code::NotFound, "NOT_FOUND"),
+            AdminError::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
+            AdminError::Store(_) => (Code::Internal, "KEY_STORE_FAILED"),
+        };
+        detailed(code, e.to_string(), reason, &[], None)
     }
 }
 
@@ -94,7 +96,15 @@ impl BrokerAdminApi {
     /// call `rpc` for every one of them.
     fn authorize(&self, caller: &str, rpc: &str, apps: Apps<'_>) -> Result<Vec<String>, Status> {
         let broker = self.admin.broker();
-        let denied = |reason: String| Status::permission_denied(format!("denied: {reason}"));
+        let denied = |reason: String| {
+            detailed(
+                Code::PermissionDenied,
+                format!("denied: {reason}"),
+                "ADMIN_DENIED",
+                &[],
+                None,
+            )
+        };
         if !self.rules.allows_some(caller, rpc) {
             return Err(denied(format!(
                 "admin identity {caller:?} may not call {rpc} (no [[admin.rules]] grants it)"
@@ -106,10 +116,16 @@ impl BrokerAdminApi {
                     Ok(app) => app.name.to_string(),
                     // Name only the apps this caller may ask about.
                     Err(_) if name.is_empty() => {
-                        return Err(Status::invalid_argument(format!(
-                            "app is required because several apps are configured; name one you may use: {}",
-                            self.granted(caller, rpc).join(", ")
-                        )));
+                        return Err(detailed(
+                            Code::InvalidArgument,
+                            format!(
+                                "app is required because several apps are configured; name one you may use: {}",
+                                self.granted(caller, rpc).join(", ")
+                            ),
+                            "APP_REQUIRED",
+                            &[],
+                            None,
+                        ));
                     }
                     Err(e) => {
                         self.rules.allows(caller, rpc, name).map_err(denied)?;

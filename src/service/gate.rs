@@ -46,7 +46,10 @@ use tonic::{
     metadata::{Ascii, MetadataKey},
 };
 
-use super::transport::{ConnectionInfo, Peer};
+use super::{
+    status::detailed,
+    transport::{ConnectionInfo, Peer},
+};
 use crate::{
     audit::{AuditEvent, AuditSink, RequestId},
     auth::{Authenticator, CallerIdentity},
@@ -123,7 +126,7 @@ fn elsewhere(path: &str, served: &str) -> Option<(&'static str, Status)> {
         )
     };
     let rpc = rpc_of(path, other)?;
-    Some((rpc, Status::unimplemented(message)))
+    Some((rpc, detailed(Code::Unimplemented, message, "WRONG_LISTENER", &[], None)))
 }
 
 /// How tonic's refusals of a malformed request message begin (its
@@ -285,12 +288,15 @@ impl CallerLimits {
             return Ok(());
         };
         buckets.check(&caller.shared_name(), true).map_err(|wait_ms| {
-            with_pushback(
-                Status::resource_exhausted(format!(
+            detailed(
+                Code::ResourceExhausted,
+                format!(
                     "caller {:?} is over its rate limit of {per_second} requests per second (burst {burst}, [server] rate_limit_per_second); retry later",
                     caller.name()
-                )),
-                wait_ms,
+                ),
+                "RATE_LIMITED",
+                &[],
+                Some(Duration::from_millis(wait_ms)),
             )
         })
     }
@@ -299,11 +305,14 @@ impl CallerLimits {
     /// heard now.
     fn admit_peer(&self, peer: &Peer) -> Result<(), Status> {
         self.failed_auth.check(&PeerKey::of(peer), false).map_err(|wait_ms| {
-            with_pushback(
-                Status::unauthenticated(format!(
+            detailed(
+                Code::Unauthenticated,
+                format!(
                     "too many failed authentications from {peer}: tokens that need a signature check are not verified for now ([server] failed_auth_per_second); retry after the pushback"
-                )),
-                wait_ms,
+                ),
+                "AUTHENTICATION_THROTTLED",
+                &[],
+                Some(Duration::from_millis(wait_ms)),
             )
         })
     }
@@ -321,14 +330,6 @@ impl CallerLimits {
             rate.forget_full();
         }
     }
-}
-
-/// `status` with gRPC's retry pushback (how long to wait before retrying).
-fn with_pushback(mut status: Status, wait_ms: u64) -> Status {
-    if let Ok(value) = wait_ms.to_string().parse() {
-        status.metadata_mut().insert("grpc-retry-pushback-ms", value);
-    }
-    status
 }
 
 /// What every gate of a server shares.
@@ -431,10 +432,16 @@ impl GateShared {
             // held to a few KiB where they are registered).
             return match tokio::time::timeout(self.request_timeout, self.route(request)).await {
                 Ok(response) => response,
-                Err(_) => Status::deadline_exceeded(format!(
-                    "the request did not finish within {} ms ([server] request_timeout_secs)",
-                    self.request_timeout.as_millis()
-                ))
+                Err(_) => detailed(
+                    Code::DeadlineExceeded,
+                    format!(
+                        "the request did not finish within {} ms ([server] request_timeout_secs)",
+                        self.request_timeout.as_millis()
+                    ),
+                    "REQUEST_TIMEOUT",
+                    &[],
+                    None,
+                )
                 .into_http(),
             };
         };
@@ -454,7 +461,7 @@ impl GateShared {
             Ok(caller) => caller,
             Err(e) => {
                 self.limits.failed(&peer);
-                return refuse(None, Status::unauthenticated(e.0));
+                return refuse(None, Status::from(e));
             }
         };
         connection.activity.authenticated();
@@ -472,10 +479,16 @@ impl GateShared {
         let mut response = match tokio::time::timeout(timeout, self.route(request)).await {
             Ok(response) => response,
             Err(_) => {
-                let status = Status::deadline_exceeded(format!(
-                    "the request did not finish within {} ms ([server] request_timeout_secs, or the caller's own deadline)",
-                    timeout.as_millis()
-                ));
+                let status = detailed(
+                    Code::DeadlineExceeded,
+                    format!(
+                        "the request did not finish within {} ms ([server] request_timeout_secs, or the caller's own deadline)",
+                        timeout.as_millis()
+                    ),
+                    "REQUEST_TIMEOUT",
+                    &[],
+                    None,
+                );
                 return self.refuse(rpc, Some(&context.caller), &peer, id, status, started);
             }
         };
@@ -502,22 +515,40 @@ impl GateShared {
                     .nth(1)
                     .and_then(|rest| rest.split(' ').next())
                     .map_or_else(String::new, |n| format!("{n} bytes, "));
-                Status::resource_exhausted(format!(
-                    "the request is {found}over the limit of {} bytes ([server] max_message_bytes)",
-                    self.max_message_bytes
-                ))
+                detailed(
+                    Code::ResourceExhausted,
+                    format!(
+                        "the request is {found}over the limit of {} bytes ([server] max_message_bytes)",
+                        self.max_message_bytes
+                    ),
+                    "REQUEST_TOO_LARGE",
+                    &[],
+                    None,
+                )
             }
             // tonic's INTERNAL about the request's framing: not protobuf,
             // truncated, no message, a compression flag without an encoding.
             Code::Internal if FRAMING_ERRORS.iter().any(|m| status.message().contains(m)) => {
                 let detail: String = status.message().chars().filter(|c| !c.is_control()).take(200).collect();
-                Status::invalid_argument(format!("the request is not a valid {rpc} request message ({detail})"))
+                detailed(
+                    Code::InvalidArgument,
+                    format!("the request is not a valid {rpc} request message ({detail})"),
+                    "INVALID_REQUEST",
+                    &[],
+                    None,
+                )
             }
-            Code::Unimplemented if status.message().is_empty() => Status::unimplemented(format!(
-                "{} has no method of that name (its methods: grpcurl -plaintext ADDRESS describe {})",
-                self.service.trim_matches('/'),
-                self.service.trim_matches('/')
-            )),
+            Code::Unimplemented if status.message().is_empty() => detailed(
+                Code::Unimplemented,
+                format!(
+                    "{} has no method of that name (its methods: grpcurl -plaintext ADDRESS describe {})",
+                    self.service.trim_matches('/'),
+                    self.service.trim_matches('/')
+                ),
+                "UNKNOWN_METHOD",
+                &[],
+                None,
+            ),
             _ => Status::new(status.code(), status.message().to_owned()),
         }
     }

@@ -5,56 +5,116 @@
 //! never Box's raw response; internal failures get a generic message (the
 //! detail was logged where it happened).
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetail, ErrorInfo, RetryInfo, StatusExt as _};
 
 use crate::{auth::AuthError, boxapi::DiagnosisKind, cache::CacheError, error::BrokerError};
 
 /// gRPC's retry pushback header: how long a client should wait before retrying.
 const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
+/// The `domain` of every `google.rpc.ErrorInfo` the broker sends.
+pub const ERROR_DOMAIN: &str = "box-token-broker";
+
+/// A status with a `google.rpc.ErrorInfo` (`reason`, a constant clients may
+/// branch on, and `metadata`, never a secret) besides its message, and, with
+/// `retry_after`, a `google.rpc.RetryInfo` and gRPC's retry pushback.
+pub fn detailed(
+    code: Code,
+    message: impl Into<String>,
+    reason: &'static str,
+    metadata: &[(&str, &str)],
+    retry_after: Option<Duration>,
+) -> Status {
+    let info = ErrorInfo::new(
+        reason,
+        ERROR_DOMAIN,
+        metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<std::collections::HashMap<_, _>>(),
+    );
+    let mut details = vec![ErrorDetail::from(info)];
+    if let Some(wait) = retry_after {
+        details.push(RetryInfo::new(Some(wait)).into());
+    }
+    let mut status = Status::with_error_details_vec(code, message, details);
+    if let Some(wait) = retry_after
+        && let Ok(value) = wait.as_millis().to_string().parse()
+    {
+        status.metadata_mut().insert(RETRY_PUSHBACK, value);
+    }
+    status
+}
+
+/// The `ErrorInfo` reason of an upstream failure of `kind`.
+fn upstream_reason(kind: DiagnosisKind) -> (Code, &'static str) {
+    match kind {
+        DiagnosisKind::Misconfigured => (Code::FailedPrecondition, "BOX_APP_MISCONFIGURED"),
+        DiagnosisKind::NotFound => (Code::NotFound, "BOX_SUBJECT_NOT_FOUND"),
+        DiagnosisKind::Unavailable => (Code::Unavailable, "BOX_UNAVAILABLE"),
+    }
+}
+
 impl From<&BrokerError> for Status {
     fn from(error: &BrokerError) -> Self {
+        let message = error.to_string();
         match error {
-            BrokerError::InvalidArgument(_) | BrokerError::AppRequired { .. } => {
-                Status::invalid_argument(error.to_string())
+            BrokerError::InvalidArgument(_) => detailed(Code::InvalidArgument, message, "INVALID_REQUEST", &[], None),
+            BrokerError::AppRequired { .. } => detailed(Code::InvalidArgument, message, "APP_REQUIRED", &[], None),
+            BrokerError::UnknownApp { .. } => detailed(Code::NotFound, message, "UNKNOWN_APP", &[], None),
+            BrokerError::NotIssued(_) => detailed(Code::NotFound, message, "TOKEN_NOT_FOUND", &[], None),
+            BrokerError::FailedPrecondition(_) => {
+                detailed(Code::FailedPrecondition, message, "FAILED_PRECONDITION", &[], None)
             }
-            BrokerError::UnknownApp { .. } | BrokerError::NotIssued(_) => Status::not_found(error.to_string()),
-            BrokerError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
-            BrokerError::Retry(_) => Status::unavailable(error.to_string()),
-            BrokerError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
+            BrokerError::Retry(_) => detailed(Code::Unavailable, message, "RETRY", &[], None),
+            BrokerError::PermissionDenied(_) => detailed(Code::PermissionDenied, message, "POLICY_DENIED", &[], None),
             BrokerError::Cache(CacheError::Upstream(upstream)) => {
-                let code = match upstream.diagnosis.kind {
-                    DiagnosisKind::Misconfigured => Code::FailedPrecondition,
-                    DiagnosisKind::NotFound => Code::NotFound,
-                    DiagnosisKind::Unavailable => Code::Unavailable,
-                };
-                let mut status = Status::new(code, upstream.diagnosis.message.clone());
-                if let Some(wait) = upstream.diagnosis.retry_after
-                    && let Ok(value) = wait.as_millis().to_string().parse()
-                {
-                    status.metadata_mut().insert(RETRY_PUSHBACK, value);
-                }
-                status
+                let (code, reason) = upstream_reason(upstream.diagnosis.kind);
+                detailed(
+                    code,
+                    upstream.diagnosis.message.clone(),
+                    reason,
+                    &[("app", &upstream.app)],
+                    upstream.diagnosis.retry_after,
+                )
             }
-            BrokerError::Cache(CacheError::MinTtlUnmet { available }) => Status::unavailable(format!(
-                "min_ttl cannot be met: the freshest token Box issued has only {} s left beyond the broker's safety margin; ask for a smaller min_ttl",
-                available.as_secs()
-            )),
-            BrokerError::Cache(CacheError::MinTtlUnmetUpstreamDown { available, upstream }) => {
-                let mut status = Status::unavailable(format!(
+            BrokerError::Cache(CacheError::MinTtlUnmet { available }) => detailed(
+                Code::Unavailable,
+                format!(
+                    "min_ttl cannot be met: the freshest token Box issued has only {} s left beyond the broker's safety margin; ask for a smaller min_ttl",
+                    available.as_secs()
+                ),
+                "MIN_TTL_UNMET",
+                &[("available_secs", &available.as_secs().to_string())],
+                None,
+            ),
+            BrokerError::Cache(CacheError::MinTtlUnmetUpstreamDown { available, upstream }) => detailed(
+                Code::Unavailable,
+                format!(
                     "min_ttl cannot be met: the cached token has {} s left beyond the broker's safety margin, and no newer one could be had: {}; ask for a smaller min_ttl, or retry later",
                     available.as_secs(),
                     upstream.diagnosis.message
-                ));
-                if let Some(wait) = upstream.diagnosis.retry_after
-                    && let Ok(value) = wait.as_millis().to_string().parse()
-                {
-                    status.metadata_mut().insert(RETRY_PUSHBACK, value);
-                }
-                status
+                ),
+                "MIN_TTL_UNMET",
+                &[
+                    ("available_secs", &available.as_secs().to_string()),
+                    ("app", &upstream.app),
+                ],
+                upstream.diagnosis.retry_after,
+            ),
+            BrokerError::Cache(CacheError::TaskFailed) => detailed(
+                Code::Internal,
+                "internal error while minting the token",
+                "INTERNAL",
+                &[],
+                None,
+            ),
+            BrokerError::Cache(CacheError::Busy(message)) => {
+                detailed(Code::ResourceExhausted, message.clone(), "CALLER_BUSY", &[], None)
             }
-            BrokerError::Cache(CacheError::TaskFailed) => Status::internal("internal error while minting the token"),
-            BrokerError::Cache(CacheError::Busy(message)) => Status::resource_exhausted(message.clone()),
         }
     }
 }
@@ -67,6 +127,6 @@ impl From<BrokerError> for Status {
 
 impl From<AuthError> for Status {
     fn from(error: AuthError) -> Self {
-        Status::unauthenticated(error.0)
+        detailed(Code::Unauthenticated, error.0, "UNAUTHENTICATED", &[], None)
     }
 }

@@ -9,6 +9,7 @@ mod common;
 
 mod cache;
 mod cli;
+mod clients;
 mod downscope;
 mod fakebox;
 mod hardening;

@@ -224,3 +224,62 @@ async fn reflection_is_served_in_both_versions() {
         .into_inner();
     assert!(stream.message().await.unwrap().unwrap().message_response.is_some());
 }
+
+/// The `google.rpc.ErrorInfo` of `status`: (reason, domain, metadata).
+fn error_info(status: &tonic::Status) -> (String, String, std::collections::HashMap<String, String>) {
+    use tonic_types::StatusExt as _;
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    (info.reason, info.domain, info.metadata)
+}
+
+#[tokio::test]
+async fn every_refusal_carries_a_machine_readable_reason() {
+    use box_token_broker::fakebox::{Fault, seed};
+    use tonic_types::StatusExt as _;
+    let h = Harness::with(Options {
+        allow_anonymous: false,
+        ..Options::default()
+    })
+    .await;
+    // No credentials.
+    let unauthenticated = h.get(enterprise()).await.unwrap_err();
+    assert_eq!(error_info(&unauthenticated).0, "UNAUTHENTICATED");
+    let h = Harness::start().await;
+    // A malformed request.
+    let invalid = h.get(user("not-a-number")).await.unwrap_err();
+    let (reason, domain, _) = error_info(&invalid);
+    assert_eq!(
+        (reason.as_str(), domain.as_str()),
+        ("INVALID_REQUEST", "box-token-broker")
+    );
+    // Box does not know the user: the app is named, as metadata.
+    let unknown = h.get(user(seed::EXTERNAL_USER_ID)).await.unwrap_err();
+    let (reason, _, metadata) = error_info(&unknown);
+    assert_eq!(reason, "BOX_SUBJECT_NOT_FOUND");
+    assert_eq!(metadata.get("app").map(String::as_str), Some("default"));
+    // Box throttling: a RetryInfo besides the pushback header.
+    h.fake.fail_next(10, Fault::RateLimited { retry_after_secs: 7 });
+    let throttled = h.get(user(seed::APP_USER_IDS[0])).await.unwrap_err();
+    assert_eq!(error_info(&throttled).0, "BOX_UNAVAILABLE");
+    let retry = throttled.get_details_retry_info().expect("a RetryInfo");
+    assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(7)));
+    // An unknown app.
+    let mut request = enterprise();
+    request.app = "nope".to_owned();
+    assert_eq!(error_info(&h.get(request).await.unwrap_err()).0, "UNKNOWN_APP");
+    // The policy.
+    let h = Harness::with(Options {
+        policy: Some(
+            box_token_broker::policy::Policy::parse(
+                "[[rules]]\nname = \"others\"\ncallers = [\"apikey:someone-else\"]\nenterprise = true\n",
+                "p",
+            )
+            .unwrap(),
+        ),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(error_info(&h.get(enterprise()).await.unwrap_err()).0, "POLICY_DENIED");
+}

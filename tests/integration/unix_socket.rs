@@ -104,18 +104,6 @@ async fn a_peer_whose_uid_is_not_allowed_is_unauthenticated() {
 const SIDECAR_DOWNSCOPE_POLICY: &str = "[[rules]]\nname = \"my sidecar\"\ncallers = [\"uds:orders-app\"]\n\
      enterprise = true\nfull_tokens = true\nscopes = [\"item_preview\"]\nfiles = [\"*\"]\n";
 
-/// Runs `command` to completion off the runtime: (success, stdout, stderr).
-async fn output(mut command: std::process::Command) -> (bool, String, String) {
-    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
 #[tokio::test]
 async fn grpc_core_clients_are_served_whatever_authority_they_send() {
     // grpcio (gRPC's C core) sends `tmp%2F...%2Fbroker.sock` for an absolute
@@ -133,19 +121,14 @@ async fn grpc_core_clients_are_served_whatever_authority_they_send() {
     let python = common::python::python();
     let stubs = tempfile::tempdir().unwrap();
     python.stubs(stubs.path());
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/clients/python/broker_client.py");
     for address in [
         format!("unix:{}", socket.display()),
         format!("unix://{}", socket.display()),
         "unix:broker.sock".to_owned(),
     ] {
-        let mut command = std::process::Command::new(&python.python);
-        command
-            .arg(&example)
-            .arg(&address)
-            .env("PYTHONPATH", stubs.path())
-            .current_dir(dir.path());
-        let (ok, stdout, stderr) = output(command).await;
+        let mut command = python.client(stubs.path(), &[&address]);
+        command.current_dir(dir.path());
+        let (ok, stdout, stderr) = common::output(command).await;
         assert!(ok, "{address}: {stderr}");
         let got: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         assert_eq!(got["enterprise"]["token_length"], 32, "{address}: {got}");
@@ -161,7 +144,7 @@ async fn grpc_core_clients_are_served_whatever_authority_they_send() {
         .args(["-plaintext", "-unix", "-d", r#"{"subject":{"enterprise":{}}}"#])
         .arg(&socket)
         .arg("boxbroker.v1.TokenBrokerService/GetToken");
-    let (ok, stdout, stderr) = output(command).await;
+    let (ok, stdout, stderr) = common::output(command).await;
     assert!(ok, "grpcurl: {stderr}");
     assert!(stdout.contains("\"accessToken\""), "{stdout}");
     // Every call was the sidecar's caller, and allowed.

@@ -18,9 +18,10 @@ README.md in this directory):
     python -m grpc_tools.protoc -I ../../../proto --python_out=. \
         --grpc_python_out=. boxbroker/v1/broker.proto
 
-Errors: a failed call prints the gRPC status and exits 1. The broker's
-status messages say what to fix; a machine-readable reason, when the
-broker sends one, is in the status details (google.rpc.ErrorInfo).
+Errors: a failed call prints the gRPC status, what to fix, and the
+machine-readable reason the broker sends in the status details
+(google.rpc.ErrorInfo, e.g. POLICY_DENIED; read with grpcio-status), and
+exits 1.
 """
 
 import argparse
@@ -28,9 +29,23 @@ import json
 import sys
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from boxbroker.v1 import broker_pb2 as pb
 from boxbroker.v1 import broker_pb2_grpc as rpc
+
+
+def reason(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason (and metadata) of a failed call, as " (reason X)"."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            extra = "".join(f", {k}={v}" for k, v in sorted(info.metadata.items()))
+            return f" (reason {info.reason}{extra})"
+    return ""
 
 
 def main() -> int:
@@ -62,7 +77,7 @@ def main() -> int:
                 timeout=10,
             )
         except grpc.RpcError as e:
-            print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+            print(f"{e.code().name}: {e.details()}{reason(e)}", file=sys.stderr)
             return 1
 
     print(

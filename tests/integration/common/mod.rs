@@ -1,6 +1,7 @@
 //! The integration-test harness: a fake Box and a real broker on ephemeral
 //! ports, sharing one manual clock, with a gRPC client connected.
 
+pub mod node;
 pub mod pki;
 pub mod python;
 
@@ -44,6 +45,18 @@ use sha2::{Digest as _, Sha256};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 use tracing_subscriber::prelude::*;
+
+/// Runs `command` to completion off the runtime: (success, stdout, stderr).
+pub async fn output(mut command: std::process::Command) -> (bool, String, String) {
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
 
 /// The fixture directory.
 pub fn fixture(name: &str) -> PathBuf {

