@@ -51,8 +51,14 @@ enum Command {
         config: PathBuf,
     },
     /// Run the broker against an embedded fake Box: no Box account needed.
+    #[command(
+        after_long_help = "The embedded fake Box serves the endpoints `box-broker fake-box --help` lists \
+        (its URL and the app's client id are in the banner): the console's public keys and client secret reset, \
+        faults, latency, clock skew and call counts."
+    )]
     Dev(DevArgs),
     /// Run only the fake Box, and write a Box config JSON and broker config for it.
+    #[command(after_long_help = crate::fakebox::http::endpoints_help())]
     FakeBox(FakeBoxArgs),
     /// Ask a running broker for tokens.
     #[command(subcommand)]

@@ -23,6 +23,81 @@ use super::{
     state::{Fault, Form, OAuthReject, msg},
 };
 
+/// One endpoint, for `box-broker fake-box --help` and the README.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint {
+    /// The HTTP method.
+    pub method: &'static str,
+    /// The path (`{client_id}` and `{kid}` are placeholders).
+    pub path: &'static str,
+    /// What it does, and its body.
+    pub what: &'static str,
+}
+
+/// Every endpoint the fake serves (the router below serves exactly these;
+/// a test checks each).
+pub const ENDPOINTS: &[Endpoint] = &[
+    Endpoint {
+        method: "POST",
+        path: "/oauth2/token",
+        what: "Box's token endpoint: JWT grant (enterprise or user), Client Credentials Grant, token exchange (downscoping); it refuses what Box refuses, with Box's error codes and messages",
+    },
+    Endpoint {
+        method: "POST",
+        path: "/oauth2/revoke",
+        what: "Box's revocation endpoint (client_id, client_secret, token)",
+    },
+    Endpoint {
+        method: "GET",
+        path: "/2.0/users/me",
+        what: "who a bearer token belongs to",
+    },
+    Endpoint {
+        method: "GET",
+        path: "/_fake/stats",
+        what: "counts: token requests, mints per grant, exchanges, revocations, rejections (JSON)",
+    },
+    Endpoint {
+        method: "POST",
+        path: "/_fake/faults",
+        what: "fail the next token requests: {\"kind\": \"rate_limited\"|\"server_error\"|\"reply\"|\"hang\"|\"reset\", \"count\": 3, \"retry_after_secs\": 1, \"status\": 503, \"body\": \"...\"}",
+    },
+    Endpoint {
+        method: "POST",
+        path: "/_fake/latency",
+        what: "answer every token request this late: {\"millis\": 100}",
+    },
+    Endpoint {
+        method: "POST",
+        path: "/_fake/skew",
+        what: "run the fake's clock ahead (or behind): {\"seconds\": 120}",
+    },
+    Endpoint {
+        method: "POST",
+        path: "/_fake/apps/{client_id}/keys",
+        what: "the console's Add a Public Key: the PEM (curl --data-binary @public.pem) or {\"public_key_pem\": \"...\"}; answers {\"kid\": \"...\"}",
+    },
+    Endpoint {
+        method: "DELETE",
+        path: "/_fake/apps/{client_id}/keys/{kid}",
+        what: "the console's Remove for a public key",
+    },
+    Endpoint {
+        method: "PUT",
+        path: "/_fake/apps/{client_id}/client_secret",
+        what: "the console's client secret Reset: {\"client_secret\": \"...\"}; the old secret stops working at once",
+    },
+];
+
+/// The endpoint reference as text (for `--help`).
+pub fn endpoints_help() -> String {
+    let mut text = String::from("Endpoints of the fake Box (http://LISTEN):\n");
+    for e in ENDPOINTS {
+        text.push_str(&format!("  {:<6} {}\n         {}\n", e.method, e.path, e.what));
+    }
+    text
+}
+
 /// The router over `fake`.
 pub fn router(fake: FakeBox) -> Router {
     Router::new()

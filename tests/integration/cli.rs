@@ -1031,3 +1031,120 @@ fn json_logs_hold_no_json_inside_strings_and_spell_codes_the_grpc_way() {
         }
     }
 }
+
+#[test]
+fn the_fake_box_serves_every_endpoint_its_help_lists() {
+    use box_token_broker::fakebox::http::ENDPOINTS;
+    let (code, help, _) = run(Command::new(bin()).args(["fake-box", "--help"]));
+    assert_eq!(code, 0);
+    let dev =
+        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
+    let fake = Proc::wait_line(&dev.stdout, "fake Box:");
+    let url = fake.split_whitespace().nth(2).unwrap().to_owned();
+    let client_id = fake
+        .split("client id ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    for endpoint in ENDPOINTS {
+        assert!(help.contains(endpoint.path), "{} is not in --help", endpoint.path);
+        let path = endpoint
+            .path
+            .replace("{client_id}", &client_id)
+            .replace("{kid}", "nosuchkid");
+        let method = reqwest::Method::from_bytes(endpoint.method.as_bytes()).unwrap();
+        let status = runtime.block_on(async {
+            http.request(method, format!("{url}{path}"))
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+        // Served (an empty body may be refused, but the route exists), except
+        // removing a key that does not exist.
+        assert_ne!(
+            status,
+            reqwest::StatusCode::METHOD_NOT_ALLOWED,
+            "{} {path}",
+            endpoint.method
+        );
+        if !path.ends_with("/nosuchkid") {
+            assert_ne!(status, reqwest::StatusCode::NOT_FOUND, "{} {path}", endpoint.method);
+        }
+    }
+}
+
+#[test]
+fn the_readmes_client_secret_rotation_runs_against_dev_as_written() {
+    let dev =
+        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
+    let broker = Proc::wait_line(&dev.stdout, "broker gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let admin = Proc::wait_line(&dev.stdout, "admin gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let fake = Proc::wait_line(&dev.stdout, "fake Box:");
+    let url = fake.split_whitespace().nth(2).unwrap().to_owned();
+    let client_id = fake
+        .split("client id ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+    let key = Proc::wait_line(&dev.stdout, "BOX_BROKER_ADMIN_KEY=")
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_owned();
+    // The console's Reset, at the fake: the old secret stops working.
+    let new = "NewSecret0123456789abcdefghijklm";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let status = runtime.block_on(async {
+        reqwest::Client::new()
+            .put(format!("{url}/_fake/apps/{client_id}/client_secret"))
+            .json(&serde_json::json!({ "client_secret": new }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT);
+    // echo "$NEW" | box-broker admin secret rotate
+    let mut rotate = Command::new(bin())
+        .args(["admin", "--addr", &admin, "secret", "rotate"])
+        .env("BOX_BROKER_ADMIN_KEY", &key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        writeln!(rotate.stdin.take().unwrap(), "{new}").unwrap();
+    }
+    let out = rotate.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("rotated; 1 previous secret(s) kept"), "{stdout}");
+    let (code, stdout, stderr) = admin_cli(&admin, &key, &["secret", "retire-previous"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("retired 1 previous secret(s)"), "{stdout}");
+    // New mints use the new secret.
+    let (code, _, stderr) = token_get(&["--addr", &broker, "--enterprise", "--force-refresh"]);
+    assert_eq!(code, 0, "{stderr}");
+}
