@@ -34,5 +34,21 @@ fn main() -> Result<(), Box<dyn Error>> {
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");
+    // boxbroker_build_info's labels: the commit, when the build is told it
+    // (BOX_BROKER_GIT_COMMIT=$(git rev-parse --short HEAD) cargo build ...;
+    // reading .git here would go stale or rebuild on every commit), and the
+    // compiler.
+    println!("cargo:rerun-if-env-changed=BOX_BROKER_GIT_COMMIT");
+    let commit = env::var("BOX_BROKER_GIT_COMMIT").unwrap_or_else(|_| "unknown".to_owned());
+    println!("cargo:rustc-env=BOX_BROKER_GIT_COMMIT={commit}");
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let version = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| v.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=BOX_BROKER_RUSTC_VERSION={version}");
     Ok(())
 }

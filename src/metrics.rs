@@ -480,13 +480,140 @@ impl Collector for TransportCollector {
     }
 }
 
+/// `boxbroker_build_info`: which build is running.
+#[derive(Debug)]
+struct BuildInfoCollector;
+
+impl Collector for BuildInfoCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        gauge(
+            &mut encoder,
+            "boxbroker_build_info",
+            "The running build: always 1, with its version, git commit and compiler as labels.",
+            &[(
+                vec![
+                    ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                    ("commit", env!("BOX_BROKER_GIT_COMMIT").to_owned()),
+                    ("rustc", env!("BOX_BROKER_RUSTC_VERSION").to_owned()),
+                ],
+                1,
+            )],
+        )
+    }
+}
+
+/// The process metrics every Prometheus client library exports
+/// (`process_cpu_seconds_total`, `process_resident_memory_bytes`, ...),
+/// read from `/proc/self` at scrape time; nothing where there is no `/proc`.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// /proc's clock tick (USER_HZ, 100 on every Linux ABI).
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// What `/proc/self` says about this process.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: f64,
+    start_time_seconds: f64,
+    resident_bytes: i64,
+    virtual_bytes: i64,
+}
+
+/// Parses `/proc/self/stat` (`stat`), `/proc/self/status` (`status`) and
+/// `/proc/stat`'s boot time (`boot_time`, seconds since the epoch).
+fn process_stats(stat: &str, status: &str, boot_time: u64) -> Option<ProcessStats> {
+    // Fields after the command name, which may hold spaces and parentheses.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
+    // (3) state is fields[0]; utime (14) and stime (15); starttime (22).
+    let ticks = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<i64>().ok())
+            .map(|n| n.saturating_mul(1024))
+    };
+    #[allow(clippy::cast_precision_loss)]
+    Some(ProcessStats {
+        cpu_seconds: (ticks(14)? + ticks(15)?) as f64 / CLOCK_TICKS_PER_SECOND,
+        start_time_seconds: boot_time as f64 + ticks(22)? as f64 / CLOCK_TICKS_PER_SECOND,
+        resident_bytes: kib("VmRSS:")?,
+        virtual_bytes: kib("VmSize:")?,
+    })
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        let boot_time = read("/proc/stat").and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|t| t.trim().parse::<u64>().ok())
+        });
+        let Some(stats) = read("/proc/self/stat")
+            .zip(read("/proc/self/status"))
+            .zip(boot_time)
+            .and_then(|((stat, status), boot)| process_stats(&stat, &status, boot))
+        else {
+            return Ok(());
+        };
+        let cpu = encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            None,
+            ConstCounter::new(0f64).metric_type(),
+        )?;
+        ConstCounter::new(stats.cpu_seconds).encode(cpu)?;
+        let start = encoder.encode_descriptor(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            None,
+            ConstGauge::new(0f64).metric_type(),
+        )?;
+        ConstGauge::new(stats.start_time_seconds).encode(start)?;
+        gauge(
+            &mut encoder,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            &[(Vec::new(), stats.resident_bytes)],
+        )?;
+        gauge(
+            &mut encoder,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            &[(Vec::new(), stats.virtual_bytes)],
+        )?;
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors.",
+                &[(Vec::new(), i64::try_from(fds.count()).unwrap_or(i64::MAX))],
+            )?;
+        }
+        if let Some(max) = crate::service::transport::open_files_limit() {
+            gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                &[(Vec::new(), i64::try_from(max).unwrap_or(i64::MAX))],
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The registry for `broker`: its RPC metrics, its scrape-time collector,
-/// and the transport's connection counters.
+/// the transport's connection counters, the build and the process.
 pub fn registry(broker: Arc<Broker>, transport: Arc<TransportCounters>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RpcCollector(broker.metrics().clone())));
     registry.register_collector(Box::new(BrokerCollector(broker)));
     registry.register_collector(Box::new(TransportCollector(transport)));
+    registry.register_collector(Box::new(BuildInfoCollector));
+    registry.register_collector(Box::new(ProcessCollector));
     registry
 }
 
@@ -583,5 +710,23 @@ mod tests {
             text.contains("boxbroker_cache_lookups_total{method=\"GetDownscopedToken\",result=\"miss\"} 1000"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn proc_self_stat_and_status_are_read_as_documented() {
+        // A command name with a space and a parenthesis, as /proc allows.
+        let stat = "4242 (box (broker) x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 9 0 12345 \
+                    123456789 2000 18446744073709551615";
+        let status = "Name:\tbox-broker\nVmSize:\t  120560 kB\nVmRSS:\t   20480 kB\n";
+        assert_eq!(
+            process_stats(stat, status, 1_800_000_000),
+            Some(ProcessStats {
+                cpu_seconds: 3.0,
+                start_time_seconds: 1_800_000_123.45,
+                resident_bytes: 20_480 * 1024,
+                virtual_bytes: 120_560 * 1024,
+            })
+        );
+        assert_eq!(process_stats("garbage", status, 0), None);
     }
 }

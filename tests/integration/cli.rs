@@ -1148,3 +1148,24 @@ fn the_readmes_client_secret_rotation_runs_against_dev_as_written() {
     let (code, _, stderr) = token_get(&["--addr", &broker, "--enterprise", "--force-refresh"]);
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn bash_completion_completes_commands_and_flags() {
+    let (code, script, stderr) = run(Command::new(bin()).args(["completions", "bash"]));
+    assert_eq!(code, 0, "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("box-broker.bash");
+    std::fs::write(&file, script).unwrap();
+    // What bash offers for `box-broker che<TAB>` and `box-broker token get --ca<TAB>`.
+    let complete = |words: &str| {
+        let (code, stdout, stderr) = run(Command::new("bash").arg("-c").arg(format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _box__broker box-broker \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; echo \"${{COMPREPLY[@]}}\"",
+            file.display()
+        )));
+        assert_eq!(code, 0, "{stderr}");
+        stdout.trim().to_owned()
+    };
+    assert_eq!(complete("box-broker che"), "check-config");
+    assert_eq!(complete("box-broker token get --ca"), "--ca-file");
+}

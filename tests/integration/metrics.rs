@@ -130,3 +130,37 @@ async fn the_counters_move_as_the_scenario_says() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn the_build_and_the_process_are_exported() {
+    let h = Harness::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(box_token_broker::metrics::serve(
+        listener,
+        box_token_broker::metrics::registry(h.broker.clone(), std::sync::Arc::default()),
+        std::future::pending(),
+    ));
+    let m = scrape(addr).await;
+    let build = m
+        .iter()
+        .find(|(series, _)| series.starts_with("boxbroker_build_info{"))
+        .unwrap_or_else(|| panic!("no boxbroker_build_info in {m:?}"));
+    assert_eq!(*build.1, 1.0);
+    assert!(
+        build.0.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{}",
+        build.0
+    );
+    // This test process's own figures, within reason.
+    assert!(m["process_resident_memory_bytes"] > 1e6, "{m:?}");
+    assert!(m["process_virtual_memory_bytes"] >= m["process_resident_memory_bytes"]);
+    assert!(m["process_open_fds"] >= 3.0 && m["process_open_fds"] <= m["process_max_fds"]);
+    assert!(m["process_cpu_seconds_total"] > 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = m["process_start_time_seconds"];
+    assert!(started <= now + 1.0 && started > now - 3600.0, "{started} vs {now}");
+}
