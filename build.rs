@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     config.protoc_executable(&protoc);
     // The same protoc for the tests that check the protos' packaging options
     // with its Java and C# generators.
-    println!("cargo:rustc-env=BOX_BROKER_PROTOC={}", protoc.display());
+    println!("cargo:rustc-env=BROKER_BUILD_PROTOC={}", protoc.display());
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("boxbroker_descriptor.bin"))
         .skip_debug(SECRET_MESSAGES.iter().copied())
@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     // compiler.
     println!("cargo:rerun-if-env-changed=BOX_BROKER_GIT_COMMIT");
     let commit = env::var("BOX_BROKER_GIT_COMMIT").unwrap_or_else(|_| "unknown".to_owned());
-    println!("cargo:rustc-env=BOX_BROKER_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=BROKER_BUILD_COMMIT={commit}");
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
     let version = std::process::Command::new(rustc)
         .arg("--version")
@@ -49,6 +49,6 @@ fn main() -> Result<(), Box<dyn Error>> {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|v| v.split_whitespace().nth(1).map(str::to_owned))
         .unwrap_or_else(|| "unknown".to_owned());
-    println!("cargo:rustc-env=BOX_BROKER_RUSTC_VERSION={version}");
+    println!("cargo:rustc-env=BROKER_BUILD_RUSTC={version}");
     Ok(())
 }

@@ -361,8 +361,11 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
             let (kid, ccg) = kid_and_ccg(&used.credentials);
             let diagnosis = diagnose(&error, &key.subject, &used.credentials.client_id, kid, ccg);
             // A user Box does not know (or will not tokenize) is the caller's
-            // mistake, not the app failing: status shows only the latter.
-            if diagnosis.kind != DiagnosisKind::NotFound {
+            // mistake, not the app failing: status shows only the latter. A
+            // Client Credentials Grant's refusal of a user is ambiguous (the
+            // app's access level or disabled user tokens read the same), so
+            // it counts.
+            if diagnosis.kind != DiagnosisKind::NotFound || ccg {
                 app.record(Err((now, &diagnosis.message)));
             }
             app.outcomes.mints_failed.fetch_add(1, Ordering::Relaxed);

@@ -71,7 +71,26 @@ pub struct Config {
     /// Retries, deadlines and the circuit breaker for calls to Box.
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    /// `BOX_BROKER_*` variables that are not overrides (no `__`), for a
+    /// warning when one looks like a mistyped override.
+    #[serde(skip)]
+    pub other_env: Vec<String>,
 }
+
+/// The config's sections, as override names spell them.
+const SECTIONS: &[&str] = &[
+    "SERVER", "CACHE", "LOG", "APPS", "POLICY", "AUTH", "AUDIT", "ADMIN", "KEYSTORE", "UPSTREAM",
+];
+
+/// `BOX_BROKER_*` variables the broker's commands read that are not
+/// config overrides.
+const NOT_OVERRIDES: &[&str] = &[
+    "BOX_BROKER_ADMIN_KEY",
+    "BOX_BROKER_API_KEY",
+    "BOX_BROKER_GIT_COMMIT",
+    // The `kek_env` the README suggests.
+    "BOX_BROKER_KEK",
+];
 
 /// `[upstream]`: how token requests to Box are retried and cut off.
 #[derive(Debug, Clone, Deserialize)]
@@ -927,6 +946,32 @@ impl ConfigError {
 }
 
 impl Config {
+    /// Warnings for `BOX_BROKER_*` variables that are set but are neither
+    /// overrides nor read by a command: most likely a mistyped override
+    /// (`BOX_BROKER_SERVER_LISTEN` for `BOX_BROKER_SERVER__LISTEN`).
+    pub fn stray_env_warnings(&self) -> Vec<String> {
+        let kek_env = self.keystore.as_ref().and_then(|k| k.kek_env.as_deref());
+        self.other_env
+            .iter()
+            .filter(|name| !NOT_OVERRIDES.contains(&name.as_str()) && Some(name.as_str()) != kek_env)
+            .filter(|name| !name.starts_with("BOX_BROKER_TEST_"))
+            .map(|name| {
+                let rest = &name[ENV_PREFIX.len()..];
+                let hint = SECTIONS
+                    .iter()
+                    .find_map(|section| {
+                        let key = rest.strip_prefix(section)?.strip_prefix('_')?;
+                        (!key.is_empty()).then(|| format!(": did you mean {ENV_PREFIX}{section}__{key}?"))
+                    })
+                    .unwrap_or_default();
+                format!(
+                    "{name} is set but is not a config override (those are {ENV_PREFIX}<SECTION>__<KEY>, \
+                     with a double underscore), so it is ignored{hint}"
+                )
+            })
+            .collect()
+    }
+
     /// Loads `path`, applies `BOX_BROKER_*` overrides from `env`, and validates.
     /// Tests pass their own `env`; nothing reads the process environment here.
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
@@ -947,7 +992,7 @@ impl Config {
         let text = text.to_owned();
         let mut table: toml::Table =
             toml::from_str(&text).map_err(|e| ConfigError::new(&name, toml_problem(&e, &text)))?;
-        let overridden = apply_env(&mut table, env)?;
+        let (overridden, other_env) = apply_env(&mut table, env)?;
         let source_name = if overridden.is_empty() {
             name
         } else {
@@ -956,6 +1001,7 @@ impl Config {
         let mut config: Self = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::new(&source_name, e.message().trim().replace('\n', " ")))?;
+        config.other_env = other_env;
         let base = path.parent().unwrap_or(Path::new("."));
         for app in config.apps.values_mut() {
             app.resolve_paths(base);
@@ -1218,16 +1264,20 @@ fn toml_problem(e: &toml::de::Error, text: &str) -> String {
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<String>, ConfigError> {
-    let mut applied = Vec::new();
+) -> Result<(Vec<String>, Vec<String>), ConfigError> {
+    let (mut applied, mut other) = (Vec::new(), Vec::new());
     for (name, raw) in env {
         // Only `BOX_BROKER_<SECTION>__<KEY>`: every setting is in a section,
         // so an override always has a `__`, and a name without one is some
         // other use of the prefix (the admin CLI's BOX_BROKER_ADMIN_KEY, a
         // `kek_env` such as BOX_BROKER_KEK), never a setting.
-        let Some(rest) = name.strip_prefix(ENV_PREFIX).filter(|rest| rest.contains("__")) else {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
+        if !rest.contains("__") {
+            other.push(name);
+            continue;
+        }
         let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
         if path.iter().any(String::is_empty) {
             return Err(ConfigError::new(
@@ -1259,7 +1309,8 @@ fn apply_env(
         applied.push(name);
     }
     applied.sort();
-    Ok(applied)
+    other.sort();
+    Ok((applied, other))
 }
 
 /// A `*_secs` setting: whole seconds (`600`), or a duration with units
@@ -1405,6 +1456,17 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.server.listen.port(), 6000);
+        assert!(c.stray_env_warnings().is_empty(), "{:?}", c.stray_env_warnings());
+        // A mistyped override is not read, and said so, with the fix.
+        let c = load(MINIMAL, &[("BOX_BROKER_SERVER_LISTEN", "127.0.0.1:6000")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.server.listen.port(), 50051);
+        assert_eq!(
+            c.stray_env_warnings(),
+            [
+                "BOX_BROKER_SERVER_LISTEN is set but is not a config override (those are BOX_BROKER_<SECTION>__<KEY>, \
+                 with a double underscore), so it is ignored: did you mean BOX_BROKER_SERVER__LISTEN?"
+            ]
+        );
     }
 
     #[test]

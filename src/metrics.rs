@@ -493,8 +493,8 @@ impl Collector for BuildInfoCollector {
             &[(
                 vec![
                     ("version", env!("CARGO_PKG_VERSION").to_owned()),
-                    ("commit", env!("BOX_BROKER_GIT_COMMIT").to_owned()),
-                    ("rustc", env!("BOX_BROKER_RUSTC_VERSION").to_owned()),
+                    ("commit", env!("BROKER_BUILD_COMMIT").to_owned()),
+                    ("rustc", env!("BROKER_BUILD_RUSTC").to_owned()),
                 ],
                 1,
             )],

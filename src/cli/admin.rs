@@ -74,9 +74,10 @@ enum KeysCommand {
         /// The kid (public key id) Box assigned.
         #[arg(long)]
         kid: String,
-        /// The private key PEM file.
+        /// The private key PEM file (the key to import; `--key-file` is the
+        /// client certificate's key for mTLS).
         #[arg(long, value_name = "FILE")]
-        key_file: PathBuf,
+        private_key_file: PathBuf,
         /// A file holding the key's passphrase.
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
@@ -167,10 +168,10 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
         }
         AdminCommand::Keys(KeysCommand::Import {
             kid,
-            key_file,
+            private_key_file,
             passphrase_file,
         }) => {
-            let private_key_pem = read_file(&key_file)?;
+            let private_key_pem = read_file(&private_key_file)?;
             let passphrase = match &passphrase_file {
                 Some(f) => read_file(f)?.trim_end_matches(['\r', '\n']).to_owned(),
                 None => String::new(),

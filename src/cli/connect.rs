@@ -48,9 +48,20 @@ pub struct Broker<'a> {
     pub api_key_env: &'a str,
 }
 
-/// Adds the API key (if any) to every request.
-#[derive(Debug, Clone)]
+/// Adds the API key (if any) to every request, marked sensitive (HPACK
+/// never indexes it; `Debug` never shows it).
+#[derive(Clone)]
 pub struct ApiKey(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ApiKey(<redacted>)"
+        } else {
+            "ApiKey(None)"
+        })
+    }
+}
 
 impl Interceptor for ApiKey {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -131,7 +142,10 @@ impl Broker<'_> {
         match key.filter(|k| !k.is_empty()) {
             None => Ok(ApiKey(None)),
             Some(key) => MetadataValue::try_from(key.as_str())
-                .map(|k| ApiKey(Some(k)))
+                .map(|mut k| {
+                    k.set_sensitive(true);
+                    ApiKey(Some(k))
+                })
                 .map_err(|_| {
                     fail(
                         EXIT_CONFIG,
@@ -198,4 +212,33 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_api_key_is_sensitive_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("key");
+        std::fs::write(&file, "the-api-key-1234\n").unwrap_or_else(|e| panic!("{e}"));
+        let tls = super::TlsArgs {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            tls_server_name: None,
+        };
+        let broker = super::Broker {
+            addr: "127.0.0.1:1",
+            what: "the broker",
+            tls: &tls,
+            api_key_file: Some(&file),
+            api_key_env: "BOX_BROKER_TEST_NO_SUCH_VARIABLE",
+        };
+        let key = broker
+            .api_key()
+            .map_err(|_| "unreadable")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(format!("{key:?}"), "ApiKey(<redacted>)");
+        assert!(key.0.as_ref().is_some_and(tonic::metadata::MetadataValue::is_sensitive));
+    }
 }

@@ -187,13 +187,15 @@ pub(crate) fn write_out(line: std::fmt::Arguments<'_>) {
 }
 
 /// A timestamp in RFC 3339 (UTC, milliseconds), as the gRPC JSON mapping
-/// writes it; `None` for none.
+/// writes it; `None` for none, or for a time RFC 3339 cannot write (before
+/// 1970 or after 9999 here).
 pub(crate) fn rfc3339(t: Option<&prost_types::Timestamp>) -> Option<String> {
-    t.map(|t| {
-        let nanos = u32::try_from(t.nanos).unwrap_or(0).min(999_999_999);
-        let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::new(t.seconds.max(0).unsigned_abs(), nanos);
-        crate::audit::rfc3339(at)
-    })
+    /// 9999-12-31T23:59:59Z.
+    const LAST: i64 = 253_402_300_799;
+    let t = t.filter(|t| (0..=LAST).contains(&t.seconds))?;
+    let nanos = u32::try_from(t.nanos).unwrap_or(0).min(999_999_999);
+    let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::new(t.seconds.unsigned_abs(), nanos);
+    Some(crate::audit::rfc3339(at))
 }
 
 /// Prints one error line and returns `code`.
@@ -257,7 +259,7 @@ fn hangups() -> Option<tokio::signal::unix::Signal> {
 
 async fn serve(path: PathBuf) -> ExitCode {
     let hangups = hangups();
-    let shutdown = shutdown_signal();
+    let mut shutdown = Box::pin(shutdown_signal());
     let config = match Config::load(&path, std::env::vars()) {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
@@ -267,6 +269,9 @@ async fn serve(path: PathBuf) -> ExitCode {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
+    for warning in config.stray_env_warnings() {
+        tracing::warn!("{warning}");
+    }
     let Prepared {
         broker,
         auth,
@@ -274,9 +279,17 @@ async fn serve(path: PathBuf) -> ExitCode {
         admin_tls,
         audit,
         admin,
-    } = match prepare(&config).await {
-        Ok(prepared) => prepared,
-        Err(e) => return fail(EXIT_CONFIG, &e),
+    } = tokio::select! {
+        prepared = prepare(&config) => match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => return fail(EXIT_CONFIG, &e),
+        },
+        // Startup can take a while (key derivation, the cluster's keys): a
+        // SIGTERM then stops it at once, with nothing to drain.
+        () = &mut shutdown => {
+            tracing::info!("stopped during startup");
+            return ExitCode::SUCCESS;
+        }
     };
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(listener) => listener,
@@ -467,6 +480,9 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
+    for warning in config.stray_env_warnings() {
+        eprintln!("box-broker: warning: {warning}");
+    }
     let prepared = match prepare(&config).await {
         Ok(prepared) => prepared,
         Err(e) => return fail(EXIT_CONFIG, &e),

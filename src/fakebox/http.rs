@@ -34,8 +34,8 @@ pub struct Endpoint {
     pub what: &'static str,
 }
 
-/// Every endpoint the fake serves (the router below serves exactly these;
-/// a test checks each).
+/// Every endpoint the fake serves, for its help and the README (a test
+/// requests each one from the router below).
 pub const ENDPOINTS: &[Endpoint] = &[
     Endpoint {
         method: "POST",

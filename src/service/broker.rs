@@ -38,11 +38,15 @@ pub struct TokenBrokerApi {
 
 /// The gate's context of `request`, marked as taken over by its handler.
 pub(crate) fn context<T>(request: &Request<T>) -> Result<Arc<CallContext>, Status> {
-    let context = request
-        .extensions()
-        .get::<Arc<CallContext>>()
-        .cloned()
-        .ok_or_else(|| Status::internal("the request did not pass the broker's gate (a bug)"))?;
+    let context = request.extensions().get::<Arc<CallContext>>().cloned().ok_or_else(|| {
+        super::status::detailed(
+            Code::Internal,
+            "the request did not pass the broker's gate (a bug)",
+            "INTERNAL",
+            &[],
+            None,
+        )
+    })?;
     context.reach();
     Ok(context)
 }

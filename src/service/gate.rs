@@ -549,7 +549,13 @@ impl GateShared {
                 &[],
                 None,
             ),
-            _ => Status::new(status.code(), status.message().to_owned()),
+            _ => detailed(
+                status.code(),
+                status.message().to_owned(),
+                crate::metrics::code_name(status.code()),
+                &[],
+                None,
+            ),
         }
     }
 
@@ -582,7 +588,9 @@ impl GateShared {
                 "refused"
             );
         }
-        if is_client_rpc(rpc) {
+        // (A client RPC refused on the admin listener is not the client
+        // API's traffic.)
+        if is_client_rpc(rpc) && self.service == CLIENT_SERVICE {
             self.metrics.rpc(rpc, status.code(), started.elapsed());
         }
         status

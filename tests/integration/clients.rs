@@ -115,7 +115,7 @@ async fn generated_java_and_csharp_land_where_the_protos_say() {
     let (java, csharp) = (out.path().join("java"), out.path().join("csharp"));
     std::fs::create_dir_all(&java).unwrap();
     std::fs::create_dir_all(&csharp).unwrap();
-    let mut command = Command::new(env!("BOX_BROKER_PROTOC"));
+    let mut command = Command::new(env!("BROKER_BUILD_PROTOC"));
     command
         .arg("-I")
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto"))

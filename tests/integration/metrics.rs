@@ -29,6 +29,18 @@ async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
     parse(&response.text().await.unwrap())
 }
 
+/// `/metrics` for `h`'s broker on a free port.
+async fn serve_metrics(h: &Harness) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(box_token_broker::metrics::serve(
+        listener,
+        box_token_broker::metrics::registry(h.broker.clone(), std::sync::Arc::default()),
+        std::future::pending(),
+    ));
+    addr
+}
+
 #[tokio::test]
 async fn the_counters_move_as_the_scenario_says() {
     let policy = Policy::parse(
@@ -41,13 +53,7 @@ async fn the_counters_move_as_the_scenario_says() {
         ..Options::default()
     })
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(box_token_broker::metrics::serve(
-        listener,
-        box_token_broker::metrics::registry(h.broker.clone(), std::sync::Arc::default()),
-        std::future::pending(),
-    ));
+    let addr = serve_metrics(&h).await;
     let before = scrape(addr).await;
     assert_eq!(
         before.get("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"OK\"}"),
@@ -134,13 +140,7 @@ async fn the_counters_move_as_the_scenario_says() {
 #[tokio::test]
 async fn the_build_and_the_process_are_exported() {
     let h = Harness::start().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(box_token_broker::metrics::serve(
-        listener,
-        box_token_broker::metrics::registry(h.broker.clone(), std::sync::Arc::default()),
-        std::future::pending(),
-    ));
+    let addr = serve_metrics(&h).await;
     let m = scrape(addr).await;
     let build = m
         .iter()
