@@ -2,9 +2,13 @@
 //! the CPU work of every cold mint. `cargo bench --bench signing`.
 
 // A benchmark: a setup failure is a bug to see at once, so it panics.
-#![allow(clippy::expect_used, clippy::unwrap_used)]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a benchmark's setup failure is a bug to see at once"
+)]
 
-use std::{hint::black_box, time::SystemTime};
+use std::hint::black_box;
 
 use box_token_broker::boxapi::{
     BoxId, BoxSubject, JwtAlgorithm, SigningKey,
@@ -20,7 +24,7 @@ fn signing(c: &mut Criterion) {
     for algorithm in [JwtAlgorithm::RS256, JwtAlgorithm::RS512] {
         group.bench_function(format!("sign {algorithm:?} 2048-bit"), |b| {
             b.iter(|| {
-                let claims = Claims::new("clientid0123456789", &subject, SystemTime::now());
+                let claims = Claims::new("clientid0123456789", &subject, box_token_broker::clock::system_now());
                 black_box(sign(&claims, &signing, algorithm).expect("signed"))
             });
         });

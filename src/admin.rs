@@ -3,7 +3,7 @@
 //! the durable key store *before* the app switches to it, so a crash never
 //! loses a key the broker started using.
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{collections::BTreeMap, sync::Arc};
 
 use rsa::RsaPrivateKey;
 use secrecy::SecretString;
@@ -15,6 +15,7 @@ use crate::{
         KeyEntry, KeyOrigin, KeyState, Ring, RingError, SecretEntry, SecretOrigin,
         store::{KeyStore, StoreError, StoredApp, StoredState},
     },
+    rpc::Rpc,
 };
 
 /// Key sizes `GenerateKey` makes.
@@ -182,14 +183,8 @@ impl KeyAdmin {
                 .to_public_key_pem(LineEnding::LF)
                 .map_err(|e| AdminError::FailedPrecondition(format!("cannot encode the public key: {e}")))?
         };
-        let key = KeyEntry::from_private(
-            private,
-            None,
-            KeyOrigin::Generated,
-            KeyState::Pending,
-            SystemTime::now(),
-        )
-        .map_err(AdminError::FailedPrecondition)?;
+        let key = KeyEntry::from_private(private, None, KeyOrigin::Generated, KeyState::Pending, app.client.now())
+            .map_err(AdminError::FailedPrecondition)?;
         let _one = self.changing.lock().await;
         let ring = app.ring().with_pending(key.clone())?;
         self.commit(app, ring)?;
@@ -225,7 +220,7 @@ impl KeyAdmin {
             Some(kid.to_owned()),
             KeyOrigin::Imported,
             KeyState::Pending,
-            SystemTime::now(),
+            app.client.now(),
         )
         .map_err(AdminError::InvalidArgument)?;
         let _one = self.changing.lock().await;
@@ -253,7 +248,7 @@ impl KeyAdmin {
             .trial(&candidate)
             .ok_or_else(|| AdminError::FailedPrecondition("the key cannot sign yet".to_owned()))?;
         self.trial_mint(app, &trial.credentials, &format!("key {kid}")).await?;
-        candidate.mark_used(SystemTime::now());
+        candidate.mark_used(app.client.now());
         let activated = ring.activated(&candidate);
         let standby = activated.key_in(KeyState::Standby).cloned();
         let active = activated.key_in(KeyState::Active).cloned().unwrap_or(candidate);
@@ -315,7 +310,7 @@ impl KeyAdmin {
         let app = self.app(app)?;
         let _one = self.changing.lock().await;
         let ring = app.ring();
-        let entry = SecretEntry::new(secret, SecretOrigin::Rotated, SystemTime::now());
+        let entry = SecretEntry::new(secret, SecretOrigin::Rotated, app.client.now());
         let rotated = ring.with_secret(entry.clone())?;
         let trial = ring
             .trial_secret(&entry)
@@ -408,19 +403,6 @@ fn every_app() -> Vec<crate::policy::Glob> {
     vec![crate::policy::Glob::new("*")]
 }
 
-/// The admin RPC names, for validating rules.
-pub const ADMIN_RPCS: &[&str] = &[
-    "GenerateKey",
-    "ImportKey",
-    "ActivateKey",
-    "RetireKey",
-    "ListKeys",
-    "RotateClientSecret",
-    "RetireClientSecrets",
-    "InvalidateTokens",
-    "GetStatus",
-];
-
 /// The admin rules.
 #[derive(Debug, Clone, Default)]
 pub struct AdminRules(pub Vec<AdminRule>);
@@ -444,10 +426,14 @@ impl AdminRules {
             if let Some(bad) = rule.callers.iter().find_map(|c| c.check_caller().err()) {
                 return Err(format!("admin.rules[{i}]: {bad}"));
             }
-            if let Some(bad) = rule.rpcs.iter().find(|g| !ADMIN_RPCS.iter().any(|r| g.matches(r))) {
+            if let Some(bad) = rule
+                .rpcs
+                .iter()
+                .find(|g| !Rpc::ADMIN.iter().any(|r| g.matches(r.name())))
+            {
                 return Err(format!(
                     "admin.rules[{i}]: {bad} matches no admin RPC (they are {})",
-                    ADMIN_RPCS.join(", ")
+                    Rpc::ADMIN.map(Rpc::name).join(", ")
                 ));
             }
         }

@@ -31,11 +31,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use sha2::{Digest as _, Sha256};
-
 use crate::{
-    boxapi::{BoxId, Target},
-    cache::{CachedToken, Downscope},
+    boxapi::{BoxId, Downscope, Target},
+    cache::CachedToken,
+    rpc::{Decision, Rpc},
 };
 
 /// The longest record, newline included: `PIPE_BUF` on Linux, so a record
@@ -73,14 +72,14 @@ const MAX_SCOPES_BYTES: usize = 768;
 #[derive(Debug, Clone, Default)]
 pub struct AuditEvent {
     /// `GetToken`, `GetDownscopedToken`, `RevokeToken` or an admin RPC.
-    pub rpc: &'static str,
+    pub rpc: Rpc,
     /// The caller's identity (`unauthenticated` when it proved none).
     pub caller: Arc<str>,
     /// Where a refused request came from: the peer's IP address, or `uid N`
     /// on a Unix socket (left out of issuances).
     pub peer: Option<Arc<str>>,
     /// `allow`, `deny` or `error`.
-    pub decision: &'static str,
+    pub decision: Decision,
     /// The gRPC status code.
     pub code: &'static str,
     /// Why it was denied or failed.
@@ -195,12 +194,12 @@ impl AuditEvent {
             b'Z',
             b'"',
         ]);
-        field(out, b",\"rpc\":\"", self.rpc, MAX_WORD_BYTES);
+        field(out, b",\"rpc\":\"", self.rpc.name(), MAX_WORD_BYTES);
         field(out, b",\"caller\":\"", &self.caller, MAX_CALLER_BYTES);
         if let Some(peer) = &self.peer {
             field(out, b",\"peer\":\"", peer, MAX_ID_BYTES);
         }
-        field(out, b",\"decision\":\"", self.decision, MAX_WORD_BYTES);
+        field(out, b",\"decision\":\"", self.decision.name(), MAX_WORD_BYTES);
         field(out, b",\"code\":\"", self.code, MAX_WORD_BYTES);
         if let Some(reason) = &self.reason {
             field(out, b",\"reason\":\"", reason, MAX_REASON_BYTES);
@@ -378,16 +377,6 @@ fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-/// SHA-256 of a token: enough to correlate, useless to replay.
-pub fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-/// Lowercase hex SHA-256 of a token.
-pub fn fingerprint(token: &str) -> String {
-    hex::encode(digest(token))
-}
-
 /// How long identical refusals are counted instead of written (see the
 /// module documentation).
 pub const DEFAULT_REPEAT_WINDOW: Duration = Duration::from_secs(10);
@@ -535,7 +524,7 @@ impl AuditSink {
     /// at once unless it repeats one written in the current window, in which
     /// case it is counted (see the module documentation). True when written.
     pub fn record(&self, event: &AuditEvent) -> bool {
-        let Some(repeats) = self.repeats.as_ref().filter(|_| event.decision != "allow") else {
+        let Some(repeats) = self.repeats.as_ref().filter(|_| event.decision != Decision::Allow) else {
             self.write(event);
             return true;
         };
@@ -607,7 +596,7 @@ impl AuditSink {
     /// Writes one record, with one `write` to the sink, before returning.
     /// A failing sink is logged, never fatal to the request.
     fn write(&self, event: &AuditEvent) {
-        let now = SystemTime::now()
+        let now = crate::clock::system_now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         LINE.with_borrow_mut(|line| {
@@ -672,6 +661,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::fingerprint::{digest, fingerprint};
 
     #[test]
     fn rfc3339_formats_known_instants() {
@@ -693,9 +683,9 @@ mod tests {
     fn records_are_json_lines_with_only_the_fields_set() {
         let (sink, buffer) = AuditSink::memory();
         sink.record(&AuditEvent {
-            rpc: "GetToken",
+            rpc: Rpc::GetToken,
             caller: "c".into(),
-            decision: "allow",
+            decision: Decision::Allow,
             code: "OK",
             ..AuditEvent::default()
         });
@@ -715,10 +705,10 @@ mod tests {
         let (sink, buffer) = AuditSink::memory();
         let sink = sink.with_repeat_window(None);
         let event = AuditEvent {
-            rpc: "GetDownscopedToken",
+            rpc: Rpc::GetDownscopedToken,
             caller: "spiffe://x/\"quoted\"".into(),
             peer: Some("10.0.0.7".into()),
-            decision: "deny",
+            decision: Decision::Deny,
             code: "PERMISSION_DENIED",
             reason: Some("line\nbreak and \\ backslash \u{1}".to_owned()),
             rule: Some(Arc::from("portal")),
@@ -762,10 +752,10 @@ mod tests {
 
     fn refusal(reason: &str) -> AuditEvent {
         AuditEvent {
-            rpc: "GetToken",
+            rpc: Rpc::GetToken,
             caller: "unauthenticated".into(),
             peer: Some("10.0.0.9".into()),
-            decision: "deny",
+            decision: Decision::Deny,
             code: "UNAUTHENTICATED",
             reason: Some(reason.to_owned()),
             ..AuditEvent::default()
@@ -780,7 +770,7 @@ mod tests {
         }
         sink.record(&refusal("no credentials"));
         let allowed = AuditEvent {
-            decision: "allow",
+            decision: Decision::Allow,
             code: "OK",
             ..refusal("")
         };
@@ -828,7 +818,7 @@ mod tests {
         let (sink, buffer) = AuditSink::memory();
         for token in ["t1", "t2", "t1"] {
             sink.record(&AuditEvent {
-                rpc: "RevokeToken",
+                rpc: Rpc::RevokeToken,
                 token_sha256: Some(digest(token)),
                 ..refusal("not issued to you")
             });
@@ -871,7 +861,7 @@ mod tests {
         let (sink, buffer) = AuditSink::memory();
         let huge = "\u{1}\"é".repeat(5_000);
         sink.record(&AuditEvent {
-            rpc: "GetDownscopedToken",
+            rpc: Rpc::GetDownscopedToken,
             caller: Arc::from(huge.as_str()),
             peer: Some(Arc::from(huge.as_str())),
             repeated: Some(u64::MAX),
@@ -889,8 +879,8 @@ mod tests {
                 crate::cache::Minted {
                     issued: crate::boxapi::IssuedToken {
                         access_token: secrecy::SecretString::from("t".to_owned()),
-                        expires_at: SystemTime::now() + Duration::from_secs(3600),
-                        issued_at: SystemTime::now(),
+                        expires_at: crate::clock::system_now() + Duration::from_secs(3600),
+                        issued_at: crate::clock::system_now(),
                         token_type: "bearer".to_owned(),
                         request_id: Some(huge.clone()),
                         restricted_to: Vec::new(),
@@ -901,7 +891,7 @@ mod tests {
             ))),
             token_sha256: Some(digest("t")),
             request_id: RequestId::parse(&"r".repeat(64)),
-            decision: "a decision longer than its cap of 32 bytes",
+            decision: Decision::Deny,
             code: "a code longer than its cap of 32 bytes, too",
         });
         let text = String::from_utf8(buffer.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
@@ -960,7 +950,7 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..500 {
                         sink.record(&AuditEvent {
-                            rpc: "GetToken",
+                            rpc: Rpc::GetToken,
                             caller: Arc::from(format!("caller-{thread}").as_str()),
                             reason: Some(format!("{i} {}", "x".repeat(i % 300))),
                             ..AuditEvent::default()

@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
@@ -20,14 +20,15 @@ use secrecy::SecretString;
 
 use crate::{
     boxapi::{
-        AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, Diagnosis, DiagnosisKind,
+        AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, Diagnosis, DiagnosisKind, Downscope, IssuedToken,
         error::{diagnose, diagnose_exchange},
     },
     cache::{
-        CacheError, CachePolicy, Downscope, Lookup, Minted, Minter, Need, Served, TokenCache, TokenKey, WeakTokenCache,
+        CacheError, CachePolicy, CachedToken, FlightPermit, Lookup, Minter, Need, Served, TokenCache, TokenKey,
+        UpstreamError,
     },
     clock::{SharedClock, unix_seconds},
-    error::{BrokerError, UpstreamError},
+    error::BrokerError,
     keys::{self, Attempt, KeyState, Ring},
     policy::{Ask, Policy, PolicySubject, Request as PolicyRequest},
 };
@@ -35,14 +36,6 @@ use crate::{
 /// The longest `min_ttl` a caller may ask for. Box's tokens live about an
 /// hour; asking for more than this can never be met, so it is refused up front.
 pub const MAX_MIN_TTL: Duration = Duration::from_secs(50 * 60);
-
-/// How many tokens a request passes over because each was being revoked
-/// before it gives up (UNAVAILABLE): a revocation replaces at most one.
-const REVOCATION_RETRIES: usize = 3;
-
-fn being_revoked() -> BrokerError {
-    BrokerError::Retry("the token for this request is being revoked; retry in a moment".to_owned())
-}
 
 /// One configured Box app.
 #[derive(Debug)]
@@ -91,8 +84,8 @@ impl App {
     pub fn new(name: impl Into<Arc<str>>, credentials: &AppCredentials, client: BoxClient) -> Self {
         Self {
             name: name.into(),
+            ring: ArcSwap::from_pointee(Ring::from_config(credentials, client.now())),
             client,
-            ring: ArcSwap::from_pointee(Ring::from_config(credentials, SystemTime::now())),
             health: Mutex::new(UpstreamHealth::default()),
             standby_fallbacks: AtomicU64::new(0),
             outcomes: Outcomes::default(),
@@ -155,7 +148,7 @@ impl App {
         let subject = BoxSubject::Enterprise(credentials.enterprise_id.clone());
         match self.client.request_token(credentials, &subject).await {
             Ok(token) => {
-                self.record(Ok(SystemTime::now()));
+                self.record(Ok(self.client.now()));
                 if revoke && let Err(e) = self.client.revoke(credentials, &token.access_token).await {
                     tracing::debug!(app = %self.name, error = %e, "revoking the trial token failed");
                 }
@@ -247,9 +240,6 @@ pub struct Revoked {
 #[derive(Debug)]
 struct Apps {
     by_name: BTreeMap<Arc<str>, Arc<App>>,
-    /// The cache, for a downscoped mint to fetch its parent. Weak, because
-    /// the cache owns this minter.
-    cache: OnceLock<WeakTokenCache>,
 }
 
 fn upstream(key: &TokenKey, kind: DiagnosisKind, message: String) -> UpstreamError {
@@ -264,35 +254,50 @@ fn upstream(key: &TokenKey, kind: DiagnosisKind, message: String) -> UpstreamErr
     }
 }
 
+impl Apps {
+    /// The app `key` names. Keys are built from resolved apps, so a miss is
+    /// a bug, reported as the app's misconfiguration rather than a panic.
+    fn of(&self, key: &TokenKey) -> Result<Arc<App>, UpstreamError> {
+        self.by_name.get(&key.app).cloned().ok_or_else(|| {
+            upstream(
+                key,
+                DiagnosisKind::Misconfigured,
+                format!("app {} is not configured", key.app),
+            )
+        })
+    }
+}
+
 impl Minter for Apps {
-    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
-        let app = self.by_name.get(&key.app).cloned();
-        let cache = self.cache.get().and_then(WeakTokenCache::upgrade);
+    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
+        let app = self.of(key);
+        let key = key.clone();
+        async move { mint_full(&*app?, &key).await }.boxed()
+    }
+
+    fn exchange(
+        &self,
+        key: &TokenKey,
+        parent: Arc<CachedToken>,
+    ) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
+        let app = self.of(key);
         let key = key.clone();
         async move {
-            // Keys are built from resolved apps, and the cache outlives its flights.
-            let app = app.ok_or_else(|| {
-                upstream(
+            let app = app?;
+            let Some(downscope) = &key.downscope else {
+                return Err(upstream(
                     &key,
                     DiagnosisKind::Misconfigured,
-                    format!("app {} is not configured", key.app),
-                )
-            })?;
-            match (&key.downscope, cache) {
-                (None, _) => mint_full(&app, &key).await,
-                (Some(downscope), Some(cache)) => exchange(&app, &cache, &key, downscope).await,
-                (Some(_), None) => Err(upstream(
-                    &key,
-                    DiagnosisKind::Unavailable,
-                    "the broker is shutting down".to_owned(),
-                )),
-            }
+                    "a full token cannot be exchanged for itself (a bug)".to_owned(),
+                ));
+            };
+            exchange(&app, &parent, &key, downscope).await
         }
         .boxed()
     }
 }
 
-async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
+async fn mint_full(app: &App, key: &TokenKey) -> Result<IssuedToken, UpstreamError> {
     let ring = app.ring();
     let Some(first) = ring.primary() else {
         return Err(upstream(
@@ -336,7 +341,7 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
             }
         }
     }
-    let now = SystemTime::now();
+    let now = app.client.now();
     match result {
         Ok(token) => {
             if let Some(k) = &used.key {
@@ -352,10 +357,7 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<Minted, UpstreamError> {
                 box_request_id = token.request_id.as_deref().unwrap_or(""),
                 "minted a Box token"
             );
-            Ok(Minted {
-                issued: token,
-                parent: None,
-            })
+            Ok(token)
         }
         Err(error) => {
             let (kid, ccg) = kid_and_ccg(&used.credentials);
@@ -423,42 +425,17 @@ fn alert_fallback(app: &App, ring: &Ring, used: &Attempt, kind: Fallback, first_
     }
 }
 
-/// Exchanges the subject's full token (from the cache) for a downscoped one,
-/// and refuses Box's answer unless it is restricted as asked.
+/// Exchanges `parent` (the subject's cached full token) for a downscoped
+/// one, and refuses Box's answer unless it is restricted as asked.
 async fn exchange(
     app: &App,
-    cache: &TokenCache,
+    parent: &CachedToken,
     key: &TokenKey,
     downscope: &Downscope,
-) -> Result<Minted, UpstreamError> {
-    // The parent is served to the child's caller: recorded as such, and
-    // never one being revoked (see `Broker::lookup`).
-    let mut need = Need::default();
-    let mut parent = None;
-    for _ in 0..REVOCATION_RETRIES {
-        let found = cache.get(&key.parent(), need).await.map_err(|e| match e {
-            CacheError::Upstream(u) => (*u).clone(),
-            other => upstream(key, DiagnosisKind::Unavailable, other.to_string()),
-        })?;
-        if let Some(caller) = &key.caller {
-            found.token.note_served(caller);
-        }
-        if !found.token.is_revoking() {
-            parent = Some(found);
-            break;
-        }
-        need.minted_since = Some(found.token.minted_at + Duration::from_millis(1));
-    }
-    let parent = parent.ok_or_else(|| {
-        upstream(
-            key,
-            DiagnosisKind::Unavailable,
-            "the token this one is exchanged from is being revoked; retry in a moment".to_owned(),
-        )
-    })?;
+) -> Result<IssuedToken, UpstreamError> {
     let issued = match app
         .client
-        .exchange(&parent.token.access_token, &downscope.scopes, downscope.target.as_ref())
+        .exchange(&parent.access_token, &downscope.scopes, downscope.target.as_ref())
         .await
     {
         Ok(issued) => issued,
@@ -497,15 +474,12 @@ async fn exchange(
         subject_id = %key.subject.id(),
         scopes = %downscope.scopes.join(" "),
         target = %downscope.target.as_ref().map_or_else(|| "(none)".to_owned(), ToString::to_string),
-        expires_at = unix_seconds(issued.expires_at.min(parent.token.expires_at)),
+        expires_at = unix_seconds(issued.expires_at.min(parent.expires_at)),
         box_request_id = issued.request_id.as_deref().unwrap_or(""),
         "downscoped a Box token"
     );
     app.outcomes.exchanges_ok.fetch_add(1, Ordering::Relaxed);
-    Ok(Minted {
-        issued,
-        parent: Some(parent.token),
-    })
+    Ok(issued)
 }
 
 /// Why Box's `restricted_to` does not match the request, if it does not: a
@@ -660,8 +634,6 @@ pub struct Broker {
     clock: SharedClock,
     /// Swapped whole on reload; read without a lock per request.
     policy: ArcSwap<Policy>,
-    /// What the RPC adapters record.
-    metrics: crate::metrics::RpcMetrics,
     /// Calls to Box in progress.
     budget: Arc<UpstreamBudget>,
     /// A `force_refresh` is served a token minted this recently.
@@ -673,17 +645,13 @@ impl Broker {
     pub fn new(apps: Vec<App>, clock: SharedClock, cache_policy: CachePolicy, policy: Policy) -> Self {
         let apps = Arc::new(Apps {
             by_name: apps.into_iter().map(|a| (a.name.clone(), Arc::new(a))).collect(),
-            cache: OnceLock::new(),
         });
         let cache = TokenCache::new(apps.clone(), clock.clone(), cache_policy);
-        // Set once, here, before any request can reach the minter.
-        let _ = apps.cache.set(cache.downgrade());
         Self {
             apps,
             cache,
             clock,
             policy: ArcSwap::from_pointee(policy),
-            metrics: crate::metrics::RpcMetrics::default(),
             budget: Arc::new(UpstreamBudget::default()),
             force_refresh_interval: cache_policy.force_refresh_interval,
         }
@@ -694,11 +662,6 @@ impl Broker {
     pub fn with_budget(mut self, budget: UpstreamBudget) -> Self {
         self.budget = Arc::new(budget);
         self
-    }
-
-    /// The RPC metrics.
-    pub fn metrics(&self) -> &crate::metrics::RpcMetrics {
-        &self.metrics
     }
 
     /// The policy in force.
@@ -810,27 +773,10 @@ impl Broker {
         })
     }
 
-    /// A cached token for `key`, or one from Box: a call this request
-    /// starts takes a place in `caller`'s budget.
-    /// Records that `caller` was served it — and, only then, checks that no
-    /// revocation of it began meanwhile (the handshake with `revoke`): a
-    /// token being revoked is never returned; a newer one is fetched.
-    async fn lookup(&self, caller: &Arc<str>, key: &TokenKey, need: Need) -> Result<Lookup, BrokerError> {
-        let admit = || {
-            self.budget
-                .enter(caller)
-                .map(|place| crate::cache::FlightPermit(Box::new(place)))
-        };
-        let mut need = need;
-        for _ in 0..REVOCATION_RETRIES {
-            let lookup = self.cache.get_admitted(key, need, Some(&admit)).await?;
-            lookup.token.note_served(caller);
-            if !lookup.token.is_revoking() {
-                return Ok(lookup);
-            }
-            need.minted_since = Some(lookup.token.minted_at + Duration::from_millis(1));
-        }
-        Err(being_revoked())
+    /// A place in `caller`'s budget for a call to Box its request starts.
+    fn admission(&self, caller: &Arc<str>) -> impl Fn() -> Result<FlightPermit, CacheError> + Sync {
+        let (budget, caller) = (self.budget.clone(), caller.clone());
+        move || budget.enter(&caller).map(|place| FlightPermit(Box::new(place)))
     }
 
     /// What a `force_refresh` needs: a token minted within the interval.
@@ -857,7 +803,10 @@ impl Broker {
             minted_since: request.force_refresh.then(|| self.forced()),
             parent_at_least: None,
         };
-        let lookup = self.lookup(caller, &key, need).await?;
+        let lookup = self
+            .cache
+            .serve(caller, &key, need, Some(&self.admission(caller)))
+            .await?;
         Ok(permit.grant(app, lookup, self.clock.now()))
     }
 
@@ -882,57 +831,11 @@ impl Broker {
             caller: Some(caller.clone()),
             ..parent_key.clone()
         };
-        // The common case: the token is cached and its parent still is (and
-        // neither is being revoked, checked after recording the serve).
-        let hit = self.cache.cached_child(&key, request.min_ttl).await.filter(|hit| {
-            hit.token.note_served(caller);
-            let parent = hit.token.parent();
-            if let Some(parent) = &parent {
-                parent.note_served(caller);
-            }
-            !hit.token.is_revoking() && parent.is_none_or(|p| !p.is_revoking())
-        });
-        let lookup = match hit {
-            Some(lookup) => lookup,
-            None => self.exchanged(caller, &parent_key, &key, request.min_ttl).await?,
-        };
+        let lookup = self
+            .cache
+            .serve_child(&key, request.min_ttl, Some(&self.admission(caller)))
+            .await?;
         Ok(permit.grant(app, lookup, self.clock.now()))
-    }
-
-    /// The slow way to a downscoped token: the current parent, then a child
-    /// exchanged from it (or a newer one); neither being revoked, both
-    /// recorded as served to `caller`.
-    async fn exchanged(
-        &self,
-        caller: &Arc<str>,
-        parent_key: &TokenKey,
-        key: &TokenKey,
-        min_ttl: Duration,
-    ) -> Result<Lookup, BrokerError> {
-        for _ in 0..REVOCATION_RETRIES {
-            let parent_need = Need {
-                min_ttl,
-                ..Need::default()
-            };
-            let parent = self.lookup(caller, parent_key, parent_need).await?;
-            let need = Need {
-                min_ttl,
-                parent_at_least: Some(parent.token.id),
-                ..Need::default()
-            };
-            let child = self.lookup(caller, key, need).await?;
-            // The child may come from a newer parent than the one looked up.
-            match child.token.parent() {
-                Some(parent) => {
-                    parent.note_served(caller);
-                    if !parent.is_revoking() {
-                        return Ok(child);
-                    }
-                }
-                None => return Ok(child),
-            }
-        }
-        Err(being_revoked())
     }
 
     /// Revokes `token` at Box and drops it from the cache — with, for a full
@@ -958,7 +861,7 @@ impl Broker {
                 app.name
             ))
         };
-        let digest = crate::audit::digest(token.expose_secret());
+        let digest = crate::fingerprint::digest(token.expose_secret());
         let (key, cached) = self.cache.find(&app.name, &digest).await.ok_or_else(not_issued)?;
         let shared = || {
             BrokerError::FailedPrecondition(
@@ -1013,17 +916,19 @@ impl Broker {
             }
         })
         .await
-        .map_err(|_| CacheError::TaskFailed)?;
+        .map_err(|e| {
+            tracing::error!(error = %e, "the revocation task failed");
+            BrokerError::Internal("internal error while revoking the token")
+        })?;
         let dropped = match revoked {
             Ok(dropped) => dropped,
             Err(error) => {
                 let diagnosis = diagnose_exchange(&error, &key.subject, None);
-                return Err(CacheError::Upstream(Arc::new(UpstreamError {
+                return Err(BrokerError::Upstream(Arc::new(UpstreamError {
                     app: app.name.clone(),
                     subject: key.subject,
                     diagnosis,
-                }))
-                .into());
+                })));
             }
         };
         Ok(Revoked {

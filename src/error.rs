@@ -3,22 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::{
-    boxapi::{BoxSubject, Diagnosis},
-    cache::CacheError,
-};
-
-/// Minting failed upstream; the diagnosis says what to fix.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{}", diagnosis.message)]
-pub struct UpstreamError {
-    /// The app's configured name.
-    pub app: Arc<str>,
-    /// Whose token was asked for.
-    pub subject: BoxSubject,
-    /// What went wrong and what to do.
-    pub diagnosis: Diagnosis,
-}
+use crate::cache::{CacheError, UpstreamError};
 
 /// ` (apps you may use: a, b)`, or nothing when there are none.
 fn usable_apps(usable: &[String]) -> String {
@@ -61,6 +46,12 @@ pub enum BrokerError {
     /// A passing state prevents it (a token being revoked); retrying soon works.
     #[error("{0}")]
     Retry(String),
+    /// Box refused or failed a call the broker made itself (a revocation).
+    #[error(transparent)]
+    Upstream(Arc<UpstreamError>),
+    /// A bug (logged where it happened); the message says only which operation.
+    #[error("{0}")]
+    Internal(&'static str),
     /// The cache could not serve a token.
     #[error(transparent)]
     Cache(#[from] CacheError),

@@ -2,7 +2,7 @@
 //! `[server] metrics_listen`.
 //!
 //! RPC counts and latencies, cache lookups and policy denials are recorded as
-//! they happen ([`RpcMetrics`], owned by the broker). Everything the broker
+//! they happen ([`RpcMetrics`], owned by the service layer). Everything the broker
 //! already counts — upstream attempts by status and their latency, retries,
 //! 429s, circuit state, mints and exchanges by outcome, the active key, the
 //! cache's size and evictions — is read at scrape time by [`BrokerCollector`].
@@ -14,7 +14,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -26,42 +26,15 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{boxapi::client::CircuitState, broker::Broker, keys::KeyState, service::TransportCounters};
+use crate::{
+    boxapi::client::CircuitState,
+    broker::Broker,
+    keys::KeyState,
+    rpc::{Rpc, code_name},
+};
 
 type Labels = Vec<(&'static str, String)>;
 
-/// A gRPC code's canonical name (`PERMISSION_DENIED`, as the gRPC spec and
-/// other languages' libraries spell it), in metrics labels, audit records and
-/// CLI errors.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::{
-        Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
-        NotFound, Ok, OutOfRange, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented,
-        Unknown,
-    };
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// The methods [`RpcMetrics`] records: the client API's.
-const METHODS: [&str; 3] = ["GetToken", "GetDownscopedToken", "RevokeToken"];
 /// gRPC status codes 0 (Ok) to 16 (Unauthenticated).
 const CODES: usize = 17;
 /// Upper bounds of the RPC latency buckets, in seconds: 0.5 ms doubling to ~16 s.
@@ -126,17 +99,17 @@ struct MethodMetrics {
 /// and allocates nothing. Read at scrape time by [`registry`]'s collector;
 /// a series appears once it has counted something.
 #[derive(Debug, Clone, Default)]
-pub struct RpcMetrics(Arc<[MethodMetrics; METHODS.len()]>);
+pub struct RpcMetrics(Arc<[MethodMetrics; Rpc::CLIENT.len()]>);
 
 impl RpcMetrics {
-    fn method(&self, method: &str) -> Option<&MethodMetrics> {
-        let found = METHODS.iter().position(|m| *m == method).map(|i| &self.0[i]);
-        debug_assert!(found.is_some(), "RpcMetrics does not know the method {method}");
+    fn method(&self, method: Rpc) -> Option<&MethodMetrics> {
+        let found = method.client_index().map(|i| &self.0[i]);
+        debug_assert!(found.is_some(), "RpcMetrics counts only the client API, not {method}");
         found
     }
 
     /// One finished RPC: its method, gRPC code and duration.
-    pub fn rpc(&self, method: &'static str, code: tonic::Code, took: Duration) {
+    pub fn rpc(&self, method: Rpc, code: tonic::Code, took: Duration) {
         let Some(m) = self.method(method) else { return };
         let index = usize::try_from(i32::from(code)).unwrap_or(2).min(CODES - 1);
         m.by_code[index].fetch_add(1, Ordering::Relaxed);
@@ -147,10 +120,27 @@ impl RpcMetrics {
     }
 
     /// A served token: from the cache or not.
-    pub fn cache_lookup(&self, method: &'static str, hit: bool) {
+    pub fn cache_lookup(&self, method: Rpc, hit: bool) {
         let Some(m) = self.method(method) else { return };
         if hit { &m.cache_hits } else { &m.cache_misses }.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// What happened to connections, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct TransportCounters {
+    /// Connections open now, over all listeners.
+    pub open: AtomicUsize,
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections closed at once because the listener (or the peer) was at its limit.
+    pub refused: AtomicU64,
+    /// `accept` failures (other than the peer giving up), each followed by a backoff.
+    pub accept_errors: AtomicU64,
+    /// Connections closed for not finishing TLS and the HTTP/2 preface in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Connections sent GOAWAY for idleness.
+    pub idle_closed: AtomicU64,
 }
 
 /// Encodes [`RpcMetrics`] at scrape time.
@@ -164,7 +154,7 @@ impl fmt::Debug for RpcCollector {
 
 impl Collector for RpcCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let methods = || METHODS.iter().zip(self.0.0.iter());
+        let methods = || Rpc::CLIENT.iter().map(|rpc| rpc.name()).zip(self.0.0.iter());
         let mut requests = Vec::new();
         let mut lookups = Vec::new();
         let mut denials = Vec::new();
@@ -174,7 +164,7 @@ impl Collector for RpcCollector {
                 if count > 0 {
                     let code = tonic::Code::from(i32::try_from(code).unwrap_or(2));
                     requests.push((
-                        vec![("method", (*name).to_owned()), ("code", code_name(code).to_owned())],
+                        vec![("method", name.to_owned()), ("code", code_name(code).to_owned())],
                         count,
                     ));
                 }
@@ -182,15 +172,12 @@ impl Collector for RpcCollector {
             for (result, count) in [("hit", &m.cache_hits), ("miss", &m.cache_misses)] {
                 let count = count.load(Ordering::Relaxed);
                 if count > 0 {
-                    lookups.push((
-                        vec![("method", (*name).to_owned()), ("result", result.to_owned())],
-                        count,
-                    ));
+                    lookups.push((vec![("method", name.to_owned()), ("result", result.to_owned())], count));
                 }
             }
             let denied = m.denials.load(Ordering::Relaxed);
             if denied > 0 {
-                denials.push((vec![("method", (*name).to_owned())], denied));
+                denials.push((vec![("method", name.to_owned())], denied));
             }
         }
         counter(
@@ -210,7 +197,7 @@ impl Collector for RpcCollector {
                 let (sum, count, buckets) = m.duration.snapshot();
                 if count > 0 {
                     metric
-                        .encode_family(&vec![("method", (*name).to_owned())])?
+                        .encode_family(&vec![("method", name.to_owned())])?
                         .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
                 }
             }
@@ -535,7 +522,10 @@ fn process_stats(stat: &str, status: &str, boot_time: u64) -> Option<ProcessStat
             .and_then(|n| n.parse::<i64>().ok())
             .map(|n| n.saturating_mul(1024))
     };
-    #[allow(clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "CPU ticks as f64 seconds: exact far past any uptime"
+    )]
     Some(ProcessStats {
         cpu_seconds: (ticks(14)? + ticks(15)?) as f64 / CLOCK_TICKS_PER_SECOND,
         start_time_seconds: boot_time as f64 + ticks(22)? as f64 / CLOCK_TICKS_PER_SECOND,
@@ -593,7 +583,7 @@ impl Collector for ProcessCollector {
                 &[(Vec::new(), i64::try_from(fds.count()).unwrap_or(i64::MAX))],
             )?;
         }
-        if let Some(max) = crate::service::transport::open_files_limit() {
+        if let Some(max) = crate::process::open_files_limit() {
             gauge(
                 &mut encoder,
                 "process_max_fds",
@@ -605,11 +595,12 @@ impl Collector for ProcessCollector {
     }
 }
 
-/// The registry for `broker`: its RPC metrics, its scrape-time collector,
-/// the transport's connection counters, the build and the process.
-pub fn registry(broker: Arc<Broker>, transport: Arc<TransportCounters>) -> Registry {
+/// The registry for `broker`: the RPCs the service recorded (`rpcs`), the
+/// broker's own counters (read at scrape time), the transport's connection
+/// counters, the build and the process.
+pub fn registry(broker: Arc<Broker>, rpcs: RpcMetrics, transport: Arc<TransportCounters>) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(RpcCollector(broker.metrics().clone())));
+    registry.register_collector(Box::new(RpcCollector(rpcs)));
     registry.register_collector(Box::new(BrokerCollector(broker)));
     registry.register_collector(Box::new(TransportCollector(transport)));
     registry.register_collector(Box::new(BuildInfoCollector));
@@ -666,9 +657,9 @@ mod tests {
     #[test]
     fn rpc_latency_lands_in_the_first_bucket_that_holds_it_and_buckets_are_cumulative() {
         let metrics = RpcMetrics::default();
-        metrics.rpc("GetToken", tonic::Code::Ok, Duration::from_micros(300));
-        metrics.rpc("GetToken", tonic::Code::Ok, Duration::from_micros(900));
-        metrics.rpc("GetToken", tonic::Code::PermissionDenied, Duration::from_secs(60));
+        metrics.rpc(Rpc::GetToken, tonic::Code::Ok, Duration::from_micros(300));
+        metrics.rpc(Rpc::GetToken, tonic::Code::Ok, Duration::from_micros(900));
+        metrics.rpc(Rpc::GetToken, tonic::Code::PermissionDenied, Duration::from_secs(60));
         let text = rendered(&metrics);
         for line in [
             "boxbroker_rpc_duration_seconds_count{method=\"GetToken\"} 3",
@@ -696,7 +687,7 @@ mod tests {
             for _ in 0..4 {
                 s.spawn(|| {
                     for i in 0..1000 {
-                        metrics.cache_lookup("GetDownscopedToken", i % 4 != 0);
+                        metrics.cache_lookup(Rpc::GetDownscopedToken, i % 4 != 0);
                     }
                 });
             }

@@ -5,11 +5,13 @@
 //! deriving one), so a stray `{:?}` can never print a token.
 
 #![allow(
-    // Generated code: its shape is prost's, not ours.
     clippy::all,
     clippy::pedantic,
+    clippy::allow_attributes_without_reason,
     missing_debug_implementations,
-    unused_qualifications
+    unreachable_pub,
+    unused_qualifications,
+    reason = "generated code: its shape is prost's and tonic's, not ours"
 )]
 
 use std::fmt;

@@ -137,7 +137,7 @@ pub struct Rule {
     /// caller is told is at most this far ahead, so a caller that refreshes at
     /// `expires_at` comes back within it. (Box still accepts the token until
     /// its own expiry; revoke it for a hard stop.)
-    #[serde(default, deserialize_with = "crate::config::de_secs_opt")]
+    #[serde(default, deserialize_with = "crate::duration::de_secs_opt")]
     pub max_lifetime_secs: Option<u64>,
 }
 

@@ -15,7 +15,7 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind, jwk::JwkSet};
@@ -287,23 +287,19 @@ impl KubernetesAuth {
     /// True when `token` verified recently and is remembered (checking it
     /// again costs no signature verification).
     pub async fn is_remembered(&self, token: &str) -> bool {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        // jsonwebtoken's own clock, which `verify_signature` checks exp with.
+        let now = jsonwebtoken::get_current_timestamp();
         self.verified
-            .get(&crate::audit::digest(token))
+            .get(&crate::fingerprint::digest(token))
             .await
             .is_some_and(|(_, exp)| now < exp.saturating_add(LEEWAY_SECS))
     }
 
     /// The caller identity a valid token proves.
     pub async fn verify(&self, token: &str) -> Result<Arc<str>, AuthError> {
-        let digest = crate::audit::digest(token);
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let digest = crate::fingerprint::digest(token);
+        // jsonwebtoken's own clock, which `verify_signature` checks exp with.
+        let now = jsonwebtoken::get_current_timestamp();
         if let Some((identity, exp)) = self.verified.get(&digest).await
             && now < exp.saturating_add(LEEWAY_SECS)
         {

@@ -24,6 +24,7 @@
 //! connection ([`Peer`]): it runs before a request's body is read.
 
 pub mod kubernetes;
+pub mod peer;
 
 use std::{
     fmt,
@@ -31,9 +32,8 @@ use std::{
 };
 
 use kubernetes::KubernetesAuth;
+pub use peer::{Peer, peer_ip_key};
 use tonic::codegen::http::{HeaderMap, HeaderName};
-
-use crate::service::transport::Peer;
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;

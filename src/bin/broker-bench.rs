@@ -12,31 +12,29 @@
 //! `cargo run --release --bin broker-bench` (about 3 minutes), or `-- --quick`
 //! (under 60 s; a smoke test, not a measurement).
 
-// A benchmark tool: a setup failure is a bug to see at once, so it panics;
-// and its figures are floating-point by nature.
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
     clippy::cast_precision_loss,
     clippy::cast_possible_truncation,
-    clippy::cast_sign_loss
+    clippy::cast_sign_loss,
+    reason = "a benchmark tool: a setup failure is a bug to see at once, so it panics; its figures are floating-point by nature"
 )]
 
 use std::{
     future::Future,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use box_token_broker::{
     audit::AuditSink,
     auth::Authenticator,
-    boxapi::{AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, JwtAlgorithm, SigningKey},
+    boxapi::{AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, IssuedToken, JwtAlgorithm, SigningKey},
     broker::{App, Broker, UpstreamBudget},
-    cache::{CachePolicy, Minted, Minter, Need, TokenCache, TokenKey},
+    cache::{CachePolicy, CachedToken, Minter, Need, TokenCache, TokenKey, UpstreamError},
     clock::{SharedClock, SystemClock},
-    error::UpstreamError,
-    fakebox::{FakeAuth, FakeBox, FakeUser, UserKind, seed},
+    fakebox::{FakeAuth, FakeBox, FakeBoxServer, FakeUser, UserKind, seed},
     pb::{
         self,
         token_broker_service_client::TokenBrokerServiceClient,
@@ -349,22 +347,23 @@ fn rss_bytes() -> Option<u64> {
 struct InstantMinter;
 
 impl Minter for InstantMinter {
-    fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
+    fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
         async {
-            let now = SystemTime::now();
-            Ok(Minted {
-                issued: box_token_broker::boxapi::IssuedToken {
-                    access_token: SecretString::from(box_token_broker::boxapi::assertion::new_jti()[..32].to_owned()),
-                    expires_at: now + Duration::from_secs(3600),
-                    issued_at: now,
-                    token_type: "bearer".to_owned(),
-                    request_id: None,
-                    restricted_to: Vec::new(),
-                },
-                parent: None,
+            let now = box_token_broker::clock::system_now();
+            Ok(IssuedToken {
+                access_token: SecretString::from(box_token_broker::boxapi::assertion::new_jti()[..32].to_owned()),
+                expires_at: now + Duration::from_secs(3600),
+                issued_at: now,
+                token_type: "bearer".to_owned(),
+                request_id: None,
+                restricted_to: Vec::new(),
             })
         }
         .boxed()
+    }
+
+    fn exchange(&self, key: &TokenKey, _: Arc<CachedToken>) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
+        self.mint(key)
     }
 }
 
@@ -405,45 +404,77 @@ fn main() {
     runtime.block_on(run(args));
 }
 
-#[allow(clippy::too_many_lines)]
-async fn run(args: Args) {
-    let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
-    let users = if args.quick || args.cached_only || args.downscoped_only {
-        1_000
-    } else {
-        10_000
-    };
-    let stampede = 1_000;
-    let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
-    let concurrency = args.concurrency;
-    let rounds = if args.quick { 2 } else { args.rounds.max(1) };
-    let slice = duration / rounds;
-    if args.memory_only {
-        report_memory(memory_tokens).await;
-        return;
-    }
-    println!(
-        "broker-bench: {} s per load scenario in {rounds} slices alternating with the others, concurrency {concurrency} over {} connections{}",
-        duration.as_secs(),
-        args.connections,
-        if args.quick {
-            " (--quick: a smoke run, not a measurement)"
-        } else {
-            ""
-        }
-    );
-    println!(
-        "machine: {} CPUs, {}",
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        std::env::consts::ARCH
-    );
+/// The servers every load scenario drives, and the fake Box behind the broker.
+struct Bench {
+    fake: FakeBox,
+    fake_server: FakeBoxServer,
+    /// The dev app's client id, and its signing key.
+    client_id: String,
+    key: rsa::RsaPrivateKey,
+    broker: Vec<Channel>,
+    baseline: Vec<Channel>,
+    concurrency: usize,
+    /// How many distinct users the many-users scenario asks for.
+    users: usize,
+}
 
-    // The fake Box, with the bench's users, and the broker against it.
+impl Bench {
+    /// Both servers, side by side, in alternating slices.
+    fn servers(&self, slice: Duration, rounds: u32) -> Servers<'_> {
+        Servers {
+            baseline: &self.baseline,
+            broker: &self.broker,
+            concurrency: self.concurrency,
+            slice,
+            rounds,
+        }
+    }
+}
+
+/// `GetToken` for the Service Account (one cache key).
+async fn get_enterprise(mut c: TokenBrokerServiceClient<Channel>, _: usize) -> bool {
+    c.get_token(pb::GetTokenRequest {
+        subject: enterprise(),
+        ..Default::default()
+    })
+    .await
+    .is_ok()
+}
+
+/// `GetToken` for bench user `i` (one cache key per user).
+async fn get_user(mut c: TokenBrokerServiceClient<Channel>, i: usize) -> bool {
+    c.get_token(pb::GetTokenRequest {
+        subject: user(&bench_user(i)),
+        ..Default::default()
+    })
+    .await
+    .is_ok()
+}
+
+/// `GetDownscopedToken` of the Service Account's token (one cache key).
+async fn get_downscoped(mut c: TokenBrokerServiceClient<Channel>, _: usize) -> bool {
+    c.get_downscoped_token(downscope_request()).await.is_ok()
+}
+
+/// `GetToken` with `force_refresh`: a mint per request.
+async fn get_forced(mut c: TokenBrokerServiceClient<Channel>, _: usize) -> bool {
+    c.get_token(pb::GetTokenRequest {
+        subject: enterprise(),
+        force_refresh: true,
+        ..Default::default()
+    })
+    .await
+    .is_ok()
+}
+
+/// The fake Box with `users` (+1 for the stampede) bench users, the broker
+/// (the production server) against it and the constant-answer baseline,
+/// both warmed up.
+async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
     let clock: SharedClock = Arc::new(SystemClock);
     let fake = FakeBox::new(clock.clone());
     let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).expect("a key");
     let seeded = seed::seed(&fake, FakeAuth::Jwt, Some(&key));
-    // Users 0..=users: the warm set, and one more for the stampede.
     for i in 0..=users {
         fake.add_user(FakeUser {
             id: bench_user(i),
@@ -483,15 +514,33 @@ async fn run(args: Args) {
     let broker_addr = listener.local_addr().expect("an address");
     tokio::spawn(service::serve_with(
         ServeOptions::default(),
-        broker.clone(),
+        broker,
         vec![(Listener::Tcp(listener, Authenticator::new(true)), Role::Client)],
         audit,
         std::future::pending(),
     ));
+    let broker_channels = channels(broker_addr, connections).await;
+    let baseline_channels = baseline(&broker_channels, connections).await;
+    // Warm up both servers and their connections.
+    for channels in [&baseline_channels, &broker_channels] {
+        drive(channels, concurrency, Duration::from_millis(500), get_enterprise).await;
+    }
+    Bench {
+        fake,
+        fake_server,
+        client_id: seeded.client_id,
+        key,
+        broker: broker_channels,
+        baseline: baseline_channels,
+        concurrency,
+        users,
+    }
+}
 
-    // The baseline: constant responses the size of the broker's.
-    let broker_channels = channels(broker_addr, args.connections).await;
-    let mut probe = TokenBrokerServiceClient::new(broker_channels[0].clone());
+/// The baseline server, answering constant responses the size of the
+/// broker's (captured from it through `broker`).
+async fn baseline(broker: &[Channel], connections: usize) -> Vec<Channel> {
+    let mut probe = TokenBrokerServiceClient::new(broker[0].clone());
     let token = probe
         .get_token(pb::GetTokenRequest {
             subject: enterprise(),
@@ -505,115 +554,56 @@ async fn run(args: Args) {
         .await
         .expect("the broker downscopes")
         .into_inner();
-    let baseline = Baseline { token, downscoped };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let baseline_addr = listener.local_addr().expect("an address");
+    let addr = listener.local_addr().expect("an address");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(TokenBrokerServiceServer::new(baseline))
+            .add_service(TokenBrokerServiceServer::new(Baseline { token, downscoped }))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let baseline_channels = channels(baseline_addr, args.connections).await;
+    channels(addr, connections).await
+}
 
-    let get_enterprise = |mut c: TokenBrokerServiceClient<Channel>, _| async move {
-        c.get_token(pb::GetTokenRequest {
-            subject: enterprise(),
-            ..Default::default()
-        })
-        .await
-        .is_ok()
-    };
-    let get_user = move |mut c: TokenBrokerServiceClient<Channel>, i: usize| async move {
-        c.get_token(pb::GetTokenRequest {
-            subject: user(&bench_user(i % users)),
-            ..Default::default()
-        })
-        .await
-        .is_ok()
-    };
-    let get_downscoped = |mut c: TokenBrokerServiceClient<Channel>, _| async move {
-        c.get_downscoped_token(downscope_request()).await.is_ok()
-    };
-
-    // Warm up both servers and connections, and the 10,000 users' tokens.
-    drive(
-        &baseline_channels,
-        concurrency,
-        Duration::from_millis(500),
-        get_enterprise,
-    )
-    .await;
-    drive(
-        &broker_channels,
-        concurrency,
-        Duration::from_millis(500),
-        get_enterprise,
-    )
-    .await;
-    let servers = Servers {
-        baseline: &baseline_channels,
-        broker: &broker_channels,
-        concurrency,
-        slice,
-        rounds,
-    };
-    if args.cached_only {
-        servers
-            .versus(["GetToken (constant)", "GetToken, cached, 1 key"], get_enterprise)
-            .await;
-        return;
-    }
-    if args.downscoped_only {
-        drive(
-            &broker_channels,
-            concurrency,
-            Duration::from_millis(500),
-            get_downscoped,
-        )
-        .await;
-        servers
-            .versus(
-                ["GetDownscopedToken (constant)", "GetDownscopedToken, cached"],
-                get_downscoped,
-            )
-            .await;
-        return;
-    }
-    let warm_started = Instant::now();
+/// Mints every bench user's token once, so the many-users scenario is
+/// served from the cache; how long that took.
+async fn warm_users(bench: &Bench) -> f64 {
+    let started = Instant::now();
     let mut warm = Vec::new();
-    for chunk in (0..users).collect::<Vec<_>>().chunks(users.div_ceil(concurrency)) {
-        let mut client = TokenBrokerServiceClient::new(broker_channels[warm.len() % broker_channels.len()].clone());
+    let users: Vec<usize> = (0..bench.users).collect();
+    for chunk in users.chunks(bench.users.div_ceil(bench.concurrency)) {
+        let channel = bench.broker[warm.len() % bench.broker.len()].clone();
         let chunk = chunk.to_vec();
         warm.push(tokio::spawn(async move {
             for i in chunk {
-                let _ = client
-                    .get_token(pb::GetTokenRequest {
-                        subject: user(&bench_user(i)),
-                        ..Default::default()
-                    })
-                    .await;
+                get_user(TokenBrokerServiceClient::new(channel.clone()), i).await;
             }
         }));
     }
     for w in warm {
         let _ = w.await;
     }
-    let warm_secs = warm_started.elapsed().as_secs_f64();
-    println!();
-    print_header();
-    let upstream_before = fake.stats();
+    started.elapsed().as_secs_f64()
+}
+
+/// The three cached scenarios against their baselines, in alternating
+/// slices; also checks that none of them reached Box.
+async fn cached_scenarios(bench: &Bench, slice: Duration, rounds: u32) {
+    let users = bench.users;
+    let get_many = move |c, i: usize| get_user(c, i % users);
+    let (baseline, broker, concurrency) = (&bench.baseline, &bench.broker, bench.concurrency);
+    let upstream_before = bench.fake.stats();
     let (mut base, mut one) = (Run::empty(), Run::empty());
     let (mut base_many, mut many) = (Run::empty(), Run::empty());
     let (mut base_down, mut down) = (Run::empty(), Run::empty());
     for _ in 0..rounds {
-        base.merge(drive(&baseline_channels, concurrency, slice, get_enterprise).await);
-        one.merge(drive(&broker_channels, concurrency, slice, get_enterprise).await);
+        base.merge(drive(baseline, concurrency, slice, get_enterprise).await);
+        one.merge(drive(broker, concurrency, slice, get_enterprise).await);
         // The same user requests to the baseline: the client's cost of
         // naming a user is in both runs.
-        base_many.merge(drive(&baseline_channels, concurrency, slice, get_user).await);
-        many.merge(drive(&broker_channels, concurrency, slice, get_user).await);
-        base_down.merge(drive(&baseline_channels, concurrency, slice, get_downscoped).await);
-        down.merge(drive(&broker_channels, concurrency, slice, get_downscoped).await);
+        base_many.merge(drive(baseline, concurrency, slice, get_many).await);
+        many.merge(drive(broker, concurrency, slice, get_many).await);
+        base_down.merge(drive(baseline, concurrency, slice, get_downscoped).await);
+        down.merge(drive(broker, concurrency, slice, get_downscoped).await);
     }
     print_run("baseline GetToken (constant)", &base);
     print_run("broker GetToken, cached, 1 key", &one);
@@ -621,25 +611,7 @@ async fn run(args: Args) {
     print_run(&format!("broker GetToken, cached, {users} users"), &many);
     print_run("baseline GetDownscopedToken (constant)", &base_down);
     print_run("broker GetDownscopedToken, cached", &down);
-    let upstream_after = fake.stats();
-    let arrivals = upstream_after.token_arrivals;
-    let cold = drive(
-        &broker_channels,
-        concurrency,
-        duration,
-        |mut c: TokenBrokerServiceClient<Channel>, _| async move {
-            c.get_token(pb::GetTokenRequest {
-                subject: enterprise(),
-                force_refresh: true,
-                ..Default::default()
-            })
-            .await
-            .is_ok()
-        },
-    )
-    .await;
-    print_run("broker GetToken, force_refresh (cold mint)", &cold);
-    let mints = fake.stats().token_arrivals - arrivals;
+    let upstream_after = bench.fake.stats();
     println!();
     print_ratio("cached GetToken, 1 key:", &one, &base);
     print_ratio(&format!("cached GetToken, {users} users:"), &many, &base_many);
@@ -649,20 +621,31 @@ async fn run(args: Args) {
         upstream_after.token_arrivals - upstream_before.token_arrivals,
         upstream_after.exchange_requests - upstream_before.exchange_requests,
     );
-    println!(
-        "cold mints: {:.0} mints/s reached the fake Box ({mints} in {:.1} s; RSA-2048 signing + the fake's verification); warming {users} users took {warm_secs:.1} s",
-        mints as f64 / cold.seconds,
-        cold.seconds
-    );
+}
 
-    // Stampede: 1,000 concurrent cold requests for one key.
-    let subject = bench_user(users);
-    let arrivals = fake.stats().token_arrivals;
-    let mut herd = Vec::with_capacity(stampede);
-    for i in 0..stampede {
-        let mut client = TokenBrokerServiceClient::new(broker_channels[i % broker_channels.len()].clone());
+/// `force_refresh` on every request for `duration`: each one mints.
+async fn cold_mints(bench: &Bench, duration: Duration, warm_secs: f64) {
+    let arrivals = bench.fake.stats().token_arrivals;
+    let cold = drive(&bench.broker, bench.concurrency, duration, get_forced).await;
+    print_run("broker GetToken, force_refresh (cold mint)", &cold);
+    let mints = bench.fake.stats().token_arrivals - arrivals;
+    println!(
+        "cold mints: {:.0} mints/s reached the fake Box ({mints} in {:.1} s; RSA-2048 signing + the fake's verification); warming {} users took {warm_secs:.1} s",
+        mints as f64 / cold.seconds,
+        cold.seconds,
+        bench.users
+    );
+}
+
+/// `herd` concurrent cold requests for one key: how many reached Box.
+async fn stampede(bench: &Bench, herd: usize) {
+    let subject = bench_user(bench.users);
+    let arrivals = bench.fake.stats().token_arrivals;
+    let mut calls = Vec::with_capacity(herd);
+    for i in 0..herd {
+        let mut client = TokenBrokerServiceClient::new(bench.broker[i % bench.broker.len()].clone());
         let subject = subject.clone();
-        herd.push(tokio::spawn(async move {
+        calls.push(tokio::spawn(async move {
             client
                 .get_token(pb::GetTokenRequest {
                     subject: user(&subject),
@@ -673,24 +656,26 @@ async fn run(args: Args) {
         }));
     }
     let mut served = 0;
-    for h in herd {
-        if h.await.unwrap_or(false) {
+    for call in calls {
+        if call.await.unwrap_or(false) {
             served += 1;
         }
     }
     println!(
-        "stampede: {stampede} concurrent cold requests for one key -> {} upstream call(s), {served} served (target: exactly 1 call)",
-        fake.stats().token_arrivals - arrivals
+        "stampede: {herd} concurrent cold requests for one key -> {} upstream call(s), {served} served (target: exactly 1 call)",
+        bench.fake.stats().token_arrivals - arrivals
     );
+}
 
-    // Signing alone (criterion has the careful figure: cargo bench --bench signing).
-    let signing = SigningKey::new("bench", &key).expect("a signing key");
+/// Signing `n` assertions in a loop, alone (criterion has the careful
+/// figure: `cargo bench --bench signing`).
+fn signing(bench: &Bench, n: u32) {
+    let signing = SigningKey::new("bench", &bench.key).expect("a signing key");
     let claims = box_token_broker::boxapi::assertion::Claims::new(
-        &seeded.client_id,
+        &bench.client_id,
         &BoxSubject::Enterprise(BoxId::parse(seed::ENTERPRISE_ID).expect("an id")),
-        SystemTime::now(),
+        box_token_broker::clock::system_now(),
     );
-    let n = if args.quick { 200 } else { 2_000 };
     let started = Instant::now();
     for _ in 0..n {
         let _ = box_token_broker::boxapi::assertion::sign(&claims, &signing, JwtAlgorithm::RS256);
@@ -699,9 +684,70 @@ async fn run(args: Args) {
         "assertion signing (RS256, 2048-bit): {:.0} µs each ({n} in a loop, one core)",
         started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
     );
+}
 
+/// The scenarios `args` asks for, in order.
+async fn run(args: Args) {
+    let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
+    let one_scenario = args.cached_only || args.downscoped_only;
+    let users = if args.quick || one_scenario { 1_000 } else { 10_000 };
+    let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
+    let rounds = if args.quick { 2 } else { args.rounds.max(1) };
+    let slice = duration / rounds;
+    if args.memory_only {
+        report_memory(memory_tokens).await;
+        return;
+    }
+    println!(
+        "broker-bench: {} s per load scenario in {rounds} slices alternating with the others, concurrency {} over {} connections{}",
+        duration.as_secs(),
+        args.concurrency,
+        args.connections,
+        if args.quick {
+            " (--quick: a smoke run, not a measurement)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "machine: {} CPUs, {}",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        std::env::consts::ARCH
+    );
+    let bench = setup(args.connections, args.concurrency, users).await;
+    if args.cached_only {
+        bench
+            .servers(slice, rounds)
+            .versus(["GetToken (constant)", "GetToken, cached, 1 key"], get_enterprise)
+            .await;
+        return;
+    }
+    if args.downscoped_only {
+        drive(
+            &bench.broker,
+            bench.concurrency,
+            Duration::from_millis(500),
+            get_downscoped,
+        )
+        .await;
+        bench
+            .servers(slice, rounds)
+            .versus(
+                ["GetDownscopedToken (constant)", "GetDownscopedToken, cached"],
+                get_downscoped,
+            )
+            .await;
+        return;
+    }
+    let warm_secs = warm_users(&bench).await;
+    println!();
+    print_header();
+    cached_scenarios(&bench, slice, rounds).await;
+    cold_mints(&bench, duration, warm_secs).await;
+    stampede(&bench, 1_000).await;
+    signing(&bench, if args.quick { 200 } else { 2_000 });
     report_memory(memory_tokens).await;
-    fake_server.stop().await;
+    bench.fake_server.stop().await;
 }
 
 async fn report_memory(tokens: usize) {

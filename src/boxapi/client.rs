@@ -257,6 +257,11 @@ impl BoxClient {
         &self.counters
     }
 
+    /// The time now, by the clock this client was given.
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
     /// Box's clock minus ours, as learned from Box's `Date` header (zero until a skew refusal).
     pub fn clock_skew_millis(&self) -> i64 {
         self.skew_millis.load(Ordering::Relaxed)
@@ -516,12 +521,13 @@ impl BoxClient {
             ("client_secret", app.client_secret.expose_secret()),
             ("token", token.expose_secret()),
         ];
+        let sent_at = self.clock.now();
         let response = self.post_form(&self.revoke_url, &form).await?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        Err(failure(response).await)
+        Err(failure(response, sent_at).await)
     }
 
     async fn post_form(&self, url: &str, form: &[(&str, &str)]) -> Result<reqwest::Response, BoxApiError> {
@@ -632,15 +638,16 @@ async fn read_token_response(response: reqwest::Response, issued_at: SystemTime)
                 .collect(),
         });
     }
-    Err(failure(response).await)
+    Err(failure(response, issued_at).await)
 }
 
 /// The error a non-success response stands for: throttling, a server
-/// failure, or Box's error body in either shape.
-async fn failure(response: reqwest::Response) -> BoxApiError {
+/// failure, or Box's error body in either shape. `now` is (the injected
+/// clock's) time the request was sent, for a `Retry-After` date.
+async fn failure(response: reqwest::Response, now: SystemTime) -> BoxApiError {
     let status = response.status();
     if status == StatusCode::TOO_MANY_REQUESTS {
-        let retry_after = header_str(&response, "retry-after").and_then(|v| parse_retry_after(&v));
+        let retry_after = header_str(&response, "retry-after").and_then(|v| parse_retry_after(&v, now));
         return BoxApiError::RateLimited { retry_after };
     }
     if status.is_server_error() {
@@ -663,7 +670,7 @@ fn header_str(response: &reqwest::Response, name: &str) -> Option<String> {
 }
 
 /// `Retry-After` as seconds or an HTTP date, at most [`MAX_RETRY_AFTER`].
-fn parse_retry_after(value: &str) -> Option<Duration> {
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     let wait = if let Ok(secs) = value.parse::<u64>() {
         Duration::from_secs(secs)
@@ -674,7 +681,7 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
         Duration::try_from_secs_f64(secs).unwrap_or(MAX_RETRY_AFTER)
     } else {
         let date = httpdate::parse_http_date(value).ok()?;
-        date.duration_since(SystemTime::now()).unwrap_or_default()
+        date.duration_since(now).unwrap_or_default()
     };
     Some(wait.min(MAX_RETRY_AFTER))
 }
@@ -754,9 +761,15 @@ mod tests {
 
     #[test]
     fn retry_after_reads_seconds() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("1.5"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(
+            parse_retry_after("7", crate::clock::system_now()),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after("1.5", crate::clock::system_now()),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_retry_after("soon", crate::clock::system_now()), None);
     }
 
     #[test]
@@ -767,10 +780,14 @@ mod tests {
             "99999999999",
             "Fri, 31 Dec 9999 23:59:59 GMT",
         ] {
-            assert_eq!(parse_retry_after(huge), Some(MAX_RETRY_AFTER), "{huge}");
+            assert_eq!(
+                parse_retry_after(huge, crate::clock::system_now()),
+                Some(MAX_RETRY_AFTER),
+                "{huge}"
+            );
         }
-        assert_eq!(parse_retry_after("-5"), None);
-        assert_eq!(parse_retry_after("NaN"), None);
+        assert_eq!(parse_retry_after("-5", crate::clock::system_now()), None);
+        assert_eq!(parse_retry_after("NaN", crate::clock::system_now()), None);
     }
 
     #[test]

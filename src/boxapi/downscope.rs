@@ -83,6 +83,16 @@ pub enum Target {
     SharedLink(String),
 }
 
+/// What a downscoped token is restricted to: normalized (sorted, de-duplicated)
+/// scopes and an optional target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Downscope {
+    /// Sorted, de-duplicated scopes.
+    pub scopes: Vec<String>,
+    /// The one item, if any.
+    pub target: Option<Target>,
+}
+
 /// Why a shared link is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("shared_link must be an https:// Box shared link such as https://app.box.com/s/abc123")]
@@ -92,7 +102,7 @@ pub struct SharedLinkError;
 /// 8 bytes of its SHA-256 (enough to correlate; the link itself can be a
 /// capability).
 pub fn link_fingerprint(url: &str) -> [u8; 8] {
-    let digest = crate::audit::digest(url);
+    let digest = crate::fingerprint::digest(url);
     let mut prefix = [0u8; 8];
     prefix.copy_from_slice(&digest[..8]);
     prefix

@@ -14,7 +14,7 @@ pub use client::{BoxClient, IssuedToken};
 pub use credentials::{
     AppCredentials, AuthMethod, BoxId, CredentialError, CredentialSources, JwtAlgorithm, SigningKey,
 };
-pub use downscope::{Restriction, Target};
+pub use downscope::{Downscope, Restriction, Target};
 pub use error::{BoxApiError, Diagnosis, DiagnosisKind};
 
 /// Whose token to ask Box for.

@@ -214,7 +214,10 @@ fn pkcs8_error(e: pkcs8::Error) -> KeyError {
 
 /// The CBC ciphers OpenSSL's traditional PEM encryption uses (`DEK-Info`).
 #[derive(Debug, Clone, Copy)]
-#[allow(clippy::enum_variant_names)] // The names are OpenSSL's: DES-EDE3-CBC, AES-128-CBC, ...
+#[allow(
+    clippy::enum_variant_names,
+    reason = "the names are OpenSSL's: DES-EDE3-CBC, AES-128-CBC, ..."
+)]
 enum LegacyCipher {
     DesEde3Cbc,
     Aes128Cbc,

@@ -13,11 +13,11 @@ use crate::pb::{self, broker_admin_service_client::BrokerAdminServiceClient};
 use clap::{Args, Subcommand};
 
 /// The environment variable holding the admin API key.
-pub const ADMIN_KEY_ENV: &str = "BOX_BROKER_ADMIN_KEY";
+pub(super) const ADMIN_KEY_ENV: &str = "BOX_BROKER_ADMIN_KEY";
 
 /// `admin` options.
 #[derive(Debug, Args)]
-pub struct AdminArgs {
+pub(super) struct AdminArgs {
     /// The broker's admin address: host:port, http:// or https://host:port, or a
     /// Unix socket as unix:/abs/path (also unix:///abs/path) or unix:relative/path.
     #[arg(long, global = true, default_value = "127.0.0.1:50052")]
@@ -113,7 +113,7 @@ fn read_file(path: &PathBuf) -> Result<String, ExitCode> {
 }
 
 /// Runs `admin`.
-pub async fn run(args: AdminArgs) -> ExitCode {
+pub(super) async fn run(args: AdminArgs) -> ExitCode {
     match run_inner(args).await {
         Ok(code) | Err(code) => code,
     }
@@ -135,7 +135,7 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
     let failed = |status: tonic::Status| {
         fail(
             1,
-            &format!("{}: {}", crate::metrics::code_name(status.code()), status.message()),
+            &format!("{}: {}", crate::rpc::code_name(status.code()), status.message()),
         )
     };
     match args.command {

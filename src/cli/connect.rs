@@ -16,7 +16,7 @@ use super::{EXIT_CONFIG, fail};
 
 /// TLS options a CLI client shares.
 #[derive(Debug, Clone, Args)]
-pub struct TlsArgs {
+pub(super) struct TlsArgs {
     /// TLS: the CA certificate (PEM) the broker's certificate must chain to.
     /// A `host:port` address then uses TLS.
     #[arg(long, value_name = "FILE", global = true)]
@@ -34,7 +34,7 @@ pub struct TlsArgs {
 
 /// Where a CLI client connects, and what it presents.
 #[derive(Debug)]
-pub struct Broker<'a> {
+pub(super) struct Broker<'a> {
     /// `host:port`, `http://` or `https://host:port`, or `unix:PATH`
     /// (`unix:/abs/path`, `unix:///abs/path`, `unix:relative/path`).
     pub addr: &'a str,
@@ -51,7 +51,7 @@ pub struct Broker<'a> {
 /// Adds the API key (if any) to every request, marked sensitive (HPACK
 /// never indexes it; `Debug` never shows it).
 #[derive(Clone)]
-pub struct ApiKey(Option<MetadataValue<Ascii>>);
+pub(super) struct ApiKey(Option<MetadataValue<Ascii>>);
 
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,7 +79,7 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, ExitCode> {
 impl Broker<'_> {
     /// Connects; a bad option or file is exit 64 naming it, an unreachable
     /// broker exit 1.
-    pub async fn connect(&self) -> Result<(Channel, ApiKey), ExitCode> {
+    pub(super) async fn connect(&self) -> Result<(Channel, ApiKey), ExitCode> {
         let key = self.api_key()?;
         let tls = self.tls_config()?;
         let addr = self.uri(tls.is_some())?;

@@ -39,7 +39,7 @@ fn new_passphrase() -> SecretString {
 }
 
 /// Runs `dev`.
-pub async fn run_dev(args: DevArgs) -> ExitCode {
+pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
     let hangups = super::hangups();
     let shutdown = shutdown_signal();
     let _telemetry = init_dev_logging();
@@ -215,7 +215,7 @@ Press Ctrl-C to stop.",
 }
 
 /// Runs `fake-box`: writes `box_config.json` and `broker.toml`, then serves.
-pub async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
+pub(super) async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
     let hangups = super::hangups();
     let shutdown = shutdown_signal();
     let _telemetry = init_dev_logging();

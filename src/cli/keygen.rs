@@ -24,7 +24,7 @@ use crate::boxapi::{
 
 /// `keygen` options.
 #[derive(Debug, Args)]
-pub struct KeygenArgs {
+pub(super) struct KeygenArgs {
     /// Directory to write private_key.pem, passphrase and public_key.pem into.
     #[arg(long, value_name = "DIR")]
     out_dir: PathBuf,
@@ -43,7 +43,7 @@ fn parse_bits(s: &str) -> Result<usize, String> {
 }
 
 /// Runs `keygen`.
-pub fn run(args: &KeygenArgs) -> ExitCode {
+pub(super) fn run(args: &KeygenArgs) -> ExitCode {
     match generate(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => fail(code, &message),

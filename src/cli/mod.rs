@@ -363,7 +363,8 @@ async fn serve(path: PathBuf) -> ExitCode {
                     .local_addr()
                     .map_or_else(|_| addr.to_string(), |a| a.to_string());
                 tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
-                let registry = crate::metrics::registry(broker.clone(), options.counters.clone());
+                let registry =
+                    crate::metrics::registry(broker.clone(), options.rpc_metrics.clone(), options.counters.clone());
                 Some(tokio::spawn(crate::metrics::serve(
                     listener,
                     registry,
@@ -401,7 +402,7 @@ const RESERVED_FILES: u64 = 256;
 /// under the open-files limit (less [`RESERVED_FILES`]), saying so: a cap
 /// the process cannot reach would leave `accept` failing instead.
 fn fit_to_open_files(limits: &mut service::ConnectionLimits, listeners: usize) {
-    let Some(files) = service::transport::open_files_limit() else {
+    let Some(files) = crate::process::open_files_limit() else {
         return;
     };
     let listeners = u64::try_from(listeners.max(1)).unwrap_or(1);

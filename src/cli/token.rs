@@ -12,11 +12,11 @@ use super::{
 use crate::pb::{self, get_downscoped_token_request::Target, token_broker_service_client::TokenBrokerServiceClient};
 
 /// The environment variable holding the API key when no file is given.
-pub const API_KEY_ENV: &str = "BOX_BROKER_API_KEY";
+pub(super) const API_KEY_ENV: &str = "BOX_BROKER_API_KEY";
 
 /// Options every `token` command shares.
 #[derive(Debug, Args)]
-pub struct Common {
+pub(super) struct Common {
     /// The app's name in the broker's config (needed when it has several).
     #[arg(long, default_value = "")]
     app: String,
@@ -34,7 +34,7 @@ pub struct Common {
 /// Whose token.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
-pub struct SubjectArgs {
+pub(super) struct SubjectArgs {
     /// The app's Service Account.
     #[arg(long)]
     enterprise: bool,
@@ -55,13 +55,13 @@ impl SubjectArgs {
 
 /// `token get` options.
 #[derive(Debug, Args)]
-pub struct GetArgs {
+pub(super) struct GetArgs {
     #[command(flatten)]
     subject: SubjectArgs,
     #[command(flatten)]
     common: Common,
     /// Least remaining lifetime wanted: seconds, or a duration such as 10m.
-    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_secs)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_secs)]
     min_ttl: Option<u64>,
     /// Mint a new token even if one is cached.
     #[arg(long)]
@@ -74,7 +74,7 @@ pub struct GetArgs {
 /// The one item a downscoped token is restricted to.
 #[derive(Debug, Args)]
 #[group(required = false, multiple = false)]
-pub struct TargetArgs {
+pub(super) struct TargetArgs {
     /// A numeric Box file id.
     #[arg(long, value_name = "ID")]
     file: Option<String>,
@@ -88,7 +88,7 @@ pub struct TargetArgs {
 
 /// `token downscope` options.
 #[derive(Debug, Args)]
-pub struct DownscopeArgs {
+pub(super) struct DownscopeArgs {
     #[command(flatten)]
     subject: SubjectArgs,
     /// A Box downscope scope (repeat for several), e.g. item_preview.
@@ -99,7 +99,7 @@ pub struct DownscopeArgs {
     #[command(flatten)]
     common: Common,
     /// Least remaining lifetime wanted: seconds, or a duration such as 10m.
-    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_secs)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_secs)]
     min_ttl: Option<u64>,
     /// Print JSON (token, expiry, scopes, restrictions, cache hit) instead of the bare token.
     #[arg(long)]
@@ -109,7 +109,7 @@ pub struct DownscopeArgs {
 /// `token revoke` options. The token is read from standard input, so it
 /// never appears in a process listing or shell history.
 #[derive(Debug, Args)]
-pub struct RevokeArgs {
+pub(super) struct RevokeArgs {
     #[command(flatten)]
     common: Common,
 }
@@ -132,7 +132,7 @@ async fn connect(common: &Common) -> Result<Client, ExitCode> {
 fn status_failure(status: &tonic::Status) -> ExitCode {
     fail(
         1,
-        &format!("{}: {}", crate::metrics::code_name(status.code()), status.message()),
+        &format!("{}: {}", crate::rpc::code_name(status.code()), status.message()),
     )
 }
 
@@ -177,7 +177,7 @@ fn answer(token: Option<pb::AccessToken>, cache_hit: bool, json: bool) -> ExitCo
 }
 
 /// Runs `token get`.
-pub async fn get(args: GetArgs) -> ExitCode {
+pub(super) async fn get(args: GetArgs) -> ExitCode {
     let mut client = match connect(&args.common).await {
         Ok(c) => c,
         Err(code) => return code,
@@ -198,7 +198,7 @@ pub async fn get(args: GetArgs) -> ExitCode {
 }
 
 /// Runs `token downscope`.
-pub async fn downscope(args: DownscopeArgs) -> ExitCode {
+pub(super) async fn downscope(args: DownscopeArgs) -> ExitCode {
     let mut client = match connect(&args.common).await {
         Ok(c) => c,
         Err(code) => return code,
@@ -227,7 +227,7 @@ pub async fn downscope(args: DownscopeArgs) -> ExitCode {
 }
 
 /// Runs `token revoke`, reading the token from standard input.
-pub async fn revoke(args: RevokeArgs) -> ExitCode {
+pub(super) async fn revoke(args: RevokeArgs) -> ExitCode {
     let mut line = String::new();
     if let Err(e) = std::io::stdin().read_line(&mut line) {
         return fail(1, &format!("cannot read the token from standard input: {e}"));

@@ -593,7 +593,7 @@ pub fn is_secret_rejection(error: &crate::boxapi::BoxApiError) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
     use super::*;
 

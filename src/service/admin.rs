@@ -16,10 +16,11 @@ use tonic::{Code, Request, Response, Status};
 
 use super::status::detailed;
 use crate::{
-    admin::{AdminError, AdminRules, KeyAdmin},
+    admin::{AdminRules, KeyAdmin},
     audit::{AuditEvent, AuditSink},
     keys::{KeyEntry, KeyState},
     pb::{self, broker_admin_service_server::BrokerAdminService},
+    rpc::{Rpc, code_name},
     service::broker::{parse_subject, timestamp},
 };
 
@@ -40,18 +41,6 @@ enum Apps<'a> {
     All,
     /// Whichever apps the caller is granted (a read-only overview).
     Granted,
-}
-
-impl From<AdminError> for Status {
-    fn from(e: AdminError) -> Self {
-        let (code, reason) = match &e {
-            AdminError::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_REQUEST"),
-            AdminError::NotFound(_) => (Code::NotFound, "NOT_FOUND"),
-            AdminError::FailedPrecondition(_) => (Code::FailedPrecondition, "FAILED_PRECONDITION"),
-            AdminError::Store(_) => (Code::Internal, "KEY_STORE_FAILED"),
-        };
-        detailed(code, e.to_string(), reason, &[], None)
-    }
 }
 
 /// The protobuf description of a key: never private material.
@@ -162,7 +151,7 @@ impl BrokerAdminApi {
     /// touches, runs `handle` with their names, and audits the outcome.
     async fn call<T, R, F>(
         &self,
-        rpc: &'static str,
+        rpc: Rpc,
         apps: impl FnOnce(&T) -> Apps<'_>,
         request: Request<T>,
         handle: impl FnOnce(T, Vec<String>) -> F,
@@ -179,7 +168,7 @@ impl BrokerAdminApi {
             ..AuditEvent::default()
         };
         let message = request.into_inner();
-        let result = match self.authorize(caller.name(), rpc, apps(&message)) {
+        let result = match self.authorize(caller.name(), rpc.name(), apps(&message)) {
             Err(status) => Err(status),
             Ok(names) => {
                 if let [one] = names.as_slice() {
@@ -196,8 +185,8 @@ impl BrokerAdminApi {
             && let Err(status) = &result
         {
             tracing::info!(
-                rpc,
-                code = crate::metrics::code_name(status.code()),
+                rpc = rpc.name(),
+                code = code_name(status.code()),
                 reason = status.message(),
                 "admin call refused"
             );
@@ -218,7 +207,7 @@ impl BrokerAdminService for BrokerAdminApi {
         request: Request<pb::GenerateKeyRequest>,
     ) -> Result<Response<pb::GenerateKeyResponse>, Status> {
         self.call(
-            "GenerateKey",
+            Rpc::GenerateKey,
             |m| Apps::One(&m.app),
             request,
             |m, names| async move {
@@ -238,7 +227,7 @@ impl BrokerAdminService for BrokerAdminApi {
         request: Request<pb::ImportKeyRequest>,
     ) -> Result<Response<pb::ImportKeyResponse>, Status> {
         self.call(
-            "ImportKey",
+            Rpc::ImportKey,
             |m| Apps::One(&m.app),
             request,
             |m, names| async move {
@@ -261,7 +250,7 @@ impl BrokerAdminService for BrokerAdminApi {
         request: Request<pb::ActivateKeyRequest>,
     ) -> Result<Response<pb::ActivateKeyResponse>, Status> {
         self.call(
-            "ActivateKey",
+            Rpc::ActivateKey,
             |m| Apps::One(&m.app),
             request,
             |m, names| async move {
@@ -281,7 +270,7 @@ impl BrokerAdminService for BrokerAdminApi {
         request: Request<pb::RetireKeyRequest>,
     ) -> Result<Response<pb::RetireKeyResponse>, Status> {
         self.call(
-            "RetireKey",
+            Rpc::RetireKey,
             |m| Apps::One(&m.app),
             request,
             |m, names| async move {
@@ -296,7 +285,7 @@ impl BrokerAdminService for BrokerAdminApi {
 
     async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         self.call(
-            "ListKeys",
+            Rpc::ListKeys,
             |m| Apps::One(&m.app),
             request,
             |_, names| async move {
@@ -315,7 +304,7 @@ impl BrokerAdminService for BrokerAdminApi {
         request: Request<pb::RotateClientSecretRequest>,
     ) -> Result<Response<pb::RotateClientSecretResponse>, Status> {
         self.call(
-            "RotateClientSecret",
+            Rpc::RotateClientSecret,
             |m| Apps::One(&m.app),
             request,
             |m, names| async move {
@@ -336,7 +325,7 @@ impl BrokerAdminService for BrokerAdminApi {
         request: Request<pb::RetireClientSecretsRequest>,
     ) -> Result<Response<pb::RetireClientSecretsResponse>, Status> {
         self.call(
-            "RetireClientSecrets",
+            Rpc::RetireClientSecrets,
             |m| Apps::One(&m.app),
             request,
             |_, names| async move {
@@ -354,7 +343,7 @@ impl BrokerAdminService for BrokerAdminApi {
         request: Request<pb::InvalidateTokensRequest>,
     ) -> Result<Response<pb::InvalidateTokensResponse>, Status> {
         self.call(
-            "InvalidateTokens",
+            Rpc::InvalidateTokens,
             |m| {
                 if m.app.is_empty() && m.subject.is_none() {
                     Apps::All
@@ -387,7 +376,7 @@ impl BrokerAdminService for BrokerAdminApi {
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         self.call(
-            "GetStatus",
+            Rpc::GetStatus,
             |_| Apps::Granted,
             request,
             |_, names| async move {

@@ -492,7 +492,7 @@ write_through!(impl[S: AsyncWrite + Unpin] Fixed<S>);
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
     use super::*;
 

@@ -12,13 +12,15 @@ use tonic::{Code, Request, Response, Status};
 
 use super::gate::CallContext;
 use crate::{
-    audit::{AuditEvent, AuditSink, digest},
+    audit::{AuditEvent, AuditSink},
     auth::CallerIdentity,
-    boxapi::{BoxId, BoxSubject, Target, credentials::BoxIdError, downscope::normalize_scopes},
+    boxapi::{BoxId, BoxSubject, Downscope, Target, credentials::BoxIdError, downscope::normalize_scopes},
     broker::{Broker, DownscopeRequest, Granted, Subject, TokenRequest},
-    cache::Downscope,
     error::BrokerError,
+    fingerprint::digest,
+    metrics::RpcMetrics,
     pb::{self, get_downscoped_token_request, subject::Kind, token_broker_service_server::TokenBrokerService},
+    rpc::{Rpc, code_name},
 };
 
 /// The longest access token `RevokeToken` accepts; Box's are 32 characters.
@@ -31,6 +33,8 @@ const MAX_TOKEN_LEN: usize = 4096;
 pub struct TokenBrokerApi {
     broker: Arc<Broker>,
     audit: Arc<AuditSink>,
+    /// Where each finished RPC is counted.
+    metrics: RpcMetrics,
     /// The one app's name when exactly one is configured (what an empty
     /// `app` means), else empty: audit records name it even on a refusal.
     only_app: Arc<str>,
@@ -52,8 +56,8 @@ pub(crate) fn context<T>(request: &Request<T>) -> Result<Arc<CallContext>, Statu
 }
 
 impl TokenBrokerApi {
-    /// An adapter auditing to `audit`.
-    pub fn new(broker: Arc<Broker>, audit: Arc<AuditSink>) -> Self {
+    /// An adapter auditing to `audit` and counting in `metrics`.
+    pub fn new(broker: Arc<Broker>, audit: Arc<AuditSink>, metrics: RpcMetrics) -> Self {
         let only_app = {
             let mut apps = broker.apps();
             match (apps.next(), apps.next()) {
@@ -64,6 +68,7 @@ impl TokenBrokerApi {
         Self {
             broker,
             audit,
+            metrics,
             only_app,
         }
     }
@@ -82,7 +87,7 @@ impl TokenBrokerApi {
     /// audit record), and audits the outcome.
     async fn call<T, R, F>(
         &self,
-        rpc: &'static str,
+        rpc: Rpc,
         request: Request<T>,
         handle: impl FnOnce(CallerIdentity, T) -> F,
     ) -> Result<Response<R>, Status>
@@ -98,21 +103,17 @@ impl TokenBrokerApi {
         event.rpc = rpc;
         event.request_id = Some(context.request_id);
         if let Err(status) = &result {
-            span.record("code", crate::metrics::code_name(status.code()));
+            span.record("code", code_name(status.code()));
             event.peer = Some(context.peer.to_string().into());
         }
         super::record_outcome(&mut event, result.as_ref().map(|_| ()));
         if self.audit.record(&event)
             && let Err(status) = &result
         {
-            tracing::info!(
-                code = crate::metrics::code_name(status.code()),
-                reason = status.message(),
-                "refused"
-            );
+            tracing::info!(code = code_name(status.code()), reason = status.message(), "refused");
         }
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.broker.metrics().rpc(rpc, code, started.elapsed());
+        self.metrics.rpc(rpc, code, started.elapsed());
         result.map(Response::new)
     }
 }
@@ -153,7 +154,7 @@ impl TokenBrokerService for TokenBrokerApi {
         fields(request_id, caller, app, subject_type, cache_hit, code)
     )]
     async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
-        self.call("GetToken", request, |caller, request| async move {
+        self.call(Rpc::GetToken, request, |caller, request| async move {
             let domain = match token_request(&request) {
                 Ok(domain) => domain,
                 Err(e) => return (facts(&caller, self.asked_app(&request.app), None), Err(e.into())),
@@ -167,7 +168,7 @@ impl TokenBrokerService for TokenBrokerApi {
                 .get_token(&caller.shared_name(), &domain)
                 .await
                 .map(|granted| {
-                    self.broker.metrics().cache_lookup("GetToken", granted.lookup.cache_hit);
+                    self.metrics.cache_lookup(Rpc::GetToken, granted.lookup.cache_hit);
                     let response = pb::GetTokenResponse {
                         token: Some(to_proto(&granted, &[])),
                         cache_hit: granted.lookup.cache_hit,
@@ -192,7 +193,7 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<pb::GetDownscopedTokenRequest>,
     ) -> Result<Response<pb::GetDownscopedTokenResponse>, Status> {
-        self.call("GetDownscopedToken", request, |caller, request| async move {
+        self.call(Rpc::GetDownscopedToken, request, |caller, request| async move {
             let domain = match downscope_request(&request) {
                 Ok(domain) => domain,
                 Err(e) => return (facts(&caller, self.asked_app(&request.app), None), Err(e.into())),
@@ -205,9 +206,8 @@ impl TokenBrokerService for TokenBrokerApi {
                 .get_downscoped(&caller.shared_name(), &domain)
                 .await
                 .map(|granted| {
-                    self.broker
-                        .metrics()
-                        .cache_lookup("GetDownscopedToken", granted.lookup.cache_hit);
+                    self.metrics
+                        .cache_lookup(Rpc::GetDownscopedToken, granted.lookup.cache_hit);
                     let response = pb::GetDownscopedTokenResponse {
                         token: Some(to_proto(&granted, &domain.downscope.scopes)),
                         cache_hit: granted.lookup.cache_hit,
@@ -228,7 +228,7 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        self.call("RevokeToken", request, |caller, request| async move {
+        self.call(Rpc::RevokeToken, request, |caller, request| async move {
             let pb::RevokeTokenRequest { app, access_token } = request;
             let mut event = facts(&caller, self.asked_app(&app), None);
             if access_token.is_empty() || access_token.len() > MAX_TOKEN_LEN {

@@ -54,6 +54,7 @@ use crate::{
     audit::{AuditEvent, AuditSink, RequestId},
     auth::{Authenticator, CallerIdentity},
     metrics::RpcMetrics,
+    rpc::{Rpc, code_name},
 };
 
 /// The header a request id travels in, both ways.
@@ -97,21 +98,19 @@ pub(crate) const ADMIN_SERVICE: &str = "/boxbroker.v1.BrokerAdminService/";
 /// such as [`CLIENT_SERVICE`]): `unknown` for a method the broker does not
 /// have. `None` for any other service (health, reflection, or the broker
 /// service this listener does not serve, which tonic answers UNIMPLEMENTED).
-fn rpc_of(path: &str, service: &str) -> Option<&'static str> {
+fn rpc_of(path: &str, service: &str) -> Option<Rpc> {
     let method = path.strip_prefix(service)?;
-    Some(
-        CLIENT_RPCS
-            .iter()
-            .chain(crate::admin::ADMIN_RPCS)
-            .copied()
-            .find(|m| *m == method)
-            .unwrap_or("unknown"),
-    )
+    let rpc = if service == CLIENT_SERVICE {
+        Rpc::client(method)
+    } else {
+        Rpc::admin(method)
+    };
+    Some(rpc.unwrap_or(Rpc::Unknown))
 }
 
 /// For a call of the broker service this listener does not serve: its
 /// method and the status saying which listener serves it.
-fn elsewhere(path: &str, served: &str) -> Option<(&'static str, Status)> {
+fn elsewhere(path: &str, served: &str) -> Option<(Rpc, Status)> {
     let (other, message) = if served == CLIENT_SERVICE {
         (
             ADMIN_SERVICE,
@@ -138,14 +137,6 @@ const FRAMING_ERRORS: &[&str] = &[
     "protocol error: received message with",
     "Error decompressing",
 ];
-
-/// The client API's methods.
-const CLIENT_RPCS: &[&str] = &["GetToken", "GetDownscopedToken", "RevokeToken"];
-
-/// True for the client API's methods (the ones [`RpcMetrics`] counts).
-fn is_client_rpc(rpc: &str) -> bool {
-    CLIENT_RPCS.contains(&rpc)
-}
 
 /// Token buckets by key, in shards so callers do not queue on one lock;
 /// each shard forgets its idle (refilled) keys once it grows past
@@ -255,7 +246,7 @@ enum PeerKey {
 impl PeerKey {
     fn of(peer: &Peer) -> Self {
         match (peer.addr, peer.uid) {
-            (Some(addr), _) => Self::Ip(super::transport::peer_ip_key(addr.ip())),
+            (Some(addr), _) => Self::Ip(crate::auth::peer_ip_key(addr.ip())),
             (None, Some(uid)) => Self::Uid(uid),
             (None, None) => Self::Unknown,
         }
@@ -506,7 +497,7 @@ impl GateShared {
     }
 
     /// tonic's own refusal, in the broker's words.
-    fn explain(&self, rpc: &str, status: &Status) -> Status {
+    fn explain(&self, rpc: Rpc, status: &Status) -> Status {
         match status.code() {
             Code::OutOfRange if status.message().contains("message length too large") => {
                 let found = status
@@ -552,7 +543,7 @@ impl GateShared {
             _ => detailed(
                 status.code(),
                 status.message().to_owned(),
-                crate::metrics::code_name(status.code()),
+                code_name(status.code()),
                 &[],
                 None,
             ),
@@ -563,7 +554,7 @@ impl GateShared {
     /// audited, counted.
     fn refuse(
         &self,
-        rpc: &'static str,
+        rpc: Rpc,
         caller: Option<&CallerIdentity>,
         peer: &Peer,
         id: RequestId,
@@ -580,9 +571,9 @@ impl GateShared {
         super::record_outcome(&mut event, Err(&status));
         if self.audit.record(&event) {
             tracing::info!(
-                rpc,
+                rpc = rpc.name(),
                 request_id = id.as_str(),
-                code = crate::metrics::code_name(status.code()),
+                code = code_name(status.code()),
                 reason = status.message(),
                 peer = %peer,
                 "refused"
@@ -590,7 +581,7 @@ impl GateShared {
         }
         // (A client RPC refused on the admin listener is not the client
         // API's traffic.)
-        if is_client_rpc(rpc) && self.service == CLIENT_SERVICE {
+        if rpc.client_index().is_some() && self.service == CLIENT_SERVICE {
             self.metrics.rpc(rpc, status.code(), started.elapsed());
         }
         status
@@ -640,11 +631,11 @@ mod tests {
     fn paths_name_the_served_rpcs_and_nothing_else() {
         assert_eq!(
             rpc_of("/boxbroker.v1.TokenBrokerService/GetToken", CLIENT_SERVICE),
-            Some("GetToken")
+            Some(Rpc::GetToken)
         );
         assert_eq!(
             rpc_of("/boxbroker.v1.BrokerAdminService/GetStatus", ADMIN_SERVICE),
-            Some("GetStatus")
+            Some(Rpc::GetStatus)
         );
         assert_eq!(
             rpc_of("/boxbroker.v1.BrokerAdminService/GetStatus", CLIENT_SERVICE),
@@ -652,7 +643,7 @@ mod tests {
         );
         assert_eq!(
             rpc_of("/boxbroker.v1.TokenBrokerService/Nope", CLIENT_SERVICE),
-            Some("unknown")
+            Some(Rpc::Unknown)
         );
         assert_eq!(rpc_of("/grpc.health.v1.Health/Check", CLIENT_SERVICE), None);
     }

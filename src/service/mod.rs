@@ -60,7 +60,9 @@ use crate::{
     audit::AuditSink,
     auth::Authenticator,
     broker::Broker,
+    metrics::RpcMetrics,
     pb,
+    rpc::{Decision, code_name},
 };
 pub use admin::BrokerAdminApi;
 pub use broker::TokenBrokerApi;
@@ -132,6 +134,8 @@ pub struct ServeOptions {
     pub connections: ConnectionLimits,
     /// Where the transport counts connections (shared with the metrics).
     pub counters: Arc<TransportCounters>,
+    /// Where the client API's RPCs are counted (shared with the metrics).
+    pub rpc_metrics: RpcMetrics,
 }
 
 impl Default for ServeOptions {
@@ -145,6 +149,7 @@ impl Default for ServeOptions {
             request_timeout: Duration::from_secs(30),
             connections: ConnectionLimits::default(),
             counters: Arc::default(),
+            rpc_metrics: RpcMetrics::default(),
         }
     }
 }
@@ -191,11 +196,18 @@ pub async fn serve_with(
             Role::Admin(..) => gate::ADMIN_SERVICE,
         };
         let shared = Arc::new(gate::GateShared {
-            routes: routes(&broker, audit.clone(), role, health.clone(), options.max_message_bytes)?,
+            routes: routes(
+                &broker,
+                audit.clone(),
+                &options.rpc_metrics,
+                role,
+                health.clone(),
+                options.max_message_bytes,
+            )?,
             service,
             auth,
             audit: audit.clone(),
-            metrics: broker.metrics().clone(),
+            metrics: options.rpc_metrics.clone(),
             limits: limits.clone(),
             request_timeout: options.request_timeout,
             max_message_bytes: options.max_message_bytes,
@@ -262,25 +274,14 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// Fills in an audit record's decision, code and reason from an RPC's result:
-/// `deny` for refusals of the caller (authentication, policy, limits),
-/// `error` for every other failure.
+/// Fills in an audit record's decision, code and reason from an RPC's result
+/// (see [`Decision::of`]).
 pub(crate) fn record_outcome(event: &mut crate::audit::AuditEvent, result: Result<(), &tonic::Status>) {
-    use tonic::Code;
-    match result {
-        Ok(()) => {
-            event.decision = "allow";
-            event.code = "OK";
-        }
-        Err(status) => {
-            let denied = matches!(
-                status.code(),
-                Code::PermissionDenied | Code::Unauthenticated | Code::ResourceExhausted
-            );
-            event.decision = if denied { "deny" } else { "error" };
-            event.code = crate::metrics::code_name(status.code());
-            event.reason = Some(status.message().to_owned());
-        }
+    let code = result.map_or_else(tonic::Status::code, |()| tonic::Code::Ok);
+    event.decision = Decision::of(code);
+    event.code = code_name(code);
+    if let Err(status) = result {
+        event.reason = Some(status.message().to_owned());
     }
 }
 
@@ -314,6 +315,7 @@ const OPEN_MESSAGE_BYTES: usize = 4 * 1024;
 fn routes(
     broker: &Arc<Broker>,
     audit: Arc<AuditSink>,
+    rpc_metrics: &RpcMetrics,
     role: Role,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     max_message_bytes: usize,
@@ -353,8 +355,12 @@ fn routes(
     // it; the gate turns that into RESOURCE_EXHAUSTED naming the limit.
     Ok(match role {
         Role::Client => routes.add_service(
-            pb::token_broker_service_server::TokenBrokerServiceServer::new(TokenBrokerApi::new(broker.clone(), audit))
-                .max_decoding_message_size(max_message_bytes),
+            pb::token_broker_service_server::TokenBrokerServiceServer::new(TokenBrokerApi::new(
+                broker.clone(),
+                audit,
+                rpc_metrics.clone(),
+            ))
+            .max_decoding_message_size(max_message_bytes),
         ),
         Role::Admin(admin, rules) => routes.add_service(
             pb::broker_admin_service_server::BrokerAdminServiceServer::new(BrokerAdminApi::new(admin, rules, audit))

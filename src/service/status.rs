@@ -10,7 +10,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetail, ErrorInfo, RetryInfo, StatusExt as _};
 
-use crate::{auth::AuthError, boxapi::DiagnosisKind, cache::CacheError, error::BrokerError};
+use crate::{admin::AdminError, auth::AuthError, boxapi::DiagnosisKind, cache::CacheError, error::BrokerError};
 
 /// gRPC's retry pushback header: how long a client should wait before retrying.
 const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
@@ -71,7 +71,7 @@ impl From<&BrokerError> for Status {
             }
             BrokerError::Retry(_) => detailed(Code::Unavailable, message, "RETRY", &[], None),
             BrokerError::PermissionDenied(_) => detailed(Code::PermissionDenied, message, "POLICY_DENIED", &[], None),
-            BrokerError::Cache(CacheError::Upstream(upstream)) => {
+            BrokerError::Cache(CacheError::Upstream(upstream)) | BrokerError::Upstream(upstream) => {
                 let (code, reason) = upstream_reason(upstream.diagnosis.kind);
                 detailed(
                     code,
@@ -81,6 +81,7 @@ impl From<&BrokerError> for Status {
                     upstream.diagnosis.retry_after,
                 )
             }
+            BrokerError::Internal(what) => detailed(Code::Internal, *what, "INTERNAL", &[], None),
             BrokerError::Cache(CacheError::MinTtlUnmet { available }) => detailed(
                 Code::Unavailable,
                 format!(
@@ -112,6 +113,9 @@ impl From<&BrokerError> for Status {
                 &[],
                 None,
             ),
+            BrokerError::Cache(CacheError::BeingRevoked(message)) => {
+                detailed(Code::Unavailable, *message, "RETRY", &[], None)
+            }
             BrokerError::Cache(CacheError::Busy(message)) => {
                 detailed(Code::ResourceExhausted, message.clone(), "CALLER_BUSY", &[], None)
             }
@@ -122,6 +126,32 @@ impl From<&BrokerError> for Status {
 impl From<BrokerError> for Status {
     fn from(error: BrokerError) -> Self {
         Self::from(&error)
+    }
+}
+
+impl From<AdminError> for Status {
+    fn from(error: AdminError) -> Self {
+        match error {
+            AdminError::InvalidArgument(message) => {
+                detailed(Code::InvalidArgument, message, "INVALID_REQUEST", &[], None)
+            }
+            AdminError::NotFound(message) => detailed(Code::NotFound, message, "NOT_FOUND", &[], None),
+            AdminError::FailedPrecondition(message) => {
+                detailed(Code::FailedPrecondition, message, "FAILED_PRECONDITION", &[], None)
+            }
+            // The path and the OS's words are the operator's, in the log;
+            // the caller learns that nothing changed.
+            AdminError::Store(e) => {
+                tracing::error!(error = %e, "writing the key store failed; the change was not made");
+                detailed(
+                    Code::Internal,
+                    "the key store could not be written, so the change was not made; the broker's log says why",
+                    "KEY_STORE_FAILED",
+                    &[],
+                    None,
+                )
+            }
+        }
     }
 }
 

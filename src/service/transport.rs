@@ -52,6 +52,10 @@ use std::{
 };
 
 use hyper::{body::Incoming, server::conn::http2};
+
+pub use crate::auth::Peer;
+pub use crate::metrics::TransportCounters;
+
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use tokio::{
@@ -130,61 +134,6 @@ impl Default for ConnectionLimits {
             keepalive_interval: Some(Duration::from_secs(60)),
             keepalive_timeout: Duration::from_secs(20),
             max_local_reset_streams: 256,
-        }
-    }
-}
-
-/// What happened to connections, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct TransportCounters {
-    /// Connections open now, over all listeners.
-    pub open: AtomicUsize,
-    /// Connections accepted.
-    pub accepted: AtomicU64,
-    /// Connections closed at once because the listener (or the peer) was at its limit.
-    pub refused: AtomicU64,
-    /// `accept` failures (other than the peer giving up), each followed by a backoff.
-    pub accept_errors: AtomicU64,
-    /// Connections closed for not finishing TLS and the HTTP/2 preface in time.
-    pub handshake_timeouts: AtomicU64,
-    /// Connections sent GOAWAY for idleness.
-    pub idle_closed: AtomicU64,
-}
-
-/// The other end of a connection, as the transport saw it. The gate reads
-/// it to authenticate the caller.
-#[derive(Clone)]
-pub struct Peer {
-    /// The TCP peer's address.
-    pub addr: Option<SocketAddr>,
-    /// A Unix-socket peer's uid.
-    pub uid: Option<u32>,
-    /// The client certificate chain a TLS peer presented (leaf first),
-    /// already verified by rustls against the configured client CA.
-    pub certificates: Option<Arc<[CertificateDer<'static>]>>,
-}
-
-impl fmt::Debug for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Peer")
-            .field("addr", &self.addr)
-            .field("uid", &self.uid)
-            .field("certificates", &self.certificates.as_ref().map_or(0, |c| c.len()))
-            .finish()
-    }
-}
-
-impl fmt::Display for Peer {
-    /// How the peer is counted: `10.0.0.7` for TCP (no port: one peer opens
-    /// many), `2001:db8::/64` for IPv6, `uid 1000` for a Unix socket.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.addr, self.uid) {
-            (Some(addr), _) => match peer_ip_key(addr.ip()) {
-                IpAddr::V6(prefix) => write!(f, "{prefix}/64"),
-                v4 => write!(f, "{v4}"),
-            },
-            (None, Some(uid)) => write!(f, "uid {uid}"),
-            (None, None) => f.write_str("unknown"),
         }
     }
 }
@@ -623,23 +572,6 @@ impl<F> Drop for Slot<F> {
     }
 }
 
-/// How a TCP peer is counted for failed authentications and audit records:
-/// its IP address, an IPv6 address by its /64 (which one host usually
-/// holds whole), an IPv4-mapped IPv6 address as the IPv4 address.
-pub(crate) fn peer_ip_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut octets = v6.octets();
-                octets[8..].fill(0);
-                IpAddr::from(octets)
-            }
-        },
-        v4 => v4,
-    }
-}
-
 async fn connection<F, S>(
     accepted: Accepted,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -860,38 +792,3 @@ impl AsyncRead for Guarded {
 }
 
 write_through!(impl[] Guarded);
-
-/// The soft limit on open files (`RLIMIT_NOFILE`), read from
-/// `/proc/self/limits`; `None` where that cannot be read or is unlimited.
-pub fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peers_are_shown_as_they_are_counted() {
-        let peer = |addr: &str| Peer {
-            addr: addr.parse().ok(),
-            uid: None,
-            certificates: None,
-        };
-        assert_eq!(peer("10.0.0.7:4000").to_string(), "10.0.0.7");
-        assert_eq!(peer("[2001:db8::1:2]:4000").to_string(), "2001:db8::/64");
-        assert_eq!(peer("[::ffff:10.0.0.7]:4000").to_string(), "10.0.0.7");
-        let uds = Peer {
-            addr: None,
-            uid: Some(1000),
-            certificates: None,
-        };
-        assert_eq!(uds.to_string(), "uid 1000");
-    }
-}

@@ -318,7 +318,10 @@ fn keygen_writes_an_encrypted_key_that_loads_and_never_overwrites() {
 
 /// `box-broker dev` on free ports, and what its banner says.
 struct Dev {
-    #[allow(dead_code)]
+    #[allow(
+        dead_code,
+        reason = "held so the process lives as long as the handle (killed on drop)"
+    )]
     proc: Proc,
     broker: String,
     admin: String,

@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use std::{sync::Arc, time::SystemTime};
+use std::sync::Arc;
 
 use box_token_broker::{
     boxapi::{
@@ -48,7 +48,7 @@ impl Fake {
         Claims::new(
             &self.app.client_id,
             &BoxSubject::Enterprise(BoxId::parse(seed::ENTERPRISE_ID).unwrap()),
-            SystemTime::now(),
+            box_token_broker::clock::system_now(),
         )
     }
 

@@ -2,10 +2,7 @@
 
 use crate::common;
 
-use std::{
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::UNIX_EPOCH};
 
 use base64::Engine as _;
 use box_token_broker::{
@@ -24,7 +21,10 @@ const KID: &str = "k8s-key-1";
 const PORTAL: &str = "system:serviceaccount:portal:web";
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    box_token_broker::clock::system_now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 fn jwks(key: &RsaPrivateKey) -> String {

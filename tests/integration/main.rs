@@ -3,7 +3,11 @@
 //! shares one global log and trace subscriber (`common::observed`).
 //! Run one area with `cargo test --test integration policy::`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
+#![allow(
+    unreachable_pub,
+    reason = "a test binary has no API: `pub` in common/ is for its sibling modules"
+)]
 
 mod common;
 
@@ -16,6 +20,7 @@ mod hardening;
 mod keys;
 mod keystore;
 mod kubernetes_auth;
+mod layering;
 mod lifecycle;
 mod metrics;
 mod mint;

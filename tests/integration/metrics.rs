@@ -35,7 +35,7 @@ async fn serve_metrics(h: &Harness) -> std::net::SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(box_token_broker::metrics::serve(
         listener,
-        box_token_broker::metrics::registry(h.broker.clone(), std::sync::Arc::default()),
+        box_token_broker::metrics::registry(h.broker.clone(), h.rpc_metrics.clone(), std::sync::Arc::default()),
         std::future::pending(),
     ));
     addr
@@ -157,7 +157,7 @@ async fn the_build_and_the_process_are_exported() {
     assert!(m["process_virtual_memory_bytes"] >= m["process_resident_memory_bytes"]);
     assert!(m["process_open_fds"] >= 3.0 && m["process_open_fds"] <= m["process_max_fds"]);
     assert!(m["process_cpu_seconds_total"] > 0.0);
-    let now = std::time::SystemTime::now()
+    let now = box_token_broker::clock::system_now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();

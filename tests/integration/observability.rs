@@ -64,7 +64,7 @@ async fn a_canary_scenario_leaves_no_secret_in_logs_spans_metrics_or_errors() {
     let metrics_addr = metrics.local_addr().unwrap();
     tokio::spawn(box_token_broker::metrics::serve(
         metrics,
-        box_token_broker::metrics::registry(h.broker.clone(), std::sync::Arc::default()),
+        box_token_broker::metrics::registry(h.broker.clone(), h.rpc_metrics.clone(), std::sync::Arc::default()),
         std::future::pending(),
     ));
 

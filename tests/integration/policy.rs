@@ -420,7 +420,10 @@ async fn every_decision_is_audited_without_the_token() {
     assert_eq!(issued["subject_type"], "user");
     assert_eq!(issued["subject_id"], seed::MANAGED_USER_ID);
     assert_eq!(issued["cache_hit"], false);
-    assert_eq!(issued["token_sha256"], box_token_broker::audit::fingerprint(&full));
+    assert_eq!(
+        issued["token_sha256"],
+        box_token_broker::fingerprint::fingerprint(&full)
+    );
     assert!(issued["box_request_id"].as_str().is_some_and(|id| !id.is_empty()));
     assert_eq!(events[1]["cache_hit"], again.cache_hit);
 
@@ -428,7 +431,7 @@ async fn every_decision_is_audited_without_the_token() {
     assert_eq!(down["rpc"], "GetDownscopedToken");
     assert_eq!(down["scopes"], serde_json::json!(["item_preview"]));
     assert_eq!(down["target"], format!("folder:{}", seed::APP_USER_FOLDER_ID));
-    assert_eq!(down["token_sha256"], box_token_broker::audit::fingerprint(&child));
+    assert_eq!(down["token_sha256"], box_token_broker::fingerprint::fingerprint(&child));
 
     let denied = &events[3];
     assert_eq!(

@@ -71,7 +71,7 @@ async fn debug_output_hides_every_secret() {
     secrets.push("k7secretcapabilitylink".to_owned());
     let audit_event = box_token_broker::audit::AuditEvent {
         issued: Some(lookup.token.clone()),
-        downscope: Some(std::sync::Arc::new(box_token_broker::cache::Downscope {
+        downscope: Some(std::sync::Arc::new(box_token_broker::boxapi::Downscope {
             scopes: vec!["item_preview".to_owned()],
             target: Target::shared_link(shared_link).ok(),
         })),

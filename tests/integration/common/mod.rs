@@ -179,6 +179,8 @@ pub struct Harness {
     pub audit: Arc<Mutex<Vec<u8>>>,
     /// The admin listener, when `Options::admin`.
     pub admin: Option<AdminSide>,
+    /// Where the server counts the client API's RPCs (for a metrics registry).
+    pub rpc_metrics: box_token_broker::metrics::RpcMetrics,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -322,6 +324,7 @@ impl Harness {
             addr,
             audit,
             admin,
+            rpc_metrics: options.serve.rpc_metrics.clone(),
             stop: Some(stop),
             server: Some(server),
         }

@@ -17,24 +17,29 @@
 //!   any other caller got it too, and is found by its SHA-256 in O(1): what
 //!   revocation needs to refuse touching a token someone else holds.
 
+mod flight;
+mod token;
+
 use std::{
     collections::HashMap,
     fmt,
     sync::{
-        Arc, Mutex, Weak,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
 
-use futures_util::future::{BoxFuture, FutureExt as _, Shared};
-use rand::Rng as _;
-use secrecy::SecretString;
+use futures_util::future::BoxFuture;
 
+use self::{flight::Flight, token::unix_millis};
+pub use self::{
+    flight::{Admission, FlightPermit},
+    token::{CachedToken, Minted, Served},
+};
 use crate::{
-    boxapi::{BoxSubject, IssuedToken, Restriction, Target},
-    clock::{SharedClock, unix_seconds},
-    error::UpstreamError,
+    boxapi::{BoxSubject, Diagnosis, Downscope, IssuedToken},
+    clock::SharedClock,
 };
 
 /// The least remaining lifetime a served token has, beyond the caller's
@@ -63,6 +68,14 @@ pub const DEFAULT_FORCE_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// How many flights one request may join before giving up (a joiner whose
 /// `min_ttl` the shared result does not meet tries again).
 const MAX_FLIGHTS_PER_REQUEST: usize = 3;
+/// How many tokens a request passes over because each was being revoked
+/// before it gives up ([`CacheError::BeingRevoked`]): a revocation replaces
+/// at most one.
+const REVOCATION_RETRIES: usize = 3;
+/// What [`CacheError::BeingRevoked`] says.
+const BEING_REVOKED: &str = "the token for this request is being revoked; retry in a moment";
+/// What [`CacheError::BeingRevoked`] says when it was the parent.
+const PARENT_BEING_REVOKED: &str = "the token this one is exchanged from is being revoked; retry in a moment";
 
 /// Cache tuning, from the config.
 #[derive(Debug, Clone, Copy)]
@@ -121,256 +134,33 @@ impl TokenKey {
     }
 }
 
-/// A downscoped token's restriction: normalized (sorted, de-duplicated)
-/// scopes and an optional target.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Downscope {
-    /// Sorted, de-duplicated scopes.
-    pub scopes: Vec<String>,
-    /// The one item, if any.
-    pub target: Option<Target>,
+/// Minting (or exchanging) failed upstream: the [`Minter`]'s error; the diagnosis says what to fix.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", diagnosis.message)]
+pub struct UpstreamError {
+    /// The app's configured name.
+    pub app: Arc<str>,
+    /// Whose token was asked for.
+    pub subject: BoxSubject,
+    /// What went wrong and what to do.
+    pub diagnosis: Diagnosis,
 }
 
-/// A freshly minted token, and for a downscoped one the parent it came from.
-#[derive(Debug)]
-pub struct Minted {
-    /// What Box issued.
-    pub issued: IssuedToken,
-    /// The full token it was exchanged from.
-    pub parent: Option<Arc<CachedToken>>,
-}
-
-/// Numbers cached tokens in mint order, so "this parent or a newer one" is a comparison.
-static NEXT_TOKEN_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A cached token.
-pub struct CachedToken {
-    /// Unique, increasing in mint order.
-    pub id: u64,
-    /// For a downscoped token, the full token it was exchanged from, so a hit
-    /// can tell whether that parent is still the cached one without looking
-    /// it up. Weak: a replaced parent's secret is dropped (and zeroized) with
-    /// its last strong reference, not kept alive by its children.
-    parent: Weak<CachedToken>,
-    /// For a downscoped token, what Box says it is restricted to.
-    pub restricted_to: Box<[Restriction]>,
-    /// The bearer token.
-    pub access_token: SecretString,
-    /// Box's `token_type` when it is not `bearer` (kept small: a million
-    /// cached tokens each holding "bearer" would be a million allocations).
-    token_type: Option<Box<str>>,
-    /// When Box stops accepting it.
-    pub expires_at: SystemTime,
-    /// When the request that minted it was sent.
-    pub minted_at: SystemTime,
-    /// Box's request id for the mint, when it sent one.
-    pub request_id: Option<Box<str>>,
-    /// SHA-256 of the access token, for audit records (computed once, at mint).
-    pub sha256: [u8; 32],
-    /// From this time (Unix ms) a hit starts a background refresh.
-    refresh_at_ms: AtomicI64,
-    /// The top bit ([`SUPERSEDED`]) is set once this token left the cache
-    /// (replaced, invalidated, evicted or expired): its downscoped children
-    /// are no longer served. The next ([`REVOKING`]) is set while a
-    /// revocation of it is under way: it is not served. The other bits: when
-    /// (Unix ms) a child's hit last touched this token in moka (see
-    /// [`TokenCache::cached_child`]).
-    state: AtomicU64,
-    /// The first caller it was served to.
-    owner: std::sync::OnceLock<Arc<str>>,
-    /// Set once it (or a downscoped token made from it) was served to
-    /// another caller than `owner`.
-    shared: std::sync::atomic::AtomicBool,
-}
-
-/// Who a token was served to, as revocation asks it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Served {
-    /// To this caller and nobody else.
-    OnlyTo,
-    /// To this caller first, and to others too.
-    AlsoToOthers,
-    /// Never to this caller first (perhaps never at all).
-    NotTo,
-}
-
-/// See [`CachedToken::state`].
-const SUPERSEDED: u64 = 1 << 63;
-/// See [`CachedToken::state`].
-const REVOKING: u64 = 1 << 62;
-/// The time bits of [`CachedToken::state`].
-const TOUCHED_MS: u64 = !(SUPERSEDED | REVOKING);
-
-/// How often a child's hits touch its parent in moka, so the parent stays
-/// recent in the eviction policy though hits no longer look it up.
-const PARENT_TOUCH_INTERVAL_MS: u64 = 1000;
-
-impl CachedToken {
-    pub(crate) fn new(minted: Minted, policy: &CachePolicy) -> Self {
-        let Minted { mut issued, parent } = minted;
-        // A downscoped token never outlives its parent.
-        if let Some(parent) = &parent {
-            issued.expires_at = issued.expires_at.min(parent.expires_at);
-        }
-        let usable = issued
-            .expires_at
-            .checked_sub(policy.safety_margin)
-            .and_then(|t| t.duration_since(issued.issued_at).ok())
-            .unwrap_or_default();
-        let jitter = rand::thread_rng().gen_range(Duration::ZERO..=policy.refresh_jitter);
-        // Never refresh in the first half of the usable life, even for short tokens.
-        let ahead = (policy.refresh_ahead + jitter).min(usable / 2);
-        let refresh_at = issued
-            .expires_at
-            .checked_sub(policy.safety_margin + ahead)
-            .unwrap_or(issued.issued_at);
-        Self {
-            id: NEXT_TOKEN_ID.fetch_add(1, Ordering::Relaxed),
-            parent: parent.as_ref().map_or_else(Weak::new, Arc::downgrade),
-            restricted_to: issued.restricted_to.into_boxed_slice(),
-            sha256: {
-                use secrecy::ExposeSecret as _;
-                crate::audit::digest(issued.access_token.expose_secret())
-            },
-            access_token: issued.access_token,
-            token_type: (issued.token_type != "bearer").then(|| issued.token_type.into_boxed_str()),
-            expires_at: issued.expires_at,
-            minted_at: issued.issued_at,
-            request_id: issued.request_id.map(String::into_boxed_str),
-            refresh_at_ms: AtomicI64::new(unix_millis(refresh_at)),
-            state: AtomicU64::new(0),
-            owner: std::sync::OnceLock::new(),
-            shared: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// Records that `caller` was served this token (a comparison, and a
-    /// store only the first time another caller shows up).
-    pub fn note_served(&self, caller: &Arc<str>) {
-        let owner = self.owner.get_or_init(|| caller.clone());
-        if !Arc::ptr_eq(owner, caller) && **owner != **caller && !self.shared.load(Ordering::SeqCst) {
-            self.shared.store(true, Ordering::SeqCst);
-        }
-    }
-
-    /// Whether `caller` alone was served this token.
-    pub fn served_to(&self, caller: &str) -> Served {
-        match self.owner.get() {
-            Some(owner) if **owner == *caller => {
-                if self.shared.load(Ordering::SeqCst) {
-                    Served::AlsoToOthers
-                } else {
-                    Served::OnlyTo
-                }
-            }
-            _ => Served::NotTo,
-        }
-    }
-
-    /// For a downscoped token, the full token it was made from, while it is held.
-    pub fn parent(&self) -> Option<Arc<Self>> {
-        self.parent.upgrade()
-    }
-
-    /// For a downscoped token, the id of the parent it was exchanged from,
-    /// while that parent is held anywhere (a dropped parent is not current).
-    pub fn parent_id(&self) -> Option<u64> {
-        self.parent.upgrade().map(|p| p.id)
-    }
-
-    /// Marks this token as no longer the cached one.
-    fn supersede(&self) {
-        self.state.fetch_or(SUPERSEDED, Ordering::Release);
-    }
-
-    /// True once this token left the cache.
-    fn is_superseded(&self) -> bool {
-        self.state.load(Ordering::Acquire) & SUPERSEDED != 0
-    }
-
-    /// Claims the right to touch this (parent) token in moka at `now_ms`:
-    /// one caller per [`PARENT_TOUCH_INTERVAL_MS`], none once superseded.
-    fn claim_touch(&self, now_ms: u64) -> bool {
-        let state = self.state.load(Ordering::Relaxed);
-        state & SUPERSEDED == 0
-            && now_ms.saturating_sub(state & TOUCHED_MS) >= PARENT_TOUCH_INTERVAL_MS
-            && self
-                .state
-                .compare_exchange(
-                    state,
-                    (state & REVOKING) | (now_ms & TOUCHED_MS),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-    }
-
-    /// Marks a revocation of this token as under way: from now on it is not
-    /// served. With [`Self::note_served`] it makes a two-sided handshake
-    /// (both sequentially consistent): a caller served it concurrently either
-    /// sees this mark and is given another token, or is seen by the
-    /// revocation's second look at [`Self::served_to`], which then refuses.
-    ///
-    /// The mark is exclusive: false when another revocation already set it
-    /// (only the one that set it may clear it).
-    #[must_use]
-    pub fn begin_revoking(&self) -> bool {
-        self.state.fetch_or(REVOKING, Ordering::SeqCst) & REVOKING == 0
-    }
-
-    /// The revocation that set the mark did not happen (Box refused it):
-    /// serve it again.
-    pub fn end_revoking(&self) {
-        self.state.fetch_and(!REVOKING, Ordering::SeqCst);
-    }
-
-    /// True while a revocation of this token is under way.
-    pub fn is_revoking(&self) -> bool {
-        self.state.load(Ordering::SeqCst) & REVOKING != 0
-    }
-
-    /// Box's `token_type` (`bearer`).
-    pub fn token_type(&self) -> &str {
-        self.token_type.as_deref().unwrap_or("bearer")
-    }
-
-    /// Time left at `now` (zero once expired).
-    pub fn remaining(&self, now: SystemTime) -> Duration {
-        self.expires_at.duration_since(now).unwrap_or_default()
-    }
-
-    /// Claims the right to start a background refresh at `now`, pushing the
-    /// next refresh point back. Only one caller wins per interval.
-    fn claim_refresh(&self, now: SystemTime) -> bool {
-        let now_ms = unix_millis(now);
-        let due = self.refresh_at_ms.load(Ordering::Acquire);
-        now_ms >= due
-            && self
-                .refresh_at_ms
-                .compare_exchange(
-                    due,
-                    now_ms + millis(REFRESH_RETRY_INTERVAL),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-    }
-}
-
-impl fmt::Debug for CachedToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CachedToken")
-            .field("access_token", &"****")
-            .field("expires_at", &unix_seconds(self.expires_at))
-            .field("minted_at", &unix_seconds(self.minted_at))
-            .finish_non_exhaustive()
-    }
-}
-
-/// Mints tokens for the cache; the broker implements it over its Box clients.
+/// Where the cache gets tokens it does not hold; the broker implements it
+/// over its Box clients. The cache decides which call a key needs and, for
+/// a downscoped key, resolves the parent itself (the current full token,
+/// from this cache): the minter never reaches back into the cache.
 pub trait Minter: Send + Sync + 'static {
-    /// Asks Box for a new token for `key`.
-    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>>;
+    /// Asks Box for a new full token for `key` (`key.downscope` is `None`).
+    fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>>;
+
+    /// Exchanges `parent` (the cached full token of `key.parent()`) for a
+    /// token restricted as `key.downscope` says.
+    fn exchange(
+        &self,
+        key: &TokenKey,
+        parent: Arc<CachedToken>,
+    ) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>>;
 }
 
 /// What the caller needs of a token.
@@ -417,31 +207,14 @@ pub enum CacheError {
     /// The mint task panicked (a bug; logged).
     #[error("the token mint failed unexpectedly")]
     TaskFailed,
+    /// Every token the request was offered was being revoked (a revocation
+    /// replaces at most one, so this is rare): retrying soon works.
+    #[error("{0}")]
+    BeingRevoked(&'static str),
     /// No new call to Box may start now (the broker's budget); the message
     /// names the limit.
     #[error("{0}")]
     Busy(String),
-}
-
-/// A place among the calls to Box in progress, held by a flight until it
-/// lands (see [`TokenCache::get_admitted`]).
-pub struct FlightPermit(pub Box<dyn Send + Sync>);
-
-impl fmt::Debug for FlightPermit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("FlightPermit")
-    }
-}
-
-/// Asked once for each flight a request would start (never for one it joins).
-pub type Admission<'a> = &'a (dyn Fn() -> Result<FlightPermit, CacheError> + Sync);
-
-type FlightResult = Result<Arc<CachedToken>, CacheError>;
-
-struct Flight {
-    id: u64,
-    started_at: SystemTime,
-    result: Shared<BoxFuture<'static, FlightResult>>,
 }
 
 struct Inner {
@@ -507,7 +280,12 @@ struct ExpireAtTokenExpiry;
 
 impl moka::Expiry<TokenKey, Arc<CachedToken>> for ExpireAtTokenExpiry {
     fn expire_after_create(&self, _: &TokenKey, value: &Arc<CachedToken>, _: std::time::Instant) -> Option<Duration> {
-        Some(value.expires_at.duration_since(SystemTime::now()).unwrap_or_default())
+        Some(
+            value
+                .expires_at
+                .duration_since(crate::clock::system_now())
+                .unwrap_or_default(),
+        )
     }
 
     fn expire_after_update(
@@ -662,6 +440,82 @@ impl TokenCache {
         Err(CacheError::MinTtlUnmet { available })
     }
 
+    /// A token for `caller` (see [`Self::get_admitted`]): records that
+    /// `caller` was served it and, only then, checks that no revocation of
+    /// it began meanwhile (the handshake with [`CachedToken::begin_revoking`]):
+    /// a token being revoked is never returned; a newer one is fetched.
+    pub async fn serve(
+        &self,
+        caller: &Arc<str>,
+        key: &TokenKey,
+        need: Need,
+        admit: Option<Admission<'_>>,
+    ) -> Result<Lookup, CacheError> {
+        let mut need = need;
+        for _ in 0..REVOCATION_RETRIES {
+            let lookup = self.get_admitted(key, need, admit).await?;
+            lookup.token.note_served(caller);
+            if !lookup.token.is_revoking() {
+                return Ok(lookup);
+            }
+            need.minted_since = Some(lookup.token.minted_at + Duration::from_millis(1));
+        }
+        Err(CacheError::BeingRevoked(BEING_REVOKED))
+    }
+
+    /// A downscoped token for `key` (which names its caller) with at least
+    /// `min_ttl` left, exchanged from the subject's current full token: the
+    /// cached one while its parent is still the cached full token (one
+    /// lookup, [`Self::cached_child`]); else the current parent, then a
+    /// child exchanged from it (or from a newer one). Neither is being
+    /// revoked, and both are recorded as served to the caller.
+    pub async fn serve_child(
+        &self,
+        key: &TokenKey,
+        min_ttl: Duration,
+        admit: Option<Admission<'_>>,
+    ) -> Result<Lookup, CacheError> {
+        let caller = key.caller.clone().unwrap_or_default();
+        // The common case: the token is cached and its parent still is (and
+        // neither is being revoked, checked after recording the serve).
+        let hit = self.cached_child(key, min_ttl).await.filter(|hit| {
+            hit.token.note_served(&caller);
+            let parent = hit.token.parent();
+            if let Some(parent) = &parent {
+                parent.note_served(&caller);
+            }
+            !hit.token.is_revoking() && parent.is_none_or(|p| !p.is_revoking())
+        });
+        if let Some(hit) = hit {
+            return Ok(hit);
+        }
+        let parent_key = key.parent();
+        for _ in 0..REVOCATION_RETRIES {
+            let parent_need = Need {
+                min_ttl,
+                ..Need::default()
+            };
+            let parent = self.serve(&caller, &parent_key, parent_need, admit).await?;
+            let need = Need {
+                min_ttl,
+                parent_at_least: Some(parent.token.id),
+                ..Need::default()
+            };
+            let child = self.serve(&caller, key, need, admit).await?;
+            // The child may come from a newer parent than the one looked up.
+            match child.token.parent() {
+                Some(parent) => {
+                    parent.note_served(&caller);
+                    if !parent.is_revoking() {
+                        return Ok(child);
+                    }
+                }
+                None => return Ok(child),
+            }
+        }
+        Err(CacheError::BeingRevoked(BEING_REVOKED))
+    }
+
     /// The cached downscoped token for `key` with at least `min_ttl` left,
     /// if the parent it was exchanged from is still the cached full token —
     /// found without looking the parent up. This is what [`Self::get`] with
@@ -773,19 +627,10 @@ impl TokenCache {
         self.inner.entries.iter().filter(|(k, _)| counted(k)).count()
     }
 
-    /// A handle that does not keep the cache alive (for the minter, which the cache owns).
-    pub fn downgrade(&self) -> WeakTokenCache {
-        WeakTokenCache(Arc::downgrade(&self.inner))
-    }
-
     /// Drops the cached token for `key`, if any.
-    pub async fn invalidate(&self, key: &TokenKey) {
+    #[cfg(test)]
+    async fn invalidate(&self, key: &TokenKey) {
         self.inner.entries.invalidate(key).await;
-    }
-
-    /// How many tokens are cached (approximate, as moka counts).
-    pub fn len(&self) -> u64 {
-        self.inner.entries.entry_count()
     }
 
     /// How many tokens are cached, after moka's pending bookkeeping has run.
@@ -803,75 +648,6 @@ impl TokenCache {
     pub fn evictions(&self) -> u64 {
         self.inner.evictions.load(Ordering::Relaxed)
     }
-
-    /// True when no token is cached (approximate).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn start_refresh(&self, key: &TokenKey, stale: &CachedToken) {
-        let need = Need {
-            minted_since: Some(stale.minted_at + Duration::from_millis(1)),
-            ..Need::default()
-        };
-        let already_running = self.inner.flights.lock().map(|f| f.contains_key(key)).unwrap_or(true);
-        if !already_running {
-            tracing::debug!(app = %key.app, subject = %key.subject, "refreshing a token ahead of expiry");
-            // The spawned flight runs to completion whether or not anyone awaits it.
-            drop(self.join_or_start(key, need, None));
-        }
-    }
-
-    /// Joins the running flight for `key` if it can meet `need`, or starts
-    /// one if `admit` (when given) lets it.
-    fn join_or_start(
-        &self,
-        key: &TokenKey,
-        need: Need,
-        admit: Option<Admission<'_>>,
-    ) -> Result<(SystemTime, Shared<BoxFuture<'static, FlightResult>>), CacheError> {
-        // Poisoning only follows a panic while holding the lock, which the
-        // code below cannot do; recover the map rather than fail every request.
-        let mut flights = self
-            .inner
-            .flights
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(flight) = flights.get(key)
-            && need.minted_since.is_none_or(|t| flight.started_at >= t)
-        {
-            return Ok((flight.started_at, flight.result.clone()));
-        }
-        let permit = admit.map(|admit| admit()).transpose()?;
-        let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
-        let started_at = self.inner.clock.now();
-        let inner = Arc::clone(&self.inner);
-        let task_key = key.clone();
-        // Spawned while the lock is held, so the task cannot finish and
-        // deregister before the flight is registered below.
-        // The flight's spans are children of the request that started it.
-        let handle = tokio::spawn(tracing::Instrument::in_current_span(async move {
-            let _permit = permit;
-            inner.fly(task_key, id, need).await
-        }));
-        let result = async move {
-            handle.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "token mint task failed");
-                Err(CacheError::TaskFailed)
-            })
-        }
-        .boxed()
-        .shared();
-        flights.insert(
-            key.clone(),
-            Flight {
-                id,
-                started_at,
-                result: result.clone(),
-            },
-        );
-        Ok((started_at, result))
-    }
 }
 
 impl Inner {
@@ -883,86 +659,16 @@ impl Inner {
                 .parent_at_least
                 .is_none_or(|p| token.parent_id().is_some_and(|id| id >= p))
     }
-
-    /// One flight: re-check the cache (a flight that just finished may have
-    /// filled it), otherwise mint and store.
-    async fn fly(self: Arc<Self>, key: TokenKey, id: u64, need: Need) -> FlightResult {
-        if let Some(token) = self.entries.get(&key).await
-            && self.satisfies(&token, &need, self.clock.now())
-        {
-            self.land(&key, id);
-            return Ok(token);
-        }
-        let minted = self.minter.mint(&key).await;
-        let result = match minted {
-            Ok(issued) => {
-                let token = Arc::new(CachedToken::new(issued, &self.policy));
-                if token.remaining(self.clock.now()) > self.policy.safety_margin {
-                    // Indexed first: the eviction listener removes it again
-                    // whenever the entry leaves, even at once.
-                    self.by_digest
-                        .shard(&token.sha256)
-                        .insert(short(&token.sha256), key.clone());
-                    self.entries.insert(key.clone(), Arc::clone(&token)).await;
-                }
-                Ok(token)
-            }
-            Err(e) => {
-                let e = Arc::new(e);
-                if e.diagnosis.kind == crate::boxapi::DiagnosisKind::NotFound
-                    && let Some(negative) = &self.negative
-                {
-                    let until = self.clock.now() + self.policy.negative_ttl;
-                    negative.insert(key.clone(), (e.clone(), until)).await;
-                }
-                Err(CacheError::Upstream(e))
-            }
-        };
-        self.land(&key, id);
-        result
-    }
-
-    /// Deregisters flight `id` (unless a newer flight replaced it).
-    fn land(&self, key: &TokenKey, id: u64) {
-        let mut flights = self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if flights.get(key).is_some_and(|f| f.id == id) {
-            flights.remove(key);
-        }
-    }
-}
-
-/// A [`TokenCache`] that may have been dropped.
-#[derive(Clone)]
-pub struct WeakTokenCache(Weak<Inner>);
-
-impl WeakTokenCache {
-    /// The cache, if it still exists.
-    pub fn upgrade(&self) -> Option<TokenCache> {
-        self.0.upgrade().map(|inner| TokenCache { inner })
-    }
-}
-
-impl fmt::Debug for WeakTokenCache {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("WeakTokenCache")
-    }
-}
-
-fn unix_millis(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(millis).unwrap_or(0)
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
     use std::sync::atomic::AtomicUsize;
 
-    use secrecy::ExposeSecret as _;
+    use futures_util::future::FutureExt as _;
+    use secrecy::{ExposeSecret as _, SecretString};
 
     use super::*;
     use crate::{boxapi::BoxId, clock::SystemClock};
@@ -975,21 +681,28 @@ mod tests {
     }
 
     impl Minter for CountingMinter {
-        fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
+        fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             let delay = self.delay;
             async move {
                 tokio::time::sleep(delay).await;
-                let issued = issued_now(n);
-                Ok(Minted { issued, parent: None })
+                Ok(issued_now(n))
             }
             .boxed()
+        }
+
+        fn exchange(
+            &self,
+            key: &TokenKey,
+            _: Arc<CachedToken>,
+        ) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
+            self.mint(key)
         }
     }
 
     /// `token-N`, issued now for an hour.
     fn issued_now(n: usize) -> IssuedToken {
-        let now = SystemTime::now();
+        let now = crate::clock::system_now();
         IssuedToken {
             access_token: SecretString::from(format!("token-{n}")),
             expires_at: now + Duration::from_secs(3600),
@@ -1022,7 +735,7 @@ mod tests {
 
     #[test]
     fn a_downscoped_token_is_capped_at_its_parents_expiry() {
-        let now = SystemTime::now();
+        let now = crate::clock::system_now();
         let issued = |secs| IssuedToken {
             access_token: SecretString::from("t".to_owned()),
             expires_at: now + Duration::from_secs(secs),
@@ -1062,7 +775,7 @@ mod tests {
             cache.get(&key(user), Need::default()).await.unwrap();
         }
         cache.inner.entries.run_pending_tasks().await;
-        assert!(cache.len() <= 10, "{} entries", cache.len());
+        assert!(cache.count().await <= 10, "{} entries", cache.count().await);
         assert_eq!(minter.calls.load(Ordering::SeqCst), 100);
     }
 
@@ -1106,7 +819,7 @@ mod tests {
         // A replaced token and an invalidated one are no longer found.
         let (user, last) = tokens[29].clone();
         let forced = Need {
-            minted_since: Some(SystemTime::now() + Duration::from_millis(1)),
+            minted_since: Some(crate::clock::system_now() + Duration::from_millis(1)),
             ..Need::default()
         };
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -1157,7 +870,7 @@ mod tests {
         let old = cache.get(&key(1), Need::default()).await.unwrap().token;
         tokio::time::sleep(Duration::from_millis(2)).await;
         let forced = Need {
-            minted_since: Some(SystemTime::now()),
+            minted_since: Some(crate::clock::system_now()),
             ..Need::default()
         };
         let newer = cache.get(&key(1), forced).await.unwrap().token;
@@ -1223,7 +936,7 @@ mod tests {
             .get(
                 &key(1),
                 Need {
-                    minted_since: Some(SystemTime::now()),
+                    minted_since: Some(crate::clock::system_now()),
                     ..Need::default()
                 },
             )
@@ -1237,31 +950,34 @@ mod tests {
         assert_eq!(minter.calls.load(Ordering::SeqCst), 2);
     }
 
-    /// Mints full tokens; a downscoped one is "exchanged" from the cached parent.
+    /// Mints full tokens; a downscoped one is "exchanged" from the parent
+    /// the cache hands it.
     #[derive(Default)]
     struct FamilyMinter {
         calls: AtomicUsize,
-        cache: std::sync::OnceLock<WeakTokenCache>,
         /// Children live half an hour (else an hour, capped at the parent's).
         short_children: std::sync::atomic::AtomicBool,
     }
 
     impl Minter for FamilyMinter {
-        fn mint(&self, key: &TokenKey) -> BoxFuture<'static, Result<Minted, UpstreamError>> {
+        fn mint(&self, _: &TokenKey) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            let cache = self.cache.get().and_then(WeakTokenCache::upgrade);
+            async move { Ok(issued_now(n)) }.boxed()
+        }
+
+        fn exchange(
+            &self,
+            _: &TokenKey,
+            _: Arc<CachedToken>,
+        ) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
             let short = self.short_children.load(Ordering::SeqCst);
-            let key = key.clone();
             async move {
-                let parent = match (&key.downscope, cache) {
-                    (Some(_), Some(cache)) => Some(cache.get(&key.parent(), Need::default()).await.unwrap().token),
-                    _ => None,
-                };
                 let mut issued = issued_now(n);
-                if parent.is_some() && short {
+                if short {
                     issued.expires_at = issued.issued_at + Duration::from_secs(1800);
                 }
-                Ok(Minted { issued, parent })
+                Ok(issued)
             }
             .boxed()
         }
@@ -1291,7 +1007,6 @@ mod tests {
     async fn a_cached_child_is_served_only_while_its_parent_is_the_cached_one() {
         let minter = Arc::new(FamilyMinter::default());
         let cache = TokenCache::new(minter.clone(), Arc::new(SystemClock), CachePolicy::default());
-        minter.cache.set(cache.downgrade()).ok();
         let parent_key = key(1);
         let child_key = TokenKey {
             downscope: Some(Arc::new(Downscope {
@@ -1332,7 +1047,7 @@ mod tests {
 
         // The parent is replaced (a forced refresh): its child is not served.
         let forced = Need {
-            minted_since: Some(SystemTime::now() + Duration::from_millis(1)),
+            minted_since: Some(crate::clock::system_now() + Duration::from_millis(1)),
             ..Need::default()
         };
         tokio::time::sleep(Duration::from_millis(2)).await;

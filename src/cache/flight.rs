@@ -1,0 +1,193 @@
+//! Flights: one spawned task per key that needs a token, joined by every
+//! concurrent request for that key, which re-checks the cache, mints (or
+//! resolves the parent and exchanges it) and stores. A second cache level
+//! (a shared store) belongs in [`Inner::fly`], between the re-check and the
+//! call to the minter.
+
+use std::{
+    fmt,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
+
+use futures_util::future::{BoxFuture, FutureExt as _, Shared};
+
+use super::short;
+use super::{
+    CacheError, CachedToken, Inner, Minted, Need, PARENT_BEING_REVOKED, REVOCATION_RETRIES, TokenCache, TokenKey,
+};
+use crate::boxapi::DiagnosisKind;
+
+/// A place among the calls to Box in progress, held by a flight until it
+/// lands (see [`TokenCache::get_admitted`]).
+pub struct FlightPermit(pub Box<dyn Send + Sync>);
+
+impl fmt::Debug for FlightPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FlightPermit")
+    }
+}
+
+/// Asked once for each flight a request would start (never for one it joins).
+pub type Admission<'a> = &'a (dyn Fn() -> Result<FlightPermit, CacheError> + Sync);
+
+type FlightResult = Result<Arc<CachedToken>, CacheError>;
+
+pub(super) struct Flight {
+    pub(super) id: u64,
+    pub(super) started_at: SystemTime,
+    pub(super) result: Shared<BoxFuture<'static, FlightResult>>,
+}
+
+impl TokenCache {
+    pub(super) fn start_refresh(&self, key: &TokenKey, stale: &CachedToken) {
+        let need = Need {
+            minted_since: Some(stale.minted_at + Duration::from_millis(1)),
+            ..Need::default()
+        };
+        let already_running = self.inner.flights.lock().map(|f| f.contains_key(key)).unwrap_or(true);
+        if !already_running {
+            tracing::debug!(app = %key.app, subject = %key.subject, "refreshing a token ahead of expiry");
+            // The spawned flight runs to completion whether or not anyone awaits it.
+            drop(self.join_or_start(key, need, None));
+        }
+    }
+
+    /// Joins the running flight for `key` if it can meet `need`, or starts
+    /// one if `admit` (when given) lets it.
+    pub(super) fn join_or_start(
+        &self,
+        key: &TokenKey,
+        need: Need,
+        admit: Option<Admission<'_>>,
+    ) -> Result<(SystemTime, Shared<BoxFuture<'static, FlightResult>>), CacheError> {
+        // Poisoning only follows a panic while holding the lock, which the
+        // code below cannot do; recover the map rather than fail every request.
+        let mut flights = self
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(flight) = flights.get(key)
+            && need.minted_since.is_none_or(|t| flight.started_at >= t)
+        {
+            return Ok((flight.started_at, flight.result.clone()));
+        }
+        let permit = admit.map(|admit| admit()).transpose()?;
+        let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
+        let started_at = self.inner.clock.now();
+        let inner = Arc::clone(&self.inner);
+        let task_key = key.clone();
+        // Spawned while the lock is held, so the task cannot finish and
+        // deregister before the flight is registered below.
+        // The flight's spans are children of the request that started it.
+        let handle = tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let _permit = permit;
+            inner.fly(task_key, id, need).await
+        }));
+        let result = async move {
+            handle.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "token mint task failed");
+                Err(CacheError::TaskFailed)
+            })
+        }
+        .boxed()
+        .shared();
+        flights.insert(
+            key.clone(),
+            Flight {
+                id,
+                started_at,
+                result: result.clone(),
+            },
+        );
+        Ok((started_at, result))
+    }
+}
+
+impl Inner {
+    /// One flight: re-check the cache (a flight that just finished may have
+    /// filled it), otherwise mint and store.
+    async fn fly(self: Arc<Self>, key: TokenKey, id: u64, need: Need) -> FlightResult {
+        if let Some(token) = self.entries.get(&key).await
+            && self.satisfies(&token, &need, self.clock.now())
+        {
+            self.land(&key, id);
+            return Ok(token);
+        }
+        let minted = match &key.downscope {
+            None => self
+                .minter
+                .mint(&key)
+                .await
+                .map(|issued| Minted { issued, parent: None }),
+            Some(_) => match self.current_parent(&key).await {
+                Ok(parent) => self.minter.exchange(&key, parent.clone()).await.map(|issued| Minted {
+                    issued,
+                    parent: Some(parent),
+                }),
+                Err(e) => {
+                    self.land(&key, id);
+                    return Err(e);
+                }
+            },
+        };
+        let result = match minted {
+            Ok(minted) => {
+                let token = Arc::new(CachedToken::new(minted, &self.policy));
+                if token.remaining(self.clock.now()) > self.policy.safety_margin {
+                    // Indexed first: the eviction listener removes it again
+                    // whenever the entry leaves, even at once.
+                    self.by_digest
+                        .shard(&token.sha256)
+                        .insert(short(&token.sha256), key.clone());
+                    self.entries.insert(key.clone(), Arc::clone(&token)).await;
+                }
+                Ok(token)
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                if e.diagnosis.kind == DiagnosisKind::NotFound
+                    && let Some(negative) = &self.negative
+                {
+                    let until = self.clock.now() + self.policy.negative_ttl;
+                    negative.insert(key.clone(), (e.clone(), until)).await;
+                }
+                Err(CacheError::Upstream(e))
+            }
+        };
+        self.land(&key, id);
+        result
+    }
+
+    /// The token a downscoped `key` is exchanged from: the cached full
+    /// token (minted if need be; without a budget place of its own: the
+    /// child's flight holds one), recorded as served to the child's caller,
+    /// never one being revoked.
+    async fn current_parent(self: &Arc<Self>, key: &TokenKey) -> Result<Arc<CachedToken>, CacheError> {
+        let cache = TokenCache {
+            inner: Arc::clone(self),
+        };
+        let parent_key = key.parent();
+        let mut need = Need::default();
+        for _ in 0..REVOCATION_RETRIES {
+            let found = Box::pin(cache.get(&parent_key, need)).await?;
+            if let Some(caller) = &key.caller {
+                found.token.note_served(caller);
+            }
+            if !found.token.is_revoking() {
+                return Ok(found.token);
+            }
+            need.minted_since = Some(found.token.minted_at + Duration::from_millis(1));
+        }
+        Err(CacheError::BeingRevoked(PARENT_BEING_REVOKED))
+    }
+
+    /// Deregisters flight `id` (unless a newer flight replaced it).
+    fn land(&self, key: &TokenKey, id: u64) {
+        let mut flights = self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flights.get(key).is_some_and(|f| f.id == id) {
+            flights.remove(key);
+        }
+    }
+}

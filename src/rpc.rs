@@ -1,0 +1,194 @@
+//! The words audit records, metrics and logs share about one RPC: which
+//! method it was ([`Rpc`]), how it was decided ([`Decision`]) and its gRPC
+//! code's name ([`code_name`]).
+//!
+//! A leaf: typed once where a request enters, compared as enums on the hot
+//! path, spelled out only where a record or a label is written.
+
+/// A method of the broker's two services, or one they do not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Rpc {
+    /// `TokenBrokerService/GetToken`.
+    GetToken,
+    /// `TokenBrokerService/GetDownscopedToken`.
+    GetDownscopedToken,
+    /// `TokenBrokerService/RevokeToken`.
+    RevokeToken,
+    /// `BrokerAdminService/GenerateKey`.
+    GenerateKey,
+    /// `BrokerAdminService/ImportKey`.
+    ImportKey,
+    /// `BrokerAdminService/ActivateKey`.
+    ActivateKey,
+    /// `BrokerAdminService/RetireKey`.
+    RetireKey,
+    /// `BrokerAdminService/ListKeys`.
+    ListKeys,
+    /// `BrokerAdminService/RotateClientSecret`.
+    RotateClientSecret,
+    /// `BrokerAdminService/RetireClientSecrets`.
+    RetireClientSecrets,
+    /// `BrokerAdminService/InvalidateTokens`.
+    InvalidateTokens,
+    /// `BrokerAdminService/GetStatus`.
+    GetStatus,
+    /// A method neither service has (`unknown` in records).
+    #[default]
+    Unknown,
+}
+
+impl Rpc {
+    /// The client API's methods (`TokenBrokerService`), in metrics order.
+    pub const CLIENT: [Self; 3] = [Self::GetToken, Self::GetDownscopedToken, Self::RevokeToken];
+    /// The admin API's methods (`BrokerAdminService`).
+    pub const ADMIN: [Self; 9] = [
+        Self::GenerateKey,
+        Self::ImportKey,
+        Self::ActivateKey,
+        Self::RetireKey,
+        Self::ListKeys,
+        Self::RotateClientSecret,
+        Self::RetireClientSecrets,
+        Self::InvalidateTokens,
+        Self::GetStatus,
+    ];
+
+    /// The method's name as the proto spells it (`GetToken`), or `unknown`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::GetToken => "GetToken",
+            Self::GetDownscopedToken => "GetDownscopedToken",
+            Self::RevokeToken => "RevokeToken",
+            Self::GenerateKey => "GenerateKey",
+            Self::ImportKey => "ImportKey",
+            Self::ActivateKey => "ActivateKey",
+            Self::RetireKey => "RetireKey",
+            Self::ListKeys => "ListKeys",
+            Self::RotateClientSecret => "RotateClientSecret",
+            Self::RetireClientSecrets => "RetireClientSecrets",
+            Self::InvalidateTokens => "InvalidateTokens",
+            Self::GetStatus => "GetStatus",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// The client API's method named `method`, if it is one.
+    pub fn client(method: &str) -> Option<Self> {
+        Self::CLIENT.into_iter().find(|rpc| rpc.name() == method)
+    }
+
+    /// The admin API's method named `method`, if it is one.
+    pub fn admin(method: &str) -> Option<Self> {
+        Self::ADMIN.into_iter().find(|rpc| rpc.name() == method)
+    }
+
+    /// For a client API method, its place in [`Self::CLIENT`].
+    pub const fn client_index(self) -> Option<usize> {
+        match self {
+            Self::GetToken => Some(0),
+            Self::GetDownscopedToken => Some(1),
+            Self::RevokeToken => Some(2),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Rpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a request was decided, as an audit record says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Decision {
+    /// Served.
+    #[default]
+    Allow,
+    /// Refused the caller: authentication, policy or a limit.
+    Deny,
+    /// Failed for another reason (Box, a bad request, the broker's state).
+    Error,
+}
+
+impl Decision {
+    /// `allow`, `deny` or `error`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Error => "error",
+        }
+    }
+
+    /// The decision a finished RPC's code means: refusals of the caller
+    /// (`PERMISSION_DENIED`, `UNAUTHENTICATED`, `RESOURCE_EXHAUSTED`) are
+    /// denials, any other failure an error.
+    pub const fn of(code: tonic::Code) -> Self {
+        match code {
+            tonic::Code::Ok => Self::Allow,
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::ResourceExhausted => Self::Deny,
+            _ => Self::Error,
+        }
+    }
+}
+
+/// A gRPC code's canonical name (`PERMISSION_DENIED`, as the gRPC spec and
+/// other languages' libraries spell it), in metrics labels, audit records and
+/// CLI errors.
+pub const fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::{
+        Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
+        NotFound, Ok, OutOfRange, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented,
+        Unknown,
+    };
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_is_found_by_its_name_in_its_own_service_only() {
+        for rpc in Rpc::CLIENT {
+            assert_eq!(Rpc::client(rpc.name()), Some(rpc));
+            assert_eq!(Rpc::admin(rpc.name()), None);
+        }
+        for rpc in Rpc::ADMIN {
+            assert_eq!(Rpc::admin(rpc.name()), Some(rpc));
+            assert_eq!(Rpc::client(rpc.name()), None);
+            assert_eq!(rpc.client_index(), None);
+        }
+        for (i, rpc) in Rpc::CLIENT.into_iter().enumerate() {
+            assert_eq!(rpc.client_index(), Some(i));
+        }
+        assert_eq!(Rpc::client("unknown"), None);
+    }
+
+    #[test]
+    fn decisions_follow_the_code() {
+        assert_eq!(Decision::of(tonic::Code::Ok), Decision::Allow);
+        assert_eq!(Decision::of(tonic::Code::PermissionDenied), Decision::Deny);
+        assert_eq!(Decision::of(tonic::Code::ResourceExhausted), Decision::Deny);
+        assert_eq!(Decision::of(tonic::Code::Unavailable), Decision::Error);
+    }
+}
