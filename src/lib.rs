@@ -23,5 +23,6 @@ pub mod policy;
 pub mod process;
 pub mod reload;
 pub mod rpc;
+pub mod runtime;
 pub mod service;
 pub mod telemetry;

@@ -41,7 +41,8 @@ use box_token_broker::{
         token_broker_service_server::{TokenBrokerService, TokenBrokerServiceServer},
     },
     policy::Policy,
-    service::{self, Listener, Role, ServeOptions},
+    runtime::Runtime,
+    service::{Listener, Role},
 };
 use clap::Parser;
 use futures_util::{FutureExt as _, future::BoxFuture};
@@ -512,13 +513,11 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
     let audit = Arc::new(AuditSink::file(std::path::Path::new("/dev/null")).expect("/dev/null"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let broker_addr = listener.local_addr().expect("an address");
-    tokio::spawn(service::serve_with(
-        ServeOptions::default(),
-        broker,
-        vec![(Listener::Tcp(listener, Authenticator::new(true)), Role::Client)],
-        audit,
-        std::future::pending(),
-    ));
+    tokio::spawn(
+        Runtime::new(broker, audit)
+            .listen(Listener::Tcp(listener, Authenticator::new(true)), Role::Client)
+            .run(std::future::pending()),
+    );
     let broker_channels = channels(broker_addr, connections).await;
     let baseline_channels = baseline(&broker_channels, connections).await;
     // Warm up both servers and their connections.

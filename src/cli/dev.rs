@@ -26,6 +26,7 @@ use crate::{
     },
     keys::store::{Kek, KeyStore},
     policy::Policy,
+    runtime::Runtime,
     service,
 };
 
@@ -40,10 +41,10 @@ fn new_passphrase() -> SecretString {
 
 /// Runs `dev`.
 pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
+    // Both installed first: a SIGHUP or SIGTERM during startup is handled.
     let hangups = super::hangups();
     let shutdown = shutdown_signal();
     let _telemetry = init_dev_logging();
-    let _hangups = AbortOnDrop(tokio::spawn(crate::reload::log_hangups(hangups)));
     // The banner owns stdout; audit records go to stderr with the logs.
     let audit = match AuditSink::stderr() {
         Ok(sink) => Arc::new(sink),
@@ -132,39 +133,26 @@ pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
         &fake_server.base_url(),
         &app,
     );
-    let result = service::serve_endpoints(
-        broker,
-        vec![
-            (
-                service::Listener::Tcp(listener, Authenticator::new(true)),
-                service::Role::Client,
+    let result = Runtime::new(broker, audit)
+        .listen(
+            service::Listener::Tcp(listener, Authenticator::new(true)),
+            service::Role::Client,
+        )
+        .listen(
+            service::Listener::Tcp(admin_listener, admin_auth),
+            service::Role::Admin(
+                key_admin,
+                AdminRules::allow_everything(&format!("{}{DEV_ADMIN}", crate::auth::API_KEY_PREFIX)),
             ),
-            (
-                service::Listener::Tcp(admin_listener, admin_auth),
-                service::Role::Admin(
-                    key_admin,
-                    AdminRules::allow_everything(&format!("{}{DEV_ADMIN}", crate::auth::API_KEY_PREFIX)),
-                ),
-            ),
-        ],
-        audit,
-        shutdown,
-    )
-    .await;
+        )
+        .watch_policy(None, hangups)
+        .run(shutdown)
+        .await;
     fake_server.stop().await;
     let _ = std::fs::remove_dir_all(&store_dir);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e.to_string()),
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -216,10 +204,12 @@ Press Ctrl-C to stop.",
 
 /// Runs `fake-box`: writes `box_config.json` and `broker.toml`, then serves.
 pub(super) async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
+    // Both installed first: a SIGHUP (logged, not fatal) or SIGTERM during
+    // startup is handled.
     let hangups = super::hangups();
     let shutdown = shutdown_signal();
     let _telemetry = init_dev_logging();
-    let _hangups = AbortOnDrop(tokio::spawn(crate::reload::log_hangups(hangups)));
+    let hangup_logger = tokio::spawn(crate::reload::log_hangups(hangups));
     let clock: SharedClock = Arc::new(SystemClock);
     let fake = FakeBox::new(clock);
     let (app, json) = if args.ccg {
@@ -266,6 +256,7 @@ pub(super) async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
     );
     shutdown.await;
     server.stop().await;
+    hangup_logger.abort();
     ExitCode::SUCCESS
 }
 

@@ -22,12 +22,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    admin::{AdminRules, KeyAdmin},
-    auth::Authenticator,
     clock::SystemClock,
     config::{Config, LogFormat},
-    reload::{POLL_INTERVAL, PolicyWatcher},
-    service, telemetry,
+    runtime::Prepared,
+    telemetry,
 };
 
 /// Exit code for a bad config or bad usage (sysexits' EX_USAGE).
@@ -208,50 +206,6 @@ fn fail(code: u8, message: &str) -> ExitCode {
 /// same for `check-config`, so what one accepts the other does: keys
 /// decrypted, policy parsed, Kubernetes keys fetched, TLS files parsed and
 /// matched, the audit sink opened, the key store read.
-struct Prepared {
-    broker: Arc<crate::broker::Broker>,
-    auth: Authenticator,
-    tls: Option<service::ServerTls>,
-    admin_tls: Option<service::ServerTls>,
-    audit: Arc<crate::audit::AuditSink>,
-    admin: Arc<KeyAdmin>,
-}
-
-async fn prepare(config: &Config) -> Result<Prepared, String> {
-    let broker = config
-        .build_broker(Arc::new(SystemClock))
-        .map_err(|e| e.to_string())?
-        .with_budget(config.server.upstream_budget());
-    let broker = Arc::new(broker);
-    let auth = config.authenticator().await.map_err(|e| e.to_string())?;
-    // A client certificate is optional when the listener also accepts other credentials.
-    let certificate_optional = config.accepted().len() > 1;
-    let tls = config
-        .server
-        .tls
-        .as_ref()
-        .map(|tls| tls.load("server.tls", certificate_optional))
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let admin_tls = config
-        .admin
-        .tls
-        .as_ref()
-        .map(|tls| tls.load("admin.tls", !config.admin.api_keys.is_empty()))
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let audit = Arc::new(config.audit.open().map_err(|e| e.to_string())?);
-    let admin = open_key_admin(config, &broker)?;
-    Ok(Prepared {
-        broker,
-        auth,
-        tls,
-        admin_tls,
-        audit,
-        admin,
-    })
-}
-
 /// SIGHUP, listened for from startup on (its default action kills the process).
 fn hangups() -> Option<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
@@ -272,17 +226,10 @@ async fn serve(path: PathBuf) -> ExitCode {
     for warning in config.stray_env_warnings() {
         tracing::warn!("{warning}");
     }
-    let Prepared {
-        broker,
-        auth,
-        tls,
-        admin_tls,
-        audit,
-        admin,
-    } = tokio::select! {
-        prepared = prepare(&config) => match prepared {
+    let prepared = tokio::select! {
+        prepared = Prepared::from_config(&config, Arc::new(SystemClock), |var| std::env::var(var).ok()) => match prepared {
             Ok(prepared) => prepared,
-            Err(e) => return fail(EXIT_CONFIG, &e),
+            Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
         },
         // Startup can take a while (key derivation, the cluster's keys): a
         // SIGTERM then stops it at once, with nothing to drain.
@@ -291,186 +238,17 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            return fail(1, &format!("cannot listen on {}: {e}", config.server.listen));
-        }
-    };
-    let bound = listener
-        .local_addr()
-        .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
-    let mut listeners = vec![match tls {
-        Some(tls) => service::Listener::Tls(listener, auth, tls),
-        None => service::Listener::Tcp(listener, auth),
-    }];
-    if let Some(unix) = &config.server.unix_socket {
-        match bind_unix(&unix.path) {
-            Ok(l) => {
-                tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving gRPC on a Unix socket");
-                let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
-                listeners.push(service::Listener::Unix(l, auth));
-            }
-            Err(e) => return fail(1, &format!("cannot listen on {}: {e}", unix.path.display())),
-        }
-    }
-    match admin.write_pending_purge() {
-        Ok(true) => tracing::info!("dropped retired keys' private material from the key store"),
-        Ok(false) => {}
-        // Memory holds none already; the next change rewrites the store.
-        Err(e) => tracing::warn!(error = %e, "could not drop retired keys' private material from the key store"),
-    }
-    let admin_role = service::Role::Admin(admin, AdminRules(config.admin.rules.clone()));
-    let mut endpoints: Vec<(service::Listener, service::Role)> =
-        listeners.into_iter().map(|l| (l, service::Role::Client)).collect();
-    match admin_listeners(&config, admin_tls).await {
-        Ok(admin) => endpoints.extend(admin.into_iter().map(|l| (l, admin_role.clone()))),
+    let runtime = match prepared.bind(&config, hangups).await {
+        Ok(runtime) => runtime,
         Err(e) => return fail(1, &e),
-    }
-    for app in broker.apps() {
-        tracing::info!(app = %app.name, auth = %app.auth_summary(), "app loaded");
-    }
-    if config.server.allow_anonymous {
-        tracing::warn!(
-            "anonymous callers are allowed ([server] allow_anonymous = true): any process that reaches the listener gets tokens"
-        );
-    }
-    let accepted: Vec<&str> = config
-        .accepted()
-        .into_iter()
-        .map(crate::config::Mechanism::name)
-        .collect();
-    tracing::info!(
-        listen = %bound,
-        tls = config.server.tls.is_some(),
-        // A plain string (a JSON log line holds no JSON inside a string).
-        accept = accepted.join(","),
-        "serving gRPC"
-    );
-    let watcher = match &config.policy.file {
-        Some(file) => tokio::spawn(PolicyWatcher::new(file.clone(), broker.clone()).run(POLL_INTERVAL, hangups)),
-        None => {
-            tracing::warn!("no [policy] file is configured: every request will be denied");
-            tokio::spawn(crate::reload::log_hangups(hangups))
-        }
     };
-    let mut options = config.server.serve_options();
-    fit_to_open_files(&mut options.connections, endpoints.len());
-    let metrics = match config.server.metrics_listen {
-        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => {
-                let bound = listener
-                    .local_addr()
-                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
-                tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
-                let registry =
-                    crate::metrics::registry(broker.clone(), options.rpc_metrics.clone(), options.counters.clone());
-                Some(tokio::spawn(crate::metrics::serve(
-                    listener,
-                    registry,
-                    std::future::pending(),
-                )))
-            }
-            Err(e) => return fail(1, &format!("cannot listen on {addr} (metrics): {e}")),
-        },
-        None => None,
-    };
-    let served = service::serve_with(options, broker, endpoints, audit, shutdown).await;
-    if let Some(metrics) = metrics {
-        metrics.abort();
-    }
-    watcher.abort();
-    for unix in [&config.server.unix_socket, &config.server.admin_unix_socket]
-        .into_iter()
-        .flatten()
-    {
-        let _ = std::fs::remove_file(&unix.path);
-    }
-    match served {
+    match runtime.run(shutdown).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, &e.to_string()),
     }
-}
-
-/// Descriptors kept free of connections, for Box, files and the metrics listener.
-const RESERVED_FILES: u64 = 256;
-
-/// Lowers each listener's connection cap so that all of them together fit
-/// under the open-files limit (less [`RESERVED_FILES`]), saying so: a cap
-/// the process cannot reach would leave `accept` failing instead.
-fn fit_to_open_files(limits: &mut service::ConnectionLimits, listeners: usize) {
-    let Some(files) = crate::process::open_files_limit() else {
-        return;
-    };
-    let listeners = u64::try_from(listeners.max(1)).unwrap_or(1);
-    let room = files.saturating_sub(RESERVED_FILES).max(16 * listeners) / listeners;
-    let room = usize::try_from(room).unwrap_or(usize::MAX);
-    if limits.max_connections > room {
-        tracing::warn!(
-            open_files = files,
-            max_connections = limits.max_connections,
-            lowered_to = room,
-            "[server] max_connections does not fit the open-files limit (ulimit -n) for every listener; lowered"
-        );
-        limits.max_connections = room;
-    }
-}
-
-/// Opens the key store (if configured) and lays it over the apps' config
-/// credentials. The error is one line naming the file.
-fn open_key_admin(config: &Config, broker: &Arc<crate::broker::Broker>) -> Result<Arc<KeyAdmin>, String> {
-    let store = match &config.keystore {
-        Some(k) => Some(k.open(|var| std::env::var(var).ok()).map_err(|e| e.to_string())?),
-        None => None,
-    };
-    KeyAdmin::open(broker.clone(), store)
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
-}
-
-/// Binds the admin listeners `[server] admin_listen` and `[server.admin_unix_socket]` name.
-async fn admin_listeners(config: &Config, tls: Option<service::ServerTls>) -> Result<Vec<service::Listener>, String> {
-    let mut listeners = Vec::new();
-    let tls_on = tls.is_some();
-    if let Some(addr) = config.server.admin_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
-        let auth = config.admin_authenticator();
-        // The bound address (port 0 picks one).
-        let bound = listener.local_addr().unwrap_or(addr);
-        listeners.push(match tls {
-            Some(tls) => service::Listener::Tls(listener, auth, tls),
-            None => service::Listener::Tcp(listener, auth),
-        });
-        tracing::info!(listen = %bound, tls = tls_on, "serving the admin RPC");
-    }
-    if let Some(unix) = &config.server.admin_unix_socket {
-        let listener =
-            bind_unix(&unix.path).map_err(|e| format!("cannot listen on {} (admin): {e}", unix.path.display()))?;
-        let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
-        listeners.push(service::Listener::Unix(listener, auth));
-        tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving the admin RPC on a Unix socket");
-    }
-    Ok(listeners)
-}
-
-/// Binds a Unix socket at `path`, replacing a stale socket file (never any other file).
-fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::FileTypeExt as _;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    tokio::net::UnixListener::bind(path)
 }
 
 /// Exit status when Box cannot be reached (EX_UNAVAILABLE).
@@ -484,9 +262,9 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
     for warning in config.stray_env_warnings() {
         eprintln!("box-broker: warning: {warning}");
     }
-    let prepared = match prepare(&config).await {
+    let prepared = match Prepared::from_config(&config, Arc::new(SystemClock), |var| std::env::var(var).ok()).await {
         Ok(prepared) => prepared,
-        Err(e) => return fail(EXIT_CONFIG, &e),
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
     out!("{}: ok, listen {}", path.display(), config.server.listen);
     for app in prepared.broker.apps() {

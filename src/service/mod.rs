@@ -101,18 +101,6 @@ pub enum Role {
     Admin(Arc<KeyAdmin>, AdminRules),
 }
 
-/// Serves the broker on every listener until `shutdown` resolves (or one
-/// fails), then stops accepting everywhere and lets in-flight calls finish.
-pub async fn serve_listeners(
-    broker: Arc<Broker>,
-    listeners: Vec<Listener>,
-    audit: Arc<AuditSink>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    let endpoints = listeners.into_iter().map(|l| (l, Role::Client)).collect();
-    serve_endpoints(broker, endpoints, audit, shutdown).await
-}
-
 /// How the server starts, stops and limits its callers.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -154,19 +142,9 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serves each listener in its role (client or admin) until `shutdown`
-/// resolves (or one fails), then stops accepting everywhere and lets
-/// in-flight calls finish.
-pub async fn serve_endpoints(
-    broker: Arc<Broker>,
-    endpoints: Vec<(Listener, Role)>,
-    audit: Arc<AuditSink>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    serve_with(ServeOptions::default(), broker, endpoints, audit, shutdown).await
-}
-
-/// [`serve_endpoints`] with `options`. Health (`grpc.health.v1`, shared by
+/// Serves each listener in its role (client or admin) with `options`
+/// until `shutdown` resolves (or one fails), then stops accepting
+/// everywhere and lets in-flight calls finish. Health (`grpc.health.v1`, shared by
 /// every listener) says NOT_SERVING until every listener is accepting, and
 /// again from the moment `shutdown` resolves: then, after the drain delay,
 /// no new request is accepted and in-flight ones get the grace period.

@@ -90,18 +90,17 @@ async fn the_node_client_works_on_the_unix_socket_too() {
     let path = dir.path().join("broker.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let broker = h.broker.clone();
-    tokio::spawn(async move {
-        box_token_broker::service::serve_listeners(
+    tokio::spawn(
+        box_token_broker::runtime::Runtime::new(
             broker,
-            vec![box_token_broker::service::Listener::Unix(
-                listener,
-                box_token_broker::auth::Authenticator::new(true),
-            )],
             std::sync::Arc::new(box_token_broker::audit::AuditSink::memory().0),
-            std::future::pending(),
         )
-        .await
-    });
+        .listen(
+            box_token_broker::service::Listener::Unix(listener, box_token_broker::auth::Authenticator::new(true)),
+            box_token_broker::service::Role::Client,
+        )
+        .run(std::future::pending()),
+    );
     let (ok, stdout, stderr) = common::output(common::node::client(&[&format!("unix:{}", path.display())])).await;
     assert!(ok, "{stderr}");
     let got: serde_json::Value = serde_json::from_str(&stdout).unwrap();

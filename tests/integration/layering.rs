@@ -149,7 +149,7 @@ const LAYERS: &[&[&str]] = &[
     &["admin", "reload", "metrics"],
     &["service"],
     &["config"],
-    &["telemetry"],
+    &["runtime", "telemetry"],
     &["cli"],
 ];
 

@@ -13,6 +13,7 @@ use box_token_broker::{
     auth::Authenticator,
     pb::token_broker_service_client::TokenBrokerServiceClient,
     policy::Policy,
+    runtime::Runtime,
     service::{self, Listener},
 };
 use common::pki::{Pki, dns, uri};
@@ -52,15 +53,11 @@ async fn serve_tls(
     let addr = listener.local_addr().unwrap();
     let (sink, audit) = AuditSink::memory();
     let broker = h.broker.clone();
-    tokio::spawn(async move {
-        service::serve_listeners(
-            broker,
-            vec![Listener::Tls(listener, auth, tls)],
-            Arc::new(sink),
-            std::future::pending(),
-        )
-        .await
-    });
+    tokio::spawn(
+        Runtime::new(broker, Arc::new(sink))
+            .listen(Listener::Tls(listener, auth, tls), service::Role::Client)
+            .run(std::future::pending()),
+    );
     (addr, audit)
 }
 
@@ -251,14 +248,18 @@ async fn a_listener_accepting_certificates_and_api_keys_takes_either() {
     )
     .unwrap();
     let config = box_token_broker::config::Config::load(&config_file, std::iter::empty()).unwrap();
-    let tls = config
-        .server
-        .tls
-        .as_ref()
-        .unwrap()
-        .load("server.tls", config.accepted().len() > 1)
-        .unwrap();
-    let (addr, audit) = serve_tls(&h, tls, config.authenticator().await.unwrap()).await;
+    let tls = box_token_broker::runtime::server_tls(
+        config.server.tls.as_ref().unwrap(),
+        "server.tls",
+        config.accepted().len() > 1,
+    )
+    .unwrap();
+    let (addr, audit) = serve_tls(
+        &h,
+        tls,
+        box_token_broker::runtime::authenticator(&config).await.unwrap(),
+    )
+    .await;
 
     // A certificate is an identity...
     let mut with_cert = client(addr, &pki, Some(pki.issue(vec![uri(SPIFFE)]))).await.unwrap();
@@ -293,15 +294,14 @@ async fn the_admin_listener_takes_client_certificates_as_admin_identities() {
     let addr = listener.local_addr().unwrap();
     let admin = Arc::new(KeyAdmin::open(h.broker.clone(), None).unwrap());
     let (sink, audit) = AuditSink::memory();
-    tokio::spawn(service::serve_endpoints(
-        h.broker.clone(),
-        vec![(
-            Listener::Tls(listener, Authenticator::new(false).with_mtls(), tls),
-            service::Role::Admin(admin, AdminRules::allow_everything("dns:ops.internal")),
-        )],
-        Arc::new(sink),
-        std::future::pending(),
-    ));
+    tokio::spawn(
+        Runtime::new(h.broker.clone(), Arc::new(sink))
+            .listen(
+                Listener::Tls(listener, Authenticator::new(false).with_mtls(), tls),
+                service::Role::Admin(admin, AdminRules::allow_everything("dns:ops.internal")),
+            )
+            .run(std::future::pending()),
+    );
     let channel = |sans| {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(pki.ca.pem()))

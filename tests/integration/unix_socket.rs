@@ -32,15 +32,11 @@ async fn over_socket(
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let (sink, audit) = AuditSink::memory();
     let broker = h.broker.clone();
-    tokio::spawn(async move {
-        service::serve_listeners(
-            broker,
-            vec![Listener::Unix(listener, auth)],
-            Arc::new(sink),
-            std::future::pending(),
-        )
-        .await
-    });
+    tokio::spawn(
+        box_token_broker::runtime::Runtime::new(broker, Arc::new(sink))
+            .listen(Listener::Unix(listener, auth), service::Role::Client)
+            .run(std::future::pending()),
+    );
     let channel = Endpoint::try_from("http://[::]:50051")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {

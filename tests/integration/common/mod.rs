@@ -29,6 +29,7 @@ use box_token_broker::{
         token_broker_service_client::TokenBrokerServiceClient,
     },
     policy::Policy,
+    runtime::Runtime,
     service, telemetry,
 };
 use opentelemetry_proto::tonic::{
@@ -280,14 +281,17 @@ impl Harness {
         }
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn({
-            let broker = broker.clone();
-            let serve = options.serve.clone();
+            let mut runtime = Runtime::new(broker.clone(), audit_sink).with_options(options.serve.clone());
+            for (listener, role) in endpoints {
+                runtime = runtime.listen(listener, role);
+            }
             async move {
-                service::serve_with(serve, broker, endpoints, audit_sink, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
+                runtime
+                    .run(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
             }
         });
         let admin = match admin_side {

@@ -1,0 +1,651 @@
+//! The config's schema: every section as serde reads it, its defaults, and
+//! the conversions to the domain's own settings types. No I/O, no checks
+//! beyond what the types say (see `validate.rs`).
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::{
+    auth::kubernetes::KubernetesConfig,
+    boxapi::{
+        CredentialSources, JwtAlgorithm,
+        client::{DEFAULT_API_BASE_URL, UpstreamPolicy},
+    },
+    cache::{CachePolicy, DEFAULT_MAX_ENTRIES, DEFAULT_REFRESH_AHEAD, DEFAULT_SAFETY_MARGIN},
+    duration::{de_millis, de_secs},
+    service::ConnectionLimits,
+};
+
+/// The whole configuration as the file (and its overrides) spell it. A
+/// [`super::Config`] is one of these that passed validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Listeners.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Token cache tuning.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The Box apps, by name.
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppConfig>,
+    /// Who may get what.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// How callers prove who they are.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Where audit records go.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// The admin RPC's callers and rules.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The durable, encrypted store of keys and secrets added through the admin RPC.
+    #[serde(default)]
+    pub keystore: Option<KeystoreConfig>,
+    /// Retries, deadlines and the circuit breaker for calls to Box.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+}
+
+/// `[upstream]`: how token requests to Box are retried and cut off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Attempts per token request, the first included (429, 5xx and
+    /// connection failures are retried; other refusals never).
+    pub max_attempts: u32,
+    /// First backoff ceiling in ms; doubles per retry, with full jitter.
+    #[serde(deserialize_with = "de_millis")]
+    pub backoff_base_ms: u64,
+    /// Largest backoff ceiling in ms.
+    #[serde(deserialize_with = "de_millis")]
+    pub backoff_cap_ms: u64,
+    /// One attempt's time limit in ms.
+    #[serde(deserialize_with = "de_millis")]
+    pub attempt_timeout_ms: u64,
+    /// The whole request's time limit in ms, retries included.
+    #[serde(deserialize_with = "de_millis")]
+    pub deadline_ms: u64,
+    /// Failed requests in a row that open the circuit.
+    pub breaker_threshold: u32,
+    /// Seconds an open circuit refuses at once (or Box's Retry-After, if longer).
+    #[serde(deserialize_with = "de_secs")]
+    pub breaker_cooldown_secs: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        let p = UpstreamPolicy::default();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            max_attempts: p.max_attempts,
+            backoff_base_ms: ms(p.backoff_base),
+            backoff_cap_ms: ms(p.backoff_cap),
+            attempt_timeout_ms: ms(p.attempt_timeout),
+            deadline_ms: ms(p.deadline),
+            breaker_threshold: p.breaker_threshold,
+            breaker_cooldown_secs: p.breaker_cooldown.as_secs(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The policy these settings describe.
+    pub fn policy(&self) -> UpstreamPolicy {
+        UpstreamPolicy {
+            max_attempts: self.max_attempts,
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_cap: Duration::from_millis(self.backoff_cap_ms),
+            attempt_timeout: Duration::from_millis(self.attempt_timeout_ms),
+            deadline: Duration::from_millis(self.deadline_ms),
+            breaker_threshold: self.breaker_threshold,
+            breaker_cooldown: Duration::from_secs(self.breaker_cooldown_secs),
+        }
+    }
+}
+
+/// `[admin]`: who may call the admin RPC (on `[server] admin_listen` or
+/// `[server.admin_unix_socket]`), and what.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin API keys (`x-api-key`), by SHA-256 only.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// TLS on `admin_listen`; with `client_ca_file`, client certificates are admin identities.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Which admin identity may call which RPC. Deny by default.
+    #[serde(default)]
+    pub rules: Vec<crate::admin::AdminRule>,
+}
+
+/// `[keystore]`: where keys added through the admin RPC are kept, encrypted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeystoreConfig {
+    /// The store file (created on the first change; its directory must exist).
+    pub path: PathBuf,
+    /// A file holding the key-encryption key: 32 random bytes as base64
+    /// (`head -c 32 /dev/urandom | base64`).
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+    /// Or the name of an environment variable holding it.
+    #[serde(default)]
+    pub kek_env: Option<String>,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `stdout`, `stderr`, or a file path to append JSON lines to.
+    #[serde(default = "default_audit_sink")]
+    pub sink: String,
+    /// Seconds identical refusals are counted instead of written one by one (0: write each).
+    #[serde(default = "default_repeat_window")]
+    #[serde(deserialize_with = "de_secs")]
+    pub repeat_window_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            sink: default_audit_sink(),
+            repeat_window_secs: default_repeat_window(),
+        }
+    }
+}
+
+fn default_repeat_window() -> u64 {
+    crate::audit::DEFAULT_REPEAT_WINDOW.as_secs()
+}
+
+fn default_audit_sink() -> String {
+    "stdout".to_owned()
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy file (TOML, see examples/policies/). Without one every
+    /// request is denied.
+    pub file: Option<PathBuf>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Static API keys, sent as the `x-api-key` header. Only their SHA-256 is configured.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Kubernetes projected service-account tokens.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// `[[auth.api_keys]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The caller identity the key proves (what policy rules name).
+    pub identity: String,
+    /// Lowercase hex SHA-256 of the key: `printf %s "$KEY" | sha256sum`.
+    pub sha256: String,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The gRPC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Admit callers that present no credentials. For development only.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// A Unix socket listener for sidecar mode, with its own caller identity.
+    #[serde(default)]
+    pub unix_socket: Option<UnixSocketConfig>,
+    /// Serve TLS on `listen`; with `client_ca_file`, client certificates are identities (mTLS).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// How callers on `listen` may prove who they are. Default: a client
+    /// certificate alone when `[server.tls] client_ca_file` is set, otherwise
+    /// every mechanism configured under `[auth]`. (The Unix socket listener
+    /// has its own: the peer.)
+    #[serde(default)]
+    pub accept: Option<Vec<Mechanism>>,
+    /// The admin RPC's TCP listen address (never the same listener as `listen`).
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// The admin RPC on a Unix socket: every peer is its `identity`, if its uid is allowed.
+    #[serde(default)]
+    pub admin_unix_socket: Option<UnixSocketConfig>,
+    /// After SIGTERM/SIGINT, seconds requests are still served while health
+    /// already says NOT_SERVING (give load balancers time to notice; 5 suits Kubernetes).
+    #[serde(default)]
+    #[serde(deserialize_with = "de_secs")]
+    pub drain_delay_secs: u64,
+    /// Then seconds in-flight requests get to finish.
+    #[serde(default = "default_grace")]
+    #[serde(deserialize_with = "de_secs")]
+    pub grace_period_secs: u64,
+    /// The largest request message accepted, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Requests waiting on Box at once, over all callers (cache hits never count).
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_requests: usize,
+    /// Requests waiting on Box at once, per caller identity.
+    #[serde(default = "default_max_concurrent_per_caller")]
+    pub max_concurrent_requests_per_caller: usize,
+    /// The longest a request may take, in seconds (a caller's deadline may be shorter).
+    #[serde(default = "default_request_timeout")]
+    #[serde(deserialize_with = "de_secs")]
+    pub request_timeout_secs: u64,
+    /// Connections open at once on each listener; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections open at once on a listener from one TCP peer address (0: no limit).
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// Requests in progress on one HTTP/2 connection.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+    /// The largest request header block, in bytes.
+    #[serde(default = "default_max_header_list")]
+    pub max_header_list_bytes: u32,
+    /// Seconds from accept until TLS and the HTTP/2 preface are done.
+    #[serde(default = "default_handshake_timeout")]
+    #[serde(deserialize_with = "de_secs")]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a connection may stay without a request in progress before GOAWAY.
+    #[serde(default = "default_idle_timeout")]
+    #[serde(deserialize_with = "de_secs")]
+    pub idle_timeout_secs: u64,
+    /// The same, for a connection that has not carried an authenticated request yet.
+    #[serde(default = "default_unauthenticated_idle_timeout")]
+    #[serde(deserialize_with = "de_secs")]
+    pub unauthenticated_idle_timeout_secs: u64,
+    /// Seconds after which any connection gets GOAWAY (0: never).
+    #[serde(default = "default_max_connection_age")]
+    #[serde(deserialize_with = "de_secs")]
+    pub max_connection_age_secs: u64,
+    /// Seconds between HTTP/2 PINGs that find half-open connections (0: none).
+    #[serde(default = "default_keepalive_interval")]
+    #[serde(deserialize_with = "de_secs")]
+    pub keepalive_interval_secs: u64,
+    /// Seconds a PING may go unanswered before the connection is closed.
+    #[serde(default = "default_keepalive_timeout")]
+    #[serde(deserialize_with = "de_secs")]
+    pub keepalive_timeout_secs: u64,
+    /// Streams reset for a peer's protocol errors before the connection gets GOAWAY.
+    #[serde(default = "default_max_local_reset_streams")]
+    pub max_local_reset_streams: usize,
+    /// Failed authentications per second a peer may have before its requests
+    /// are refused without checking credentials.
+    #[serde(default = "default_failed_auth_rate")]
+    pub failed_auth_per_second: f64,
+    /// The burst above that rate.
+    #[serde(default = "default_failed_auth_burst")]
+    pub failed_auth_burst: u32,
+    /// Each caller's sustained request rate (0: no limit).
+    #[serde(default)]
+    pub rate_limit_per_second: f64,
+    /// Each caller's burst above the rate (default: one second's worth, at least 1).
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
+    /// The Prometheus metrics address (`GET /metrics`); none when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+fn default_grace() -> u64 {
+    20
+}
+fn default_max_message() -> usize {
+    64 * 1024
+}
+fn default_max_concurrent() -> usize {
+    1024
+}
+fn default_max_concurrent_per_caller() -> usize {
+    64
+}
+fn default_request_timeout() -> u64 {
+    30
+}
+fn default_max_connections() -> usize {
+    ConnectionLimits::default().max_connections
+}
+fn default_max_connections_per_peer() -> usize {
+    ConnectionLimits::default().max_connections_per_peer
+}
+fn default_max_streams() -> u32 {
+    ConnectionLimits::default().max_concurrent_streams
+}
+fn default_max_header_list() -> u32 {
+    ConnectionLimits::default().max_header_list_bytes
+}
+fn default_handshake_timeout() -> u64 {
+    ConnectionLimits::default().handshake_timeout.as_secs()
+}
+fn default_idle_timeout() -> u64 {
+    ConnectionLimits::default().idle_timeout.as_secs()
+}
+fn default_unauthenticated_idle_timeout() -> u64 {
+    ConnectionLimits::default().unauthenticated_idle_timeout.as_secs()
+}
+fn default_max_connection_age() -> u64 {
+    ConnectionLimits::default()
+        .max_connection_age
+        .map_or(0, |d| d.as_secs())
+}
+fn default_keepalive_interval() -> u64 {
+    ConnectionLimits::default()
+        .keepalive_interval
+        .map_or(0, |d| d.as_secs())
+}
+fn default_keepalive_timeout() -> u64 {
+    ConnectionLimits::default().keepalive_timeout.as_secs()
+}
+fn default_max_local_reset_streams() -> usize {
+    ConnectionLimits::default().max_local_reset_streams
+}
+fn default_failed_auth_rate() -> f64 {
+    10.0
+}
+fn default_failed_auth_burst() -> u32 {
+    20
+}
+
+/// A way for callers on the TCP listener to prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    /// An mTLS client certificate (`[server.tls] client_ca_file`).
+    ClientCertificate,
+    /// An `x-api-key` header (`[[auth.api_keys]]`).
+    ApiKey,
+    /// A Kubernetes service-account token (`[auth.kubernetes]`).
+    Kubernetes,
+}
+
+/// `[server.tls]`: the broker's certificate and the CA its callers' certificates must chain to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The server's private key (PEM).
+    pub key_file: PathBuf,
+    /// The CA that signs callers' client certificates (PEM). Without it the
+    /// listener serves TLS but takes no client certificates.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `[server.unix_socket]`: every peer is `identity`, if its uid is allowed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixSocketConfig {
+    /// The socket's path. A stale socket file there is replaced.
+    pub path: PathBuf,
+    /// The caller identity of every peer (what policy rules name).
+    pub identity: String,
+    /// Peer uids allowed to connect; empty means any (rely on file permissions).
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            allow_anonymous: false,
+            unix_socket: None,
+            tls: None,
+            accept: None,
+            admin_listen: None,
+            admin_unix_socket: None,
+            drain_delay_secs: 0,
+            grace_period_secs: default_grace(),
+            max_message_bytes: default_max_message(),
+            max_concurrent_requests: default_max_concurrent(),
+            max_concurrent_requests_per_caller: default_max_concurrent_per_caller(),
+            request_timeout_secs: default_request_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_peer: default_max_connections_per_peer(),
+            max_concurrent_streams: default_max_streams(),
+            max_header_list_bytes: default_max_header_list(),
+            handshake_timeout_secs: default_handshake_timeout(),
+            idle_timeout_secs: default_idle_timeout(),
+            unauthenticated_idle_timeout_secs: default_unauthenticated_idle_timeout(),
+            max_connection_age_secs: default_max_connection_age(),
+            keepalive_interval_secs: default_keepalive_interval(),
+            keepalive_timeout_secs: default_keepalive_timeout(),
+            max_local_reset_streams: default_max_local_reset_streams(),
+            failed_auth_per_second: default_failed_auth_rate(),
+            failed_auth_burst: default_failed_auth_burst(),
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: None,
+            metrics_listen: None,
+        }
+    }
+}
+
+impl Settings {
+    /// The mechanisms the TCP listener accepts (`[server] accept`, or its default).
+    pub fn accepted(&self) -> Vec<Mechanism> {
+        if let Some(accept) = &self.server.accept {
+            let mut accept = accept.clone();
+            accept.sort();
+            accept.dedup();
+            return accept;
+        }
+        if self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
+            return vec![Mechanism::ClientCertificate];
+        }
+        let mut accept = Vec::new();
+        if !self.auth.api_keys.is_empty() {
+            accept.push(Mechanism::ApiKey);
+        }
+        if self.auth.kubernetes.is_some() {
+            accept.push(Mechanism::Kubernetes);
+        }
+        accept
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 50051))
+}
+
+impl Mechanism {
+    /// The name used in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ClientCertificate => "client_certificate",
+            Self::ApiKey => "api_key",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bound on cached tokens.
+    #[serde(default = "default_max_entries")]
+    pub max_entries: u64,
+    /// Seconds of life a served token keeps beyond the caller's `min_ttl` (at least 60).
+    #[serde(default = "default_margin")]
+    #[serde(deserialize_with = "de_secs")]
+    pub safety_margin_secs: u64,
+    /// Seconds before the margin begins that hits start a background refresh.
+    #[serde(default = "default_refresh_ahead")]
+    #[serde(deserialize_with = "de_secs")]
+    pub refresh_ahead_secs: u64,
+    /// Seconds a "no such user" (or unreachable target) answer from Box is
+    /// remembered, so repeating the request does not ask Box again.
+    #[serde(default = "default_unknown_subject_ttl")]
+    #[serde(deserialize_with = "de_secs")]
+    pub unknown_subject_ttl_secs: u64,
+    /// A `force_refresh` is served a token minted this few seconds ago
+    /// instead of another mint: at most one forced mint per key per interval.
+    #[serde(default = "default_force_refresh_interval")]
+    #[serde(deserialize_with = "de_secs")]
+    pub force_refresh_interval_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: default_max_entries(),
+            safety_margin_secs: default_margin(),
+            refresh_ahead_secs: default_refresh_ahead(),
+            unknown_subject_ttl_secs: default_unknown_subject_ttl(),
+            force_refresh_interval_secs: default_force_refresh_interval(),
+        }
+    }
+}
+
+fn default_unknown_subject_ttl() -> u64 {
+    crate::cache::DEFAULT_NEGATIVE_TTL.as_secs()
+}
+fn default_force_refresh_interval() -> u64 {
+    crate::cache::DEFAULT_FORCE_REFRESH_INTERVAL.as_secs()
+}
+
+fn default_max_entries() -> u64 {
+    DEFAULT_MAX_ENTRIES
+}
+fn default_margin() -> u64 {
+    DEFAULT_SAFETY_MARGIN.as_secs()
+}
+fn default_refresh_ahead() -> u64 {
+    DEFAULT_REFRESH_AHEAD.as_secs()
+}
+
+impl CacheConfig {
+    /// The cache policy these settings describe.
+    pub fn policy(&self) -> CachePolicy {
+        CachePolicy {
+            safety_margin: Duration::from_secs(self.safety_margin_secs),
+            refresh_ahead: Duration::from_secs(self.refresh_ahead_secs),
+            refresh_jitter: crate::cache::REFRESH_JITTER,
+            max_entries: self.max_entries,
+            negative_ttl: Duration::from_secs(self.unknown_subject_ttl_secs),
+            force_refresh_interval: Duration::from_secs(self.force_refresh_interval_secs),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `box_token_broker=debug`. `RUST_LOG` wins when set.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people.
+    #[default]
+    Human,
+    /// One JSON object per line, for collectors.
+    Json,
+}
+
+/// `[apps.NAME]`: where one Box app's credentials come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The JSON file the Box developer console downloads.
+    pub box_config_file: Option<PathBuf>,
+    /// Client id (overrides the JSON's).
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub client_id: Option<String>,
+    /// File holding the client secret (overrides the JSON's).
+    pub client_secret_file: Option<PathBuf>,
+    /// Enterprise id (overrides the JSON's).
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub enterprise_id: Option<String>,
+    /// The public key id Box assigned (overrides the JSON's).
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub public_key_id: Option<String>,
+    /// PEM private key file (overrides the JSON's).
+    pub private_key_file: Option<PathBuf>,
+    /// File holding the private key's passphrase (overrides the JSON's).
+    pub private_key_passphrase_file: Option<PathBuf>,
+    /// Where token requests go; `aud` stays `https://api.box.com/oauth2/token`.
+    #[serde(default = "default_api_base_url")]
+    pub api_base_url: String,
+    /// `RS256` (default), `RS384` or `RS512`.
+    #[serde(default)]
+    pub jwt_algorithm: JwtAlgorithm,
+}
+
+fn default_api_base_url() -> String {
+    DEFAULT_API_BASE_URL.to_owned()
+}
+
+/// Ids are strings, but a number (from TOML or an env override) is accepted.
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        N(i64),
+    }
+    Ok(Option::<Id>::deserialize(d)?.map(|id| match id {
+        Id::S(s) => s,
+        Id::N(n) => n.to_string(),
+    }))
+}
+
+impl AppConfig {
+    /// The credential sources this section names.
+    pub fn sources(&self) -> CredentialSources {
+        CredentialSources {
+            box_config_file: self.box_config_file.clone(),
+            client_id: self.client_id.clone(),
+            client_secret_file: self.client_secret_file.clone(),
+            enterprise_id: self.enterprise_id.clone(),
+            public_key_id: self.public_key_id.clone(),
+            private_key_file: self.private_key_file.clone(),
+            private_key_passphrase_file: self.private_key_passphrase_file.clone(),
+            algorithm: self.jwt_algorithm,
+        }
+    }
+}

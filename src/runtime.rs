@@ -1,0 +1,572 @@
+//! Building and running a broker: the one place that assembles its parts
+//! (the broker, the admin side, audit, listeners, metrics, the policy
+//! watcher) and serves them until a shutdown signal.
+//!
+//! `serve` builds a [`Runtime`] from a validated [`Config`]
+//! ([`Prepared::from_config`], where everything bad config can break fails,
+//! then [`Prepared::bind`]); `dev`, the integration tests and
+//! `broker-bench` build theirs from parts made in code ([`Runtime::new`],
+//! [`Runtime::listen`]). All of them then [`Runtime::run`] it. The edge
+//! mode will be another assembly of the same parts.
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, signal::unix::Signal};
+
+use crate::{
+    admin::{AdminRules, KeyAdmin},
+    audit::AuditSink,
+    auth::{Authenticator, kubernetes::KubernetesAuth},
+    boxapi::BoxClient,
+    broker::{App, Broker, UpstreamBudget},
+    clock::SharedClock,
+    config::{ApiKeyConfig, AuditConfig, Config, ConfigError, KeystoreConfig, Mechanism, ServerConfig, TlsConfig},
+    keys::store::{Kek, KeyStore},
+    metrics::RpcMetrics,
+    policy::Policy,
+    reload::{POLL_INTERVAL, PolicyWatcher},
+    service::{self, ClientCertificates, ConnectionLimits, Listener, Role, ServeError, ServeOptions, ServerTls},
+};
+
+/// A broker and what serves it, ready to run.
+#[derive(Debug)]
+pub struct Runtime {
+    broker: Arc<Broker>,
+    audit: Arc<AuditSink>,
+    options: ServeOptions,
+    endpoints: Vec<(Listener, Role)>,
+    metrics: Option<TcpListener>,
+    policy_file: Option<PathBuf>,
+    hangups: Option<Signal>,
+    /// Socket files to remove once stopped.
+    unix_sockets: Vec<PathBuf>,
+}
+
+impl Runtime {
+    /// `broker`, auditing to `audit`, with default serve options and no
+    /// listener yet.
+    pub fn new(broker: Arc<Broker>, audit: Arc<AuditSink>) -> Self {
+        Self {
+            broker,
+            audit,
+            options: ServeOptions::default(),
+            endpoints: Vec::new(),
+            metrics: None,
+            policy_file: None,
+            hangups: None,
+            unix_sockets: Vec::new(),
+        }
+    }
+
+    /// Serves with `options` (limits, drain and grace periods, counters).
+    #[must_use]
+    pub fn with_options(mut self, options: ServeOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Serves `role` on an already-bound `listener`.
+    #[must_use]
+    pub fn listen(mut self, listener: Listener, role: Role) -> Self {
+        self.endpoints.push((listener, role));
+        self
+    }
+
+    /// Serves `GET /metrics` on `listener`.
+    #[must_use]
+    pub fn with_metrics(mut self, listener: TcpListener) -> Self {
+        self.metrics = Some(listener);
+        self
+    }
+
+    /// Reloads the policy from `file` when it changes or on SIGHUP (`hangups`).
+    #[must_use]
+    pub fn watch_policy(mut self, file: Option<PathBuf>, hangups: Option<Signal>) -> Self {
+        self.policy_file = file;
+        self.hangups = hangups;
+        self
+    }
+
+    /// The broker it serves.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Where the client API's RPCs are counted (what `/metrics` reads).
+    pub fn rpc_metrics(&self) -> RpcMetrics {
+        self.options.rpc_metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves (or a listener fails), then drains
+    /// (see [`service::serve_with`]) and cleans up: the metrics server and
+    /// the policy watcher stop, Unix socket files are removed.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        fit_to_open_files(&mut self.options.connections, self.endpoints.len());
+        let metrics = self.metrics.take().map(|listener| {
+            let registry = crate::metrics::registry(
+                self.broker.clone(),
+                self.options.rpc_metrics.clone(),
+                self.options.counters.clone(),
+            );
+            tokio::spawn(crate::metrics::serve(listener, registry, std::future::pending()))
+        });
+        let watcher = match self.policy_file.take() {
+            Some(file) => {
+                tokio::spawn(PolicyWatcher::new(file, self.broker.clone()).run(POLL_INTERVAL, self.hangups.take()))
+            }
+            None => tokio::spawn(crate::reload::log_hangups(self.hangups.take())),
+        };
+        let served = service::serve_with(self.options, self.broker, self.endpoints, self.audit, shutdown).await;
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
+        watcher.abort();
+        for path in &self.unix_sockets {
+            let _ = std::fs::remove_file(path);
+        }
+        served
+    }
+}
+
+/// Everything `serve` builds from a config before it binds a port: what
+/// bad config can break (credentials, policy, TLS files, the cluster's
+/// keys, the key store, the audit sink) fails here.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Its admin side (keys, secrets, the key store).
+    pub admin: Arc<KeyAdmin>,
+    auth: Authenticator,
+    tls: Option<ServerTls>,
+    admin_tls: Option<ServerTls>,
+    audit: Arc<AuditSink>,
+}
+
+impl Prepared {
+    /// Builds the parts `config` names; `env` looks up `[keystore] kek_env`.
+    pub async fn from_config(
+        config: &Config,
+        clock: SharedClock,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let broker = Arc::new(build_broker(config, clock)?);
+        let auth = authenticator(config).await?;
+        // A client certificate is optional when the listener also accepts other credentials.
+        let certificate_optional = config.accepted().len() > 1;
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(|tls| server_tls(tls, "server.tls", certificate_optional))
+            .transpose()?;
+        let admin_tls = config
+            .admin
+            .tls
+            .as_ref()
+            .map(|tls| server_tls(tls, "admin.tls", !config.admin.api_keys.is_empty()))
+            .transpose()?;
+        let audit = Arc::new(open_audit(&config.audit)?);
+        let store = config.keystore.as_ref().map(|k| open_key_store(k, env)).transpose()?;
+        let admin = KeyAdmin::open(broker.clone(), store)
+            .map(Arc::new)
+            .map_err(|e| ConfigError::new(format!("key store {}", e.path), e.problem))?;
+        Ok(Self {
+            broker,
+            admin,
+            auth,
+            tls,
+            admin_tls,
+            audit,
+        })
+    }
+
+    /// Binds every listener `config` names (client, Unix socket, admin,
+    /// metrics) and returns the runtime that serves them; `hangups` reload
+    /// the policy. An error names the address that could not be bound.
+    pub async fn bind(self, config: &Config, hangups: Option<Signal>) -> Result<Runtime, String> {
+        let Self {
+            broker,
+            admin,
+            auth,
+            tls,
+            admin_tls,
+            audit,
+        } = self;
+        let mut runtime = Runtime::new(broker, audit)
+            .with_options(serve_options(&config.server))
+            .watch_policy(config.policy.file.clone(), hangups);
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+        let bound = listener
+            .local_addr()
+            .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
+        runtime = runtime.listen(
+            match tls {
+                Some(tls) => Listener::Tls(listener, auth, tls),
+                None => Listener::Tcp(listener, auth),
+            },
+            Role::Client,
+        );
+        if let Some(unix) = &config.server.unix_socket {
+            let listener =
+                bind_unix(&unix.path).map_err(|e| format!("cannot listen on {}: {e}", unix.path.display()))?;
+            tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving gRPC on a Unix socket");
+            let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
+            runtime = runtime.listen(Listener::Unix(listener, auth), Role::Client);
+            runtime.unix_sockets.push(unix.path.clone());
+        }
+        match admin.write_pending_purge() {
+            Ok(true) => tracing::info!("dropped retired keys' private material from the key store"),
+            Ok(false) => {}
+            // Memory holds none already; the next change rewrites the store.
+            Err(e) => tracing::warn!(error = %e, "could not drop retired keys' private material from the key store"),
+        }
+        let admin_role = Role::Admin(admin, AdminRules(config.admin.rules.clone()));
+        if let Some(addr) = config.server.admin_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
+            let auth = admin_authenticator(config);
+            // The bound address (port 0 picks one).
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(listen = %bound, tls = admin_tls.is_some(), "serving the admin RPC");
+            let listener = match admin_tls {
+                Some(tls) => Listener::Tls(listener, auth, tls),
+                None => Listener::Tcp(listener, auth),
+            };
+            runtime = runtime.listen(listener, admin_role.clone());
+        }
+        if let Some(unix) = &config.server.admin_unix_socket {
+            let listener =
+                bind_unix(&unix.path).map_err(|e| format!("cannot listen on {} (admin): {e}", unix.path.display()))?;
+            let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
+            tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving the admin RPC on a Unix socket");
+            runtime = runtime.listen(Listener::Unix(listener, auth), admin_role);
+            runtime.unix_sockets.push(unix.path.clone());
+        }
+        for app in runtime.broker.apps() {
+            tracing::info!(app = %app.name, auth = %app.auth_summary(), "app loaded");
+        }
+        if config.server.allow_anonymous {
+            tracing::warn!(
+                "anonymous callers are allowed ([server] allow_anonymous = true): any process that reaches the listener gets tokens"
+            );
+        }
+        if config.policy.file.is_none() {
+            tracing::warn!("no [policy] file is configured: every request will be denied");
+        }
+        let accepted: Vec<&str> = config.accepted().into_iter().map(Mechanism::name).collect();
+        tracing::info!(
+            listen = %bound,
+            tls = config.server.tls.is_some(),
+            // A plain string (a JSON log line holds no JSON inside a string).
+            accept = accepted.join(","),
+            "serving gRPC"
+        );
+        if let Some(addr) = config.server.metrics_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))?;
+            let bound = listener
+                .local_addr()
+                .map_or_else(|_| addr.to_string(), |a| a.to_string());
+            tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
+            runtime = runtime.with_metrics(listener);
+        }
+        Ok(runtime)
+    }
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file (never any other file).
+fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+/// Descriptors kept free of connections, for Box, files and the metrics listener.
+const RESERVED_FILES: u64 = 256;
+
+/// Lowers each listener's connection cap so that all of them together fit
+/// under the open-files limit (less [`RESERVED_FILES`]), saying so: a cap
+/// the process cannot reach would leave `accept` failing instead.
+fn fit_to_open_files(limits: &mut ConnectionLimits, listeners: usize) {
+    let Some(files) = crate::process::open_files_limit() else {
+        return;
+    };
+    let listeners = u64::try_from(listeners.max(1)).unwrap_or(1);
+    let room = files.saturating_sub(RESERVED_FILES).max(16 * listeners) / listeners;
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    if limits.max_connections > room {
+        tracing::warn!(
+            open_files = files,
+            max_connections = limits.max_connections,
+            lowered_to = room,
+            "[server] max_connections does not fit the open-files limit (ulimit -n) for every listener; lowered"
+        );
+        limits.max_connections = room;
+    }
+}
+
+/// Loads every app's credentials (reading and decrypting key files) and
+/// builds the broker, with the budget `[server]` sets. Errors name the
+/// file and the problem.
+pub fn build_broker(config: &Config, clock: SharedClock) -> Result<Broker, ConfigError> {
+    let mut apps = Vec::with_capacity(config.apps.len());
+    for (name, app) in &config.apps {
+        let credentials = app
+            .sources()
+            .load(name)
+            .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?;
+        let client = BoxClient::new(&app.api_base_url, clock.clone())
+            .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?
+            .with_policy(config.upstream.policy());
+        apps.push(App::new(name.as_str(), &credentials, client));
+    }
+    let policy = match &config.policy.file {
+        Some(file) => Policy::load(file).map_err(|e| ConfigError::new("policy.file", e.to_string()))?,
+        None => Policy::default(),
+    };
+    Ok(Broker::new(apps, clock, config.cache.policy(), policy).with_budget(upstream_budget(&config.server)))
+}
+
+/// The TCP listener's caller authenticator: the mechanisms of
+/// [`crate::config::Settings::accepted`]. This loads the Kubernetes JWKS (reading the file
+/// or fetching the URL) when that mechanism is accepted.
+pub async fn authenticator(config: &Config) -> Result<Authenticator, ConfigError> {
+    let accepted = config.accepted();
+    let mut authenticator = Authenticator::new(config.server.allow_anonymous);
+    if accepted.contains(&Mechanism::ClientCertificate) {
+        authenticator = authenticator.with_mtls();
+    }
+    if accepted.contains(&Mechanism::ApiKey) {
+        authenticator = authenticator.with_api_keys(hashed(&config.auth.api_keys));
+    }
+    if let Some(k8s) = config
+        .auth
+        .kubernetes
+        .as_ref()
+        .filter(|_| accepted.contains(&Mechanism::Kubernetes))
+    {
+        let kubernetes = KubernetesAuth::new(k8s.clone())
+            .await
+            .map_err(|problem| ConfigError::new("auth.kubernetes", problem))?;
+        authenticator = authenticator.with_kubernetes(Arc::new(kubernetes));
+    }
+    Ok(authenticator)
+}
+
+/// The admin listener's authenticator (API keys and/or client certificates).
+pub fn admin_authenticator(config: &Config) -> Authenticator {
+    let mut auth = Authenticator::new(false);
+    if config.admin.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
+        auth = auth.with_mtls();
+    }
+    if !config.admin.api_keys.is_empty() {
+        auth = auth.with_api_keys(hashed(&config.admin.api_keys));
+    }
+    auth
+}
+
+/// How the server starts, stops and limits callers and connections.
+pub fn serve_options(server: &ServerConfig) -> ServeOptions {
+    let secs = Duration::from_secs;
+    ServeOptions {
+        drain_delay: secs(server.drain_delay_secs),
+        grace_period: secs(server.grace_period_secs),
+        max_message_bytes: server.max_message_bytes,
+        rate_limit: (server.rate_limit_per_second > 0.0).then(|| {
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a validated, finite, positive rate"
+            )]
+            let default_burst = (server.rate_limit_per_second.ceil() as u32).max(1);
+            let burst = server.rate_limit_burst.unwrap_or(default_burst);
+            (server.rate_limit_per_second, burst.max(1))
+        }),
+        failed_auth: (server.failed_auth_per_second, server.failed_auth_burst.max(1)),
+        request_timeout: secs(server.request_timeout_secs),
+        connections: ConnectionLimits {
+            max_connections: server.max_connections,
+            max_connections_per_peer: server.max_connections_per_peer,
+            max_concurrent_streams: server.max_concurrent_streams,
+            max_header_list_bytes: server.max_header_list_bytes,
+            handshake_timeout: secs(server.handshake_timeout_secs),
+            idle_timeout: secs(server.idle_timeout_secs),
+            unauthenticated_idle_timeout: secs(server.unauthenticated_idle_timeout_secs),
+            max_connection_age: (server.max_connection_age_secs > 0).then(|| secs(server.max_connection_age_secs)),
+            keepalive_interval: (server.keepalive_interval_secs > 0).then(|| secs(server.keepalive_interval_secs)),
+            keepalive_timeout: secs(server.keepalive_timeout_secs),
+            max_local_reset_streams: server.max_local_reset_streams,
+        },
+        counters: Arc::default(),
+        rpc_metrics: RpcMetrics::default(),
+    }
+}
+
+/// The broker's budget for requests that wait on Box.
+pub fn upstream_budget(server: &ServerConfig) -> UpstreamBudget {
+    UpstreamBudget::new(
+        server.max_concurrent_requests,
+        server.max_concurrent_requests_per_caller,
+    )
+}
+
+/// Reads and checks the files (certificates and key parsed, the key
+/// matched to the certificate, the CA usable); errors name `section`
+/// and the file. `certificate_optional` lets callers without a client
+/// certificate through the handshake (to authenticate another way).
+pub fn server_tls(tls: &TlsConfig, section: &str, certificate_optional: bool) -> Result<ServerTls, ConfigError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| ConfigError::new(section, format!("{}: cannot read: {e}", path.display())))
+    };
+    let cert = read(&tls.cert_file)?;
+    let key = zeroize::Zeroizing::new(read(&tls.key_file)?);
+    let ca = tls.client_ca_file.as_deref().map(read).transpose()?;
+    let requirement = if certificate_optional {
+        ClientCertificates::Optional
+    } else {
+        ClientCertificates::Required
+    };
+    ServerTls::from_pem(&cert, &key, ca.as_deref().map(|ca| (ca, requirement))).map_err(|e| {
+        let file = match e.part {
+            "the certificate chain" => &tls.cert_file,
+            "the client CA" => tls.client_ca_file.as_ref().unwrap_or(&tls.cert_file),
+            _ => &tls.key_file,
+        };
+        ConfigError::new(section, format!("{}: {}: {}", file.display(), e.part, e.problem))
+    })
+}
+
+/// Opens the sink (a file is created if missing; its directory must exist).
+pub fn open_audit(audit: &AuditConfig) -> Result<AuditSink, ConfigError> {
+    let window = Some(Duration::from_secs(audit.repeat_window_secs));
+    let sink = match audit.sink.as_str() {
+        "stdout" => {
+            AuditSink::stdout().map_err(|e| ConfigError::new("audit.sink", format!("stdout: cannot be used: {e}")))
+        }
+        "stderr" => {
+            AuditSink::stderr().map_err(|e| ConfigError::new("audit.sink", format!("stderr: cannot be used: {e}")))
+        }
+        path => AuditSink::file(Path::new(path))
+            .map_err(|e| ConfigError::new("audit.sink", format!("{path}: cannot open: {e}"))),
+    }?;
+    Ok(sink.with_repeat_window(window))
+}
+
+/// Reads the KEK and opens the store (without loading it). `env` looks up
+/// `kek_env`. Errors name the file or variable, never the key.
+pub fn open_key_store(store: &KeystoreConfig, env: impl Fn(&str) -> Option<String>) -> Result<KeyStore, ConfigError> {
+    let text =
+        match (&store.kek_file, &store.kek_env) {
+            (Some(file), None) => {
+                refuse_world_readable("keystore.kek_file", file)?;
+                zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
+                    ConfigError::new("keystore.kek_file", format!("{}: cannot read: {e}", file.display()))
+                })?)
+            }
+            (None, Some(var)) => zeroize::Zeroizing::new(env(var).ok_or_else(|| {
+                ConfigError::new("keystore.kek_env", format!("the environment variable {var} is not set"))
+            })?),
+            _ => {
+                return Err(ConfigError::new(
+                    "keystore",
+                    "set exactly one of kek_file and kek_env (the key-encryption key)",
+                ));
+            }
+        };
+    let kek = Kek::parse(&text).map_err(|problem| {
+        let source = store.kek_file.as_ref().map_or_else(
+            || store.kek_env.clone().unwrap_or_default(),
+            |f| f.display().to_string(),
+        );
+        ConfigError::new("keystore", format!("{source}: {problem}"))
+    })?;
+    Ok(KeyStore::new(store.path.clone(), kek))
+}
+
+/// Refuses a secret file that users other than its owner and group may
+/// read or write (a Kubernetes Secret volume's default mode, 0644, is one:
+/// set `defaultMode: 0400`, or 0440 with an `fsGroup`).
+fn refuse_world_readable(section: &str, file: &Path) -> Result<(), ConfigError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(file)
+            .map_err(|e| ConfigError::new(section, format!("{}: cannot read: {e}", file.display())))?
+            .permissions()
+            .mode();
+        if mode & 0o007 != 0 {
+            return Err(ConfigError::new(
+                section,
+                format!(
+                    "{}: other users may read or write it (mode {:04o}); make it owner-only: chmod 0400 (or 0440 for a group)",
+                    file.display(),
+                    mode & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn hashed(keys: &[ApiKeyConfig]) -> Vec<(String, [u8; 32])> {
+    keys.iter()
+        .filter_map(|k| {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&k.sha256, &mut hash)
+                .ok()
+                .map(|()| (k.identity.clone(), hash))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    #[test]
+    fn the_keystore_needs_exactly_one_kek_source_and_never_echoes_it() {
+        let text = "[apps.default]\nbox_config_file = \"box_config.json\"\n[keystore]\npath = \"keys.json\"\nkek_env = \"MY_KEK\"\n";
+        let c = Config::parse(text, Path::new("broker.toml"), std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
+        let store = c.keystore.as_ref().unwrap_or_else(|| unreachable!());
+        let e = open_key_store(store, |_| None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(e, "keystore.kek_env: the environment variable MY_KEK is not set");
+        let e = open_key_store(store, |_| Some("short-secret-value".to_owned()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("keystore: MY_KEK: the key-encryption key must be 32 bytes"),
+            "{e}"
+        );
+        assert!(!e.contains("short-secret-value"), "{e}");
+        assert!(open_key_store(store, |_| Some("ab".repeat(32))).is_ok());
+        let both = KeystoreConfig {
+            kek_file: Some(PathBuf::from("kek")),
+            ..store.clone()
+        };
+        assert!(open_key_store(&both, |_| None).is_err());
+    }
+}
