@@ -10,7 +10,7 @@ use secrecy::SecretString;
 
 use crate::{
     boxapi::{BoxSubject, DiagnosisKind, private_key::decode_private_key},
-    broker::{App, Broker, Subject},
+    broker::{AfterTrial, App, Broker, Subject},
     keys::{
         KeyEntry, KeyOrigin, KeyState, Ring, RingError, SecretEntry, SecretOrigin,
         store::{KeyStore, StoreError, StoredApp, StoredState},
@@ -270,7 +270,7 @@ impl KeyAdmin {
         credentials: &crate::boxapi::AppCredentials,
         what: &str,
     ) -> Result<(), AdminError> {
-        app.trial_mint(credentials, false).await.map_err(|diagnosis| {
+        app.trial_mint(credentials, AfterTrial::Expire).await.map_err(|diagnosis| {
             tracing::warn!(app = %app.name, error = %diagnosis.message, "the trial mint with {what} failed; nothing changed");
             let prefix = match diagnosis.kind {
                 DiagnosisKind::Unavailable => "Box could not be asked",

@@ -377,6 +377,15 @@ fn hex_into(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
+/// Which counts of repeated refusals [`AuditSink::flush_repeats`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Those whose window has closed (each second).
+    Closed,
+    /// Every one (at shutdown).
+    All,
+}
+
 /// How long identical refusals are counted instead of written (see the
 /// module documentation).
 pub const DEFAULT_REPEAT_WINDOW: Duration = Duration::from_secs(10);
@@ -569,8 +578,10 @@ impl AuditSink {
     }
 
     /// Writes the counts of repeats whose window has closed (or, with
-    /// `all`, of every kind being counted: at shutdown), and forgets them.
-    pub fn flush_repeats(&self, all: bool) {
+    /// [`Flush::All`], of every kind being counted: at shutdown), and
+    /// forgets them.
+    pub fn flush_repeats(&self, which: Flush) {
+        let all = which == Flush::All;
         let Some(repeats) = &self.repeats else {
             return;
         };
@@ -785,9 +796,9 @@ mod tests {
         );
         assert!(records[0].get("repeated").is_none());
         assert_eq!(records[1]["reason"], "no credentials");
-        sink.flush_repeats(false);
+        sink.flush_repeats(Flush::Closed);
         assert_eq!(lines(&buffer).len(), 5, "the window is still open");
-        sink.flush_repeats(true);
+        sink.flush_repeats(Flush::All);
         let records = lines(&buffer);
         assert_eq!(records.len(), 6, "one summary, for the kind that repeated");
         assert_eq!(records[5]["repeated"], 999);

@@ -21,7 +21,7 @@ use secrecy::SecretString;
 use crate::{
     boxapi::{
         AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, Diagnosis, DiagnosisKind, Downscope, IssuedToken,
-        error::{diagnose, diagnose_exchange},
+        error::{Grant, diagnose, diagnose_exchange},
     },
     cache::{
         CacheError, CachePolicy, CachedToken, FlightPermit, Lookup, Minter, Need, Served, TokenCache, TokenKey,
@@ -144,7 +144,8 @@ impl App {
     /// app's own, or a candidate key or secret), as the first request would,
     /// then revokes it (when `revoke`): Box's refusal, explained. A success
     /// is the app's last Box success in status.
-    pub async fn trial_mint(&self, credentials: &AppCredentials, revoke: bool) -> Result<(), Diagnosis> {
+    pub async fn trial_mint(&self, credentials: &AppCredentials, after: AfterTrial) -> Result<(), Diagnosis> {
+        let revoke = after == AfterTrial::Revoke;
         let subject = BoxSubject::Enterprise(credentials.enterprise_id.clone());
         match self.client.request_token(credentials, &subject).await {
             Ok(token) => {
@@ -154,10 +155,12 @@ impl App {
                 }
                 Ok(())
             }
-            Err(error) => {
-                let (kid, ccg) = kid_and_ccg(credentials);
-                Err(diagnose(&error, &subject, &credentials.client_id, kid, ccg))
-            }
+            Err(error) => Err(diagnose(
+                &error,
+                &subject,
+                &credentials.client_id,
+                grant_of(credentials),
+            )),
         }
     }
 
@@ -177,10 +180,29 @@ impl App {
     }
 }
 
-fn kid_and_ccg(credentials: &AppCredentials) -> (Option<&str>, bool) {
+/// What [`App::trial_mint`] does with the token Box issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterTrial {
+    /// Revokes it at Box (`check-config --online`: nothing is left behind).
+    Revoke,
+    /// Lets it expire (activating a key: a revocation would be one more
+    /// call to Box that proves nothing).
+    Expire,
+}
+
+/// Whether a request asked to mint anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    /// A cached token will do.
+    Cached,
+    /// `force_refresh`.
+    Forced,
+}
+
+fn grant_of(credentials: &AppCredentials) -> Grant<'_> {
     match &credentials.auth {
-        AuthMethod::Jwt { key, .. } => (Some(key.kid()), false),
-        AuthMethod::Ccg => (None, true),
+        AuthMethod::Jwt { key, .. } => Grant::Jwt { kid: key.kid() },
+        AuthMethod::Ccg => Grant::Ccg,
     }
 }
 
@@ -360,14 +382,14 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<IssuedToken, UpstreamErr
             Ok(token)
         }
         Err(error) => {
-            let (kid, ccg) = kid_and_ccg(&used.credentials);
-            let diagnosis = diagnose(&error, &key.subject, &used.credentials.client_id, kid, ccg);
+            let grant = grant_of(&used.credentials);
+            let diagnosis = diagnose(&error, &key.subject, &used.credentials.client_id, grant);
             // A user Box does not know (or will not tokenize) is the caller's
             // mistake, not the app failing: status shows only the latter. A
             // Client Credentials Grant's refusal of a user is ambiguous (the
             // app's access level or disabled user tokens read the same), so
             // it counts.
-            if diagnosis.kind != DiagnosisKind::NotFound || ccg {
+            if diagnosis.kind != DiagnosisKind::NotFound || grant == Grant::Ccg {
                 app.record(Err((now, &diagnosis.message)));
             }
             app.outcomes.mints_failed.fetch_add(1, Ordering::Relaxed);
@@ -682,8 +704,9 @@ impl Broker {
         subject: &BoxSubject,
         ask: Ask<'_>,
         min_ttl: Duration,
-        force_refresh: bool,
+        refresh: Refresh,
     ) -> Result<Permit, BrokerError> {
+        let force_refresh = refresh == Refresh::Forced;
         let subject = match subject {
             BoxSubject::Enterprise(_) => PolicySubject::Enterprise,
             BoxSubject::User(id) => PolicySubject::User(id.as_str()),
@@ -796,7 +819,11 @@ impl Broker {
             &key.subject,
             Ask::Full,
             request.min_ttl,
-            request.force_refresh,
+            if request.force_refresh {
+                Refresh::Forced
+            } else {
+                Refresh::Cached
+            },
         )?;
         let need = Need {
             min_ttl: request.min_ttl,
@@ -825,7 +852,7 @@ impl Broker {
             scopes: &request.downscope.scopes,
             target: request.downscope.target.as_ref(),
         };
-        let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl, false)?;
+        let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl, Refresh::Cached)?;
         let key = TokenKey {
             downscope: Some(request.downscope.clone()),
             caller: Some(caller.clone()),
@@ -874,7 +901,7 @@ impl Broker {
             Served::OnlyTo => {}
         }
         let rule = self
-            .authorize(caller, app, &key.subject, Ask::Revoke, Duration::ZERO, false)?
+            .authorize(caller, app, &key.subject, Ask::Revoke, Duration::ZERO, Refresh::Cached)?
             .rule;
         let credentials = app.credentials().ok_or_else(|| {
             BrokerError::FailedPrecondition(format!("app {} has no usable credentials to revoke with", app.name))

@@ -21,7 +21,7 @@ use tokio::{net::TcpListener, signal::unix::Signal};
 use crate::{
     admin::{AdminRules, KeyAdmin},
     audit::AuditSink,
-    auth::{Authenticator, kubernetes::KubernetesAuth},
+    auth::{Anonymous, Authenticator, kubernetes::KubernetesAuth},
     boxapi::BoxClient,
     broker::{App, Broker, UpstreamBudget},
     clock::SharedClock,
@@ -350,7 +350,7 @@ pub fn build_broker(config: &Config, clock: SharedClock) -> Result<Broker, Confi
 /// or fetching the URL) when that mechanism is accepted.
 pub async fn authenticator(config: &Config) -> Result<Authenticator, ConfigError> {
     let accepted = config.accepted();
-    let mut authenticator = Authenticator::new(config.server.allow_anonymous);
+    let mut authenticator = Authenticator::new(Anonymous::admitted_if(config.server.allow_anonymous));
     if accepted.contains(&Mechanism::ClientCertificate) {
         authenticator = authenticator.with_mtls();
     }
@@ -373,7 +373,7 @@ pub async fn authenticator(config: &Config) -> Result<Authenticator, ConfigError
 
 /// The admin listener's authenticator (API keys and/or client certificates).
 pub fn admin_authenticator(config: &Config) -> Authenticator {
-    let mut auth = Authenticator::new(false);
+    let mut auth = Authenticator::new(Anonymous::Refused);
     if config.admin.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
         auth = auth.with_mtls();
     }

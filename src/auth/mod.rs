@@ -145,12 +145,29 @@ impl fmt::Debug for Authenticator {
 #[error("{0}")]
 pub struct AuthError(pub String);
 
+/// Whether a listener admits callers that present no credentials (as the
+/// identity `anonymous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anonymous {
+    /// Callers without credentials are refused (UNAUTHENTICATED).
+    Refused,
+    /// Callers without credentials are `anonymous`.
+    Admitted,
+}
+
+impl Anonymous {
+    /// [`Self::Admitted`] when `allowed` (a config's `allow_anonymous`).
+    pub fn admitted_if(allowed: bool) -> Self {
+        if allowed { Self::Admitted } else { Self::Refused }
+    }
+}
+
 impl Authenticator {
-    /// An authenticator accepting nothing yet; `allow_anonymous` admits
-    /// callers without credentials.
-    pub fn new(allow_anonymous: bool) -> Self {
+    /// An authenticator accepting nothing yet but, when `anonymous` says
+    /// so, callers without credentials.
+    pub fn new(anonymous: Anonymous) -> Self {
         Self {
-            allow_anonymous,
+            allow_anonymous: anonymous == Anonymous::Admitted,
             api_keys: None,
             kubernetes: None,
             unix_socket: None,
@@ -176,7 +193,7 @@ impl Authenticator {
     pub fn unix_socket(identity: &str, allowed_uids: Vec<u32>) -> Self {
         Self {
             unix_socket: Some((format!("{UNIX_SOCKET_PREFIX}{identity}").into(), allowed_uids)),
-            ..Self::new(false)
+            ..Self::new(Anonymous::Refused)
         }
     }
 
@@ -371,7 +388,8 @@ mod tests {
     }
 
     fn auth() -> Authenticator {
-        Authenticator::new(false).with_api_keys(vec![("billing".to_owned(), Sha256::digest(b"k-123").into())])
+        Authenticator::new(Anonymous::Refused)
+            .with_api_keys(vec![("billing".to_owned(), Sha256::digest(b"k-123").into())])
     }
 
     #[tokio::test]
@@ -396,7 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_mechanism_this_listener_does_not_accept_is_refused_by_name() {
-        let certificates_only = Authenticator::new(false).with_mtls();
+        let certificates_only = Authenticator::new(Anonymous::Refused).with_mtls();
         let err = certificates_only
             .authenticate(&request_with_key("k-123"), &tcp_peer())
             .await
@@ -428,7 +446,7 @@ mod tests {
     async fn no_credentials_are_refused_unless_anonymous_is_allowed() {
         assert!(auth().authenticate(&HeaderMap::new(), &tcp_peer()).await.is_err());
         assert_eq!(
-            Authenticator::new(true)
+            Authenticator::new(Anonymous::Admitted)
                 .authenticate(&HeaderMap::new(), &tcp_peer())
                 .await
                 .ok(),

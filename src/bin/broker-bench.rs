@@ -29,7 +29,7 @@ use std::{
 
 use box_token_broker::{
     audit::AuditSink,
-    auth::Authenticator,
+    auth::{Anonymous, Authenticator},
     boxapi::{AppCredentials, AuthMethod, BoxClient, BoxId, BoxSubject, IssuedToken, JwtAlgorithm, SigningKey},
     broker::{App, Broker, UpstreamBudget},
     cache::{CachePolicy, CachedToken, Minter, Need, TokenCache, TokenKey, UpstreamError},
@@ -515,7 +515,10 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
     let broker_addr = listener.local_addr().expect("an address");
     tokio::spawn(
         Runtime::new(broker, audit)
-            .listen(Listener::Tcp(listener, Authenticator::new(true)), Role::Client)
+            .listen(
+                Listener::Tcp(listener, Authenticator::new(Anonymous::Admitted)),
+                Role::Client,
+            )
             .run(std::future::pending()),
     );
     let broker_channels = channels(broker_addr, connections).await;

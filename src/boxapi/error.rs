@@ -121,9 +121,24 @@ impl Diagnosis {
     }
 }
 
+/// How the request Box refused authenticated, for its diagnosis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant<'a> {
+    /// A JWT assertion signed with the key Box knows as `kid`.
+    Jwt {
+        /// The key's id.
+        kid: &'a str,
+    },
+    /// The Client Credentials Grant.
+    Ccg,
+    /// No grant of the app's own: a token exchange or a revocation.
+    Other,
+}
+
 /// Explains `error`, which happened while minting a token for `subject` of
-/// the app whose client id is `client_id`, with key `kid` (JWT apps).
-pub fn diagnose(error: &BoxApiError, subject: &BoxSubject, client_id: &str, kid: Option<&str>, ccg: bool) -> Diagnosis {
+/// the app whose client id is `client_id`, authenticating with `grant`.
+pub fn diagnose(error: &BoxApiError, subject: &BoxSubject, client_id: &str, grant: Grant<'_>) -> Diagnosis {
+    let ccg = grant == Grant::Ccg;
     use DiagnosisKind::{Misconfigured, NotFound, Unavailable};
     let e = match error {
         BoxApiError::Rejected(e) => e,
@@ -177,7 +192,10 @@ pub fn diagnose(error: &BoxApiError, subject: &BoxSubject, client_id: &str, kid:
         }
     };
     let d = e.description.to_ascii_lowercase();
-    let kid = kid.unwrap_or("(none)");
+    let kid = match grant {
+        Grant::Jwt { kid } => kid,
+        Grant::Ccg | Grant::Other => "(none)",
+    };
     let (kind, message) = match e.code.as_str() {
         "unauthorized_client" => (
             Misconfigured,
@@ -273,7 +291,7 @@ pub fn diagnose_exchange(error: &BoxApiError, subject: &BoxSubject, target: Opti
     use DiagnosisKind::{Misconfigured, NotFound, Unavailable};
     let BoxApiError::Rejected(e) = error else {
         // Transport, throttling and server errors read the same as for a mint.
-        return diagnose(error, subject, "", None, false);
+        return diagnose(error, subject, "", Grant::Other);
     };
     let what = target.map_or_else(|| "the item".to_owned(), ToString::to_string);
     match e.code.as_str() {
@@ -296,6 +314,6 @@ pub fn diagnose_exchange(error: &BoxApiError, subject: &BoxSubject, target: Opti
             Misconfigured,
             format!("Box refused the token exchange for {what}: {}", e.description),
         ),
-        _ => diagnose(error, subject, "", None, false),
+        _ => diagnose(error, subject, "", Grant::Other),
     }
 }

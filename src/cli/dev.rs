@@ -12,7 +12,7 @@ use super::{DevArgs, EXIT_CONFIG, FakeBoxArgs, fail, init_dev_logging, shutdown_
 use crate::{
     admin::{AdminRules, KeyAdmin},
     audit::AuditSink,
-    auth::Authenticator,
+    auth::{Anonymous, Authenticator},
     boxapi::{BoxClient, CredentialSources},
     broker::{App, Broker},
     cache::CachePolicy,
@@ -122,7 +122,7 @@ pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
     let admin_addr = admin_listener
         .local_addr()
         .map_or_else(|_| args.admin_listen.to_string(), |a| a.to_string());
-    let admin_auth = Authenticator::new(false).with_api_keys(vec![(
+    let admin_auth = Authenticator::new(Anonymous::Refused).with_api_keys(vec![(
         DEV_ADMIN.to_owned(),
         Sha256::digest(admin_key.expose_secret().as_bytes()).into(),
     )]);
@@ -135,7 +135,7 @@ pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
     );
     let result = Runtime::new(broker, audit)
         .listen(
-            service::Listener::Tcp(listener, Authenticator::new(true)),
+            service::Listener::Tcp(listener, Authenticator::new(Anonymous::Admitted)),
             service::Role::Client,
         )
         .listen(

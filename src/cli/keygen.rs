@@ -75,9 +75,9 @@ fn generate(args: &KeygenArgs) -> Result<(), (u8, String)> {
         .map_err(|e| (1, e.to_string()))?
         .fingerprint()
         .to_owned();
-    write_new(&paths[0], pem.expose_secret(), true)?;
-    write_new(&paths[1], passphrase.expose_secret(), true)?;
-    write_new(&paths[2], &public, false)?;
+    write_new(&paths[0], pem.expose_secret(), Readers::Owner)?;
+    write_new(&paths[1], passphrase.expose_secret(), Readers::Owner)?;
+    write_new(&paths[2], &public, Readers::Anyone)?;
     out!(
         "Wrote {} (encrypted), {} and {}.",
         paths[0].display(),
@@ -92,7 +92,17 @@ fn generate(args: &KeygenArgs) -> Result<(), (u8, String)> {
 }
 
 /// Creates `path` (never overwriting), owner-only when `secret`.
-fn write_new(path: &Path, content: &str, secret: bool) -> Result<(), (u8, String)> {
+/// Who may read a file `keygen` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readers {
+    /// Its owner only (mode 0600): a private key or a passphrase.
+    Owner,
+    /// Whoever the umask allows: a public key.
+    Anyone,
+}
+
+fn write_new(path: &Path, content: &str, readers: Readers) -> Result<(), (u8, String)> {
+    let secret = readers == Readers::Owner;
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]

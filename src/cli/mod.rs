@@ -286,7 +286,7 @@ async fn check_config(path: PathBuf, online: bool) -> ExitCode {
             worst = ExitCode::from(EXIT_CONFIG);
             continue;
         };
-        match app.trial_mint(&credentials, true).await {
+        match app.trial_mint(&credentials, crate::broker::AfterTrial::Revoke).await {
             Ok(()) => out!("  app {}: Box issued a Service Account token (revoked again)", app.name),
             Err(diagnosis) => {
                 let unavailable = diagnosis.kind == crate::boxapi::DiagnosisKind::Unavailable;

@@ -138,6 +138,15 @@ const FRAMING_ERRORS: &[&str] = &[
     "Error decompressing",
 ];
 
+/// How [`Buckets::check`] uses a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Takes a token (a request, a failed authentication).
+    Take,
+    /// Only looks whether one is left (takes no lock while nobody is held).
+    Look,
+}
+
 /// Token buckets by key, in shards so callers do not queue on one lock;
 /// each shard forgets its idle (refilled) keys once it grows past
 /// [`MAX_KEYS_PER_SHARD`], so the table stays bounded.
@@ -188,9 +197,11 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
-    /// Takes a token from `key`'s bucket when `take`; either way, the
-    /// milliseconds to wait for one when the bucket is empty.
-    fn check(&self, key: &K, take: bool) -> Result<(), u64> {
+    /// Takes a token from `key`'s bucket ([`Use::Take`]) or only looks
+    /// ([`Use::Look`]); either way, the milliseconds to wait for one when
+    /// the bucket is empty.
+    fn check(&self, key: &K, how: Use) -> Result<(), u64> {
+        let take = how == Use::Take;
         let index = Self::shard_of(key);
         if !take && self.held[index].load(Ordering::Acquire) == 0 {
             return Ok(());
@@ -278,7 +289,7 @@ impl CallerLimits {
         let (Some(buckets), Some((per_second, burst))) = (&self.rate, self.rate_setting) else {
             return Ok(());
         };
-        buckets.check(&caller.shared_name(), true).map_err(|wait_ms| {
+        buckets.check(&caller.shared_name(), Use::Take).map_err(|wait_ms| {
             detailed(
                 Code::ResourceExhausted,
                 format!(
@@ -295,7 +306,7 @@ impl CallerLimits {
     /// UNAUTHENTICATED when `peer` has failed authentication too often to be
     /// heard now.
     fn admit_peer(&self, peer: &Peer) -> Result<(), Status> {
-        self.failed_auth.check(&PeerKey::of(peer), false).map_err(|wait_ms| {
+        self.failed_auth.check(&PeerKey::of(peer), Use::Look).map_err(|wait_ms| {
             detailed(
                 Code::Unauthenticated,
                 format!(
@@ -309,7 +320,7 @@ impl CallerLimits {
     }
 
     fn failed(&self, peer: &Peer) {
-        let _ = self.failed_auth.check(&PeerKey::of(peer), true);
+        let _ = self.failed_auth.check(&PeerKey::of(peer), Use::Take);
     }
 
     /// Forgets callers and peers whose budgets have refilled, so the tables
@@ -651,18 +662,18 @@ mod tests {
     #[test]
     fn a_bucket_refuses_past_its_burst_and_names_the_wait() {
         let buckets: Buckets<u32> = Buckets::new(1.0, 2);
-        assert!(buckets.check(&7, true).is_ok());
-        assert!(buckets.check(&7, true).is_ok());
-        let wait = buckets.check(&7, true).err().unwrap_or_default();
+        assert!(buckets.check(&7, Use::Take).is_ok());
+        assert!(buckets.check(&7, Use::Take).is_ok());
+        let wait = buckets.check(&7, Use::Take).err().unwrap_or_default();
         assert!((1..=1000).contains(&wait), "{wait}");
-        assert!(buckets.check(&8, false).is_ok(), "another key is not affected");
-        assert!(buckets.check(&7, false).is_err(), "looking does not refill it");
+        assert!(buckets.check(&8, Use::Look).is_ok(), "another key is not affected");
+        assert!(buckets.check(&7, Use::Look).is_err(), "looking does not refill it");
     }
 
     #[test]
     fn refilled_buckets_are_forgotten_and_empty_shards_take_no_lock() {
         let buckets: Buckets<u32> = Buckets::new(1000.0, 1);
-        assert!(buckets.check(&7, true).is_ok());
+        assert!(buckets.check(&7, Use::Take).is_ok());
         let shard = Buckets::<u32>::shard_of(&7);
         assert_eq!(buckets.held[shard].load(Ordering::Relaxed), 1);
         std::thread::sleep(Duration::from_millis(5));

@@ -54,10 +54,11 @@ pub mod transport;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
+use tonic_health::ServingStatus;
 
 use crate::{
     admin::{AdminRules, KeyAdmin},
-    audit::AuditSink,
+    audit::{AuditSink, Flush},
     auth::Authenticator,
     broker::Broker,
     metrics::RpcMetrics,
@@ -157,7 +158,7 @@ pub async fn serve_with(
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let health_state = Health(health_reporter);
-    health_state.set(false).await;
+    health_state.set(ServingStatus::NotServing).await;
     let limits = Arc::new(CallerLimits::new(options.rate_limit, options.failed_auth));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
@@ -204,7 +205,7 @@ pub async fn serve_with(
     for accepted in ready {
         let _ = accepted.await;
     }
-    health_state.set(true).await;
+    health_state.set(ServingStatus::Serving).await;
     // Repeated refusals are counted, not written one by one; the counts are
     // written as each window closes.
     // Each second: write the counts of closed repeat windows, and forget
@@ -215,7 +216,7 @@ pub async fn serve_with(
             let mut ticks = tokio::time::interval(Duration::from_secs(1));
             loop {
                 ticks.tick().await;
-                audit.flush_repeats(false);
+                audit.flush_repeats(Flush::Closed);
                 limits.forget_idle();
             }
         }
@@ -226,7 +227,7 @@ pub async fn serve_with(
             tracing::error!("a listener stopped on its own; stopping the others");
         }
     }
-    health_state.set(false).await;
+    health_state.set(ServingStatus::NotServing).await;
     if !options.drain_delay.is_zero() {
         tracing::info!(
             delay_ms = u64::try_from(options.drain_delay.as_millis()).unwrap_or(u64::MAX),
@@ -248,7 +249,7 @@ pub async fn serve_with(
         servers.abort_all();
     }
     flusher.abort();
-    audit.flush_repeats(true);
+    audit.flush_repeats(Flush::All);
     Ok(())
 }
 
@@ -267,9 +268,7 @@ pub(crate) fn record_outcome(event: &mut crate::audit::AuditEvent, result: Resul
 struct Health(tonic_health::server::HealthReporter);
 
 impl Health {
-    async fn set(&self, serving: bool) {
-        use tonic_health::ServingStatus::{NotServing, Serving};
-        let status = if serving { Serving } else { NotServing };
+    async fn set(&self, status: ServingStatus) {
         for service in ["", "boxbroker.v1.TokenBrokerService", "boxbroker.v1.BrokerAdminService"] {
             self.0.set_service_status(service, status).await;
         }

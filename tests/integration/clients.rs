@@ -96,7 +96,10 @@ async fn the_node_client_works_on_the_unix_socket_too() {
             std::sync::Arc::new(box_token_broker::audit::AuditSink::memory().0),
         )
         .listen(
-            box_token_broker::service::Listener::Unix(listener, box_token_broker::auth::Authenticator::new(true)),
+            box_token_broker::service::Listener::Unix(
+                listener,
+                box_token_broker::auth::Authenticator::new(box_token_broker::auth::Anonymous::Admitted),
+            ),
             box_token_broker::service::Role::Client,
         )
         .run(std::future::pending()),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use box_token_broker::service::{ClientCertificates, ServerTls};
 use box_token_broker::{
     audit::AuditSink,
-    auth::Authenticator,
+    auth::{Anonymous, Authenticator},
     pb::token_broker_service_client::TokenBrokerServiceClient,
     policy::Policy,
     runtime::Runtime,
@@ -29,7 +29,7 @@ const POLICY: &str = "[[rules]]\nname = \"portal pods\"\ncallers = [\"spiffe://c
 
 /// Serves the harness's broker with mTLS; returns the address and the audit buffer.
 async fn serve_mtls(h: &Harness, pki: &Pki) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
-    serve_tls(h, server_tls(pki), Authenticator::new(false).with_mtls()).await
+    serve_tls(h, server_tls(pki), Authenticator::new(Anonymous::Refused).with_mtls()).await
 }
 
 /// The broker's TLS: a certificate for `localhost` from `pki`, client
@@ -297,7 +297,7 @@ async fn the_admin_listener_takes_client_certificates_as_admin_identities() {
     tokio::spawn(
         Runtime::new(h.broker.clone(), Arc::new(sink))
             .listen(
-                Listener::Tls(listener, Authenticator::new(false).with_mtls(), tls),
+                Listener::Tls(listener, Authenticator::new(Anonymous::Refused).with_mtls(), tls),
                 service::Role::Admin(admin, AdminRules::allow_everything("dns:ops.internal")),
             )
             .run(std::future::pending()),

@@ -14,7 +14,7 @@ use std::{
 use box_token_broker::{
     admin::{AdminRules, KeyAdmin},
     audit::AuditSink,
-    auth::Authenticator,
+    auth::{Anonymous, Authenticator},
     boxapi::{
         AppCredentials, AuthMethod, BoxClient, BoxId, JwtAlgorithm, SigningKey, client::UpstreamPolicy,
         private_key::decode_private_key,
@@ -251,7 +251,7 @@ impl Harness {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut auth = Authenticator::new(options.allow_anonymous).with_api_keys(keys);
+        let mut auth = Authenticator::new(Anonymous::admitted_if(options.allow_anonymous)).with_api_keys(keys);
         if let Some(k8s) = kubernetes {
             auth = auth.with_kubernetes(k8s);
         }
@@ -265,7 +265,7 @@ impl Harness {
                 Arc::new(KeyAdmin::open(broker.clone(), Some(KeyStore::new(store_path.clone(), kek))).unwrap());
             let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let admin_addr = admin_listener.local_addr().unwrap();
-            let admin_auth = Authenticator::new(false)
+            let admin_auth = Authenticator::new(Anonymous::Refused)
                 .with_api_keys(vec![("ops".to_owned(), Sha256::digest(ADMIN_KEY.as_bytes()).into())]);
             endpoints.push((
                 service::Listener::Tcp(admin_listener, admin_auth),
