@@ -1,6 +1,7 @@
 //! The words audit records, metrics and logs share about one RPC: which
-//! method it was ([`Rpc`]), how it was decided ([`Decision`]) and its gRPC
-//! code's name ([`code_name`]).
+//! method it was ([`Rpc`]), its id ([`RequestId`], which the service's gate
+//! reads or makes and the audit record carries), how it was decided
+//! ([`Decision`]) and its gRPC code's name ([`code_name`]).
 //!
 //! A leaf: typed once where a request enters, compared as enums on the hot
 //! path, spelled out only where a record or a label is written.
@@ -160,6 +161,68 @@ pub const fn code_name(code: tonic::Code) -> &'static str {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A request id: at most 64 printable ASCII characters, held inline (no
+/// allocation per request).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestId {
+    bytes: [u8; Self::MAX_LEN],
+    len: u8,
+}
+
+impl RequestId {
+    /// The longest request id kept; a longer one from a caller is replaced.
+    pub const MAX_LEN: usize = 64;
+
+    /// `id`, if it is 1 to 64 printable ASCII characters.
+    pub fn parse(id: &str) -> Option<Self> {
+        let valid = !id.is_empty() && id.len() <= Self::MAX_LEN && id.bytes().all(|b| b.is_ascii_graphic());
+        valid.then(|| {
+            let mut bytes = [0u8; Self::MAX_LEN];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            Self {
+                bytes,
+                // At most 64, checked above.
+                len: u8::try_from(id.len()).unwrap_or(0),
+            }
+        })
+    }
+
+    /// A new id: 16 hex digits, a per-process random prefix and a counter —
+    /// unique without a system call per request.
+    pub fn generate() -> Self {
+        use std::sync::{
+            OnceLock,
+            atomic::{AtomicU32, Ordering},
+        };
+        static PREFIX: OnceLock<u32> = OnceLock::new();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let prefix = *PREFIX.get_or_init(rand::random);
+        let next = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = [0u8; Self::MAX_LEN];
+        let _ = hex::encode_to_slice(prefix.to_be_bytes(), &mut bytes[..8]);
+        let _ = hex::encode_to_slice(next.to_be_bytes(), &mut bytes[8..16]);
+        Self { bytes, len: 16 }
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        // Only printable ASCII is ever stored, so this never falls back.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -463,7 +463,7 @@ impl TokenCache {
         Err(CacheError::BeingRevoked(BEING_REVOKED))
     }
 
-    /// A downscoped token for `key` (which names its caller) with at least
+    /// A downscoped token for `key` (made for `caller`) with at least
     /// `min_ttl` left, exchanged from the subject's current full token: the
     /// cached one while its parent is still the cached full token (one
     /// lookup, [`Self::cached_child`]); else the current parent, then a
@@ -471,18 +471,18 @@ impl TokenCache {
     /// revoked, and both are recorded as served to the caller.
     pub async fn serve_child(
         &self,
+        caller: &Arc<str>,
         key: &TokenKey,
         min_ttl: Duration,
         admit: Option<Admission<'_>>,
     ) -> Result<Lookup, CacheError> {
-        let caller = key.caller.clone().unwrap_or_default();
         // The common case: the token is cached and its parent still is (and
         // neither is being revoked, checked after recording the serve).
         let hit = self.cached_child(key, min_ttl).await.filter(|hit| {
-            hit.token.note_served(&caller);
+            hit.token.note_served(caller);
             let parent = hit.token.parent();
             if let Some(parent) = &parent {
-                parent.note_served(&caller);
+                parent.note_served(caller);
             }
             !hit.token.is_revoking() && parent.is_none_or(|p| !p.is_revoking())
         });
@@ -495,17 +495,17 @@ impl TokenCache {
                 min_ttl,
                 ..Need::default()
             };
-            let parent = self.serve(&caller, &parent_key, parent_need, admit).await?;
+            let parent = self.serve(caller, &parent_key, parent_need, admit).await?;
             let need = Need {
                 min_ttl,
                 parent_at_least: Some(parent.token.id),
                 ..Need::default()
             };
-            let child = self.serve(&caller, key, need, admit).await?;
+            let child = self.serve(caller, key, need, admit).await?;
             // The child may come from a newer parent than the one looked up.
             match child.token.parent() {
                 Some(parent) => {
-                    parent.note_served(&caller);
+                    parent.note_served(caller);
                     if !parent.is_revoking() {
                         return Ok(child);
                     }

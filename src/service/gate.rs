@@ -51,9 +51,10 @@ use super::{
     transport::{ConnectionInfo, Peer},
 };
 use crate::{
-    audit::{AuditEvent, AuditSink, RequestId},
+    audit::{AuditEvent, AuditSink},
     auth::{Authenticator, CallerIdentity},
     metrics::RpcMetrics,
+    rpc::RequestId,
     rpc::{Rpc, code_name},
 };
 

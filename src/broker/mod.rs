@@ -1,0 +1,455 @@
+//! The broker's domain core: the configured apps, the token cache, and the
+//! operations "give me a token", "give me a downscoped token" and "revoke
+//! this token": `mod.rs` (requests, policy, revocation), `apps.rs` (one
+//! configured Box app: its key ring and how its calls went), `minting.rs`
+//! (the `Minter` over the apps: mint, exchange, the restriction guard),
+//! `budget.rs` (the cap on calls to Box in progress).
+//!
+//! Data flows one way: request -> app lookup -> policy -> cache -> (mint or
+//! exchange via boxapi) -> cache -> response. Nothing here knows gRPC.
+
+mod apps;
+mod budget;
+mod minting;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use secrecy::SecretString;
+
+use crate::{
+    boxapi::{BoxId, BoxSubject, Downscope, error::diagnose_exchange},
+    cache::{CacheError, CachePolicy, FlightPermit, Lookup, Need, Served, TokenCache, TokenKey, UpstreamError},
+    clock::SharedClock,
+    error::BrokerError,
+    policy::{Ask, Policy, PolicySubject, Request as PolicyRequest},
+};
+
+use self::minting::Apps;
+pub use self::{
+    apps::{AfterTrial, App, Outcomes, UpstreamHealth},
+    budget::UpstreamBudget,
+};
+
+/// The longest `min_ttl` a caller may ask for. Box's tokens live about an
+/// hour; asking for more than this can never be met, so it is refused up front.
+pub const MAX_MIN_TTL: Duration = Duration::from_secs(50 * 60);
+
+/// Whether a request asked to mint anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    /// A cached token will do.
+    Cached,
+    /// `force_refresh`.
+    Forced,
+}
+
+/// Whose token a caller wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// The app's Service Account.
+    Enterprise,
+    /// An App User or Managed User.
+    User(BoxId),
+}
+
+/// A validated `GetToken`.
+#[derive(Debug, Clone)]
+pub struct TokenRequest<'a> {
+    /// The app's name; `None` when the caller left it empty.
+    pub app: Option<&'a str>,
+    /// Whose token.
+    pub subject: Subject,
+    /// Remaining life needed beyond the safety margin.
+    pub min_ttl: Duration,
+    /// Mint anew, ignoring the cache.
+    pub force_refresh: bool,
+}
+
+/// A validated `GetDownscopedToken`.
+#[derive(Debug, Clone)]
+pub struct DownscopeRequest<'a> {
+    /// The app's name; `None` when the caller left it empty.
+    pub app: Option<&'a str>,
+    /// Whose token is downscoped.
+    pub subject: Subject,
+    /// Sorted, de-duplicated Box downscope scopes (see
+    /// `boxapi::downscope::normalize_scopes`) and the one item, if any: built
+    /// once per request and shared by the cache key and the audit record.
+    pub downscope: Arc<Downscope>,
+    /// Remaining life needed beyond the safety margin.
+    pub min_ttl: Duration,
+}
+
+/// A revocation's result.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    /// The app's configured name.
+    pub app: Arc<str>,
+    /// Whose token it was.
+    pub subject: BoxSubject,
+    /// True for a downscoped token.
+    pub downscoped: bool,
+    /// How many cache entries were dropped (the token and its children).
+    pub evicted: usize,
+    /// The policy rule that allowed it.
+    pub rule: Arc<str>,
+}
+
+/// A served token and the policy rule that allowed it.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    /// The app's configured name.
+    pub app: Arc<str>,
+    /// The token.
+    pub lookup: Lookup,
+    /// The name of the rule that allowed it.
+    pub rule: Arc<str>,
+    /// The expiry the caller is told: the token's own, or sooner when the
+    /// rule sets `max_lifetime_secs`.
+    pub expires_at: SystemTime,
+}
+
+/// A policy's permission: the rule, and the longest the token may be held.
+struct Permit {
+    rule: Arc<str>,
+    max_lifetime: Option<Duration>,
+}
+
+impl Permit {
+    fn grant(self, app: &App, lookup: Lookup, now: SystemTime) -> Granted {
+        let expires_at = match self.max_lifetime.and_then(|max| now.checked_add(max)) {
+            Some(latest) => lookup.token.expires_at.min(latest),
+            None => lookup.token.expires_at,
+        };
+        Granted {
+            app: app.name.clone(),
+            lookup,
+            rule: self.rule,
+            expires_at,
+        }
+    }
+}
+
+/// The broker: apps, cache and policy.
+#[derive(Debug)]
+pub struct Broker {
+    apps: Arc<Apps>,
+    cache: TokenCache,
+    clock: SharedClock,
+    /// Swapped whole on reload; read without a lock per request.
+    policy: ArcSwap<Policy>,
+    /// Calls to Box in progress.
+    budget: Arc<UpstreamBudget>,
+    /// A `force_refresh` is served a token minted this recently.
+    force_refresh_interval: Duration,
+}
+
+impl Broker {
+    /// A broker over `apps` (at least one), caching with `policy`.
+    pub fn new(apps: Vec<App>, clock: SharedClock, cache_policy: CachePolicy, policy: Policy) -> Self {
+        let apps = Arc::new(Apps {
+            by_name: apps.into_iter().map(|a| (a.name.clone(), Arc::new(a))).collect(),
+        });
+        let cache = TokenCache::new(apps.clone(), clock.clone(), cache_policy);
+        Self {
+            apps,
+            cache,
+            clock,
+            policy: ArcSwap::from_pointee(policy),
+            budget: Arc::new(UpstreamBudget::default()),
+            force_refresh_interval: cache_policy.force_refresh_interval,
+        }
+    }
+
+    /// The same broker with `budget` for calls to Box.
+    #[must_use]
+    pub fn with_budget(mut self, budget: UpstreamBudget) -> Self {
+        self.budget = Arc::new(budget);
+        self
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Puts `policy` in force for every request that starts from now on.
+    pub fn replace_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Asks the policy; a denial becomes `PermissionDenied`.
+    fn authorize(
+        &self,
+        caller: &str,
+        app: &App,
+        subject: &BoxSubject,
+        ask: Ask<'_>,
+        min_ttl: Duration,
+        refresh: Refresh,
+    ) -> Result<Permit, BrokerError> {
+        let force_refresh = refresh == Refresh::Forced;
+        let subject = match subject {
+            BoxSubject::Enterprise(_) => PolicySubject::Enterprise,
+            BoxSubject::User(id) => PolicySubject::User(id.as_str()),
+        };
+        let policy = self.policy.load();
+        match policy.granting_rule(&PolicyRequest {
+            caller,
+            app: &app.name,
+            subject,
+            ask,
+            min_ttl,
+            force_refresh,
+        }) {
+            Ok(rule) => Ok(Permit {
+                rule: rule.name.clone(),
+                max_lifetime: rule.max_lifetime(),
+            }),
+            Err(reason) => Err(BrokerError::PermissionDenied(format!("denied by policy: {reason}"))),
+        }
+    }
+
+    /// The configured app names, sorted.
+    pub fn app_names(&self) -> Vec<String> {
+        self.apps.by_name.keys().map(|k| k.to_string()).collect()
+    }
+
+    /// The configured apps.
+    pub fn apps(&self) -> impl Iterator<Item = &Arc<App>> {
+        self.apps.by_name.values()
+    }
+
+    /// The token cache.
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// Resolves a requested app name; `None` means "the only one". Errors
+    /// name no app (see [`Self::resolve_app_for`]).
+    pub fn resolve_app(&self, name: Option<&str>) -> Result<&Arc<App>, BrokerError> {
+        self.resolve(name, |_| Vec::new())
+    }
+
+    /// [`Self::resolve_app`] for `caller`: an error names the apps its
+    /// policy lets it use, and no others.
+    pub fn resolve_app_for(&self, caller: &str, name: Option<&str>) -> Result<&Arc<App>, BrokerError> {
+        self.resolve(name, |broker| {
+            broker
+                .policy
+                .load()
+                .apps_for(caller, broker.apps.by_name.keys().map(|k| &**k))
+        })
+    }
+
+    fn resolve(&self, name: Option<&str>, usable: impl Fn(&Self) -> Vec<String>) -> Result<&Arc<App>, BrokerError> {
+        match name {
+            Some(name) => self.apps.by_name.get(name).ok_or_else(|| BrokerError::UnknownApp {
+                name: name.chars().filter(|c| !c.is_control()).take(64).collect(),
+                usable: usable(self),
+            }),
+            None if self.apps.by_name.len() == 1 => self
+                .apps
+                .by_name
+                .values()
+                .next()
+                .ok_or_else(|| BrokerError::AppRequired { usable: Vec::new() }),
+            None => Err(BrokerError::AppRequired { usable: usable(self) }),
+        }
+    }
+
+    fn key(&self, app: &App, subject: &Subject, min_ttl: Duration) -> Result<TokenKey, BrokerError> {
+        if min_ttl > MAX_MIN_TTL {
+            return Err(BrokerError::InvalidArgument(format!(
+                "min_ttl of {} s exceeds the maximum of {} s: Box tokens live about an hour",
+                min_ttl.as_secs(),
+                MAX_MIN_TTL.as_secs()
+            )));
+        }
+        let subject = match subject {
+            Subject::Enterprise => BoxSubject::Enterprise(app.enterprise_id()),
+            Subject::User(id) => BoxSubject::User(id.clone()),
+        };
+        Ok(TokenKey {
+            app: app.name.clone(),
+            subject,
+            downscope: None,
+            caller: None,
+        })
+    }
+
+    /// A place in `caller`'s budget for a call to Box its request starts.
+    /// Borrowed, not cloned: a hit never asks, so it should cost nothing.
+    fn admission<'a>(&'a self, caller: &'a Arc<str>) -> impl Fn() -> Result<FlightPermit, CacheError> + Sync + 'a {
+        move || self.budget.enter(caller).map(|place| FlightPermit(Box::new(place)))
+    }
+
+    /// What a `force_refresh` needs: a token minted within the interval.
+    fn forced(&self) -> SystemTime {
+        let now = self.clock.now();
+        now.checked_sub(self.force_refresh_interval).unwrap_or(now)
+    }
+
+    /// A token for the request's subject, from the cache or minted, if the
+    /// policy lets `caller` have it.
+    pub async fn get_token(&self, caller: &Arc<str>, request: &TokenRequest<'_>) -> Result<Granted, BrokerError> {
+        let app = self.resolve_app_for(caller, request.app)?;
+        let key = self.key(app, &request.subject, request.min_ttl)?;
+        let permit = self.authorize(
+            caller,
+            app,
+            &key.subject,
+            Ask::Full,
+            request.min_ttl,
+            if request.force_refresh {
+                Refresh::Forced
+            } else {
+                Refresh::Cached
+            },
+        )?;
+        let need = Need {
+            min_ttl: request.min_ttl,
+            minted_since: request.force_refresh.then(|| self.forced()),
+            parent_at_least: None,
+        };
+        let lookup = self
+            .cache
+            .serve(caller, &key, need, Some(&self.admission(caller)))
+            .await?;
+        Ok(permit.grant(app, lookup, self.clock.now()))
+    }
+
+    /// A downscoped token: the subject's full token (cached or minted) is
+    /// exchanged; the result is cached under subject + scopes + target and
+    /// the caller, never outlives its parent, and is exchanged anew once the
+    /// parent is replaced.
+    pub async fn get_downscoped(
+        &self,
+        caller: &Arc<str>,
+        request: &DownscopeRequest<'_>,
+    ) -> Result<Granted, BrokerError> {
+        let app = self.resolve_app_for(caller, request.app)?;
+        let parent_key = self.key(app, &request.subject, request.min_ttl)?;
+        let ask = Ask::Downscoped {
+            scopes: &request.downscope.scopes,
+            target: request.downscope.target.as_ref(),
+        };
+        let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl, Refresh::Cached)?;
+        let key = TokenKey {
+            downscope: Some(request.downscope.clone()),
+            caller: Some(caller.clone()),
+            ..parent_key.clone()
+        };
+        let lookup = self
+            .cache
+            .serve_child(caller, &key, request.min_ttl, Some(&self.admission(caller)))
+            .await?;
+        Ok(permit.grant(app, lookup, self.clock.now()))
+    }
+
+    /// Revokes `token` at Box and drops it from the cache — with, for a full
+    /// token, every downscoped token made from it — if `caller` may revoke
+    /// and was the only caller it was served to.
+    ///
+    /// Whether `caller` may revoke at all is asked before the token is
+    /// looked up; the lookup is by SHA-256 (no scan); and the answer for a
+    /// token served to someone else is the answer for one that does not
+    /// exist, so revoking reveals nothing about other callers' tokens.
+    pub async fn revoke(&self, caller: &str, app: Option<&str>, token: SecretString) -> Result<Revoked, BrokerError> {
+        use secrecy::ExposeSecret as _;
+        let app = self.resolve_app_for(caller, app)?;
+        if !self.policy.load().may_revoke(caller, &app.name) {
+            return Err(BrokerError::PermissionDenied(format!(
+                "denied by policy: no rule grants revoke = true to caller {caller:?} for app {:?}",
+                app.name
+            )));
+        }
+        let not_issued = || {
+            BrokerError::NotIssued(format!(
+                "app {} holds no token with that value that was issued to you: it was not issued here, or the broker no longer holds it (replaced by a newer one, revoked, or expired)",
+                app.name
+            ))
+        };
+        let digest = crate::fingerprint::digest(token.expose_secret());
+        let (key, cached) = self.cache.find(&app.name, &digest).await.ok_or_else(not_issued)?;
+        let shared = || {
+            BrokerError::FailedPrecondition(
+                "this token was also served to other callers, and revoking it at Box would cut them off too; it stays valid until it expires (an operator can drop it from the cache with the admin InvalidateTokens)".to_owned(),
+            )
+        };
+        match cached.served_to(caller) {
+            Served::NotTo => return Err(not_issued()),
+            Served::AlsoToOthers => return Err(shared()),
+            Served::OnlyTo => {}
+        }
+        let rule = self
+            .authorize(caller, app, &key.subject, Ask::Revoke, Duration::ZERO, Refresh::Cached)?
+            .rule;
+        let credentials = app.credentials().ok_or_else(|| {
+            BrokerError::FailedPrecondition(format!("app {} has no usable credentials to revoke with", app.name))
+        })?;
+        // From here the token is not served; a caller served it meanwhile
+        // (recorded before it checks this mark) is seen by this second look.
+        if !cached.begin_revoking() {
+            return Err(BrokerError::Retry(
+                "a revocation of this token is already under way; retry to see its outcome".to_owned(),
+            ));
+        }
+        if cached.served_to(caller) != Served::OnlyTo {
+            cached.end_revoking();
+            return Err(shared());
+        }
+        // Revoked at Box and dropped from the cache in a task of its own: a
+        // caller that goes away (or times out) mid-way cannot leave a
+        // revoked token cached for others. The outcome is logged there.
+        let (client, cache, family, name) = (app.client.clone(), self.cache.clone(), key.clone(), app.name.clone());
+        let revoked = tokio::spawn(async move {
+            match client.revoke(&credentials, &token).await {
+                Ok(()) => {
+                    let dropped = cache.invalidate_token(&family, &cached).await;
+                    tracing::info!(
+                        app = %name,
+                        subject_type = family.subject.sub_type(),
+                        subject_id = %family.subject.id(),
+                        downscoped = family.downscope.is_some(),
+                        evicted = dropped,
+                        "revoked a Box token"
+                    );
+                    Ok(dropped)
+                }
+                Err(error) => {
+                    cached.end_revoking();
+                    tracing::warn!(app = %name, error = %error, "revoking a Box token failed");
+                    Err(error)
+                }
+            }
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "the revocation task failed");
+            BrokerError::Internal("internal error while revoking the token")
+        })?;
+        let dropped = match revoked {
+            Ok(dropped) => dropped,
+            Err(error) => {
+                let diagnosis = diagnose_exchange(&error, &key.subject, None);
+                return Err(BrokerError::Upstream(Arc::new(UpstreamError {
+                    app: app.name.clone(),
+                    subject: key.subject,
+                    diagnosis,
+                })));
+            }
+        };
+        Ok(Revoked {
+            app: key.app,
+            subject: key.subject,
+            downscoped: key.downscope.is_some(),
+            evicted: dropped,
+            rule,
+        })
+    }
+}
