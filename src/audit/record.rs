@@ -22,26 +22,19 @@ pub const MAX_RECORD_BYTES: usize = 4096;
 /// under [`MAX_RECORD_BYTES`] (`record` asserts it in debug builds, and a
 /// test fills every field).
 pub(super) const MAX_REASON_BYTES: usize = 1024;
-
 const MAX_CALLER_BYTES: usize = 768;
-
 const MAX_RULE_BYTES: usize = 256;
-
 const MAX_APP_BYTES: usize = 128;
-
 /// `rpc`, `decision`, `code`, `subject_type` (words the broker chooses),
 /// `subject_id` and a target's id (at most 20 digits).
 const MAX_WORD_BYTES: usize = 32;
-
 /// `box_request_id`, `request_id` (at most 64 already) and `peer` (an IP
 /// address or `uid N`).
 const MAX_ID_BYTES: usize = 64;
-
 /// One scope, and the scopes array (whole scopes only). Scopes are checked
 /// against Box's list before they reach a record, so there are few and they
 /// are short; the bound makes the record's limit hold whatever reaches it.
 const MAX_SCOPE_BYTES: usize = 64;
-
 const MAX_SCOPES_BYTES: usize = 768;
 
 /// One audit record. The sink stamps its time (RFC 3339, UTC) when it
