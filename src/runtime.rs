@@ -104,9 +104,9 @@ impl Runtime {
 
     /// Serves until `shutdown` resolves (or a listener fails), then drains
     /// (see [`service::serve_with`]) and cleans up: the metrics server and
-    /// the policy watcher stop, Unix socket files are removed.
+    /// the policy watcher stop, and the Unix socket files [`Prepared::bind`]
+    /// bound are removed (a caller that binds its own removes its own).
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
-        fit_to_open_files(&mut self.options.connections, self.endpoints.len());
         let metrics = self.metrics.take().map(|listener| {
             let registry = crate::metrics::registry(
                 self.broker.clone(),
@@ -158,13 +158,7 @@ impl Prepared {
         let broker = Arc::new(build_broker(config, clock)?);
         let auth = authenticator(config).await?;
         // A client certificate is optional when the listener also accepts other credentials.
-        let certificate_optional = config.accepted().len() > 1;
-        let tls = config
-            .server
-            .tls
-            .as_ref()
-            .map(|tls| server_tls(tls, "server.tls", certificate_optional))
-            .transpose()?;
+        let tls = client_tls(config)?;
         let admin_tls = config
             .admin
             .tls
@@ -259,9 +253,6 @@ impl Prepared {
                 "anonymous callers are allowed ([server] allow_anonymous = true): any process that reaches the listener gets tokens"
             );
         }
-        if config.policy.file.is_none() {
-            tracing::warn!("no [policy] file is configured: every request will be denied");
-        }
         let accepted: Vec<&str> = config.accepted().into_iter().map(Mechanism::name).collect();
         tracing::info!(
             listen = %bound,
@@ -270,6 +261,13 @@ impl Prepared {
             accept = accepted.join(","),
             "serving gRPC"
         );
+        if config.policy.file.is_none() {
+            tracing::warn!("no [policy] file is configured: every request will be denied");
+        }
+        // The configured caps must fit the process's open-files limit
+        // (`dev`, the tests and the benchmark keep the defaults as they are).
+        let listeners = runtime.endpoints.len();
+        fit_to_open_files(&mut runtime.options.connections, listeners);
         if let Some(addr) = config.server.metrics_listen {
             let listener = TcpListener::bind(addr)
                 .await
@@ -282,6 +280,19 @@ impl Prepared {
         }
         Ok(runtime)
     }
+}
+
+/// The client listener's TLS, when `[server.tls]` is configured: the files
+/// read and checked; a client certificate optional when the listener also
+/// accepts other credentials.
+pub fn client_tls(config: &Config) -> Result<Option<ServerTls>, ConfigError> {
+    let certificate_optional = config.accepted().len() > 1;
+    config
+        .server
+        .tls
+        .as_ref()
+        .map(|tls| server_tls(tls, "server.tls", certificate_optional))
+        .transpose()
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file (never any other file).
@@ -384,7 +395,7 @@ pub fn admin_authenticator(config: &Config) -> Authenticator {
 }
 
 /// How the server starts, stops and limits callers and connections.
-pub fn serve_options(server: &ServerConfig) -> ServeOptions {
+pub(crate) fn serve_options(server: &ServerConfig) -> ServeOptions {
     let secs = Duration::from_secs;
     ServeOptions {
         drain_delay: secs(server.drain_delay_secs),
@@ -421,7 +432,7 @@ pub fn serve_options(server: &ServerConfig) -> ServeOptions {
 }
 
 /// The broker's budget for requests that wait on Box.
-pub fn upstream_budget(server: &ServerConfig) -> UpstreamBudget {
+pub(crate) fn upstream_budget(server: &ServerConfig) -> UpstreamBudget {
     UpstreamBudget::new(
         server.max_concurrent_requests,
         server.max_concurrent_requests_per_caller,
@@ -432,7 +443,7 @@ pub fn upstream_budget(server: &ServerConfig) -> UpstreamBudget {
 /// matched to the certificate, the CA usable); errors name `section`
 /// and the file. `certificate_optional` lets callers without a client
 /// certificate through the handshake (to authenticate another way).
-pub fn server_tls(tls: &TlsConfig, section: &str, certificate_optional: bool) -> Result<ServerTls, ConfigError> {
+pub(crate) fn server_tls(tls: &TlsConfig, section: &str, certificate_optional: bool) -> Result<ServerTls, ConfigError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|e| ConfigError::new(section, format!("{}: cannot read: {e}", path.display())))
     };
@@ -455,7 +466,7 @@ pub fn server_tls(tls: &TlsConfig, section: &str, certificate_optional: bool) ->
 }
 
 /// Opens the sink (a file is created if missing; its directory must exist).
-pub fn open_audit(audit: &AuditConfig) -> Result<AuditSink, ConfigError> {
+pub(crate) fn open_audit(audit: &AuditConfig) -> Result<AuditSink, ConfigError> {
     let window = Some(Duration::from_secs(audit.repeat_window_secs));
     let sink = match audit.sink.as_str() {
         "stdout" => {
@@ -472,7 +483,10 @@ pub fn open_audit(audit: &AuditConfig) -> Result<AuditSink, ConfigError> {
 
 /// Reads the KEK and opens the store (without loading it). `env` looks up
 /// `kek_env`. Errors name the file or variable, never the key.
-pub fn open_key_store(store: &KeystoreConfig, env: impl Fn(&str) -> Option<String>) -> Result<KeyStore, ConfigError> {
+pub(crate) fn open_key_store(
+    store: &KeystoreConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<KeyStore, ConfigError> {
     let text =
         match (&store.kek_file, &store.kek_env) {
             (Some(file), None) => {

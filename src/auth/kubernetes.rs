@@ -287,8 +287,9 @@ impl KubernetesAuth {
     /// True when `token` verified recently and is remembered (checking it
     /// again costs no signature verification).
     pub async fn is_remembered(&self, token: &str) -> bool {
-        // jsonwebtoken's own clock, which `verify_signature` checks exp with.
-        let now = jsonwebtoken::get_current_timestamp();
+        // The OS clock, as jsonwebtoken's exp check in `verify_signature`
+        // reads it (not the injected clock, which jsonwebtoken cannot use).
+        let now = unix_now();
         self.verified
             .get(&crate::fingerprint::digest(token))
             .await
@@ -298,8 +299,9 @@ impl KubernetesAuth {
     /// The caller identity a valid token proves.
     pub async fn verify(&self, token: &str) -> Result<Arc<str>, AuthError> {
         let digest = crate::fingerprint::digest(token);
-        // jsonwebtoken's own clock, which `verify_signature` checks exp with.
-        let now = jsonwebtoken::get_current_timestamp();
+        // The OS clock, as jsonwebtoken's exp check in `verify_signature`
+        // reads it (not the injected clock, which jsonwebtoken cannot use).
+        let now = unix_now();
         if let Some((identity, exp)) = self.verified.get(&digest).await
             && now < exp.saturating_add(LEEWAY_SECS)
         {
@@ -434,4 +436,13 @@ fn critical_extensions(token: &str) -> bool {
 
 fn find(keys: &JwkSet, kid: &str) -> Option<DecodingKey> {
     keys.find(kid).and_then(|jwk| DecodingKey::from_jwk(jwk).ok())
+}
+
+/// Unix seconds on the OS clock: the clock jsonwebtoken validates `exp` and
+/// `nbf` against, so a remembered token expires when a fresh check would
+/// fail.
+fn unix_now() -> u64 {
+    crate::clock::system_now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

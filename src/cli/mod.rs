@@ -202,10 +202,6 @@ fn fail(code: u8, message: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Everything `serve` builds from its config before binding a port — the
-/// same for `check-config`, so what one accepts the other does: keys
-/// decrypted, policy parsed, Kubernetes keys fetched, TLS files parsed and
-/// matched, the audit sink opened, the key store read.
 /// SIGHUP, listened for from startup on (its default action kills the process).
 fn hangups() -> Option<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()

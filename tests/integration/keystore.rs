@@ -426,3 +426,42 @@ async fn a_store_written_before_retiring_purged_keys_is_purged_at_startup() {
         assert!(key["private_pkcs8"].is_null(), "{app}: purged from the store");
     }
 }
+
+#[tokio::test]
+async fn a_key_store_that_cannot_be_written_changes_nothing_and_tells_the_caller_without_its_path() {
+    common::observed();
+    let h = Harness::with(Options {
+        admin: true,
+        ..Options::default()
+    })
+    .await;
+    let side = h.admin.as_ref().unwrap();
+    // A directory where the store file goes: the atomic rename onto it fails.
+    let _ = std::fs::remove_file(&side.store_path);
+    std::fs::create_dir(&side.store_path).unwrap();
+    let refused = side
+        .client
+        .clone()
+        .generate_key(admin_request(pb::GenerateKeyRequest {
+            app: String::new(),
+            bits: 2048,
+        }))
+        .await
+        .unwrap_err();
+    common::assert_status(
+        &refused,
+        tonic::Code::Internal,
+        "the key store could not be written, so the change was not made; the broker's log says why",
+    );
+    let path = side.store_path.display().to_string();
+    assert!(!refused.message().contains(&path), "{}", refused.message());
+    let ring = h.broker.resolve_app(None).unwrap().ring();
+    assert_eq!(ring.keys.len(), 1, "no key was added");
+    let logged = common::log_text();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("writing the key store failed") && l.contains(&path)),
+        "the operator's log names the store"
+    );
+}

@@ -24,13 +24,138 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The code of `text` without line comments and without its unit-test module.
+/// `text` with comments, string and character literals blanked (newlines
+/// kept), so nothing inside them reads as a path.
+fn strip(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let blank = |c: char| if c == '\n' { '\n' } else { ' ' };
+    while i < chars.len() {
+        let (c, next) = (chars[i], chars.get(i + 1).copied());
+        if c == '/' && next == Some('/') {
+            while i < chars.len() && chars[i] != '\n' {
+                out.push(' ');
+                i += 1;
+            }
+        } else if c == '/' && next == Some('*') {
+            let mut depth = 0;
+            while i < chars.len() {
+                if chars[i] == '/' && chars.get(i + 1) == Some(&'*') {
+                    depth += 1;
+                    out.push_str("  ");
+                    i += 2;
+                } else if chars[i] == '*' && chars.get(i + 1) == Some(&'/') {
+                    depth -= 1;
+                    out.push_str("  ");
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    out.push(blank(chars[i]));
+                    i += 1;
+                }
+            }
+        } else if c == 'r'
+            && (next == Some('"') || next == Some('#'))
+            && !chars[..i].last().is_some_and(|p| p.is_alphanumeric() || *p == '_')
+        {
+            // A raw string: r"...", r#"..."#.
+            let hashes = chars[i + 1..].iter().take_while(|c| **c == '#').count();
+            if chars.get(i + 1 + hashes) != Some(&'"') {
+                out.push(c);
+                i += 1;
+                continue;
+            }
+            let start = i;
+            i += 2 + hashes;
+            while i < chars.len()
+                && !(chars[i] == '"' && chars[i + 1..].iter().take(hashes).filter(|c| **c == '#').count() == hashes)
+            {
+                i += 1;
+            }
+            i = (i + 1 + hashes).min(chars.len());
+            out.extend(chars[start..i].iter().map(|c| blank(*c)));
+        } else if c == '"' {
+            out.push(' ');
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                let skip = if chars[i] == '\\' { 2 } else { 1 };
+                for k in 0..skip {
+                    if let Some(c) = chars.get(i + k) {
+                        out.push(blank(*c));
+                    }
+                }
+                i += skip;
+            }
+            out.push(' ');
+            i += 1;
+        } else if c == '\'' && (next == Some('\\') || chars.get(i + 2) == Some(&'\'')) {
+            // A character literal ('"', '\n'); a lifetime ('a) is left alone.
+            let end = chars[i + 1..]
+                .iter()
+                .position(|c| *c == '\'')
+                .map_or(chars.len(), |p| i + 2 + p);
+            let end = if next == Some('\\') {
+                chars[i + 3..]
+                    .iter()
+                    .position(|c| *c == '\'')
+                    .map_or(chars.len(), |p| i + 4 + p)
+            } else {
+                end
+            };
+            out.extend(chars[i..end.min(chars.len())].iter().map(|c| blank(*c)));
+            i = end;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The code of `text` without comments and literals, and without its
+/// `#[cfg(test)] mod NAME { ... }` modules (found by matching braces, so
+/// code after one is still read).
 fn code(text: &str) -> String {
-    let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or_default();
-    text.lines()
-        .map(|line| line.split_once("//").map_or(line, |(code, _)| code))
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut code = strip(text);
+    while let Some(at) = code.find("#[cfg(test)]") {
+        let rest = &code[at + "#[cfg(test)]".len()..];
+        let trimmed = rest.trim_start();
+        if !trimmed.starts_with("mod ") {
+            // Not a module: keep the item, drop only the attribute.
+            code.replace_range(at..at + "#[cfg(test)]".len(), "");
+            continue;
+        }
+        let Some(open) = code[at..].find('{').map(|p| at + p) else {
+            break;
+        };
+        let mut depth = 0;
+        let mut end = code.len();
+        for (k, c) in code[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + k + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        code.replace_range(at..end, "");
+    }
+    code
+}
+
+/// Ways to name a module that the scan does not follow, refused instead.
+fn unfollowed(code: &str) -> Option<&'static str> {
+    ["super::super", "crate as ", "crate::self"]
+        .into_iter()
+        .find(|pattern| code.contains(pattern))
 }
 
 /// The top-level modules `code` names through `crate::`.
@@ -78,7 +203,14 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         }
         let module = first.trim_end_matches(".rs").to_owned();
         let text = std::fs::read_to_string(&file).unwrap();
-        let named = named_modules(&code(&text));
+        let code = code(&text);
+        if let Some(pattern) = unfollowed(&code) {
+            panic!(
+                "{} names a module with `{pattern}`, which this check does not follow: use a crate:: path",
+                file.display()
+            );
+        }
+        let named = named_modules(&code);
         edges
             .entry(module.clone())
             .or_default()
@@ -121,11 +253,19 @@ fn cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
 
 #[test]
 fn the_scan_reads_use_groups_and_paths() {
-    let code = code(
+    let plain = code(
         "use crate::{\n    audit::{A, B},\n    boxapi::{C, d::E},\n    clock,\n};\nfn f() { crate::keys::x(); } // crate::policy\n#[cfg(test)]\nmod tests { use crate::service; }",
     );
-    let named: Vec<String> = named_modules(&code).into_iter().collect();
+    let named: Vec<String> = named_modules(&plain).into_iter().collect();
     assert_eq!(named, ["audit", "boxapi", "clock", "keys"]);
+    // Paths after a URL in a string, after a '"' character, or after a
+    // test module are still read; paths in comments and strings are not.
+    let tricky = code(
+        "const URL: &str = \"https://x\"; fn g() { crate::policy::f(); }\nconst Q: char = '\"'; fn h<'a>() { crate::cache::g(); }\n/* crate::metrics */ const S: &str = \"crate::service\";\n#[cfg(test)]\nmod tests { fn t() { crate::runtime::x(); } }\nfn after() { crate::rpc::y(); }",
+    );
+    let named: Vec<String> = named_modules(&tricky).into_iter().collect();
+    assert_eq!(named, ["cache", "policy", "rpc"]);
+    assert_eq!(unfollowed("use super::super::x;"), Some("super::super"));
     let mut edges = BTreeMap::new();
     edges.insert("a".to_owned(), BTreeSet::from(["b".to_owned()]));
     edges.insert("b".to_owned(), BTreeSet::from(["c".to_owned()]));

@@ -248,12 +248,7 @@ async fn a_listener_accepting_certificates_and_api_keys_takes_either() {
     )
     .unwrap();
     let config = box_token_broker::config::Config::load(&config_file, std::iter::empty()).unwrap();
-    let tls = box_token_broker::runtime::server_tls(
-        config.server.tls.as_ref().unwrap(),
-        "server.tls",
-        config.accepted().len() > 1,
-    )
-    .unwrap();
+    let tls = box_token_broker::runtime::client_tls(&config).unwrap().unwrap();
     let (addr, audit) = serve_tls(
         &h,
         tls,

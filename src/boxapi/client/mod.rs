@@ -210,7 +210,7 @@ impl BoxClient {
                 self.post_form(&self.token_url, &form).await?
             }
         };
-        read_token_response(response, issued_at).await
+        read_token_response(response, issued_at, &self.clock).await
     }
 
     /// Exchanges `subject_token` for one restricted to `scopes` (space-joined,
@@ -245,7 +245,7 @@ impl BoxClient {
             form.push((name, value.as_str()));
         }
         let response = self.post_form(&self.token_url, &form).await?;
-        read_token_response(response, issued_at).await
+        read_token_response(response, issued_at, &self.clock).await
     }
 
     /// Revokes `token` at Box (`/oauth2/revoke`, box-contract.md §6).
@@ -255,13 +255,12 @@ impl BoxClient {
             ("client_secret", app.client_secret.expose_secret()),
             ("token", token.expose_secret()),
         ];
-        let sent_at = self.clock.now();
         let response = self.post_form(&self.revoke_url, &form).await?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        Err(failure(response, sent_at).await)
+        Err(failure(response, &self.clock).await)
     }
 
     async fn post_form(&self, url: &str, form: &[(&str, &str)]) -> Result<reqwest::Response, BoxApiError> {

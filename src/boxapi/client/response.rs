@@ -8,9 +8,12 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::{IssuedToken, MAX_DESCRIPTION, MAX_EXPIRES_IN, MAX_RETRY_AFTER, transport_error};
-use crate::boxapi::{
-    Restriction,
-    error::{BoxApiError, OAuthError},
+use crate::{
+    boxapi::{
+        Restriction,
+        error::{BoxApiError, OAuthError},
+    },
+    clock::SharedClock,
 };
 
 #[derive(Deserialize)]
@@ -38,6 +41,7 @@ struct RestrictedObject {
 pub(super) async fn read_token_response(
     response: reqwest::Response,
     issued_at: SystemTime,
+    clock: &SharedClock,
 ) -> Result<IssuedToken, BoxApiError> {
     let status = response.status();
     let request_id = header_str(&response, "box-request-id");
@@ -90,14 +94,15 @@ pub(super) async fn read_token_response(
                 .collect(),
         });
     }
-    Err(failure(response, issued_at).await)
+    Err(failure(response, clock).await)
 }
 
 /// The error a non-success response stands for: throttling, a server
-/// failure, or Box's error body in either shape. `now` is (the injected
-/// clock's) time the request was sent, for a `Retry-After` date.
-pub(super) async fn failure(response: reqwest::Response, now: SystemTime) -> BoxApiError {
+/// failure, or Box's error body in either shape. A `Retry-After` date
+/// counts from `clock`'s time as the answer is read.
+pub(super) async fn failure(response: reqwest::Response, clock: &SharedClock) -> BoxApiError {
     let status = response.status();
+    let now = clock.now();
     if status == StatusCode::TOO_MANY_REQUESTS {
         let retry_after = header_str(&response, "retry-after").and_then(|v| parse_retry_after(&v, now));
         return BoxApiError::RateLimited { retry_after };
