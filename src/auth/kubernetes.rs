@@ -35,7 +35,7 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const LEEWAY_SECS: u64 = 5;
 /// How long a verified token is remembered (never past its `exp`). A key the
 /// cluster stops publishing stops vouching for its tokens after at most
-/// [`JWKS_MAX_AGE`] plus this.
+/// the JWKS refresh age (5 minutes) plus this.
 pub const VERIFIED_TTL: Duration = Duration::from_secs(60);
 /// The most verified tokens remembered (one per calling pod, typically).
 const VERIFIED_MAX: u64 = 10_000;
