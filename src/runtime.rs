@@ -184,15 +184,8 @@ impl Prepared {
     /// metrics) and returns the runtime that serves them; `hangups` reload
     /// the policy. An error names the address that could not be bound.
     pub async fn bind(self, config: &Config, hangups: Option<Signal>) -> Result<Runtime, String> {
-        let Self {
-            broker,
-            admin,
-            auth,
-            tls,
-            admin_tls,
-            audit,
-        } = self;
-        let mut runtime = Runtime::new(broker, audit)
+        let (admin, admin_tls) = (self.admin, self.admin_tls);
+        let mut runtime = Runtime::new(self.broker, self.audit)
             .with_options(serve_options(&config.server))
             .watch_policy(config.policy.file.clone(), hangups);
         let listener = TcpListener::bind(config.server.listen)
@@ -202,9 +195,9 @@ impl Prepared {
             .local_addr()
             .map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
         runtime = runtime.listen(
-            match tls {
-                Some(tls) => Listener::Tls(listener, auth, tls),
-                None => Listener::Tcp(listener, auth),
+            match self.tls {
+                Some(tls) => Listener::Tls(listener, self.auth, tls),
+                None => Listener::Tcp(listener, self.auth),
             },
             Role::Client,
         );

@@ -12,10 +12,7 @@ use std::{
 
 use futures_util::future::{BoxFuture, FutureExt as _, Shared};
 
-use super::short;
-use super::{
-    CacheError, CachedToken, Inner, Minted, Need, PARENT_BEING_REVOKED, REVOCATION_RETRIES, TokenCache, TokenKey,
-};
+use super::{CacheError, CachedToken, Inner, Minted, Need, PARENT_BEING_REVOKED, TokenCache, TokenKey, short};
 use crate::boxapi::DiagnosisKind;
 
 /// A place among the calls to Box in progress, held by a flight until it
@@ -169,18 +166,14 @@ impl Inner {
             inner: Arc::clone(self),
         };
         let parent_key = key.parent();
-        let mut need = Need::default();
-        for _ in 0..REVOCATION_RETRIES {
-            let found = Box::pin(cache.get(&parent_key, need)).await?;
-            if let Some(caller) = &key.caller {
-                found.token.note_served(caller);
-            }
-            if !found.token.is_revoking() {
-                return Ok(found.token);
-            }
-            need.minted_since = Some(found.token.minted_at + Duration::from_millis(1));
-        }
-        Err(CacheError::BeingRevoked(PARENT_BEING_REVOKED))
+        let found = cache.not_being_revoked(
+            key.caller.as_ref(),
+            &parent_key,
+            Need::default(),
+            None,
+            PARENT_BEING_REVOKED,
+        );
+        Ok(Box::pin(found).await?.token)
     }
 
     /// Deregisters flight `id` (unless a newer flight replaced it).

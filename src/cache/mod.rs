@@ -451,16 +451,32 @@ impl TokenCache {
         need: Need,
         admit: Option<Admission<'_>>,
     ) -> Result<Lookup, CacheError> {
-        let mut need = need;
+        self.not_being_revoked(Some(caller), key, need, admit, BEING_REVOKED)
+            .await
+    }
+
+    /// [`Self::get_admitted`], passing over a token being revoked for a
+    /// newer one (at most [`REVOCATION_RETRIES`] times, then `gave_up`);
+    /// the serve is recorded for `caller` before the check.
+    pub(super) async fn not_being_revoked(
+        &self,
+        caller: Option<&Arc<str>>,
+        key: &TokenKey,
+        mut need: Need,
+        admit: Option<Admission<'_>>,
+        gave_up: &'static str,
+    ) -> Result<Lookup, CacheError> {
         for _ in 0..REVOCATION_RETRIES {
             let lookup = self.get_admitted(key, need, admit).await?;
-            lookup.token.note_served(caller);
+            if let Some(caller) = caller {
+                lookup.token.note_served(caller);
+            }
             if !lookup.token.is_revoking() {
                 return Ok(lookup);
             }
             need.minted_since = Some(lookup.token.minted_at + Duration::from_millis(1));
         }
-        Err(CacheError::BeingRevoked(BEING_REVOKED))
+        Err(CacheError::BeingRevoked(gave_up))
     }
 
     /// A downscoped token for `key` (made for `caller`) with at least

@@ -439,15 +439,7 @@ async fn a_key_store_that_cannot_be_written_changes_nothing_and_tells_the_caller
     // A directory where the store file goes: the atomic rename onto it fails.
     let _ = std::fs::remove_file(&side.store_path);
     std::fs::create_dir(&side.store_path).unwrap();
-    let refused = side
-        .client
-        .clone()
-        .generate_key(admin_request(pb::GenerateKeyRequest {
-            app: String::new(),
-            bits: 2048,
-        }))
-        .await
-        .unwrap_err();
+    let refused = common::try_generate_key(&h).await.unwrap_err();
     common::assert_status(
         &refused,
         tonic::Code::Internal,

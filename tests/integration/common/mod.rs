@@ -495,10 +495,9 @@ impl Captured {
     }
 }
 
-/// GenerateKey on the harness's admin listener (pending, no kid yet).
-pub async fn generate_key(h: &Harness) -> pb::GenerateKeyResponse {
-    let generated = h
-        .admin
+/// GenerateKey (2048 bits, the default app) on the harness's admin listener.
+pub async fn try_generate_key(h: &Harness) -> Result<pb::GenerateKeyResponse, tonic::Status> {
+    h.admin
         .as_ref()
         .unwrap()
         .client
@@ -508,8 +507,12 @@ pub async fn generate_key(h: &Harness) -> pb::GenerateKeyResponse {
             bits: 2048,
         }))
         .await
-        .unwrap()
-        .into_inner();
+        .map(tonic::Response::into_inner)
+}
+
+/// [`try_generate_key`], which must succeed with a pending key (no kid yet).
+pub async fn generate_key(h: &Harness) -> pb::GenerateKeyResponse {
+    let generated = try_generate_key(h).await.unwrap();
     let key = generated.key.as_ref().unwrap();
     assert_eq!(key.state(), pb::KeyState::Pending);
     assert!(key.kid.is_empty(), "Box has not assigned a kid yet");
