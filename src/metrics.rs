@@ -29,6 +29,8 @@ use prometheus_client::{
 use crate::{
     boxapi::client::CircuitState,
     broker::Broker,
+    edge::Edge,
+    histogram::LatencyHistogram,
     keys::KeyState,
     rpc::{Rpc, code_name},
 };
@@ -37,58 +39,11 @@ type Labels = Vec<(&'static str, String)>;
 
 /// gRPC status codes 0 (Ok) to 16 (Unauthenticated).
 const CODES: usize = 17;
-/// Upper bounds of the RPC latency buckets, in seconds: 0.5 ms doubling to ~16 s.
-const RPC_BUCKETS: usize = 16;
-
-fn rpc_bucket_bound(i: usize) -> f64 {
-    0.0005 * f64::from(1u32 << i)
-}
-
-/// A latency histogram of atomic counters: recording takes no lock
-/// (prometheus-client's `Histogram` takes a mutex per observation).
-#[derive(Debug, Default)]
-struct AtomicHistogram {
-    /// Observations per bucket (not cumulative); the last is `+Inf`.
-    buckets: [AtomicU64; RPC_BUCKETS + 1],
-    sum_nanos: AtomicU64,
-}
-
-impl AtomicHistogram {
-    fn observe(&self, took: Duration) {
-        let seconds = took.as_secs_f64();
-        let bucket = (0..RPC_BUCKETS)
-            .find(|&i| seconds <= rpc_bucket_bound(i))
-            .unwrap_or(RPC_BUCKETS);
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-    }
-
-    /// (sum in seconds, count, per-bucket counts with their upper bounds).
-    #[allow(clippy::cast_precision_loss, reason = "a sum of nanoseconds as f64 seconds")]
-    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let buckets: Vec<(f64, u64)> = (0..=RPC_BUCKETS)
-            .map(|i| {
-                let bound = if i == RPC_BUCKETS {
-                    f64::INFINITY
-                } else {
-                    rpc_bucket_bound(i)
-                };
-                (bound, self.buckets[i].load(Ordering::Relaxed))
-            })
-            .collect();
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        // The count is the buckets' total, so `_count` and `le="+Inf"` agree.
-        let count = buckets.iter().map(|(_, n)| n).sum();
-        (sum, count, buckets)
-    }
-}
-
 /// One method's counters.
 #[derive(Debug, Default)]
 struct MethodMetrics {
     by_code: [AtomicU64; CODES],
-    duration: AtomicHistogram,
+    duration: LatencyHistogram,
     denials: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
@@ -412,6 +367,128 @@ impl Collector for BrokerCollector {
     }
 }
 
+/// What answers the client API: a central broker (it holds the Box
+/// credentials and mints) or an edge (it asks a central broker); what a
+/// metrics endpoint describes besides RPCs and connections.
+#[derive(Debug, Clone)]
+pub enum Served {
+    /// A central broker: its apps, mints, circuits to Box and keys.
+    Broker(Arc<Broker>),
+    /// An edge: its cache and its calls to the central broker.
+    Edge(Arc<Edge>),
+}
+
+/// Reads an edge's cache and its calls to the central broker at scrape time.
+pub struct EdgeCollector(Arc<Edge>);
+
+impl fmt::Debug for EdgeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EdgeCollector")
+    }
+}
+
+impl Collector for EdgeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let cache = self.0.cache();
+        let central = self.0.central();
+        let counters = &central.counters;
+        gauge(
+            &mut encoder,
+            "boxbroker_cache_entries",
+            "Tokens in the cache.",
+            &[(vec![], i64::try_from(cache.live_entries()).unwrap_or(i64::MAX))],
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_cache_evictions",
+            "Tokens dropped from the cache for size or expiry.",
+            &[(vec![], cache.evictions())],
+        )?;
+        let answers: Vec<(Labels, u64)> = counters
+            .answers()
+            .into_iter()
+            .map(|(rpc, code, n)| {
+                (
+                    vec![("method", rpc.name().to_owned()), ("code", code_name(code).to_owned())],
+                    n,
+                )
+            })
+            .collect();
+        counter(
+            &mut encoder,
+            "boxbroker_edge_upstream_answers",
+            "The central broker's answers to this edge, by method and gRPC code.",
+            &answers,
+        )?;
+        let failures = counters.failures();
+        counter(
+            &mut encoder,
+            "boxbroker_edge_upstream_unreachable",
+            "Attempts to call the central broker that got no answer (refused, reset, timed out), by method.",
+            &failures
+                .iter()
+                .map(|(rpc, n, _)| (vec![("method", rpc.name().to_owned())], *n))
+                .collect::<Vec<_>>(),
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_edge_upstream_gave_up",
+            "Calls to the central broker that failed for good (attempts, deadline or circuits exhausted), by method.",
+            &failures
+                .iter()
+                .map(|(rpc, _, n)| (vec![("method", rpc.name().to_owned())], *n))
+                .collect::<Vec<_>>(),
+        )?;
+        let load = |c: &AtomicU64| vec![(Labels::new(), c.load(Ordering::Relaxed))];
+        counter(
+            &mut encoder,
+            "boxbroker_edge_upstream_retries",
+            "Attempts after the first of a call to the central broker (failovers and retries).",
+            &load(&counters.retries),
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_edge_circuit_opened",
+            "Times a central broker endpoint's circuit opened.",
+            &load(&counters.circuit_opened),
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_edge_resolve_failures",
+            "Resolutions of the central broker's endpoint names that found no address.",
+            &load(&counters.resolve_failures),
+        )?;
+        {
+            let (sum, count, buckets) = counters.duration.snapshot();
+            let mut metric = encoder.encode_descriptor(
+                "boxbroker_edge_upstream_duration_seconds",
+                "Latency of the central broker's answers to this edge.",
+                None,
+                prometheus_client::metrics::MetricType::Histogram,
+            )?;
+            metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        let circuits: Vec<(Labels, i64)> = central
+            .circuits()
+            .into_iter()
+            .map(|(address, state)| {
+                let state = match state {
+                    CircuitState::Closed => 0,
+                    CircuitState::Open => 1,
+                    CircuitState::HalfOpen => 2,
+                };
+                (vec![("endpoint", address.to_string())], state)
+            })
+            .collect();
+        gauge(
+            &mut encoder,
+            "boxbroker_edge_circuit_state",
+            "The circuit to each central broker address: 0 closed, 1 open, 2 half-open.",
+            &circuits,
+        )
+    }
+}
+
 /// Reads the transport's connection counters at scrape time.
 struct TransportCollector(Arc<TransportCounters>);
 
@@ -598,10 +675,13 @@ impl Collector for ProcessCollector {
 /// The registry for `broker`: the RPCs the service recorded (`rpcs`), the
 /// broker's own counters (read at scrape time), the transport's connection
 /// counters, the build and the process.
-pub fn registry(broker: Arc<Broker>, rpcs: RpcMetrics, transport: Arc<TransportCounters>) -> Registry {
+pub fn registry(served: Served, rpcs: RpcMetrics, transport: Arc<TransportCounters>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RpcCollector(rpcs)));
-    registry.register_collector(Box::new(BrokerCollector(broker)));
+    match served {
+        Served::Broker(broker) => registry.register_collector(Box::new(BrokerCollector(broker))),
+        Served::Edge(edge) => registry.register_collector(Box::new(EdgeCollector(edge))),
+    }
     registry.register_collector(Box::new(TransportCollector(transport)));
     registry.register_collector(Box::new(BuildInfoCollector));
     registry.register_collector(Box::new(ProcessCollector));

@@ -226,6 +226,24 @@ impl std::fmt::Display for RequestId {
     }
 }
 
+/// The `domain` of every `google.rpc.ErrorInfo` a broker sends: what tells
+/// an edge that a refusal is a broker's own answer, not a proxy's.
+pub const ERROR_DOMAIN: &str = "box-token-broker";
+
+/// Whether spans are exported (OpenTelemetry is on): only then is a
+/// caller's `traceparent` worth reading.
+static TRACES_EXPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that spans are exported from now on (`telemetry` calls it).
+pub fn set_traces_exported() {
+    TRACES_EXPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_traces_exported`].
+pub fn traces_exported() -> bool {
+    TRACES_EXPORTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,9 +25,16 @@ use crate::{
     boxapi::BoxClient,
     broker::{App, Broker, UpstreamBudget},
     clock::SharedClock,
-    config::{ApiKeyConfig, AuditConfig, Config, ConfigError, KeystoreConfig, Mechanism, ServerConfig, TlsConfig},
+    config::{
+        ApiKeyConfig, AuditConfig, AuthConfig, Config, ConfigError, EdgeConfig, KeystoreConfig, Mechanism,
+        ServerConfig, TlsConfig,
+    },
+    edge::{
+        Edge,
+        central::{Central, CentralSettings, CentralTls, Credential, SecretFile},
+    },
     keys::store::{Kek, KeyStore},
-    metrics::RpcMetrics,
+    metrics::{RpcMetrics, Served},
     policy::Policy,
     reload::{POLL_INTERVAL, PolicyWatcher},
     service::{self, ClientCertificates, ConnectionLimits, Listener, Role, ServeError, ServeOptions, ServerTls},
@@ -36,7 +43,7 @@ use crate::{
 /// A broker and what serves it, ready to run.
 #[derive(Debug)]
 pub struct Runtime {
-    broker: Arc<Broker>,
+    backend: Served,
     audit: Arc<AuditSink>,
     options: ServeOptions,
     endpoints: Vec<(Listener, Role)>,
@@ -45,14 +52,25 @@ pub struct Runtime {
     hangups: Option<Signal>,
     /// Socket files to remove once stopped.
     unix_sockets: Vec<PathBuf>,
+    /// An edge's task that resolves the central broker's names again; stopped with the runtime.
+    resolver: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runtime {
     /// `broker`, auditing to `audit`, with default serve options and no
     /// listener yet.
     pub fn new(broker: Arc<Broker>, audit: Arc<AuditSink>) -> Self {
+        Self::serving(Served::Broker(broker), audit)
+    }
+
+    /// An edge, auditing to `audit`, with default serve options and no listener yet.
+    pub fn edge(edge: Arc<Edge>, audit: Arc<AuditSink>) -> Self {
+        Self::serving(Served::Edge(edge), audit)
+    }
+
+    fn serving(backend: Served, audit: Arc<AuditSink>) -> Self {
         Self {
-            broker,
+            backend,
             audit,
             options: ServeOptions::default(),
             endpoints: Vec::new(),
@@ -60,6 +78,7 @@ impl Runtime {
             policy_file: None,
             hangups: None,
             unix_sockets: Vec::new(),
+            resolver: None,
         }
     }
 
@@ -92,9 +111,12 @@ impl Runtime {
         self
     }
 
-    /// The broker it serves.
-    pub fn broker(&self) -> &Arc<Broker> {
-        &self.broker
+    /// The broker it serves (none for an edge).
+    pub fn broker(&self) -> Option<&Arc<Broker>> {
+        match &self.backend {
+            Served::Broker(broker) => Some(broker),
+            Served::Edge(_) => None,
+        }
     }
 
     /// Where the client API's RPCs are counted (what `/metrics` reads).
@@ -109,23 +131,26 @@ impl Runtime {
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
         let metrics = self.metrics.take().map(|listener| {
             let registry = crate::metrics::registry(
-                self.broker.clone(),
+                self.backend.clone(),
                 self.options.rpc_metrics.clone(),
                 self.options.counters.clone(),
             );
             tokio::spawn(crate::metrics::serve(listener, registry, std::future::pending()))
         });
-        let watcher = match self.policy_file.take() {
-            Some(file) => {
-                tokio::spawn(PolicyWatcher::new(file, self.broker.clone()).run(POLL_INTERVAL, self.hangups.take()))
+        let watcher = match (self.policy_file.take(), &self.backend) {
+            (Some(file), Served::Broker(broker)) => {
+                tokio::spawn(PolicyWatcher::new(file, broker.clone()).run(POLL_INTERVAL, self.hangups.take()))
             }
-            None => tokio::spawn(crate::reload::log_hangups(self.hangups.take())),
+            _ => tokio::spawn(crate::reload::log_hangups(self.hangups.take())),
         };
-        let served = service::serve_with(self.options, self.broker, self.endpoints, self.audit, shutdown).await;
+        let served = service::serve_with(self.options, self.backend, self.endpoints, self.audit, shutdown).await;
         if let Some(metrics) = metrics {
             metrics.abort();
         }
         watcher.abort();
+        if let Some(resolver) = self.resolver.take() {
+            resolver.abort();
+        }
         for path in &self.unix_sockets {
             let _ = std::fs::remove_file(path);
         }
@@ -238,7 +263,7 @@ impl Prepared {
             runtime = runtime.listen(Listener::Unix(listener, auth), admin_role);
             runtime.unix_sockets.push(unix.path.clone());
         }
-        for app in runtime.broker.apps() {
+        for app in runtime.broker().into_iter().flat_map(|b| b.apps()) {
             tracing::info!(app = %app.name, auth = %app.auth_summary(), "app loaded");
         }
         if config.server.allow_anonymous {
@@ -275,13 +300,152 @@ impl Prepared {
     }
 }
 
+/// Everything `edge` builds from its config before it binds a port: the
+/// central broker's client (TLS files read, the pod's credential read, the
+/// endpoints resolved), the local callers' authenticator, the audit sink.
+#[derive(Debug)]
+pub struct PreparedEdge {
+    /// The edge.
+    pub edge: Arc<Edge>,
+    auth: Authenticator,
+    tls: Option<ServerTls>,
+    audit: Arc<AuditSink>,
+}
+
+impl PreparedEdge {
+    /// Builds the parts `config` names. Errors name the setting and the file.
+    pub async fn from_config(config: &EdgeConfig, clock: SharedClock) -> Result<Self, ConfigError> {
+        let central = Central::new(central_settings(config)?, clock.clone())
+            .await
+            .map_err(|problem| ConfigError::new("central", problem))?;
+        let edge = Arc::new(Edge::new(central, clock, config.cache.policy()));
+        let auth = tcp_authenticator(&config.server, &config.auth).await?;
+        let tls = listener_tls(&config.server, &config.auth)?;
+        let audit = Arc::new(open_audit(&config.audit)?);
+        Ok(Self { edge, auth, tls, audit })
+    }
+
+    /// Binds the local listeners (loopback TCP when `[server] listen` is
+    /// given, the Unix socket, metrics) and returns the runtime that serves
+    /// them. An error names the address that could not be bound.
+    pub async fn bind(self, config: &EdgeConfig, hangups: Option<Signal>) -> Result<Runtime, String> {
+        let mut runtime = Runtime::edge(self.edge.clone(), self.audit)
+            .with_options(serve_options(&config.server))
+            .watch_policy(None, hangups);
+        if config.listens_on_tcp() {
+            let addr = config.server.listen;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(listen = %bound, tls = self.tls.is_some(), "edge: serving gRPC on loopback");
+            runtime = runtime.listen(
+                match self.tls {
+                    Some(tls) => Listener::Tls(listener, self.auth, tls),
+                    None => Listener::Tcp(listener, self.auth),
+                },
+                Role::Client,
+            );
+        }
+        if let Some(unix) = &config.server.unix_socket {
+            let listener =
+                bind_unix(&unix.path).map_err(|e| format!("cannot listen on {}: {e}", unix.path.display()))?;
+            tracing::info!(path = %unix.path.display(), identity = %unix.identity, "edge: serving gRPC on a Unix socket");
+            let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
+            runtime = runtime.listen(Listener::Unix(listener, auth), Role::Client);
+            runtime.unix_sockets.push(unix.path.clone());
+        }
+        let listeners = runtime.endpoints.len();
+        fit_to_open_files(&mut runtime.options.connections, listeners);
+        if let Some(addr) = config.server.metrics_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))?;
+            tracing::info!(listen = %listener.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
+            runtime = runtime.with_metrics(listener);
+        }
+        runtime.resolver = Some(self.edge.central().spawn_resolver());
+        tracing::info!(
+            central = config.central.endpoints.join(","),
+            credential = central_credential_name(config),
+            "edge: tokens come from the central broker; no Box credential is held here"
+        );
+        Ok(runtime)
+    }
+}
+
+/// What the edge presents upstream, for the startup log.
+fn central_credential_name(config: &EdgeConfig) -> &'static str {
+    let central = &config.central;
+    match (&central.token_file, &central.api_key_file, &central.cert_file) {
+        (Some(_), _, Some(_)) => "service-account token + client certificate",
+        (Some(_), _, None) => "service-account token",
+        (_, Some(_), Some(_)) => "API key + client certificate",
+        (_, Some(_), None) => "API key",
+        (None, None, Some(_)) => "client certificate",
+        (None, None, None) => "none (the central broker must admit anonymous callers)",
+    }
+}
+
+/// The central broker's client settings: files read and checked here.
+fn central_settings(config: &EdgeConfig) -> Result<CentralSettings, ConfigError> {
+    let central = &config.central;
+    let read = |setting: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            ConfigError::new(
+                format!("central.{setting}"),
+                format!("{}: cannot read: {e}", path.display()),
+            )
+        })
+    };
+    let tls = match &central.ca_file {
+        Some(ca) => Some(CentralTls {
+            ca_pem: read("ca_file", ca)?,
+            identity: match (&central.cert_file, &central.key_file) {
+                (Some(cert), Some(key)) => Some((
+                    read("cert_file", cert)?,
+                    zeroize::Zeroizing::new(read("key_file", key)?),
+                )),
+                _ => None,
+            },
+            server_name: central.server_name.clone(),
+        }),
+        None => None,
+    };
+    let credential = match (&central.token_file, &central.api_key_file) {
+        (Some(file), _) => Credential::ServiceAccountToken(
+            SecretFile::open(file).map_err(|p| ConfigError::new("central.token_file", p))?,
+        ),
+        (None, Some(file)) => {
+            refuse_world_readable("central.api_key_file", file)?;
+            Credential::ApiKey(SecretFile::open(file).map_err(|p| ConfigError::new("central.api_key_file", p))?)
+        }
+        (None, None) => Credential::Connection,
+    };
+    if central.endpoints().iter().any(|e| !e.https && !e.is_loopback()) {
+        tracing::warn!(
+            "a [central] endpoint is http://: the pod's credential and its tokens cross the network unencrypted unless a mesh encrypts them"
+        );
+    }
+    Ok(CentralSettings {
+        endpoints: central.endpoints(),
+        tls,
+        credential,
+        policy: config.upstream.policy(),
+        resolve_interval: central.resolve_interval(),
+    })
+}
+
 /// The client listener's TLS, when `[server.tls]` is configured: the files
 /// read and checked; a client certificate optional when the listener also
 /// accepts other credentials.
 pub fn client_tls(config: &Config) -> Result<Option<ServerTls>, ConfigError> {
-    let certificate_optional = config.accepted().len() > 1;
-    config
-        .server
+    listener_tls(&config.server, &config.auth)
+}
+
+fn listener_tls(server: &ServerConfig, auth: &AuthConfig) -> Result<Option<ServerTls>, ConfigError> {
+    let certificate_optional = server.accepted(auth).len() > 1;
+    server
         .tls
         .as_ref()
         .map(|tls| server_tls(tls, "server.tls", certificate_optional))
@@ -353,16 +517,19 @@ pub fn build_broker(config: &Config, clock: SharedClock) -> Result<Broker, Confi
 /// [`crate::config::Settings::accepted`]. This loads the Kubernetes JWKS (reading the file
 /// or fetching the URL) when that mechanism is accepted.
 pub async fn authenticator(config: &Config) -> Result<Authenticator, ConfigError> {
-    let accepted = config.accepted();
-    let mut authenticator = Authenticator::new(Anonymous::admitted_if(config.server.allow_anonymous));
+    tcp_authenticator(&config.server, &config.auth).await
+}
+
+async fn tcp_authenticator(server: &ServerConfig, auth: &AuthConfig) -> Result<Authenticator, ConfigError> {
+    let accepted = server.accepted(auth);
+    let mut authenticator = Authenticator::new(Anonymous::admitted_if(server.allow_anonymous));
     if accepted.contains(&Mechanism::ClientCertificate) {
         authenticator = authenticator.with_mtls();
     }
     if accepted.contains(&Mechanism::ApiKey) {
-        authenticator = authenticator.with_api_keys(hashed(&config.auth.api_keys));
+        authenticator = authenticator.with_api_keys(hashed(&auth.api_keys));
     }
-    if let Some(k8s) = config
-        .auth
+    if let Some(k8s) = auth
         .kubernetes
         .as_ref()
         .filter(|_| accepted.contains(&Mechanism::Kubernetes))

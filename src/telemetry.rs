@@ -64,6 +64,7 @@ pub fn otel_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S> + use<S>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
+    crate::rpc::set_traces_exported();
     tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(SERVICE_NAME))
         .with_location(false)

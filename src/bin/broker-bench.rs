@@ -6,8 +6,10 @@
 //! responses of the same size — no auth, policy, cache or audit. The same
 //! client drives both with the same concurrency and duration, in slices that
 //! alternate between them, and the broker/baseline ratios (throughput, p99,
-//! CPU per request) are printed. Then: cold mints, a stampede on one key, and
-//! memory per cached token. See BENCHMARKS.md.
+//! CPU per request) are printed. Then: an edge sidecar in front of the
+//! broker (its cached path against the same baseline, and the cost of an
+//! edge miss: one hop to the broker's cache), cold mints, a stampede on one
+//! key, and memory per cached token. See BENCHMARKS.md.
 //!
 //! `cargo run --release --bin broker-bench` (about 3 minutes), or `-- --quick`
 //! (under 60 s; a smoke test, not a measurement).
@@ -34,6 +36,10 @@ use box_token_broker::{
     broker::{App, Broker, UpstreamBudget},
     cache::{CachePolicy, CachedToken, Minter, Need, TokenCache, TokenKey, UpstreamError},
     clock::{SharedClock, SystemClock},
+    edge::{
+        Edge,
+        central::{self, Central, CentralEndpoint, CentralSettings, Credential},
+    },
     fakebox::{FakeAuth, FakeBox, FakeBoxServer, FakeUser, UserKind, seed},
     pb::{
         self,
@@ -78,6 +84,9 @@ struct Args {
     /// Only the cached `GetDownscopedToken` against its baseline (for profiling).
     #[arg(long)]
     downscoped_only: bool,
+    /// Only an edge sidecar's cached single-key `GetToken` against the baseline (for profiling).
+    #[arg(long)]
+    edge_only: bool,
 }
 
 /// One load run's results.
@@ -177,6 +186,8 @@ fn print_ratio(name: &str, broker: &Run, baseline: &Run) {
 struct Servers<'a> {
     baseline: &'a [Channel],
     broker: &'a [Channel],
+    /// What `broker` is: "broker", or "edge" for the sidecar in front of it.
+    label: &'static str,
     concurrency: usize,
     slice: Duration,
     rounds: u32,
@@ -197,9 +208,13 @@ impl Servers<'_> {
             broker.merge(drive(self.broker, self.concurrency, self.slice, call.clone()).await);
         }
         print_run(&format!("baseline {}", names[0]), &base);
-        print_run(&format!("broker {}", names[1]), &broker);
+        print_run(&format!("{} {}", self.label, names[1]), &broker);
         print_ratio(
-            &format!("cached {}:", names[1].split(',').next().unwrap_or_default()),
+            &format!(
+                "{} cached {}:",
+                self.label,
+                names[1].split(',').next().unwrap_or_default()
+            ),
             &broker,
             &base,
         );
@@ -414,6 +429,10 @@ struct Bench {
     key: rsa::RsaPrivateKey,
     broker: Vec<Channel>,
     baseline: Vec<Channel>,
+    /// An edge sidecar in front of the broker.
+    edge: Vec<Channel>,
+    /// The edge's counters of its calls to the broker.
+    edge_state: Arc<Edge>,
     concurrency: usize,
     /// How many distinct users the many-users scenario asks for.
     users: usize,
@@ -425,9 +444,19 @@ impl Bench {
         Servers {
             baseline: &self.baseline,
             broker: &self.broker,
+            label: "broker",
             concurrency: self.concurrency,
             slice,
             rounds,
+        }
+    }
+
+    /// The edge and the baseline, side by side, in alternating slices.
+    fn edge_servers(&self, slice: Duration, rounds: u32) -> Servers<'_> {
+        Servers {
+            broker: &self.edge,
+            label: "edge",
+            ..self.servers(slice, rounds)
         }
     }
 }
@@ -523,8 +552,10 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
     );
     let broker_channels = channels(broker_addr, connections).await;
     let baseline_channels = baseline(&broker_channels, connections).await;
-    // Warm up both servers and their connections.
-    for channels in [&baseline_channels, &broker_channels] {
+    let (edge_state, edge_addr) = edge(broker_addr).await;
+    let edge_channels = channels(edge_addr, connections).await;
+    // Warm up the servers and their connections.
+    for channels in [&baseline_channels, &broker_channels, &edge_channels] {
         drive(channels, concurrency, Duration::from_millis(500), get_enterprise).await;
     }
     Bench {
@@ -534,9 +565,119 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
         key,
         broker: broker_channels,
         baseline: baseline_channels,
+        edge: edge_channels,
+        edge_state,
         concurrency,
         users,
     }
+}
+
+/// An edge sidecar (the production assembly: `Runtime::edge`) whose
+/// central broker is at `central`, audit to /dev/null: it and its address.
+async fn edge(central: std::net::SocketAddr) -> (Arc<Edge>, std::net::SocketAddr) {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let settings = CentralSettings {
+        endpoints: vec![CentralEndpoint {
+            https: false,
+            host: central.ip().to_string(),
+            port: central.port(),
+        }],
+        tls: None,
+        credential: Credential::Connection,
+        policy: central::default_policy(),
+        resolve_interval: Duration::from_secs(30),
+    };
+    let central = Central::new(settings, clock.clone()).await.expect("the edge's client");
+    let edge = Arc::new(Edge::new(
+        central,
+        clock,
+        CachePolicy {
+            max_entries: 2_000_000,
+            ..CachePolicy::default()
+        },
+    ));
+    let audit = Arc::new(AuditSink::file(std::path::Path::new("/dev/null")).expect("/dev/null"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let addr = listener.local_addr().expect("an address");
+    tokio::spawn(
+        Runtime::edge(edge.clone(), audit)
+            .listen(
+                Listener::Tcp(listener, Authenticator::new(Anonymous::Admitted)),
+                Role::Client,
+            )
+            .run(std::future::pending()),
+    );
+    (edge, addr)
+}
+
+/// One request for each of `users` bench users through `channels`,
+/// `concurrency` at a time (each user once: through a cold edge, every one
+/// is a local miss).
+async fn each_user_once(channels: &[Channel], concurrency: usize, users: usize) -> Run {
+    let started = Instant::now();
+    let cpu_before = cpu_seconds();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for worker in 0..concurrency {
+        let client = TokenBrokerServiceClient::new(channels[worker % channels.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut latencies, mut errors) = (Vec::new(), 0);
+            for i in (worker..users).step_by(concurrency) {
+                let sent = Instant::now();
+                if !get_user(client.clone(), i).await {
+                    errors += 1;
+                }
+                latencies.push(u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            }
+            (latencies, errors)
+        }));
+    }
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        if let Ok((l, e)) = task.await {
+            latencies.extend(l);
+            errors += e;
+        }
+    }
+    latencies.sort_unstable();
+    Run {
+        requests: latencies.len(),
+        errors,
+        seconds: started.elapsed().as_secs_f64(),
+        cpu_seconds: cpu_before.zip(cpu_seconds()).map(|(before, after)| after - before),
+        latencies,
+    }
+}
+
+/// The edge's cached path against the baseline, and the cost of an edge
+/// miss (one hop to a central broker's cache hit) beside the central
+/// broker's own hit for the same users. Run after `warm_users`.
+async fn edge_scenarios(bench: &Bench, slice: Duration, rounds: u32) {
+    let upstream_before = bench.fake.stats();
+    bench
+        .edge_servers(slice, rounds)
+        .versus(["GetToken (constant)", "GetToken, cached, 1 key"], get_enterprise)
+        .await;
+    let answers = |edge: &Edge| -> u64 { edge.central().counters.answers().iter().map(|(_, _, n)| n).sum() };
+    let asked = answers(&bench.edge_state);
+    let misses = each_user_once(&bench.edge, bench.concurrency, bench.users).await;
+    let direct = each_user_once(&bench.broker, bench.concurrency, bench.users).await;
+    println!();
+    print_header();
+    print_run(&format!("edge GetToken, {} users, each a miss", bench.users), &misses);
+    print_run(
+        &format!("broker GetToken, the same {} users, cached", bench.users),
+        &direct,
+    );
+    println!(
+        "edge miss (one hop to a central hit): p50 {} µs, p99 {} µs; the central's own hit: p50 {} µs, p99 {} µs; {} calls to the central broker, {} to Box (expected {} and 0)",
+        micros(misses.percentile(50.0)),
+        micros(misses.percentile(99.0)),
+        micros(direct.percentile(50.0)),
+        micros(direct.percentile(99.0)),
+        answers(&bench.edge_state) - asked,
+        bench.fake.stats().token_arrivals - upstream_before.token_arrivals,
+        bench.users,
+    );
 }
 
 /// The baseline server, answering constant responses the size of the
@@ -691,7 +832,7 @@ fn signing(bench: &Bench, n: u32) {
 /// The scenarios `args` asks for, in order.
 async fn run(args: Args) {
     let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
-    let one_scenario = args.cached_only || args.downscoped_only;
+    let one_scenario = args.cached_only || args.downscoped_only || args.edge_only;
     let users = if args.quick || one_scenario { 1_000 } else { 10_000 };
     let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
     let rounds = if args.quick { 2 } else { args.rounds.max(1) };
@@ -717,6 +858,13 @@ async fn run(args: Args) {
         std::env::consts::ARCH
     );
     let bench = setup(args.connections, args.concurrency, users).await;
+    if args.edge_only {
+        bench
+            .edge_servers(slice, rounds)
+            .versus(["GetToken (constant)", "GetToken, cached, 1 key"], get_enterprise)
+            .await;
+        return;
+    }
     if args.cached_only {
         bench
             .servers(slice, rounds)
@@ -745,6 +893,7 @@ async fn run(args: Args) {
     println!();
     print_header();
     cached_scenarios(&bench, slice, rounds).await;
+    edge_scenarios(&bench, slice, rounds).await;
     cold_mints(&bench, duration, warm_secs).await;
     stampede(&bench, 1_000).await;
     signing(&bench, if args.quick { 200 } else { 2_000 });

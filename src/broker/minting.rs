@@ -37,6 +37,7 @@ fn upstream(key: &TokenKey, kind: DiagnosisKind, message: String) -> UpstreamErr
             message,
             retry_after: None,
         },
+        relayed: None,
     }
 }
 
@@ -170,6 +171,7 @@ async fn mint_full(app: &App, key: &TokenKey) -> Result<IssuedToken, UpstreamErr
                 app: app.name.clone(),
                 subject: key.subject.clone(),
                 diagnosis,
+                relayed: None,
             })
         }
     }
@@ -240,6 +242,7 @@ async fn exchange(
                 app: app.name.clone(),
                 subject: key.subject.clone(),
                 diagnosis,
+                relayed: None,
             });
         }
     };

@@ -314,7 +314,8 @@ impl Broker {
         let need = Need {
             min_ttl: request.min_ttl,
             minted_since: request.force_refresh.then(|| self.forced()),
-            parent_at_least: None,
+            forced: request.force_refresh,
+            ..Need::default()
         };
         let lookup = self
             .cache
@@ -441,6 +442,7 @@ impl Broker {
                     app: app.name.clone(),
                     subject: key.subject,
                     diagnosis,
+                    relayed: None,
                 })));
             }
         };

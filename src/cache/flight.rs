@@ -33,6 +33,8 @@ type FlightResult = Result<Arc<CachedToken>, CacheError>;
 pub(super) struct Flight {
     pub(super) id: u64,
     pub(super) started_at: SystemTime,
+    /// Started by a `force_refresh` (for a fetching minter, a forced request joins only such a flight).
+    pub(super) forced: bool,
     pub(super) result: Shared<BoxFuture<'static, FlightResult>>,
 }
 
@@ -51,13 +53,14 @@ impl TokenCache {
     }
 
     /// Joins the running flight for `key` if it can meet `need`, or starts
-    /// one if `admit` (when given) lets it.
+    /// one if `admit` (when given) lets it: when it started, its result, and
+    /// whether this call started it.
     pub(super) fn join_or_start(
         &self,
         key: &TokenKey,
         need: Need,
         admit: Option<Admission<'_>>,
-    ) -> Result<(SystemTime, Shared<BoxFuture<'static, FlightResult>>), CacheError> {
+    ) -> Result<(SystemTime, Shared<BoxFuture<'static, FlightResult>>, bool), CacheError> {
         // Poisoning only follows a panic while holding the lock, which the
         // code below cannot do; recover the map rather than fail every request.
         let mut flights = self
@@ -67,8 +70,9 @@ impl TokenCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(flight) = flights.get(key)
             && need.minted_since.is_none_or(|t| flight.started_at >= t)
+            && (!need.forced || flight.forced || !self.inner.minter.fetches())
         {
-            return Ok((flight.started_at, flight.result.clone()));
+            return Ok((flight.started_at, flight.result.clone(), false));
         }
         let permit = admit.map(|admit| admit()).transpose()?;
         let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
@@ -95,10 +99,11 @@ impl TokenCache {
             Flight {
                 id,
                 started_at,
+                forced: need.forced,
                 result: result.clone(),
             },
         );
-        Ok((started_at, result))
+        Ok((started_at, result, true))
     }
 }
 
@@ -113,6 +118,11 @@ impl Inner {
             return Ok(token);
         }
         let minted = match &key.downscope {
+            _ if self.minter.fetches() => self
+                .minter
+                .fetch(&key, &need)
+                .await
+                .map(|issued| Minted { issued, parent: None }),
             None => self
                 .minter
                 .mint(&key)
@@ -137,7 +147,7 @@ impl Inner {
                     // whenever the entry leaves, even at once.
                     self.by_digest
                         .shard(&token.sha256)
-                        .insert(short(&token.sha256), key.clone());
+                        .insert(short(&token.sha256), (key.clone(), token.id));
                     self.entries.insert(key.clone(), Arc::clone(&token)).await;
                 }
                 Ok(token)

@@ -144,6 +144,19 @@ pub struct UpstreamError {
     pub subject: BoxSubject,
     /// What went wrong and what to do.
     pub diagnosis: Diagnosis,
+    /// For an edge: the central broker's own answer, relayed unchanged
+    /// (its code and `grpc-status-details-bin`); the diagnosis then holds
+    /// its message.
+    pub relayed: Option<Relayed>,
+}
+
+/// A gRPC status another broker answered, kept to be relayed as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    /// The gRPC status code.
+    pub code: i32,
+    /// The encoded `google.rpc.Status` details (ErrorInfo, RetryInfo), if any.
+    pub details: Arc<[u8]>,
 }
 
 /// Where the cache gets tokens it does not hold; the broker implements it
@@ -161,6 +174,22 @@ pub trait Minter: Send + Sync + 'static {
         key: &TokenKey,
         parent: Arc<CachedToken>,
     ) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>>;
+
+    /// True for a minter whose upstream serves every key itself,
+    /// downscoped ones included, and honours `min_ttl` and `force_refresh`
+    /// (an edge asking its central broker): the cache then calls
+    /// [`Self::fetch`] for every key and keeps no parent of its own, a
+    /// forced request joins only a forced flight, and a request the shared
+    /// result does not satisfy asks again itself.
+    fn fetches(&self) -> bool {
+        false
+    }
+
+    /// Asks the upstream for `key`, as `need` says (when [`Self::fetches`]).
+    fn fetch(&self, key: &TokenKey, need: &Need) -> BoxFuture<'static, Result<IssuedToken, UpstreamError>> {
+        let _ = need;
+        self.mint(key)
+    }
 }
 
 /// What the caller needs of a token.
@@ -172,6 +201,11 @@ pub struct Need {
     pub minted_since: Option<SystemTime>,
     /// Only a downscoped token exchanged from this parent (or a newer one) will do.
     pub parent_at_least: Option<u64>,
+    /// The caller asked for a new token (`force_refresh`), as opposed to a
+    /// refresh ahead of expiry; passed to [`Minter::fetch`].
+    pub forced: bool,
+    /// The request that starts a flight, for [`Minter::fetch`] to pass on.
+    pub request_id: Option<crate::rpc::RequestId>,
 }
 
 /// A token and whether it came from the cache without waiting for Box.
@@ -235,12 +269,14 @@ struct Inner {
     policy: CachePolicy,
 }
 
-/// SHA-256 of a cached token -> its key, in shards. Keyed by the digest's
-/// first eight bytes (a third of the memory of the whole digest); `find`
-/// compares the whole digest with the token it finds.
+/// SHA-256 of a cached token -> its key and the cached token's id, in
+/// shards. Keyed by the digest's first eight bytes (a third of the memory
+/// of the whole digest); `find` compares the whole digest with the token it
+/// finds. The id tells an entry's own removal from that of an earlier entry
+/// with the same token (an edge is handed the token it holds again).
 #[derive(Default)]
 struct DigestIndex {
-    shards: [Mutex<HashMap<u64, TokenKey>>; 16],
+    shards: [Mutex<HashMap<u64, (TokenKey, u64)>>; 16],
 }
 
 /// The index's key for `digest`.
@@ -251,7 +287,7 @@ fn short(digest: &[u8; 32]) -> u64 {
 }
 
 impl DigestIndex {
-    fn shard(&self, digest: &[u8; 32]) -> std::sync::MutexGuard<'_, HashMap<u64, TokenKey>> {
+    fn shard(&self, digest: &[u8; 32]) -> std::sync::MutexGuard<'_, HashMap<u64, (TokenKey, u64)>> {
         // A digest is uniformly random: a byte past the index key picks the shard.
         self.shards[usize::from(digest[8] % 16)]
             .lock()
@@ -330,8 +366,12 @@ impl TokenCache {
                 // and a child expires no later than its parent.
                 token.supersede();
                 let mut shard = index.shard(&token.sha256);
-                // Only this token's entry (a colliding newer one stays).
-                if shard.get(&short(&token.sha256)).is_some_and(|indexed| *indexed == *key) {
+                // Only this token's entry (a colliding newer one stays, and
+                // so does the same token cached again under the same key).
+                if shard
+                    .get(&short(&token.sha256))
+                    .is_some_and(|(indexed, id)| *indexed == *key && *id == token.id)
+                {
                     shard.remove(&short(&token.sha256));
                 }
                 if cause.was_evicted() {
@@ -405,7 +445,7 @@ impl TokenCache {
         }
         let mut available = Duration::ZERO;
         for _ in 0..MAX_FLIGHTS_PER_REQUEST {
-            let (started_at, flight) = self.join_or_start(key, need, admit)?;
+            let (started_at, flight, own) = self.join_or_start(key, need, admit)?;
             let token = match flight.await {
                 Ok(token) => token,
                 Err(CacheError::Upstream(upstream)) if !need.min_ttl.is_zero() && need.minted_since.is_none() => {
@@ -432,8 +472,10 @@ impl TokenCache {
                 });
             }
             available = token.remaining(now).saturating_sub(self.inner.policy.safety_margin);
-            if token.minted_at >= started_at {
-                // Freshly minted and still not enough: Box's tokens are shorter than asked for.
+            if token.minted_at >= started_at && (own || !self.inner.minter.fetches()) {
+                // Freshly minted and still not enough: Box's tokens are
+                // shorter than asked for. (A fetching minter was asked for
+                // another request's need: this one asks for its own.)
                 break;
             }
         }
@@ -571,9 +613,19 @@ impl TokenCache {
     /// The cached token of `app` whose SHA-256 is `digest`, and its key:
     /// two hash lookups, whatever the cache holds.
     pub async fn find(&self, app: &str, digest: &[u8; 32]) -> Option<(TokenKey, Arc<CachedToken>)> {
-        let key = self.inner.by_digest.shard(digest).get(&short(digest)).cloned()?;
+        self.find_any(digest).await.filter(|(key, _)| &*key.app == app)
+    }
+
+    /// The cached token whose SHA-256 is `digest`, whatever its app, and its key.
+    pub async fn find_any(&self, digest: &[u8; 32]) -> Option<(TokenKey, Arc<CachedToken>)> {
+        let key = self
+            .inner
+            .by_digest
+            .shard(digest)
+            .get(&short(digest))
+            .map(|(key, _)| key.clone())?;
         let token = self.inner.entries.get(&key).await?;
-        (&*key.app == app && token.sha256 == *digest).then_some((key, token))
+        (token.sha256 == *digest).then_some((key, token))
     }
 
     /// Drops `token` (cached under `key`) and, for a full token, the

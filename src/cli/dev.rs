@@ -1,7 +1,9 @@
 //! `box-broker dev` (broker + embedded fake Box + generated key, no Box
 //! account) and `box-broker fake-box` (the fake alone, for a real `serve`).
 
-use std::{path::Path, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, path::Path, process::ExitCode, sync::Arc, time::Duration};
+
+use futures_util::FutureExt as _;
 
 use rand::RngCore as _;
 use rsa::RsaPrivateKey;
@@ -17,6 +19,10 @@ use crate::{
     broker::{App, Broker},
     cache::CachePolicy,
     clock::{SharedClock, SystemClock},
+    edge::{
+        Edge,
+        central::{self, Central, CentralEndpoint, CentralSettings, Credential},
+    },
     fakebox::{
         FakeAuth, FakeBox,
         seed::{
@@ -126,6 +132,13 @@ pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
         DEV_ADMIN.to_owned(),
         Sha256::digest(admin_key.expose_secret().as_bytes()).into(),
     )]);
+    let edge = match args.edge {
+        Some(edge_addr) => match dev_edge(edge_addr, addr).await {
+            Ok(edge) => Some(edge),
+            Err(e) => return fail(1, &e),
+        },
+        None => None,
+    };
     print_banner(
         &addr.to_string(),
         &admin_addr,
@@ -133,6 +146,16 @@ pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
         &fake_server.base_url(),
         &app,
     );
+    let shutdown = shutdown.shared();
+    let edge = edge.map(|(edge_addr, runtime)| {
+        out!(
+            "\nEdge sidecar: {edge_addr} (plaintext, anonymous local callers) -> broker {addr}: no Box credential in it.\n  \
+             {exe} token get --addr {edge_addr} --user {first}    # asks the broker once; again: a local hit\n",
+            exe = std::env::current_exe().map_or_else(|_| "box-broker".to_owned(), |p| p.display().to_string()),
+            first = APP_USER_IDS[0],
+        );
+        tokio::spawn(runtime.run(shutdown.clone()))
+    });
     let result = Runtime::new(broker, audit)
         .listen(
             service::Listener::Tcp(listener, Authenticator::new(Anonymous::Admitted)),
@@ -148,12 +171,46 @@ pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
         .watch_policy(None, hangups)
         .run(shutdown)
         .await;
+    if let Some(edge) = edge {
+        let _ = edge.await;
+    }
     fake_server.stop().await;
     let _ = std::fs::remove_dir_all(&store_dir);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e.to_string()),
     }
+}
+
+/// `dev --edge`: an edge on `edge_addr` (anonymous local callers) whose
+/// central broker is dev mode's own, at `central`.
+async fn dev_edge(edge_addr: SocketAddr, central: SocketAddr) -> Result<(SocketAddr, Runtime), String> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let settings = CentralSettings {
+        endpoints: vec![CentralEndpoint {
+            https: false,
+            host: central.ip().to_string(),
+            port: central.port(),
+        }],
+        tls: None,
+        credential: Credential::Connection,
+        policy: central::default_policy(),
+        resolve_interval: Duration::from_secs(30),
+    };
+    let central = Central::new(settings, clock.clone()).await?;
+    let edge = Arc::new(Edge::new(central, clock, CachePolicy::default()));
+    let listener = tokio::net::TcpListener::bind(edge_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {edge_addr} (edge): {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the edge's address: {e}"))?;
+    let audit = AuditSink::stderr().map_err(|e| format!("cannot write audit records to stderr: {e}"))?;
+    let runtime = Runtime::edge(edge, Arc::new(audit)).listen(
+        service::Listener::Tcp(listener, Authenticator::new(Anonymous::Admitted)),
+        service::Role::Client,
+    );
+    Ok((bound, runtime))
 }
 
 /// The admin identity of dev mode's admin key.

@@ -1,4 +1,4 @@
-//! The `box-broker` command line (clap): `serve`, `dev`, `fake-box`,
+//! The `box-broker` command line (clap): `serve`, `edge`, `dev`, `fake-box`,
 //! `token get|downscope|revoke`, `admin ...`, `keygen`, `check-config`.
 
 /// `println!` for the CLI's output: when stdout is closed (`box-broker
@@ -23,8 +23,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     clock::SystemClock,
-    config::{Config, LogFormat},
-    runtime::Prepared,
+    config::{Config, EdgeConfig, LogFormat},
+    runtime::{Prepared, PreparedEdge},
     telemetry,
 };
 
@@ -45,6 +45,13 @@ enum Command {
     /// Run the broker with a config file.
     Serve {
         /// The TOML config file (BOX_BROKER_* environment variables override it).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run an edge sidecar: serves its pod's app from a local cache and gets
+    /// tokens from the central broker; holds no Box credential.
+    Edge {
+        /// The edge's TOML config file ([central], [server.unix_socket], ...).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -71,7 +78,8 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// Load and validate a config file, including its credentials, then exit.
+    /// Load and validate a config file (a central broker's, with its
+    /// credentials, or an edge's: one with [central]), then exit.
     CheckConfig {
         /// The TOML config file.
         file: PathBuf,
@@ -96,6 +104,10 @@ pub struct DevArgs {
     /// The embedded fake Box's listen address (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     fake_box_listen: SocketAddr,
+    /// Also run an edge sidecar in front of the broker, on this address
+    /// (127.0.0.1:50053 when given without one): app -> edge -> broker -> fake Box.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:50053")]
+    edge: Option<SocketAddr>,
 }
 
 /// `fake-box` options.
@@ -132,6 +144,7 @@ pub fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve { config } => serve(config).await,
+            Command::Edge { config } => edge(config).await,
             Command::Dev(args) => dev::run_dev(args).await,
             Command::FakeBox(args) => dev::run_fake_box(args).await,
             Command::Token(TokenCommand::Get(args)) => token::get(args).await,
@@ -250,7 +263,88 @@ async fn serve(path: PathBuf) -> ExitCode {
 /// Exit status when Box cannot be reached (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
 
+async fn edge(path: PathBuf) -> ExitCode {
+    let hangups = hangups();
+    let shutdown = shutdown_signal();
+    let config = match EdgeConfig::load(&path, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    let _telemetry = match telemetry::init(config.log.format, &config.log.level) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
+    for warning in config.stray_env_warnings() {
+        tracing::warn!("{warning}");
+    }
+    let prepared = match PreparedEdge::from_config(&config, Arc::new(SystemClock)).await {
+        Ok(prepared) => prepared,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    let runtime = match prepared.bind(&config, hangups).await {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(1, &e),
+    };
+    match runtime.run(shutdown).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+/// Whether the file at `path` is an edge's config (it has `[central]`);
+/// false when it cannot be read or parsed (loading it says why).
+fn is_edge_config(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .is_some_and(|table| table.contains_key("central"))
+}
+
+/// `check-config` of an edge's config: the files it names are read, the
+/// central broker's names resolved.
+async fn check_edge_config(path: PathBuf, online: bool) -> ExitCode {
+    if online {
+        return fail(
+            EXIT_CONFIG,
+            &format!(
+                "{}: --online tries Box credentials, and an edge config holds none: check the central broker's config with it",
+                path.display()
+            ),
+        );
+    }
+    let config = match EdgeConfig::load(&path, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    for warning in config.stray_env_warnings() {
+        eprintln!("box-broker: warning: {warning}");
+    }
+    let prepared = match PreparedEdge::from_config(&config, Arc::new(SystemClock)).await {
+        Ok(prepared) => prepared,
+        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+    };
+    // Names of in-cluster Services resolve only in the cluster: a warning.
+    if let Err(problem) = prepared.edge.central().resolve_now().await {
+        eprintln!(
+            "box-broker: warning: {}: central.endpoints do not resolve here ({problem}); the edge keeps trying",
+            path.display()
+        );
+    }
+    out!(
+        "{}: ok, an edge of {}",
+        path.display(),
+        config.central.endpoints.join(", ")
+    );
+    ExitCode::SUCCESS
+}
+
 async fn check_config(path: PathBuf, online: bool) -> ExitCode {
+    if is_edge_config(&path) {
+        return check_edge_config(path, online).await;
+    }
     let config = match Config::load(&path, std::env::vars()) {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),

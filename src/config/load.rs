@@ -13,7 +13,7 @@ pub const ENV_PREFIX: &str = "BOX_BROKER_";
 
 /// The config's sections, as override names spell them.
 const SECTIONS: &[&str] = &[
-    "SERVER", "CACHE", "LOG", "APPS", "POLICY", "AUTH", "AUDIT", "ADMIN", "KEYSTORE", "UPSTREAM",
+    "SERVER", "CACHE", "LOG", "APPS", "POLICY", "AUTH", "AUDIT", "ADMIN", "KEYSTORE", "UPSTREAM", "CENTRAL",
 ];
 
 /// `BOX_BROKER_*` variables the broker's commands read that are not
@@ -52,25 +52,7 @@ impl Config {
     /// (`BOX_BROKER_SERVER_LISTEN` for `BOX_BROKER_SERVER__LISTEN`).
     pub fn stray_env_warnings(&self) -> Vec<String> {
         let kek_env = self.keystore.as_ref().and_then(|k| k.kek_env.as_deref());
-        self.other_env
-            .iter()
-            .filter(|name| !NOT_OVERRIDES.contains(&name.as_str()) && Some(name.as_str()) != kek_env)
-            .filter(|name| !name.starts_with("BOX_BROKER_TEST_"))
-            .map(|name| {
-                let rest = &name[ENV_PREFIX.len()..];
-                let hint = SECTIONS
-                    .iter()
-                    .find_map(|section| {
-                        let key = rest.strip_prefix(section)?.strip_prefix('_')?;
-                        (!key.is_empty()).then(|| format!(": did you mean {ENV_PREFIX}{section}__{key}?"))
-                    })
-                    .unwrap_or_default();
-                format!(
-                    "{name} is set but is not a config override (those are {ENV_PREFIX}<SECTION>__<KEY>, \
-                     with a double underscore), so it is ignored{hint}"
-                )
-            })
-            .collect()
+        stray_env_warnings(&self.other_env, kek_env)
     }
 
     /// Loads `path`, applies `BOX_BROKER_*` overrides from `env`, and validates.
@@ -89,19 +71,14 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let name = path.display().to_string();
-        let text = text.to_owned();
-        let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| ConfigError::new(&name, toml_problem(&e, &text)))?;
-        let (overridden, other_env) = apply_env(&mut table, env)?;
-        let source_name = if overridden.is_empty() {
-            name
-        } else {
-            format!("{name} (with {})", overridden.join(", "))
-        };
-        let mut config: Settings = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::new(&source_name, e.message().trim().replace('\n', " ")))?;
+        let (table, source_name, other_env) = read_table(text, path, env)?;
+        if table.contains_key("central") {
+            return Err(ConfigError::new(
+                &source_name,
+                "this is an edge config ([central] names the central broker): run it with `box-broker edge --config`",
+            ));
+        }
+        let mut config: Settings = deserialize(table, &source_name)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for app in config.apps.values_mut() {
             app.resolve_paths(base);
@@ -138,6 +115,66 @@ impl Config {
             settings: config,
             other_env,
         })
+    }
+}
+
+/// Warnings for `BOX_BROKER_*` variables in `other_env` that are neither
+/// overrides nor read by a command (nor `kek_env`).
+pub(super) fn stray_env_warnings(other_env: &[String], kek_env: Option<&str>) -> Vec<String> {
+    other_env
+        .iter()
+        .filter(|name| !NOT_OVERRIDES.contains(&name.as_str()) && Some(name.as_str()) != kek_env)
+        .filter(|name| !name.starts_with("BOX_BROKER_TEST_"))
+        .map(|name| {
+            let rest = &name[ENV_PREFIX.len()..];
+            let hint = SECTIONS
+                .iter()
+                .find_map(|section| {
+                    let key = rest.strip_prefix(section)?.strip_prefix('_')?;
+                    (!key.is_empty()).then(|| format!(": did you mean {ENV_PREFIX}{section}__{key}?"))
+                })
+                .unwrap_or_default();
+            format!(
+                "{name} is set but is not a config override (those are {ENV_PREFIX}<SECTION>__<KEY>, \
+                 with a double underscore), so it is ignored{hint}"
+            )
+        })
+        .collect()
+}
+
+/// `text` (read from `path`) as a TOML table with the `BOX_BROKER_*`
+/// overrides of `env` applied; the name errors give (the file, and the
+/// overrides applied); and the `BOX_BROKER_*` variables that are not overrides.
+pub(super) fn read_table(
+    text: &str,
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(toml::Table, String, Vec<String>), ConfigError> {
+    let name = path.display().to_string();
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::new(&name, toml_problem(&e, text)))?;
+    let (overridden, other_env) = apply_env(&mut table, env)?;
+    let source_name = if overridden.is_empty() {
+        name
+    } else {
+        format!("{name} (with {})", overridden.join(", "))
+    };
+    Ok((table, source_name, other_env))
+}
+
+/// `table` as `T`; an error is one line naming `source_name`, never a value.
+pub(super) fn deserialize<T: serde::de::DeserializeOwned>(
+    table: toml::Table,
+    source_name: &str,
+) -> Result<T, ConfigError> {
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::new(source_name, e.message().trim().replace('\n', " ")))
+}
+
+/// Makes a relative `path` relative to `base` (the config file's directory).
+pub(super) fn resolve(path: &mut std::path::PathBuf, base: &Path) {
+    if path.is_relative() {
+        *path = base.join(&*path);
     }
 }
 

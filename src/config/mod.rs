@@ -8,11 +8,13 @@
 //! Relative paths are resolved against the config file's directory. Every
 //! error is one line naming the file (or variable) and the problem.
 
+mod edge;
 mod load;
 mod schema;
 mod validate;
 
 pub use self::{
+    edge::{CentralConfig, EdgeConfig, EdgeSettings},
     load::{ConfigError, ENV_PREFIX},
     schema::{
         AdminConfig, ApiKeyConfig, AppConfig, AuditConfig, AuthConfig, CacheConfig, KeystoreConfig, LogConfig,

@@ -446,20 +446,29 @@ impl Default for ServerConfig {
 impl Settings {
     /// The mechanisms the TCP listener accepts (`[server] accept`, or its default).
     pub fn accepted(&self) -> Vec<Mechanism> {
-        if let Some(accept) = &self.server.accept {
+        self.server.accepted(&self.auth)
+    }
+}
+
+impl ServerConfig {
+    /// The mechanisms the TCP listener accepts (`accept`, or its default:
+    /// a client certificate when `tls.client_ca_file` is set, otherwise
+    /// every mechanism `auth` configures).
+    pub fn accepted(&self, auth: &AuthConfig) -> Vec<Mechanism> {
+        if let Some(accept) = &self.accept {
             let mut accept = accept.clone();
             accept.sort();
             accept.dedup();
             return accept;
         }
-        if self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
+        if self.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
             return vec![Mechanism::ClientCertificate];
         }
         let mut accept = Vec::new();
-        if !self.auth.api_keys.is_empty() {
+        if !auth.api_keys.is_empty() {
             accept.push(Mechanism::ApiKey);
         }
-        if self.auth.kubernetes.is_some() {
+        if auth.kubernetes.is_some() {
             accept.push(Mechanism::Kubernetes);
         }
         accept

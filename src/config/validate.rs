@@ -1,7 +1,7 @@
 //! Validation: what the types cannot say. A [`super::Config`] exists only
 //! once this passed (`load.rs` calls it), so nothing downstream re-checks.
 
-use super::{ApiKeyConfig, CacheConfig, Mechanism, ServerConfig, Settings, UpstreamConfig};
+use super::{ApiKeyConfig, AuthConfig, CacheConfig, Mechanism, ServerConfig, Settings, UpstreamConfig};
 use crate::cache::MIN_SAFETY_MARGIN;
 
 impl Settings {
@@ -27,7 +27,7 @@ impl Settings {
                 ));
             }
         }
-        self.validate_accept()?;
+        self.server.validate_accept(&self.auth)?;
         self.validate_admin()?;
         if self.audit.repeat_window_secs > 3600 {
             return Err("audit.repeat_window_secs must be at most 3600 (seconds)".to_owned());
@@ -63,15 +63,18 @@ impl Settings {
         }
         Ok(())
     }
+}
 
-    fn validate_accept(&self) -> Result<(), String> {
-        let accepted = self.accepted();
-        let client_ca = self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+impl ServerConfig {
+    /// Every mechanism the TCP listener accepts is configured in `auth`.
+    pub(super) fn validate_accept(&self, auth: &AuthConfig) -> Result<(), String> {
+        let accepted = self.accepted(auth);
+        let client_ca = self.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         for mechanism in &accepted {
             let missing = match mechanism {
                 Mechanism::ClientCertificate if !client_ca => Some("[server.tls] with client_ca_file"),
-                Mechanism::ApiKey if self.auth.api_keys.is_empty() => Some("[[auth.api_keys]]"),
-                Mechanism::Kubernetes if self.auth.kubernetes.is_none() => Some("[auth.kubernetes]"),
+                Mechanism::ApiKey if auth.api_keys.is_empty() => Some("[[auth.api_keys]]"),
+                Mechanism::Kubernetes if auth.kubernetes.is_none() => Some("[auth.kubernetes]"),
                 _ => None,
             };
             if let Some(missing) = missing {
@@ -199,7 +202,7 @@ impl CacheConfig {
     }
 }
 
-fn validate_api_keys(section: &str, keys: &[ApiKeyConfig]) -> Result<(), String> {
+pub(super) fn validate_api_keys(section: &str, keys: &[ApiKeyConfig]) -> Result<(), String> {
     let mut identities = std::collections::BTreeSet::new();
     for key in keys {
         if key.identity.is_empty() || !identities.insert(key.identity.as_str()) {

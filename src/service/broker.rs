@@ -9,6 +9,7 @@ use std::{
 
 use secrecy::{ExposeSecret as _, SecretString};
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::gate::CallContext;
 use crate::{
@@ -16,15 +17,16 @@ use crate::{
     auth::CallerIdentity,
     boxapi::{BoxId, BoxSubject, Downscope, Target, credentials::BoxIdError, downscope::normalize_scopes},
     broker::{Broker, DownscopeRequest, Granted, Subject, TokenRequest},
+    cache::CachedToken,
     error::BrokerError,
     fingerprint::digest,
     metrics::RpcMetrics,
     pb::{self, get_downscoped_token_request, subject::Kind, token_broker_service_server::TokenBrokerService},
-    rpc::{Rpc, code_name},
+    rpc::{RequestId, Rpc, code_name},
 };
 
 /// The longest access token `RevokeToken` accepts; Box's are 32 characters.
-const MAX_TOKEN_LEN: usize = 4096;
+pub(super) const MAX_TOKEN_LEN: usize = 4096;
 
 /// The gRPC adapter over [`Broker`]. The gate in front of it has
 /// authenticated the caller and applied the per-caller limits; the
@@ -83,8 +85,7 @@ impl TokenBrokerApi {
         }
     }
 
-    /// Runs `handle` for the gate's caller, logs a refusal once (with its
-    /// audit record), and audits the outcome.
+    /// Runs `handle` for the gate's caller (see [`answer`]).
     async fn call<T, R, F>(
         &self,
         rpc: Rpc,
@@ -94,34 +95,113 @@ impl TokenBrokerApi {
     where
         F: Future<Output = (AuditEvent, Result<R, Status>)>,
     {
-        let started = std::time::Instant::now();
-        let context = context(&request)?;
-        let span = tracing::Span::current();
-        span.record("request_id", context.request_id.as_str());
-        span.record("caller", tracing::field::display(&context.caller));
-        let (mut event, result) = handle(context.caller.clone(), request.into_inner()).await;
-        event.rpc = rpc;
-        event.request_id = Some(context.request_id);
-        if let Err(status) = &result {
-            span.record("code", code_name(status.code()));
-            event.peer = Some(context.peer.to_string().into());
+        answer(&self.audit, &self.metrics, rpc, request, |caller, _, message| {
+            handle(caller, message)
+        })
+        .await
+    }
+}
+
+/// Runs `handle` for the gate's caller and request id, logs a refusal once
+/// (with its audit record), audits the outcome and counts it: what every
+/// client RPC does around its own work, a central broker's or an edge's.
+pub(super) async fn answer<T, R, F>(
+    audit: &AuditSink,
+    metrics: &RpcMetrics,
+    rpc: Rpc,
+    request: Request<T>,
+    handle: impl FnOnce(CallerIdentity, RequestId, T) -> F,
+) -> Result<Response<R>, Status>
+where
+    F: Future<Output = (AuditEvent, Result<R, Status>)>,
+{
+    let started = std::time::Instant::now();
+    let context = context(&request)?;
+    let span = tracing::Span::current();
+    span.record("request_id", context.request_id.as_str());
+    span.record("caller", tracing::field::display(&context.caller));
+    let (mut event, result) = handle(context.caller.clone(), context.request_id, request.into_inner()).await;
+    event.rpc = rpc;
+    event.request_id = Some(context.request_id);
+    if let Err(status) = &result {
+        span.record("code", code_name(status.code()));
+        event.peer = Some(context.peer.to_string().into());
+    }
+    super::record_outcome(&mut event, result.as_ref().map(|_| ()));
+    if audit.record(&event)
+        && let Err(status) = &result
+    {
+        tracing::info!(code = code_name(status.code()), reason = status.message(), "refused");
+    }
+    let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+    metrics.rpc(rpc, code, started.elapsed());
+    result.map(Response::new)
+}
+
+/// The span of one client RPC, a child of the caller's W3C trace context
+/// when it sent one (an edge does). Made by hand, not by
+/// `#[tracing::instrument]`: the parent must be set before the span is
+/// first entered.
+pub(super) fn rpc_span(rpc: Rpc, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    use tracing::field::Empty;
+    let span = match rpc {
+        Rpc::GetDownscopedToken => tracing::info_span!(
+            "GetDownscopedToken",
+            request_id = Empty,
+            caller = Empty,
+            app = Empty,
+            subject_type = Empty,
+            cache_hit = Empty,
+            code = Empty
+        ),
+        Rpc::RevokeToken => tracing::info_span!(
+            "RevokeToken",
+            request_id = Empty,
+            caller = Empty,
+            app = Empty,
+            code = Empty
+        ),
+        _ => tracing::info_span!(
+            "GetToken",
+            request_id = Empty,
+            caller = Empty,
+            app = Empty,
+            subject_type = Empty,
+            cache_hit = Empty,
+            code = Empty
+        ),
+    };
+    adopt_trace_context(&span, metadata);
+    span
+}
+
+/// Makes `span` a child of the caller's W3C trace context (`traceparent`),
+/// when there is one and OpenTelemetry is on.
+fn adopt_trace_context(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+    use opentelemetry::{propagation::TextMapPropagator as _, trace::TraceContextExt as _};
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    struct Carrier<'a>(&'a tonic::metadata::MetadataMap);
+    impl opentelemetry::propagation::Extractor for Carrier<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
         }
-        super::record_outcome(&mut event, result.as_ref().map(|_| ()));
-        if self.audit.record(&event)
-            && let Err(status) = &result
-        {
-            tracing::info!(code = code_name(status.code()), reason = status.message(), "refused");
+        fn keys(&self) -> Vec<&str> {
+            Vec::new()
         }
-        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.metrics.rpc(rpc, code, started.elapsed());
-        result.map(Response::new)
+    }
+    if !crate::rpc::traces_exported() || span.is_disabled() || !metadata.contains_key("traceparent") {
+        return;
+    }
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&Carrier(metadata));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
     }
 }
 
 /// Audit facts known before the broker answers. `app` is the app asked for
 /// (`TokenBrokerApi::asked_app`), recorded when no app answers; once one
 /// does, [`served`] records its configured name instead.
-fn facts(caller: &CallerIdentity, app: Arc<str>, subject: Option<&Subject>) -> AuditEvent {
+pub(super) fn facts(caller: &CallerIdentity, app: Arc<str>, subject: Option<&Subject>) -> AuditEvent {
     AuditEvent {
         caller: caller.shared_name(),
         app,
@@ -148,12 +228,8 @@ fn served(event: &mut AuditEvent, granted: Granted) {
 
 #[tonic::async_trait]
 impl TokenBrokerService for TokenBrokerApi {
-    #[tracing::instrument(
-        name = "GetToken",
-        skip_all,
-        fields(request_id, caller, app, subject_type, cache_hit, code)
-    )]
     async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
+        let span = rpc_span(Rpc::GetToken, request.metadata());
         self.call(Rpc::GetToken, request, |caller, request| async move {
             let domain = match token_request(&request) {
                 Ok(domain) => domain,
@@ -181,18 +257,15 @@ impl TokenBrokerService for TokenBrokerApi {
             }
             (event, result.map_err(Status::from))
         })
+        .instrument(span)
         .await
     }
 
-    #[tracing::instrument(
-        name = "GetDownscopedToken",
-        skip_all,
-        fields(request_id, caller, app, subject_type, cache_hit, code)
-    )]
     async fn get_downscoped_token(
         &self,
         request: Request<pb::GetDownscopedTokenRequest>,
     ) -> Result<Response<pb::GetDownscopedTokenResponse>, Status> {
+        let span = rpc_span(Rpc::GetDownscopedToken, request.metadata());
         self.call(Rpc::GetDownscopedToken, request, |caller, request| async move {
             let domain = match downscope_request(&request) {
                 Ok(domain) => domain,
@@ -220,14 +293,15 @@ impl TokenBrokerService for TokenBrokerApi {
             }
             (event, result.map_err(Status::from))
         })
+        .instrument(span)
         .await
     }
 
-    #[tracing::instrument(name = "RevokeToken", skip_all, fields(request_id, caller, app, code))]
     async fn revoke_token(
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let span = rpc_span(Rpc::RevokeToken, request.metadata());
         self.call(Rpc::RevokeToken, request, |caller, request| async move {
             let pb::RevokeTokenRequest { app, access_token } = request;
             let mut event = facts(&caller, self.asked_app(&app), None);
@@ -269,13 +343,14 @@ impl TokenBrokerService for TokenBrokerApi {
             });
             (event, result.map_err(Status::from))
         })
+        .instrument(span)
         .await
     }
 }
 
 /// Records the app (the one app, for an empty name, if there is one) and the
 /// subject's type on the RPC's span.
-fn record_subject(only_app: &str, app: Option<&str>, subject: &Subject) {
+pub(super) fn record_subject(only_app: &str, app: Option<&str>, subject: &Subject) {
     let span = tracing::Span::current();
     let only_app = if only_app.is_empty() { "(default)" } else { only_app };
     span.record("app", app.unwrap_or(only_app));
@@ -363,10 +438,14 @@ fn min_ttl(value: Option<&prost_types::Duration>) -> Result<Duration, BrokerErro
 
 /// The protobuf form of a served token; `scopes` for a downscoped one.
 pub fn to_proto(granted: &Granted, scopes: &[String]) -> pb::AccessToken {
-    let token = &granted.lookup.token;
+    access_token(&granted.lookup.token, granted.expires_at, scopes)
+}
+
+/// The protobuf form of `token`, said to expire at `expires_at`.
+pub(crate) fn access_token(token: &CachedToken, expires_at: SystemTime, scopes: &[String]) -> pb::AccessToken {
     pb::AccessToken {
         access_token: token.access_token.expose_secret().to_owned(),
-        expires_at: Some(timestamp(granted.expires_at)),
+        expires_at: Some(timestamp(expires_at)),
         token_type: token.token_type().to_owned(),
         scopes: scopes.to_vec(),
         restricted_to: token

@@ -47,6 +47,7 @@ macro_rules! write_through {
 pub mod admin;
 pub mod authority;
 pub mod broker;
+pub mod edge;
 pub mod gate;
 pub mod status;
 pub mod transport;
@@ -60,13 +61,13 @@ use crate::{
     admin::{AdminRules, KeyAdmin},
     audit::{AuditSink, Flush},
     auth::Authenticator,
-    broker::Broker,
-    metrics::RpcMetrics,
+    metrics::{RpcMetrics, Served},
     pb,
     rpc::{Decision, code_name},
 };
 pub use admin::BrokerAdminApi;
 pub use broker::TokenBrokerApi;
+pub use edge::EdgeApi;
 pub use gate::{CallContext, CallerLimits};
 pub use transport::{ClientCertificates, ConnectionLimits, ServerTls, TransportCounters};
 
@@ -151,7 +152,7 @@ impl Default for ServeOptions {
 /// no new request is accepted and in-flight ones get the grace period.
 pub async fn serve_with(
     options: ServeOptions,
-    broker: Arc<Broker>,
+    backend: Served,
     endpoints: Vec<(Listener, Role)>,
     audit: Arc<AuditSink>,
     shutdown: impl Future<Output = ()> + Send,
@@ -176,7 +177,7 @@ pub async fn serve_with(
         };
         let shared = Arc::new(gate::GateShared {
             routes: routes(
-                &broker,
+                &backend,
                 audit.clone(),
                 &options.rpc_metrics,
                 role,
@@ -290,7 +291,7 @@ const OPEN_MESSAGE_BYTES: usize = 4 * 1024;
 
 /// Health, reflection, and the role's service.
 fn routes(
-    broker: &Arc<Broker>,
+    backend: &Served,
     audit: Arc<AuditSink>,
     rpc_metrics: &RpcMetrics,
     role: Role,
@@ -331,14 +332,24 @@ fn routes(
     // tonic refuses a larger message from its length prefix, before reading
     // it; the gate turns that into RESOURCE_EXHAUSTED naming the limit.
     Ok(match role {
-        Role::Client => routes.add_service(
-            pb::token_broker_service_server::TokenBrokerServiceServer::new(TokenBrokerApi::new(
-                broker.clone(),
-                audit,
-                rpc_metrics.clone(),
-            ))
-            .max_decoding_message_size(max_message_bytes),
-        ),
+        Role::Client => match backend {
+            Served::Broker(broker) => routes.add_service(
+                pb::token_broker_service_server::TokenBrokerServiceServer::new(TokenBrokerApi::new(
+                    broker.clone(),
+                    audit,
+                    rpc_metrics.clone(),
+                ))
+                .max_decoding_message_size(max_message_bytes),
+            ),
+            Served::Edge(edge) => routes.add_service(
+                pb::token_broker_service_server::TokenBrokerServiceServer::new(EdgeApi::new(
+                    edge.clone(),
+                    audit,
+                    rpc_metrics.clone(),
+                ))
+                .max_decoding_message_size(max_message_bytes),
+            ),
+        },
         Role::Admin(admin, rules) => routes.add_service(
             pb::broker_admin_service_server::BrokerAdminServiceServer::new(BrokerAdminApi::new(admin, rules, audit))
                 .max_decoding_message_size(max_message_bytes),

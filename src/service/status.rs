@@ -15,8 +15,7 @@ use crate::{admin::AdminError, auth::AuthError, boxapi::DiagnosisKind, cache::Ca
 /// gRPC's retry pushback header: how long a client should wait before retrying.
 const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
-/// The `domain` of every `google.rpc.ErrorInfo` the broker sends.
-pub const ERROR_DOMAIN: &str = "box-token-broker";
+pub use crate::rpc::ERROR_DOMAIN;
 
 /// A status with a `google.rpc.ErrorInfo` (`reason`, a constant clients may
 /// branch on, and `metadata`, never a secret) besides its message, and, with

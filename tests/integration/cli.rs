@@ -1166,3 +1166,158 @@ fn bash_completion_completes_commands_and_flags() {
     assert_eq!(complete("box-broker che"), "check-config");
     assert_eq!(complete("box-broker token get --ca"), "--ca-file");
 }
+
+/// An edge config for a central broker at `central`, serving a Unix socket
+/// in `dir`, plus `extra`.
+fn edge_config(dir: &std::path::Path, central: &str, extra: &str) -> PathBuf {
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[central]\nendpoints = [\"http://{central}\"]\n\n[server]\nmetrics_listen = \"127.0.0.1:0\"\n\n\
+             [server.unix_socket]\npath = \"{}\"\nidentity = \"app\"\n\n[log]\nformat = \"json\"\n{extra}",
+            dir.join("edge.sock").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn edge_and_check_config_refuse_an_edge_config_holding_a_box_credential_or_a_kek() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, env, named) in [
+        ("[apps.default]\nprivate_key_file = \"key.pem\"\n", None, "[apps]"),
+        (
+            "[keystore]\npath = \"keys.json\"\nkek_file = \"kek\"\n",
+            None,
+            "[keystore]",
+        ),
+        ("[audit]\nkek_env = \"KEK\"\n", None, "audit.kek_env"),
+        (
+            "",
+            Some(("BOX_BROKER_APPS__DEFAULT__CLIENT_SECRET_FILE", "/run/secret")),
+            "[apps]",
+        ),
+    ] {
+        let config = edge_config(dir.path(), "127.0.0.1:1", extra);
+        for command in ["edge", "check-config"] {
+            let mut cmd = Command::new(bin());
+            if command == "edge" {
+                cmd.args(["edge", "--config"]);
+            } else {
+                cmd.arg("check-config");
+            }
+            if let Some((name, value)) = env {
+                cmd.env(name, value);
+            }
+            let (code, _, stderr) = run(cmd.arg(&config).env_remove("RUST_LOG"));
+            assert_eq!(code, 64, "{command}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{command}: {stderr}");
+            assert!(
+                stderr.contains("edge.toml")
+                    && stderr.contains(named)
+                    && stderr.contains("not allowed in an edge config"),
+                "{command}: {stderr}"
+            );
+        }
+    }
+    // A central broker's `serve` does not take an edge config either.
+    let config = edge_config(dir.path(), "127.0.0.1:1", "");
+    let (code, _, stderr) = run(Command::new(bin()).args(["serve", "--config"]).arg(&config));
+    assert_eq!(code, 64);
+    assert!(stderr.contains("box-broker edge"), "{stderr}");
+    let (code, stdout, stderr) = run(Command::new(bin()).arg("check-config").arg(&config));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok, an edge of http://127.0.0.1:1"), "{stdout}");
+}
+
+#[test]
+fn edge_serves_its_pod_over_a_unix_socket_from_the_central_broker_and_stops_on_sigterm() {
+    let dev =
+        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
+    let central = Proc::wait_line(&dev.stdout, "broker gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let config = edge_config(dir.path(), &central, "");
+    let mut edge = Proc::spawn(
+        Command::new(bin())
+            .args(["edge", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG"),
+    );
+    let metrics = Proc::wait_listen(&edge.stderr, "serving Prometheus metrics");
+    Proc::wait_line(&edge.stderr, "no Box credential is held here");
+    let socket = format!("unix:{}", dir.path().join("edge.sock").display());
+    let get = || {
+        let (code, stdout, stderr) = token_get(&["--addr", &socket, "--user", "7200001", "--json"]);
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let first = get();
+    let again = get();
+    assert_eq!(
+        (first["cache_hit"].as_bool(), again["cache_hit"].as_bool()),
+        (Some(false), Some(true))
+    );
+    assert_eq!(first["access_token"], again["access_token"]);
+    // The central broker holds the same token: the edge asked it once.
+    let (code, stdout, _) = token_get(&["--addr", &central, "--user", "7200001", "--json"]);
+    assert_eq!(code, 0);
+    let direct: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(direct["access_token"], first["access_token"]);
+    assert_eq!(direct["cache_hit"], true);
+    let scraped = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    for line in [
+        "boxbroker_edge_upstream_answers_total{method=\"GetToken\",code=\"OK\"} 1",
+        "boxbroker_cache_lookups_total{method=\"GetToken\",result=\"hit\"} 1",
+        "boxbroker_edge_circuit_state{endpoint=",
+    ] {
+        assert!(scraped.contains(line), "{line} in {scraped}");
+    }
+    assert!(!scraped.contains(first["access_token"].as_str().unwrap()));
+    assert_eq!(edge.terminate(), 0, "SIGTERM stops the edge cleanly");
+    assert!(!dir.path().join("edge.sock").exists(), "the socket file is removed");
+}
+
+#[test]
+fn dev_with_edge_chains_app_edge_central_and_fake_box_in_one_command() {
+    let dev = Proc::spawn(Command::new(bin()).args([
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--edge",
+        "127.0.0.1:0",
+    ]));
+    let central = Proc::wait_line(&dev.stdout, "broker gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let edge = Proc::wait_line(&dev.stdout, "Edge sidecar:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let example = Proc::wait_line(&dev.stdout, "token get");
+    assert!(example.contains(&edge), "{example}");
+    let (code, stdout, stderr) = token_get(&["--addr", &edge, "--enterprise", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let through: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let (_, stdout, _) = token_get(&["--addr", &central, "--enterprise", "--json"]);
+    let direct: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(through["access_token"], direct["access_token"]);
+    assert_eq!(direct["cache_hit"], true, "the edge's request filled the central cache");
+}

@@ -15,19 +15,19 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::{RsaPrivateKey, pkcs1::EncodeRsaPrivateKey as _, traits::PublicKeyParts as _};
 use tonic::{Code, metadata::MetadataValue};
 
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-const AUDIENCE: &str = "box-token-broker";
-const KID: &str = "k8s-key-1";
+pub(crate) const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+pub(crate) const AUDIENCE: &str = "box-token-broker";
+pub(crate) const KID: &str = "k8s-key-1";
 const PORTAL: &str = "system:serviceaccount:portal:web";
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     box_token_broker::clock::system_now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
 }
 
-fn jwks(key: &RsaPrivateKey) -> String {
+pub(crate) fn jwks(key: &RsaPrivateKey) -> String {
     jwks_of(&[(key, KID)])
 }
 
@@ -45,14 +45,14 @@ fn jwks_of(keys: &[(&RsaPrivateKey, &str)]) -> String {
     serde_json::json!({ "keys": keys }).to_string()
 }
 
-fn service_account_token(key: &RsaPrivateKey, kid: &str, claims: serde_json::Value) -> String {
+pub(crate) fn service_account_token(key: &RsaPrivateKey, kid: &str, claims: serde_json::Value) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.to_owned());
     let der = key.to_pkcs1_der().unwrap();
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_der(der.as_bytes())).unwrap()
 }
 
-fn claims(sub: &str) -> serde_json::Value {
+pub(crate) fn claims(sub: &str) -> serde_json::Value {
     serde_json::json!({
         "iss": ISSUER, "aud": [AUDIENCE], "sub": sub,
         "exp": now() + 600, "iat": now(), "nbf": now(),

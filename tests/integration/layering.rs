@@ -281,11 +281,12 @@ fn the_scan_reads_use_groups_and_paths() {
 /// ARCHITECTURE.md's layers, lowest first: a module may use only modules
 /// of earlier layers.
 const LAYERS: &[&[&str]] = &[
-    &["clock", "fingerprint", "rpc", "duration", "process", "pb"],
+    &["clock", "fingerprint", "rpc", "duration", "process", "pb", "histogram"],
     &["boxapi", "auth"],
     &["keys", "cache", "policy", "fakebox"],
     &["error", "audit"],
     &["broker"],
+    &["edge"],
     &["admin", "reload", "metrics"],
     &["service"],
     &["config"],

@@ -15,6 +15,7 @@ mod cache;
 mod cli;
 mod clients;
 mod downscope;
+mod edge;
 mod fakebox;
 mod hardening;
 mod keys;

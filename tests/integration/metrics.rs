@@ -35,7 +35,11 @@ async fn serve_metrics(h: &Harness) -> std::net::SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(box_token_broker::metrics::serve(
         listener,
-        box_token_broker::metrics::registry(h.broker.clone(), h.rpc_metrics.clone(), std::sync::Arc::default()),
+        box_token_broker::metrics::registry(
+            box_token_broker::metrics::Served::Broker(h.broker.clone()),
+            h.rpc_metrics.clone(),
+            std::sync::Arc::default(),
+        ),
         std::future::pending(),
     ));
     addr

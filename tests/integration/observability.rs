@@ -10,7 +10,7 @@ use common::{Harness, Options, enterprise, token_of, user};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use secrecy::ExposeSecret as _;
 
-fn attribute(span: &Span, key: &str) -> Option<String> {
+pub(crate) fn attribute(span: &Span, key: &str) -> Option<String> {
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
         kv.value.as_ref().and_then(|v| match &v.value {
@@ -64,7 +64,11 @@ async fn a_canary_scenario_leaves_no_secret_in_logs_spans_metrics_or_errors() {
     let metrics_addr = metrics.local_addr().unwrap();
     tokio::spawn(box_token_broker::metrics::serve(
         metrics,
-        box_token_broker::metrics::registry(h.broker.clone(), h.rpc_metrics.clone(), std::sync::Arc::default()),
+        box_token_broker::metrics::registry(
+            box_token_broker::metrics::Served::Broker(h.broker.clone()),
+            h.rpc_metrics.clone(),
+            std::sync::Arc::default(),
+        ),
         std::future::pending(),
     ));
 

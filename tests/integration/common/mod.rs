@@ -342,6 +342,14 @@ impl Harness {
         self.server.take().unwrap()
     }
 
+    /// Stops the broker at once, as a killed process stops: its listeners
+    /// and connections close without a drain.
+    pub fn kill(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+
     /// The audit records so far, parsed.
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
         let text = String::from_utf8(self.audit.lock().unwrap().clone()).unwrap();
