@@ -203,22 +203,27 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, values: &[(Lab
     Ok(())
 }
 
+/// The cache's size and evictions (a central broker's or an edge's).
+fn cache_series(encoder: &mut DescriptorEncoder, cache: &crate::cache::TokenCache) -> fmt::Result {
+    gauge(
+        encoder,
+        "boxbroker_cache_entries",
+        "Tokens in the cache.",
+        &[(vec![], i64::try_from(cache.live_entries()).unwrap_or(i64::MAX))],
+    )?;
+    counter(
+        encoder,
+        "boxbroker_cache_evictions",
+        "Tokens dropped from the cache for size or expiry.",
+        &[(vec![], cache.evictions())],
+    )
+}
+
 impl Collector for BrokerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let broker = &self.0;
         let cache = broker.cache();
-        gauge(
-            &mut encoder,
-            "boxbroker_cache_entries",
-            "Tokens in the cache.",
-            &[(vec![], i64::try_from(cache.live_entries()).unwrap_or(i64::MAX))],
-        )?;
-        counter(
-            &mut encoder,
-            "boxbroker_cache_evictions",
-            "Tokens dropped from the cache for size or expiry.",
-            &[(vec![], cache.evictions())],
-        )?;
+        cache_series(&mut encoder, cache)?;
         let apps: Vec<_> = broker.apps().cloned().collect();
         let per_app = |f: &dyn Fn(&crate::broker::App) -> u64| -> Vec<(Labels, u64)> {
             apps.iter().map(|a| (vec![("app", a.name.to_string())], f(a))).collect()
@@ -392,18 +397,7 @@ impl Collector for EdgeCollector {
         let cache = self.0.cache();
         let central = self.0.central();
         let counters = &central.counters;
-        gauge(
-            &mut encoder,
-            "boxbroker_cache_entries",
-            "Tokens in the cache.",
-            &[(vec![], i64::try_from(cache.live_entries()).unwrap_or(i64::MAX))],
-        )?;
-        counter(
-            &mut encoder,
-            "boxbroker_cache_evictions",
-            "Tokens dropped from the cache for size or expiry.",
-            &[(vec![], cache.evictions())],
-        )?;
+        cache_series(&mut encoder, cache)?;
         let answers: Vec<(Labels, u64)> = counters
             .answers()
             .into_iter()

@@ -27,7 +27,7 @@ use crate::{
     clock::SharedClock,
     config::{
         ApiKeyConfig, AuditConfig, AuthConfig, Config, ConfigError, EdgeConfig, KeystoreConfig, Mechanism,
-        ServerConfig, TlsConfig,
+        ServerConfig, TlsConfig, UnixSocketConfig,
     },
     edge::{
         Edge,
@@ -109,6 +109,30 @@ impl Runtime {
         self.policy_file = file;
         self.hangups = hangups;
         self
+    }
+
+    /// Binds a Unix socket as `unix` says (a stale socket file there is
+    /// replaced) and serves `role` on it; the file is removed once stopped.
+    fn listen_unix(mut self, unix: &UnixSocketConfig, role: Role) -> Result<Self, String> {
+        let what = match role {
+            Role::Client => "gRPC",
+            Role::Admin(..) => "the admin RPC",
+        };
+        let listener =
+            bind_unix(&unix.path).map_err(|e| format!("cannot listen on {} ({what}): {e}", unix.path.display()))?;
+        tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving {what} on a Unix socket");
+        let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
+        self.unix_sockets.push(unix.path.clone());
+        Ok(self.listen(Listener::Unix(listener, auth), role))
+    }
+
+    /// Binds `addr` and serves `GET /metrics` there.
+    async fn serve_metrics_at(self, addr: std::net::SocketAddr) -> Result<Self, String> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))?;
+        tracing::info!(listen = %listener.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
+        Ok(self.with_metrics(listener))
     }
 
     /// The broker it serves (none for an edge).
@@ -227,12 +251,7 @@ impl Prepared {
             Role::Client,
         );
         if let Some(unix) = &config.server.unix_socket {
-            let listener =
-                bind_unix(&unix.path).map_err(|e| format!("cannot listen on {}: {e}", unix.path.display()))?;
-            tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving gRPC on a Unix socket");
-            let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
-            runtime = runtime.listen(Listener::Unix(listener, auth), Role::Client);
-            runtime.unix_sockets.push(unix.path.clone());
+            runtime = runtime.listen_unix(unix, Role::Client)?;
         }
         match admin.write_pending_purge() {
             Ok(true) => tracing::info!("dropped retired keys' private material from the key store"),
@@ -256,12 +275,7 @@ impl Prepared {
             runtime = runtime.listen(listener, admin_role.clone());
         }
         if let Some(unix) = &config.server.admin_unix_socket {
-            let listener =
-                bind_unix(&unix.path).map_err(|e| format!("cannot listen on {} (admin): {e}", unix.path.display()))?;
-            let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
-            tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving the admin RPC on a Unix socket");
-            runtime = runtime.listen(Listener::Unix(listener, auth), admin_role);
-            runtime.unix_sockets.push(unix.path.clone());
+            runtime = runtime.listen_unix(unix, admin_role)?;
         }
         for app in runtime.broker().into_iter().flat_map(|b| b.apps()) {
             tracing::info!(app = %app.name, auth = %app.auth_summary(), "app loaded");
@@ -287,14 +301,7 @@ impl Prepared {
         let listeners = runtime.endpoints.len();
         fit_to_open_files(&mut runtime.options.connections, listeners);
         if let Some(addr) = config.server.metrics_listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))?;
-            let bound = listener
-                .local_addr()
-                .map_or_else(|_| addr.to_string(), |a| a.to_string());
-            tracing::info!(listen = %bound, "serving Prometheus metrics at /metrics");
-            runtime = runtime.with_metrics(listener);
+            runtime = runtime.serve_metrics_at(addr).await?;
         }
         Ok(runtime)
     }
@@ -348,21 +355,12 @@ impl PreparedEdge {
             );
         }
         if let Some(unix) = &config.server.unix_socket {
-            let listener =
-                bind_unix(&unix.path).map_err(|e| format!("cannot listen on {}: {e}", unix.path.display()))?;
-            tracing::info!(path = %unix.path.display(), identity = %unix.identity, "edge: serving gRPC on a Unix socket");
-            let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
-            runtime = runtime.listen(Listener::Unix(listener, auth), Role::Client);
-            runtime.unix_sockets.push(unix.path.clone());
+            runtime = runtime.listen_unix(unix, Role::Client)?;
         }
         let listeners = runtime.endpoints.len();
         fit_to_open_files(&mut runtime.options.connections, listeners);
         if let Some(addr) = config.server.metrics_listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))?;
-            tracing::info!(listen = %listener.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
-            runtime = runtime.with_metrics(listener);
+            runtime = runtime.serve_metrics_at(addr).await?;
         }
         runtime.resolver = Some(self.edge.central().spawn_resolver());
         tracing::info!(

@@ -38,7 +38,7 @@ use box_token_broker::{
     clock::{SharedClock, SystemClock},
     edge::{
         Edge,
-        central::{self, Central, CentralEndpoint, CentralSettings, Credential},
+        central::{Central, CentralSettings},
     },
     fakebox::{FakeAuth, FakeBox, FakeBoxServer, FakeUser, UserKind, seed},
     pb::{
@@ -576,17 +576,7 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
 /// central broker is at `central`, audit to /dev/null: it and its address.
 async fn edge(central: std::net::SocketAddr) -> (Arc<Edge>, std::net::SocketAddr) {
     let clock: SharedClock = Arc::new(SystemClock);
-    let settings = CentralSettings {
-        endpoints: vec![CentralEndpoint {
-            https: false,
-            host: central.ip().to_string(),
-            port: central.port(),
-        }],
-        tls: None,
-        credential: Credential::Connection,
-        policy: central::default_policy(),
-        resolve_interval: Duration::from_secs(30),
-    };
+    let settings = CentralSettings::plaintext(&[central]);
     let central = Central::new(settings, clock.clone()).await.expect("the edge's client");
     let edge = Arc::new(Edge::new(
         central,

@@ -1,7 +1,7 @@
 //! `box-broker dev` (broker + embedded fake Box + generated key, no Box
 //! account) and `box-broker fake-box` (the fake alone, for a real `serve`).
 
-use std::{net::SocketAddr, path::Path, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::Path, process::ExitCode, sync::Arc};
 
 use futures_util::FutureExt as _;
 
@@ -21,7 +21,7 @@ use crate::{
     clock::{SharedClock, SystemClock},
     edge::{
         Edge,
-        central::{self, Central, CentralEndpoint, CentralSettings, Credential},
+        central::{Central, CentralSettings},
     },
     fakebox::{
         FakeAuth, FakeBox,
@@ -186,17 +186,7 @@ pub(super) async fn run_dev(args: DevArgs) -> ExitCode {
 /// central broker is dev mode's own, at `central`.
 async fn dev_edge(edge_addr: SocketAddr, central: SocketAddr) -> Result<(SocketAddr, Runtime), String> {
     let clock: SharedClock = Arc::new(SystemClock);
-    let settings = CentralSettings {
-        endpoints: vec![CentralEndpoint {
-            https: false,
-            host: central.ip().to_string(),
-            port: central.port(),
-        }],
-        tls: None,
-        credential: Credential::Connection,
-        policy: central::default_policy(),
-        resolve_interval: Duration::from_secs(30),
-    };
+    let settings = CentralSettings::plaintext(&[central]);
     let central = Central::new(settings, clock.clone()).await?;
     let edge = Arc::new(Edge::new(central, clock, CachePolicy::default()));
     let listener = tokio::net::TcpListener::bind(edge_addr)

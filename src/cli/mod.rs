@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     clock::SystemClock,
     config::{Config, EdgeConfig, LogFormat},
-    runtime::{Prepared, PreparedEdge},
+    runtime::{Prepared, PreparedEdge, Runtime},
     telemetry,
 };
 
@@ -228,13 +228,10 @@ async fn serve(path: PathBuf) -> ExitCode {
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
     // Held until the broker stops, so the last traces are flushed.
-    let _telemetry = match telemetry::init(config.log.format, &config.log.level) {
+    let _telemetry = match start_logging(&config.log, config.stray_env_warnings()) {
         Ok(telemetry) => telemetry,
-        Err(e) => return fail(EXIT_CONFIG, &e),
+        Err(code) => return code,
     };
-    for warning in config.stray_env_warnings() {
-        tracing::warn!("{warning}");
-    }
     let prepared = tokio::select! {
         prepared = Prepared::from_config(&config, Arc::new(SystemClock), |var| std::env::var(var).ok()) => match prepared {
             Ok(prepared) => prepared,
@@ -247,7 +244,22 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let runtime = match prepared.bind(&config, hangups).await {
+    run_until(prepared.bind(&config, hangups).await, shutdown).await
+}
+
+/// Starts logging as `log` says, then logs `warnings`; the guard flushes
+/// the last traces when dropped. A bad `[log]` is the config's error.
+fn start_logging(log: &crate::config::LogConfig, warnings: Vec<String>) -> Result<telemetry::Telemetry, ExitCode> {
+    let telemetry = telemetry::init(log.format, &log.level).map_err(|e| fail(EXIT_CONFIG, &e))?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(telemetry)
+}
+
+/// Serves a bound runtime until `shutdown` (or says why it could not bind).
+async fn run_until(bound: Result<Runtime, String>, shutdown: impl Future<Output = ()> + Send) -> ExitCode {
+    let runtime = match bound {
         Ok(runtime) => runtime,
         Err(e) => return fail(1, &e),
     };
@@ -265,33 +277,27 @@ const EXIT_UNAVAILABLE: u8 = 69;
 
 async fn edge(path: PathBuf) -> ExitCode {
     let hangups = hangups();
-    let shutdown = shutdown_signal();
+    let mut shutdown = Box::pin(shutdown_signal());
     let config = match EdgeConfig::load(&path, std::env::vars()) {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
     };
-    let _telemetry = match telemetry::init(config.log.format, &config.log.level) {
+    let _telemetry = match start_logging(&config.log, config.stray_env_warnings()) {
         Ok(telemetry) => telemetry,
-        Err(e) => return fail(EXIT_CONFIG, &e),
+        Err(code) => return code,
     };
-    for warning in config.stray_env_warnings() {
-        tracing::warn!("{warning}");
-    }
-    let prepared = match PreparedEdge::from_config(&config, Arc::new(SystemClock)).await {
-        Ok(prepared) => prepared,
-        Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
-    };
-    let runtime = match prepared.bind(&config, hangups).await {
-        Ok(runtime) => runtime,
-        Err(e) => return fail(1, &e),
-    };
-    match runtime.run(shutdown).await {
-        Ok(()) => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
+    let prepared = tokio::select! {
+        prepared = PreparedEdge::from_config(&config, Arc::new(SystemClock)) => match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => return fail(EXIT_CONFIG, &e.to_string()),
+        },
+        // Resolving the central broker's names can take a while.
+        () = &mut shutdown => {
+            tracing::info!("stopped during startup");
+            return ExitCode::SUCCESS;
         }
-        Err(e) => fail(1, &e.to_string()),
-    }
+    };
+    run_until(prepared.bind(&config, hangups).await, shutdown).await
 }
 
 /// Whether the file at `path` is an edge's config (it has `[central]`);

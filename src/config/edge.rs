@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::{
     AuditConfig, AuthConfig, CacheConfig, ConfigError, LogConfig, ServerConfig, UpstreamConfig,
-    load::{deserialize, read_table, resolve, stray_env_warnings},
+    load::{deserialize, read_file, read_table, resolve, stray_env_warnings},
     validate::validate_api_keys,
 };
 use crate::{duration::de_secs, edge::central::CentralEndpoint};
@@ -205,9 +205,7 @@ impl EdgeConfig {
     /// Loads `path`, applies `BOX_BROKER_*` overrides from `env`, refuses
     /// central-only settings and validates.
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?;
-        Self::parse(&text, path, env)
+        Self::parse(&read_file(path)?, path, env)
     }
 
     /// [`Self::load`] of `text`, as if read from `path`.

@@ -58,9 +58,7 @@ impl Config {
     /// Loads `path`, applies `BOX_BROKER_*` overrides from `env`, and validates.
     /// Tests pass their own `env`; nothing reads the process environment here.
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&name, format!("cannot read: {e}")))?;
-        Self::parse(&text, path, env)
+        Self::parse(&read_file(path)?, path, env)
     }
 
     /// [`Self::load`] of `text`, as if read from `path` (which names it in
@@ -140,6 +138,11 @@ pub(super) fn stray_env_warnings(other_env: &[String], kek_env: Option<&str>) ->
             )
         })
         .collect()
+}
+
+/// The text of the config file at `path`; an error names it.
+pub(super) fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))
 }
 
 /// `text` (read from `path`) as a TOML table with the `BOX_BROKER_*`

@@ -239,6 +239,28 @@ pub struct CentralSettings {
     pub resolve_interval: Duration,
 }
 
+impl CentralSettings {
+    /// Plain-text endpoints at `addresses` (loopback: `dev --edge`, the
+    /// benchmark, tests), with the edge's default policy and no credential
+    /// but the connection.
+    pub fn plaintext(addresses: &[SocketAddr]) -> Self {
+        Self {
+            endpoints: addresses
+                .iter()
+                .map(|a| CentralEndpoint {
+                    https: false,
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                })
+                .collect(),
+            tls: None,
+            credential: Credential::Connection,
+            policy: default_policy(),
+            resolve_interval: Duration::from_secs(30),
+        }
+    }
+}
+
 /// One address of one endpoint, with its connection and circuit.
 struct Target {
     endpoint: Arc<CentralEndpoint>,
@@ -904,18 +926,10 @@ mod tests {
 
     /// A client of `n` loopback addresses (nothing listens: `send` fakes the answers).
     async fn central(n: u16, policy: UpstreamPolicy, clock: SharedClock) -> Arc<Central> {
+        let addresses: Vec<SocketAddr> = (1..=n).map(|port| SocketAddr::from(([127, 0, 0, 1], port))).collect();
         let settings = CentralSettings {
-            endpoints: (1..=n)
-                .map(|port| CentralEndpoint {
-                    https: false,
-                    host: "127.0.0.1".to_owned(),
-                    port,
-                })
-                .collect(),
-            tls: None,
-            credential: Credential::Connection,
             policy,
-            resolve_interval: Duration::from_secs(30),
+            ..CentralSettings::plaintext(&addresses)
         };
         Central::new(settings, clock).await.unwrap()
     }

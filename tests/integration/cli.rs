@@ -99,6 +99,18 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
     rx
 }
 
+/// `GET http://{metrics}/metrics`.
+fn scrape(metrics: &str) -> String {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
+}
+
 /// `fake-box` writing its configs into `dir`, once it serves: the process
 /// and its URL.
 fn fake_box(dir: &std::path::Path) -> (Proc, String) {
@@ -230,14 +242,7 @@ fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigter
     assert_eq!(code, 0, "{stderr}");
     let token = stdout.trim().to_owned();
     assert_eq!(token.len(), 32);
-    let scraped = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        reqwest::get(format!("http://{metrics}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let scraped = scrape(&metrics);
     assert!(
         scraped.contains("boxbroker_rpc_requests_total{method=\"GetToken\",code=\"OK\"} 1"),
         "{scraped}"
@@ -685,14 +690,7 @@ fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     let (code, stdout, stderr) = token_get(&["--addr", &addr, "--enterprise"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout.trim().len(), 32);
-    let scraped = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        reqwest::get(format!("http://{metrics}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let scraped = scrape(&metrics);
     let errors: f64 = scraped
         .lines()
         .find_map(|l| l.strip_prefix("boxbroker_accept_errors_total "))
@@ -1270,14 +1268,7 @@ fn edge_serves_its_pod_over_a_unix_socket_from_the_central_broker_and_stops_on_s
     let direct: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(direct["access_token"], first["access_token"]);
     assert_eq!(direct["cache_hit"], true);
-    let scraped = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        reqwest::get(format!("http://{metrics}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let scraped = scrape(&metrics);
     for line in [
         "boxbroker_edge_upstream_answers_total{method=\"GetToken\",code=\"OK\"} 1",
         "boxbroker_cache_lookups_total{method=\"GetToken\",result=\"hit\"} 1",

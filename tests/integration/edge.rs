@@ -18,7 +18,7 @@ use box_token_broker::{
     clock::SharedClock,
     edge::{
         Edge,
-        central::{Central, CentralEndpoint, CentralSettings, Credential, SecretFile},
+        central::{Central, CentralSettings, Credential, SecretFile},
     },
     fakebox::seed::{APP_USER_FOLDER_ID, APP_USER_IDS},
     metrics::{RpcMetrics, Served},
@@ -74,18 +74,9 @@ async fn edge_with(
     local: Authenticator,
 ) -> EdgeSide {
     let settings = CentralSettings {
-        endpoints: centrals
-            .iter()
-            .map(|a| CentralEndpoint {
-                https: false,
-                host: a.ip().to_string(),
-                port: a.port(),
-            })
-            .collect(),
-        tls: None,
         credential,
         policy: hop_policy(),
-        resolve_interval: Duration::from_secs(30),
+        ..CentralSettings::plaintext(centrals)
     };
     let central = Central::new(settings, clock.clone()).await.unwrap();
     let edge = Arc::new(Edge::new(central, clock, CachePolicy::default()));
