@@ -68,9 +68,13 @@ impl TokenCache {
             .flights
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // For a fetching minter, a forced request joins a forced call under
+        // way whenever it started (it brings back what the upstream decides
+        // a forced request gets), and never an unforced one.
+        let fetches = self.inner.minter.fetches();
         if let Some(flight) = flights.get(key)
-            && need.minted_since.is_none_or(|t| flight.started_at >= t)
-            && (!need.forced || flight.forced || !self.inner.minter.fetches())
+            && (need.minted_since.is_none_or(|t| flight.started_at >= t) || (need.forced && flight.forced && fetches))
+            && (!need.forced || flight.forced || !fetches)
         {
             return Ok((flight.started_at, flight.result.clone(), false));
         }
@@ -142,6 +146,12 @@ impl Inner {
         let result = match minted {
             Ok(minted) => {
                 let token = Arc::new(CachedToken::new(minted, &self.policy));
+                if self.minter.fetches()
+                    && let Some(held) = self.entries.get(&key).await
+                    && held.sha256 == token.sha256
+                {
+                    token.inherit(&held);
+                }
                 if token.remaining(self.clock.now()) > self.policy.safety_margin {
                     // Indexed first: the eviction listener removes it again
                     // whenever the entry leaves, even at once.

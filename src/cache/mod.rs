@@ -465,7 +465,17 @@ impl TokenCache {
                 Err(e) => return Err(e),
             };
             let now = self.inner.clock.now();
-            if self.inner.satisfies(&token, &need, now) {
+            // A forced request that joined a forced call under way (to a
+            // fetching minter) takes what that call brings back.
+            let met = if !own && need.forced && self.inner.minter.fetches() {
+                Need {
+                    minted_since: Some(started_at),
+                    ..need
+                }
+            } else {
+                need
+            };
+            if self.inner.satisfies(&token, &met, now) {
                 return Ok(Lookup {
                     cache_hit: token.minted_at < started_at,
                     token,
@@ -626,6 +636,19 @@ impl TokenCache {
             .map(|(key, _)| key.clone())?;
         let token = self.inner.entries.get(&key).await?;
         (token.sha256 == *digest).then_some((key, token))
+    }
+
+    /// Every cached copy of the token whose SHA-256 is `digest`, under any
+    /// key (an edge may hold one token under two app names, and replaces a
+    /// copy when it is handed the same token again). A scan of the cache:
+    /// for revocation, not for a request's path.
+    pub fn copies(&self, digest: &[u8; 32]) -> Vec<(TokenKey, Arc<CachedToken>)> {
+        self.inner
+            .entries
+            .iter()
+            .filter(|(_, token)| token.sha256 == *digest)
+            .map(|(key, token)| ((*key).clone(), token))
+            .collect()
     }
 
     /// Drops `token` (cached under `key`) and, for a full token, the

@@ -142,6 +142,26 @@ impl CachedToken {
         }
     }
 
+    /// The first caller it was served to, if any.
+    pub fn owner(&self) -> Option<&Arc<str>> {
+        self.owner.get()
+    }
+
+    /// Takes over what `held` (another copy of the same token, which this
+    /// one replaces in the cache) knows: who it was served to, and a
+    /// revocation under way. An edge is handed the token it holds again.
+    pub(super) fn inherit(&self, held: &Self) {
+        if let Some(owner) = held.owner.get() {
+            self.note_served(owner);
+        }
+        if held.shared.load(Ordering::SeqCst) {
+            self.shared.store(true, Ordering::SeqCst);
+        }
+        if held.is_revoking() {
+            self.state.fetch_or(REVOKING, Ordering::SeqCst);
+        }
+    }
+
     /// Whether `caller` alone was served this token.
     pub fn served_to(&self, caller: &str) -> Served {
         match self.owner.get() {

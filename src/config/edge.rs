@@ -173,9 +173,14 @@ fn edge_upstream_defaults(table: &mut toml::Table) {
         .or_insert_with(|| toml::Value::Table(toml::Table::new()))
         .as_table_mut()
     {
-        upstream
-            .entry("attempt_timeout_ms")
-            .or_insert_with(|| millis(policy.attempt_timeout));
+        // An attempt never outlasts a deadline the file sets shorter.
+        let attempt = match upstream.get("deadline_ms").and_then(toml::Value::as_integer) {
+            Some(deadline) => toml::Value::Integer(
+                deadline.min(i64::try_from(policy.attempt_timeout.as_millis()).unwrap_or(i64::MAX)),
+            ),
+            None => millis(policy.attempt_timeout),
+        };
+        upstream.entry("attempt_timeout_ms").or_insert(attempt);
         upstream.entry("deadline_ms").or_insert_with(|| millis(policy.deadline));
     }
 }
@@ -365,6 +370,12 @@ mod tests {
         let set = parse(&format!("{MINIMAL}[upstream]\ndeadline_ms = 20000\n")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(set.upstream.policy().deadline, Duration::from_secs(20));
         assert_eq!(set.upstream.policy().attempt_timeout, Duration::from_secs(11));
+        let short = parse(&format!("{MINIMAL}[upstream]\ndeadline_ms = 8000\n")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            short.upstream.policy().attempt_timeout,
+            Duration::from_secs(8),
+            "within the deadline set"
+        );
     }
 
     #[test]

@@ -270,6 +270,19 @@ struct Target {
     circuit: Mutex<Circuit>,
 }
 
+/// How an attempt at an address went, for its circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// The central broker answered (a success or its own refusal).
+    Answered,
+    /// No answer in time (the attempt's timeout, or the central broker's
+    /// own deadline): tried elsewhere, but not counted against the address
+    /// (a slow Box behind it is not a dead central broker).
+    Slow,
+    /// Refused, reset, unreachable, or a proxy's failure.
+    Failed,
+}
+
 /// An endpoint's circuit: closed (asked), open (skipped until a time),
 /// half-open (one probe after that time).
 #[derive(Debug, Default)]
@@ -280,33 +293,44 @@ struct Circuit {
 }
 
 impl Circuit {
-    fn admit(&mut self, now: SystemTime) -> bool {
+    /// Lets an attempt through: `Some(true)` for the one probe of a
+    /// half-open circuit, `Some(false)` while closed, `None` while open.
+    fn admit(&mut self, now: SystemTime) -> Option<bool> {
         match self.open_until {
-            None => true,
-            Some(until) if until > now => false,
-            Some(_) if self.probing => false,
+            None => Some(false),
+            Some(until) if until > now => None,
+            Some(_) if self.probing => None,
             Some(_) => {
                 self.probing = true;
-                true
+                Some(true)
             }
         }
     }
 
-    /// Records an attempt's outcome; true when this opened the circuit.
-    fn settle(&mut self, failed: bool, now: SystemTime, policy: &UpstreamPolicy) -> bool {
-        let was_probe = std::mem::take(&mut self.probing);
-        if !failed {
-            *self = Self::default();
-            return false;
+    /// Records an attempt's outcome (`probe`: it was the half-open probe);
+    /// true when this opened the circuit.
+    fn settle(&mut self, outcome: Hop, probe: bool, now: SystemTime, policy: &UpstreamPolicy) -> bool {
+        if probe {
+            self.probing = false;
         }
-        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        if was_probe || self.consecutive_failures >= policy.breaker_threshold {
-            // Failures of attempts already in flight while open change nothing.
-            let was_open = self.open_until.is_some_and(|until| until > now);
-            self.open_until = Some(now.checked_add(policy.breaker_cooldown).unwrap_or(now));
-            return !was_open;
+        match outcome {
+            Hop::Answered => {
+                *self = Self::default();
+                false
+            }
+            // Slow is not down: another address is tried, nothing counted.
+            Hop::Slow => false,
+            Hop::Failed => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                if probe || self.consecutive_failures >= policy.breaker_threshold {
+                    // Failures of attempts already in flight while open change nothing.
+                    let was_open = self.open_until.is_some_and(|until| until > now);
+                    self.open_until = Some(now.checked_add(policy.breaker_cooldown).unwrap_or(now));
+                    return !was_open;
+                }
+                false
+            }
         }
-        false
     }
 
     fn state(&self, now: SystemTime) -> CircuitState {
@@ -325,23 +349,29 @@ impl Circuit {
 /// probe so the next call may probe instead, without counting an outcome.
 struct Admitted<'a> {
     target: &'a Target,
+    /// The half-open circuit's one probe.
+    probe: bool,
     settled: bool,
 }
 
 impl<'a> Admitted<'a> {
     fn claim(target: &'a Target, now: SystemTime) -> Option<Self> {
-        let admitted = target
+        let probe = target
             .circuit
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .admit(now);
-        admitted.then_some(Self { target, settled: false })
+            .admit(now)?;
+        Some(Self {
+            target,
+            probe,
+            settled: false,
+        })
     }
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        if !self.settled {
+        if self.probe && !self.settled {
             self.target
                 .circuit
                 .lock()
@@ -449,7 +479,8 @@ pub struct Unreachable(pub String);
 pub struct Central {
     settings: CentralSettings,
     targets: ArcSwap<Vec<Arc<Target>>>,
-    next: AtomicUsize,
+    /// The address calls start at: the one that answered last.
+    current: AtomicUsize,
     clock: SharedClock,
     /// What the calls did.
     pub counters: CentralCounters,
@@ -487,7 +518,8 @@ impl Central {
         let central = Arc::new(Self {
             settings,
             targets: ArcSwap::from_pointee(Vec::new()),
-            next: AtomicUsize::new(0),
+            // Edges spread over the replicas from the start.
+            current: AtomicUsize::new(rand::random::<u16>().into()),
             clock,
             counters: CentralCounters::default(),
         });
@@ -712,7 +744,10 @@ impl Central {
         let mut round = 0u32;
         loop {
             let targets = self.targets.load_full();
-            let first = self.next.fetch_add(1, Ordering::Relaxed);
+            // The address that answered last first: central replicas keep
+            // their own caches (until they share one), so one edge asking
+            // one replica mints once per key and revokes where it was served.
+            let first = self.current.load(Ordering::Relaxed);
             let mut admitted_any = false;
             for i in 0..targets.len() {
                 let target = &targets[(first + i) % targets.len()];
@@ -738,25 +773,30 @@ impl Central {
                 let sent = std::time::Instant::now();
                 let outcome = tokio::time::timeout(limit, send(client, request)).await;
                 let took = sent.elapsed();
-                let failed = match outcome {
+                let (hop, failed) = match outcome {
                     Ok(Ok(response)) => {
-                        self.settle(&mut probe, false);
+                        self.settle(&mut probe, Hop::Answered);
                         self.counters.answered(rpc, Code::Ok, took);
+                        self.stay(first + i, targets.len());
                         return Ok(Ok(response.into_inner()));
                     }
-                    // Its own deadline (the one this attempt set) is the hop's failure.
-                    Ok(Err(status)) if status.code() != Code::DeadlineExceeded && answered(&status) => {
-                        self.settle(&mut probe, false);
+                    // Its own deadline (the one this attempt set) is the hop's: slow.
+                    Ok(Err(status)) if status.code() == Code::DeadlineExceeded && answered(&status) => {
+                        (Hop::Slow, status.message().to_owned())
+                    }
+                    Ok(Err(status)) if answered(&status) => {
+                        self.settle(&mut probe, Hop::Answered);
                         self.counters.answered(rpc, status.code(), took);
+                        self.stay(first + i, targets.len());
                         return Ok(Err(status));
                     }
-                    Ok(Err(status)) => hop_problem(&status),
-                    Err(_) => format!("no answer within {} ms", limit.as_millis()),
+                    Ok(Err(status)) => (Hop::Failed, hop_problem(&status)),
+                    Err(_) => (Hop::Slow, format!("no answer within {} ms", limit.as_millis())),
                 };
                 self.counters.unreachable[index].fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(target_address = %target.label, problem = %failed, "a central broker endpoint failed; trying the next");
                 last = format!("{}: {failed}", target.label);
-                self.settle(&mut probe, true);
+                self.settle(&mut probe, hop);
             }
             if !admitted_any {
                 let wait = self.soonest_close(&targets);
@@ -787,7 +827,7 @@ impl Central {
         }
     }
 
-    fn settle(&self, probe: &mut Admitted<'_>, failed: bool) {
+    fn settle(&self, probe: &mut Admitted<'_>, outcome: Hop) {
         let now = self.clock.now();
         probe.settled = true;
         let target = probe.target;
@@ -795,7 +835,7 @@ impl Central {
             .circuit
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .settle(failed, now, &self.settings.policy);
+            .settle(outcome, probe.probe, now, &self.settings.policy);
         if opened {
             self.counters.circuit_opened.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -804,6 +844,11 @@ impl Central {
                 "a central broker endpoint keeps failing: its circuit is open, other endpoints are asked"
             );
         }
+    }
+
+    /// Calls start at address `index` (modulo `len`) from now on.
+    fn stay(&self, index: usize, len: usize) {
+        self.current.store(index % len.max(1), Ordering::Relaxed);
     }
 
     fn soonest_close(&self, targets: &[Arc<Target>]) -> Duration {
@@ -883,17 +928,30 @@ mod tests {
         };
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let mut c = Circuit::default();
-        assert!(c.admit(t0));
-        assert!(!c.settle(true, t0, &policy));
-        assert!(c.admit(t0));
-        assert!(c.settle(true, t0, &policy), "the second failure opens it");
+        assert_eq!(c.admit(t0), Some(false));
+        assert!(!c.settle(Hop::Failed, false, t0, &policy));
+        // Slow answers are tried elsewhere but do not count.
+        assert!(!c.settle(Hop::Slow, false, t0, &policy));
+        assert_eq!(c.state(t0), CircuitState::Closed);
+        assert_eq!(c.admit(t0), Some(false));
+        assert!(c.settle(Hop::Failed, false, t0, &policy), "the second failure opens it");
         assert_eq!(c.state(t0), CircuitState::Open);
-        assert!(!c.admit(t0 + Duration::from_secs(29)));
+        assert_eq!(c.admit(t0 + Duration::from_secs(29)), None);
         let later = t0 + Duration::from_secs(31);
-        assert!(c.admit(later), "one probe");
-        assert!(!c.admit(later), "only one");
-        assert!(!c.settle(false, later, &policy));
+        assert_eq!(c.admit(later), Some(true), "one probe");
+        assert_eq!(c.admit(later), None, "only one");
+        // An answer from the address closes it, whichever attempt it came from.
+        assert!(!c.settle(Hop::Answered, false, later, &policy));
         assert_eq!(c.state(later), CircuitState::Closed);
+        let mut c = Circuit::default();
+        c.settle(Hop::Failed, false, t0, &policy);
+        c.settle(Hop::Failed, false, t0, &policy);
+        assert_eq!(c.admit(later), Some(true));
+        assert!(
+            c.settle(Hop::Failed, true, later, &policy),
+            "a failed probe opens it again"
+        );
+        assert_eq!(c.admit(later), None);
     }
 
     #[test]

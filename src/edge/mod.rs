@@ -130,18 +130,18 @@ impl Edge {
         Ok(self.cache.serve(caller, &key, need, None).await?)
     }
 
-    /// Forwards `caller`'s revocation. A token this edge holds is first
-    /// checked as a central broker checks it: one served only to other
-    /// local callers is not this caller's (NOT_FOUND), one served to others
-    /// too is not revoked (FAILED_PRECONDITION); then it is not served
-    /// while the revocation is under way, and once the central broker has
-    /// revoked it, whatever this edge holds under its key is dropped, and
-    /// for a full token every downscoped token of its subject (the edge
-    /// does not know which came from it: they are asked for again). A token
-    /// this edge does not hold is forwarded for the central broker to
-    /// decide. The call runs in a task of its own, so a caller that goes
-    /// away cannot leave a token marked. The central broker's refusal is
-    /// relayed.
+    /// Forwards `caller`'s revocation. The copies of the token this edge
+    /// holds (under any key) are first checked as a central broker checks
+    /// its token: served only to other local callers, it is not this
+    /// caller's (NOT_FOUND); served to others too, it is not revoked
+    /// (FAILED_PRECONDITION). Then they are not served while the revocation
+    /// is under way, and once the central broker has revoked it every copy
+    /// is dropped and, for a full token, every downscoped token of its
+    /// subject (the edge does not know which came from it: they are asked
+    /// for again). A token this edge does not hold is forwarded for the
+    /// central broker to decide. The call runs in a task of its own, so a
+    /// caller that goes away cannot leave a token marked. The central
+    /// broker's refusal is relayed.
     pub async fn revoke(
         &self,
         caller: &Arc<str>,
@@ -149,14 +149,15 @@ impl Edge {
         access_token: SecretString,
         request_id: RequestId,
     ) -> Result<(), BrokerError> {
-        let found = self.cache.find_any(&digest(access_token.expose_secret())).await;
-        if let Some((_, token)) = &found {
-            let shared = || {
-                BrokerError::FailedPrecondition(
-                    "this token was also served to other callers of this edge, and revoking it at Box would cut them off too; it stays valid until it expires".to_owned(),
-                )
-            };
-            match token.served_to(caller) {
+        let digest = digest(access_token.expose_secret());
+        let copies = self.cache.copies(&digest);
+        let shared = || {
+            BrokerError::FailedPrecondition(
+                "this token was also served to other callers of this edge, and revoking it at Box would cut them off too; it stays valid until it expires".to_owned(),
+            )
+        };
+        if !copies.is_empty() {
+            match served_to(&copies, caller) {
                 Served::NotTo => {
                     return Err(BrokerError::NotIssued(
                         "this edge holds no token with that value that was served to you".to_owned(),
@@ -165,14 +166,16 @@ impl Edge {
                 Served::AlsoToOthers => return Err(shared()),
                 Served::OnlyTo => {}
             }
-            if !token.begin_revoking() {
+            let marked: Vec<&Arc<CachedToken>> = copies.iter().map(|(_, t)| t).filter(|t| t.begin_revoking()).collect();
+            if marked.len() < copies.len() {
+                marked.iter().for_each(|t| t.end_revoking());
                 return Err(BrokerError::Retry(
                     "a revocation of this token is already under way; retry to see its outcome".to_owned(),
                 ));
             }
             // A local caller served it meanwhile is seen by this second look.
-            if token.served_to(caller) != Served::OnlyTo {
-                token.end_revoking();
+            if served_to(&copies, caller) != Served::OnlyTo {
+                marked.iter().for_each(|t| t.end_revoking());
                 return Err(shared());
             }
         }
@@ -181,12 +184,11 @@ impl Edge {
             access_token: access_token.expose_secret().to_owned(),
         };
         let (central, cache) = (self.central.clone(), self.cache.clone());
-        let subject = found
-            .as_ref()
-            .map_or_else(|| SERVICE_ACCOUNT.clone(), |(key, _)| key.subject.clone());
         let failure_key = TokenKey {
             app: Arc::from(app),
-            subject,
+            subject: copies
+                .first()
+                .map_or_else(|| SERVICE_ACCOUNT.clone(), |(key, _)| key.subject.clone()),
             downscope: None,
             caller: None,
         };
@@ -204,19 +206,30 @@ impl Edge {
                 Ok(Err(status)) => Err(relayed(&failure_key, &status)),
                 Err(Unreachable(problem)) => Err(failure(&failure_key, DiagnosisKind::Unavailable, problem, None)),
             };
-            if let Some((key, token)) = found {
-                if result.is_ok() {
-                    let (app, subject, full) = (key.app.clone(), key.subject.clone(), key.downscope.is_none());
-                    // Whatever is held under the key: the same token may
-                    // have been fetched again meanwhile.
+            // Every copy now held: one fetched again meanwhile inherited the mark.
+            let held = cache.copies(&digest);
+            if result.is_ok() {
+                for (key, token) in &held {
+                    cache.invalidate_token(key, token).await;
+                }
+                let families: Vec<(Arc<str>, BoxSubject)> = copies
+                    .iter()
+                    .chain(&held)
+                    .filter(|(key, _)| key.downscope.is_none())
+                    .map(|(key, _)| (key.app.clone(), key.subject.clone()))
+                    .collect();
+                if !families.is_empty() {
                     cache
                         .invalidate_where(move |k| {
-                            *k == key || (full && k.app == app && k.subject == subject && k.downscope.is_some())
+                            k.downscope.is_some()
+                                && families
+                                    .iter()
+                                    .any(|(app, subject)| k.app == *app && k.subject == *subject)
                         })
                         .await;
-                } else {
-                    token.end_revoking();
                 }
+            } else {
+                copies.iter().chain(&held).for_each(|(_, token)| token.end_revoking());
             }
             result.map_err(|e| BrokerError::Upstream(Arc::new(e)))
         })
@@ -226,6 +239,28 @@ impl Edge {
             BrokerError::Internal("internal error while revoking the token")
         })?
     }
+}
+
+/// Who, of this edge's local callers, was served the copies of one token:
+/// [`Served::OnlyTo`] `caller` if some copy was served to it and none to
+/// anyone else.
+fn served_to(copies: &[(TokenKey, Arc<CachedToken>)], caller: &str) -> Served {
+    let mut mine = false;
+    for (_, token) in copies {
+        match token.served_to(caller) {
+            Served::AlsoToOthers => return Served::AlsoToOthers,
+            Served::OnlyTo => mine = true,
+            Served::NotTo if token.owner().is_some() => {
+                // Served to another local caller first.
+                if mine || copies.iter().any(|(_, t)| t.served_to(caller) != Served::NotTo) {
+                    return Served::AlsoToOthers;
+                }
+                return Served::NotTo;
+            }
+            Served::NotTo => {}
+        }
+    }
+    if mine { Served::OnlyTo } else { Served::NotTo }
 }
 
 /// The central broker's refusal of a call for `key`, kept to be relayed

@@ -287,10 +287,16 @@ async fn with_the_central_broker_gone_cached_tokens_are_served_until_the_margin_
 }
 
 #[tokio::test]
-async fn with_two_central_brokers_one_killed_mid_load_no_request_fails() {
-    let mut first = Harness::start().await;
-    let second = Harness::start().await;
-    let e = Arc::new(edge_of(&[first.addr, second.addr], first.clock.clone(), Credential::Connection).await);
+async fn with_two_central_brokers_the_one_in_use_killed_mid_load_no_request_fails() {
+    let mut centrals = [Harness::start().await, Harness::start().await];
+    let e = Arc::new(
+        edge_of(
+            &[centrals[0].addr, centrals[1].addr],
+            centrals[0].clock.clone(),
+            Credential::Connection,
+        )
+        .await,
+    );
     let load = |rounds: usize| {
         let mut tasks = tokio::task::JoinSet::new();
         for worker in 0..8 {
@@ -312,11 +318,15 @@ async fn with_two_central_brokers_one_killed_mid_load_no_request_fails() {
         }
         tasks
     };
+    // The edge keeps to the replica that answers (its cache is that replica's).
+    e.get(enterprise()).await.unwrap();
+    let in_use = usize::from(centrals[1].fake.stats().jwt_issued > 0);
+    let other = 1 - in_use;
+    assert_eq!(centrals[other].fake.stats().jwt_issued, 0, "one replica at a time");
     let mut first_wave = load(40);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let killed_stats = first.fake.stats().jwt_issued;
-    // Killed while the first wave runs; the second starts after.
-    first.kill();
+    // The replica in use is killed while the first wave runs; the second starts after.
+    centrals[in_use].kill();
     let mut second_wave = load(40);
     let mut failed = 0;
     while let Some(n) = first_wave.join_next().await {
@@ -326,8 +336,7 @@ async fn with_two_central_brokers_one_killed_mid_load_no_request_fails() {
         failed += n.unwrap();
     }
     assert_eq!(failed, 0, "no request failed");
-    assert!(killed_stats > 0, "the killed broker served before it died");
-    assert!(second.fake.stats().jwt_issued > 0, "the other took over");
+    assert!(centrals[other].fake.stats().jwt_issued > 0, "the other took over");
     // The kill was seen as a failed hop, and the request was retried.
     let unreachable: u64 = e.edge.central().counters.failures().iter().map(|(_, n, _)| n).sum();
     assert!(unreachable > 0);
@@ -520,18 +529,6 @@ async fn the_central_brokers_span_continues_the_edges_trace_and_the_request_id_i
         .iter()
         .find(|s| s.parent_span_id.is_empty())
         .expect("the edge's is the root");
-    for s in spans
-        .iter()
-        .filter(|s| s.trace_id == edge_rpc.trace_id || s.name == "central.call")
-    {
-        eprintln!(
-            "SPAN {} id={} parent={} trace={}",
-            s.name,
-            hex::encode(&s.span_id),
-            hex::encode(&s.parent_span_id),
-            hex::encode(&s.trace_id)
-        );
-    }
     let hop = spans
         .iter()
         .find(|s| s.name == "central.call" && s.parent_span_id == edge_rpc.span_id)
@@ -661,6 +658,32 @@ async fn one_local_caller_cannot_revoke_a_token_served_to_another() {
         .unwrap()
         .into_inner();
     assert_eq!(token_of(&served), a, "still served");
+    // Handed the same token again (a forced request within the central
+    // broker's interval), the edge still knows whom it served it to.
+    let c = token_of(
+        &client
+            .get_token(with_key("portal-a", user(APP_USER_IDS[1])))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let forced = pb::GetTokenRequest {
+        force_refresh: true,
+        ..user(APP_USER_IDS[1])
+    };
+    let again = client
+        .get_token(with_key("portal-b", forced))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(token_of(&again), c, "the same token, cached anew");
+    // Not B's: it was served to A first (as a central broker says it).
+    let refused = client
+        .revoke_token(with_key("portal-b", revoke_request(&c)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    assert_eq!(h.fake.stats().revoke_requests, 0, "nothing revoked");
 }
 
 #[tokio::test]
@@ -703,4 +726,56 @@ async fn force_refresh_and_min_ttl_are_the_central_brokers_to_honour() {
         .unwrap()
         .as_secs() as i64;
     assert!(expires - now > 2900 + DEFAULT_SAFETY_MARGIN.as_secs() as i64);
+}
+
+#[tokio::test]
+async fn a_token_held_under_two_app_names_is_dropped_under_both_when_revoked() {
+    let (h, e) = central_and_edge(Options::default()).await;
+    let named = pb::GetTokenRequest {
+        app: "default".to_owned(),
+        ..enterprise()
+    };
+    let token = token_of(&e.get(enterprise()).await.unwrap());
+    assert_eq!(
+        token_of(&e.get(named.clone()).await.unwrap()),
+        token,
+        "the central broker's one token"
+    );
+    e.client.clone().revoke_token(revoke_request(&token)).await.unwrap();
+    assert_eq!(h.fake.stats().revoke_requests, 1);
+    for request in [enterprise(), named] {
+        let next = e.get(request).await.unwrap();
+        assert_ne!(token_of(&next), token, "never the revoked token, under either name");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_forced_requests_share_one_call_to_the_central_broker() {
+    let (h, e) = central_and_edge(Options::default()).await;
+    let e = Arc::new(e);
+    e.get(enterprise()).await.unwrap();
+    // Past the central broker's forced-refresh interval, with a slow Box:
+    // every forced request arrives while the first one's call is under way.
+    h.clock.advance(Duration::from_secs(10));
+    h.fake.set_latency(Duration::from_millis(300));
+    let asked = central_calls(&h, "GetToken");
+    let issued = h.fake.stats().jwt_issued;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let e = e.clone();
+        tasks.spawn(async move {
+            let forced = pb::GetTokenRequest {
+                force_refresh: true,
+                ..enterprise()
+            };
+            token_of(&e.get(forced).await.unwrap())
+        });
+    }
+    let mut tokens = std::collections::BTreeSet::new();
+    while let Some(token) = tasks.join_next().await {
+        tokens.insert(token.unwrap());
+    }
+    assert_eq!(tokens.len(), 1, "all got the new token");
+    assert_eq!(central_calls(&h, "GetToken"), asked + 1, "one call upstream");
+    assert_eq!(h.fake.stats().jwt_issued, issued + 1, "one mint");
 }
