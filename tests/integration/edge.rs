@@ -78,6 +78,11 @@ async fn edge_with(
         policy: hop_policy(),
         ..CentralSettings::plaintext(centrals)
     };
+    edge_from(settings, clock, local).await
+}
+
+/// An edge of the central broker `settings` name.
+async fn edge_from(settings: CentralSettings, clock: SharedClock, local: Authenticator) -> EdgeSide {
     let central = Central::new(settings, clock.clone()).await.unwrap();
     let edge = Arc::new(Edge::new(central, clock, CachePolicy::default()));
     let (sink, audit) = AuditSink::memory();
@@ -778,4 +783,59 @@ async fn concurrent_forced_requests_share_one_call_to_the_central_broker() {
     assert_eq!(tokens.len(), 1, "all got the new token");
     assert_eq!(central_calls(&h, "GetToken"), asked + 1, "one call upstream");
     assert_eq!(h.fake.stats().jwt_issued, issued + 1, "one mint");
+}
+
+#[tokio::test]
+async fn over_https_the_edge_checks_the_central_brokers_name_and_presents_the_pods_certificate() {
+    use crate::mtls::{SPIFFE, audited_callers, harness, serve_mtls};
+    use box_token_broker::edge::central::{CentralEndpoint, CentralTls};
+    use common::pki::{Pki, uri};
+    let h = harness().await;
+    let pki = Pki::new();
+    let (addr, audit) = serve_mtls(&h, &pki).await;
+    let tls = |identity: Option<(String, String)>, server_name: Option<&str>| CentralSettings {
+        // The certificate names localhost; the edge connects to the
+        // address the name resolves to and checks the name.
+        endpoints: vec![CentralEndpoint {
+            https: true,
+            host: "localhost".to_owned(),
+            port: addr.port(),
+        }],
+        tls: Some(CentralTls {
+            ca_pem: pki.ca.pem().into_bytes(),
+            identity: identity.map(|(cert, key)| (cert.into_bytes(), zeroize::Zeroizing::new(key.into_bytes()))),
+            server_name: server_name.map(str::to_owned),
+        }),
+        policy: hop_policy(),
+        ..CentralSettings::plaintext(&[])
+    };
+    let pod = pki.issue(vec![uri(SPIFFE)]);
+    let e = edge_from(
+        tls(Some(pod.clone()), None),
+        h.clock.clone(),
+        Authenticator::new(Anonymous::Admitted),
+    )
+    .await;
+    assert_eq!(token_of(&e.get(enterprise()).await.unwrap()).len(), 32);
+    assert_eq!(
+        audited_callers(&audit),
+        [SPIFFE],
+        "the pod's certificate is its identity"
+    );
+
+    // A certificate for another name is refused: the hop fails, nothing is served.
+    let wrong = edge_from(
+        tls(Some(pod), Some("central.example")),
+        h.clock.clone(),
+        Authenticator::new(Anonymous::Admitted),
+    )
+    .await;
+    let status = wrong.get(enterprise()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("cannot be reached"), "{}", status.message());
+    assert_eq!(
+        audited_callers(&audit).len(),
+        1,
+        "it never reached the central broker's handler"
+    );
 }

@@ -23,12 +23,12 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
-const SPIFFE: &str = "spiffe://cluster.local/ns/portal/sa/web";
+pub(crate) const SPIFFE: &str = "spiffe://cluster.local/ns/portal/sa/web";
 
 const POLICY: &str = "[[rules]]\nname = \"portal pods\"\ncallers = [\"spiffe://cluster.local/ns/portal/*\", \"dns:billing.internal\", \"apikey:billing.internal\"]\nenterprise = true\nfull_tokens = true\n";
 
 /// Serves the harness's broker with mTLS; returns the address and the audit buffer.
-async fn serve_mtls(h: &Harness, pki: &Pki) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+pub(crate) async fn serve_mtls(h: &Harness, pki: &Pki) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
     serve_tls(h, server_tls(pki), Authenticator::new(Anonymous::Refused).with_mtls()).await
 }
 
@@ -81,7 +81,7 @@ async fn client(
 }
 
 /// The `caller` of each audit record, in order.
-fn audited_callers(audit: &std::sync::Mutex<Vec<u8>>) -> Vec<String> {
+pub(crate) fn audited_callers(audit: &std::sync::Mutex<Vec<u8>>) -> Vec<String> {
     let audit = String::from_utf8(audit.lock().unwrap().clone()).unwrap();
     audit
         .lines()
@@ -94,7 +94,7 @@ fn audited_callers(audit: &std::sync::Mutex<Vec<u8>>) -> Vec<String> {
         .collect()
 }
 
-async fn harness() -> Harness {
+pub(crate) async fn harness() -> Harness {
     Harness::with(Options {
         policy: Some(Policy::parse(POLICY, "p").unwrap()),
         allow_anonymous: false,
