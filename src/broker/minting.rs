@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use super::{App, apps::grant_of};
 use crate::{
     boxapi::{
-        Diagnosis, DiagnosisKind, Downscope, IssuedToken,
+        DiagnosisKind, Downscope, IssuedToken,
         error::{Grant, diagnose, diagnose_exchange},
     },
     cache::{CachedToken, Minter, TokenKey, UpstreamError},
@@ -28,25 +28,12 @@ pub(super) struct Apps {
     pub(super) by_name: BTreeMap<Arc<str>, Arc<App>>,
 }
 
-fn upstream(key: &TokenKey, kind: DiagnosisKind, message: String) -> UpstreamError {
-    UpstreamError {
-        app: key.app.clone(),
-        subject: key.subject.clone(),
-        diagnosis: Diagnosis {
-            kind,
-            message,
-            retry_after: None,
-        },
-        relayed: None,
-    }
-}
-
 impl Apps {
     /// The app `key` names. Keys are built from resolved apps, so a miss is
     /// a bug, reported as the app's misconfiguration rather than a panic.
     fn of(&self, key: &TokenKey) -> Result<Arc<App>, UpstreamError> {
         self.by_name.get(&key.app).cloned().ok_or_else(|| {
-            upstream(
+            UpstreamError::new(
                 key,
                 DiagnosisKind::Misconfigured,
                 format!("app {} is not configured", key.app),
@@ -72,7 +59,7 @@ impl Minter for Apps {
         async move {
             let app = app?;
             let Some(downscope) = &key.downscope else {
-                return Err(upstream(
+                return Err(UpstreamError::new(
                     &key,
                     DiagnosisKind::Misconfigured,
                     "a full token cannot be exchanged for itself (a bug)".to_owned(),
@@ -87,7 +74,7 @@ impl Minter for Apps {
 async fn mint_full(app: &App, key: &TokenKey) -> Result<IssuedToken, UpstreamError> {
     let ring = app.ring();
     let Some(first) = ring.primary() else {
-        return Err(upstream(
+        return Err(UpstreamError::new(
             key,
             DiagnosisKind::Misconfigured,
             format!(
@@ -251,7 +238,7 @@ async fn exchange(
         tracing::error!(app = %app.name, subject_id = %key.subject.id(), "refusing a downscoped token: {problem}");
         revoke_quietly(app, issued.access_token);
         app.outcomes.exchanges_failed.fetch_add(1, Ordering::Relaxed);
-        return Err(upstream(
+        return Err(UpstreamError::new(
             key,
             DiagnosisKind::Misconfigured,
             format!("refusing the downscoped token: {problem}"),

@@ -38,7 +38,7 @@ pub use self::{
     token::{CachedToken, Minted, Served},
 };
 use crate::{
-    boxapi::{BoxSubject, Diagnosis, Downscope, IssuedToken},
+    boxapi::{BoxSubject, Diagnosis, DiagnosisKind, Downscope, IssuedToken},
     clock::SharedClock,
 };
 
@@ -148,6 +148,22 @@ pub struct UpstreamError {
     /// (its code and `grpc-status-details-bin`); the diagnosis then holds
     /// its message.
     pub relayed: Option<Relayed>,
+}
+
+impl UpstreamError {
+    /// A failure of the call for `key`: what kind, and the one sentence that says what to fix.
+    pub fn new(key: &TokenKey, kind: DiagnosisKind, message: String) -> Self {
+        Self {
+            app: key.app.clone(),
+            subject: key.subject.clone(),
+            diagnosis: Diagnosis {
+                kind,
+                message,
+                retry_after: None,
+            },
+            relayed: None,
+        }
+    }
 }
 
 /// A gRPC status another broker answered, kept to be relayed as it was.

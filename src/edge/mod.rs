@@ -25,7 +25,7 @@ use tonic::Status;
 
 use self::central::{Central, Unreachable};
 use crate::{
-    boxapi::{BoxId, BoxSubject, Diagnosis, DiagnosisKind, IssuedToken, Restriction, Target},
+    boxapi::{BoxId, BoxSubject, DiagnosisKind, IssuedToken, Restriction, Target},
     broker::{DownscopeRequest, MAX_MIN_TTL, Subject, TokenRequest},
     cache::{CachePolicy, CachedToken, Lookup, Minter, Need, Relayed, Served, TokenCache, TokenKey, UpstreamError},
     clock::SharedClock,
@@ -396,14 +396,8 @@ impl CentralMinter {
 
 fn failure(key: &TokenKey, kind: DiagnosisKind, message: String, relayed: Option<Relayed>) -> UpstreamError {
     UpstreamError {
-        app: key.app.clone(),
-        subject: key.subject.clone(),
-        diagnosis: Diagnosis {
-            kind,
-            message,
-            retry_after: None,
-        },
         relayed,
+        ..UpstreamError::new(key, kind, message)
     }
 }
 
