@@ -410,6 +410,17 @@ fn central_settings(config: &EdgeConfig) -> Result<CentralSettings, ConfigError>
         }),
         None => None,
     };
+    if let Some(tls) = &tls {
+        tls.check().map_err(|(setting, problem)| {
+            let file = match setting {
+                "cert_file" => central.cert_file.as_ref(),
+                "key_file" => central.key_file.as_ref(),
+                _ => central.ca_file.as_ref(),
+            };
+            let file = file.map_or_else(String::new, |f| format!("{}: ", f.display()));
+            ConfigError::new(format!("central.{setting}"), format!("{file}{problem}"))
+        })?;
+    }
     let credential = match (&central.token_file, &central.api_key_file) {
         (Some(file), _) => Credential::ServiceAccountToken(
             SecretFile::open(file).map_err(|p| ConfigError::new("central.token_file", p))?,

@@ -128,6 +128,31 @@ impl fmt::Debug for CentralTls {
     }
 }
 
+impl CentralTls {
+    /// Checks the PEM it holds: certificates in the CA, a certificate
+    /// chain and a private key in the identity. An error names the setting
+    /// (`ca_file`, `cert_file`, `key_file`) and the problem, so a bad file
+    /// stops startup instead of failing every handshake.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let certificates = |pem: &[u8]| -> Result<(), String> {
+            let found = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("not PEM certificates: {e}"))?;
+            if found.is_empty() {
+                return Err("holds no PEM certificate".to_owned());
+            }
+            Ok(())
+        };
+        certificates(&self.ca_pem).map_err(|problem| ("ca_file", problem))?;
+        if let Some((cert, key)) = &self.identity {
+            certificates(cert).map_err(|problem| ("cert_file", problem))?;
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| ("key_file", format!("not a PEM private key: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// How the edge proves the pod's identity to the central broker (besides,
 /// or instead of, a client certificate).
 #[derive(Debug)]

@@ -1220,6 +1220,30 @@ fn edge_and_check_config_refuse_an_edge_config_holding_a_box_credential_or_a_kek
             );
         }
     }
+    // TLS files that are not what they should be stop startup, naming them.
+    std::fs::write(dir.path().join("ca.crt"), "not a certificate").unwrap();
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        "[central]\nendpoints = [\"https://box-broker.example:50051\"]\nca_file = \"ca.crt\"\n\
+         [server.unix_socket]\npath = \"edge.sock\"\nidentity = \"app\"\n",
+    )
+    .unwrap();
+    for command in ["edge", "check-config"] {
+        let mut cmd = Command::new(bin());
+        if command == "edge" {
+            cmd.args(["edge", "--config"]);
+        } else {
+            cmd.arg("check-config");
+        }
+        let (code, _, stderr) = run(cmd.arg(&config).env_remove("RUST_LOG"));
+        assert_eq!(code, 64, "{command}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{command}: {stderr}");
+        assert!(
+            stderr.contains("central.ca_file") && stderr.contains("ca.crt") && stderr.contains("no PEM certificate"),
+            "{command}: {stderr}"
+        );
+    }
     // A central broker's `serve` does not take an edge config either.
     let config = edge_config(dir.path(), "127.0.0.1:1", "");
     let (code, _, stderr) = run(Command::new(bin()).args(["serve", "--config"]).arg(&config));
