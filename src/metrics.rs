@@ -14,7 +14,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -691,15 +691,55 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Whether the server reports SERVING on `grpc.health.v1` (all its
+/// listeners accept, and shutdown has not begun): what `/readyz` says to
+/// probes that cannot speak gRPC with credentials or TLS (the kubelet's).
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    /// Records what health reports now.
+    pub fn set(&self, serving: bool) {
+        self.0.store(serving, Ordering::SeqCst);
+    }
+
+    /// True while health reports SERVING.
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves, on `listener` until `shutdown` resolves: `GET /metrics`; `GET
+/// /readyz`, 200 `SERVING` or 503 `NOT_SERVING` exactly as
+/// `grpc.health.v1` reports it (`readiness`); and `GET /healthz`, 200
+/// while the process answers at all (liveness: a draining broker is alive).
+/// No credentials, no TLS: for the kubelet's probes and the scraper.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
+    readiness: Arc<Readiness>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::{http::header, response::IntoResponse, routing::get};
+    use axum::{
+        http::{StatusCode, header},
+        response::IntoResponse,
+        routing::get,
+    };
     let registry = Arc::new(registry);
-    let app = axum::Router::new().route(
+    const TEXT: [(header::HeaderName, &str); 1] = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    let probes = axum::Router::new()
+        .route("/healthz", get(|| async { (StatusCode::OK, TEXT, "ok\n") }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if readiness.is_ready() {
+                    (StatusCode::OK, TEXT, "SERVING\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, TEXT, "NOT_SERVING\n")
+                }
+            }),
+        );
+    let app = probes.route(
         "/metrics",
         get(move || {
             let registry = registry.clone();

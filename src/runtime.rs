@@ -159,7 +159,12 @@ impl Runtime {
                 self.options.rpc_metrics.clone(),
                 self.options.counters.clone(),
             );
-            tokio::spawn(crate::metrics::serve(listener, registry, std::future::pending()))
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                registry,
+                self.options.readiness.clone(),
+                std::future::pending(),
+            ))
         });
         let watcher = match (self.policy_file.take(), &self.backend) {
             (Some(file), Served::Broker(broker)) => {
@@ -597,6 +602,7 @@ pub(crate) fn serve_options(server: &ServerConfig) -> ServeOptions {
         },
         counters: Arc::default(),
         rpc_metrics: RpcMetrics::default(),
+        readiness: Arc::default(),
     }
 }
 

@@ -61,7 +61,7 @@ use crate::{
     admin::{AdminRules, KeyAdmin},
     audit::{AuditSink, Flush},
     auth::Authenticator,
-    metrics::{RpcMetrics, Served},
+    metrics::{Readiness, RpcMetrics, Served},
     pb,
     rpc::{Decision, code_name},
 };
@@ -126,6 +126,8 @@ pub struct ServeOptions {
     pub counters: Arc<TransportCounters>,
     /// Where the client API's RPCs are counted (shared with the metrics).
     pub rpc_metrics: RpcMetrics,
+    /// What health reports, for `/readyz` (shared with the metrics server).
+    pub readiness: Arc<Readiness>,
 }
 
 impl Default for ServeOptions {
@@ -140,6 +142,7 @@ impl Default for ServeOptions {
             connections: ConnectionLimits::default(),
             counters: Arc::default(),
             rpc_metrics: RpcMetrics::default(),
+            readiness: Arc::default(),
         }
     }
 }
@@ -158,7 +161,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let health_state = Health(health_reporter);
+    let health_state = Health(health_reporter, options.readiness.clone());
     health_state.set(ServingStatus::NotServing).await;
     let limits = Arc::new(CallerLimits::new(options.rate_limit, options.failed_auth));
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -266,13 +269,14 @@ pub(crate) fn record_outcome(event: &mut crate::audit::AuditEvent, result: Resul
 }
 
 /// The shared health status.
-struct Health(tonic_health::server::HealthReporter);
+struct Health(tonic_health::server::HealthReporter, Arc<Readiness>);
 
 impl Health {
     async fn set(&self, status: ServingStatus) {
         for service in ["", "boxbroker.v1.TokenBrokerService", "boxbroker.v1.BrokerAdminService"] {
             self.0.set_service_status(service, status).await;
         }
+        self.1.set(status == ServingStatus::Serving);
     }
 }
 

@@ -1301,6 +1301,12 @@ fn edge_serves_its_pod_over_a_unix_socket_from_the_central_broker_and_stops_on_s
         assert!(scraped.contains(line), "{line} in {scraped}");
     }
     assert!(!scraped.contains(first["access_token"].as_str().unwrap()));
+    // The kubelet's probes, plain HTTP beside the metrics.
+    let ready = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let response = reqwest::get(format!("http://{metrics}/readyz")).await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    });
+    assert_eq!(ready, (200, "SERVING\n".to_owned()));
     assert_eq!(edge.terminate(), 0, "SIGTERM stops the edge cleanly");
     assert!(!dir.path().join("edge.sock").exists(), "the socket file is removed");
 }

@@ -60,6 +60,43 @@ async fn health_is_serving_once_up_and_flips_before_requests_are_refused() {
     stopped.await.unwrap();
 }
 
+/// `GET http://{addr}{path}`: the status code and the body.
+async fn probe(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_kubelets_plain_http_probes_say_what_grpc_health_says() {
+    let mut h = Harness::with(Options {
+        metrics: true,
+        serve: ServeOptions {
+            drain_delay: Duration::from_millis(1500),
+            ..ServeOptions::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let addr = h.metrics.unwrap();
+    assert_eq!(health(&h, "").await.unwrap(), ServingStatus::Serving);
+    assert_eq!(probe(addr, "/readyz").await, (200, "SERVING\n".to_owned()));
+    assert_eq!(probe(addr, "/healthz").await, (200, "ok\n".to_owned()));
+    let stopped = h.begin_stop();
+    // Draining: not ready (as health says), still alive (no restart mid-drain).
+    let mut flipped = false;
+    for _ in 0..100 {
+        if health(&h, "").await.unwrap() == ServingStatus::NotServing {
+            flipped = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(flipped, "health flipped");
+    assert_eq!(probe(addr, "/readyz").await, (503, "NOT_SERVING\n".to_owned()));
+    assert_eq!(probe(addr, "/healthz").await.0, 200);
+    stopped.await.unwrap();
+}
+
 #[tokio::test]
 async fn in_flight_requests_finish_when_the_broker_stops() {
     let mut h = harness(ServeOptions::default()).await;

@@ -40,6 +40,7 @@ async fn serve_metrics(h: &Harness) -> std::net::SocketAddr {
             h.rpc_metrics.clone(),
             std::sync::Arc::default(),
         ),
+        std::sync::Arc::default(),
         std::future::pending(),
     ));
     addr

@@ -69,6 +69,7 @@ async fn a_canary_scenario_leaves_no_secret_in_logs_spans_metrics_or_errors() {
             h.rpc_metrics.clone(),
             std::sync::Arc::default(),
         ),
+        std::sync::Arc::default(),
         std::future::pending(),
     ));
 

@@ -107,6 +107,8 @@ pub struct Options {
     pub budget: Option<box_token_broker::broker::UpstreamBudget>,
     /// The admin listener's rules (default: everything for `apikey:ops`).
     pub admin_rules: Option<AdminRules>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` on a free port too.
+    pub metrics: bool,
 }
 
 /// The tests' upstream policy: the production shape with millisecond
@@ -161,6 +163,7 @@ impl Default for Options {
             serve: service::ServeOptions::default(),
             budget: None,
             admin_rules: None,
+            metrics: false,
         }
     }
 }
@@ -182,6 +185,8 @@ pub struct Harness {
     pub admin: Option<AdminSide>,
     /// Where the server counts the client API's RPCs (for a metrics registry).
     pub rpc_metrics: box_token_broker::metrics::RpcMetrics,
+    /// The metrics and probes listener, when `Options::metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -280,8 +285,17 @@ impl Harness {
             admin_side = Some((admin_addr, key_admin, store_dir, store_path, kek_text));
         }
         let (stop, stopped) = oneshot::channel::<()>();
+        let metrics_listener = if options.metrics {
+            Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
+        let metrics = metrics_listener.as_ref().map(|l| l.local_addr().unwrap());
         let server = tokio::spawn({
             let mut runtime = Runtime::new(broker.clone(), audit_sink).with_options(options.serve.clone());
+            if let Some(listener) = metrics_listener {
+                runtime = runtime.with_metrics(listener);
+            }
             for (listener, role) in endpoints {
                 runtime = runtime.listen(listener, role);
             }
@@ -329,6 +343,7 @@ impl Harness {
             audit,
             admin,
             rpc_metrics: options.serve.rpc_metrics.clone(),
+            metrics,
             stop: Some(stop),
             server: Some(server),
         }
