@@ -226,6 +226,10 @@ impl std::fmt::Display for RequestId {
     }
 }
 
+/// The header a request id travels in, both ways (and from an edge to its
+/// central broker).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
 /// The `domain` of every `google.rpc.ErrorInfo` a broker sends: what tells
 /// an edge that a refusal is a broker's own answer, not a proxy's.
 pub const ERROR_DOMAIN: &str = "box-token-broker";

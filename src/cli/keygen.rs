@@ -91,7 +91,6 @@ fn generate(args: &KeygenArgs) -> Result<(), (u8, String)> {
     Ok(())
 }
 
-/// Creates `path` (never overwriting), owner-only when `secret`.
 /// Who may read a file `keygen` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Readers {
@@ -101,6 +100,7 @@ enum Readers {
     Anyone,
 }
 
+/// Creates `path` (never overwriting), owner-only for `Readers::Owner`.
 fn write_new(path: &Path, content: &str, readers: Readers) -> Result<(), (u8, String)> {
     let secret = readers == Readers::Owner;
     let mut options = OpenOptions::new();

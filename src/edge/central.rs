@@ -38,11 +38,9 @@ use crate::{
     clock::SharedClock,
     histogram::LatencyHistogram,
     pb::token_broker_service_client::TokenBrokerServiceClient,
-    rpc::{RequestId, Rpc},
+    rpc::{REQUEST_ID_HEADER, RequestId, Rpc},
 };
 
-/// The request id's header, passed on to the central broker.
-const REQUEST_ID_HEADER: &str = "x-request-id";
 /// gRPC status codes 0 (Ok) to 16 (Unauthenticated).
 const CODES: usize = 17;
 

@@ -245,22 +245,18 @@ impl Edge {
 /// [`Served::OnlyTo`] `caller` if some copy was served to it and none to
 /// anyone else.
 fn served_to(copies: &[(TokenKey, Arc<CachedToken>)], caller: &str) -> Served {
-    let mut mine = false;
-    for (_, token) in copies {
-        match token.served_to(caller) {
-            Served::AlsoToOthers => return Served::AlsoToOthers,
-            Served::OnlyTo => mine = true,
-            Served::NotTo if token.owner().is_some() => {
-                // Served to another local caller first.
-                if mine || copies.iter().any(|(_, t)| t.served_to(caller) != Served::NotTo) {
-                    return Served::AlsoToOthers;
-                }
-                return Served::NotTo;
-            }
-            Served::NotTo => {}
-        }
+    let mine = copies.iter().any(|(_, t)| t.served_to(caller) != Served::NotTo);
+    let others = copies.iter().any(|(_, t)| match t.served_to(caller) {
+        Served::AlsoToOthers => true,
+        // Served first to another local caller (or to nobody yet).
+        Served::NotTo => t.owner().is_some(),
+        Served::OnlyTo => false,
+    });
+    match (mine, others) {
+        (true, false) => Served::OnlyTo,
+        (true, true) => Served::AlsoToOthers,
+        (false, _) => Served::NotTo,
     }
-    if mine { Served::OnlyTo } else { Served::NotTo }
 }
 
 /// The central broker's refusal of a call for `key`, kept to be relayed

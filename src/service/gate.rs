@@ -58,8 +58,7 @@ use crate::{
     rpc::{Rpc, code_name},
 };
 
-/// The header a request id travels in, both ways.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub use crate::rpc::REQUEST_ID_HEADER;
 
 /// [`REQUEST_ID_HEADER`], parsed once: it is read and written on every request.
 pub(crate) static REQUEST_ID_KEY: LazyLock<MetadataKey<Ascii>> =

@@ -119,27 +119,18 @@ async fn edge_from(settings: CentralSettings, clock: SharedClock, local: Authent
 
 impl EdgeSide {
     async fn get(&self, request: pb::GetTokenRequest) -> Result<pb::GetTokenResponse, tonic::Status> {
-        self.client
-            .clone()
-            .get_token(request)
-            .await
-            .map(tonic::Response::into_inner)
+        common::get_token(&self.client, request).await
     }
 
     async fn downscoped(
         &self,
         request: pb::GetDownscopedTokenRequest,
     ) -> Result<pb::GetDownscopedTokenResponse, tonic::Status> {
-        self.client
-            .clone()
-            .get_downscoped_token(request)
-            .await
-            .map(tonic::Response::into_inner)
+        common::get_downscoped(&self.client, request).await
     }
 
     fn audit_events(&self) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(self.audit.lock().unwrap().clone()).unwrap();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        common::audit_records(&self.audit)
     }
 
     /// The central broker's answers to this edge, over every method and code.

@@ -27,6 +27,17 @@ async fn health(h: &Harness, service: &str) -> Result<ServingStatus, tonic::Stat
         .map(|r| r.into_inner().status())
 }
 
+/// Whether health says NOT_SERVING within a hundred looks.
+async fn flips_to_not_serving(h: &Harness) -> bool {
+    for _ in 0..100 {
+        if health(h, "").await.unwrap() == ServingStatus::NotServing {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    false
+}
+
 fn forced(id: &str) -> pb::GetTokenRequest {
     let mut request = user(id);
     request.force_refresh = true;
@@ -47,15 +58,7 @@ async fn health_is_serving_once_up_and_flips_before_requests_are_refused() {
     );
     let stopped = h.begin_stop();
     // Health says NOT_SERVING at once; requests are still served during the drain delay.
-    let mut flipped = false;
-    for _ in 0..100 {
-        if health(&h, "").await.unwrap() == ServingStatus::NotServing {
-            flipped = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert!(flipped, "health flipped");
+    assert!(flips_to_not_serving(&h).await, "health flipped");
     h.get(enterprise()).await.unwrap();
     stopped.await.unwrap();
 }
@@ -83,15 +86,7 @@ async fn the_kubelets_plain_http_probes_say_what_grpc_health_says() {
     assert_eq!(probe(addr, "/healthz").await, (200, "ok\n".to_owned()));
     let stopped = h.begin_stop();
     // Draining: not ready (as health says), still alive (no restart mid-drain).
-    let mut flipped = false;
-    for _ in 0..100 {
-        if health(&h, "").await.unwrap() == ServingStatus::NotServing {
-            flipped = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert!(flipped, "health flipped");
+    assert!(flips_to_not_serving(&h).await, "health flipped");
     assert_eq!(probe(addr, "/readyz").await, (503, "NOT_SERVING\n".to_owned()));
     assert_eq!(probe(addr, "/healthz").await.0, 200);
     stopped.await.unwrap();

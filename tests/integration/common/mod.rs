@@ -367,16 +367,11 @@ impl Harness {
 
     /// The audit records so far, parsed.
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(self.audit.lock().unwrap().clone()).unwrap();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        audit_records(&self.audit)
     }
 
     pub async fn get(&self, request: pb::GetTokenRequest) -> Result<pb::GetTokenResponse, tonic::Status> {
-        self.client
-            .clone()
-            .get_token(request)
-            .await
-            .map(tonic::Response::into_inner)
+        get_token(&self.client, request).await
     }
 
     /// Waits (without sleeping blindly) until the fake's stats satisfy `condition`.
@@ -467,6 +462,32 @@ pub fn folder(id: &str) -> Option<pb::get_downscoped_token_request::Target> {
     Some(pb::get_downscoped_token_request::Target::FolderId(id.to_owned()))
 }
 
+/// The audit records written to an in-memory sink, parsed.
+pub fn audit_records(buffer: &Mutex<Vec<u8>>) -> Vec<serde_json::Value> {
+    let text = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `GetToken` through `client` (a broker's or an edge's).
+pub async fn get_token(
+    client: &TokenBrokerServiceClient<Channel>,
+    request: pb::GetTokenRequest,
+) -> Result<pb::GetTokenResponse, tonic::Status> {
+    client.clone().get_token(request).await.map(tonic::Response::into_inner)
+}
+
+/// `GetDownscopedToken` through `client`.
+pub async fn get_downscoped(
+    client: &TokenBrokerServiceClient<Channel>,
+    request: pb::GetDownscopedTokenRequest,
+) -> Result<pb::GetDownscopedTokenResponse, tonic::Status> {
+    client
+        .clone()
+        .get_downscoped_token(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// A file target.
 pub fn file(id: &str) -> Option<pb::get_downscoped_token_request::Target> {
     Some(pb::get_downscoped_token_request::Target::FileId(id.to_owned()))
@@ -477,11 +498,7 @@ impl Harness {
         &self,
         request: pb::GetDownscopedTokenRequest,
     ) -> Result<pb::GetDownscopedTokenResponse, tonic::Status> {
-        self.client
-            .clone()
-            .get_downscoped_token(request)
-            .await
-            .map(tonic::Response::into_inner)
+        get_downscoped(&self.client, request).await
     }
 
     pub async fn revoke(&self, token: &str) -> Result<pb::RevokeTokenResponse, tonic::Status> {
