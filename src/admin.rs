@@ -147,7 +147,9 @@ impl KeyAdmin {
         })?;
         let state = snapshot(&self.broker, &self.orphans, Some((app, &changed)))
             .map_err(|e| AdminError::FailedPrecondition(e.problem))?;
-        store.save(&state)?;
+        store
+            .save(&state)
+            .inspect_err(|_| app.record_keystore_write_failure())?;
         app.replace_ring(changed);
         Ok(())
     }

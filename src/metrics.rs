@@ -298,6 +298,12 @@ impl Collector for BrokerCollector {
             "Mints that succeeded only with the standby key (an alert).",
             &per_app(&crate::broker::App::standby_fallbacks),
         )?;
+        counter(
+            &mut encoder,
+            "boxbroker_keystore_write_failures",
+            "Key or secret changes not made because the key store could not be written (an alert).",
+            &per_app(&crate::broker::App::keystore_write_failures),
+        )?;
         let mut responses = Vec::new();
         for a in &apps {
             let counts = a

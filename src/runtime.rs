@@ -118,8 +118,8 @@ impl Runtime {
             Role::Client => "gRPC",
             Role::Admin(..) => "the admin RPC",
         };
-        let listener =
-            bind_unix(&unix.path).map_err(|e| format!("cannot listen on {} ({what}): {e}", unix.path.display()))?;
+        let listener = bind_unix(&unix.path, unix.mode)
+            .map_err(|e| format!("cannot listen on {} ({what}): {e}", unix.path.display()))?;
         tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving {what} on a Unix socket");
         let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
         self.unix_sockets.push(unix.path.clone());
@@ -198,6 +198,7 @@ pub struct Prepared {
     pub admin: Arc<KeyAdmin>,
     auth: Authenticator,
     tls: Option<ServerTls>,
+    admin_auth: Authenticator,
     admin_tls: Option<ServerTls>,
     audit: Arc<AuditSink>,
 }
@@ -219,6 +220,7 @@ impl Prepared {
             .as_ref()
             .map(|tls| server_tls(tls, "admin.tls", !config.admin.api_keys.is_empty()))
             .transpose()?;
+        let admin_auth = admin_authenticator(config)?;
         let audit = Arc::new(open_audit(&config.audit)?);
         let store = config.keystore.as_ref().map(|k| open_key_store(k, env)).transpose()?;
         let admin = KeyAdmin::open(broker.clone(), store)
@@ -229,6 +231,7 @@ impl Prepared {
             admin,
             auth,
             tls,
+            admin_auth,
             admin_tls,
             audit,
         })
@@ -238,7 +241,7 @@ impl Prepared {
     /// metrics) and returns the runtime that serves them; `hangups` reload
     /// the policy. An error names the address that could not be bound.
     pub async fn bind(self, config: &Config, hangups: Option<Signal>) -> Result<Runtime, String> {
-        let (admin, admin_tls) = (self.admin, self.admin_tls);
+        let (admin, admin_auth, admin_tls) = (self.admin, self.admin_auth, self.admin_tls);
         let mut runtime = Runtime::new(self.broker, self.audit)
             .with_options(serve_options(&config.server))
             .watch_policy(config.policy.file.clone(), hangups);
@@ -269,13 +272,12 @@ impl Prepared {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
-            let auth = admin_authenticator(config);
             // The bound address (port 0 picks one).
             let bound = listener.local_addr().unwrap_or(addr);
             tracing::info!(listen = %bound, tls = admin_tls.is_some(), "serving the admin RPC");
             let listener = match admin_tls {
-                Some(tls) => Listener::Tls(listener, auth, tls),
-                None => Listener::Tcp(listener, auth),
+                Some(tls) => Listener::Tls(listener, admin_auth, tls),
+                None => Listener::Tcp(listener, admin_auth),
             };
             runtime = runtime.listen(listener, admin_role.clone());
         }
@@ -466,9 +468,10 @@ fn listener_tls(server: &ServerConfig, auth: &AuthConfig) -> Result<Option<Serve
         .transpose()
 }
 
-/// Binds a Unix socket at `path`, replacing a stale socket file (never any other file).
-fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::FileTypeExt as _;
+/// Binds a Unix socket at `path`, replacing a stale socket file (never any
+/// other file), and gives it `mode` when one is set.
+fn bind_unix(path: &Path, mode: Option<u32>) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(std::io::Error::new(
@@ -478,7 +481,11 @@ fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    tokio::net::UnixListener::bind(path)
+    let listener = tokio::net::UnixListener::bind(path)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(listener)
 }
 
 /// Descriptors kept free of connections, for Box, files and the metrics listener.
@@ -541,7 +548,7 @@ async fn tcp_authenticator(server: &ServerConfig, auth: &AuthConfig) -> Result<A
         authenticator = authenticator.with_mtls();
     }
     if accepted.contains(&Mechanism::ApiKey) {
-        authenticator = authenticator.with_api_keys(hashed(&auth.api_keys));
+        authenticator = authenticator.with_api_keys(hashed("auth.api_keys", &auth.api_keys)?);
     }
     if let Some(k8s) = auth
         .kubernetes
@@ -557,15 +564,15 @@ async fn tcp_authenticator(server: &ServerConfig, auth: &AuthConfig) -> Result<A
 }
 
 /// The admin listener's authenticator (API keys and/or client certificates).
-pub fn admin_authenticator(config: &Config) -> Authenticator {
+pub fn admin_authenticator(config: &Config) -> Result<Authenticator, ConfigError> {
     let mut auth = Authenticator::new(Anonymous::Refused);
     if config.admin.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
         auth = auth.with_mtls();
     }
     if !config.admin.api_keys.is_empty() {
-        auth = auth.with_api_keys(hashed(&config.admin.api_keys));
+        auth = auth.with_api_keys(hashed("admin.api_keys", &config.admin.api_keys)?);
     }
-    auth
+    Ok(auth)
 }
 
 /// How the server starts, stops and limits callers and connections.
@@ -715,13 +722,13 @@ fn refuse_world_readable(section: &str, file: &Path) -> Result<(), ConfigError> 
     Ok(())
 }
 
-fn hashed(keys: &[ApiKeyConfig]) -> Vec<(String, [u8; 32])> {
+/// Each key's identity and SHA-256 (a `sha256_file` is read now).
+fn hashed(section: &str, keys: &[ApiKeyConfig]) -> Result<Vec<(String, [u8; 32])>, ConfigError> {
     keys.iter()
-        .filter_map(|k| {
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(&k.sha256, &mut hash)
-                .ok()
-                .map(|()| (k.identity.clone(), hash))
+        .map(|k| {
+            k.hash()
+                .map(|hash| (k.identity.clone(), hash))
+                .map_err(|problem| ConfigError::new(section, problem))
         })
         .collect()
 }

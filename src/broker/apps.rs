@@ -33,6 +33,8 @@ pub struct App {
     health: Mutex<UpstreamHealth>,
     /// Mints that succeeded only with the standby key.
     pub(super) standby_fallbacks: AtomicU64,
+    /// Key-store writes for changes to its ring that failed (the change was not made).
+    keystore_write_failures: AtomicU64,
     /// Mints and exchanges by outcome.
     pub outcomes: Outcomes,
 }
@@ -70,6 +72,7 @@ impl App {
             client,
             health: Mutex::new(UpstreamHealth::default()),
             standby_fallbacks: AtomicU64::new(0),
+            keystore_write_failures: AtomicU64::new(0),
             outcomes: Outcomes::default(),
         }
     }
@@ -109,6 +112,16 @@ impl App {
     /// How many mints succeeded only with the standby key.
     pub fn standby_fallbacks(&self) -> u64 {
         self.standby_fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// A change to its keys or secret was not made: the key store could not be written.
+    pub fn record_keystore_write_failure(&self) {
+        self.keystore_write_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many key-store writes for it failed.
+    pub fn keystore_write_failures(&self) -> u64 {
+        self.keystore_write_failures.load(Ordering::Relaxed)
     }
 
     pub(super) fn record(&self, outcome: Result<SystemTime, (SystemTime, &str)>) {

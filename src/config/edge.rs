@@ -259,6 +259,9 @@ impl EdgeConfig {
         if let Some(k8s) = &mut settings.auth.kubernetes {
             k8s.resolve_paths(base);
         }
+        for key in &mut settings.auth.api_keys {
+            key.resolve_paths(base);
+        }
         let config = Self {
             settings,
             tcp,

@@ -99,6 +99,9 @@ impl Config {
         if let Some(k8s) = &mut config.auth.kubernetes {
             k8s.resolve_paths(base);
         }
+        for key in config.auth.api_keys.iter_mut().chain(&mut config.admin.api_keys) {
+            key.resolve_paths(base);
+        }
         if let Some(store) = &mut config.keystore {
             for path in std::iter::once(&mut store.path).chain(store.kek_file.as_mut()) {
                 if path.is_relative() {

@@ -231,6 +231,56 @@ mod tests {
     }
 
     #[test]
+    fn a_unix_socket_mode_is_a_file_mode() {
+        let socket = |mode: &str| {
+            format!("{MINIMAL}[server.unix_socket]\npath = \"b.sock\"\nidentity = \"app\"\nmode = {mode}\n")
+        };
+        let c = load(&socket("0o660"), &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.server.unix_socket.as_ref().and_then(|u| u.mode), Some(0o660));
+        let e = load(&socket("660"), &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.ends_with(
+                "server.unix_socket.mode 0o1224 is not a file mode: write it in octal, at most 0o777 (e.g. 0o660)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_api_key_names_its_hash_exactly_once() {
+        let error = |key: &str| {
+            load(&format!("{MINIMAL}[[auth.api_keys]]\nidentity = \"a\"\n{key}"), &[])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let hash = format!("sha256 = \"{}\"\n", "0".repeat(64));
+        let both = error(&format!("{hash}sha256_file = \"a.sha256\"\n"));
+        assert!(
+            both.ends_with("auth.api_keys \"a\": set exactly one of sha256 and sha256_file"),
+            "{both}"
+        );
+        let neither = error("");
+        assert!(
+            neither.ends_with("set exactly one of sha256 and sha256_file"),
+            "{neither}"
+        );
+        let short = error("sha256 = \"abc\"\n");
+        assert!(
+            short.ends_with("sha256 must be 64 hex characters (printf %s \"$KEY\" | sha256sum)"),
+            "{short}"
+        );
+        assert_eq!(
+            error("sha256_file = \"a.sha256\"\n"),
+            "",
+            "the file is read at startup, not by the parser"
+        );
+    }
+
+    #[test]
     fn the_admin_listener_needs_its_own_address_credentials_and_rules() {
         let error = |extra: &str| {
             load(&format!("{MINIMAL}{extra}"), &[])

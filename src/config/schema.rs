@@ -2,7 +2,12 @@
 //! the conversions to the domain's own settings types. No I/O, no checks
 //! beyond what the types say (see `validate.rs`).
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::{Deserialize, Deserializer};
 
@@ -198,8 +203,54 @@ pub struct AuthConfig {
 pub struct ApiKeyConfig {
     /// The caller identity the key proves (what policy rules name).
     pub identity: String,
-    /// Lowercase hex SHA-256 of the key: `printf %s "$KEY" | sha256sum`.
-    pub sha256: String,
+    /// Hex SHA-256 of the key: `printf %s "$KEY" | sha256sum`. Exactly one
+    /// of this and `sha256_file`.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// A file holding the hex SHA-256 (a Kubernetes Secret mount, so that
+    /// who may edit the ConfigMap cannot add a key), read at startup; what
+    /// `sha256sum` prints is accepted.
+    pub sha256_file: Option<PathBuf>,
+}
+
+impl ApiKeyConfig {
+    /// The key's SHA-256: `sha256`, or what `sha256_file` holds (its first
+    /// word, so `sha256sum`'s output works). The error begins with the
+    /// identity and names the file, never what it holds.
+    pub fn hash(&self) -> Result<[u8; 32], String> {
+        let (text, source) = match (&self.sha256, &self.sha256_file) {
+            (Some(hex), None) => (hex.clone(), "sha256".to_owned()),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("{:?}: {}: cannot read: {e}", self.identity, file.display()))?;
+                (
+                    text.split_whitespace().next().unwrap_or_default().to_owned(),
+                    format!("sha256_file {}", file.display()),
+                )
+            }
+            _ => {
+                return Err(format!(
+                    "{:?}: set exactly one of sha256 and sha256_file",
+                    self.identity
+                ));
+            }
+        };
+        let mut hash = [0u8; 32];
+        match hex::decode_to_slice(text.as_bytes(), &mut hash) {
+            Ok(()) => Ok(hash),
+            Err(_) => Err(format!(
+                "{:?}: {source} must be 64 hex characters (printf %s \"$KEY\" | sha256sum)",
+                self.identity
+            )),
+        }
+    }
+
+    /// Makes a relative `sha256_file` relative to `base`.
+    pub(super) fn resolve_paths(&mut self, base: &Path) {
+        if let Some(file) = &mut self.sha256_file {
+            super::load::resolve(file, base);
+        }
+    }
 }
 
 /// `[server]`.
@@ -405,6 +456,11 @@ pub struct UnixSocketConfig {
     /// Peer uids allowed to connect; empty means any (rely on file permissions).
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
+    /// The socket file's mode (TOML octal, `0o660`); default: what the
+    /// umask leaves. Connecting needs write permission, so `0o660` lets the
+    /// socket's group in: in a pod, the `fsGroup` (an `emptyDir` with an
+    /// fsGroup gives new files its group).
+    pub mode: Option<u32>,
 }
 
 impl Default for ServerConfig {

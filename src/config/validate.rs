@@ -129,6 +129,18 @@ impl UpstreamConfig {
 
 impl ServerConfig {
     pub(super) fn validate(&self) -> Result<(), String> {
+        for (section, unix) in [
+            ("server.unix_socket", &self.unix_socket),
+            ("server.admin_unix_socket", &self.admin_unix_socket),
+        ] {
+            if let Some(mode) = unix.as_ref().and_then(|u| u.mode)
+                && mode > 0o777
+            {
+                return Err(format!(
+                    "{section}.mode {mode:#o} is not a file mode: write it in octal, at most 0o777 (e.g. 0o660)"
+                ));
+            }
+        }
         if self.max_concurrent_requests == 0 || self.max_concurrent_requests_per_caller == 0 {
             return Err(
                 "server.max_concurrent_requests and server.max_concurrent_requests_per_caller must be at least 1"
@@ -211,11 +223,9 @@ pub(super) fn validate_api_keys(section: &str, keys: &[ApiKeyConfig]) -> Result<
                 key.identity
             ));
         }
-        if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "{section} {:?}: sha256 must be 64 hex characters (printf %s \"$KEY\" | sha256sum)",
-                key.identity
-            ));
+        // A sha256_file is read at startup; the rest is checked here.
+        if key.sha256_file.is_none() || key.sha256.is_some() {
+            key.hash().map_err(|problem| format!("{section} {problem}"))?;
         }
     }
     Ok(())

@@ -11,19 +11,19 @@ use std::{
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn bin() -> PathBuf {
+pub(crate) fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_box-broker"))
 }
 
 /// A child process killed on drop, with its output lines delivered on channels.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
+    pub(crate) stdout: mpsc::Receiver<String>,
+    pub(crate) stderr: mpsc::Receiver<String>,
 }
 
 impl Proc {
-    fn spawn(command: &mut Command) -> Self {
+    pub(crate) fn spawn(command: &mut Command) -> Self {
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let stdout = lines(child.stdout.take().unwrap());
         let stderr = lines(child.stderr.take().unwrap());
@@ -31,7 +31,7 @@ impl Proc {
     }
 
     /// The first line on `stream` containing `needle`.
-    fn wait_line(stream: &mpsc::Receiver<String>, needle: &str) -> String {
+    pub(crate) fn wait_line(stream: &mpsc::Receiver<String>, needle: &str) -> String {
         let mut seen = Vec::new();
         loop {
             let line = stream
@@ -46,7 +46,7 @@ impl Proc {
 
     /// The `listen` field of the first JSON log line holding `needle`
     /// (`serving gRPC`, `serving Prometheus metrics`, ...).
-    fn wait_listen(stream: &mpsc::Receiver<String>, needle: &str) -> String {
+    pub(crate) fn wait_listen(stream: &mpsc::Receiver<String>, needle: &str) -> String {
         loop {
             let line = Self::wait_line(stream, needle);
             let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
@@ -100,7 +100,7 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
 }
 
 /// `GET http://{metrics}/metrics`.
-fn scrape(metrics: &str) -> String {
+pub(crate) fn scrape(metrics: &str) -> String {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         reqwest::get(format!("http://{metrics}/metrics"))
             .await
@@ -113,7 +113,7 @@ fn scrape(metrics: &str) -> String {
 
 /// `fake-box` writing its configs into `dir`, once it serves: the process
 /// and its URL.
-fn fake_box(dir: &std::path::Path) -> (Proc, String) {
+pub(crate) fn fake_box(dir: &std::path::Path) -> (Proc, String) {
     let fake = Proc::spawn(
         Command::new(bin())
             .args(["fake-box", "--listen", "127.0.0.1:0", "--write-config"])
@@ -137,7 +137,7 @@ fn run(command: &mut Command) -> (i32, String, String) {
     )
 }
 
-fn token_get(args: &[&str]) -> (i32, String, String) {
+pub(crate) fn token_get(args: &[&str]) -> (i32, String, String) {
     run(Command::new(bin()).arg("token").arg("get").args(args))
 }
 
@@ -603,6 +603,30 @@ fn check_config_and_serve_refuse_garbage_tls_files_naming_the_file() {
 }
 
 #[test]
+fn check_config_and_serve_refuse_an_api_key_hash_file_that_is_missing_or_not_a_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = |section: &str| format!("[[{section}]]\nidentity = \"ops\"\nsha256_file = \"ops.sha256\"\n");
+    let missing = fixture_config(&dir, &key("auth.api_keys"));
+    both_refuse(&missing, &["auth.api_keys", "\"ops\"", "ops.sha256", "cannot read"]);
+
+    std::fs::write(dir.path().join("ops.sha256"), "the key itself, not its hash\n").unwrap();
+    let admin = format!(
+        "admin_listen = \"127.0.0.2:0\"\n{}[[admin.rules]]\ncallers = [\"apikey:ops\"]\nrpcs = [\"*\"]\n",
+        key("admin.api_keys")
+    );
+    let garbage = fixture_config(&dir, &admin);
+    both_refuse(
+        &garbage,
+        &["admin.api_keys", "sha256_file", "must be 64 hex characters"],
+    );
+    let stderr = run(Command::new(bin()).arg("check-config").arg(&garbage)).2;
+    assert!(
+        !stderr.contains("the key itself"),
+        "what the file holds is never repeated: {stderr}"
+    );
+}
+
+#[test]
 fn check_config_and_serve_refuse_an_audit_path_in_a_missing_directory() {
     let dir = tempfile::tempdir().unwrap();
     let sink = dir.path().join("missing").join("audit.log");
@@ -790,15 +814,17 @@ fn authenticated_broker(dir: &std::path::Path) -> (Proc, Proc, String, String) {
         std::fs::write(dir.join("kek"), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
         std::fs::set_permissions(dir.join("kek"), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
+    // The key's hash from a file, as `sha256sum` prints it (a Secret mount).
     let digest = hex::encode(Sha256::digest(b"portal-key-0123456789"));
+    std::fs::write(dir.join("portal.sha256"), format!("{digest}  -\n")).unwrap();
     let config = dir.join("broker.toml");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "allow_anonymous = true\n",
         &format!(
             "allow_anonymous = false\naccept = [\"client_certificate\", \"api_key\"]\nadmin_listen = \"127.0.0.2:0\"\n\n\
              [server.tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\nclient_ca_file = \"ca.crt\"\n\n\
-             [server.unix_socket]\npath = \"{}\"\nidentity = \"sidecar\"\n\n\
-             [[auth.api_keys]]\nidentity = \"portal\"\nsha256 = \"{digest}\"\n\n\
+             [server.unix_socket]\npath = \"{}\"\nidentity = \"sidecar\"\nmode = 0o660\n\n\
+             [[auth.api_keys]]\nidentity = \"portal\"\nsha256_file = \"portal.sha256\"\n\n\
              [admin.tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\nclient_ca_file = \"ca.crt\"\n\n\
              [[admin.rules]]\ncallers = [\"dns:ops.internal\"]\nrpcs = [\"GetStatus\", \"ImportKey\"]\napps = [\"*\"]\n\n\
              [keystore]\npath = \"keys.json\"\nkek_file = \"kek\"\n",
@@ -832,6 +858,15 @@ fn the_token_and_admin_clis_authenticate_with_a_key_a_certificate_or_a_unix_sock
     let d = dir.path();
     let (_fake, mut serve, addr, admin) = authenticated_broker(d);
     let file = |name: &str| d.join(name).display().to_string();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(d.join("broker.sock")).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o660,
+            "[server.unix_socket] mode: its group may connect, others not"
+        );
+    }
     let token = |extra: &[&str]| {
         let mut args = vec!["--enterprise"];
         args.extend_from_slice(extra);
@@ -1176,7 +1211,7 @@ fn bash_completion_completes_commands_and_flags() {
 
 /// An edge config for a central broker at `central`, serving a Unix socket
 /// in `dir`, plus `extra`.
-fn edge_config(dir: &std::path::Path, central: &str, extra: &str) -> PathBuf {
+pub(crate) fn edge_config(dir: &std::path::Path, central: &str, extra: &str) -> PathBuf {
     let config = dir.join("edge.toml");
     std::fs::write(
         &config,

@@ -449,6 +449,12 @@ async fn a_key_store_that_cannot_be_written_changes_nothing_and_tells_the_caller
     assert!(!refused.message().contains(&path), "{}", refused.message());
     let ring = h.broker.resolve_app(None).unwrap().ring();
     assert_eq!(ring.keys.len(), 1, "no key was added");
+    let metrics = crate::metrics::scrape(crate::metrics::serve_metrics(&h).await).await;
+    assert_eq!(
+        metrics.get("boxbroker_keystore_write_failures_total{app=\"default\"}"),
+        Some(&1.0),
+        "the alert's counter"
+    );
     let logged = common::log_text();
     assert!(
         logged

@@ -14,6 +14,7 @@ mod common;
 mod cache;
 mod cli;
 mod clients;
+mod deploy;
 mod downscope;
 mod edge;
 mod fakebox;

@@ -18,7 +18,7 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
     let response = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
     assert!(response.status().is_success());
     let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
@@ -30,7 +30,7 @@ async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
 }
 
 /// `/metrics` for `h`'s broker on a free port.
-async fn serve_metrics(h: &Harness) -> std::net::SocketAddr {
+pub(crate) async fn serve_metrics(h: &Harness) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(box_token_broker::metrics::serve(
