@@ -298,6 +298,22 @@ fn the_sidecar_example_gives_the_edge_no_box_secret_and_no_kek() {
         .collect();
     assert!(mounted.contains(&"/var/run/secrets/box-broker"), "{mounted:?}");
     assert!(mounted.contains(&"/run/box-broker"), "{mounted:?}");
+    // Its probes ask the metrics listener its config opens.
+    let port = edge_config.server.metrics_listen.expect("metrics_listen").port();
+    let edge_port = array(&edge["ports"])
+        .iter()
+        .find(|p| p["name"] == "edge-metrics")
+        .unwrap();
+    assert_eq!(edge_port["containerPort"].as_u64(), Some(u64::from(port)));
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(edge[probe]["httpGet"]["port"], "edge-metrics", "{probe}");
+    }
+    // The central policy the overlay merged in loads, and names the app.
+    let central = find(&documents, "ConfigMap", "box-broker-config");
+    let policy = central["data"]["policy.toml"].as_str().unwrap();
+    box_token_broker::policy::Policy::parse(policy, "policy.toml")
+        .unwrap_or_else(|e| panic!("the example's policy.toml: {e}"));
+    assert!(policy.contains("system:serviceaccount:box-broker-example:example-portal"));
     // The app mounts the socket's volume where the edge listens.
     let app_mounts = array(&pod["containers"][0]["volumeMounts"]);
     assert!(
