@@ -338,6 +338,12 @@ fn the_central_broker_renders_with_its_secrets_owner_only_and_its_configs_loadin
     assert_eq!(security["allowPrivilegeEscalation"], false);
     assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert!(container["resources"]["limits"]["memory"].is_string());
+    for mount in array(&container["volumeMounts"]) {
+        assert_eq!(
+            mount["readOnly"], true,
+            "no writable volume without a key store: {mount}"
+        );
+    }
     let secrets: Vec<&Value> = array(&pod["volumes"])
         .iter()
         .filter(|v| v.get("secret").is_some())
@@ -376,4 +382,65 @@ fn the_central_broker_renders_with_its_secrets_owner_only_and_its_configs_loadin
     assert_eq!(headless["spec"]["clusterIP"], "None");
     find(&documents, "PodDisruptionBudget", "box-broker");
     find(&documents, "NetworkPolicy", "box-broker");
+}
+
+#[test]
+fn the_keystore_overlay_runs_one_replica_with_the_store_on_the_only_writable_volume() {
+    let documents = render("standalone-keystore");
+    let deployment = find(&documents, "Deployment", "box-broker");
+    assert_eq!(deployment["spec"]["replicas"], 1, "one store, one replica");
+    assert_eq!(deployment["spec"]["strategy"], serde_json::json!({"type": "Recreate"}));
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let volumes = array(&pod["volumes"]);
+    let kek = volumes
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "box-broker-kek")
+        .expect("the KEK Secret");
+    assert_eq!(kek["secret"]["defaultMode"], 0o400);
+    let claim = find(&documents, "PersistentVolumeClaim", "box-broker-keys");
+    let writable: Vec<&Value> = array(&container["volumeMounts"])
+        .iter()
+        .filter(|m| m["readOnly"] != true)
+        .collect();
+    assert_eq!(writable.len(), 1, "{writable:?}");
+    let store_volume = volumes.iter().find(|v| v["name"] == writable[0]["name"]).unwrap();
+    assert_eq!(
+        store_volume["persistentVolumeClaim"]["claimName"],
+        claim["metadata"]["name"]
+    );
+    // The config with the container's environment names a store on that
+    // volume and a KEK in the Secret's mount.
+    let env: Vec<(String, String)> = array(&container["env"])
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let config = find(&documents, "ConfigMap", "box-broker-config");
+    let settings = box_token_broker::config::Config::parse(
+        config["data"]["broker.toml"].as_str().unwrap(),
+        Path::new("/etc/box-broker/config/broker.toml"),
+        env,
+    )
+    .unwrap_or_else(|e| panic!("broker.toml with the keystore's environment: {e}"));
+    let store = settings.keystore.as_ref().expect("[keystore] from the environment");
+    let mount_of = |name: &Value| {
+        array(&container["volumeMounts"])
+            .iter()
+            .find(|m| &m["name"] == name)
+            .and_then(|m| m["mountPath"].as_str())
+            .map(PathBuf::from)
+            .unwrap()
+    };
+    assert!(
+        store.path.starts_with(mount_of(&writable[0]["name"])),
+        "{}",
+        store.path.display()
+    );
+    let kek_file = store.kek_file.as_ref().expect("kek_file");
+    assert!(kek_file.starts_with(mount_of(&kek["name"])), "{}", kek_file.display());
 }
