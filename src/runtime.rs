@@ -481,23 +481,13 @@ fn bind_unix(path: &Path, mode: Option<u32>) -> std::io::Result<tokio::net::Unix
         }
         std::fs::remove_file(path)?;
     }
-    let Some(mode) = mode else {
-        return tokio::net::UnixListener::bind(path);
-    };
-    // Bound under a temporary name beside it, given its mode, then renamed
-    // into place: no peer ever finds the socket with the umask's mode.
-    let mut staging = std::ffi::OsString::from(".");
-    staging.push(path.file_name().unwrap_or_default());
-    staging.push("~");
-    let staging = path.with_file_name(staging);
-    if std::fs::symlink_metadata(&staging).is_ok_and(|m| m.file_type().is_socket()) {
-        std::fs::remove_file(&staging)?;
-    }
-    let listener = tokio::net::UnixListener::bind(&staging)?;
-    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&staging, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    // Until this chmod the socket has the umask's mode: with the usual 022,
+    // stricter than any mode that lets another user connect.
+    if let Some(mode) = mode
+        && let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    {
+        let _ = std::fs::remove_file(path);
         return Err(e);
     }
     Ok(listener)
