@@ -219,17 +219,13 @@ fn revoke(addr: &str, token: &str) -> (i32, String) {
     (out.status.code().unwrap(), String::from_utf8(out.stderr).unwrap())
 }
 
-#[test]
-fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_fake, _) = fake_box(dir.path());
-    let config = dir.path().join("broker.toml");
-    assert!(config.exists() && dir.path().join("box_config.json").exists());
-
-    let mut serve = Proc::spawn(
+/// `serve --config config` on free ports with its metrics listener, once it
+/// serves: the process, its gRPC address and its metrics address.
+pub(crate) fn serve_with_metrics(config: &std::path::Path) -> (Proc, String, String) {
+    let serve = Proc::spawn(
         Command::new(bin())
             .args(["serve", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
             .env("BOX_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
             .env("BOX_BROKER_LOG__FORMAT", "json")
@@ -237,6 +233,17 @@ fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigter
     );
     let addr = Proc::wait_listen(&serve.stderr, "serving gRPC");
     let metrics = Proc::wait_listen(&serve.stderr, "serving Prometheus metrics");
+    (serve, addr, metrics)
+}
+
+#[test]
+fn serve_runs_from_a_config_file_against_the_standalone_fake_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, _) = fake_box(dir.path());
+    let config = dir.path().join("broker.toml");
+    assert!(config.exists() && dir.path().join("box_config.json").exists());
+
+    let (mut serve, addr, metrics) = serve_with_metrics(&config);
 
     let (code, stdout, stderr) = token_get(&["--addr", &addr, "--enterprise"]);
     assert_eq!(code, 0, "{stderr}");

@@ -13,7 +13,7 @@ use std::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use crate::cli::{Proc, bin, edge_config, fake_box, scrape, token_get};
+use crate::cli::{Proc, bin, edge_config, fake_box, scrape, serve_with_metrics, token_get};
 
 fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
@@ -127,17 +127,7 @@ fn live_series() -> BTreeSet<String> {
          full_tokens = true\nscopes = [\"item_preview\"]\nfolders = [\"*\"]\n",
     )
     .unwrap();
-    let serve = Proc::spawn(
-        Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(dir.path().join("broker.toml"))
-            .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
-            .env("BOX_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
-            .env("BOX_BROKER_LOG__FORMAT", "json")
-            .env_remove("RUST_LOG"),
-    );
-    let central = Proc::wait_listen(&serve.stderr, "serving gRPC");
-    let central_metrics = Proc::wait_listen(&serve.stderr, "serving Prometheus metrics");
+    let (_serve, central, central_metrics) = serve_with_metrics(&dir.path().join("broker.toml"));
     let edge_dir = tempfile::tempdir().unwrap();
     // A second endpoint where nothing listens: the edge's circuit and
     // failover series appear.
