@@ -727,13 +727,38 @@ fn refuse_world_readable(section: &str, file: &Path) -> Result<(), ConfigError> 
     Ok(())
 }
 
-/// Each key's identity and SHA-256 (a `sha256_file` is read now).
+/// Each key's identity and SHA-256, a `sha256_file` read now. An error
+/// names the identity and the file, never what the file holds.
 fn hashed(section: &str, keys: &[ApiKeyConfig]) -> Result<Vec<(String, [u8; 32])>, ConfigError> {
     keys.iter()
         .map(|k| {
-            k.hash()
-                .map(|hash| (k.identity.clone(), hash))
-                .map_err(|problem| ConfigError::new(section, problem))
+            let hash = match (&k.sha256, &k.sha256_file) {
+                (Some(hex), _) => ApiKeyConfig::parse_sha256(hex),
+                (None, Some(file)) => {
+                    let text = std::fs::read_to_string(file).map_err(|e| {
+                        ConfigError::new(
+                            section,
+                            format!("{:?}: {}: cannot read: {e}", k.identity, file.display()),
+                        )
+                    })?;
+                    ApiKeyConfig::parse_sha256(&text)
+                }
+                (None, None) => None,
+            };
+            let hash = hash.ok_or_else(|| {
+                let source = k
+                    .sha256_file
+                    .as_ref()
+                    .map_or_else(|| "sha256".to_owned(), |f| format!("sha256_file {}", f.display()));
+                ConfigError::new(
+                    section,
+                    format!(
+                        "{:?}: {source} must be 64 hex characters (printf %s \"$KEY\" | sha256sum)",
+                        k.identity
+                    ),
+                )
+            })?;
+            Ok((k.identity.clone(), hash))
         })
         .collect()
 }

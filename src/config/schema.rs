@@ -214,35 +214,12 @@ pub struct ApiKeyConfig {
 }
 
 impl ApiKeyConfig {
-    /// The key's SHA-256: `sha256`, or what `sha256_file` holds (its first
-    /// word, so `sha256sum`'s output works). The error begins with the
-    /// identity and names the file, never what it holds.
-    pub fn hash(&self) -> Result<[u8; 32], String> {
-        let (text, source) = match (&self.sha256, &self.sha256_file) {
-            (Some(hex), None) => (hex.clone(), "sha256".to_owned()),
-            (None, Some(file)) => {
-                let text = std::fs::read_to_string(file)
-                    .map_err(|e| format!("{:?}: {}: cannot read: {e}", self.identity, file.display()))?;
-                (
-                    text.split_whitespace().next().unwrap_or_default().to_owned(),
-                    format!("sha256_file {}", file.display()),
-                )
-            }
-            _ => {
-                return Err(format!(
-                    "{:?}: set exactly one of sha256 and sha256_file",
-                    self.identity
-                ));
-            }
-        };
+    /// The first word of `text` as a hex SHA-256 (so what `sha256sum`
+    /// prints works in a `sha256_file`).
+    pub fn parse_sha256(text: &str) -> Option<[u8; 32]> {
         let mut hash = [0u8; 32];
-        match hex::decode_to_slice(text.as_bytes(), &mut hash) {
-            Ok(()) => Ok(hash),
-            Err(_) => Err(format!(
-                "{:?}: {source} must be 64 hex characters (printf %s \"$KEY\" | sha256sum)",
-                self.identity
-            )),
-        }
+        let word = text.split_whitespace().next()?;
+        hex::decode_to_slice(word, &mut hash).ok().map(|()| hash)
     }
 
     /// Makes a relative `sha256_file` relative to `base`.

@@ -223,9 +223,21 @@ pub(super) fn validate_api_keys(section: &str, keys: &[ApiKeyConfig]) -> Result<
                 key.identity
             ));
         }
-        // A sha256_file is read at startup; the rest is checked here.
-        if key.sha256_file.is_none() || key.sha256.is_some() {
-            key.hash().map_err(|problem| format!("{section} {problem}"))?;
+        match (&key.sha256, &key.sha256_file) {
+            (Some(hex), None) if ApiKeyConfig::parse_sha256(hex).is_none() => {
+                return Err(format!(
+                    "{section} {:?}: sha256 must be 64 hex characters (printf %s \"$KEY\" | sha256sum)",
+                    key.identity
+                ));
+            }
+            // A sha256_file is read, and its hash checked, at startup.
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => {
+                return Err(format!(
+                    "{section} {:?}: set exactly one of sha256 and sha256_file",
+                    key.identity
+                ));
+            }
         }
     }
     Ok(())
