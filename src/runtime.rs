@@ -50,8 +50,9 @@ pub struct Runtime {
     metrics: Option<TcpListener>,
     policy_file: Option<PathBuf>,
     hangups: Option<Signal>,
-    /// Socket files to remove once stopped.
-    unix_sockets: Vec<PathBuf>,
+    /// Socket files to remove once stopped, with the (device, inode) bound:
+    /// a file another process has since bound at the path is left alone.
+    unix_sockets: Vec<(PathBuf, Option<(u64, u64)>)>,
     /// An edge's task that resolves the central broker's names again; stopped with the runtime.
     resolver: Option<tokio::task::JoinHandle<()>>,
 }
@@ -122,7 +123,7 @@ impl Runtime {
             .map_err(|e| format!("cannot listen on {} ({what}): {e}", unix.path.display()))?;
         tracing::info!(path = %unix.path.display(), identity = %unix.identity, "serving {what} on a Unix socket");
         let auth = Authenticator::unix_socket(&unix.identity, unix.allowed_uids.clone());
-        self.unix_sockets.push(unix.path.clone());
+        self.unix_sockets.push((unix.path.clone(), file_identity(&unix.path)));
         Ok(self.listen(Listener::Unix(listener, auth), role))
     }
 
@@ -180,8 +181,12 @@ impl Runtime {
         if let Some(resolver) = self.resolver.take() {
             resolver.abort();
         }
-        for path in &self.unix_sockets {
-            let _ = std::fs::remove_file(path);
+        for (path, bound) in &self.unix_sockets {
+            // (A restart that overlapped this one has bound its own socket
+            // there: removing it would cut the new process off.)
+            if bound.is_some() && file_identity(path) == *bound {
+                let _ = std::fs::remove_file(path);
+            }
         }
         served
     }
@@ -466,6 +471,12 @@ fn listener_tls(server: &ServerConfig, auth: &AuthConfig) -> Result<Option<Serve
         .as_ref()
         .map(|tls| server_tls(tls, "server.tls", certificate_optional))
         .transpose()
+}
+
+/// The (device, inode) of the file at `path`, not following a symlink.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file (never any

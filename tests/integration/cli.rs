@@ -1340,6 +1340,41 @@ fn edge_serves_its_pod_over_a_unix_socket_from_the_central_broker_and_stops_on_s
 }
 
 #[test]
+fn an_edge_stopping_after_a_newer_one_bound_its_socket_path_leaves_the_newer_ones_socket() {
+    let dev =
+        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
+    let central = Proc::wait_line(&dev.stdout, "broker gRPC:")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let config = edge_config(dir.path(), &central, "");
+    let start = || {
+        let edge = Proc::spawn(
+            Command::new(bin())
+                .args(["edge", "--config"])
+                .arg(&config)
+                .env_remove("RUST_LOG"),
+        );
+        Proc::wait_line(&edge.stderr, "no Box credential is held here");
+        edge
+    };
+    // An overlapping restart: the new edge binds the path while the old one still runs.
+    let mut old = start();
+    let _new = start();
+    assert_eq!(old.terminate(), 0);
+    let socket = dir.path().join("edge.sock");
+    assert!(socket.exists(), "the old edge left the new edge's socket in place");
+    let (code, stdout, stderr) = token_get(&["--addr", &format!("unix:{}", socket.display()), "--enterprise"]);
+    assert_eq!(
+        (code, stdout.trim().len()),
+        (0, 32),
+        "the new edge serves on it: {stderr}"
+    );
+}
+
+#[test]
 fn dev_with_edge_chains_app_edge_central_and_fake_box_in_one_command() {
     let dev = Proc::spawn(Command::new(bin()).args([
         "dev",
