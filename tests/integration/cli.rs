@@ -1282,8 +1282,8 @@ fn edge_and_check_config_refuse_an_edge_config_holding_a_box_credential_or_a_kek
     assert!(stdout.contains("ok, an edge of http://127.0.0.1:1"), "{stdout}");
 }
 
-#[test]
-fn edge_serves_its_pod_over_a_unix_socket_from_the_central_broker_and_stops_on_sigterm() {
+/// `dev` on free ports, once it serves: the process and its broker's gRPC address.
+fn dev_central() -> (Proc, String) {
     let dev =
         Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
     let central = Proc::wait_line(&dev.stdout, "broker gRPC:")
@@ -1291,14 +1291,25 @@ fn edge_serves_its_pod_over_a_unix_socket_from_the_central_broker_and_stops_on_s
         .nth(2)
         .unwrap()
         .to_owned();
-    let dir = tempfile::tempdir().unwrap();
-    let config = edge_config(dir.path(), &central, "");
-    let mut edge = Proc::spawn(
+    (dev, central)
+}
+
+/// `edge --config config` (its log as JSON, as the config says).
+fn spawn_edge(config: &std::path::Path) -> Proc {
+    Proc::spawn(
         Command::new(bin())
             .args(["edge", "--config"])
-            .arg(&config)
+            .arg(config)
             .env_remove("RUST_LOG"),
-    );
+    )
+}
+
+#[test]
+fn edge_serves_its_pod_over_a_unix_socket_from_the_central_broker_and_stops_on_sigterm() {
+    let (_dev, central) = dev_central();
+    let dir = tempfile::tempdir().unwrap();
+    let config = edge_config(dir.path(), &central, "");
+    let mut edge = spawn_edge(&config);
     let metrics = Proc::wait_listen(&edge.stderr, "serving Prometheus metrics");
     Proc::wait_line(&edge.stderr, "no Box credential is held here");
     let socket = format!("unix:{}", dir.path().join("edge.sock").display());
@@ -1341,22 +1352,11 @@ fn edge_serves_its_pod_over_a_unix_socket_from_the_central_broker_and_stops_on_s
 
 #[test]
 fn an_edge_stopping_after_a_newer_one_bound_its_socket_path_leaves_the_newer_ones_socket() {
-    let dev =
-        Proc::spawn(Command::new(bin()).args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]));
-    let central = Proc::wait_line(&dev.stdout, "broker gRPC:")
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .to_owned();
+    let (_dev, central) = dev_central();
     let dir = tempfile::tempdir().unwrap();
     let config = edge_config(dir.path(), &central, "");
     let start = || {
-        let edge = Proc::spawn(
-            Command::new(bin())
-                .args(["edge", "--config"])
-                .arg(&config)
-                .env_remove("RUST_LOG"),
-        );
+        let edge = spawn_edge(&config);
         Proc::wait_line(&edge.stderr, "no Box credential is held here");
         edge
     };
