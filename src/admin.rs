@@ -346,9 +346,11 @@ impl KeyAdmin {
         } else {
             Some(self.app(app)?.clone())
         };
+        // `Some(None)`: a user by an external id the broker has not resolved (no token to drop).
         let subject = match (subject, &app_name) {
-            (Some(Subject::Enterprise), Some(a)) => Some(BoxSubject::Enterprise(a.enterprise_id())),
-            (Some(Subject::User(id)), _) => Some(BoxSubject::User(id.clone())),
+            (Some(Subject::Enterprise), Some(a)) => Some(Some(BoxSubject::Enterprise(a.enterprise_id()))),
+            // The user's role and status are read again before its next token.
+            (Some(user), Some(a)) => Some(self.broker.forget_user(a, user).await.map(BoxSubject::User)),
             _ => None,
         };
         let dropped = self
@@ -356,7 +358,7 @@ impl KeyAdmin {
             .cache()
             .invalidate_where(|key| {
                 app_name.as_ref().is_none_or(|a| key.app == a.name)
-                    && subject.as_ref().is_none_or(|s| key.subject == *s)
+                    && subject.as_ref().is_none_or(|s| s.as_ref() == Some(&key.subject))
             })
             .await;
         tracing::info!(app, dropped, "invalidated cached tokens");

@@ -43,6 +43,16 @@ pub enum BrokerError {
     /// The request cannot be served in the current state; the message says why.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Box says the user may not be tokenized: an admin or co-admin (or
+    /// another refused role), a user of another enterprise, or (`inactive`)
+    /// a deactivated or locked user.
+    #[error("{message}")]
+    UserRefused {
+        /// The user is not active (FAILED_PRECONDITION rather than PERMISSION_DENIED).
+        inactive: bool,
+        /// Who and why, and what would change it.
+        message: String,
+    },
     /// A passing state prevents it (a token being revoked); retrying soon works.
     #[error("{0}")]
     Retry(String),

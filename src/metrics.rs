@@ -265,13 +265,25 @@ impl Collector for BrokerCollector {
         counter(
             &mut encoder,
             "boxbroker_upstream_attempts",
-            "HTTP requests sent to Box's token endpoint.",
+            "HTTP requests sent to Box (its token endpoint and users API).",
             &per_app(&|a| load(&a.client.counters().attempts)),
         )?;
         counter(
             &mut encoder,
+            "boxbroker_app_users_created",
+            "App Users created for an external id on first use (create_if_missing).",
+            &per_app(&|a| load(&a.outcomes.users_created)),
+        )?;
+        counter(
+            &mut encoder,
+            "boxbroker_users_refused",
+            "Users Box showed the broker never tokenizes (admins, co-admins, inactive, other enterprises), each time Box said so.",
+            &per_app(&|a| load(&a.outcomes.users_refused)),
+        )?;
+        counter(
+            &mut encoder,
             "boxbroker_upstream_retries",
-            "Token requests retried after a 429, 5xx or connection failure.",
+            "Requests to Box retried after a 429, 5xx or connection failure.",
             &per_app(&|a| load(&a.client.counters().retries)),
         )?;
         counter(
@@ -289,7 +301,7 @@ impl Collector for BrokerCollector {
         counter(
             &mut encoder,
             "boxbroker_upstream_short_circuited",
-            "Token requests refused at once because the circuit was open.",
+            "Requests to Box refused at once because the circuit was open.",
             &per_app(&|a| load(&a.client.counters().short_circuited)),
         )?;
         counter(
@@ -326,7 +338,7 @@ impl Collector for BrokerCollector {
         {
             let mut metric = encoder.encode_descriptor(
                 "boxbroker_upstream_duration_seconds",
-                "Seconds per attempt to Box's token endpoint.",
+                "Seconds per attempt to Box (token endpoint and users API).",
                 None,
                 prometheus_client::metrics::MetricType::Histogram,
             )?;

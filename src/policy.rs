@@ -105,6 +105,14 @@ pub struct Rule {
     /// User ids it may get tokens for.
     #[serde(default)]
     pub users: Vec<Glob>,
+    /// External ids (`external_app_user_id`, e.g. `"auth0|*"`) of users it
+    /// may get tokens for, asked by external id; decided before any call to Box.
+    #[serde(default)]
+    pub external_users: Vec<Glob>,
+    /// May ask to create the App User of an external id it is granted when
+    /// Box has none (`create_if_missing`).
+    #[serde(default)]
+    pub provision: bool,
     /// May get full (un-downscoped) tokens through `GetToken`.
     #[serde(default)]
     pub full_tokens: bool,
@@ -168,6 +176,13 @@ pub enum PolicySubject<'a> {
     Enterprise,
     /// A user, by id.
     User(&'a str),
+    /// A user by external id; `provision` when the request may create it.
+    ExternalUser {
+        /// The `external_app_user_id`.
+        id: &'a str,
+        /// The request asks to create the App User if Box has none.
+        provision: bool,
+    },
 }
 
 impl fmt::Display for PolicySubject<'_> {
@@ -175,6 +190,7 @@ impl fmt::Display for PolicySubject<'_> {
         match self {
             Self::Enterprise => f.write_str("the Service Account (enterprise)"),
             Self::User(id) => write!(f, "user {id}"),
+            Self::ExternalUser { id, .. } => write!(f, "external user {id:?}"),
         }
     }
 }
@@ -249,6 +265,8 @@ impl Policy {
                 apps: all(),
                 enterprise: true,
                 users: all(),
+                external_users: all(),
+                provision: true,
                 full_tokens: true,
                 scopes: DOWNSCOPE_SCOPES.iter().map(|s| (*s).to_owned()).collect(),
                 files: all(),
@@ -312,9 +330,14 @@ impl Policy {
                     "rule {name:?}: max_lifetime_secs must be 1 to {MAX_LIFETIME_SECS} (Box tokens live about an hour; leave it out for no limit)"
                 ));
             }
-            if !rule.enterprise && rule.users.is_empty() {
+            if !rule.enterprise && rule.users.is_empty() && rule.external_users.is_empty() {
                 return Err(format!(
-                    "rule {name:?}: grants no subject; set enterprise = true or users = [...]"
+                    "rule {name:?}: grants no subject; set enterprise = true, users = [...] or external_users = [...]"
+                ));
+            }
+            if rule.provision && rule.external_users.is_empty() {
+                return Err(format!(
+                    "rule {name:?}: provision = true needs external_users = [...]: App Users are created for the external ids a rule grants"
                 ));
             }
         }
@@ -387,9 +410,16 @@ impl Rule {
         let subject_ok = match request.subject {
             PolicySubject::Enterprise => self.enterprise,
             PolicySubject::User(id) => self.users.iter().any(|u| u.matches(id)),
+            PolicySubject::ExternalUser { id, .. } => self.external_users.iter().any(|u| u.matches(id)),
         };
         if !subject_ok {
             return Err(format!("{} is not allowed", request.subject));
+        }
+        if matches!(request.subject, PolicySubject::ExternalUser { provision: true, .. }) && !self.provision {
+            return Err(
+                "creating App Users (create_if_missing) is not allowed (the rule does not set provision = true)"
+                    .to_owned(),
+            );
         }
         if request.force_refresh && !self.force_refresh {
             return Err("force_refresh is not allowed (the rule does not set force_refresh = true)".to_owned());
@@ -465,6 +495,52 @@ mod tests {
             min_ttl: Duration::ZERO,
             force_refresh: false,
         }
+    }
+
+    #[test]
+    fn external_ids_are_granted_by_their_own_globs_and_creation_only_with_provision() {
+        let text = |provision: bool| {
+            format!(
+                "[[rules]]\nname = \"portal\"\ncallers = [\"apikey:portal\"]\nexternal_users = [\"auth0|*\"]\nprovision = {provision}\nfull_tokens = true\n"
+            )
+        };
+        let policy = Policy::parse(&text(false), "p.toml").unwrap_or_default();
+        let ask = |policy: &Policy, id, provision| {
+            policy.decide(&request(
+                "apikey:portal",
+                PolicySubject::ExternalUser { id, provision },
+                Ask::Full,
+            ))
+        };
+        assert!(matches!(ask(&policy, "auth0|ada", false), Decision::Allow { .. }));
+        assert!(
+            matches!(ask(&policy, "tenant-a/ada", false), Decision::Deny { reason } if reason.contains("external user \"tenant-a/ada\" is not allowed"))
+        );
+        assert!(
+            matches!(ask(&policy, "auth0|ada", true), Decision::Deny { reason } if reason.contains("provision = true"))
+        );
+        let provisioning = Policy::parse(&text(true), "p.toml").unwrap_or_default();
+        assert!(matches!(ask(&provisioning, "auth0|new", true), Decision::Allow { .. }));
+        // External-id grants say nothing of Box user ids.
+        let by_id = provisioning.decide(&request("apikey:portal", PolicySubject::User("7200001"), Ask::Full));
+        assert!(matches!(by_id, Decision::Deny { .. }));
+    }
+
+    #[test]
+    fn provision_needs_external_users() {
+        let e = Policy::parse(
+            "[[rules]]\nname = \"x\"\ncallers = [\"apikey:a\"]\nusers = [\"*\"]\nprovision = true\n",
+            "p.toml",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("provision = true needs external_users"), "{e}");
+        let only_external = Policy::parse(
+            "[[rules]]\nname = \"x\"\ncallers = [\"apikey:a\"]\nexternal_users = [\"*\"]\n",
+            "p.toml",
+        );
+        assert!(only_external.is_ok(), "external_users alone is a subject");
     }
 
     #[test]

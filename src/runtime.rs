@@ -541,13 +541,19 @@ pub fn build_broker(config: &Config, clock: SharedClock) -> Result<Broker, Confi
         let client = BoxClient::new(&app.api_base_url, clock.clone())
             .map_err(|e| ConfigError::new(format!("apps.{name}"), e.to_string()))?
             .with_policy(config.upstream.policy());
-        apps.push(App::new(name.as_str(), &credentials, client));
+        let mut built = App::new(name.as_str(), &credentials, client);
+        if let Some(roles) = &app.refused_roles {
+            built = built.with_refused_roles(roles.clone());
+        }
+        apps.push(built);
     }
     let policy = match &config.policy.file {
         Some(file) => Policy::load(file).map_err(|e| ConfigError::new("policy.file", e.to_string()))?,
         None => Policy::default(),
     };
-    Ok(Broker::new(apps, clock, config.cache.policy(), policy).with_budget(upstream_budget(&config.server)))
+    Ok(Broker::new(apps, clock, config.cache.policy(), policy)
+        .with_budget(upstream_budget(&config.server))
+        .with_users(config.users.policy(&config.cache)))
 }
 
 /// The TCP listener's caller authenticator: the mechanisms of

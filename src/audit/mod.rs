@@ -101,6 +101,7 @@ impl Repeats {
         event.app.hash(&mut h);
         event.subject_type.hash(&mut h);
         event.subject_id.as_ref().map(BoxId::as_str).hash(&mut h);
+        event.external_user_id.hash(&mut h);
         event.downscope.hash(&mut h);
         event.token_sha256.hash(&mut h);
         h.finish()
@@ -396,6 +397,8 @@ mod tests {
             app: "default".into(),
             subject_type: Some("user"),
             subject_id: BoxId::parse("42").ok(),
+            external_user_id: Some(Arc::from("auth0|\"ada\"")),
+            provisioned: Some(true),
             downscope: Some(Arc::new(Downscope {
                 scopes: vec!["item_preview".to_owned(), "item_download".to_owned()],
                 target: BoxId::parse("7").ok().map(Target::Folder),
@@ -423,6 +426,8 @@ mod tests {
         );
         assert_eq!(r["target"], "folder:7");
         assert_eq!(r["subject_id"], "42");
+        assert_eq!(r["external_user_id"], "auth0|\"ada\"");
+        assert_eq!(r["provisioned"], true);
         assert_eq!(r["request_id"], "req-1");
         assert_eq!(r["peer"], "10.0.0.7");
         assert_eq!(r["repeated"], 3);
@@ -551,6 +556,8 @@ mod tests {
             rule: Some(Arc::from(huge.as_str())),
             subject_type: Some("enterprise"),
             subject_id: BoxId::parse(&"9".repeat(20)).ok(),
+            external_user_id: Some(Arc::from(huge.as_str())),
+            provisioned: Some(true),
             downscope: Some(Arc::new(Downscope {
                 scopes: vec![huge.clone(); 100],
                 target: Target::shared_link("https://app.box.com/s/x").ok(),

@@ -25,6 +25,8 @@ pub(super) const MAX_REASON_BYTES: usize = 1024;
 const MAX_CALLER_BYTES: usize = 768;
 const MAX_RULE_BYTES: usize = 256;
 const MAX_APP_BYTES: usize = 128;
+/// An `external_app_user_id` (the broker accepts at most 256 bytes).
+const MAX_EXTERNAL_BYTES: usize = 256;
 /// `rpc`, `decision`, `code`, `subject_type` (words the broker chooses),
 /// `subject_id` and a target's id (at most 20 digits).
 const MAX_WORD_BYTES: usize = 32;
@@ -64,8 +66,13 @@ pub struct AuditEvent {
     pub app: Arc<str>,
     /// `enterprise` or `user`.
     pub subject_type: Option<&'static str>,
-    /// The user id, for user subjects.
+    /// The user id, for user subjects (for one asked by external id, the
+    /// user it was resolved to).
     pub subject_id: Option<BoxId>,
+    /// The `external_app_user_id` a user was asked for by.
+    pub external_user_id: Option<Arc<str>>,
+    /// True when the request created the App User (`create_if_missing`).
+    pub provisioned: Option<bool>,
     /// For a downscoped token: its scopes, and its target written as
     /// `file:ID`, `folder:ID` or `shared_link:<sha256 prefix>` (a shared link
     /// can itself be a capability, so only its fingerprint is recorded).
@@ -124,6 +131,13 @@ impl AuditEvent {
         }
         if let Some(subject_id) = &self.subject_id {
             field(out, b",\"subject_id\":\"", subject_id.as_str(), MAX_WORD_BYTES);
+        }
+        if let Some(external) = &self.external_user_id {
+            field(out, b",\"external_user_id\":\"", external, MAX_EXTERNAL_BYTES);
+        }
+        if let Some(provisioned) = self.provisioned {
+            key(out, "provisioned");
+            out.extend_from_slice(if provisioned { b"true" } else { b"false" });
         }
         if let Some(downscope) = &self.downscope {
             if !downscope.scopes.is_empty() {

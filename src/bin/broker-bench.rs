@@ -271,12 +271,14 @@ where
 fn enterprise() -> Option<pb::Subject> {
     Some(pb::Subject {
         kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+        create_if_missing: None,
     })
 }
 
 fn user(id: &str) -> Option<pb::Subject> {
     Some(pb::Subject {
         kind: Some(pb::subject::Kind::UserId(id.to_owned())),
+        create_if_missing: None,
     })
 }
 
@@ -401,6 +403,7 @@ async fn memory_per_token(n: usize) -> Option<f64> {
             subject: BoxSubject::User(BoxId::parse(&bench_user(i)).ok()?),
             downscope: None,
             caller: None,
+            external: None,
         };
         cache.get(&key, Need::default()).await.ok()?;
     }
@@ -512,6 +515,9 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
             login: format!("bench{i}@example.com"),
             enterprise_id: seed::ENTERPRISE_ID.to_owned(),
             kind: UserKind::Managed,
+            role: "user".to_owned(),
+            status: "active".to_owned(),
+            external_app_user_id: None,
         });
     }
     let fake_server = fake.clone().start().await.expect("the fake Box starts");

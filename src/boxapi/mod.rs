@@ -9,6 +9,7 @@ pub mod credentials;
 pub mod downscope;
 pub mod error;
 pub mod private_key;
+pub mod users;
 
 pub use client::{BoxClient, IssuedToken};
 pub use credentials::{
@@ -16,6 +17,7 @@ pub use credentials::{
 };
 pub use downscope::{Downscope, Restriction, Target};
 pub use error::{BoxApiError, Diagnosis, DiagnosisKind};
+pub use users::{BoxUser, ExternalUser};
 
 /// Whose token to ask Box for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

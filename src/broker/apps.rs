@@ -37,7 +37,12 @@ pub struct App {
     keystore_write_failures: AtomicU64,
     /// Mints and exchanges by outcome.
     pub outcomes: Outcomes,
+    /// The Box roles whose users it never tokenizes.
+    refused_roles: Vec<String>,
 }
+
+/// The roles refused unless an app's config says otherwise.
+pub const DEFAULT_REFUSED_ROLES: [&str; 2] = ["admin", "coadmin"];
 
 /// Token requests by kind and outcome, for metrics.
 #[derive(Debug, Default)]
@@ -50,6 +55,10 @@ pub struct Outcomes {
     pub exchanges_ok: AtomicU64,
     /// Exchanges that failed or were refused by the restriction guard.
     pub exchanges_failed: AtomicU64,
+    /// App Users created for an external id (`create_if_missing`).
+    pub users_created: AtomicU64,
+    /// Users Box showed the broker must not tokenize (admins, inactive, other enterprises).
+    pub users_refused: AtomicU64,
 }
 
 /// The outcome of an app's recent token requests, for `GetStatus`.
@@ -74,7 +83,21 @@ impl App {
             standby_fallbacks: AtomicU64::new(0),
             keystore_write_failures: AtomicU64::new(0),
             outcomes: Outcomes::default(),
+            refused_roles: DEFAULT_REFUSED_ROLES.iter().map(|r| (*r).to_owned()).collect(),
         }
+    }
+
+    /// The same app refusing users of `roles` (`admin`, `coadmin`, `user`)
+    /// instead of [`DEFAULT_REFUSED_ROLES`].
+    #[must_use]
+    pub fn with_refused_roles(mut self, roles: Vec<String>) -> Self {
+        self.refused_roles = roles;
+        self
+    }
+
+    /// The Box roles whose users it never tokenizes.
+    pub fn refused_roles(&self) -> &[String] {
+        &self.refused_roles
     }
 
     /// Its keys and secrets now.

@@ -71,7 +71,7 @@ impl Minter for Apps {
     }
 }
 
-async fn mint_full(app: &App, key: &TokenKey) -> Result<IssuedToken, UpstreamError> {
+pub(super) async fn mint_full(app: &App, key: &TokenKey) -> Result<IssuedToken, UpstreamError> {
     let ring = app.ring();
     let Some(first) = ring.primary() else {
         return Err(UpstreamError::new(
@@ -270,7 +270,7 @@ fn restriction_problem(restricted_to: &[crate::boxapi::Restriction], downscope: 
 }
 
 /// Revokes a token the broker will not hand out, in the background.
-fn revoke_quietly(app: &App, token: SecretString) {
+pub(super) fn revoke_quietly(app: &App, token: SecretString) {
     let client = app.client.clone();
     let credentials = app.credentials();
     let name = app.name.clone();

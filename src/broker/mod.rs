@@ -3,7 +3,8 @@
 //! this token": `mod.rs` (requests, policy, revocation), `apps.rs` (one
 //! configured Box app: its key ring and how its calls went), `minting.rs`
 //! (the `Minter` over the apps: mint, exchange, the restriction guard),
-//! `budget.rs` (the cap on calls to Box in progress).
+//! `budget.rs` (the cap on calls to Box in progress), `users.rs` (external
+//! ids, App Users created on first use, who may be tokenized).
 //!
 //! Data flows one way: request -> app lookup -> policy -> cache -> (mint or
 //! exchange via boxapi) -> cache -> response. Nothing here knows gRPC.
@@ -11,6 +12,7 @@
 mod apps;
 mod budget;
 mod minting;
+mod users;
 
 use std::{
     sync::Arc,
@@ -21,7 +23,7 @@ use arc_swap::ArcSwap;
 use secrecy::SecretString;
 
 use crate::{
-    boxapi::{BoxId, BoxSubject, Downscope, error::diagnose_exchange},
+    boxapi::{BoxId, BoxSubject, Downscope, ExternalUser, error::diagnose_exchange},
     cache::{CacheError, CachePolicy, FlightPermit, Lookup, Need, Served, TokenCache, TokenKey, UpstreamError},
     clock::SharedClock,
     error::BrokerError,
@@ -30,8 +32,9 @@ use crate::{
 
 use self::minting::Apps;
 pub use self::{
-    apps::{AfterTrial, App, Outcomes, UpstreamHealth},
+    apps::{AfterTrial, App, DEFAULT_REFUSED_ROLES, Outcomes, UpstreamHealth},
     budget::UpstreamBudget,
+    users::{DEFAULT_CHECK_TTL, DEFAULT_MAPPING_TTL, Resolved, UsersPolicy},
 };
 
 /// The longest `min_ttl` a caller may ask for. Box's tokens live about an
@@ -54,6 +57,19 @@ pub enum Subject {
     Enterprise,
     /// An App User or Managed User.
     User(BoxId),
+    /// An App User (or Managed User) by its `external_app_user_id`.
+    External(Arc<ExternalUser>),
+}
+
+impl Subject {
+    /// `enterprise`, `user` or `external_user`, for spans and audit records.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Enterprise => "enterprise",
+            Self::User(_) => "user",
+            Self::External(_) => "external_user",
+        }
+    }
 }
 
 /// A validated `GetToken`.
@@ -111,6 +127,8 @@ pub struct Granted {
     /// The expiry the caller is told: the token's own, or sooner when the
     /// rule sets `max_lifetime_secs`.
     pub expires_at: SystemTime,
+    /// For a request by external id: the Box user it named.
+    pub resolved: Option<Resolved>,
 }
 
 /// A policy's permission: the rule, and the longest the token may be held.
@@ -130,6 +148,7 @@ impl Permit {
             lookup,
             rule: self.rule,
             expires_at,
+            resolved: None,
         }
     }
 }
@@ -146,6 +165,8 @@ pub struct Broker {
     budget: Arc<UpstreamBudget>,
     /// A `force_refresh` is served a token minted this recently.
     force_refresh_interval: Duration,
+    /// External ids and user checks.
+    users: users::Directory,
 }
 
 impl Broker {
@@ -162,7 +183,18 @@ impl Broker {
             policy: ArcSwap::from_pointee(policy),
             budget: Arc::new(UpstreamBudget::default()),
             force_refresh_interval: cache_policy.force_refresh_interval,
+            users: users::Directory::new(UsersPolicy {
+                negative_ttl: cache_policy.negative_ttl,
+                ..UsersPolicy::default()
+            }),
         }
+    }
+
+    /// The same broker with `policy` for external ids and user checks.
+    #[must_use]
+    pub fn with_users(mut self, policy: UsersPolicy) -> Self {
+        self.users = users::Directory::new(policy);
+        self
     }
 
     /// The same broker with `budget` for calls to Box.
@@ -187,16 +219,12 @@ impl Broker {
         &self,
         caller: &str,
         app: &App,
-        subject: &BoxSubject,
+        subject: PolicySubject<'_>,
         ask: Ask<'_>,
         min_ttl: Duration,
         refresh: Refresh,
     ) -> Result<Permit, BrokerError> {
         let force_refresh = refresh == Refresh::Forced;
-        let subject = match subject {
-            BoxSubject::Enterprise(_) => PolicySubject::Enterprise,
-            BoxSubject::User(id) => PolicySubject::User(id.as_str()),
-        };
         let policy = self.policy.load();
         match policy.granting_rule(&PolicyRequest {
             caller,
@@ -262,7 +290,20 @@ impl Broker {
         }
     }
 
-    fn key(&self, app: &App, subject: &Subject, min_ttl: Duration) -> Result<TokenKey, BrokerError> {
+    /// The policy's view of `subject` (`None` for "no user named").
+    fn policy_subject(subject: &Subject) -> PolicySubject<'_> {
+        match subject {
+            Subject::Enterprise => PolicySubject::Enterprise,
+            Subject::User(id) => PolicySubject::User(id.as_str()),
+            Subject::External(user) => PolicySubject::ExternalUser {
+                id: &user.id,
+                provision: user.create.is_some(),
+            },
+        }
+    }
+
+    /// Refuses a `min_ttl` no Box token can meet.
+    fn check_min_ttl(min_ttl: Duration) -> Result<(), BrokerError> {
         if min_ttl > MAX_MIN_TTL {
             return Err(BrokerError::InvalidArgument(format!(
                 "min_ttl of {} s exceeds the maximum of {} s: Box tokens live about an hour",
@@ -270,16 +311,53 @@ impl Broker {
                 MAX_MIN_TTL.as_secs()
             )));
         }
-        let subject = match subject {
-            Subject::Enterprise => BoxSubject::Enterprise(app.enterprise_id()),
-            Subject::User(id) => BoxSubject::User(id.clone()),
+        Ok(())
+    }
+
+    /// The full token's key for `subject`, once the policy allowed it: an
+    /// external id resolved to its Box user (created if asked), and a user
+    /// checked as one the broker may tokenize. No Box call happens before
+    /// the policy's decision, and no token is served for an unchecked user.
+    async fn key(
+        &self,
+        caller: &Arc<str>,
+        app: &Arc<App>,
+        subject: &Subject,
+    ) -> Result<(TokenKey, Option<Resolved>), BrokerError> {
+        let (user, resolved) = match subject {
+            Subject::Enterprise => {
+                let key = TokenKey {
+                    app: app.name.clone(),
+                    subject: BoxSubject::Enterprise(app.enterprise_id()),
+                    downscope: None,
+                    caller: None,
+                    external: None,
+                };
+                return Ok((key, None));
+            }
+            Subject::User(id) => (id.clone(), None),
+            Subject::External(external) => {
+                let resolved = self.resolve_external(caller, app, external).await?;
+                (resolved.user.clone(), Some(resolved))
+            }
         };
-        Ok(TokenKey {
+        if let Err(error) = self.check_user(caller, app, &user).await {
+            // A mapping to a user Box no longer has is dropped: the next request looks again.
+            if let (Subject::External(_), BrokerError::Upstream(e)) = (subject, &error)
+                && e.diagnosis.kind == crate::boxapi::DiagnosisKind::NotFound
+            {
+                self.forget_user(app, subject).await;
+            }
+            return Err(error);
+        }
+        let key = TokenKey {
             app: app.name.clone(),
-            subject,
+            subject: BoxSubject::User(user),
             downscope: None,
             caller: None,
-        })
+            external: None,
+        };
+        Ok((key, resolved))
     }
 
     /// A place in `caller`'s budget for a call to Box its request starts.
@@ -298,11 +376,11 @@ impl Broker {
     /// policy lets `caller` have it.
     pub async fn get_token(&self, caller: &Arc<str>, request: &TokenRequest<'_>) -> Result<Granted, BrokerError> {
         let app = self.resolve_app_for(caller, request.app)?;
-        let key = self.key(app, &request.subject, request.min_ttl)?;
+        Self::check_min_ttl(request.min_ttl)?;
         let permit = self.authorize(
             caller,
             app,
-            &key.subject,
+            Self::policy_subject(&request.subject),
             Ask::Full,
             request.min_ttl,
             if request.force_refresh {
@@ -311,6 +389,7 @@ impl Broker {
                 Refresh::Cached
             },
         )?;
+        let (key, resolved) = self.key(caller, app, &request.subject).await?;
         let need = Need {
             min_ttl: request.min_ttl,
             minted_since: request.force_refresh.then(|| self.forced()),
@@ -321,7 +400,10 @@ impl Broker {
             .cache
             .serve(caller, &key, need, Some(&self.admission(caller)))
             .await?;
-        Ok(permit.grant(app, lookup, self.clock.now()))
+        Ok(Granted {
+            resolved,
+            ..permit.grant(app, lookup, self.clock.now())
+        })
     }
 
     /// A downscoped token: the subject's full token (cached or minted) is
@@ -334,12 +416,14 @@ impl Broker {
         request: &DownscopeRequest<'_>,
     ) -> Result<Granted, BrokerError> {
         let app = self.resolve_app_for(caller, request.app)?;
-        let parent_key = self.key(app, &request.subject, request.min_ttl)?;
+        Self::check_min_ttl(request.min_ttl)?;
         let ask = Ask::Downscoped {
             scopes: &request.downscope.scopes,
             target: request.downscope.target.as_ref(),
         };
-        let permit = self.authorize(caller, app, &parent_key.subject, ask, request.min_ttl, Refresh::Cached)?;
+        let subject = Self::policy_subject(&request.subject);
+        let permit = self.authorize(caller, app, subject, ask, request.min_ttl, Refresh::Cached)?;
+        let (parent_key, resolved) = self.key(caller, app, &request.subject).await?;
         let key = TokenKey {
             downscope: Some(request.downscope.clone()),
             caller: Some(caller.clone()),
@@ -349,7 +433,10 @@ impl Broker {
             .cache
             .serve_child(caller, &key, request.min_ttl, Some(&self.admission(caller)))
             .await?;
-        Ok(permit.grant(app, lookup, self.clock.now()))
+        Ok(Granted {
+            resolved,
+            ..permit.grant(app, lookup, self.clock.now())
+        })
     }
 
     /// Revokes `token` at Box and drops it from the cache — with, for a full
@@ -387,9 +474,42 @@ impl Broker {
             Served::AlsoToOthers => return Err(shared()),
             Served::OnlyTo => {}
         }
-        let rule = self
-            .authorize(caller, app, &key.subject, Ask::Revoke, Duration::ZERO, Refresh::Cached)?
-            .rule;
+        let rule = match &key.subject {
+            BoxSubject::Enterprise(_) => self.authorize(
+                caller,
+                app,
+                PolicySubject::Enterprise,
+                Ask::Revoke,
+                Duration::ZERO,
+                Refresh::Cached,
+            ),
+            BoxSubject::User(id) => {
+                let by_id = self.authorize(
+                    caller,
+                    app,
+                    PolicySubject::User(id.as_str()),
+                    Ask::Revoke,
+                    Duration::ZERO,
+                    Refresh::Cached,
+                );
+                // A token served by external id is the caller's to revoke under that grant too.
+                match (by_id, self.external_id_of(app, id).await) {
+                    (Err(_), Some(external)) => self.authorize(
+                        caller,
+                        app,
+                        PolicySubject::ExternalUser {
+                            id: &external,
+                            provision: false,
+                        },
+                        Ask::Revoke,
+                        Duration::ZERO,
+                        Refresh::Cached,
+                    ),
+                    (by_id, _) => by_id,
+                }
+            }
+        }?
+        .rule;
         let credentials = app.credentials().ok_or_else(|| {
             BrokerError::FailedPrecondition(format!("app {} has no usable credentials to revoke with", app.name))
         })?;

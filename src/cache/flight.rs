@@ -39,6 +39,17 @@ pub(super) struct Flight {
 }
 
 impl TokenCache {
+    /// Caches a full token minted outside a flight (to check its user with
+    /// it) under `key`, unless a flight is under way for the key: that
+    /// flight's token will be the cached one.
+    pub async fn offer(&self, key: &TokenKey, issued: crate::boxapi::IssuedToken) {
+        let flying = self.inner.flights.lock().map(|f| f.contains_key(key)).unwrap_or(true);
+        if !flying && key.downscope.is_none() {
+            let token = Arc::new(CachedToken::new(Minted { issued, parent: None }, &self.inner.policy));
+            self.inner.store(key, &token).await;
+        }
+    }
+
     pub(super) fn start_refresh(&self, key: &TokenKey, stale: &CachedToken) {
         let need = Need {
             minted_since: Some(stale.minted_at + Duration::from_millis(1)),
@@ -152,14 +163,7 @@ impl Inner {
                 {
                     token.inherit(&held);
                 }
-                if token.remaining(self.clock.now()) > self.policy.safety_margin {
-                    // Indexed first: the eviction listener removes it again
-                    // whenever the entry leaves, even at once.
-                    self.by_digest
-                        .shard(&token.sha256)
-                        .insert(short(&token.sha256), (key.clone(), token.id));
-                    self.entries.insert(key.clone(), Arc::clone(&token)).await;
-                }
+                self.store(&key, &token).await;
                 Ok(token)
             }
             Err(e) => {
@@ -194,6 +198,18 @@ impl Inner {
             PARENT_BEING_REVOKED,
         );
         Ok(Box::pin(found).await?.token)
+    }
+
+    /// Caches `token` under `key`, if it lives past the safety margin.
+    pub(super) async fn store(&self, key: &TokenKey, token: &Arc<CachedToken>) {
+        if token.remaining(self.clock.now()) > self.policy.safety_margin {
+            // Indexed first: the eviction listener removes it again
+            // whenever the entry leaves, even at once.
+            self.by_digest
+                .shard(&token.sha256)
+                .insert(short(&token.sha256), (key.clone(), token.id));
+            self.entries.insert(key.clone(), Arc::clone(token)).await;
+        }
     }
 
     /// Deregisters flight `id` (unless a newer flight replaced it).

@@ -38,7 +38,7 @@ pub use self::{
     token::{CachedToken, Minted, Served},
 };
 use crate::{
-    boxapi::{BoxSubject, Diagnosis, DiagnosisKind, Downscope, IssuedToken},
+    boxapi::{BoxSubject, Diagnosis, DiagnosisKind, Downscope, ExternalUser, IssuedToken},
     clock::SharedClock,
 };
 
@@ -120,6 +120,10 @@ pub struct TokenKey {
     /// are what reaches browsers and gets revoked at logout, so each caller
     /// has its own: one caller's revocation never cuts off another's.
     pub caller: Option<Arc<str>>,
+    /// For an edge: the App User as the request named it, by external id
+    /// (the edge cannot resolve it; `subject` is then a placeholder). A
+    /// central broker resolves it and keys by the numeric id, with `None`.
+    pub external: Option<Arc<ExternalUser>>,
 }
 
 impl TokenKey {
@@ -130,6 +134,7 @@ impl TokenKey {
             subject: self.subject.clone(),
             downscope: None,
             caller: None,
+            external: self.external.clone(),
         }
     }
 }
@@ -826,6 +831,7 @@ mod tests {
             subject: BoxSubject::User(BoxId::parse(&user.to_string()).unwrap()),
             downscope: None,
             caller: None,
+            external: None,
         }
     }
 

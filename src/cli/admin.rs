@@ -50,11 +50,15 @@ enum AdminCommand {
     /// Drop cached tokens: all, an app's (--app), or one subject's.
     Invalidate {
         /// Only the Service Account's tokens (needs --app when there are several apps).
-        #[arg(long, conflicts_with = "user")]
+        #[arg(long, conflicts_with_all = ["user", "external_user"])]
         enterprise: bool,
-        /// Only this user's tokens.
-        #[arg(long, value_name = "ID")]
+        /// Only this user's tokens (its role and status are read again before its next token).
+        #[arg(long, value_name = "ID", conflicts_with = "external_user")]
         user: Option<String>,
+        /// Only the tokens of the user with this external_app_user_id (whose
+        /// mapping and role are looked up again before its next token).
+        #[arg(long, value_name = "EXTERNAL_ID")]
+        external_user: Option<String>,
     },
 }
 
@@ -334,16 +338,21 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                 );
             }
         }
-        AdminCommand::Invalidate { enterprise, user } => {
-            let subject = match (enterprise, user) {
-                (true, _) => Some(pb::Subject {
-                    kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
-                }),
-                (false, Some(id)) => Some(pb::Subject {
-                    kind: Some(pb::subject::Kind::UserId(id)),
-                }),
-                (false, None) => None,
+        AdminCommand::Invalidate {
+            enterprise,
+            user,
+            external_user,
+        } => {
+            let kind = match (enterprise, user, external_user) {
+                (true, _, _) => Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+                (false, Some(id), _) => Some(pb::subject::Kind::UserId(id)),
+                (false, None, Some(id)) => Some(pb::subject::Kind::ExternalAppUserId(id)),
+                (false, None, None) => None,
             };
+            let subject = kind.map(|kind| pb::Subject {
+                kind: Some(kind),
+                create_if_missing: None,
+            });
             let dropped = client
                 .invalidate_tokens(pb::InvalidateTokensRequest { app, subject })
                 .await

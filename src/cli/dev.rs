@@ -26,7 +26,8 @@ use crate::{
     fakebox::{
         FakeAuth, FakeBox,
         seed::{
-            self, APP_USER_FILE_ID, APP_USER_FOLDER_ID, APP_USER_IDS, ENTERPRISE_ID, EXTERNAL_USER_ID, MANAGED_USER_ID,
+            self, ADMIN_USER_ID, APP_USER_EXTERNAL_IDS, APP_USER_FILE_ID, APP_USER_FOLDER_ID, APP_USER_IDS,
+            COADMIN_USER_ID, ENTERPRISE_ID, EXTERNAL_USER_ID, INACTIVE_USER_ID, MANAGED_USER_ID,
             SERVICE_ACCOUNT_FILE_ID, SERVICE_ACCOUNT_FOLDER_ID, SERVICE_ACCOUNT_ID, SHARED_LINK, SeededApp,
         },
     },
@@ -208,8 +209,14 @@ const DEV_ADMIN: &str = "dev-admin";
 
 fn print_banner(addr: &str, admin_addr: &str, admin_key: &str, fake_url: &str, app: &SeededApp) {
     let exe = std::env::current_exe().map_or_else(|_| "box-broker".to_owned(), |p| p.display().to_string());
-    let users = APP_USER_IDS.join(", ");
+    let users = APP_USER_IDS
+        .iter()
+        .zip(APP_USER_EXTERNAL_IDS)
+        .map(|(id, external)| format!("{id} ({external})"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let first = APP_USER_IDS[0];
+    let first_external = APP_USER_EXTERNAL_IDS[0];
     out!(
         "\
 box-broker dev mode (NOT for production)
@@ -218,9 +225,10 @@ box-broker dev mode (NOT for production)
   admin gRPC:     {admin_addr} (plaintext; admin API key below; key store in a temp dir, gone at exit)
   fake Box:       {fake_url} (app client id {client}, key id {kid})
   enterprise:     {ENTERPRISE_ID} (Service Account user {SERVICE_ACCOUNT_ID})
-  App Users:      {users}
+  App Users:      {users} (Box user id (external_app_user_id))
   Managed User:   {MANAGED_USER_ID}
-  External user:  {EXTERNAL_USER_ID} (never tokenizable)
+  never tokenized: admin {ADMIN_USER_ID}, co-admin {COADMIN_USER_ID}, inactive {INACTIVE_USER_ID},
+                  external user {EXTERNAL_USER_ID} (another enterprise)
   content:        folder {APP_USER_FOLDER_ID} and file {APP_USER_FILE_ID} (owned by App User {first});
                   folder {SERVICE_ACCOUNT_FOLDER_ID} and file {SERVICE_ACCOUNT_FILE_ID} (owned by the Service Account),
                   shared link {SHARED_LINK}
@@ -228,6 +236,8 @@ box-broker dev mode (NOT for production)
 Try:
   {exe} token get --addr {addr} --enterprise
   {exe} token get --addr {addr} --user {first} --json
+  {exe} token get --addr {addr} --external-user '{first_external}' --json    # the same App User, by your own id
+  {exe} token get --addr {addr} --external-user 'auth0|new' --create-if-missing --display-name 'New Customer'
   {exe} token downscope --addr {addr} --user {first} --scope item_preview --folder {APP_USER_FOLDER_ID} --json
   TOKEN=$({exe} token downscope --addr {addr} --user {first} --scope item_preview --file {APP_USER_FILE_ID})
   echo \"$TOKEN\" | {exe} token revoke --addr {addr}
@@ -295,11 +305,12 @@ pub(super) async fn run_fake_box(args: FakeBoxArgs) -> ExitCode {
     let dir = args.write_config.display();
     out!(
         "fake Box at {base_url} (app client id {client})\n  wrote {dir}/box_config.json and {dir}/broker.toml\n  \
-         enterprise {ENTERPRISE_ID}; App Users {users}; Managed User {MANAGED_USER_ID}\n  \
+         enterprise {ENTERPRISE_ID}; App Users {users} (external ids {externals}); Managed User {MANAGED_USER_ID}\n  \
          run the broker against it: box-broker serve --config {dir}/broker.toml\n  \
          control: GET {base_url}/_fake/stats; POST {base_url}/_fake/faults {{\"kind\":\"rate_limited\",\"count\":3,\"retry_after_secs\":1}}",
         client = app.client_id,
         users = APP_USER_IDS.join(", "),
+        externals = APP_USER_EXTERNAL_IDS.join(", "),
     );
     shutdown.await;
     server.stop().await;

@@ -41,15 +41,36 @@ pub(super) struct SubjectArgs {
     /// An App User or Managed User, by numeric Box user id.
     #[arg(long, value_name = "ID")]
     user: Option<String>,
+    /// An App User by your own id for it (Box's external_app_user_id), e.g. auth0|123.
+    #[arg(long, value_name = "EXTERNAL_ID")]
+    external_user: Option<String>,
+}
+
+/// Creating the App User of `--external-user` on first use.
+#[derive(Debug, Args)]
+pub(super) struct ProvisionArgs {
+    /// Create the App User when Box has none with the external id (the
+    /// policy must grant provision = true).
+    #[arg(long, requires = "external_user")]
+    create_if_missing: bool,
+    /// The created App User's display name (default: the external id).
+    #[arg(long, value_name = "NAME", requires = "create_if_missing")]
+    display_name: Option<String>,
 }
 
 impl SubjectArgs {
-    fn to_proto(&self) -> pb::Subject {
-        let kind = match &self.user {
-            Some(id) => pb::subject::Kind::UserId(id.clone()),
-            None => pb::subject::Kind::Enterprise(pb::EnterpriseSubject {}),
+    fn to_proto(&self, provision: &ProvisionArgs) -> pb::Subject {
+        let kind = match (&self.user, &self.external_user) {
+            (Some(id), _) => pb::subject::Kind::UserId(id.clone()),
+            (None, Some(id)) => pb::subject::Kind::ExternalAppUserId(id.clone()),
+            (None, None) => pb::subject::Kind::Enterprise(pb::EnterpriseSubject {}),
         };
-        pb::Subject { kind: Some(kind) }
+        pb::Subject {
+            kind: Some(kind),
+            create_if_missing: provision.create_if_missing.then(|| pb::CreateAppUser {
+                name: provision.display_name.clone().unwrap_or_default(),
+            }),
+        }
     }
 }
 
@@ -58,6 +79,8 @@ impl SubjectArgs {
 pub(super) struct GetArgs {
     #[command(flatten)]
     subject: SubjectArgs,
+    #[command(flatten)]
+    provision: ProvisionArgs,
     #[command(flatten)]
     common: Common,
     /// Least remaining lifetime wanted: seconds, or a duration such as 10m.
@@ -91,6 +114,8 @@ pub(super) struct TargetArgs {
 pub(super) struct DownscopeArgs {
     #[command(flatten)]
     subject: SubjectArgs,
+    #[command(flatten)]
+    provision: ProvisionArgs,
     /// A Box downscope scope (repeat for several), e.g. item_preview.
     #[arg(long = "scope", value_name = "SCOPE", required = true)]
     scopes: Vec<String>,
@@ -184,7 +209,7 @@ pub(super) async fn get(args: GetArgs) -> ExitCode {
     };
     let request = pb::GetTokenRequest {
         app: args.common.app.clone(),
-        subject: Some(args.subject.to_proto()),
+        subject: Some(args.subject.to_proto(&args.provision)),
         min_ttl: ttl(args.min_ttl),
         force_refresh: args.force_refresh,
     };
@@ -212,7 +237,7 @@ pub(super) async fn downscope(args: DownscopeArgs) -> ExitCode {
         .or_else(|| t.shared_link.clone().map(Target::SharedLink));
     let request = pb::GetDownscopedTokenRequest {
         app: args.common.app.clone(),
-        subject: Some(args.subject.to_proto()),
+        subject: Some(args.subject.to_proto(&args.provision)),
         scopes: args.scopes.clone(),
         target,
         min_ttl: ttl(args.min_ttl),

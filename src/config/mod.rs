@@ -157,6 +157,23 @@ mod tests {
     }
 
     #[test]
+    fn refused_roles_and_user_ttls_are_checked() {
+        let error = |extra: &str| {
+            load(&format!("{MINIMAL}{extra}"), &[])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(error("refused_roles = [\"owner\"]\n").contains("\"owner\" is not a Box role"));
+        assert!(error("refused_roles = [\"coadmin\"]\n").contains("must include \"admin\""));
+        assert_eq!(error("refused_roles = [\"admin\", \"user\"]\n"), "");
+        assert!(error("[users]\ncheck_ttl_secs = 0\n").contains("users.check_ttl_secs must be 1 to 86400"));
+        let c = load(&format!("{MINIMAL}[users]\nmapping_ttl_secs = \"2h\"\n"), &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.users.mapping_ttl_secs, 7200);
+        assert_eq!(c.users.check_ttl_secs, 600, "the default");
+    }
+
+    #[test]
     fn inline_secrets_are_rejected_without_echoing_them() {
         let text = format!("{MINIMAL}client_secret = \"hunter2-secret\"\n");
         let err = load(&text, &[]).err().map(|e| e.to_string()).unwrap_or_default();

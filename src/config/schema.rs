@@ -33,6 +33,9 @@ pub struct Settings {
     /// Token cache tuning.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// `[users]`: external ids and who may be tokenized.
+    #[serde(default)]
+    pub users: UsersConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -593,6 +596,42 @@ impl CacheConfig {
     }
 }
 
+/// `[users]`: how long what Box says of users is trusted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsersConfig {
+    /// Seconds a found external id → Box user mapping is used before Box
+    /// is asked again ("none" is remembered `cache.unknown_subject_ttl_secs`).
+    #[serde(deserialize_with = "de_secs")]
+    pub mapping_ttl_secs: u64,
+    /// Seconds a user's role, status and enterprise are trusted before they
+    /// are read again (a user made admin or deactivated meanwhile keeps the
+    /// tokens already served until they expire; `admin invalidate --user`
+    /// drops them and the check at once).
+    #[serde(deserialize_with = "de_secs")]
+    pub check_ttl_secs: u64,
+}
+
+impl Default for UsersConfig {
+    fn default() -> Self {
+        Self {
+            mapping_ttl_secs: crate::broker::DEFAULT_MAPPING_TTL.as_secs(),
+            check_ttl_secs: crate::broker::DEFAULT_CHECK_TTL.as_secs(),
+        }
+    }
+}
+
+impl UsersConfig {
+    /// The users policy these settings (and the cache's) describe.
+    pub fn policy(&self, cache: &CacheConfig) -> crate::broker::UsersPolicy {
+        crate::broker::UsersPolicy {
+            mapping_ttl: Duration::from_secs(self.mapping_ttl_secs),
+            check_ttl: Duration::from_secs(self.check_ttl_secs),
+            negative_ttl: Duration::from_secs(cache.unknown_subject_ttl_secs),
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -656,6 +695,10 @@ pub struct AppConfig {
     /// `RS256` (default), `RS384` or `RS512`.
     #[serde(default)]
     pub jwt_algorithm: JwtAlgorithm,
+    /// Box roles whose users the broker never tokenizes for this app
+    /// (`admin`, `coadmin`, `user`); default `["admin", "coadmin"]`.
+    #[serde(default)]
+    pub refused_roles: Option<Vec<String>>,
 }
 
 fn default_api_base_url() -> String {

@@ -26,6 +26,33 @@ impl Settings {
                     "apps.{name}: give box_config_file, or client_id, client_secret_file and enterprise_id (plus private_key_file and public_key_id for JWT)"
                 ));
             }
+            if let Some(bad) = app
+                .refused_roles
+                .iter()
+                .flatten()
+                .find(|r| !["admin", "coadmin", "user"].contains(&r.as_str()))
+            {
+                return Err(format!(
+                    "apps.{name}.refused_roles: {bad:?} is not a Box role (admin, coadmin or user)"
+                ));
+            }
+            if app
+                .refused_roles
+                .as_ref()
+                .is_some_and(|r| !r.iter().any(|r| r == "admin"))
+            {
+                return Err(format!(
+                    "apps.{name}.refused_roles must include \"admin\": the broker never tokenizes the enterprise's admin"
+                ));
+            }
+        }
+        for (name, value) in [
+            ("mapping_ttl_secs", self.users.mapping_ttl_secs),
+            ("check_ttl_secs", self.users.check_ttl_secs),
+        ] {
+            if !(1..=86_400).contains(&value) {
+                return Err(format!("users.{name} must be 1 to 86400 (seconds)"));
+            }
         }
         self.server.validate_accept(&self.auth)?;
         self.validate_admin()?;

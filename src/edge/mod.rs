@@ -41,6 +41,11 @@ use crate::{
 static SERVICE_ACCOUNT: LazyLock<BoxSubject> =
     LazyLock::new(|| BoxSubject::Enterprise(BoxId::parse("0").unwrap_or_else(|_| unreachable!("0 is a Box id"))));
 
+/// The edge's subject for a user named by external id (the key's
+/// `external` says which): only the central broker can resolve it.
+static EXTERNAL_USER: LazyLock<BoxSubject> =
+    LazyLock::new(|| BoxSubject::User(BoxId::parse("0").unwrap_or_else(|_| unreachable!("0 is a Box id"))));
+
 /// The edge's domain: its cache and the central broker behind it.
 #[derive(Debug)]
 pub struct Edge {
@@ -81,14 +86,17 @@ impl Edge {
     }
 
     fn key(app: Option<&str>, subject: &Subject, downscope: Option<&Arc<crate::boxapi::Downscope>>) -> TokenKey {
+        let (subject, external) = match subject {
+            Subject::Enterprise => (SERVICE_ACCOUNT.clone(), None),
+            Subject::User(id) => (BoxSubject::User(id.clone()), None),
+            Subject::External(user) => (EXTERNAL_USER.clone(), Some(user.clone())),
+        };
         TokenKey {
             app: Arc::from(app.unwrap_or_default()),
-            subject: match subject {
-                Subject::Enterprise => SERVICE_ACCOUNT.clone(),
-                Subject::User(id) => BoxSubject::User(id.clone()),
-            },
+            subject,
             downscope: downscope.cloned(),
             caller: None,
+            external,
         }
     }
 
@@ -191,6 +199,7 @@ impl Edge {
                 .map_or_else(|| SERVICE_ACCOUNT.clone(), |(key, _)| key.subject.clone()),
             downscope: None,
             caller: None,
+            external: copies.first().and_then(|(key, _)| key.external.clone()),
         };
         tokio::spawn(async move {
             let answer = central
@@ -212,20 +221,15 @@ impl Edge {
                 for (key, token) in &held {
                     cache.invalidate_token(key, token).await;
                 }
-                let families: Vec<(Arc<str>, BoxSubject)> = copies
+                let families: Vec<TokenKey> = copies
                     .iter()
                     .chain(&held)
                     .filter(|(key, _)| key.downscope.is_none())
-                    .map(|(key, _)| (key.app.clone(), key.subject.clone()))
+                    .map(|(key, _)| key.clone())
                     .collect();
                 if !families.is_empty() {
                     cache
-                        .invalidate_where(move |k| {
-                            k.downscope.is_some()
-                                && families
-                                    .iter()
-                                    .any(|(app, subject)| k.app == *app && k.subject == *subject)
-                        })
+                        .invalidate_where(move |k| k.downscope.is_some() && families.contains(&k.parent()))
                         .await;
                 }
             } else {
@@ -307,12 +311,21 @@ impl CentralMinter {
         let central = self.central.clone();
         let asked_at = self.clock.now();
         let key = key.clone();
-        let subject = Some(match &key.subject {
-            BoxSubject::Enterprise(_) => pb::Subject {
-                kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+        let subject = Some(match (&key.subject, &key.external) {
+            (_, Some(user)) => pb::Subject {
+                kind: Some(pb::subject::Kind::ExternalAppUserId(user.id.to_string())),
+                create_if_missing: user
+                    .create
+                    .as_ref()
+                    .map(|name| pb::CreateAppUser { name: name.to_string() }),
             },
-            BoxSubject::User(id) => pb::Subject {
+            (BoxSubject::Enterprise(_), None) => pb::Subject {
+                kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+                create_if_missing: None,
+            },
+            (BoxSubject::User(id), None) => pb::Subject {
                 kind: Some(pb::subject::Kind::UserId(id.to_string())),
+                create_if_missing: None,
             },
         });
         // What the caller needs, plus this edge's margin (and, for a

@@ -1,26 +1,27 @@
 //! The fake Box's HTTP surface (axum): `/oauth2/token`, `/oauth2/revoke`,
-//! `/2.0/users/me`, and `/_fake/*` control endpoints for standalone use
-//! (faults, latency, skew, and the developer console's public keys and
-//! client secret).
+//! the users API (`GET /2.0/users`, `GET /2.0/users/{id}`,
+//! `GET /2.0/users/me`, `POST /2.0/users`), and `/_fake/*` control
+//! endpoints for standalone use (faults, latency, skew, and the developer
+//! console's public keys and client secret).
 //! Every response carries a `Date` header from the fake's (skewable) clock.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::State,
+    extract::{Path, RawQuery, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::{
     FakeBox,
-    state::{Fault, Form, OAuthReject, msg},
+    state::{Fault, Form, OAuthReject, UsersReject, World, msg},
 };
 
 /// One endpoint, for `box-broker fake-box --help` and the README.
@@ -28,7 +29,7 @@ use super::{
 pub struct Endpoint {
     /// The HTTP method.
     pub method: &'static str,
-    /// The path (`{client_id}` and `{kid}` are placeholders).
+    /// The path (`{client_id}`, `{kid}` and `{user_id}` are placeholders).
     pub path: &'static str,
     /// What it does, and its body.
     pub what: &'static str,
@@ -49,18 +50,33 @@ pub const ENDPOINTS: &[Endpoint] = &[
     },
     Endpoint {
         method: "GET",
+        path: "/2.0/users",
+        what: "Box's user list, for the app's Service Account token with manage_app_users (Managed Users too with manage_managed_users): ?external_app_user_id=, filter_term=, fields=role,status,..., limit= (1-1000, default 100), offset= (at most 10000); {\"entries\", \"total_count\", \"offset\", \"limit\"}",
+    },
+    Endpoint {
+        method: "GET",
+        path: "/2.0/users/{user_id}",
+        what: "one user (?fields=role,status,enterprise,is_platform_access_only,external_app_user_id): the token's own, or for the Service Account one of its app's App Users, a Managed User or an external user; 404 not_found otherwise",
+    },
+    Endpoint {
+        method: "POST",
+        path: "/2.0/users",
+        what: "create a user with the Service Account token: {\"name\", \"is_platform_access_only\": true, \"external_app_user_id\"} for an App User, {\"name\", \"login\", \"role\", \"status\"} for a Managed User; 201 with the user, 409 for a used login or external id",
+    },
+    Endpoint {
+        method: "GET",
         path: "/2.0/users/me",
-        what: "who a bearer token belongs to",
+        what: "who a bearer token belongs to (the Service Account for an enterprise token), with role, status, enterprise, is_platform_access_only and external_app_user_id; ?fields= selects",
     },
     Endpoint {
         method: "GET",
         path: "/_fake/stats",
-        what: "counts: token requests, mints per grant, exchanges, revocations, rejections (JSON)",
+        what: "counts: token requests, mints per grant, exchanges, revocations, rejections, faults served, users API requests per endpoint and users created (JSON)",
     },
     Endpoint {
         method: "POST",
         path: "/_fake/faults",
-        what: "fail the next token requests: {\"kind\": \"rate_limited\"|\"server_error\"|\"reply\"|\"hang\"|\"reset\", \"count\": 3, \"retry_after_secs\": 1, \"status\": 503, \"body\": \"...\"}",
+        what: "fail the next token (or users API) requests: {\"kind\": \"rate_limited\"|\"server_error\"|\"reply\"|\"hang\"|\"reset\", \"count\": 3, \"retry_after_secs\": 1, \"status\": 503, \"body\": \"...\", \"endpoint\": \"token\"|\"users\" (default token)}",
     },
     Endpoint {
         method: "POST",
@@ -103,7 +119,10 @@ pub fn router(fake: FakeBox) -> Router {
     Router::new()
         .route("/oauth2/token", post(token))
         .route("/oauth2/revoke", post(revoke))
+        .route("/2.0/users", get(list_users).post(create_user))
+        // A static segment wins over a parameter: `me` is never a user id.
         .route("/2.0/users/me", get(users_me))
+        .route("/2.0/users/{user_id}", get(read_user))
         .route("/_fake/stats", get(stats))
         .route("/_fake/faults", post(add_faults))
         .route("/_fake/latency", post(set_latency))
@@ -132,16 +151,17 @@ fn oauth_error(reject: &OAuthReject) -> Response {
         .into_response()
 }
 
-/// Parses a form body; anything that is not one reads as "no grant_type", as at Box.
-fn parse_form(headers: &HeaderMap, body: &Bytes) -> Result<Form, OAuthReject> {
-    let is_form = headers
+/// Whether the request's `Content-Type` is `media_type` (parameters aside).
+fn content_type_is(headers: &HeaderMap, media_type: &str) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/x-www-form-urlencoded")
-        });
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with(media_type))
+}
+
+/// Parses a form body; anything that is not one reads as "no grant_type", as at Box.
+fn parse_form(headers: &HeaderMap, body: &Bytes) -> Result<Form, OAuthReject> {
+    let is_form = content_type_is(headers, "application/x-www-form-urlencoded");
     let bad = || OAuthReject {
         status: 400,
         error: "invalid_request",
@@ -153,8 +173,13 @@ fn parse_form(headers: &HeaderMap, body: &Bytes) -> Result<Form, OAuthReject> {
     serde_urlencoded::from_bytes::<Form>(body).map_err(|_| bad())
 }
 
+/// A fresh 16-character request id.
+fn new_request_id() -> String {
+    super::state::random_token()[..16].to_owned()
+}
+
 fn request_id() -> HeaderValue {
-    HeaderValue::from_str(&super::state::random_token()[..16]).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_str(&new_request_id()).unwrap_or(HeaderValue::from_static("0"))
 }
 
 async fn token(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> Response {
@@ -259,28 +284,110 @@ async fn revoke(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) ->
     }
 }
 
-async fn users_me(State(fake): State<FakeBox>, headers: HeaderMap) -> Response {
-    let token = headers
+/// The bearer token of a request (empty if none).
+fn bearer(headers: &HeaderMap) -> String {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default()
-        .to_owned();
-    let now = fake.now();
-    let user = fake.with_world(|w| {
-        w.token_user(&token, now).map(|(issued, user)| match user {
-            Some(u) => json!({"type": "user", "id": u.id, "name": u.name, "login": u.login, "enterprise": {"type": "enterprise", "id": u.enterprise_id}}),
-            None => json!({"type": "user", "id": issued.user_id, "name": "Service Account", "login": format!("AutomationUser_{}@boxdevedition.com", issued.user_id)}),
-        })
-    });
-    match user {
-        Some(body) => Json(body).into_response(),
-        None => (
+        .to_owned()
+}
+
+/// Where Box's `ClientError` bodies point.
+const HELP_URL: &str = "https://developer.box.com/guides/api-calls/permissions-and-errors/common-errors/";
+
+/// A users-API failure as Box sends it: a dead token is 401 with
+/// `WWW-Authenticate` and no body; anything else a `ClientError` body.
+fn users_error(reject: &UsersReject, request_id: &str) -> Response {
+    match reject {
+        UsersReject::InvalidToken => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer realm=\"Service\", error=\"invalid_token\", error_description=\"The access token provided is invalid.\"")],
         )
             .into_response(),
+        UsersReject::Client(e) => (
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+            Json(json!({
+                "type": "error",
+                "status": e.status,
+                "code": e.code,
+                "message": e.message,
+                "context_info": e.context_info,
+                "help_url": HELP_URL,
+                "request_id": request_id,
+            })),
+        )
+            .into_response(),
     }
+}
+
+/// One users-API request: counts its arrival, serves a queued users fault
+/// before anything else, then runs `call` with the bearer token under the
+/// world lock and answers `ok` with its body, or Box's error. Every answer
+/// but a fault carries a `box-request-id`.
+async fn users_call(
+    fake: &FakeBox,
+    headers: &HeaderMap,
+    ok: StatusCode,
+    call: impl FnOnce(&mut World, &str, SystemTime) -> Result<Value, UsersReject>,
+) -> Response {
+    fake.with_world(|w| w.stats.users_requests += 1);
+    fake.notify();
+    if let Some(fault) = fake.take_users_fault() {
+        fake.notify();
+        return fault_response(&fault).await;
+    }
+    let token = bearer(headers);
+    let now = fake.now();
+    let result = fake.with_world(|w| call(w, &token, now));
+    let request_id = new_request_id();
+    let mut response = match result {
+        Ok(body) => (ok, Json(body)).into_response(),
+        Err(reject) => users_error(&reject, &request_id),
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("box-request-id", value);
+    }
+    fake.notify();
+    response
+}
+
+async fn users_me(State(fake): State<FakeBox>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let query = query.unwrap_or_default();
+    users_call(&fake, &headers, StatusCode::OK, |w, token, now| {
+        w.users_me(token, &query, now)
+    })
+    .await
+}
+
+async fn read_user(
+    State(fake): State<FakeBox>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let query = query.unwrap_or_default();
+    users_call(&fake, &headers, StatusCode::OK, |w, token, now| {
+        w.read_user(token, &user_id, &query, now)
+    })
+    .await
+}
+
+async fn list_users(State(fake): State<FakeBox>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let query = query.unwrap_or_default();
+    users_call(&fake, &headers, StatusCode::OK, |w, token, now| {
+        w.list_users(token, &query, now)
+    })
+    .await
+}
+
+async fn create_user(State(fake): State<FakeBox>, headers: HeaderMap, body: Bytes) -> Response {
+    let json = content_type_is(&headers, "application/json").then_some(&body[..]);
+    users_call(&fake, &headers, StatusCode::CREATED, |w, token, now| {
+        w.create_user(token, json, now)
+    })
+    .await
 }
 
 async fn stats(State(fake): State<FakeBox>) -> Response {
@@ -299,6 +406,8 @@ struct FaultRequest {
     status: u16,
     #[serde(default)]
     body: String,
+    /// `token` (the default) or `users`.
+    endpoint: Option<String>,
 }
 
 fn one() -> usize {
@@ -327,7 +436,11 @@ async fn add_faults(State(fake): State<FakeBox>, Json(request): Json<FaultReques
                 .into_response();
         }
     };
-    fake.fail_next(request.count, fault);
+    match request.endpoint.as_deref() {
+        None | Some("token") => fake.fail_next(request.count, fault),
+        Some("users") => fake.fail_next_users(request.count, fault),
+        Some(_) => return (StatusCode::BAD_REQUEST, "endpoint must be token or users").into_response(),
+    }
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -359,11 +472,7 @@ struct AddKeyRequest {
 /// What the developer console's "Add a Public Key" does: returns the kid.
 /// The body is `{"public_key_pem": "..."}`, or the PEM itself
 /// (`curl --data-binary @public.pem`).
-async fn add_key(
-    State(fake): State<FakeBox>,
-    axum::extract::Path(client_id): axum::extract::Path<String>,
-    body: Bytes,
-) -> Response {
+async fn add_key(State(fake): State<FakeBox>, Path(client_id): Path<String>, body: Bytes) -> Response {
     let text = String::from_utf8_lossy(&body);
     let pem = if text.trim_start().starts_with('{') {
         match serde_json::from_str::<AddKeyRequest>(&text) {
@@ -379,10 +488,7 @@ async fn add_key(
     }
 }
 
-async fn remove_key(
-    State(fake): State<FakeBox>,
-    axum::extract::Path((client_id, kid)): axum::extract::Path<(String, String)>,
-) -> Response {
+async fn remove_key(State(fake): State<FakeBox>, Path((client_id, kid)): Path<(String, String)>) -> Response {
     if fake.remove_public_key(&client_id, &kid) {
         StatusCode::NO_CONTENT.into_response()
     } else {
@@ -397,7 +503,7 @@ struct SecretRequest {
 
 async fn set_secret(
     State(fake): State<FakeBox>,
-    axum::extract::Path(client_id): axum::extract::Path<String>,
+    Path(client_id): Path<String>,
     Json(request): Json<SecretRequest>,
 ) -> Response {
     if request.client_secret.is_empty() {

@@ -1,10 +1,12 @@
-//! A faithful fake of Box's OAuth endpoints, for dev mode and tests.
+//! A faithful fake of Box's OAuth endpoints and users API, for dev mode and tests.
 //!
-//! It is strict on purpose (box-contract.md §10): it verifies the assertion's
-//! signature against registered public keys and rejects what real Box
-//! rejects, with Box's error codes and messages, so a test that passes
-//! against it means something. It runs in-process ([`FakeBox::start`]) or
-//! standalone (`box-broker fake-box`).
+//! It is strict on purpose (box-contract.md §10, §13): it verifies the
+//! assertion's signature against registered public keys and rejects what
+//! real Box rejects, with Box's error codes and messages; its users API
+//! (`/2.0/users*`) checks the bearer token, the Service Account and the
+//! app's user scopes, and answers with Box's `ClientError` shapes. A test
+//! that passes against it means something. It runs in-process
+//! ([`FakeBox::start`]) or standalone (`box-broker fake-box`).
 
 pub mod http;
 pub mod seed;
@@ -18,7 +20,10 @@ use std::{
 
 use tokio::sync::{oneshot, watch};
 
-pub use state::{FakeApp, FakeAuth, FakeItem, FakeUser, Fault, SeenAssertion, Stats, UserKind};
+pub use state::{
+    FakeApp, FakeAuth, FakeItem, FakeUser, Fault, MANAGE_APP_USERS, MANAGE_MANAGED_USERS, SeenAssertion, Stats,
+    USER_ROLES, USER_STATUSES, UserKind,
+};
 
 use crate::clock::{SharedClock, shift};
 
@@ -105,9 +110,53 @@ impl FakeBox {
         self.update_app(client_id, |app| secret.clone_into(&mut app.client_secret))
     }
 
-    /// Adds a user to the directory.
+    /// Adds a user to the directory (replacing one with the same id).
     pub fn add_user(&self, user: FakeUser) {
         self.with_world(|w| w.users.insert(user.id.clone(), user));
+    }
+
+    /// The user with `id`, as the directory holds it now (created users included).
+    pub fn user(&self, id: &str) -> Option<FakeUser> {
+        self.with_world(|w| w.users.get(id).cloned())
+    }
+
+    /// Every user (any enterprise, any app) whose `external_app_user_id` is
+    /// `external_id`, sorted by id.
+    pub fn users_with_external_id(&self, external_id: &str) -> Vec<FakeUser> {
+        let mut users: Vec<FakeUser> = self.with_world(|w| {
+            w.users
+                .values()
+                .filter(|u| u.external_app_user_id.as_deref() == Some(external_id))
+                .cloned()
+                .collect()
+        });
+        users.sort_by(|a, b| (a.id.len(), &a.id).cmp(&(b.id.len(), &b.id)));
+        users
+    }
+
+    /// Changes a user (role, status, external id, ...). Returns false if unknown.
+    pub fn update_user(&self, id: &str, f: impl FnOnce(&mut FakeUser)) -> bool {
+        self.with_world(|w| w.users.get_mut(id).map(f).is_some())
+    }
+
+    /// Sets a user's `status` (an admin deactivating a user, say). Not
+    /// checked against [`USER_STATUSES`], so a test can send Box a surprise.
+    /// Returns false if unknown.
+    pub fn set_user_status(&self, id: &str, status: &str) -> bool {
+        self.update_user(id, |u| status.clone_into(&mut u.status))
+    }
+
+    /// Sets a user's `role` (not checked against [`USER_ROLES`]). Returns false if unknown.
+    pub fn set_user_role(&self, id: &str, role: &str) -> bool {
+        self.update_user(id, |u| role.clone_into(&mut u.role))
+    }
+
+    /// Replaces an app's users-API scopes ([`MANAGE_APP_USERS`],
+    /// [`MANAGE_MANAGED_USERS`]). Returns false if the app is unknown.
+    pub fn set_user_scopes(&self, client_id: &str, scopes: &[&str]) -> bool {
+        self.update_app(client_id, |app| {
+            app.user_scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+        })
     }
 
     /// Adds a file or folder.
@@ -135,6 +184,22 @@ impl FakeBox {
             let fault = w.faults.pop_front();
             if fault.is_some() {
                 w.stats.token_requests += 1;
+                w.stats.faults_served += 1;
+            }
+            fault
+        })
+    }
+
+    /// The next `count` requests to any `/2.0/users*` endpoint get `fault`
+    /// (before the token is even looked at).
+    pub fn fail_next_users(&self, count: usize, fault: Fault) {
+        self.with_world(|w| w.users_faults.extend(std::iter::repeat_n(fault, count)));
+    }
+
+    pub(crate) fn take_users_fault(&self) -> Option<Fault> {
+        self.with_world(|w| {
+            let fault = w.users_faults.pop_front();
+            if fault.is_some() {
                 w.stats.faults_served += 1;
             }
             fault

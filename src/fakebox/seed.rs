@@ -1,6 +1,12 @@
-//! A ready-made Box enterprise for dev mode and tests: one app, its Service
-//! Account, three App Users, a Managed User, an external user, and an App User
-//! that belongs to a different app. The ids are fixed so docs can name them.
+//! A ready-made Box enterprise for dev mode and tests: one app (with both
+//! users-API scopes, `manage_app_users` and `manage_managed_users`), its
+//! Service Account, three App Users (external ids `auth0|ada`, `auth0|bob`,
+//! `auth0|cy`), a Managed User, an admin, a co-admin and an inactive Managed
+//! User, an external user, and an App User that belongs to a different app.
+//! Every user is `active` with role `user` unless its name says otherwise.
+//! The ids are fixed so docs can name them. The token endpoint mints for
+//! every one of them (admins and inactive users too): refusing those is the
+//! broker's job.
 
 use std::{collections::BTreeMap, fmt};
 
@@ -8,7 +14,7 @@ use rand::{Rng as _, distributions::Alphanumeric};
 use rsa::RsaPrivateKey;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::{FakeApp, FakeAuth, FakeBox, FakeItem, FakeUser, UserKind};
+use super::{FakeApp, FakeAuth, FakeBox, FakeItem, FakeUser, MANAGE_APP_USERS, MANAGE_MANAGED_USERS, UserKind};
 use crate::boxapi::private_key::{KeyEncryption, KeyError, encrypt_private_key};
 
 /// The enterprise.
@@ -17,8 +23,16 @@ pub const ENTERPRISE_ID: &str = "7000001";
 pub const SERVICE_ACCOUNT_ID: &str = "7100001";
 /// App Users of the seeded app.
 pub const APP_USER_IDS: [&str; 3] = ["7200001", "7200002", "7200003"];
+/// The `external_app_user_id`s of [`APP_USER_IDS`], in the same order.
+pub const APP_USER_EXTERNAL_IDS: [&str; 3] = ["auth0|ada", "auth0|bob", "auth0|cy"];
 /// A Managed User (needs "App + Enterprise Access").
 pub const MANAGED_USER_ID: &str = "7300001";
+/// A Managed User with role `admin` ("Alex Admin").
+pub const ADMIN_USER_ID: &str = "7300002";
+/// A Managed User with role `coadmin` ("Cora Coadmin").
+pub const COADMIN_USER_ID: &str = "7300003";
+/// A Managed User with status `inactive` ("Ivan Inactive").
+pub const INACTIVE_USER_ID: &str = "7300004";
 /// An external user: never tokenizable.
 pub const EXTERNAL_USER_ID: &str = "7400001";
 /// An App User created by some other app: not tokenizable by this one.
@@ -88,6 +102,8 @@ pub fn seed(fake: &FakeBox, auth: FakeAuth, key: Option<&RsaPrivateKey>) -> Seed
             .iter()
             .map(|s| (*s).to_owned())
             .collect(),
+        // "Manage users" and "Manage enterprise users".
+        user_scopes: [MANAGE_APP_USERS, MANAGE_MANAGED_USERS].map(str::to_owned).into(),
     });
     let item = |kind: &'static str, id: &str, name: &str, owner: &str, link: Option<&str>| FakeItem {
         kind,
@@ -113,20 +129,24 @@ pub fn seed(fake: &FakeBox, auth: FakeAuth, key: Option<&RsaPrivateKey>) -> Seed
     ));
     fake.add_item(item("folder", APP_USER_FOLDER_ID, "Ada's files", APP_USER_IDS[0], None));
     fake.add_item(item("file", APP_USER_FILE_ID, "ada.docx", APP_USER_IDS[0], None));
-    let user = |id: &str, name: &str, kind: UserKind, enterprise: &str| FakeUser {
-        id: id.to_owned(),
-        name: name.to_owned(),
-        login: format!("{}@example.com", name.to_ascii_lowercase().replace(' ', ".")),
-        enterprise_id: enterprise.to_owned(),
-        kind,
+    let user = |id: &str, name: &str, kind: UserKind, enterprise: &str| {
+        let login = format!("{}@example.com", name.to_ascii_lowercase().replace(' ', "."));
+        FakeUser::new(id, name, &login, enterprise, kind)
     };
     let mine = UserKind::AppUser {
         client_id: client_id.clone(),
     };
-    for (id, name) in APP_USER_IDS.iter().zip(["Ada App", "Bob App", "Cy App"]) {
-        fake.add_user(user(id, name, mine.clone(), ENTERPRISE_ID));
+    for ((id, name), external_id) in APP_USER_IDS
+        .iter()
+        .zip(["Ada App", "Bob App", "Cy App"])
+        .zip(APP_USER_EXTERNAL_IDS)
+    {
+        fake.add_user(user(id, name, mine.clone(), ENTERPRISE_ID).with_external_app_user_id(external_id));
     }
     fake.add_user(user(MANAGED_USER_ID, "Mia Managed", UserKind::Managed, ENTERPRISE_ID));
+    fake.add_user(user(ADMIN_USER_ID, "Alex Admin", UserKind::Managed, ENTERPRISE_ID).with_role("admin"));
+    fake.add_user(user(COADMIN_USER_ID, "Cora Coadmin", UserKind::Managed, ENTERPRISE_ID).with_role("coadmin"));
+    fake.add_user(user(INACTIVE_USER_ID, "Ivan Inactive", UserKind::Managed, ENTERPRISE_ID).with_status("inactive"));
     fake.add_user(user(EXTERNAL_USER_ID, "Eve External", UserKind::External, "8000001"));
     fake.add_user(user(
         OTHER_APP_USER_ID,

@@ -207,11 +207,15 @@ pub(super) fn facts(caller: &CallerIdentity, app: Arc<str>, subject: Option<&Sub
         app,
         subject_type: subject.map(|s| match s {
             Subject::Enterprise => "enterprise",
-            Subject::User(_) => "user",
+            Subject::User(_) | Subject::External(_) => "user",
         }),
         subject_id: subject.and_then(|s| match s {
-            Subject::Enterprise => None,
             Subject::User(id) => Some(id.clone()),
+            Subject::Enterprise | Subject::External(_) => None,
+        }),
+        external_user_id: subject.and_then(|s| match s {
+            Subject::External(user) => Some(user.id.clone()),
+            Subject::Enterprise | Subject::User(_) => None,
         }),
         ..AuditEvent::default()
     }
@@ -223,6 +227,10 @@ fn served(event: &mut AuditEvent, granted: Granted) {
     event.rule = Some(granted.rule);
     event.cache_hit = Some(granted.lookup.cache_hit);
     event.issued = Some(granted.lookup.token);
+    if let Some(resolved) = granted.resolved {
+        event.subject_id = Some(resolved.user);
+        event.provisioned = resolved.provisioned.then_some(true);
+    }
     tracing::Span::current().record("cache_hit", granted.lookup.cache_hit);
 }
 
@@ -354,13 +362,7 @@ pub(super) fn record_subject(only_app: &str, app: Option<&str>, subject: &Subjec
     let span = tracing::Span::current();
     let only_app = if only_app.is_empty() { "(default)" } else { only_app };
     span.record("app", app.unwrap_or(only_app));
-    span.record(
-        "subject_type",
-        match subject {
-            Subject::Enterprise => "enterprise",
-            Subject::User(_) => "user",
-        },
-    );
+    span.record("subject_type", subject.kind());
 }
 
 /// Validates a `GetTokenRequest` into the domain's request.
@@ -402,9 +404,15 @@ pub fn downscope_request(request: &pb::GetDownscopedTokenRequest) -> Result<Down
 pub fn parse_subject(subject: Option<&pb::Subject>) -> Result<Subject, BrokerError> {
     match subject.and_then(|s| s.kind.as_ref()) {
         None => Err(BrokerError::InvalidArgument(
-            "subject is required: set subject.enterprise for the app's Service Account, or subject.user_id for an App User or Managed User"
+            "subject is required: set subject.enterprise for the app's Service Account, subject.user_id for an App User or Managed User, or subject.external_app_user_id for a user by your own id for it"
                 .to_owned(),
         )),
+        Some(_) if subject.is_some_and(|s| s.create_if_missing.is_some()) && !matches!(subject.and_then(|s| s.kind.as_ref()), Some(Kind::ExternalAppUserId(_))) => {
+            Err(BrokerError::InvalidArgument(
+                "subject.create_if_missing needs subject.external_app_user_id: App Users are created for an external id".to_owned(),
+            ))
+        }
+        Some(Kind::ExternalAppUserId(id)) => external_user(id, subject.and_then(|s| s.create_if_missing.as_ref())),
         Some(Kind::Enterprise(_)) => Ok(Subject::Enterprise),
         Some(Kind::UserId(id)) => BoxId::parse(id).map(Subject::User).map_err(|e| match e {
             BoxIdError::Empty => BrokerError::InvalidArgument(
@@ -416,6 +424,34 @@ pub fn parse_subject(subject: Option<&pb::Subject>) -> Result<Subject, BrokerErr
             )),
         }),
     }
+}
+
+/// Validates `subject.external_app_user_id` and `subject.create_if_missing`.
+fn external_user(id: &str, create: Option<&pb::CreateAppUser>) -> Result<Subject, BrokerError> {
+    use crate::boxapi::users::{MAX_EXTERNAL_ID_LEN, MAX_NAME_LEN};
+    if id.is_empty() || id.len() > MAX_EXTERNAL_ID_LEN || id.chars().any(char::is_control) {
+        return Err(BrokerError::InvalidArgument(format!(
+            "subject.external_app_user_id {:?} must be 1 to {MAX_EXTERNAL_ID_LEN} bytes without control characters: your own id for the user, as Box keeps it in external_app_user_id",
+            printable(id, 64)
+        )));
+    }
+    let create = match create {
+        None => None,
+        Some(pb::CreateAppUser { name }) if name.is_empty() => Some(Arc::from(id)),
+        Some(pb::CreateAppUser { name }) => {
+            if name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) || name.trim().is_empty() {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "subject.create_if_missing.name {:?} must be 1 to {MAX_NAME_LEN} characters without control characters (or empty, to use the external id)",
+                    printable(name, 64)
+                )));
+            }
+            Some(Arc::from(name.as_str()))
+        }
+    };
+    Ok(Subject::External(Arc::new(crate::boxapi::ExternalUser {
+        id: Arc::from(id),
+        create,
+    })))
 }
 
 fn min_ttl(value: Option<&prost_types::Duration>) -> Result<Duration, BrokerError> {

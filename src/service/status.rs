@@ -68,6 +68,12 @@ impl From<&BrokerError> for Status {
             BrokerError::FailedPrecondition(_) => {
                 detailed(Code::FailedPrecondition, message, "FAILED_PRECONDITION", &[], None)
             }
+            BrokerError::UserRefused { inactive: true, .. } => {
+                detailed(Code::FailedPrecondition, message, "BOX_USER_INACTIVE", &[], None)
+            }
+            BrokerError::UserRefused { inactive: false, .. } => {
+                detailed(Code::PermissionDenied, message, "BOX_USER_NOT_TOKENIZABLE", &[], None)
+            }
             BrokerError::Retry(_) => detailed(Code::Unavailable, message, "RETRY", &[], None),
             BrokerError::PermissionDenied(_) => detailed(Code::PermissionDenied, message, "POLICY_DENIED", &[], None),
             BrokerError::Cache(CacheError::Upstream(upstream)) | BrokerError::Upstream(upstream) => {

@@ -169,9 +169,18 @@ fn dev_mode_serves_tokens_with_no_box_account() {
     assert_eq!(again["cache_hit"], true);
     assert_eq!(again["access_token"], json["access_token"]);
 
-    let (code, _, stderr) = token_get(&["--addr", &addr, "--user", "7400001"]);
+    // The seeded enterprise admin: never tokenized.
+    let (code, _, stderr) = token_get(&["--addr", &addr, "--user", "7300002"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("NOT_FOUND") && stderr.contains("7400001"), "{stderr}");
+    assert!(
+        stderr.contains("PERMISSION_DENIED") && stderr.contains("7300002") && stderr.contains("admin"),
+        "{stderr}"
+    );
+    // An App User by the portal's own id: the same token as by its Box id.
+    let (code, by_external, stderr) = token_get(&["--addr", &addr, "--external-user", "auth0|ada", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let by_external: serde_json::Value = serde_json::from_str(&by_external).unwrap();
+    assert_eq!(by_external["access_token"], json["access_token"]);
 
     // A browser's token: downscoped to one folder, then revoked.
     let out = Command::new(bin())
@@ -499,6 +508,7 @@ fn sigterm_under_load_flips_health_first_fails_no_request_and_exits_0() {
                     let request = pb::GetTokenRequest {
                         subject: Some(pb::Subject {
                             kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+                            create_if_missing: None,
                         }),
                         force_refresh: true,
                         ..Default::default()
@@ -1082,8 +1092,8 @@ fn json_logs_hold_no_json_inside_strings_and_spell_codes_the_grpc_way() {
     let serving: serde_json::Value = serde_json::from_str(&until("\"serving gRPC\"")).unwrap();
     let addr = serving["fields"]["listen"].as_str().unwrap().to_owned();
     assert_eq!(serving["fields"]["accept"], "api_key", "{serving}");
-    // A refusal: an external user.
-    let (code, _, stderr) = token_get(&["--addr", &addr, "--user", "7400001"]);
+    // A refusal: a user Box does not have.
+    let (code, _, stderr) = token_get(&["--addr", &addr, "--user", "7999999"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("NOT_FOUND: "), "{stderr}");
     let refused: serde_json::Value = serde_json::from_str(&until("\"refused\"")).unwrap();

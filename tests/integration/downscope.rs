@@ -41,9 +41,9 @@ async fn an_app_users_token_is_downscoped_to_one_folder() {
     assert_ne!(full, t.access_token);
     let stats = h.fake.stats();
     assert_eq!(
-        (stats.jwt_issued, stats.exchange_issued),
-        (1, 1),
-        "one mint, one exchange"
+        (stats.jwt_issued, stats.exchange_issued, stats.user_reads),
+        (2, 1, 1),
+        "one mint (and the Service Account's, which read the user once), one exchange"
     );
 }
 
@@ -124,7 +124,8 @@ async fn concurrent_identical_requests_cause_one_mint_and_one_exchange() {
     }
     assert_eq!(tokens.len(), 1);
     let stats = h.fake.stats();
-    assert_eq!((stats.jwt_issued, stats.exchange_issued), (1, 1));
+    // The user's mint and the Service Account's (which read the user, once for all 50).
+    assert_eq!((stats.jwt_issued, stats.exchange_issued, stats.user_reads), (2, 1, 1));
 }
 
 #[tokio::test]

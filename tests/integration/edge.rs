@@ -20,14 +20,14 @@ use box_token_broker::{
         Edge,
         central::{Central, CentralSettings, Credential, SecretFile},
     },
-    fakebox::seed::{APP_USER_FOLDER_ID, APP_USER_IDS},
+    fakebox::seed::{APP_USER_EXTERNAL_IDS, APP_USER_FOLDER_ID, APP_USER_IDS},
     metrics::{RpcMetrics, Served},
     pb::{self, token_broker_service_client::TokenBrokerServiceClient},
     policy::Policy,
     runtime::Runtime,
     service::{self, ServeOptions},
 };
-use common::{Harness, Options, assert_free_of, downscope, enterprise, folder, token_of, user};
+use common::{Harness, Options, assert_free_of, downscope, enterprise, external, folder, provisioning, token_of, user};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Code, transport::Channel};
 
@@ -208,6 +208,41 @@ async fn enterprise_user_and_downscoped_tokens_come_through_and_the_second_reque
 }
 
 #[tokio::test]
+async fn a_user_by_external_id_is_resolved_by_the_central_broker_and_cached_at_the_edge() {
+    let h = Harness::start().await;
+    let e = edge_of(&[h.addr], h.clock.clone(), Credential::Connection).await;
+    let first = e.get(external(APP_USER_EXTERNAL_IDS[1])).await.unwrap();
+    assert_eq!(
+        h.fake.token_user_id(&token_of(&first)).as_deref(),
+        Some(APP_USER_IDS[1])
+    );
+    // Another external id is another user, not the same placeholder key.
+    let other = e.get(external(APP_USER_EXTERNAL_IDS[2])).await.unwrap();
+    assert_eq!(
+        h.fake.token_user_id(&token_of(&other)).as_deref(),
+        Some(APP_USER_IDS[2])
+    );
+    let again = e.get(external(APP_USER_EXTERNAL_IDS[1])).await.unwrap();
+    assert!(again.cache_hit);
+    assert_eq!(token_of(&again), token_of(&first));
+    assert_eq!(e.upstream_answers(), 2, "the repeat never left the edge");
+    // Creation on first use passes through; the central broker's policy decides.
+    let created = e.get(provisioning("auth0|edge-new", "Edgar")).await.unwrap();
+    let users = h.fake.users_with_external_id("auth0|edge-new");
+    assert_eq!(users.len(), 1);
+    assert_eq!(
+        h.fake.token_user_id(&token_of(&created)).as_deref(),
+        Some(users[0].id.as_str())
+    );
+    // A refusal is relayed as the central broker said it.
+    let refused = e
+        .get(user(box_token_broker::fakebox::seed::ADMIN_USER_ID))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+}
+
+#[tokio::test]
 async fn a_thousand_cold_requests_over_two_edges_make_one_mint() {
     let h = Harness::start().await;
     let a = Arc::new(edge_of(&[h.addr], h.clock.clone(), Credential::Connection).await);
@@ -222,7 +257,12 @@ async fn a_thousand_cold_requests_over_two_edges_make_one_mint() {
         tokens.insert(token.unwrap());
     }
     assert_eq!(tokens.len(), 1, "all 1,000 got the one token");
-    assert_eq!(h.fake.stats().jwt_issued, 1, "one mint at Box");
+    let stats = h.fake.stats();
+    assert_eq!(
+        (stats.jwt_issued, stats.user_reads),
+        (2, 1),
+        "one mint at Box (and the Service Account's, which read the user once)"
+    );
     assert_eq!(
         (a.upstream_answers(), b.upstream_answers()),
         (1, 1),

@@ -1,5 +1,5 @@
 //! The fake Box is strict: it rejects what real Box rejects
-//! (box-contract.md §10), with Box's codes and messages.
+//! (box-contract.md §10, §13), with Box's codes and messages.
 
 use crate::common;
 
@@ -12,7 +12,7 @@ use box_token_broker::{
     },
     clock::{ManualClock, unix_seconds},
     fakebox::{
-        FakeAuth, FakeBox, FakeBoxServer, Fault,
+        FakeAuth, FakeBox, FakeBoxServer, Fault, MANAGE_APP_USERS, MANAGE_MANAGED_USERS, UserKind,
         seed::{self, SeededApp},
     },
 };
@@ -592,4 +592,544 @@ async fn a_revoked_token_cannot_be_exchanged() {
     .await;
     let (status, body) = f.exchange(&parent, "item_preview", &[]).await;
     assert_rejected(status, &body, "invalid_grant", "subject token");
+}
+
+// The users API (box-contract.md §13).
+
+impl Fake {
+    /// A user token for `user_id` by the JWT grant.
+    async fn user_token(&self, user_id: &str) -> String {
+        let mut claims = self.claims();
+        claims.box_sub_type = "user".to_owned();
+        user_id.clone_into(&mut claims.sub);
+        let (status, body) = self.jwt(&self.sign(&claims)).await;
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// A GET of the users API; `query` pairs are URL-encoded.
+    async fn users_get(
+        &self,
+        path: &str,
+        token: &str,
+        query: &[(&str, &str)],
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let query = serde_urlencoded::to_string(query).unwrap();
+        let response = self
+            .http
+            .get(format!("{}{path}?{query}", self.server.base_url()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body, headers)
+    }
+
+    async fn list_users(&self, token: &str, query: &[(&str, &str)]) -> (u16, Value) {
+        let (status, body, _) = self.users_get("/2.0/users", token, query).await;
+        (status, body)
+    }
+
+    async fn create_user(&self, token: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/2.0/users", self.server.base_url()))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// A Box `ClientError` with `status` and `code`, in Box's full shape.
+fn assert_client_error(status: u16, body: &Value, expected: u16, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(body["status"], expected, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(!body["message"].as_str().unwrap().is_empty(), "{body}");
+    assert!(body["context_info"].is_object(), "{body}");
+    assert!(
+        body["help_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://developer.box.com/"),
+        "{body}"
+    );
+    assert_eq!(body["request_id"].as_str().unwrap().len(), 16, "{body}");
+}
+
+fn keys(user: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = user.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    keys
+}
+
+#[tokio::test]
+async fn app_users_are_listed_by_external_app_user_id() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    let (status, body) = f.list_users(&sa, &[("external_app_user_id", "auth0|bob")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total_count"], 1);
+    assert_eq!((&body["offset"], &body["limit"]), (&Value::from(0), &Value::from(100)));
+    let bob = &body["entries"][0];
+    assert_eq!(bob["id"], seed::APP_USER_IDS[1]);
+    assert_eq!(bob["type"], "user");
+    assert_eq!(bob["external_app_user_id"], "auth0|bob");
+    assert_eq!(bob["is_platform_access_only"], true);
+    assert_eq!(
+        (bob["role"].as_str(), bob["status"].as_str()),
+        (Some("user"), Some("active"))
+    );
+    assert_eq!(bob["enterprise"]["id"], seed::ENTERPRISE_ID);
+    // No match is not an error.
+    let (status, body) = f.list_users(&sa, &[("external_app_user_id", "auth0|nobody")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["entries"], serde_json::json!([]));
+    assert_eq!(body["total_count"], 0);
+    // Out-of-range paging is a bad request.
+    for (name, value) in [("limit", "1001"), ("limit", "0"), ("limit", "ten"), ("offset", "10001")] {
+        let (status, body) = f.list_users(&sa, &[(name, value)]).await;
+        assert_client_error(status, &body, 400, "bad_request");
+        assert!(body["message"].as_str().unwrap().contains(name), "{body}");
+    }
+    // The whole list: this app's App Users and the enterprise's Managed
+    // Users, by id; never the other app's App User or the external user.
+    let (status, body) = f.list_users(&sa, &[("limit", "1000"), ("unknown", "ignored")]).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<&str> = body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap())
+        .collect();
+    let mut expected = seed::APP_USER_IDS.to_vec();
+    expected.extend([
+        seed::MANAGED_USER_ID,
+        seed::ADMIN_USER_ID,
+        seed::COADMIN_USER_ID,
+        seed::INACTIVE_USER_ID,
+    ]);
+    assert_eq!(ids, expected);
+    assert_eq!(body["total_count"], expected.len());
+    let (_, page) = f.list_users(&sa, &[("limit", "2"), ("offset", "3")]).await;
+    assert_eq!(page["entries"][0]["id"], seed::MANAGED_USER_ID);
+    assert_eq!(page["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(page["total_count"], expected.len());
+    let (_, found) = f.list_users(&sa, &[("filter_term", "cora")]).await;
+    assert_eq!(found["entries"][0]["id"], seed::COADMIN_USER_ID);
+    assert_eq!(found["total_count"], 1);
+}
+
+#[tokio::test]
+async fn fields_give_the_mini_representation_plus_those_fields() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    let (_, body) = f
+        .list_users(&sa, &[("external_app_user_id", "auth0|ada"), ("fields", "role,status")])
+        .await;
+    let ada = &body["entries"][0];
+    assert_eq!(keys(ada), ["id", "login", "name", "role", "status", "type"]);
+    assert_eq!(ada["role"], "user");
+    let (_, body) = f
+        .list_users(&sa, &[("external_app_user_id", "auth0|ada"), ("fields", "id")])
+        .await;
+    assert_eq!(keys(&body["entries"][0]), ["id", "login", "name", "type"]);
+    let (status, admin, _) = f
+        .users_get(
+            &format!("/2.0/users/{}", seed::ADMIN_USER_ID),
+            &sa,
+            &[("fields", "role,enterprise")],
+        )
+        .await;
+    assert_eq!(status, 200, "{admin}");
+    assert_eq!(keys(&admin), ["enterprise", "id", "login", "name", "role", "type"]);
+    assert_eq!(admin["role"], "admin");
+}
+
+#[tokio::test]
+async fn one_user_is_read_in_full_or_not_found() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    let get = |id: &str| {
+        let path = format!("/2.0/users/{id}");
+        let sa = sa.clone();
+        let f = &f;
+        async move { f.users_get(&path, &sa, &[]).await }
+    };
+    let (status, inactive, headers) = get(seed::INACTIVE_USER_ID).await;
+    assert_eq!(status, 200, "{inactive}");
+    assert_eq!(inactive["name"], "Ivan Inactive");
+    assert_eq!(inactive["status"], "inactive");
+    assert_eq!(inactive["role"], "user");
+    assert_eq!(inactive["is_platform_access_only"], false);
+    assert_eq!(inactive["external_app_user_id"], Value::Null);
+    assert_eq!(inactive["enterprise"]["type"], "enterprise");
+    assert!(inactive["created_at"].is_string());
+    assert!(headers.contains_key("box-request-id"));
+    let (_, coadmin, _) = get(seed::COADMIN_USER_ID).await;
+    assert_eq!(coadmin["role"], "coadmin");
+    // Unknown, not a number, or another app's App User: not found.
+    for id in ["7999999", "abc", seed::OTHER_APP_USER_ID] {
+        let (status, body, headers) = get(id).await;
+        assert_client_error(status, &body, 404, "not_found");
+        assert!(headers.contains_key("box-request-id"));
+    }
+    // An external user is shown, with its own enterprise.
+    let (status, eve, _) = get(seed::EXTERNAL_USER_ID).await;
+    assert_eq!(status, 200, "{eve}");
+    assert_ne!(eve["enterprise"]["id"], seed::ENTERPRISE_ID);
+    assert_eq!(eve["is_platform_access_only"], false);
+    // ... but never listed.
+    let (_, all) = f.list_users(&sa, &[]).await;
+    assert!(!all.to_string().contains(seed::EXTERNAL_USER_ID));
+}
+
+#[tokio::test]
+async fn users_me_is_the_tokens_own_user_and_other_users_are_the_service_accounts() {
+    let f = fake(FakeAuth::Jwt).await;
+    let ada = f.user_token(seed::APP_USER_IDS[0]).await;
+    let (status, me, _) = f.users_get("/2.0/users/me", &ada, &[]).await;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["id"], seed::APP_USER_IDS[0]);
+    assert_eq!(me["external_app_user_id"], seed::APP_USER_EXTERNAL_IDS[0]);
+    assert_eq!(me["is_platform_access_only"], true);
+    assert_eq!(
+        (me["role"].as_str(), me["status"].as_str()),
+        (Some("user"), Some("active"))
+    );
+    let (_, me, _) = f.users_get("/2.0/users/me", &ada, &[("fields", "status")]).await;
+    assert_eq!(keys(&me), ["id", "login", "name", "status", "type"]);
+    // Its own id is readable; another user's, listing and creating are not.
+    let (status, own, _) = f
+        .users_get(&format!("/2.0/users/{}", seed::APP_USER_IDS[0]), &ada, &[])
+        .await;
+    assert_eq!((status, own["id"].as_str()), (200, Some(seed::APP_USER_IDS[0])));
+    let (status, body, _) = f
+        .users_get(&format!("/2.0/users/{}", seed::APP_USER_IDS[1]), &ada, &[])
+        .await;
+    assert_client_error(status, &body, 403, "forbidden");
+    let (status, body) = f.list_users(&ada, &[("external_app_user_id", "auth0|bob")]).await;
+    assert_client_error(status, &body, 403, "forbidden");
+    let (status, body) = f
+        .create_user(&ada, serde_json::json!({"name": "X", "is_platform_access_only": true}))
+        .await;
+    assert_client_error(status, &body, 403, "forbidden");
+    // The enterprise token is the Service Account's.
+    let sa = f.enterprise_token().await;
+    let (_, me, _) = f.users_get("/2.0/users/me", &sa, &[]).await;
+    assert_eq!(me["id"], seed::SERVICE_ACCOUNT_ID);
+    assert_eq!(me["enterprise"]["id"], seed::ENTERPRISE_ID);
+}
+
+#[tokio::test]
+async fn the_users_api_needs_the_apps_user_scopes() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    let managed = format!("/2.0/users/{}", seed::MANAGED_USER_ID);
+    let app_user = format!("/2.0/users/{}", seed::APP_USER_IDS[0]);
+    assert!(f.fake.set_user_scopes(&f.app.client_id, &[MANAGE_MANAGED_USERS]));
+    let (status, body) = f.list_users(&sa, &[("external_app_user_id", "auth0|ada")]).await;
+    assert_client_error(status, &body, 403, "insufficient_scope");
+    assert_eq!(
+        body["message"],
+        "The request requires higher privileges than provided by the access token."
+    );
+    assert_eq!(body["context_info"], serde_json::json!({}));
+    let (status, body, _) = f.users_get(&app_user, &sa, &[]).await;
+    assert_client_error(status, &body, 403, "insufficient_scope");
+    assert_eq!(f.users_get(&managed, &sa, &[]).await.0, 200);
+    let (status, body) = f
+        .create_user(&sa, serde_json::json!({"name": "Dee", "is_platform_access_only": true}))
+        .await;
+    assert_client_error(status, &body, 403, "insufficient_scope");
+    // App Users only: Managed Users can be neither read nor listed.
+    f.fake.set_user_scopes(&f.app.client_id, &[MANAGE_APP_USERS]);
+    let (status, body, _) = f.users_get(&managed, &sa, &[]).await;
+    assert_client_error(status, &body, 403, "insufficient_scope");
+    let (_, body) = f.list_users(&sa, &[]).await;
+    assert_eq!(body["total_count"], 3, "{body}");
+    let (status, body) = f
+        .create_user(&sa, serde_json::json!({"name": "Max", "login": "max@example.com"}))
+        .await;
+    assert_client_error(status, &body, 403, "insufficient_scope");
+    assert_eq!(f.fake.stats().users_created, 0);
+}
+
+#[tokio::test]
+async fn a_dead_or_downscoped_token_is_refused() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    let downscoped = {
+        let (status, body) = f.exchange(&sa, "item_preview", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    };
+    for path in ["/2.0/users", "/2.0/users/me", "/2.0/users/7200001"] {
+        let (status, body, _) = f.users_get(path, &downscoped, &[]).await;
+        assert_client_error(status, &body, 403, "insufficient_scope");
+    }
+    let secret = f.app.client_secret.expose_secret().to_owned();
+    f.post(
+        "/oauth2/revoke",
+        &[
+            ("client_id", &f.app.client_id),
+            ("client_secret", &secret),
+            ("token", &sa),
+        ],
+    )
+    .await;
+    for token in [sa.as_str(), "not-a-token"] {
+        let (status, body, headers) = f.users_get("/2.0/users", token, &[]).await;
+        assert_eq!(status, 401);
+        assert_eq!(body, Value::Null, "an empty body");
+        assert!(
+            headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("error=\"invalid_token\""),
+            "{headers:?}"
+        );
+    }
+    let (status, _) = f.create_user(&sa, serde_json::json!({"name": "Dee"})).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn a_created_app_user_is_found_by_its_external_id_and_can_get_tokens() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    let (status, dee) = f
+        .create_user(
+            &sa,
+            serde_json::json!({"name": "Dee App", "is_platform_access_only": true, "external_app_user_id": "auth0|dee"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{dee}");
+    let id = dee["id"].as_str().unwrap().to_owned();
+    assert!(id.parse::<u64>().is_ok(), "{dee}");
+    assert_eq!(dee["is_platform_access_only"], true);
+    assert_eq!(dee["external_app_user_id"], "auth0|dee");
+    assert_eq!(
+        (dee["role"].as_str(), dee["status"].as_str()),
+        (Some("user"), Some("active"))
+    );
+    assert_eq!(dee["enterprise"]["id"], seed::ENTERPRISE_ID);
+    let login = dee["login"].as_str().unwrap();
+    let random = login
+        .strip_prefix(&format!("AppUser_{}_", seed::SERVICE_ACCOUNT_ID))
+        .and_then(|rest| rest.strip_suffix("@boxdevedition.com"))
+        .unwrap_or_else(|| panic!("{login}"));
+    assert_eq!(random.len(), 10);
+    let (_, found) = f.list_users(&sa, &[("external_app_user_id", "auth0|dee")]).await;
+    assert_eq!(found["entries"][0]["id"], id.as_str());
+    assert_eq!(found["total_count"], 1);
+    assert_eq!(f.fake.users_with_external_id("auth0|dee").len(), 1);
+    assert_eq!(
+        f.fake.user(&id).unwrap().kind,
+        UserKind::AppUser {
+            client_id: f.app.client_id.clone()
+        }
+    );
+    // It is this app's App User, so the app can get a token for it.
+    let token = f.user_token(&id).await;
+    let (_, me, _) = f.users_get("/2.0/users/me", &token, &[]).await;
+    assert_eq!(me["id"], id.as_str());
+    // A Managed User, created with a login and a role.
+    let (status, max) = f
+        .create_user(
+            &sa,
+            serde_json::json!({"name": "Max Managed", "login": "max@example.com", "role": "coadmin", "status": "inactive"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{max}");
+    assert_ne!(max["id"], dee["id"]);
+    assert_eq!(max["is_platform_access_only"], false);
+    assert_eq!(
+        (max["role"].as_str(), max["status"].as_str()),
+        (Some("coadmin"), Some("inactive"))
+    );
+    assert_eq!(max["login"], "max@example.com");
+    let stats = f.fake.stats();
+    assert_eq!((stats.user_create_requests, stats.users_created), (2, 2));
+}
+
+#[tokio::test]
+async fn user_creation_refuses_what_box_refuses() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    let refused = |body: Value, status: u16, code: &'static str, fragment: &'static str| {
+        let f = &f;
+        let sa = sa.clone();
+        async move {
+            let (got, answer) = f.create_user(&sa, body.clone()).await;
+            assert_client_error(got, &answer, status, code);
+            assert!(
+                answer["message"].as_str().unwrap().contains(fragment),
+                "{body} -> {answer}"
+            );
+        }
+    };
+    refused(
+        serde_json::json!({"is_platform_access_only": true}),
+        400,
+        "bad_request",
+        "name",
+    )
+    .await;
+    refused(
+        serde_json::json!({"name": "", "is_platform_access_only": true}),
+        400,
+        "bad_request",
+        "name",
+    )
+    .await;
+    refused(
+        serde_json::json!({"name": 7, "is_platform_access_only": true}),
+        400,
+        "bad_request",
+        "name",
+    )
+    .await;
+    refused(
+        serde_json::json!({"name": "x".repeat(51), "is_platform_access_only": true}),
+        400,
+        "bad_request",
+        "name",
+    )
+    .await;
+    refused(serde_json::json!({"name": "Max Managed"}), 400, "bad_request", "login").await;
+    refused(
+        serde_json::json!({"name": "Max", "login": "max@example.com", "role": "admin"}),
+        400,
+        "bad_request",
+        "role",
+    )
+    .await;
+    refused(
+        serde_json::json!({"name": "Max", "login": "max@example.com", "status": "asleep"}),
+        400,
+        "bad_request",
+        "status",
+    )
+    .await;
+    refused(
+        serde_json::json!({"name": "Ada Again", "is_platform_access_only": true, "external_app_user_id": "auth0|ada"}),
+        409,
+        "conflict",
+        "external_app_user_id",
+    )
+    .await;
+    refused(
+        serde_json::json!({"name": "Mia Again", "login": "Mia.Managed@example.com"}),
+        409,
+        "user_login_already_used",
+        "login",
+    )
+    .await;
+    // Not JSON.
+    let response = f
+        .http
+        .post(format!("{}/2.0/users", f.server.base_url()))
+        .bearer_auth(&sa)
+        .form(&[("name", "Dee"), ("is_platform_access_only", "true")])
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_client_error(status, &body, 400, "bad_request");
+    let stats = f.fake.stats();
+    assert_eq!((stats.user_create_requests, stats.users_created), (10, 0));
+    assert_eq!(f.fake.users_with_external_id("auth0|ada").len(), 1);
+}
+
+#[tokio::test]
+async fn users_faults_are_served_first_then_the_api_recovers() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    f.fake.fail_next_users(2, Fault::ServerError { status: 503 });
+    for path in ["/2.0/users", "/2.0/users/me"] {
+        let (status, body, _) = f.users_get(path, "not-even-a-token", &[]).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["code"], "internal_server_error");
+    }
+    // The token endpoint has its own queue: unaffected.
+    let other = f.enterprise_token().await;
+    let (status, body) = f.list_users(&other, &[("external_app_user_id", "auth0|cy")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["entries"][0]["id"], seed::APP_USER_IDS[2]);
+    // A standalone fake queues users faults through its control endpoint.
+    let r = f
+        .http
+        .post(format!("{}/_fake/faults", f.server.base_url()))
+        .json(&serde_json::json!({"kind": "rate_limited", "retry_after_secs": 2, "endpoint": "users"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let (status, _, headers) = f
+        .users_get(&format!("/2.0/users/{}", seed::MANAGED_USER_ID), &sa, &[])
+        .await;
+    assert_eq!((status, headers["retry-after"].to_str().unwrap()), (429, "2"));
+    let r = f
+        .http
+        .post(format!("{}/_fake/faults", f.server.base_url()))
+        .json(&serde_json::json!({"kind": "hang", "endpoint": "files"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(
+        f.users_get(&format!("/2.0/users/{}", seed::MANAGED_USER_ID), &sa, &[])
+            .await
+            .0,
+        200
+    );
+    assert!(
+        f.fake
+            .wait_for(std::time::Duration::from_secs(5), |s| s.user_reads == 1)
+            .await
+    );
+    let stats = f.fake.stats();
+    assert_eq!(stats.users_requests, 5, "faults included");
+    assert_eq!(stats.faults_served, 3);
+    assert_eq!((stats.user_lists, stats.users_me, stats.user_reads), (1, 0, 1));
+}
+
+#[tokio::test]
+async fn users_stats_count_each_endpoint() {
+    let f = fake(FakeAuth::Jwt).await;
+    let sa = f.enterprise_token().await;
+    f.list_users(&sa, &[]).await;
+    f.list_users(&sa, &[("limit", "5000")]).await;
+    f.users_get("/2.0/users/me", &sa, &[]).await;
+    f.users_get("/2.0/users/7999999", &sa, &[]).await;
+    f.create_user(&sa, serde_json::json!({"name": "Dee", "is_platform_access_only": true}))
+        .await;
+    f.create_user(&sa, serde_json::json!({"name": "No Login"})).await;
+    let stats = f.fake.stats();
+    assert_eq!(stats.users_requests, 6);
+    assert_eq!(stats.user_lists, 2);
+    assert_eq!(stats.users_me, 1);
+    assert_eq!(stats.user_reads, 1);
+    assert_eq!((stats.user_create_requests, stats.users_created), (2, 1));
+    let served: Value = f
+        .http
+        .get(format!("{}/_fake/stats", f.server.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served["users_created"], 1);
+    assert_eq!(served["users_requests"], 6);
 }

@@ -35,3 +35,4 @@ mod rotation;
 mod secrets;
 mod unix_socket;
 mod upstream_errors;
+mod users;

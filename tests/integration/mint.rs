@@ -63,8 +63,13 @@ async fn app_user_and_managed_user_tokens_are_minted_for_those_users() {
     assert_eq!(h.fake.token_user_id(&app_user).as_deref(), Some(seed::APP_USER_IDS[0]));
     assert_eq!(h.fake.token_user_id(&managed).as_deref(), Some(seed::MANAGED_USER_ID));
     let seen = h.fake.accepted_assertions();
-    assert!(seen.iter().all(|a| a.claims["box_sub_type"] == "user"));
-    assert_eq!(h.fake.stats().jwt_issued, 2);
+    let subjects: Vec<&str> = seen.iter().filter_map(|a| a.claims["sub"].as_str()).collect();
+    assert_eq!(
+        subjects,
+        [seed::ENTERPRISE_ID, seed::APP_USER_IDS[0], seed::MANAGED_USER_ID],
+        "the Service Account's token (to check the users), then one per user"
+    );
+    assert_eq!(h.fake.stats().user_reads, 2, "each user checked before its first token");
 }
 
 #[tokio::test]

@@ -101,47 +101,47 @@ fn service_account_portal_gets_only_downscoped_tokens_for_its_folder() {
 }
 
 #[test]
-fn app_user_portal_gets_downscoped_tokens_for_its_own_users() {
+fn app_user_portal_gets_downscoped_tokens_for_its_own_users_by_their_external_ids() {
     let p = example("app-user-portal.toml");
     let preview = scopes(&["item_preview", "base_explorer"]);
     let theirs = folder_target(seed::APP_USER_FOLDER_ID);
-    assert!(allowed(
-        &p,
-        "apikey:customer-portal",
-        PolicySubject::User("7200001"),
-        Ask::Downscoped {
-            scopes: &preview,
-            target: Some(&theirs)
-        }
-    ));
+    let ada = PolicySubject::ExternalUser {
+        id: "auth0|ada",
+        provision: false,
+    };
+    let downscoped = |subject| {
+        allowed(
+            &p,
+            "apikey:customer-portal",
+            subject,
+            Ask::Downscoped {
+                scopes: &preview,
+                target: Some(&theirs),
+            },
+        )
+    };
+    assert!(downscoped(ada));
+    assert!(
+        downscoped(PolicySubject::ExternalUser {
+            id: "auth0|new",
+            provision: true
+        }),
+        "a new customer's App User may be created"
+    );
+    assert!(!allowed(&p, "apikey:customer-portal", ada, Ask::Full));
+    assert!(
+        !downscoped(PolicySubject::ExternalUser {
+            id: "google|ada",
+            provision: false
+        }),
+        "only its identity provider's ids"
+    );
+    assert!(!downscoped(PolicySubject::User("7200001")), "no Box user ids");
+    assert!(!downscoped(PolicySubject::Enterprise));
     assert!(!allowed(
         &p,
         "apikey:customer-portal",
-        PolicySubject::User("7200001"),
-        Ask::Full
-    ));
-    assert!(!allowed(
-        &p,
-        "apikey:customer-portal",
-        PolicySubject::User("7300001"),
-        Ask::Downscoped {
-            scopes: &preview,
-            target: Some(&theirs)
-        }
-    ));
-    assert!(!allowed(
-        &p,
-        "apikey:customer-portal",
-        PolicySubject::Enterprise,
-        Ask::Downscoped {
-            scopes: &preview,
-            target: Some(&theirs)
-        }
-    ));
-    assert!(!allowed(
-        &p,
-        "apikey:customer-portal",
-        PolicySubject::User("7200001"),
+        ada,
         Ask::Downscoped {
             scopes: &preview,
             target: None
@@ -174,6 +174,15 @@ fn classic_lets_an_internal_app_have_managed_user_tokens_and_never_external_user
         &p,
         "apikey:customer-portal",
         PolicySubject::User(seed::EXTERNAL_USER_ID),
+        Ask::Full
+    ));
+    assert!(!allowed(
+        &p,
+        "apikey:customer-portal",
+        PolicySubject::ExternalUser {
+            id: "auth0|ada",
+            provision: true
+        },
         Ask::Full
     ));
     let preview = scopes(&["item_preview"]);
@@ -320,8 +329,8 @@ async fn callers_get_what_the_policy_allows_and_nothing_more() {
     let stats = h.fake.stats();
     assert_eq!(
         (stats.jwt_issued, stats.exchange_issued),
-        (2, 1),
-        "denied requests never reach Box"
+        (3, 1),
+        "denied requests never reach Box (allowed: a user's mint, the Service Account's that checked the user, an exchange)"
     );
 }
 

@@ -13,7 +13,10 @@ async fn a_request_without_a_subject_is_invalid() {
     let s = h.get(pb::GetTokenRequest::default()).await.unwrap_err();
     assert_status(&s, Code::InvalidArgument, "subject is required");
     let empty_subject = pb::GetTokenRequest {
-        subject: Some(pb::Subject { kind: None }),
+        subject: Some(pb::Subject {
+            kind: None,
+            create_if_missing: None,
+        }),
         ..Default::default()
     };
     assert_status(
@@ -255,10 +258,15 @@ async fn every_refusal_carries_a_machine_readable_reason() {
         ("INVALID_REQUEST", "box-token-broker")
     );
     // Box does not know the user: the app is named, as metadata.
-    let unknown = h.get(user(seed::EXTERNAL_USER_ID)).await.unwrap_err();
+    let unknown = h.get(user("7999999")).await.unwrap_err();
     let (reason, _, metadata) = error_info(&unknown);
     assert_eq!(reason, "BOX_SUBJECT_NOT_FOUND");
     assert_eq!(metadata.get("app").map(String::as_str), Some("default"));
+    // Users the broker never tokenizes.
+    let admin = h.get(user(seed::ADMIN_USER_ID)).await.unwrap_err();
+    assert_eq!(error_info(&admin).0, "BOX_USER_NOT_TOKENIZABLE");
+    let inactive = h.get(user(seed::INACTIVE_USER_ID)).await.unwrap_err();
+    assert_eq!(error_info(&inactive).0, "BOX_USER_INACTIVE");
     // Box throttling: a RetryInfo besides the pushback header.
     h.fake.fail_next(10, Fault::RateLimited { retry_after_secs: 7 });
     let throttled = h.get(user(seed::APP_USER_IDS[0])).await.unwrap_err();

@@ -466,6 +466,7 @@ async fn invalidate_tokens_drops_a_subjects_an_apps_or_all_cached_tokens() {
     };
     let subject = pb::Subject {
         kind: Some(pb::subject::Kind::UserId(app_user.to_owned())),
+        create_if_missing: None,
     };
     assert_eq!(invalidate("", Some(subject)).await, 1, "one subject, in the only app");
     assert!(!h.get(user(app_user)).await.unwrap().cache_hit, "minted again");
@@ -502,12 +503,9 @@ async fn status_counts_a_trial_mint_as_success_and_a_callers_unknown_user_as_no_
     rotate(&h, false).await;
     let after_rotation = status(&h).await;
     assert!(after_rotation.last_upstream_success_at.is_some(), "{after_rotation:?}");
-    // A caller asking for an external user is the caller's mistake, not Box
-    // failing the app.
-    let refused = h
-        .get(user(box_token_broker::fakebox::seed::EXTERNAL_USER_ID))
-        .await
-        .unwrap_err();
+    // A caller asking for a user Box does not have is the caller's mistake,
+    // not Box failing the app.
+    let refused = h.get(user("7999999")).await.unwrap_err();
     assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
     let after_mistake = status(&h).await;
     assert!(after_mistake.last_upstream_failure_at.is_none(), "{after_mistake:?}");

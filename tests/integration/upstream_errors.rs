@@ -93,10 +93,16 @@ async fn unknown_users_are_not_found_naming_the_user() {
 }
 
 #[tokio::test]
-async fn external_users_are_not_found() {
+async fn external_users_are_refused_as_another_enterprises() {
     let h = Harness::start().await;
     let status = h.get(user(seed::EXTERNAL_USER_ID)).await.unwrap_err();
-    assert_status(&status, Code::NotFound, seed::EXTERNAL_USER_ID);
+    assert_status(&status, Code::PermissionDenied, seed::EXTERNAL_USER_ID);
+    assert!(status.message().contains("enterprise 8000001"), "{status:?}");
+    assert_eq!(
+        h.fake.stats().jwt_requests,
+        1,
+        "only the Service Account's token: no user token was asked for"
+    );
 }
 
 #[tokio::test]
@@ -151,6 +157,8 @@ async fn server_errors_are_unavailable() {
 #[tokio::test]
 async fn box_generic_error_shape_is_understood() {
     let h = Harness::start().await;
+    // The user is checked with the Service Account's token: minted first, so the fault reaches the user's mint.
+    h.get(enterprise()).await.unwrap();
     let body = r#"{"type":"error","status":400,"code":"invalid_grant","message":"Please check the 'sub' claim. The 'sub' specified is invalid.","request_id":"r1"}"#;
     h.fake.fail_next(
         1,
@@ -238,10 +246,13 @@ async fn ccg_subject_rejections_are_not_found_for_users() {
         ..Options::default()
     })
     .await;
+    // A Managed User the users API shows, whose token Box's CCG refuses
+    // (the app lacks App + Enterprise Access).
+    h.fake.update_app(&h.app.client_id, |a| a.enterprise_access = false);
     assert_status(
-        &h.get(user(seed::EXTERNAL_USER_ID)).await.unwrap_err(),
+        &h.get(user(seed::MANAGED_USER_ID)).await.unwrap_err(),
         Code::NotFound,
-        seed::EXTERNAL_USER_ID,
+        seed::MANAGED_USER_ID,
     );
 }
 

@@ -5,7 +5,6 @@ use std::{
     time::Duration,
 };
 
-use super::IssuedToken;
 use crate::boxapi::error::BoxApiError;
 
 /// Counts of what happened upstream, for metrics.
@@ -48,7 +47,7 @@ impl Default for UpstreamCounters {
 
 impl UpstreamCounters {
     /// Counts one attempt; returns its outcome label.
-    pub(super) fn record(&self, result: &Result<IssuedToken, BoxApiError>, took: Duration) -> String {
+    pub(super) fn record<T>(&self, result: &Result<T, BoxApiError>, took: Duration) -> String {
         self.latency.observe(took.as_secs_f64());
         let outcome = match result {
             Ok(_) => "200".to_owned(),

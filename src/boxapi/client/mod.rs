@@ -6,6 +6,7 @@
 mod counters;
 mod response;
 mod retry;
+mod users;
 
 pub use self::{
     counters::UpstreamCounters,
@@ -89,6 +90,8 @@ pub struct BoxClient {
     http: reqwest::Client,
     token_url: String,
     revoke_url: String,
+    /// `{base}/2.0/users`.
+    users_url: String,
     clock: SharedClock,
     policy: UpstreamPolicy,
     breaker: Arc<Mutex<Breaker>>,
@@ -136,6 +139,7 @@ impl BoxClient {
             http,
             token_url: format!("{base}/oauth2/token"),
             revoke_url: format!("{base}/oauth2/revoke"),
+            users_url: format!("{base}/2.0/users"),
             clock,
             policy: UpstreamPolicy::default(),
             breaker: Arc::new(Mutex::new(Breaker::default())),

@@ -8,7 +8,7 @@ use std::{
 
 use tracing::Instrument as _;
 
-use super::{BoxClient, IssuedToken, MAX_SKEW};
+use super::{BoxClient, MAX_SKEW};
 use crate::{boxapi::error::BoxApiError, clock::shift};
 
 /// How the client retries, gives up, and stops asking a failing Box.
@@ -142,14 +142,10 @@ impl BoxClient {
     /// exponential backoff and full jitter (or `Retry-After`), and rebuilds
     /// the assertion once with Box's clock after a skew refusal. `attempt`
     /// gets the time to put in the assertion.
-    pub(super) async fn with_retries<F, Fut>(
-        &self,
-        grant: &'static str,
-        mut attempt: F,
-    ) -> Result<IssuedToken, BoxApiError>
+    pub(super) async fn with_retries<T, F, Fut>(&self, grant: &'static str, mut attempt: F) -> Result<T, BoxApiError>
     where
         F: FnMut(SystemTime) -> Fut,
-        Fut: Future<Output = Result<IssuedToken, BoxApiError>>,
+        Fut: Future<Output = Result<T, BoxApiError>>,
     {
         self.admit()?;
         let policy = self.policy;
@@ -163,13 +159,23 @@ impl BoxClient {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             let assertion_time = shift(self.clock.now(), self.skew_millis.load(Ordering::Relaxed));
             let sent = std::time::Instant::now();
-            let span = tracing::info_span!(
-                "box.token_request",
-                otel.kind = "client",
-                grant,
-                attempt = n,
-                outcome = tracing::field::Empty,
-            );
+            let span = if grant.starts_with("users") {
+                tracing::info_span!(
+                    "box.users_request",
+                    otel.kind = "client",
+                    call = grant,
+                    attempt = n,
+                    outcome = tracing::field::Empty,
+                )
+            } else {
+                tracing::info_span!(
+                    "box.token_request",
+                    otel.kind = "client",
+                    grant,
+                    attempt = n,
+                    outcome = tracing::field::Empty,
+                )
+            };
             let result = match tokio::time::timeout(limit, attempt(assertion_time))
                 .instrument(span.clone())
                 .await

@@ -109,6 +109,8 @@ pub struct Options {
     pub admin_rules: Option<AdminRules>,
     /// Serve `/metrics`, `/healthz` and `/readyz` on a free port too.
     pub metrics: bool,
+    /// `[apps.*] refused_roles` (the default refuses admin and coadmin).
+    pub refused_roles: Option<Vec<String>>,
 }
 
 /// The tests' upstream policy: the production shape with millisecond
@@ -164,6 +166,7 @@ impl Default for Options {
             budget: None,
             admin_rules: None,
             metrics: false,
+            refused_roles: None,
         }
     }
 }
@@ -228,7 +231,11 @@ impl Harness {
             let client = BoxClient::new(&base_url, shared.clone())
                 .unwrap()
                 .with_policy(options.upstream);
-            apps.push(App::new(name, &credentials, client));
+            let mut app = App::new(name, &credentials, client);
+            if let Some(roles) = &options.refused_roles {
+                app = app.with_refused_roles(roles.clone());
+            }
+            apps.push(app);
         }
         let policy = options
             .policy
@@ -393,6 +400,29 @@ pub fn enterprise() -> pb::GetTokenRequest {
     pb::GetTokenRequest {
         subject: Some(pb::Subject {
             kind: Some(pb::subject::Kind::Enterprise(pb::EnterpriseSubject {})),
+            create_if_missing: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A request for the token of the user with external id `id`.
+pub fn external(id: &str) -> pb::GetTokenRequest {
+    pb::GetTokenRequest {
+        subject: Some(pb::Subject {
+            kind: Some(pb::subject::Kind::ExternalAppUserId(id.to_owned())),
+            create_if_missing: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// [`external`], creating the App User named `name` if Box has none.
+pub fn provisioning(id: &str, name: &str) -> pb::GetTokenRequest {
+    pb::GetTokenRequest {
+        subject: Some(pb::Subject {
+            kind: Some(pb::subject::Kind::ExternalAppUserId(id.to_owned())),
+            create_if_missing: Some(pb::CreateAppUser { name: name.to_owned() }),
         }),
         ..Default::default()
     }
@@ -403,6 +433,7 @@ pub fn user(id: &str) -> pb::GetTokenRequest {
     pb::GetTokenRequest {
         subject: Some(pb::Subject {
             kind: Some(pb::subject::Kind::UserId(id.to_owned())),
+            create_if_missing: None,
         }),
         ..Default::default()
     }

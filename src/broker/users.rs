@@ -1,0 +1,574 @@
+//! Box users as portals know them: an external id resolved to the Box user
+//! (and the App User created on first use, where the policy allows), and
+//! the check that a user may be tokenized at all — admins, co-admins,
+//! inactive users and other enterprises' users never are. Each answer is
+//! cached (a short time for "none") and concurrent requests share one call
+//! to Box. Every call uses the app's Service Account token, from the token
+//! cache like any other token.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use secrecy::SecretString;
+
+use super::{App, Broker, minting};
+use crate::{
+    boxapi::{
+        BoxApiError, BoxId, BoxSubject, BoxUser, DiagnosisKind, ExternalUser,
+        users::{Refusal, UsersCall, diagnose_users},
+    },
+    cache::{Need, TokenKey, UpstreamError},
+    error::BrokerError,
+};
+
+/// How long a found external id → user mapping is used before Box is asked again.
+pub const DEFAULT_MAPPING_TTL: Duration = Duration::from_secs(3600);
+/// How long a user's role and status are trusted before they are read again.
+pub const DEFAULT_CHECK_TTL: Duration = Duration::from_secs(600);
+/// How many mappings and checks are held (each).
+const MAX_ENTRIES: u64 = 100_000;
+
+/// The users cache's tuning, from the config (`[users]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsersPolicy {
+    /// See [`DEFAULT_MAPPING_TTL`].
+    pub mapping_ttl: Duration,
+    /// See [`DEFAULT_CHECK_TTL`].
+    pub check_ttl: Duration,
+    /// How long "no such user" is remembered (the cache's `negative_ttl`).
+    pub negative_ttl: Duration,
+}
+
+impl Default for UsersPolicy {
+    fn default() -> Self {
+        Self {
+            mapping_ttl: DEFAULT_MAPPING_TTL,
+            check_ttl: DEFAULT_CHECK_TTL,
+            negative_ttl: crate::cache::DEFAULT_NEGATIVE_TTL,
+        }
+    }
+}
+
+type ExternalKey = (Arc<str>, Arc<str>);
+type UserKey = (Arc<str>, BoxId);
+
+/// What Box said an external id names, until when it is believed.
+#[derive(Debug, Clone)]
+struct Mapping {
+    user: Option<BoxId>,
+    until: SystemTime,
+}
+
+/// Whether a user may be tokenized, until when it is believed.
+#[derive(Debug, Clone)]
+struct Check {
+    refused: Option<BrokerError>,
+    until: SystemTime,
+}
+
+/// The users caches of a broker.
+#[derive(Debug)]
+pub(super) struct Directory {
+    policy: UsersPolicy,
+    mappings: moka::future::Cache<ExternalKey, Mapping>,
+    /// App Users created, kept briefly: the one creation every concurrent
+    /// request for the external id shares.
+    created: moka::future::Cache<ExternalKey, BoxId>,
+    checks: moka::future::Cache<UserKey, Check>,
+    /// The external id each resolved user was asked for by (for revocation's policy check).
+    externals: moka::future::Cache<UserKey, Arc<str>>,
+}
+
+impl Directory {
+    pub(super) fn new(policy: UsersPolicy) -> Self {
+        Self {
+            mappings: bounded(policy.mapping_ttl.max(policy.negative_ttl)),
+            created: bounded(policy.negative_ttl.max(Duration::from_secs(1))),
+            checks: bounded(policy.check_ttl.max(policy.negative_ttl)),
+            externals: bounded(policy.mapping_ttl),
+            policy,
+        }
+    }
+}
+
+/// A bounded cache whose entries leave memory `ttl` after they were written
+/// (freshness itself is decided by the broker's clock).
+fn bounded<K, V>(ttl: Duration) -> moka::future::Cache<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    moka::future::Cache::builder()
+        .max_capacity(MAX_ENTRIES)
+        .time_to_live(ttl.max(Duration::from_secs(1)))
+        .build()
+}
+
+/// The user an external id named.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The Box user id.
+    pub user: BoxId,
+    /// True when this request created the App User.
+    pub provisioned: bool,
+}
+
+fn shared(e: Arc<BrokerError>) -> BrokerError {
+    Arc::unwrap_or_clone(e)
+}
+
+impl Broker {
+    /// The Box user `external` names: from the cache, or looked up (one
+    /// lookup for every concurrent request), or — when the request asks and
+    /// the policy granted it — created, exactly once.
+    pub(super) async fn resolve_external(
+        &self,
+        caller: &Arc<str>,
+        app: &Arc<App>,
+        external: &ExternalUser,
+    ) -> Result<Resolved, BrokerError> {
+        let key: ExternalKey = (app.name.clone(), external.id.clone());
+        let directory = &self.users;
+        let now = self.clock.now();
+        let cached = match directory.mappings.get(&key).await {
+            Some(mapping) if mapping.until > now => Some(mapping),
+            Some(_) => {
+                directory.mappings.invalidate(&key).await;
+                None
+            }
+            None => None,
+        };
+        let mapping = match cached {
+            Some(mapping) => mapping,
+            None => directory
+                .mappings
+                .try_get_with(key.clone(), self.find_external(caller, app, &external.id))
+                .await
+                .map_err(shared)?,
+        };
+        if let Some(user) = mapping.user {
+            return Ok(Resolved {
+                user,
+                provisioned: false,
+            });
+        }
+        let Some(name) = &external.create else {
+            return Err(not_found(app, &external.id));
+        };
+        let created_here = AtomicBool::new(false);
+        let user = directory
+            .created
+            .try_get_with(key.clone(), async {
+                created_here.store(true, Ordering::Relaxed);
+                self.provision(caller, app, &external.id, name).await
+            })
+            .await
+            .map_err(shared)?;
+        let until = self.clock.now() + directory.policy.mapping_ttl;
+        directory
+            .mappings
+            .insert(
+                key,
+                Mapping {
+                    user: Some(user.clone()),
+                    until,
+                },
+            )
+            .await;
+        Ok(Resolved {
+            user,
+            provisioned: created_here.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Forgets what the broker knows of `subject` (a user, by id or
+    /// external id): its check, so its role and status are read again, and
+    /// an external id's mapping. Returns the user id, when known.
+    pub async fn forget_user(&self, app: &App, subject: &super::Subject) -> Option<BoxId> {
+        let user = match subject {
+            super::Subject::Enterprise => return None,
+            super::Subject::User(id) => id.clone(),
+            super::Subject::External(external) => {
+                let key: ExternalKey = (app.name.clone(), external.id.clone());
+                let mapping = self.users.mappings.remove(&key).await;
+                self.users.created.invalidate(&key).await;
+                mapping.and_then(|m| m.user)?
+            }
+        };
+        self.users.checks.invalidate(&(app.name.clone(), user.clone())).await;
+        Some(user)
+    }
+
+    /// The external id `user` was last resolved from, if the broker knows one.
+    pub(super) async fn external_id_of(&self, app: &App, user: &BoxId) -> Option<Arc<str>> {
+        self.users.externals.get(&(app.name.clone(), user.clone())).await
+    }
+
+    /// Asks Box which user has `external_id`; a found user's role and status
+    /// are remembered as its check.
+    async fn find_external(
+        &self,
+        caller: &Arc<str>,
+        app: &Arc<App>,
+        external_id: &str,
+    ) -> Result<Mapping, BrokerError> {
+        let token = self.service_token(caller, app).await?;
+        let _place = self.budget.enter(caller)?;
+        let found = app
+            .client
+            .find_users_by_external_id(&token, external_id)
+            .await
+            .map_err(|e| self.users_error(app, &e, UsersCall::Find(external_id)))?;
+        let mut matching = found
+            .into_iter()
+            .filter(|u| u.external_app_user_id.as_deref() == Some(external_id));
+        let now = self.clock.now();
+        match (matching.next(), matching.next()) {
+            (None, _) => Ok(Mapping {
+                user: None,
+                until: now + self.users.policy.negative_ttl,
+            }),
+            (Some(user), None) => {
+                self.remember(app, &user, external_id).await;
+                Ok(Mapping {
+                    user: Some(user.id),
+                    until: now + self.users.policy.mapping_ttl,
+                })
+            }
+            (Some(a), Some(b)) => Err(BrokerError::FailedPrecondition(format!(
+                "external_app_user_id {external_id:?} is ambiguous in app {}: Box has several users with it ({} and {}); give each user a unique external id in Box, or ask by user_id",
+                app.name, a.id, b.id
+            ))),
+        }
+    }
+
+    /// Creates the App User for `external_id`, or finds the one created
+    /// meanwhile (by another broker: Box answers 409).
+    async fn provision(
+        &self,
+        caller: &Arc<str>,
+        app: &Arc<App>,
+        external_id: &str,
+        name: &str,
+    ) -> Result<BoxId, BrokerError> {
+        let token = self.service_token(caller, app).await?;
+        let _place = self.budget.enter(caller)?;
+        // Looked up again first: the "none" this request saw may be stale.
+        let again = app
+            .client
+            .find_users_by_external_id(&token, external_id)
+            .await
+            .map_err(|e| self.users_error(app, &e, UsersCall::Find(external_id)))?;
+        if let Some(user) = again
+            .into_iter()
+            .find(|u| u.external_app_user_id.as_deref() == Some(external_id))
+        {
+            self.remember(app, &user, external_id).await;
+            return Ok(user.id);
+        }
+        // In a task of its own: a caller going away cannot abandon a creation half-way.
+        let (client, owned_token, owned_id, owned_name) = (
+            app.client.clone(),
+            token.clone(),
+            external_id.to_owned(),
+            name.to_owned(),
+        );
+        let created = tokio::spawn(async move { client.create_app_user(&owned_token, &owned_name, &owned_id).await })
+            .await
+            .map_err(|_| BrokerError::Internal("internal error while creating the App User"))?;
+        let user = match created {
+            Ok(user) => user,
+            Err(BoxApiError::Rejected(e)) if e.status == 409 => {
+                let found = app
+                    .client
+                    .find_users_by_external_id(&token, external_id)
+                    .await
+                    .map_err(|e| self.users_error(app, &e, UsersCall::Find(external_id)))?;
+                found
+                    .into_iter()
+                    .find(|u| u.external_app_user_id.as_deref() == Some(external_id))
+                    .ok_or_else(|| {
+                        BrokerError::FailedPrecondition(format!(
+                            "Box refused to create an App User with external_app_user_id {external_id:?} in app {} as a conflict, yet lists none: a user outside the app's reach may hold that id",
+                            app.name
+                        ))
+                    })?
+            }
+            Err(e) => return Err(self.users_error(app, &e, UsersCall::Create(external_id))),
+        };
+        app.outcomes.users_created.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            app = %app.name,
+            user_id = %user.id,
+            external_app_user_id = external_id,
+            "created an App User"
+        );
+        self.remember(app, &user, external_id).await;
+        Ok(user.id)
+    }
+
+    /// Records what Box said of `user`: its check, and the external id it was found by.
+    async fn remember(&self, app: &App, user: &BoxUser, external_id: &str) {
+        let key: UserKey = (app.name.clone(), user.id.clone());
+        self.users.externals.insert(key.clone(), Arc::from(external_id)).await;
+        if let Some(refused) = refusal(app, user) {
+            app.outcomes.users_refused.fetch_add(1, Ordering::Relaxed);
+            self.users
+                .checks
+                .insert(
+                    key,
+                    Check {
+                        refused: Some(refused),
+                        until: self.clock.now() + self.users.policy.check_ttl,
+                    },
+                )
+                .await;
+        } else if user.role.is_some() && user.status.is_some() {
+            self.users
+                .checks
+                .insert(
+                    key,
+                    Check {
+                        refused: None,
+                        until: self.clock.now() + self.users.policy.check_ttl,
+                    },
+                )
+                .await;
+        }
+    }
+
+    /// Ok when `user` may be tokenized: the cached check, or Box's answer
+    /// (one read for every concurrent request). Never Ok without an answer.
+    pub(super) async fn check_user(&self, caller: &Arc<str>, app: &Arc<App>, user: &BoxId) -> Result<(), BrokerError> {
+        let key: UserKey = (app.name.clone(), user.clone());
+        let now = self.clock.now();
+        let check = match self.users.checks.get(&key).await {
+            Some(check) if check.until > now => check,
+            stale => {
+                if stale.is_some() {
+                    self.users.checks.invalidate(&key).await;
+                }
+                self.users
+                    .checks
+                    .try_get_with(key, self.read_user(caller, app, user))
+                    .await
+                    .map_err(shared)?
+            }
+        };
+        check.refused.map_or(Ok(()), Err)
+    }
+
+    /// Reads `user` with the Service Account's token and decides; where the
+    /// app may not read users, asks Box who a freshly minted token of the
+    /// user is instead, and revokes it if the user is refused.
+    async fn read_user(&self, caller: &Arc<str>, app: &Arc<App>, user: &BoxId) -> Result<Check, BrokerError> {
+        let token = self.service_token(caller, app).await?;
+        let _place = self.budget.enter(caller)?;
+        let read = app.client.get_user(&token, user).await;
+        let now = self.clock.now();
+        let answer = match read {
+            Ok(answer) => answer,
+            Err(BoxApiError::Rejected(e)) if e.status == 404 => {
+                return Ok(Check {
+                    refused: Some(BrokerError::Upstream(Arc::new(UpstreamError {
+                        app: app.name.clone(),
+                        subject: BoxSubject::User(user.clone()),
+                        diagnosis: crate::boxapi::Diagnosis {
+                            kind: DiagnosisKind::NotFound,
+                            message: format!(
+                                "Box has no user {user} that app {} can reach: no such App User or Managed User in its enterprise",
+                                app.name
+                            ),
+                            retry_after: None,
+                        },
+                        relayed: None,
+                    }))),
+                    until: now + self.users.policy.negative_ttl,
+                });
+            }
+            Err(BoxApiError::Rejected(e)) if e.status == 403 => return self.self_check(app, user).await,
+            Err(e) => return Err(self.users_error(app, &e, UsersCall::Read(user))),
+        };
+        if answer.id != *user {
+            return Err(BrokerError::Internal("Box answered for another user than the one read"));
+        }
+        let refused = refusal(app, &answer);
+        if refused.is_none() && (answer.role.is_none() || answer.status.is_none()) {
+            return Err(BrokerError::Internal("Box's user has no role or status"));
+        }
+        self.refused_now(app, user, refused.as_ref()).await;
+        Ok(Check {
+            refused,
+            until: now + self.users.policy.check_ttl,
+        })
+    }
+
+    /// The fallback where the app may not read users: the user's own token
+    /// (the cached one, else one minted for this) asks `/2.0/users/me`.
+    async fn self_check(&self, app: &Arc<App>, user: &BoxId) -> Result<Check, BrokerError> {
+        let key = TokenKey {
+            app: app.name.clone(),
+            subject: BoxSubject::User(user.clone()),
+            downscope: None,
+            caller: None,
+            external: None,
+        };
+        let (token, minted) = match self.cache.cached(&key, Need::default()).await {
+            Some(hit) => (hit.token.access_token.clone(), None),
+            None => {
+                let issued = minting::mint_full(app, &key)
+                    .await
+                    .map_err(|e| BrokerError::Upstream(Arc::new(e)))?;
+                (issued.access_token.clone(), Some(issued))
+            }
+        };
+        let me = app.client.me(&token).await;
+        let refused = match &me {
+            Ok(me) if me.id != *user => Some(BrokerError::Internal(
+                "Box said the user's token belongs to another user",
+            )),
+            Ok(me) if me.role.is_none() || me.status.is_none() => {
+                Some(BrokerError::Internal("Box's user has no role or status"))
+            }
+            Ok(me) => refusal(app, me),
+            Err(_) => None,
+        };
+        // Never left behind: a token minted for the check of a refused or
+        // unchecked user, or a cached one of a refused user, is revoked.
+        if refused.is_some() || (me.is_err() && minted.is_some()) {
+            minting::revoke_quietly(app, token);
+        }
+        if let Some(BrokerError::Internal(problem)) = refused {
+            return Err(BrokerError::Internal(problem));
+        }
+        self.refused_now(app, user, refused.as_ref()).await;
+        me.map_err(|e| self.users_error(app, &e, UsersCall::Me(user)))?;
+        if let (None, Some(issued)) = (&refused, minted) {
+            self.cache.offer(&key, issued).await;
+        }
+        Ok(Check {
+            refused,
+            until: self.clock.now() + self.users.policy.check_ttl,
+        })
+    }
+
+    /// A user just found refused has no token left in the cache.
+    async fn refused_now(&self, app: &App, user: &BoxId, refused: Option<&BrokerError>) {
+        if refused.is_none() {
+            return;
+        }
+        app.outcomes.users_refused.fetch_add(1, Ordering::Relaxed);
+        let subject = BoxSubject::User(user.clone());
+        let name = app.name.clone();
+        let dropped = self
+            .cache
+            .invalidate_where(move |k| k.app == name && k.subject == subject)
+            .await;
+        if dropped > 0 {
+            tracing::warn!(app = %app.name, user_id = %user, dropped, "dropped the cached tokens of a user Box no longer lets the broker tokenize");
+        }
+    }
+
+    /// The app's Service Account token, for the users API.
+    async fn service_token(&self, caller: &Arc<str>, app: &App) -> Result<SecretString, BrokerError> {
+        let key = TokenKey {
+            app: app.name.clone(),
+            subject: BoxSubject::Enterprise(app.enterprise_id()),
+            downscope: None,
+            caller: None,
+            external: None,
+        };
+        let lookup = self
+            .cache
+            .get_admitted(&key, Need::default(), Some(&self.admission(caller)))
+            .await?;
+        Ok(lookup.token.access_token.clone())
+    }
+
+    /// A users-API failure as the caller sees it; logged in full here.
+    fn users_error(&self, app: &App, error: &BoxApiError, call: UsersCall<'_>) -> BrokerError {
+        let diagnosis = diagnose_users(error, call, &app.client_id());
+        tracing::warn!(app = %app.name, error = %error, "a Box users API call failed: {}", diagnosis.message);
+        if call.as_service_account() && matches!(error, BoxApiError::Rejected(e) if e.status == 401) {
+            // Box no longer takes the cached Service Account token: the next request mints another.
+            let (cache, name) = (self.cache.clone(), app.name.clone());
+            tokio::spawn(async move {
+                cache
+                    .invalidate_where(move |k| k.app == name && matches!(k.subject, BoxSubject::Enterprise(_)))
+                    .await
+            });
+        }
+        if diagnosis.kind == DiagnosisKind::Misconfigured {
+            app.record(Err((self.clock.now(), &diagnosis.message)));
+        }
+        let subject = match call {
+            UsersCall::Read(id) | UsersCall::Me(id) => BoxSubject::User(id.clone()),
+            UsersCall::Find(_) | UsersCall::Create(_) => BoxSubject::Enterprise(app.enterprise_id()),
+        };
+        BrokerError::Upstream(Arc::new(UpstreamError {
+            app: app.name.clone(),
+            subject,
+            diagnosis,
+            relayed: None,
+        }))
+    }
+}
+
+fn not_found(app: &App, external_id: &str) -> BrokerError {
+    BrokerError::Upstream(Arc::new(UpstreamError {
+        app: app.name.clone(),
+        subject: BoxSubject::Enterprise(app.enterprise_id()),
+        diagnosis: crate::boxapi::Diagnosis {
+            kind: DiagnosisKind::NotFound,
+            message: format!(
+                "Box has no user with external_app_user_id {external_id:?} that app {} can reach; create it first, or ask with create_if_missing where the policy grants provision",
+                app.name
+            ),
+            retry_after: None,
+        },
+        relayed: None,
+    }))
+}
+
+/// Why `user` may not be tokenized by `app`, as the caller is told.
+fn refusal(app: &App, user: &BoxUser) -> Option<BrokerError> {
+    let id = &user.id;
+    let refusal = user.refusal(&app.enterprise_id(), app.refused_roles())?;
+    Some(match refusal {
+        Refusal::Role(role) if role == "admin" || role == "coadmin" => BrokerError::UserRefused {
+            inactive: false,
+            message: format!(
+                "user {id} is a Box {} (role {role}): the broker never tokenizes Box admins or co-admins",
+                if role == "admin" { "admin" } else { "co-admin" }
+            ),
+        },
+        Refusal::Role(role) => BrokerError::UserRefused {
+            inactive: false,
+            message: format!(
+                "user {id} has role {role}, which app {} refuses to tokenize (refused_roles)",
+                app.name
+            ),
+        },
+        Refusal::Inactive(status) => BrokerError::UserRefused {
+            inactive: true,
+            message: format!(
+                "user {id} is not active in Box (status {status}): a Box admin must reactivate or unlock the user before the broker tokenizes them"
+            ),
+        },
+        Refusal::OtherEnterprise(other) => BrokerError::UserRefused {
+            inactive: false,
+            message: format!(
+                "user {id} belongs to {}, not to app {}'s enterprise {}: the broker tokenizes only its own enterprise's users",
+                other.map_or_else(|| "no enterprise".to_owned(), |e| format!("enterprise {e}")),
+                app.name,
+                app.enterprise_id()
+            ),
+        },
+        Refusal::Unknown(_) => return None,
+    })
+}
