@@ -87,6 +87,10 @@ struct Args {
     /// Only an edge sidecar's cached single-key `GetToken` against the baseline (for profiling).
     #[arg(long)]
     edge_only: bool,
+    /// Only the cached `GetToken` of 1,000 users (each checked with Box once,
+    /// then served from the cache) against the baseline (for profiling).
+    #[arg(long)]
+    users_only: bool,
 }
 
 /// One load run's results.
@@ -828,7 +832,7 @@ fn signing(bench: &Bench, n: u32) {
 /// The scenarios `args` asks for, in order.
 async fn run(args: Args) {
     let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
-    let one_scenario = args.cached_only || args.downscoped_only || args.edge_only;
+    let one_scenario = args.cached_only || args.downscoped_only || args.edge_only || args.users_only;
     let users = if args.quick || one_scenario { 1_000 } else { 10_000 };
     let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
     let rounds = if args.quick { 2 } else { args.rounds.max(1) };
@@ -865,6 +869,18 @@ async fn run(args: Args) {
         bench
             .servers(slice, rounds)
             .versus(["GetToken (constant)", "GetToken, cached, 1 key"], get_enterprise)
+            .await;
+        return;
+    }
+    if args.users_only {
+        warm_users(&bench).await;
+        let users = bench.users;
+        bench
+            .servers(slice, rounds)
+            .versus(
+                ["GetToken (constant)", &format!("GetToken, cached, {users} users")],
+                move |c, i| get_user(c, i % users),
+            )
             .await;
         return;
     }

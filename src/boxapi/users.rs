@@ -99,11 +99,12 @@ pub enum Refusal {
 impl BoxUser {
     /// Whether the app of enterprise `enterprise` may tokenize this user,
     /// refusing the roles in `refused_roles`.
+    /// The enterprise's admin is refused whatever `refused_roles` says.
     pub fn refusal(&self, enterprise: &BoxId, refused_roles: &[String]) -> Option<Refusal> {
         let Some(role) = &self.role else {
             return Some(Refusal::Unknown("role"));
         };
-        if refused_roles.iter().any(|r| r == role) {
+        if role == "admin" || refused_roles.iter().any(|r| r == role) {
             return Some(Refusal::Role(role.clone()));
         }
         let Some(status) = &self.status else {
@@ -149,6 +150,13 @@ pub fn diagnose_users(error: &BoxApiError, call: UsersCall<'_>, client_id: &str)
         UsersCall::Me(id) => format!("asking Box who user {id}'s own token belongs to"),
     };
     let (kind, message) = match error {
+        BoxApiError::Rejected(e) if e.status == 403 && matches!(call, UsersCall::Me(_)) => (
+            Misconfigured,
+            format!(
+                "Box refused {doing} (HTTP 403 {}): check that the app may generate user access tokens",
+                e.code
+            ),
+        ),
         BoxApiError::Rejected(e) if e.status == 403 => (
             Misconfigured,
             format!(
@@ -237,6 +245,11 @@ mod tests {
         assert_eq!(
             user("coadmin", "active", "7").refusal(&ours(), &["admin".to_owned()]),
             None
+        );
+        assert_eq!(
+            user("admin", "active", "7").refusal(&ours(), &[]),
+            Some(Refusal::Role("admin".into())),
+            "the admin always"
         );
     }
 

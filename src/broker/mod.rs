@@ -315,49 +315,85 @@ impl Broker {
     }
 
     /// The full token's key for `subject`, once the policy allowed it: an
-    /// external id resolved to its Box user (created if asked), and a user
-    /// checked as one the broker may tokenize. No Box call happens before
-    /// the policy's decision, and no token is served for an unchecked user.
+    /// external id resolved to its Box user (created if asked). A user's key
+    /// is served only through [`Self::checked`]. No Box call happens before
+    /// the policy's decision.
     async fn key(
         &self,
         caller: &Arc<str>,
         app: &Arc<App>,
         subject: &Subject,
     ) -> Result<(TokenKey, Option<Resolved>), BrokerError> {
-        let (user, resolved) = match subject {
-            Subject::Enterprise => {
-                let key = TokenKey {
-                    app: app.name.clone(),
-                    subject: BoxSubject::Enterprise(app.enterprise_id()),
-                    downscope: None,
-                    caller: None,
-                    external: None,
-                };
-                return Ok((key, None));
-            }
-            Subject::User(id) => (id.clone(), None),
+        let (subject, resolved) = match subject {
+            Subject::Enterprise => (BoxSubject::Enterprise(app.enterprise_id()), None),
+            Subject::User(id) => (BoxSubject::User(id.clone()), None),
             Subject::External(external) => {
                 let resolved = self.resolve_external(caller, app, external).await?;
-                (resolved.user.clone(), Some(resolved))
+                (BoxSubject::User(resolved.user.clone()), Some(resolved))
             }
         };
-        if let Err(error) = self.check_user(caller, app, &user).await {
-            // A mapping to a user Box no longer has is dropped: the next request looks again.
-            if let (Subject::External(_), BrokerError::Upstream(e)) = (subject, &error)
-                && e.diagnosis.kind == crate::boxapi::DiagnosisKind::NotFound
-            {
-                self.forget_user(app, subject).await;
-            }
-            return Err(error);
-        }
         let key = TokenKey {
             app: app.name.clone(),
-            subject: BoxSubject::User(user),
+            subject,
             downscope: None,
             caller: None,
             external: None,
         };
         Ok((key, resolved))
+    }
+
+    /// Serves a token of `key`'s subject with `serve` — for a user, only one
+    /// whose user is checked as one the broker may tokenize: a cached token
+    /// stamped by a check that still holds (`cached`, one atomic load), else
+    /// after the check (the check cache, or Box), stamping what is served.
+    /// Never a token for an unchecked user.
+    async fn checked<C, S>(
+        &self,
+        caller: &Arc<str>,
+        app: &Arc<App>,
+        (key, subject): (&TokenKey, &Subject),
+        cached: impl FnOnce() -> C,
+        serve: impl FnOnce() -> S,
+    ) -> Result<Lookup, BrokerError>
+    where
+        C: Future<Output = Option<Lookup>>,
+        S: Future<Output = Result<Lookup, CacheError>>,
+    {
+        let BoxSubject::User(user) = &key.subject else {
+            // The Service Account is not checked: its token is served as it is.
+            return Ok(serve().await?);
+        };
+        if let Some(hit) = cached().await
+            && hit.token.checked_at(self.clock.now())
+        {
+            return Ok(hit);
+        }
+        let until = match self.check_user(caller, app, user).await {
+            Ok(until) => until,
+            Err(error) => {
+                // A mapping to a user Box no longer has is dropped: the next request looks again.
+                if let (Subject::External(_), BrokerError::Upstream(e)) = (subject, &error)
+                    && e.diagnosis.kind == crate::boxapi::DiagnosisKind::NotFound
+                {
+                    self.forget_user(app, subject).await;
+                }
+                return Err(error);
+            }
+        };
+        let lookup = serve().await?;
+        lookup.token.mark_checked(until);
+        Ok(lookup)
+    }
+
+    /// The key of the app's Service Account token.
+    fn enterprise_key(&self, app: &App) -> TokenKey {
+        TokenKey {
+            app: app.name.clone(),
+            subject: BoxSubject::Enterprise(app.enterprise_id()),
+            downscope: None,
+            caller: None,
+            external: None,
+        }
     }
 
     /// A place in `caller`'s budget for a call to Box its request starts.
@@ -389,16 +425,31 @@ impl Broker {
                 Refresh::Cached
             },
         )?;
-        let (key, resolved) = self.key(caller, app, &request.subject).await?;
         let need = Need {
             min_ttl: request.min_ttl,
             minted_since: request.force_refresh.then(|| self.forced()),
             forced: request.force_refresh,
             ..Need::default()
         };
+        if let Subject::Enterprise = request.subject {
+            // The common case, without the users' steps (no check, no resolution).
+            let key = self.enterprise_key(app);
+            let lookup = self
+                .cache
+                .serve(caller, &key, need, Some(&self.admission(caller)))
+                .await?;
+            return Ok(permit.grant(app, lookup, self.clock.now()));
+        }
+        let (key, resolved) = self.key(caller, app, &request.subject).await?;
+        let admission = self.admission(caller);
         let lookup = self
-            .cache
-            .serve(caller, &key, need, Some(&self.admission(caller)))
+            .checked(
+                caller,
+                app,
+                (&key, &request.subject),
+                || self.cache.serve_cached(caller, &key, need),
+                || self.cache.serve(caller, &key, need, Some(&admission)),
+            )
             .await?;
         Ok(Granted {
             resolved,
@@ -423,15 +474,31 @@ impl Broker {
         };
         let subject = Self::policy_subject(&request.subject);
         let permit = self.authorize(caller, app, subject, ask, request.min_ttl, Refresh::Cached)?;
-        let (parent_key, resolved) = self.key(caller, app, &request.subject).await?;
+        let (parent_key, resolved) = match request.subject {
+            Subject::Enterprise => (self.enterprise_key(app), None),
+            _ => self.key(caller, app, &request.subject).await?,
+        };
         let key = TokenKey {
             downscope: Some(request.downscope.clone()),
             caller: Some(caller.clone()),
-            ..parent_key.clone()
+            ..parent_key
         };
+        let admission = self.admission(caller);
+        if let Subject::Enterprise = request.subject {
+            let lookup = self
+                .cache
+                .serve_child(caller, &key, request.min_ttl, Some(&admission))
+                .await?;
+            return Ok(permit.grant(app, lookup, self.clock.now()));
+        }
         let lookup = self
-            .cache
-            .serve_child(caller, &key, request.min_ttl, Some(&self.admission(caller)))
+            .checked(
+                caller,
+                app,
+                (&key, &request.subject),
+                || self.cache.serve_cached_child(caller, &key, request.min_ttl),
+                || self.cache.serve_child(caller, &key, request.min_ttl, Some(&admission)),
+            )
             .await?;
         Ok(Granted {
             resolved,
@@ -493,7 +560,11 @@ impl Broker {
                     Refresh::Cached,
                 );
                 // A token served by external id is the caller's to revoke under that grant too.
-                match (by_id, self.external_id_of(app, id).await) {
+                let external = match &by_id {
+                    Ok(_) => None,
+                    Err(_) => self.external_id_of(&Arc::from(caller), app, id).await,
+                };
+                match (by_id, external) {
                     (Err(_), Some(external)) => self.authorize(
                         caller,
                         app,

@@ -14,12 +14,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures_util::future::{BoxFuture, FutureExt as _, Shared};
 use secrecy::SecretString;
 
-use super::{App, Broker, minting};
+use super::{App, Broker, budget::Place, minting};
 use crate::{
     boxapi::{
-        BoxApiError, BoxId, BoxSubject, BoxUser, DiagnosisKind, ExternalUser,
+        BoxApiError, BoxClient, BoxId, BoxSubject, BoxUser, DiagnosisKind, ExternalUser,
         users::{Refusal, UsersCall, diagnose_users},
     },
     cache::{Need, TokenKey, UpstreamError},
@@ -61,8 +62,36 @@ type UserKey = (Arc<str>, BoxId);
 #[derive(Debug, Clone)]
 struct Mapping {
     user: Option<BoxId>,
+    /// The user is an App User (`is_platform_access_only`): external ids
+    /// reach App Users only, never Managed Users who carry one (SSO).
+    app_user: bool,
     until: SystemTime,
 }
+
+/// An App User's creation, shared by every request for its external id,
+/// run in a task of its own (a caller going away abandons nothing).
+type Creation = Shared<BoxFuture<'static, Result<Created, CreateFailure>>>;
+
+/// What a creation found or made.
+#[derive(Debug, Clone)]
+struct Created {
+    user: BoxUser,
+    /// Box answered 201 (rather than the user turning up on a lookup).
+    created: bool,
+}
+
+/// Why a creation failed.
+#[derive(Debug, Clone)]
+enum CreateFailure {
+    Find(Arc<BoxApiError>),
+    Create(Arc<BoxApiError>),
+    /// Box keeps answering 409 yet lists no such user.
+    Conflict,
+    Panicked,
+}
+
+/// How many times a creation looks up and POSTs before it gives up.
+const CREATE_ATTEMPTS: u32 = 3;
 
 /// Whether a user may be tokenized, until when it is believed.
 #[derive(Debug, Clone)]
@@ -76,9 +105,9 @@ struct Check {
 pub(super) struct Directory {
     policy: UsersPolicy,
     mappings: moka::future::Cache<ExternalKey, Mapping>,
-    /// App Users created, kept briefly: the one creation every concurrent
-    /// request for the external id shares.
-    created: moka::future::Cache<ExternalKey, BoxId>,
+    /// Creations under way (or just done, kept briefly): the one creation
+    /// every concurrent request for the external id shares.
+    creations: moka::future::Cache<ExternalKey, Creation>,
     checks: moka::future::Cache<UserKey, Check>,
     /// The external id each resolved user was asked for by (for revocation's policy check).
     externals: moka::future::Cache<UserKey, Arc<str>>,
@@ -88,9 +117,10 @@ impl Directory {
     pub(super) fn new(policy: UsersPolicy) -> Self {
         Self {
             mappings: bounded(policy.mapping_ttl.max(policy.negative_ttl)),
-            created: bounded(policy.negative_ttl.max(Duration::from_secs(1))),
+            creations: bounded(policy.negative_ttl.max(Duration::from_secs(1))),
             checks: bounded(policy.check_ttl.max(policy.negative_ttl)),
-            externals: bounded(policy.mapping_ttl),
+            // As long as a token served by external id may live (2 h at most).
+            externals: bounded(policy.mapping_ttl.max(crate::boxapi::client::MAX_EXPIRES_IN)),
             policy,
         }
     }
@@ -118,11 +148,36 @@ pub struct Resolved {
     pub provisioned: bool,
 }
 
-fn shared(e: Arc<BrokerError>) -> BrokerError {
-    Arc::unwrap_or_clone(e)
-}
-
 impl Broker {
+    /// `cache`'s entry for `key`, made by `init` once for every concurrent
+    /// request (moka's `try_get_with`; errors are not kept). A request that
+    /// waited on another caller's call and got that caller's budget refusal
+    /// tries again under its own budget: a refusal names its own caller.
+    async fn shared<K, V, F>(
+        &self,
+        caller: &Arc<str>,
+        cache: &moka::future::Cache<K, V>,
+        key: &K,
+        init: impl Fn() -> F,
+    ) -> Result<V, BrokerError>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+        F: Future<Output = Result<V, BrokerError>>,
+    {
+        let mut tries = 0;
+        loop {
+            match cache.try_get_with(key.clone(), init()).await {
+                Ok(value) => return Ok(value),
+                Err(e) if tries < 2 && matches!(*e, BrokerError::Cache(crate::cache::CacheError::Busy(_))) => {
+                    tries += 1;
+                    drop(self.budget.enter(caller)?);
+                }
+                Err(e) => return Err(Arc::unwrap_or_clone(e)),
+            }
+        }
+    }
+
     /// The Box user `external` names: from the cache, or looked up (one
     /// lookup for every concurrent request), or — when the request asks and
     /// the policy granted it — created, exactly once.
@@ -145,13 +200,17 @@ impl Broker {
         };
         let mapping = match cached {
             Some(mapping) => mapping,
-            None => directory
-                .mappings
-                .try_get_with(key.clone(), self.find_external(caller, app, &external.id))
-                .await
-                .map_err(shared)?,
+            None => {
+                self.shared(caller, &directory.mappings, &key, || {
+                    self.find_external(caller, app, &external.id)
+                })
+                .await?
+            }
         };
         if let Some(user) = mapping.user {
+            if !mapping.app_user {
+                return Err(managed_by_external_id(&user, &external.id));
+            }
             return Ok(Resolved {
                 user,
                 provisioned: false,
@@ -160,15 +219,42 @@ impl Broker {
         let Some(name) = &external.create else {
             return Err(not_found(app, &external.id));
         };
-        let created_here = AtomicBool::new(false);
-        let user = directory
-            .created
-            .try_get_with(key.clone(), async {
-                created_here.store(true, Ordering::Relaxed);
-                self.provision(caller, app, &external.id, name).await
+        let token = self.service_token(caller, app).await?;
+        // Taken before joining: a caller over its budget is told so in its own
+        // words, never another caller's. Given back unused when it joins.
+        let place = self.budget.enter(caller)?;
+        let started_here = AtomicBool::new(false);
+        #[allow(
+            clippy::async_yields_async,
+            reason = "the cached value is the shared creation, awaited below"
+        )]
+        let creation = directory
+            .creations
+            .get_with(key.clone(), async {
+                started_here.store(true, Ordering::Relaxed);
+                create(app.client.clone(), token, external.id.clone(), name.clone(), place)
             })
-            .await
-            .map_err(shared)?;
+            .await;
+        let created = match creation.await {
+            Ok(created) => created,
+            Err(failure) => {
+                // Not kept: the next request tries again.
+                directory.creations.invalidate(&key).await;
+                return Err(self.creation_error(app, &external.id, &failure));
+            }
+        };
+        let provisioned = created.created && started_here.load(Ordering::Relaxed);
+        if provisioned {
+            app.outcomes.users_created.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                app = %app.name,
+                user_id = %created.user.id,
+                external_app_user_id = &*external.id,
+                "created an App User"
+            );
+        }
+        self.remember(app, &created.user, &external.id).await;
+        let user = created.user.id;
         let until = self.clock.now() + directory.policy.mapping_ttl;
         directory
             .mappings
@@ -176,14 +262,12 @@ impl Broker {
                 key,
                 Mapping {
                     user: Some(user.clone()),
+                    app_user: true,
                     until,
                 },
             )
             .await;
-        Ok(Resolved {
-            user,
-            provisioned: created_here.load(Ordering::Relaxed),
-        })
+        Ok(Resolved { user, provisioned })
     }
 
     /// Forgets what the broker knows of `subject` (a user, by id or
@@ -196,7 +280,7 @@ impl Broker {
             super::Subject::External(external) => {
                 let key: ExternalKey = (app.name.clone(), external.id.clone());
                 let mapping = self.users.mappings.remove(&key).await;
-                self.users.created.invalidate(&key).await;
+                self.users.creations.invalidate(&key).await;
                 mapping.and_then(|m| m.user)?
             }
         };
@@ -204,9 +288,20 @@ impl Broker {
         Some(user)
     }
 
-    /// The external id `user` was last resolved from, if the broker knows one.
-    pub(super) async fn external_id_of(&self, app: &App, user: &BoxId) -> Option<Arc<str>> {
-        self.users.externals.get(&(app.name.clone(), user.clone())).await
+    /// The external id of `user`, for revoking a token served by it: the one
+    /// it was resolved from, else Box's answer (revocations are rare; a
+    /// failure reads as "none").
+    pub(super) async fn external_id_of(&self, caller: &Arc<str>, app: &App, user: &BoxId) -> Option<Arc<str>> {
+        let key: UserKey = (app.name.clone(), user.clone());
+        if let Some(known) = self.users.externals.get(&key).await {
+            return Some(known);
+        }
+        let token = self.service_token(caller, app).await.ok()?;
+        let _place = self.budget.enter(caller).ok()?;
+        let answer = app.client.get_user(&token, user).await.ok()?;
+        let external: Arc<str> = Arc::from(answer.external_app_user_id?);
+        self.users.externals.insert(key, external.clone()).await;
+        Some(external)
     }
 
     /// Asks Box which user has `external_id`; a found user's role and status
@@ -231,11 +326,13 @@ impl Broker {
         match (matching.next(), matching.next()) {
             (None, _) => Ok(Mapping {
                 user: None,
+                app_user: false,
                 until: now + self.users.policy.negative_ttl,
             }),
             (Some(user), None) => {
                 self.remember(app, &user, external_id).await;
                 Ok(Mapping {
+                    app_user: user.is_platform_access_only == Some(true),
                     user: Some(user.id),
                     until: now + self.users.policy.mapping_ttl,
                 })
@@ -247,69 +344,17 @@ impl Broker {
         }
     }
 
-    /// Creates the App User for `external_id`, or finds the one created
-    /// meanwhile (by another broker: Box answers 409).
-    async fn provision(
-        &self,
-        caller: &Arc<str>,
-        app: &Arc<App>,
-        external_id: &str,
-        name: &str,
-    ) -> Result<BoxId, BrokerError> {
-        let token = self.service_token(caller, app).await?;
-        let _place = self.budget.enter(caller)?;
-        // Looked up again first: the "none" this request saw may be stale.
-        let again = app
-            .client
-            .find_users_by_external_id(&token, external_id)
-            .await
-            .map_err(|e| self.users_error(app, &e, UsersCall::Find(external_id)))?;
-        if let Some(user) = again
-            .into_iter()
-            .find(|u| u.external_app_user_id.as_deref() == Some(external_id))
-        {
-            self.remember(app, &user, external_id).await;
-            return Ok(user.id);
+    /// A failed creation as the caller sees it.
+    fn creation_error(&self, app: &App, external_id: &str, failure: &CreateFailure) -> BrokerError {
+        match failure {
+            CreateFailure::Find(e) => self.users_error(app, e, UsersCall::Find(external_id)),
+            CreateFailure::Create(e) => self.users_error(app, e, UsersCall::Create(external_id)),
+            CreateFailure::Conflict => BrokerError::FailedPrecondition(format!(
+                "Box refused to create an App User with external_app_user_id {external_id:?} in app {} as a conflict, yet lists none: a user outside the app's reach may hold that id",
+                app.name
+            )),
+            CreateFailure::Panicked => BrokerError::Internal("internal error while creating the App User"),
         }
-        // In a task of its own: a caller going away cannot abandon a creation half-way.
-        let (client, owned_token, owned_id, owned_name) = (
-            app.client.clone(),
-            token.clone(),
-            external_id.to_owned(),
-            name.to_owned(),
-        );
-        let created = tokio::spawn(async move { client.create_app_user(&owned_token, &owned_name, &owned_id).await })
-            .await
-            .map_err(|_| BrokerError::Internal("internal error while creating the App User"))?;
-        let user = match created {
-            Ok(user) => user,
-            Err(BoxApiError::Rejected(e)) if e.status == 409 => {
-                let found = app
-                    .client
-                    .find_users_by_external_id(&token, external_id)
-                    .await
-                    .map_err(|e| self.users_error(app, &e, UsersCall::Find(external_id)))?;
-                found
-                    .into_iter()
-                    .find(|u| u.external_app_user_id.as_deref() == Some(external_id))
-                    .ok_or_else(|| {
-                        BrokerError::FailedPrecondition(format!(
-                            "Box refused to create an App User with external_app_user_id {external_id:?} in app {} as a conflict, yet lists none: a user outside the app's reach may hold that id",
-                            app.name
-                        ))
-                    })?
-            }
-            Err(e) => return Err(self.users_error(app, &e, UsersCall::Create(external_id))),
-        };
-        app.outcomes.users_created.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            app = %app.name,
-            user_id = %user.id,
-            external_app_user_id = external_id,
-            "created an App User"
-        );
-        self.remember(app, &user, external_id).await;
-        Ok(user.id)
     }
 
     /// Records what Box said of `user`: its check, and the external id it was found by.
@@ -317,7 +362,7 @@ impl Broker {
         let key: UserKey = (app.name.clone(), user.id.clone());
         self.users.externals.insert(key.clone(), Arc::from(external_id)).await;
         if let Some(refused) = refusal(app, user) {
-            app.outcomes.users_refused.fetch_add(1, Ordering::Relaxed);
+            self.refused_now(app, &user.id, Some(&refused)).await;
             self.users
                 .checks
                 .insert(
@@ -344,7 +389,12 @@ impl Broker {
 
     /// Ok when `user` may be tokenized: the cached check, or Box's answer
     /// (one read for every concurrent request). Never Ok without an answer.
-    pub(super) async fn check_user(&self, caller: &Arc<str>, app: &Arc<App>, user: &BoxId) -> Result<(), BrokerError> {
+    pub(super) async fn check_user(
+        &self,
+        caller: &Arc<str>,
+        app: &Arc<App>,
+        user: &BoxId,
+    ) -> Result<SystemTime, BrokerError> {
         let key: UserKey = (app.name.clone(), user.clone());
         let now = self.clock.now();
         let check = match self.users.checks.get(&key).await {
@@ -353,14 +403,11 @@ impl Broker {
                 if stale.is_some() {
                     self.users.checks.invalidate(&key).await;
                 }
-                self.users
-                    .checks
-                    .try_get_with(key, self.read_user(caller, app, user))
-                    .await
-                    .map_err(shared)?
+                self.shared(caller, &self.users.checks, &key, || self.read_user(caller, app, user))
+                    .await?
             }
         };
-        check.refused.map_or(Ok(()), Err)
+        check.refused.map_or(Ok(check.until), Err)
     }
 
     /// Reads `user` with the Service Account's token and decides; where the
@@ -397,6 +444,15 @@ impl Broker {
         if answer.id != *user {
             return Err(BrokerError::Internal("Box answered for another user than the one read"));
         }
+        let key: UserKey = (app.name.clone(), user.clone());
+        if let Some(known) = self.users.externals.get(&key).await
+            && answer.external_app_user_id.as_deref() != Some(&*known)
+        {
+            // Box no longer gives the user the external id it was found by:
+            // the next request by that id looks it up again.
+            self.users.mappings.invalidate(&(app.name.clone(), known)).await;
+            self.users.externals.invalidate(&key).await;
+        }
         let refused = refusal(app, &answer);
         if refused.is_none() && (answer.role.is_none() || answer.status.is_none()) {
             return Err(BrokerError::Internal("Box's user has no role or status"));
@@ -418,16 +474,29 @@ impl Broker {
             caller: None,
             external: None,
         };
-        let (token, minted) = match self.cache.cached(&key, Need::default()).await {
-            Some(hit) => (hit.token.access_token.clone(), None),
-            None => {
-                let issued = minting::mint_full(app, &key)
-                    .await
-                    .map_err(|e| BrokerError::Upstream(Arc::new(e)))?;
-                (issued.access_token.clone(), Some(issued))
+        let mut cached = self.cache.cached(&key, Need::default()).await;
+        let (token, minted, me) = loop {
+            let (token, minted) = match cached.take() {
+                Some(hit) => (hit.token.access_token.clone(), None),
+                None => {
+                    let issued = minting::mint_full(app, &key)
+                        .await
+                        .map_err(|e| BrokerError::Upstream(Arc::new(e)))?;
+                    (issued.access_token.clone(), Some(issued))
+                }
+            };
+            let me = app.client.me(&token).await;
+            if minted.is_none() && matches!(&me, Err(BoxApiError::Rejected(e)) if e.status == 401) {
+                // The cached token is dead at Box: dropped, and the check asks with a new one.
+                let subject = key.subject.clone();
+                let name = app.name.clone();
+                self.cache
+                    .invalidate_where(move |k| k.app == name && k.subject == subject)
+                    .await;
+                continue;
             }
+            break (token, minted, me);
         };
-        let me = app.client.me(&token).await;
         let refused = match &me {
             Ok(me) if me.id != *user => Some(BrokerError::Internal(
                 "Box said the user's token belongs to another user",
@@ -503,7 +572,9 @@ impl Broker {
                     .await
             });
         }
-        if diagnosis.kind == DiagnosisKind::Misconfigured {
+        // A creation Box refused as a bad request is the caller's (its name), not the app failing.
+        let callers = matches!((call, error), (UsersCall::Create(_), BoxApiError::Rejected(e)) if e.status == 400);
+        if diagnosis.kind == DiagnosisKind::Misconfigured && !callers {
             app.record(Err((self.clock.now(), &diagnosis.message)));
         }
         let subject = match call {
@@ -516,6 +587,55 @@ impl Broker {
             diagnosis,
             relayed: None,
         }))
+    }
+}
+
+/// Starts the creation of the App User for `external_id` in a task of its
+/// own: each attempt looks the user up first (the "none" a request saw may
+/// be stale, and a POST whose answer was lost may have created it), then
+/// POSTs once; a 409 (another broker created it) or a 429/5xx looks again.
+fn create(client: BoxClient, token: SecretString, external_id: Arc<str>, name: Arc<str>, place: Place) -> Creation {
+    let task = tokio::spawn(async move {
+        let _place = place;
+        let mut conflict = false;
+        for attempt in 0..CREATE_ATTEMPTS {
+            let found = client
+                .find_users_by_external_id(&token, &external_id)
+                .await
+                .map_err(|e| CreateFailure::Find(Arc::new(e)))?;
+            if let Some(user) = found
+                .into_iter()
+                .find(|u| u.external_app_user_id.as_deref() == Some(&*external_id))
+            {
+                return Ok(Created { user, created: false });
+            }
+            match client.create_app_user(&token, &name, &external_id).await {
+                Ok(user) => return Ok(Created { user, created: true }),
+                Err(BoxApiError::Rejected(e)) if e.status == 409 => conflict = true,
+                Err(e) if e.is_retryable() && attempt + 1 < CREATE_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => return Err(CreateFailure::Create(Arc::new(e))),
+            }
+        }
+        Err(if conflict {
+            CreateFailure::Conflict
+        } else {
+            CreateFailure::Panicked
+        })
+    });
+    async move { task.await.unwrap_or(Err(CreateFailure::Panicked)) }
+        .boxed()
+        .shared()
+}
+
+/// An external id that names a Managed User (SSO users may carry one).
+fn managed_by_external_id(user: &BoxId, external_id: &str) -> BrokerError {
+    BrokerError::UserRefused {
+        inactive: false,
+        message: format!(
+            "external_app_user_id {external_id:?} names user {user}, who is not an App User: external ids reach App Users only; ask for a Managed User by user_id under a rule that grants it"
+        ),
     }
 }
 
@@ -557,7 +677,7 @@ fn refusal(app: &App, user: &BoxUser) -> Option<BrokerError> {
         Refusal::Inactive(status) => BrokerError::UserRefused {
             inactive: true,
             message: format!(
-                "user {id} is not active in Box (status {status}): a Box admin must reactivate or unlock the user before the broker tokenizes them"
+                "user {id} is inactive or restricted in Box (status {status}, not active): a Box admin must reactivate or unlock the user before the broker tokenizes them"
             ),
         },
         Refusal::OtherEnterprise(other) => BrokerError::UserRefused {

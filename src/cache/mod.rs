@@ -528,6 +528,15 @@ impl TokenCache {
             .await
     }
 
+    /// The cached token for `key` if it meets `need`, recorded as served to
+    /// `caller` and not being revoked — never a call to Box: `None` sends the
+    /// caller the way of [`Self::serve`].
+    pub async fn serve_cached(&self, caller: &Arc<str>, key: &TokenKey, need: Need) -> Option<Lookup> {
+        let hit = self.cached(key, need).await?;
+        hit.token.note_served(caller);
+        (!hit.token.is_revoking()).then_some(hit)
+    }
+
     /// [`Self::get_admitted`], passing over a token being revoked for a
     /// newer one (at most [`REVOCATION_RETRIES`] times, then `gave_up`);
     /// the serve is recorded for `caller` before the check.
@@ -565,17 +574,7 @@ impl TokenCache {
         min_ttl: Duration,
         admit: Option<Admission<'_>>,
     ) -> Result<Lookup, CacheError> {
-        // The common case: the token is cached and its parent still is (and
-        // neither is being revoked, checked after recording the serve).
-        let hit = self.cached_child(key, min_ttl).await.filter(|hit| {
-            hit.token.note_served(caller);
-            let parent = hit.token.parent();
-            if let Some(parent) = &parent {
-                parent.note_served(caller);
-            }
-            !hit.token.is_revoking() && parent.is_none_or(|p| !p.is_revoking())
-        });
-        if let Some(hit) = hit {
+        if let Some(hit) = self.serve_cached_child(caller, key, min_ttl).await {
             return Ok(hit);
         }
         let parent_key = key.parent();
@@ -603,6 +602,20 @@ impl TokenCache {
             }
         }
         Err(CacheError::BeingRevoked(BEING_REVOKED))
+    }
+
+    /// The common case of [`Self::serve_child`]: the token is cached and its
+    /// parent still is, and neither is being revoked (checked after
+    /// recording the serve) — never a call to Box.
+    pub async fn serve_cached_child(&self, caller: &Arc<str>, key: &TokenKey, min_ttl: Duration) -> Option<Lookup> {
+        self.cached_child(key, min_ttl).await.filter(|hit| {
+            hit.token.note_served(caller);
+            let parent = hit.token.parent();
+            if let Some(parent) = &parent {
+                parent.note_served(caller);
+            }
+            !hit.token.is_revoking() && parent.is_none_or(|p| !p.is_revoking())
+        })
     }
 
     /// The cached downscoped token for `key` with at least `min_ttl` left,

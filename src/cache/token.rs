@@ -58,6 +58,10 @@ pub struct CachedToken {
     pub sha256: [u8; 32],
     /// From this time (Unix ms) a hit starts a background refresh.
     pub(super) refresh_at_ms: AtomicI64,
+    /// Until when (Unix ms, by the broker's clock) its user's check holds:
+    /// a user token is served from the cache without asking the check
+    /// cache until then (0: never checked; full tokens of users only).
+    checked_until_ms: AtomicI64,
     /// The top bit ([`SUPERSEDED`]) is set once this token left the cache
     /// (replaced, invalidated, evicted or expired): its downscoped children
     /// are no longer served. The next ([`REVOKING`]) is set while a
@@ -127,10 +131,21 @@ impl CachedToken {
             minted_at: issued.issued_at,
             request_id: issued.request_id.map(String::into_boxed_str),
             refresh_at_ms: AtomicI64::new(unix_millis(refresh_at)),
+            checked_until_ms: AtomicI64::new(0),
             state: AtomicU64::new(0),
             owner: std::sync::OnceLock::new(),
             shared: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Its user was checked, and the check holds until `until`.
+    pub fn mark_checked(&self, until: SystemTime) {
+        self.checked_until_ms.fetch_max(unix_millis(until), Ordering::Relaxed);
+    }
+
+    /// Whether its user's check still holds at `now` (one atomic load).
+    pub fn checked_at(&self, now: SystemTime) -> bool {
+        self.checked_until_ms.load(Ordering::Relaxed) > unix_millis(now)
     }
 
     /// Records that `caller` was served this token (a comparison, and a

@@ -803,6 +803,11 @@ impl Caller {
             }
     }
 
+    /// Whether the app holds either users scope.
+    fn has_any_users_scope(&self) -> bool {
+        self.has(MANAGE_APP_USERS) || self.has(MANAGE_MANAGED_USERS)
+    }
+
     /// Whether the app's user scopes cover reading `user`: App Users need
     /// `manage_app_users`, Managed Users `manage_managed_users`, an External
     /// user either.
@@ -1000,6 +1005,10 @@ impl World {
             return Ok(user_json(&self.own_user(&caller), fields.as_ref()));
         }
         caller.require_service_account()?;
+        // An app with no users scope at all is refused before anything is looked up.
+        if !caller.has_any_users_scope() {
+            return Err(insufficient_scope());
+        }
         // INF: an External user is shown, with its own enterprise, so a
         // client can see what it is and refuse it.
         let user = Some(id)

@@ -437,7 +437,10 @@ fn external_user(id: &str, create: Option<&pb::CreateAppUser>) -> Result<Subject
     }
     let create = match create {
         None => None,
-        Some(pb::CreateAppUser { name }) if name.is_empty() => Some(Arc::from(id)),
+        // The external id stands in for an empty name, cut to Box's limit.
+        Some(pb::CreateAppUser { name }) if name.is_empty() => {
+            Some(Arc::from(id.chars().take(MAX_NAME_LEN).collect::<String>()))
+        }
         Some(pb::CreateAppUser { name }) => {
             if name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) || name.trim().is_empty() {
                 return Err(BrokerError::InvalidArgument(format!(

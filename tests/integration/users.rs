@@ -272,6 +272,69 @@ async fn a_user_created_meanwhile_elsewhere_is_found_not_created_twice() {
         0,
         "looked up again before creating"
     );
+    assert!(
+        h.audit_events().iter().all(|r| r.get("provisioned").is_none()),
+        "found, not created: not audited as provisioned"
+    );
+}
+
+#[tokio::test]
+async fn an_external_id_that_names_a_managed_user_is_refused() {
+    let h = Harness::start().await;
+    // An SSO-provisioned Managed User may carry an external id too.
+    assert!(h.fake.update_user(seed::MANAGED_USER_ID, |u| u.external_app_user_id =
+        Some("sso|mia".to_owned())));
+    let status = h.get(external("sso|mia")).await.unwrap_err();
+    assert_status(&status, Code::PermissionDenied, "not an App User");
+    assert!(!minted_subjects(&h).iter().any(|s| s == seed::MANAGED_USER_ID));
+}
+
+#[tokio::test]
+async fn a_service_account_token_box_no_longer_accepts_is_replaced_for_the_users_api() {
+    let h = Harness::start().await;
+    let dead = token_of(&h.get(enterprise()).await.unwrap());
+    // Revoked at Box behind the broker's back.
+    let revoked = reqwest::Client::new()
+        .post(format!("{}/oauth2/revoke", h.fake_server.base_url()))
+        .form(&[
+            ("client_id", h.app.client_id.as_str()),
+            (
+                "client_secret",
+                secrecy::ExposeSecret::expose_secret(&h.app.client_secret),
+            ),
+            ("token", dead.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.status().is_success());
+    let status = h.get(user(seed::APP_USER_IDS[0])).await.unwrap_err();
+    assert_status(&status, Code::Unavailable, "no longer accepts");
+    let service_account = BoxSubject::Enterprise(BoxId::parse(seed::ENTERPRISE_ID).unwrap());
+    let held = || h.broker.cache().count_where(|k| k.subject == service_account);
+    for _ in 0..200 {
+        if held() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(held(), 0, "the dead token is dropped");
+    h.get(user(seed::APP_USER_IDS[0])).await.unwrap();
+    assert_ne!(
+        token_of(&h.get(enterprise()).await.unwrap()),
+        dead,
+        "a new Service Account token"
+    );
+}
+
+#[tokio::test]
+async fn a_long_external_id_without_a_name_creates_a_user_named_by_its_first_50_characters() {
+    let h = Harness::start().await;
+    let id = format!("tenant-a/{}", "x".repeat(100));
+    h.get(provisioning(&id, "")).await.unwrap();
+    let created = h.fake.users_with_external_id(&id);
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].name, id.chars().take(50).collect::<String>());
 }
 
 #[tokio::test]
@@ -287,7 +350,7 @@ async fn admins_co_admins_inactive_and_foreign_users_are_refused_and_never_token
         (
             seed::INACTIVE_USER_ID,
             Code::FailedPrecondition,
-            "not active in Box (status inactive)",
+            "inactive or restricted in Box (status inactive",
         ),
         (seed::EXTERNAL_USER_ID, Code::PermissionDenied, "enterprise 8000001"),
     ];

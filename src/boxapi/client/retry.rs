@@ -142,7 +142,22 @@ impl BoxClient {
     /// exponential backoff and full jitter (or `Retry-After`), and rebuilds
     /// the assertion once with Box's clock after a skew refusal. `attempt`
     /// gets the time to put in the assertion.
-    pub(super) async fn with_retries<T, F, Fut>(&self, grant: &'static str, mut attempt: F) -> Result<T, BoxApiError>
+    pub(super) async fn with_retries<T, F, Fut>(&self, grant: &'static str, attempt: F) -> Result<T, BoxApiError>
+    where
+        F: FnMut(SystemTime) -> Fut,
+        Fut: Future<Output = Result<T, BoxApiError>>,
+    {
+        self.with_attempts(grant, self.policy.max_attempts, attempt).await
+    }
+
+    /// [`Self::with_retries`] with at most `max_attempts` attempts (one: a
+    /// request that must not be sent twice, still deadlined and circuit-broken).
+    pub(super) async fn with_attempts<T, F, Fut>(
+        &self,
+        grant: &'static str,
+        max_attempts: u32,
+        mut attempt: F,
+    ) -> Result<T, BoxApiError>
     where
         F: FnMut(SystemTime) -> Fut,
         Fut: Future<Output = Result<T, BoxApiError>>,
@@ -221,7 +236,7 @@ impl BoxClient {
                 );
                 continue;
             }
-            if !error.is_retryable() || n >= policy.max_attempts {
+            if !error.is_retryable() || n >= max_attempts {
                 break Err(error);
             }
             let wait = match &error {

@@ -59,9 +59,8 @@ impl BoxClient {
     }
 
     /// Creates an App User (`is_platform_access_only`) named `name` with
-    /// `external_id`. Not retried after an answer other than 429/5xx; a
-    /// retried creation that Box had done answers 409, which the caller
-    /// resolves by looking the user up again.
+    /// `external_id`, in one attempt: a creation whose answer was lost may
+    /// have happened, so the caller looks the user up before trying again.
     pub async fn create_app_user(
         &self,
         token: &SecretString,
@@ -74,7 +73,7 @@ impl BoxClient {
             "external_app_user_id": external_id,
         })
         .to_string();
-        self.with_retries("users-create", |_| async {
+        self.with_attempts("users-create", 1, |_| async {
             let response = self
                 .http
                 .post(with_query(&self.users_url, &[("fields", USER_FIELDS)])?)
