@@ -8,7 +8,9 @@ use box_token_broker::{
     broker::{Subject, TokenRequest},
     fakebox::{FakeAuth, Fault, seed},
 };
-use common::{Harness, Options, assert_free_of, enterprise, fixture, key_material, token_of, user};
+use common::{
+    Harness, Options, assert_free_of, enterprise, external, fixture, key_material, provisioning, token_of, user,
+};
 use secrecy::ExposeSecret as _;
 
 #[tokio::test]
@@ -141,6 +143,33 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
         .to_owned(),
     );
     h.fake.set_omit_restrictions(false);
+    // Users: by external id, created on first use, refused, the users API
+    // failing, and the /users/me fallback (the user's own token, revoked).
+    secrets.push(token_of(
+        &h.get(external(seed::APP_USER_EXTERNAL_IDS[0])).await.unwrap(),
+    ));
+    secrets.push(token_of(
+        &h.get(provisioning("auth0|secret-scenario", "Sam")).await.unwrap(),
+    ));
+    messages.push(h.get(user(seed::ADMIN_USER_ID)).await.unwrap_err().message().to_owned());
+    h.fake.fail_next_users(4, Fault::ServerError { status: 503 });
+    messages.push(
+        h.get(user(seed::INACTIVE_USER_ID))
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned(),
+    );
+    h.fake.set_user_scopes(&h.app.client_id, &[]);
+    messages.push(
+        h.get(user(seed::COADMIN_USER_ID))
+            .await
+            .unwrap_err()
+            .message()
+            .to_owned(),
+    );
+    h.fake
+        .set_user_scopes(&h.app.client_id, &["manage_app_users", "manage_managed_users"]);
     h.fake.fail_next(1, Fault::RateLimited { retry_after_secs: 30 });
     messages.push(
         h.get(user(seed::APP_USER_IDS[1]))
@@ -203,6 +232,10 @@ async fn logs_and_errors_of_a_full_scenario_hold_no_secret() {
         "{logs}"
     );
     assert!(logs.contains("refusing a downscoped token"), "{logs}");
+    assert!(
+        logs.contains("a Box users API call failed") && logs.contains("created an App User"),
+        "{logs}"
+    );
     assert_free_of(&logs, &secrets, "the log");
     assert_free_of(&messages.join("\n"), &secrets, "error messages");
 }
