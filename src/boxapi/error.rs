@@ -150,16 +150,7 @@ pub fn diagnose(error: &BoxApiError, subject: &BoxSubject, client_id: &str, gran
                 retry_after: *retry_after,
             };
         }
-        BoxApiError::CircuitOpen { retry_after } => {
-            return Diagnosis {
-                kind: Unavailable,
-                message: format!(
-                    "Box has been failing or throttling, so the broker is not asking it for {} s; retry then",
-                    retry_after.as_secs_f64().ceil().max(1.0)
-                ),
-                retry_after: Some(*retry_after),
-            };
-        }
+        BoxApiError::CircuitOpen { retry_after } => return circuit_open(*retry_after),
         BoxApiError::ServerError { status } => {
             return Diagnosis::new(
                 Unavailable,
@@ -276,6 +267,18 @@ pub fn diagnose(error: &BoxApiError, subject: &BoxSubject, client_id: &str, gran
         _ => (Unavailable, format!("Box's token endpoint answered HTTP {}{}", e.status, code_suffix(e))),
     };
     Diagnosis::new(kind, message)
+}
+
+/// The circuit to Box is open for `retry_after` more: said the same way for every call.
+pub(crate) fn circuit_open(retry_after: Duration) -> Diagnosis {
+    Diagnosis {
+        kind: DiagnosisKind::Unavailable,
+        message: format!(
+            "Box has been failing or throttling, so the broker is not asking it for {} s; retry then",
+            retry_after.as_secs_f64().ceil().max(1.0)
+        ),
+        retry_after: Some(retry_after),
+    }
 }
 
 fn code_suffix(e: &OAuthError) -> String {

@@ -187,16 +187,7 @@ pub fn diagnose_users(error: &BoxApiError, call: UsersCall<'_>, client_id: &str)
                 retry_after: *retry_after,
             };
         }
-        BoxApiError::CircuitOpen { retry_after } => {
-            return Diagnosis {
-                kind: Unavailable,
-                message: format!(
-                    "Box has been failing or throttling, so the broker is not asking it for {} s; retry then",
-                    retry_after.as_secs_f64().ceil().max(1.0)
-                ),
-                retry_after: Some(*retry_after),
-            };
-        }
+        BoxApiError::CircuitOpen { retry_after } => return super::error::circuit_open(*retry_after),
         BoxApiError::ServerError { status } => (
             Unavailable,
             format!("Box's users API failed (HTTP {status}) while {doing}; retry later"),

@@ -68,10 +68,7 @@ impl Fake {
             .send()
             .await
             .unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.json().await.unwrap_or(Value::Null);
-        (status, body, headers)
+        answer(response).await
     }
 
     async fn jwt(&self, assertion: &str) -> (u16, Value) {
@@ -622,10 +619,7 @@ impl Fake {
             .send()
             .await
             .unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.json().await.unwrap_or(Value::Null);
-        (status, body, headers)
+        answer(response).await
     }
 
     async fn list_users(&self, token: &str, query: &[(&str, &str)]) -> (u16, Value) {
@@ -1132,4 +1126,12 @@ async fn users_stats_count_each_endpoint() {
         .unwrap();
     assert_eq!(served["users_created"], 1);
     assert_eq!(served["users_requests"], 6);
+}
+
+/// An answer's status, JSON body (`null` when it has none) and headers.
+async fn answer(response: reqwest::Response) -> (u16, Value, reqwest::header::HeaderMap) {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body, headers)
 }
