@@ -352,7 +352,7 @@ impl Broker {
         caller: &Arc<str>,
         app: &Arc<App>,
         (key, subject): (&TokenKey, &Subject),
-        cached: impl FnOnce() -> C,
+        cached: impl FnOnce(SystemTime) -> C,
         serve: impl FnOnce() -> S,
     ) -> Result<Lookup, BrokerError>
     where
@@ -363,9 +363,8 @@ impl Broker {
             // The Service Account is not checked: its token is served as it is.
             return Ok(serve().await?);
         };
-        if let Some(hit) = cached().await
-            && hit.token.checked_at(self.clock.now())
-        {
+        // Only a token whose stamp holds now is taken (and recorded as served).
+        if let Some(hit) = cached(self.clock.now()).await {
             return Ok(hit);
         }
         let until = match self.check_user(caller, app, user).await {
@@ -382,6 +381,12 @@ impl Broker {
         };
         let lookup = serve().await?;
         lookup.token.mark_checked(until);
+        // A refusal or an invalidation that landed while this request was
+        // served (a mint may take a while) takes the stamp back: the next
+        // request is checked again.
+        if !self.check_holds(app, user).await {
+            lookup.token.unmark_checked();
+        }
         Ok(lookup)
     }
 
@@ -447,7 +452,7 @@ impl Broker {
                 caller,
                 app,
                 (&key, &request.subject),
-                || self.cache.serve_cached(caller, &key, need),
+                |now| self.cache.serve_cached(caller, &key, need, move |t| t.checked_at(now)),
                 || self.cache.serve(caller, &key, need, Some(&admission)),
             )
             .await?;
@@ -496,7 +501,10 @@ impl Broker {
                 caller,
                 app,
                 (&key, &request.subject),
-                || self.cache.serve_cached_child(caller, &key, request.min_ttl),
+                |now| {
+                    self.cache
+                        .serve_cached_child(caller, &key, request.min_ttl, move |t| t.checked_at(now))
+                },
                 || self.cache.serve_child(caller, &key, request.min_ttl, Some(&admission)),
             )
             .await?;
@@ -562,7 +570,7 @@ impl Broker {
                 // A token served by external id is the caller's to revoke under that grant too.
                 let external = match &by_id {
                     Ok(_) => None,
-                    Err(_) => self.external_id_of(&Arc::from(caller), app, id).await,
+                    Err(_) => self.external_id_of(&Arc::from(caller), app, id).await?,
                 };
                 match (by_id, external) {
                     (Err(_), Some(external)) => self.authorize(

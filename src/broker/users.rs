@@ -15,12 +15,13 @@ use std::{
 };
 
 use futures_util::future::{BoxFuture, FutureExt as _, Shared};
+use moka::ops::compute::Op;
 use secrecy::SecretString;
 
 use super::{App, Broker, budget::Place, minting};
 use crate::{
     boxapi::{
-        BoxApiError, BoxClient, BoxId, BoxSubject, BoxUser, DiagnosisKind, ExternalUser,
+        BoxApiError, BoxId, BoxSubject, BoxUser, DiagnosisKind, ExternalUser,
         users::{Refusal, UsersCall, diagnose_users},
     },
     cache::{Need, TokenKey, UpstreamError},
@@ -87,8 +88,13 @@ enum CreateFailure {
     Create(Arc<BoxApiError>),
     /// Box keeps answering 409 yet lists no such user.
     Conflict,
+    /// Two users have the external id.
+    Ambiguous(BoxId, BoxId),
     Panicked,
 }
+
+/// Numbers creations, so a failed one removes its own entry and no other.
+static NEXT_CREATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many times a creation looks up and POSTs before it gives up.
 const CREATE_ATTEMPTS: u32 = 3;
@@ -105,9 +111,9 @@ struct Check {
 pub(super) struct Directory {
     policy: UsersPolicy,
     mappings: moka::future::Cache<ExternalKey, Mapping>,
-    /// Creations under way (or just done, kept briefly): the one creation
-    /// every concurrent request for the external id shares.
-    creations: moka::future::Cache<ExternalKey, Creation>,
+    /// Creations under way (or just done, kept briefly), each with its id:
+    /// the one creation every concurrent request for the external id shares.
+    creations: moka::future::Cache<ExternalKey, (u64, Creation)>,
     checks: moka::future::Cache<UserKey, Check>,
     /// The external id each resolved user was asked for by (for revocation's policy check).
     externals: moka::future::Cache<UserKey, Arc<str>>,
@@ -165,17 +171,20 @@ impl Broker {
         V: Clone + Send + Sync + 'static,
         F: Future<Output = Result<V, BrokerError>>,
     {
-        let mut tries = 0;
-        loop {
+        for _ in 0..3 {
             match cache.try_get_with(key.clone(), init()).await {
                 Ok(value) => return Ok(value),
-                Err(e) if tries < 2 && matches!(*e, BrokerError::Cache(crate::cache::CacheError::Busy(_))) => {
-                    tries += 1;
+                // Over its own budget, this caller is told so in its own words.
+                Err(e) if matches!(*e, BrokerError::Cache(crate::cache::CacheError::Busy(_))) => {
                     drop(self.budget.enter(caller)?);
                 }
                 Err(e) => return Err(Arc::unwrap_or_clone(e)),
             }
         }
+        // Other callers' calls for the same user kept failing for their budgets.
+        Err(BrokerError::Retry(
+            "the broker's calls to Box for this user are at their limit; retry with backoff".to_owned(),
+        ))
     }
 
     /// The Box user `external` names: from the cache, or looked up (one
@@ -224,36 +233,31 @@ impl Broker {
         // words, never another caller's. Given back unused when it joins.
         let place = self.budget.enter(caller)?;
         let started_here = AtomicBool::new(false);
-        #[allow(
-            clippy::async_yields_async,
-            reason = "the cached value is the shared creation, awaited below"
-        )]
-        let creation = directory
+        let creations = directory.creations.clone();
+        let (_, creation) = directory
             .creations
             .get_with(key.clone(), async {
                 started_here.store(true, Ordering::Relaxed);
-                create(app.client.clone(), token, external.id.clone(), name.clone(), place)
+                let id = NEXT_CREATION.fetch_add(1, Ordering::Relaxed);
+                let task = Creator {
+                    app: app.clone(),
+                    token,
+                    external_id: external.id.clone(),
+                    name: name.clone(),
+                    place,
+                    creations,
+                    key: key.clone(),
+                    id,
+                };
+                (id, task.start())
             })
             .await;
-        let created = match creation.await {
-            Ok(created) => created,
-            Err(failure) => {
-                // Not kept: the next request tries again.
-                directory.creations.invalidate(&key).await;
-                return Err(self.creation_error(app, &external.id, &failure));
-            }
-        };
+        let created = creation
+            .await
+            .map_err(|failure| self.creation_error(app, &external.id, &failure))?;
         let provisioned = created.created && started_here.load(Ordering::Relaxed);
-        if provisioned {
-            app.outcomes.users_created.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                app = %app.name,
-                user_id = %created.user.id,
-                external_app_user_id = &*external.id,
-                "created an App User"
-            );
-        }
         self.remember(app, &created.user, &external.id).await;
+        let app_user = created.user.is_platform_access_only == Some(true);
         let user = created.user.id;
         let until = self.clock.now() + directory.policy.mapping_ttl;
         directory
@@ -262,11 +266,15 @@ impl Broker {
                 key,
                 Mapping {
                     user: Some(user.clone()),
-                    app_user: true,
+                    app_user,
                     until,
                 },
             )
             .await;
+        if !app_user {
+            // Found, not created: an SSO Managed User with the id.
+            return Err(managed_by_external_id(&user, &external.id));
+        }
         Ok(Resolved { user, provisioned })
     }
 
@@ -289,19 +297,30 @@ impl Broker {
     }
 
     /// The external id of `user`, for revoking a token served by it: the one
-    /// it was resolved from, else Box's answer (revocations are rare; a
-    /// failure reads as "none").
-    pub(super) async fn external_id_of(&self, caller: &Arc<str>, app: &App, user: &BoxId) -> Option<Arc<str>> {
+    /// it was resolved from, else Box's answer (revocations are rare). A
+    /// failure to ask is an error, not "none".
+    pub(super) async fn external_id_of(
+        &self,
+        caller: &Arc<str>,
+        app: &App,
+        user: &BoxId,
+    ) -> Result<Option<Arc<str>>, BrokerError> {
         let key: UserKey = (app.name.clone(), user.clone());
         if let Some(known) = self.users.externals.get(&key).await {
-            return Some(known);
+            return Ok(Some(known));
         }
-        let token = self.service_token(caller, app).await.ok()?;
-        let _place = self.budget.enter(caller).ok()?;
-        let answer = app.client.get_user(&token, user).await.ok()?;
-        let external: Arc<str> = Arc::from(answer.external_app_user_id?);
+        let token = self.service_token(caller, app).await?;
+        let _place = self.budget.enter(caller)?;
+        let answer = match app.client.get_user(&token, user).await {
+            Ok(answer) => answer,
+            Err(BoxApiError::Rejected(e)) if e.status == 404 => return Ok(None),
+            Err(e) => return Err(self.users_error(app, &e, UsersCall::Read(user))),
+        };
+        let Some(external) = answer.external_app_user_id.map(Arc::<str>::from) else {
+            return Ok(None);
+        };
         self.users.externals.insert(key, external.clone()).await;
-        Some(external)
+        Ok(Some(external))
     }
 
     /// Asks Box which user has `external_id`; a found user's role and status
@@ -337,10 +356,7 @@ impl Broker {
                     until: now + self.users.policy.mapping_ttl,
                 })
             }
-            (Some(a), Some(b)) => Err(BrokerError::FailedPrecondition(format!(
-                "external_app_user_id {external_id:?} is ambiguous in app {}: Box has several users with it ({} and {}); give each user a unique external id in Box, or ask by user_id",
-                app.name, a.id, b.id
-            ))),
+            (Some(a), Some(b)) => Err(ambiguous(app, external_id, &a.id, &b.id)),
         }
     }
 
@@ -353,6 +369,7 @@ impl Broker {
                 "Box refused to create an App User with external_app_user_id {external_id:?} in app {} as a conflict, yet lists none: a user outside the app's reach may hold that id",
                 app.name
             )),
+            CreateFailure::Ambiguous(a, b) => ambiguous(app, external_id, a, b),
             CreateFailure::Panicked => BrokerError::Internal("internal error while creating the App User"),
         }
     }
@@ -361,30 +378,29 @@ impl Broker {
     async fn remember(&self, app: &App, user: &BoxUser, external_id: &str) {
         let key: UserKey = (app.name.clone(), user.id.clone());
         self.users.externals.insert(key.clone(), Arc::from(external_id)).await;
-        if let Some(refused) = refusal(app, user) {
-            self.refused_now(app, &user.id, Some(&refused)).await;
-            self.users
-                .checks
-                .insert(
-                    key,
-                    Check {
-                        refused: Some(refused),
-                        until: self.clock.now() + self.users.policy.check_ttl,
-                    },
-                )
-                .await;
-        } else if user.role.is_some() && user.status.is_some() {
-            self.users
-                .checks
-                .insert(
-                    key,
-                    Check {
-                        refused: None,
-                        until: self.clock.now() + self.users.policy.check_ttl,
-                    },
-                )
-                .await;
+        let refused = refusal(app, user);
+        if refused.is_none() && (user.role.is_none() || user.status.is_none()) {
+            return;
         }
+        let until = self.clock.now() + self.users.policy.check_ttl;
+        // The refusal is stored before the user's tokens are dropped: a
+        // request serving one meanwhile sees it and takes its stamp back.
+        let check = Check {
+            refused: refused.clone(),
+            until,
+        };
+        self.users.checks.insert(key, check).await;
+        self.refused_now(app, &user.id, refused.as_ref()).await;
+    }
+
+    /// Whether the check cache holds an allowing check of `user` now.
+    pub(super) async fn check_holds(&self, app: &App, user: &BoxId) -> bool {
+        let now = self.clock.now();
+        self.users
+            .checks
+            .get(&(app.name.clone(), user.clone()))
+            .await
+            .is_some_and(|c| c.refused.is_none() && c.until > now)
     }
 
     /// Ok when `user` may be tokenized: the cached check, or Box's answer
@@ -590,26 +606,73 @@ impl Broker {
     }
 }
 
-/// Starts the creation of the App User for `external_id` in a task of its
-/// own: each attempt looks the user up first (the "none" a request saw may
-/// be stale, and a POST whose answer was lost may have created it), then
-/// POSTs once; a 409 (another broker created it) or a 429/5xx looks again.
-fn create(client: BoxClient, token: SecretString, external_id: Arc<str>, name: Arc<str>, place: Place) -> Creation {
-    let task = tokio::spawn(async move {
-        let _place = place;
+/// One App User's creation, run in a task of its own.
+struct Creator {
+    app: Arc<App>,
+    token: SecretString,
+    external_id: Arc<str>,
+    name: Arc<str>,
+    /// The starting caller's place among the calls to Box, held to the end.
+    place: Place,
+    creations: moka::future::Cache<ExternalKey, (u64, Creation)>,
+    key: ExternalKey,
+    id: u64,
+}
+
+impl Creator {
+    /// Starts the task: each attempt looks the id up first (the "none" a
+    /// request saw may be stale, and a POST whose answer was lost may have
+    /// created it), then POSTs once; a 409 (another broker created it) or a
+    /// 429/5xx looks again. The task counts and logs what it created, and a
+    /// failure removes its own entry (not a newer creation's), so the next
+    /// request tries again even if every requester went away.
+    fn start(self) -> Creation {
+        let task = tokio::spawn(async move {
+            let result = self.run().await;
+            if let Ok(Created { user, created: true }) = &result {
+                self.app.outcomes.users_created.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    app = %self.app.name,
+                    user_id = %user.id,
+                    external_app_user_id = &*self.external_id,
+                    "created an App User"
+                );
+            }
+            if result.is_err() {
+                let id = self.id;
+                self.creations
+                    .entry(self.key.clone())
+                    .and_compute_with(|entry| {
+                        let own = entry.is_some_and(|e| e.value().0 == id);
+                        std::future::ready(if own { Op::Remove } else { Op::Nop })
+                    })
+                    .await;
+            }
+            drop(self.place);
+            result
+        });
+        async move { task.await.unwrap_or(Err(CreateFailure::Panicked)) }
+            .boxed()
+            .shared()
+    }
+
+    async fn run(&self) -> Result<Created, CreateFailure> {
+        let client = &self.app.client;
         let mut conflict = false;
         for attempt in 0..CREATE_ATTEMPTS {
             let found = client
-                .find_users_by_external_id(&token, &external_id)
+                .find_users_by_external_id(&self.token, &self.external_id)
                 .await
                 .map_err(|e| CreateFailure::Find(Arc::new(e)))?;
-            if let Some(user) = found
+            let mut matching = found
                 .into_iter()
-                .find(|u| u.external_app_user_id.as_deref() == Some(&*external_id))
-            {
-                return Ok(Created { user, created: false });
+                .filter(|u| u.external_app_user_id.as_deref() == Some(&*self.external_id));
+            match (matching.next(), matching.next()) {
+                (Some(a), Some(b)) => return Err(CreateFailure::Ambiguous(a.id, b.id)),
+                (Some(user), None) => return Ok(Created { user, created: false }),
+                (None, _) => {}
             }
-            match client.create_app_user(&token, &name, &external_id).await {
+            match client.create_app_user(&self.token, &self.name, &self.external_id).await {
                 Ok(user) => return Ok(Created { user, created: true }),
                 Err(BoxApiError::Rejected(e)) if e.status == 409 => conflict = true,
                 Err(e) if e.is_retryable() && attempt + 1 < CREATE_ATTEMPTS => {
@@ -623,10 +686,15 @@ fn create(client: BoxClient, token: SecretString, external_id: Arc<str>, name: A
         } else {
             CreateFailure::Panicked
         })
-    });
-    async move { task.await.unwrap_or(Err(CreateFailure::Panicked)) }
-        .boxed()
-        .shared()
+    }
+}
+
+/// Two users carry the external id.
+fn ambiguous(app: &App, external_id: &str, a: &BoxId, b: &BoxId) -> BrokerError {
+    BrokerError::FailedPrecondition(format!(
+        "external_app_user_id {external_id:?} is ambiguous in app {}: Box has several users with it ({a} and {b}); give each user a unique external id in Box, or ask by user_id",
+        app.name
+    ))
 }
 
 /// An external id that names a Managed User (SSO users may carry one).

@@ -426,9 +426,15 @@ impl TokenCache {
     /// without touching the flight map, starting a background refresh when
     /// one is due.
     pub async fn cached(&self, key: &TokenKey, need: Need) -> Option<Lookup> {
+        self.cached_if(key, need, |_| true).await
+    }
+
+    /// [`Self::cached`] for a token `accept` takes (asked before anything
+    /// else is done with it: a refused one starts no refresh).
+    async fn cached_if(&self, key: &TokenKey, need: Need, accept: impl Fn(&CachedToken) -> bool) -> Option<Lookup> {
         let token = self.inner.entries.get(key).await?;
         let now = self.inner.clock.now();
-        if !self.inner.satisfies(&token, &need, now) {
+        if !self.inner.satisfies(&token, &need, now) || !accept(&token) {
             return None;
         }
         if token.claim_refresh(now) {
@@ -528,11 +534,18 @@ impl TokenCache {
             .await
     }
 
-    /// The cached token for `key` if it meets `need`, recorded as served to
-    /// `caller` and not being revoked — never a call to Box: `None` sends the
-    /// caller the way of [`Self::serve`].
-    pub async fn serve_cached(&self, caller: &Arc<str>, key: &TokenKey, need: Need) -> Option<Lookup> {
-        let hit = self.cached(key, need).await?;
+    /// The cached token for `key` if it meets `need` and `accept` takes it,
+    /// recorded as served to `caller` and not being revoked — never a call
+    /// to Box: `None` sends the caller the way of [`Self::serve`]. A token
+    /// `accept` refuses is neither recorded as served nor refreshed.
+    pub async fn serve_cached(
+        &self,
+        caller: &Arc<str>,
+        key: &TokenKey,
+        need: Need,
+        accept: impl Fn(&CachedToken) -> bool,
+    ) -> Option<Lookup> {
+        let hit = self.cached_if(key, need, accept).await?;
         hit.token.note_served(caller);
         (!hit.token.is_revoking()).then_some(hit)
     }
@@ -574,7 +587,7 @@ impl TokenCache {
         min_ttl: Duration,
         admit: Option<Admission<'_>>,
     ) -> Result<Lookup, CacheError> {
-        if let Some(hit) = self.serve_cached_child(caller, key, min_ttl).await {
+        if let Some(hit) = self.serve_cached_child(caller, key, min_ttl, |_| true).await {
             return Ok(hit);
         }
         let parent_key = key.parent();
@@ -606,9 +619,17 @@ impl TokenCache {
 
     /// The common case of [`Self::serve_child`]: the token is cached and its
     /// parent still is, and neither is being revoked (checked after
-    /// recording the serve) — never a call to Box.
-    pub async fn serve_cached_child(&self, caller: &Arc<str>, key: &TokenKey, min_ttl: Duration) -> Option<Lookup> {
-        self.cached_child(key, min_ttl).await.filter(|hit| {
+    /// recording the serve) — never a call to Box. As in
+    /// [`Self::serve_cached`], a token `accept` refuses is neither recorded
+    /// as served nor refreshed.
+    pub async fn serve_cached_child(
+        &self,
+        caller: &Arc<str>,
+        key: &TokenKey,
+        min_ttl: Duration,
+        accept: impl Fn(&CachedToken) -> bool,
+    ) -> Option<Lookup> {
+        self.cached_child_if(key, min_ttl, accept).await.filter(|hit| {
             hit.token.note_served(caller);
             let parent = hit.token.parent();
             if let Some(parent) = &parent {
@@ -632,6 +653,16 @@ impl TokenCache {
     /// nothing from another exchange with it, and its successor comes from
     /// the parent's successor.
     pub async fn cached_child(&self, key: &TokenKey, min_ttl: Duration) -> Option<Lookup> {
+        self.cached_child_if(key, min_ttl, |_| true).await
+    }
+
+    /// [`Self::cached_child`] for a token `accept` takes (asked first).
+    async fn cached_child_if(
+        &self,
+        key: &TokenKey,
+        min_ttl: Duration,
+        accept: impl Fn(&CachedToken) -> bool,
+    ) -> Option<Lookup> {
         let token = self.inner.entries.get(key).await?;
         let parent = token.parent.upgrade()?;
         let now = self.inner.clock.now();
@@ -639,7 +670,11 @@ impl TokenCache {
             min_ttl,
             ..Need::default()
         };
-        if parent.is_superseded() || parent.is_revoking() || !self.inner.satisfies(&token, &need, now) {
+        if parent.is_superseded()
+            || parent.is_revoking()
+            || !self.inner.satisfies(&token, &need, now)
+            || !accept(&token)
+        {
             return None;
         }
         if parent.claim_touch(u64::try_from(unix_millis(now)).unwrap_or(0)) {

@@ -143,6 +143,11 @@ impl CachedToken {
         self.checked_until_ms.fetch_max(unix_millis(until), Ordering::Relaxed);
     }
 
+    /// Takes the stamp back: its user is checked again before it is served.
+    pub fn unmark_checked(&self) {
+        self.checked_until_ms.store(0, Ordering::Relaxed);
+    }
+
     /// Whether its user's check still holds at `now` (one atomic load).
     pub fn checked_at(&self, now: SystemTime) -> bool {
         self.checked_until_ms.load(Ordering::Relaxed) > unix_millis(now)

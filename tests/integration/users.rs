@@ -548,3 +548,54 @@ async fn bad_external_ids_and_create_requests_are_invalid_arguments() {
     );
     assert_eq!(h.fake.stats().users_requests, 0);
 }
+
+#[tokio::test]
+async fn a_user_invalidated_while_its_token_is_minted_is_checked_again_before_that_token_is_served() {
+    let h = Harness::with(Options {
+        admin: true,
+        ..Options::default()
+    })
+    .await;
+    let managed = seed::MANAGED_USER_ID;
+    h.get(user(managed)).await.unwrap();
+    // The token goes, the user's check stays: the next request mints, slowly.
+    let subject = BoxSubject::User(BoxId::parse(managed).unwrap());
+    h.broker.cache().invalidate_where(|k| k.subject == subject).await;
+    h.fake.set_latency(Duration::from_millis(400));
+    let arrivals = h.fake.stats().token_arrivals;
+    let mut client = h.client.clone();
+    let minting = tokio::spawn(async move { client.get_token(user(managed)).await });
+    assert!(h.wait_for(|s| s.token_arrivals > arrivals).await);
+    // Meanwhile the user is made a co-admin, and the operator acts at once.
+    assert!(h.fake.set_user_role(managed, "coadmin"));
+    let mut admin = h.admin.as_ref().unwrap().client.clone();
+    admin
+        .invalidate_tokens(common::admin_request(pb::InvalidateTokensRequest {
+            app: String::new(),
+            subject: user(managed).subject,
+        }))
+        .await
+        .unwrap();
+    minting.await.unwrap().unwrap();
+    h.fake.set_latency(Duration::ZERO);
+    // The token minted across the invalidation is not served unchecked.
+    let status = h.get(user(managed)).await.unwrap_err();
+    assert_status(&status, Code::PermissionDenied, "co-admin");
+    assert_eq!(held_for(&h, managed), 0);
+}
+
+#[tokio::test]
+async fn creating_an_app_user_for_an_id_a_managed_user_took_meanwhile_is_refused() {
+    let h = portal(&["*"], true).await;
+    assert_eq!(
+        get_as_portal(&h, external("sso|zed")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Box has none, and remembers so; then SSO gives a Managed User the id.
+    assert!(h.fake.update_user(seed::MANAGED_USER_ID, |u| u.external_app_user_id =
+        Some("sso|zed".to_owned())));
+    let status = get_as_portal(&h, provisioning("sso|zed", "Zed")).await.unwrap_err();
+    assert_status(&status, Code::PermissionDenied, "not an App User");
+    assert_eq!(h.fake.stats().user_create_requests, 0, "looked up, not created");
+    assert!(!minted_subjects(&h).iter().any(|s| s == seed::MANAGED_USER_ID));
+}
