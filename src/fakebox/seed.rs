@@ -10,11 +10,13 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use rand::{Rng as _, distributions::Alphanumeric};
 use rsa::RsaPrivateKey;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::{FakeApp, FakeAuth, FakeBox, FakeItem, FakeUser, MANAGE_APP_USERS, MANAGE_MANAGED_USERS, UserKind};
+use super::{
+    FakeApp, FakeAuth, FakeBox, FakeItem, FakeUser, MANAGE_APP_USERS, MANAGE_MANAGED_USERS, UserKind,
+    state::random_lower,
+};
 use crate::boxapi::private_key::{KeyEncryption, KeyError, encrypt_private_key};
 
 /// The enterprise.
@@ -67,14 +69,6 @@ impl fmt::Debug for SeededApp {
             .field("kid", &self.kid)
             .finish()
     }
-}
-
-fn random_lower(len: usize) -> String {
-    rand::thread_rng()
-        .sample_iter(&Alphanumeric)
-        .take(len)
-        .map(|b| char::from(b).to_ascii_lowercase())
-        .collect()
 }
 
 /// Registers the seeded enterprise and an authorized app with user tokens and

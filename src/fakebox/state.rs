@@ -1206,8 +1206,8 @@ fn new_user(body: &NewUserBody, app_user: bool) -> Result<NewUser, UsersReject> 
     })
 }
 
-/// `len` random lowercase letters and digits.
-fn random_lower(len: usize) -> String {
+/// `len` random lowercase letters and digits (ids and secrets Box-like in shape).
+pub(crate) fn random_lower(len: usize) -> String {
     rand::thread_rng()
         .sample_iter(&Alphanumeric)
         .take(len)

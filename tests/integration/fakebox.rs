@@ -60,6 +60,18 @@ impl Fake {
             .to_owned()
     }
 
+    /// Revokes `token` at the fake, as the app would.
+    async fn revoke(&self, token: &str) {
+        let secret = self.app.client_secret.expose_secret().to_owned();
+        let form = [
+            ("client_id", self.app.client_id.as_str()),
+            ("client_secret", secret.as_str()),
+            ("token", token),
+        ];
+        let (status, _, _) = self.post("/oauth2/revoke", &form).await;
+        assert_eq!(status, 200);
+    }
+
     async fn post(&self, path: &str, form: &[(&str, &str)]) -> (u16, Value, reqwest::header::HeaderMap) {
         let response = self
             .http
@@ -577,16 +589,7 @@ async fn token_exchange_rejects_what_box_rejects() {
 async fn a_revoked_token_cannot_be_exchanged() {
     let f = fake(FakeAuth::Jwt).await;
     let parent = f.enterprise_token().await;
-    let secret = f.app.client_secret.expose_secret().to_owned();
-    f.post(
-        "/oauth2/revoke",
-        &[
-            ("client_id", &f.app.client_id),
-            ("client_secret", &secret),
-            ("token", &parent),
-        ],
-    )
-    .await;
+    f.revoke(&parent).await;
     let (status, body) = f.exchange(&parent, "item_preview", &[]).await;
     assert_rejected(status, &body, "invalid_grant", "subject token");
 }
@@ -870,16 +873,7 @@ async fn a_dead_or_downscoped_token_is_refused() {
         let (status, body, _) = f.users_get(path, &downscoped, &[]).await;
         assert_client_error(status, &body, 403, "insufficient_scope");
     }
-    let secret = f.app.client_secret.expose_secret().to_owned();
-    f.post(
-        "/oauth2/revoke",
-        &[
-            ("client_id", &f.app.client_id),
-            ("client_secret", &secret),
-            ("token", &sa),
-        ],
-    )
-    .await;
+    f.revoke(&sa).await;
     for token in [sa.as_str(), "not-a-token"] {
         let (status, body, headers) = f.users_get("/2.0/users", token, &[]).await;
         assert_eq!(status, 401);
