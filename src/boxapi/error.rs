@@ -112,7 +112,7 @@ pub struct Diagnosis {
 }
 
 impl Diagnosis {
-    fn new(kind: DiagnosisKind, message: String) -> Self {
+    pub(crate) fn new(kind: DiagnosisKind, message: String) -> Self {
         Self {
             kind,
             message,

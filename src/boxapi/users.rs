@@ -198,11 +198,7 @@ pub fn diagnose_users(error: &BoxApiError, call: UsersCall<'_>, client_id: &str)
         ),
         other => (Unavailable, format!("Box's users API failed while {doing}: {other}")),
     };
-    Diagnosis {
-        kind,
-        message,
-        retry_after: None,
-    }
+    Diagnosis::new(kind, message)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use secrecy::SecretString;
 use super::{App, Broker, budget::Place, minting};
 use crate::{
     boxapi::{
-        BoxApiError, BoxId, BoxSubject, BoxUser, DiagnosisKind, ExternalUser,
+        BoxApiError, BoxId, BoxSubject, BoxUser, Diagnosis, DiagnosisKind, ExternalUser,
         users::{Refusal, UsersCall, diagnose_users},
     },
     cache::{Need, TokenKey, UpstreamError},
@@ -438,19 +438,17 @@ impl Broker {
             Ok(answer) => answer,
             Err(BoxApiError::Rejected(e)) if e.status == 404 => {
                 return Ok(Check {
-                    refused: Some(BrokerError::Upstream(Arc::new(UpstreamError {
-                        app: app.name.clone(),
-                        subject: BoxSubject::User(user.clone()),
-                        diagnosis: crate::boxapi::Diagnosis {
-                            kind: DiagnosisKind::NotFound,
-                            message: format!(
+                    refused: Some(upstream(
+                        app,
+                        BoxSubject::User(user.clone()),
+                        Diagnosis::new(
+                            DiagnosisKind::NotFound,
+                            format!(
                                 "Box has no user {user} that app {} can reach: no such App User or Managed User in its enterprise",
                                 app.name
                             ),
-                            retry_after: None,
-                        },
-                        relayed: None,
-                    }))),
+                        ),
+                    )),
                     until: now + self.users.policy.negative_ttl,
                 });
             }
@@ -597,12 +595,7 @@ impl Broker {
             UsersCall::Read(id) | UsersCall::Me(id) => BoxSubject::User(id.clone()),
             UsersCall::Find(_) | UsersCall::Create(_) => BoxSubject::Enterprise(app.enterprise_id()),
         };
-        BrokerError::Upstream(Arc::new(UpstreamError {
-            app: app.name.clone(),
-            subject,
-            diagnosis,
-            relayed: None,
-        }))
+        upstream(app, subject, diagnosis)
     }
 }
 
@@ -707,20 +700,28 @@ fn managed_by_external_id(user: &BoxId, external_id: &str) -> BrokerError {
     }
 }
 
-fn not_found(app: &App, external_id: &str) -> BrokerError {
+/// A failure Box caused (or reported) for `subject` of `app`.
+fn upstream(app: &App, subject: BoxSubject, diagnosis: Diagnosis) -> BrokerError {
     BrokerError::Upstream(Arc::new(UpstreamError {
         app: app.name.clone(),
-        subject: BoxSubject::Enterprise(app.enterprise_id()),
-        diagnosis: crate::boxapi::Diagnosis {
-            kind: DiagnosisKind::NotFound,
-            message: format!(
+        subject,
+        diagnosis,
+        relayed: None,
+    }))
+}
+
+fn not_found(app: &App, external_id: &str) -> BrokerError {
+    upstream(
+        app,
+        BoxSubject::Enterprise(app.enterprise_id()),
+        Diagnosis::new(
+            DiagnosisKind::NotFound,
+            format!(
                 "Box has no user with external_app_user_id {external_id:?} that app {} can reach; create it first, or ask with create_if_missing where the policy grants provision",
                 app.name
             ),
-            retry_after: None,
-        },
-        relayed: None,
-    }))
+        ),
+    )
 }
 
 /// Why `user` may not be tokenized by `app`, as the caller is told.
