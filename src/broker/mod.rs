@@ -290,7 +290,7 @@ impl Broker {
         }
     }
 
-    /// The policy's view of `subject` (`None` for "no user named").
+    /// The policy's view of `subject`.
     fn policy_subject(subject: &Subject) -> PolicySubject<'_> {
         match subject {
             Subject::Enterprise => PolicySubject::Enterprise,
@@ -325,7 +325,7 @@ impl Broker {
         subject: &Subject,
     ) -> Result<(TokenKey, Option<Resolved>), BrokerError> {
         let (subject, resolved) = match subject {
-            Subject::Enterprise => (BoxSubject::Enterprise(app.enterprise_id()), None),
+            Subject::Enterprise => return Ok((self.enterprise_key(app), None)),
             Subject::User(id) => (BoxSubject::User(id.clone()), None),
             Subject::External(external) => {
                 let resolved = self.resolve_external(caller, app, external).await?;
@@ -479,10 +479,7 @@ impl Broker {
         };
         let subject = Self::policy_subject(&request.subject);
         let permit = self.authorize(caller, app, subject, ask, request.min_ttl, Refresh::Cached)?;
-        let (parent_key, resolved) = match request.subject {
-            Subject::Enterprise => (self.enterprise_key(app), None),
-            _ => self.key(caller, app, &request.subject).await?,
-        };
+        let (parent_key, resolved) = self.key(caller, app, &request.subject).await?;
         let key = TokenKey {
             downscope: Some(request.downscope.clone()),
             caller: Some(caller.clone()),

@@ -559,13 +559,7 @@ impl Broker {
 
     /// The app's Service Account token, for the users API.
     async fn service_token(&self, caller: &Arc<str>, app: &App) -> Result<SecretString, BrokerError> {
-        let key = TokenKey {
-            app: app.name.clone(),
-            subject: BoxSubject::Enterprise(app.enterprise_id()),
-            downscope: None,
-            caller: None,
-            external: None,
-        };
+        let key = self.enterprise_key(app);
         let lookup = self
             .cache
             .get_admitted(&key, Need::default(), Some(&self.admission(caller)))
