@@ -9,14 +9,24 @@ use rsa::RsaPrivateKey;
 use secrecy::SecretString;
 
 use crate::{
-    boxapi::{BoxSubject, DiagnosisKind, private_key::decode_private_key},
+    boxapi::{BoxId, BoxSubject, DiagnosisKind, ExternalUser, private_key::decode_private_key},
     broker::{AfterTrial, App, Broker, Subject},
+    cache::TokenKey,
     keys::{
         KeyEntry, KeyOrigin, KeyState, Ring, RingError, SecretEntry, SecretOrigin,
         store::{KeyStore, StoreError, StoredApp, StoredState},
     },
     rpc::Rpc,
 };
+
+/// How long an admin change waits for another replica's change of the same app.
+const FLEET_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A change in progress (see [`KeyAdmin::begin`]).
+struct Change<'a> {
+    _local: tokio::sync::MutexGuard<'a, ()>,
+    _fleet: Option<crate::l2::KeysLock>,
+}
 
 /// Key sizes `GenerateKey` makes.
 pub const KEY_SIZES: &[usize] = &[2048, 3072, 4096];
@@ -137,21 +147,170 @@ impl KeyAdmin {
             .map_err(|e| AdminError::NotFound(e.to_string()))
     }
 
-    /// Persists every app's ring, with `changed` in place of its app's, then
-    /// switches the app to it. Nothing changes when the write fails.
-    fn commit(&self, app: &App, changed: Ring) -> Result<(), AdminError> {
+    /// Starts a change of `app`'s keys: one at a time in this broker and,
+    /// with a fleet's Redis, in the fleet (the app's key-set lock), on top
+    /// of the fleet's newest key set.
+    async fn begin(&self, app: &Arc<App>) -> Result<Change<'_>, AdminError> {
+        let local = self.changing.lock().await;
+        let Some(fleet) = self.broker.fleet() else {
+            return Ok(Change {
+                _local: local,
+                _fleet: None,
+            });
+        };
+        let lock = fleet.lock_keys(&app.name, FLEET_LOCK_WAIT).await.map_err(|()| {
+            AdminError::FailedPrecondition(format!(
+                "another broker of the fleet is changing app {}'s keys right now; retry in a few seconds",
+                app.name
+            ))
+        })?;
+        if lock.is_none() {
+            tracing::warn!(app = %app.name, "Redis is unavailable: this key change reaches the other replicas when it is back");
+        }
+        self.catch_up(app).await;
+        Ok(Change {
+            _local: local,
+            _fleet: lock,
+        })
+    }
+
+    /// Persists every app's ring, with `changed` (as the next version) in
+    /// place of its app's, then switches the app to it and, with a fleet's
+    /// Redis, publishes it. Nothing changes when the write fails.
+    async fn commit(&self, app: &App, mut changed: Ring) -> Result<(), AdminError> {
         let store = self.store.as_ref().ok_or_else(|| {
             AdminError::FailedPrecondition(
                 "no [keystore] is configured, so a new key or secret would be lost at restart: configure [keystore] path and kek_file (or kek_env)".to_owned(),
             )
         })?;
+        changed.version = app.ring().version + 1;
         let state = snapshot(&self.broker, &self.orphans, Some((app, &changed)))
             .map_err(|e| AdminError::FailedPrecondition(e.problem))?;
         store
             .save(&state)
             .inspect_err(|_| app.record_keystore_write_failure())?;
+        let published = state.apps.get(&*app.name).cloned();
         app.replace_ring(changed);
+        if let (Some(fleet), Some(set)) = (self.broker.fleet(), published) {
+            self.publish(fleet, app, &set).await;
+        }
         Ok(())
+    }
+
+    /// Publishes `app`'s key set to the fleet (logged when Redis cannot take it).
+    async fn publish(&self, fleet: &crate::l2::Redis, app: &App, set: &StoredApp) {
+        if !fleet.publish_key_set(&app.name, set.version, set).await {
+            tracing::warn!(
+                app = %app.name,
+                version = set.version,
+                "could not publish the key set to Redis (unavailable, or it holds a newer one); it is published again when Redis answers"
+            );
+        }
+    }
+
+    /// Adopts the fleet's key set of `app` if it is newer than this
+    /// broker's (persisted first), or publishes this broker's if it is
+    /// newer than the fleet's. Without a fleet, nothing.
+    pub async fn catch_up(&self, app: &App) {
+        let Some(fleet) = self.broker.fleet() else { return };
+        let local = app.ring().version;
+        match fleet.key_set(&app.name).await {
+            Some((version, set)) if version > local => {
+                if let Err(problem) = self.adopt(app, version, &set) {
+                    tracing::warn!(app = %app.name, version, %problem, "did not adopt the fleet's key set");
+                }
+            }
+            Some((version, _)) if version == local => {}
+            // Redis holds an older set, or none: ours (if it was ever changed) is the fleet's.
+            Some(_) | None if local > 0 => {
+                if let Ok(set) = StoredApp::from_ring(&app.ring()) {
+                    self.publish(fleet, app, &set).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Switches `app` to the fleet's key set `set` (`version`): laid over
+    /// the config as at startup, persisted to this broker's store first.
+    /// Never an empty set, never an older one.
+    fn adopt(&self, app: &App, version: u64, set: &StoredApp) -> Result<(), String> {
+        if version <= app.ring().version {
+            return Ok(());
+        }
+        if set.keys.is_empty() && set.secrets.is_empty() {
+            return Err("it is empty".to_owned());
+        }
+        let mut ring = set.merge_into(app.config_ring())?;
+        ring.version = version;
+        if let Some(store) = &self.store {
+            let state = snapshot(&self.broker, &self.orphans, Some((app, &ring))).map_err(|e| e.problem)?;
+            store.save(&state).map_err(|e| {
+                app.record_keystore_write_failure();
+                e.to_string()
+            })?;
+        }
+        let active = ring.key_in(KeyState::Active).and_then(|k| k.kid.clone());
+        app.replace_ring(ring);
+        tracing::info!(app = %app.name, version, active_kid = active.as_deref().unwrap_or(""), "adopted the fleet's key set");
+        Ok(())
+    }
+
+    /// Acts on another replica's notice: drops revoked or invalidated
+    /// tokens, adopts a newer key set; after notices may have been missed,
+    /// drops every token that came through Redis and looks at key sets again.
+    pub async fn on_notice(&self, notice: crate::l2::Notice) {
+        use crate::l2::{Notice, NoticeSubject};
+        let cache = self.broker.cache();
+        match notice {
+            Notice::Revoked { app, digest } => {
+                let Some(digest) = hex::decode(&digest).ok().and_then(|d| <[u8; 32]>::try_from(d).ok()) else {
+                    return;
+                };
+                let dropped = cache.drop_revoked(&digest).await;
+                tracing::info!(app, dropped, "dropped a token another replica revoked");
+            }
+            Notice::Invalidated { app, subject } => {
+                let subject = match subject {
+                    None => None,
+                    Some(NoticeSubject::Enterprise) => Some(Subject::Enterprise),
+                    Some(NoticeSubject::User(id)) => match BoxId::parse(&id) {
+                        Ok(id) => Some(Subject::User(id)),
+                        Err(_) => return,
+                    },
+                    Some(NoticeSubject::External(id)) => Some(Subject::External(Arc::new(ExternalUser {
+                        id: id.into(),
+                        create: None,
+                    }))),
+                };
+                match self
+                    .invalidate_here(app.as_deref().unwrap_or(""), subject.as_ref())
+                    .await
+                {
+                    Ok((dropped, ..)) => tracing::info!(app, dropped, "dropped tokens another replica invalidated"),
+                    Err(e) => {
+                        tracing::debug!(app, error = %e, "an invalidation from another replica names nothing here")
+                    }
+                }
+            }
+            Notice::KeySet { app, .. } => {
+                if let Ok(app) = self.app(&app) {
+                    let _one = self.changing.lock().await;
+                    self.catch_up(app).await;
+                }
+            }
+            Notice::Resync => {
+                let dropped = cache.invalidate_where(|key| cache.is_shared(key)).await;
+                tracing::info!(
+                    dropped,
+                    "dropped the tokens that came through Redis: notices may have been missed"
+                );
+                for app in self.broker.apps() {
+                    let _one = self.changing.lock().await;
+                    self.catch_up(app).await;
+                }
+            }
+        }
     }
 
     fn jwt_only(app: &App, ring: &Ring) -> Result<(), AdminError> {
@@ -187,9 +346,9 @@ impl KeyAdmin {
         };
         let key = KeyEntry::from_private(private, None, KeyOrigin::Generated, KeyState::Pending, app.client.now())
             .map_err(AdminError::FailedPrecondition)?;
-        let _one = self.changing.lock().await;
+        let _one = self.begin(app).await?;
         let ring = app.ring().with_pending(key.clone())?;
-        self.commit(app, ring)?;
+        self.commit(app, ring).await?;
         tracing::info!(app = %app.name, fingerprint = %key.fingerprint, bits, "generated a key (pending)");
         Ok(GeneratedKey { key, public_key_pem })
     }
@@ -225,9 +384,9 @@ impl KeyAdmin {
             app.client.now(),
         )
         .map_err(AdminError::InvalidArgument)?;
-        let _one = self.changing.lock().await;
+        let _one = self.begin(app).await?;
         let ring = app.ring().with_pending(key.clone())?;
-        self.commit(app, ring)?;
+        self.commit(app, ring).await?;
         tracing::info!(app = %app.name, kid, fingerprint = %key.fingerprint, "imported a key (pending)");
         Ok(key)
     }
@@ -242,7 +401,7 @@ impl KeyAdmin {
         fingerprint: &str,
     ) -> Result<(KeyEntry, Option<KeyEntry>), AdminError> {
         let app = self.app(app)?;
-        let _one = self.changing.lock().await;
+        let _one = self.begin(app).await?;
         let ring = app.ring();
         Self::jwt_only(app, &ring)?;
         let candidate = ring.candidate(kid, fingerprint)?;
@@ -254,7 +413,7 @@ impl KeyAdmin {
         let activated = ring.activated(&candidate);
         let standby = activated.key_in(KeyState::Standby).cloned();
         let active = activated.key_in(KeyState::Active).cloned().unwrap_or(candidate);
-        self.commit(app, activated)?;
+        self.commit(app, activated).await?;
         tracing::info!(
             app = %app.name,
             kid,
@@ -288,9 +447,9 @@ impl KeyAdmin {
     /// Retires the key whose kid or fingerprint is `id`.
     pub async fn retire(&self, app: &str, id: &str) -> Result<KeyEntry, AdminError> {
         let app = self.app(app)?;
-        let _one = self.changing.lock().await;
+        let _one = self.begin(app).await?;
         let (ring, retired) = app.ring().retired(id)?;
-        self.commit(app, ring)?;
+        self.commit(app, ring).await?;
         tracing::info!(app = %app.name, fingerprint = %retired.fingerprint, "retired a key");
         Ok(retired)
     }
@@ -310,7 +469,7 @@ impl KeyAdmin {
             return Err(AdminError::InvalidArgument("new_secret is empty".to_owned()));
         }
         let app = self.app(app)?;
-        let _one = self.changing.lock().await;
+        let _one = self.begin(app).await?;
         let ring = app.ring();
         let entry = SecretEntry::new(secret, SecretOrigin::Rotated, app.client.now());
         let rotated = ring.with_secret(entry.clone())?;
@@ -320,7 +479,7 @@ impl KeyAdmin {
         self.trial_mint(app, &trial.credentials, "the new client secret")
             .await?;
         let fallbacks = rotated.secrets.len() - 1;
-        self.commit(app, rotated)?;
+        self.commit(app, rotated).await?;
         tracing::info!(app = %app.name, fallbacks, "rotated the client secret after a successful trial mint");
         Ok(fallbacks)
     }
@@ -328,10 +487,10 @@ impl KeyAdmin {
     /// Drops the app's fallback secrets; returns how many.
     pub async fn retire_secrets(&self, app: &str) -> Result<usize, AdminError> {
         let app = self.app(app)?;
-        let _one = self.changing.lock().await;
+        let _one = self.begin(app).await?;
         let (ring, dropped) = app.ring().without_fallback_secrets();
         if dropped > 0 {
-            self.commit(app, ring)?;
+            self.commit(app, ring).await?;
         }
         tracing::info!(app = %app.name, dropped, "retired fallback client secrets");
         Ok(dropped)
@@ -339,7 +498,54 @@ impl KeyAdmin {
 
     /// Drops cached tokens: of `app` (every app when empty and no subject is
     /// given), of `subject` only when given.
+    ///
+    /// With a fleet's Redis, the shared copies go too and every other
+    /// replica is told to do the same.
     pub async fn invalidate(&self, app: &str, subject: Option<&Subject>) -> Result<usize, AdminError> {
+        let (dropped, apps, resolved) = self.invalidate_here(app, subject).await?;
+        if let Some(fleet) = self.broker.fleet() {
+            let names: Vec<&str> = match &apps {
+                Some(a) => vec![&*a.name],
+                None => self.broker.apps().map(|a| &*a.name).collect(),
+            };
+            let shared = match (&apps, subject, resolved) {
+                (Some(a), Some(_), Some(subject)) => {
+                    fleet.invalidate(&TokenKey::full(a.name.clone(), subject)).await;
+                    true
+                }
+                // An external id nobody resolved here: another replica may have
+                // (its notice below). A subject always comes with its app.
+                (_, Some(_), _) => true,
+                (_, None, _) => fleet.invalidate_apps(&names).await,
+            };
+            let told = fleet
+                .announce(&crate::l2::Notice::Invalidated {
+                    app: apps.as_ref().map(|a| a.name.to_string()),
+                    subject: subject.map(|s| match s {
+                        Subject::Enterprise => crate::l2::NoticeSubject::Enterprise,
+                        Subject::User(id) => crate::l2::NoticeSubject::User(id.as_str().to_owned()),
+                        Subject::External(user) => crate::l2::NoticeSubject::External(user.id.to_string()),
+                    }),
+                })
+                .await;
+            if !(shared && told) {
+                tracing::warn!(
+                    app,
+                    "Redis is unavailable: the other replicas drop their copies when they can read it again (or when the tokens expire)"
+                );
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// [`Self::invalidate`] in this broker only (what another replica's notice asks).
+    /// Returns how many tokens it dropped, the app (if one was named) and
+    /// the subject as Box knows it (if one was named and is known).
+    async fn invalidate_here(
+        &self,
+        app: &str,
+        subject: Option<&Subject>,
+    ) -> Result<(usize, Option<Arc<App>>, Option<BoxSubject>), AdminError> {
         // A subject belongs to an app: the named one, or the only one.
         let app_name = if app.is_empty() && subject.is_none() {
             None
@@ -362,7 +568,7 @@ impl KeyAdmin {
             })
             .await;
         tracing::info!(app, dropped, "invalidated cached tokens");
-        Ok(dropped)
+        Ok((dropped, app_name, subject.flatten()))
     }
 }
 

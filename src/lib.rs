@@ -19,6 +19,7 @@ pub mod fakebox;
 pub mod fingerprint;
 pub mod histogram;
 pub mod keys;
+pub mod l2;
 pub mod metrics;
 pub mod pb;
 pub mod policy;

@@ -219,11 +219,91 @@ fn cache_series(encoder: &mut DescriptorEncoder, cache: &crate::cache::TokenCach
     )
 }
 
+/// The fleet's Redis: the second-level cache, leases, notices, key sets, its state.
+fn fleet_series(encoder: &mut DescriptorEncoder, broker: &Broker, fleet: &crate::l2::Redis) -> fmt::Result {
+    let c = fleet.counters();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    counter(
+        encoder,
+        "boxbroker_l2_lookups",
+        "Looks in Redis for a token this replica did not hold, by result (a value that does not decrypt is a miss and also counted in boxbroker_l2_errors).",
+        &[
+            (vec![("result", "hit".to_owned())], load(&c.hits)),
+            (vec![("result", "miss".to_owned())], load(&c.misses)),
+        ],
+    )?;
+    counter(
+        encoder,
+        "boxbroker_l2_errors",
+        "Redis calls that failed or were skipped, by kind: timeout, error, undecryptable (another KEK or tampered), skipped (circuit open).",
+        &[
+            (vec![("kind", "timeout".to_owned())], load(&c.timeouts)),
+            (vec![("kind", "error".to_owned())], load(&c.errors)),
+            (vec![("kind", "undecryptable".to_owned())], load(&c.undecryptable)),
+            (vec![("kind", "skipped".to_owned())], load(&c.skipped)),
+        ],
+    )?;
+    counter(
+        encoder,
+        "boxbroker_l2_lease_waits",
+        "Flights that waited for another replica's mint (its lease) instead of minting.",
+        &[(vec![], load(&c.lease_waits))],
+    )?;
+    counter(
+        encoder,
+        "boxbroker_l2_lease_takeovers",
+        "Leases taken after waiting: the holder ended without a token, or died.",
+        &[(vec![], load(&c.lease_takeovers))],
+    )?;
+    counter(
+        encoder,
+        "boxbroker_l2_writes",
+        "Tokens written to Redis, by outcome (refused: lease lost, invalidated since the lease was taken, or a newer token held).",
+        &[
+            (vec![("outcome", "written".to_owned())], load(&c.writes)),
+            (vec![("outcome", "refused".to_owned())], load(&c.writes_refused)),
+        ],
+    )?;
+    counter(
+        encoder,
+        "boxbroker_l2_notices",
+        "Invalidation and key-set notices, by direction (sent by this replica, received from others).",
+        &[
+            (vec![("direction", "sent".to_owned())], load(&c.notices_sent)),
+            (vec![("direction", "received".to_owned())], load(&c.notices_received)),
+        ],
+    )?;
+    gauge(
+        encoder,
+        "boxbroker_l2_degraded",
+        "1 while Redis is skipped after failures (the replica serves its own cache and mints for itself), else 0.",
+        &[(vec![], i64::from(fleet.state() == "degraded"))],
+    )?;
+    let versions: Vec<(Labels, i64)> = broker
+        .apps()
+        .map(|a| {
+            (
+                vec![("app", a.name.to_string())],
+                i64::try_from(a.ring().version).unwrap_or(i64::MAX),
+            )
+        })
+        .collect();
+    gauge(
+        encoder,
+        "boxbroker_key_set_version",
+        "This replica's key-set version, by app (raised by each key change; every replica of a fleet should show the same).",
+        &versions,
+    )
+}
+
 impl Collector for BrokerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let broker = &self.0;
         let cache = broker.cache();
         cache_series(&mut encoder, cache)?;
+        if let Some(fleet) = broker.fleet() {
+            fleet_series(&mut encoder, broker, fleet)?;
+        }
         let apps: Vec<_> = broker.apps().cloned().collect();
         let per_app = |f: &dyn Fn(&crate::broker::App) -> u64| -> Vec<(Labels, u64)> {
             apps.iter().map(|a| (vec![("app", a.name.to_string())], f(a))).collect()

@@ -26,7 +26,7 @@ use crate::{
     broker::{App, Broker, UpstreamBudget},
     clock::SharedClock,
     config::{
-        ApiKeyConfig, AuditConfig, AuthConfig, Config, ConfigError, EdgeConfig, KeystoreConfig, Mechanism,
+        ApiKeyConfig, AuditConfig, AuthConfig, Config, ConfigError, EdgeConfig, KeystoreConfig, Mechanism, RedisConfig,
         ServerConfig, TlsConfig, UnixSocketConfig,
     },
     edge::{
@@ -215,7 +215,12 @@ impl Prepared {
         clock: SharedClock,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let broker = Arc::new(build_broker(config, clock)?);
+        let mut broker = build_broker(config, clock)?;
+        let store = config.keystore.as_ref().map(|k| open_key_store(k, env)).transpose()?;
+        if let (Some(redis), Some(store)) = (&config.redis, &store) {
+            broker = broker.with_fleet(open_redis(redis, config, store)?);
+        }
+        let broker = Arc::new(broker);
         let auth = authenticator(config).await?;
         // A client certificate is optional when the listener also accepts other credentials.
         let tls = client_tls(config)?;
@@ -227,7 +232,6 @@ impl Prepared {
             .transpose()?;
         let admin_auth = admin_authenticator(config)?;
         let audit = Arc::new(open_audit(&config.audit)?);
-        let store = config.keystore.as_ref().map(|k| open_key_store(k, env)).transpose()?;
         let admin = KeyAdmin::open(broker.clone(), store)
             .map(Arc::new)
             .map_err(|e| ConfigError::new(format!("key store {}", e.path), e.problem))?;
@@ -271,6 +275,25 @@ impl Prepared {
             Ok(false) => {}
             // Memory holds none already; the next change rewrites the store.
             Err(e) => tracing::warn!(error = %e, "could not drop retired keys' private material from the key store"),
+        }
+        if let Some(fleet) = admin.broker().fleet() {
+            // The fleet's newest key set before the first request; then its notices.
+            for app in admin.broker().apps() {
+                admin.catch_up(app).await;
+            }
+            let mut notices = fleet.notices();
+            let listener = admin.clone();
+            tokio::spawn(async move {
+                while let Some(notice) = notices.recv().await {
+                    listener.on_notice(notice).await;
+                }
+            });
+            tracing::info!(
+                redis = %crate::l2::redact_url(config.redis.as_ref().map_or("", |r| r.url.as_str())),
+                namespace = fleet.namespace(),
+                state = fleet.state(),
+                "sharing tokens, invalidations and key sets with the fleet through Redis"
+            );
         }
         let admin_role = Role::Admin(admin, AdminRules(config.admin.rules.clone()));
         if let Some(addr) = config.server.admin_listen {
@@ -683,6 +706,59 @@ pub(crate) fn open_audit(audit: &AuditConfig) -> Result<AuditSink, ConfigError> 
             .map_err(|e| ConfigError::new("audit.sink", format!("{path}: cannot open: {e}"))),
     }?;
     Ok(sink.with_repeat_window(window))
+}
+
+/// The fleet's Redis as `[redis]` says (files read; no connection yet),
+/// sealing with keys derived from `store`'s KEK. Errors name the setting
+/// and the file, never a password.
+pub(crate) fn open_redis(
+    redis: &RedisConfig,
+    config: &Config,
+    store: &KeyStore,
+) -> Result<crate::l2::Redis, ConfigError> {
+    let password = match &redis.password_file {
+        Some(file) => {
+            refuse_world_readable("redis.password_file", file)?;
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
+                ConfigError::new("redis.password_file", format!("{}: cannot read: {e}", file.display()))
+            })?);
+            let first = text.lines().next().unwrap_or_default().trim();
+            if first.is_empty() {
+                return Err(ConfigError::new(
+                    "redis.password_file",
+                    format!("{}: is empty (the password is its first line)", file.display()),
+                ));
+            }
+            Some(secrecy::SecretString::from(first))
+        }
+        None => None,
+    };
+    let ca_pem = redis
+        .ca_file
+        .as_ref()
+        .map(|file| {
+            std::fs::read(file)
+                .map_err(|e| ConfigError::new("redis.ca_file", format!("{}: cannot read: {e}", file.display())))
+        })
+        .transpose()?;
+    let deadline = Duration::from_millis(config.upstream.deadline_ms);
+    let settings = crate::l2::Settings {
+        url: redis.url.clone(),
+        ca_pem,
+        username: redis.username.clone(),
+        password,
+        namespace: redis.namespace.clone(),
+        connect_timeout: Duration::from_millis(redis.connect_timeout_ms),
+        command_timeout: Duration::from_millis(redis.command_timeout_ms),
+        // Bounded by the mint deadline: a holder that died is replaced soon after.
+        lease_ttl: deadline + Duration::from_secs(1),
+        poll_interval: Duration::from_millis(redis.poll_interval_ms),
+        share_enterprise_tokens: redis.share_enterprise_tokens,
+        breaker_threshold: redis.breaker_threshold,
+        breaker_cooldown: Duration::from_secs(redis.breaker_cooldown_secs),
+        safety_margin: config.cache.policy().safety_margin,
+    };
+    crate::l2::Redis::new(settings, store.kek()).map_err(|e| ConfigError::new("redis", e.0))
 }
 
 /// Reads the KEK and opens the store (without loading it). `env` looks up

@@ -29,6 +29,8 @@ pub struct App {
     /// Its keys and secrets; replaced whole by the admin RPC. Read without a
     /// lock by every request (the enterprise id is in it).
     ring: ArcSwap<Ring>,
+    /// The ring from the config alone.
+    config_ring: Arc<Ring>,
     /// How its last token requests went.
     health: Mutex<UpstreamHealth>,
     /// Mints that succeeded only with the standby key.
@@ -75,9 +77,11 @@ pub struct UpstreamHealth {
 impl App {
     /// An app minting with `credentials` (from its config).
     pub fn new(name: impl Into<Arc<str>>, credentials: &AppCredentials, client: BoxClient) -> Self {
+        let ring = Ring::from_config(credentials, client.now());
         Self {
             name: name.into(),
-            ring: ArcSwap::from_pointee(Ring::from_config(credentials, client.now())),
+            config_ring: Arc::new(ring.clone()),
+            ring: ArcSwap::from_pointee(ring),
             client,
             health: Mutex::new(UpstreamHealth::default()),
             standby_fallbacks: AtomicU64::new(0),
@@ -103,6 +107,11 @@ impl App {
     /// Its keys and secrets now.
     pub fn ring(&self) -> Arc<Ring> {
         self.ring.load_full()
+    }
+
+    /// The ring its config alone describes (what a stored key set is laid over).
+    pub fn config_ring(&self) -> Ring {
+        (*self.config_ring).clone()
     }
 
     /// Switches to `ring` for every mint that starts from now on.

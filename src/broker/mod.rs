@@ -167,6 +167,8 @@ pub struct Broker {
     force_refresh_interval: Duration,
     /// External ids and user checks.
     users: users::Directory,
+    /// The Redis a fleet of brokers shares, if configured.
+    fleet: Option<crate::l2::Redis>,
 }
 
 impl Broker {
@@ -187,7 +189,22 @@ impl Broker {
                 negative_ttl: cache_policy.negative_ttl,
                 ..UsersPolicy::default()
             }),
+            fleet: None,
         }
+    }
+
+    /// The same broker sharing tokens, invalidations and key sets with the
+    /// other brokers of a fleet through `redis`.
+    #[must_use]
+    pub fn with_fleet(mut self, redis: crate::l2::Redis) -> Self {
+        self.cache.share_with(Arc::new(redis.clone()));
+        self.fleet = Some(redis);
+        self
+    }
+
+    /// The fleet's Redis, if configured.
+    pub fn fleet(&self) -> Option<&crate::l2::Redis> {
+        self.fleet.as_ref()
     }
 
     /// The same broker with `policy` for external ids and user checks.
@@ -546,6 +563,13 @@ impl Broker {
             Served::AlsoToOthers => return Err(shared()),
             Served::OnlyTo => {}
         }
+        // A token shared through the fleet's Redis may have been served by
+        // other replicas: their record counts too (if Redis can be asked).
+        if let Some(fleet) = self.fleet.as_ref().filter(|_| self.cache.is_shared(&key))
+            && fleet.served_only_to(&key, &digest, caller).await == Some(false)
+        {
+            return Err(shared());
+        }
         let rule = match &key.subject {
             BoxSubject::Enterprise(_) => self.authorize(
                 caller,
@@ -604,10 +628,24 @@ impl Broker {
         // caller that goes away (or times out) mid-way cannot leave a
         // revoked token cached for others. The outcome is logged there.
         let (client, cache, family, name) = (app.client.clone(), self.cache.clone(), key.clone(), app.name.clone());
+        let fleet = self.fleet.clone();
         let revoked = tokio::spawn(async move {
             match client.revoke(&credentials, &token).await {
                 Ok(()) => {
+                    cache.mark_revoked(&digest).await;
                     let dropped = cache.invalidate_token(&family, &cached).await;
+                    // The other replicas drop their copies; Redis drops the shared one.
+                    if let Some(fleet) = fleet {
+                        if cache.is_shared(&family) {
+                            fleet.invalidate(&family).await;
+                        }
+                        fleet
+                            .announce(&crate::l2::Notice::Revoked {
+                                app: name.to_string(),
+                                digest: hex::encode(digest),
+                            })
+                            .await;
+                    }
                     tracing::info!(
                         app = %name,
                         subject_type = family.subject.sub_type(),

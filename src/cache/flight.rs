@@ -1,8 +1,9 @@
 //! Flights: one spawned task per key that needs a token, joined by every
 //! concurrent request for that key, which re-checks the cache, mints (or
-//! resolves the parent and exchanges it) and stores. A second cache level
-//! (a shared store) belongs in [`Inner::fly`], between the re-check and the
-//! call to the minter.
+//! resolves the parent and exchanges it) and stores. With a second cache
+//! level shared with other brokers ([`SharedStore`]), a flight for a full
+//! token looks there between the re-check and the call to the minter, and
+//! mints only under the fleet's lease (see `shared.rs`).
 
 use std::{
     fmt,
@@ -12,7 +13,10 @@ use std::{
 
 use futures_util::future::{BoxFuture, FutureExt as _, Shared};
 
-use super::{CacheError, CachedToken, Inner, Minted, Need, PARENT_BEING_REVOKED, TokenCache, TokenKey, short};
+use super::{
+    CacheError, CachedToken, Inner, Lease, LeaseOutcome, Minted, Need, PARENT_BEING_REVOKED, SharedStore, TokenCache,
+    TokenKey, short,
+};
 use crate::boxapi::DiagnosisKind;
 
 /// A place among the calls to Box in progress, held by a flight until it
@@ -132,6 +136,24 @@ impl Inner {
             self.land(&key, id);
             return Ok(token);
         }
+        // A second level shared with other brokers: its token, or the
+        // lease to mint for all of them (or neither: mint, share nothing).
+        let mut lease = None;
+        if let Some(shared) = self
+            .shared
+            .get()
+            .cloned()
+            .filter(|s| !self.minter.fetches() && s.shares(&key))
+        {
+            match self.shared_or_lease(&*shared, &key, &need).await {
+                Ok(token) => {
+                    self.store(&key, &token).await;
+                    self.land(&key, id);
+                    return Ok(token);
+                }
+                Err(held) => lease = held.map(|lease| (shared, lease)),
+            }
+        }
         let minted = match &key.downscope {
             _ if self.minter.fetches() => self
                 .minter
@@ -164,9 +186,16 @@ impl Inner {
                     token.inherit(&held);
                 }
                 self.store(&key, &token).await;
+                if let Some((shared, lease)) = lease {
+                    // Written in a task of its own: the callers have their token now.
+                    tokio::spawn(shared.put(&key, &token, lease));
+                }
                 Ok(token)
             }
             Err(e) => {
+                if let Some((shared, lease)) = lease {
+                    tokio::spawn(shared.release(&key, lease));
+                }
                 let e = Arc::new(e);
                 if e.diagnosis.kind == DiagnosisKind::NotFound
                     && let Some(negative) = &self.negative
@@ -179,6 +208,47 @@ impl Inner {
         };
         self.land(&key, id);
         result
+    }
+
+    /// The shared token of `key` if it meets `need`; else the lease to
+    /// mint it for the fleet (`Err(Some)`), or `Err(None)`: mint without
+    /// sharing (the store is unavailable, or the holder of the lease took
+    /// longer than the longest wait).
+    async fn shared_or_lease(
+        &self,
+        shared: &dyn SharedStore,
+        key: &TokenKey,
+        need: &Need,
+    ) -> Result<Arc<CachedToken>, Option<Lease>> {
+        let (poll, longest) = shared.wait();
+        let since = std::time::Instant::now();
+        let mut waited = false;
+        let usable = |issued| {
+            let token = Arc::new(CachedToken::new(Minted { issued, parent: None }, &self.policy));
+            (self.satisfies(&token, need, self.clock.now()) && !self.revoked.contains_key(&token.sha256))
+                .then_some(token)
+        };
+        loop {
+            if let Some(token) = shared.get(key).await.and_then(usable) {
+                return Ok(token);
+            }
+            match shared.lease(key, waited).await {
+                // Written by the holder between the look and the lease.
+                LeaseOutcome::Acquired { lease, found } => match found.and_then(usable) {
+                    Some(token) => {
+                        tokio::spawn(shared.release(key, lease));
+                        return Ok(token);
+                    }
+                    None => return Err(Some(lease)),
+                },
+                LeaseOutcome::Unavailable => return Err(None),
+                LeaseOutcome::HeldElsewhere if since.elapsed() >= longest => return Err(None),
+                LeaseOutcome::HeldElsewhere => {
+                    waited = true;
+                    tokio::time::sleep(poll).await;
+                }
+            }
+        }
     }
 
     /// The token a downscoped `key` is exchanged from: the cached full
@@ -202,7 +272,7 @@ impl Inner {
 
     /// Caches `token` under `key`, if it lives past the safety margin.
     pub(super) async fn store(&self, key: &TokenKey, token: &Arc<CachedToken>) {
-        if token.remaining(self.clock.now()) > self.policy.safety_margin {
+        if token.remaining(self.clock.now()) > self.policy.safety_margin && !self.revoked.contains_key(&token.sha256) {
             // Indexed first: the eviction listener removes it again
             // whenever the entry leaves, even at once.
             self.by_digest

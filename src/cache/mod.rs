@@ -18,6 +18,7 @@
 //!   revocation needs to refuse touching a token someone else holds.
 
 mod flight;
+mod shared;
 mod token;
 
 use std::{
@@ -35,6 +36,7 @@ use futures_util::future::BoxFuture;
 use self::{flight::Flight, token::unix_millis};
 pub use self::{
     flight::{Admission, FlightPermit},
+    shared::{Lease, LeaseOutcome, SharedStore},
     token::{CachedToken, Minted, Served},
 };
 use crate::{
@@ -127,6 +129,17 @@ pub struct TokenKey {
 }
 
 impl TokenKey {
+    /// The key of `subject`'s full token in `app`.
+    pub fn full(app: Arc<str>, subject: BoxSubject) -> Self {
+        Self {
+            app,
+            subject,
+            downscope: None,
+            caller: None,
+            external: None,
+        }
+    }
+
     /// The key of the full token a downscoped one is exchanged from.
     pub fn parent(&self) -> Self {
         Self {
@@ -286,8 +299,29 @@ struct Inner {
     flights: Mutex<HashMap<TokenKey, Flight>>,
     next_flight: AtomicU64,
     minter: Arc<dyn Minter>,
+    /// SHA-256 of tokens revoked at Box (here or by another broker of the
+    /// fleet): never cached again, whatever brings them back (a flight
+    /// that read the shared store just before the revocation).
+    revoked: moka::future::Cache<[u8; 32], ()>,
+    /// The second level shared with other brokers, if any (set once, at startup).
+    shared: std::sync::OnceLock<Arc<dyn SharedStore>>,
     clock: SharedClock,
     policy: CachePolicy,
+}
+
+impl Inner {
+    /// Records that `caller` was served `token` (cached under `key()`), and
+    /// tells the shared store when that changed who holds a shared token.
+    fn note_served(&self, token: &CachedToken, caller: &Arc<str>, key: impl FnOnce() -> TokenKey) {
+        if let Some(news) = token.note_served(caller)
+            && let Some(shared) = self.shared.get()
+        {
+            let key = key();
+            if shared.shares(&key) {
+                shared.served(&key, &token.sha256, caller, news);
+            }
+        }
+    }
 }
 
 /// SHA-256 of a cached token -> its key and the cached token's id, in
@@ -415,10 +449,28 @@ impl TokenCache {
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
                 minter,
+                shared: std::sync::OnceLock::new(),
+                // A Box token lives about an hour; two cover it.
+                revoked: moka::future::Cache::builder()
+                    .max_capacity(policy.max_entries)
+                    .time_to_live(Duration::from_secs(2 * 3600))
+                    .build(),
                 clock,
                 policy,
             }),
         }
+    }
+
+    /// Adds a second level shared with other brokers: a flight for a full
+    /// token looks there before it mints, and writes what it minted there.
+    /// Once only (at startup); false if one was set already.
+    pub fn share_with(&self, shared: Arc<dyn SharedStore>) -> bool {
+        self.inner.shared.set(shared).is_ok()
+    }
+
+    /// Whether tokens of `key` go through a shared second level.
+    pub fn is_shared(&self, key: &TokenKey) -> bool {
+        self.inner.shared.get().is_some_and(|s| s.shares(key))
     }
 
     /// The cached token for `key`, if it meets `need` (including, for a
@@ -546,7 +598,7 @@ impl TokenCache {
         accept: impl Fn(&CachedToken) -> bool,
     ) -> Option<Lookup> {
         let hit = self.cached_if(key, need, accept).await?;
-        hit.token.note_served(caller);
+        self.inner.note_served(&hit.token, caller, || key.clone());
         (!hit.token.is_revoking()).then_some(hit)
     }
 
@@ -564,7 +616,7 @@ impl TokenCache {
         for _ in 0..REVOCATION_RETRIES {
             let lookup = self.get_admitted(key, need, admit).await?;
             if let Some(caller) = caller {
-                lookup.token.note_served(caller);
+                self.inner.note_served(&lookup.token, caller, || key.clone());
             }
             if !lookup.token.is_revoking() {
                 return Ok(lookup);
@@ -606,7 +658,7 @@ impl TokenCache {
             // The child may come from a newer parent than the one looked up.
             match child.token.parent() {
                 Some(parent) => {
-                    parent.note_served(caller);
+                    self.inner.note_served(&parent, caller, || parent_key.clone());
                     if !parent.is_revoking() {
                         return Ok(child);
                     }
@@ -630,10 +682,10 @@ impl TokenCache {
         accept: impl Fn(&CachedToken) -> bool,
     ) -> Option<Lookup> {
         self.cached_child_if(key, min_ttl, accept).await.filter(|hit| {
-            hit.token.note_served(caller);
+            let _ = hit.token.note_served(caller);
             let parent = hit.token.parent();
             if let Some(parent) = &parent {
-                parent.note_served(caller);
+                self.inner.note_served(parent, caller, || key.parent());
             }
             !hit.token.is_revoking() && parent.is_none_or(|p| !p.is_revoking())
         })
@@ -751,6 +803,24 @@ impl TokenCache {
             if matches!(removed, moka::ops::compute::CompResult::Removed(_)) {
                 dropped += 1;
             }
+        }
+        dropped
+    }
+
+    /// Remembers that the token whose SHA-256 is `digest` was revoked at
+    /// Box: it is never cached (or taken from the shared store) again.
+    pub async fn mark_revoked(&self, digest: &[u8; 32]) {
+        self.inner.revoked.insert(*digest, ()).await;
+    }
+
+    /// Drops every copy of the token whose SHA-256 is `digest`, revoked at
+    /// Box by another broker of the fleet, with its downscoped children;
+    /// it is never cached again. Returns how many entries were dropped.
+    pub async fn drop_revoked(&self, digest: &[u8; 32]) -> usize {
+        self.mark_revoked(digest).await;
+        let mut dropped = 0;
+        for (key, token) in self.copies(digest) {
+            dropped += self.invalidate_token(&key, &token).await;
         }
         dropped
     }

@@ -138,6 +138,11 @@ impl CachedToken {
         }
     }
 
+    /// A full token as Box issued it (for a second cache level, and tests).
+    pub fn from_issued(issued: IssuedToken, policy: &CachePolicy) -> Self {
+        Self::new(Minted { issued, parent: None }, policy)
+    }
+
     /// Its user was checked, and the check holds until `until`.
     pub fn mark_checked(&self, until: SystemTime) {
         self.checked_until_ms.fetch_max(unix_millis(until), Ordering::Relaxed);
@@ -155,11 +160,26 @@ impl CachedToken {
 
     /// Records that `caller` was served this token (a comparison, and a
     /// store only the first time another caller shows up).
-    pub fn note_served(&self, caller: &Arc<str>) {
-        let owner = self.owner.get_or_init(|| caller.clone());
-        if !Arc::ptr_eq(owner, caller) && **owner != **caller && !self.shared.load(Ordering::SeqCst) {
-            self.shared.store(true, Ordering::SeqCst);
+    ///
+    /// What changed, if anything: `OnlyTo` when `caller` became its first
+    /// caller, `AlsoToOthers` when it was first served to a second one.
+    pub fn note_served(&self, caller: &Arc<str>) -> Option<Served> {
+        let mut first = false;
+        let owner = self.owner.get_or_init(|| {
+            first = true;
+            caller.clone()
+        });
+        if first {
+            return Some(Served::OnlyTo);
         }
+        if !Arc::ptr_eq(owner, caller)
+            && **owner != **caller
+            && !self.shared.load(Ordering::SeqCst)
+            && !self.shared.swap(true, Ordering::SeqCst)
+        {
+            return Some(Served::AlsoToOthers);
+        }
+        None
     }
 
     /// The first caller it was served to, if any.
@@ -172,7 +192,7 @@ impl CachedToken {
     /// revocation under way. An edge is handed the token it holds again.
     pub(super) fn inherit(&self, held: &Self) {
         if let Some(owner) = held.owner.get() {
-            self.note_served(owner);
+            let _ = self.note_served(owner);
         }
         if held.shared.load(Ordering::SeqCst) {
             self.shared.store(true, Ordering::SeqCst);

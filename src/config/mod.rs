@@ -18,7 +18,8 @@ pub use self::{
     load::{ConfigError, ENV_PREFIX},
     schema::{
         AdminConfig, ApiKeyConfig, AppConfig, AuditConfig, AuthConfig, CacheConfig, KeystoreConfig, LogConfig,
-        LogFormat, Mechanism, PolicyConfig, ServerConfig, Settings, TlsConfig, UnixSocketConfig, UpstreamConfig,
+        LogFormat, Mechanism, PolicyConfig, RedisConfig, ServerConfig, Settings, TlsConfig, UnixSocketConfig,
+        UpstreamConfig,
     },
 };
 

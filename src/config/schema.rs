@@ -60,6 +60,126 @@ pub struct Settings {
     /// Retries, deadlines and the circuit breaker for calls to Box.
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    /// `[redis]`: the Redis a fleet of central brokers shares (optional).
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+}
+
+/// `[redis]`: the Redis several central brokers share for a second-level
+/// token cache, one mint per key, invalidations and the key set. Without
+/// it every replica keeps to itself. Standalone Redis (or anything that
+/// speaks to a client as one); Sentinel and Cluster are not supported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379/0`, `rediss://host:6380/0` (TLS) or
+    /// `unix:///path/redis.sock`; no password in it (use `password_file`).
+    pub url: String,
+    /// PEM CA certificate(s) for a `rediss://` server (the system's roots when left out).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The ACL user (`default` when left out).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Prefix of every key name: brokers of one fleet share it, two fleets
+    /// on one Redis do not.
+    #[serde(default = "default_redis_namespace")]
+    pub namespace: String,
+    /// Connecting's time limit in ms.
+    #[serde(default = "default_redis_connect_ms", deserialize_with = "de_millis")]
+    pub connect_timeout_ms: u64,
+    /// One command's time limit in ms: a slow Redis costs a request at most this per call.
+    #[serde(default = "default_redis_command_ms", deserialize_with = "de_millis")]
+    pub command_timeout_ms: u64,
+    /// How often each replica reads the fleet's notices (invalidations, key
+    /// sets), in ms: how long another replica may serve a revoked token's copy.
+    #[serde(default = "default_redis_poll_ms", deserialize_with = "de_millis")]
+    pub poll_interval_ms: u64,
+    /// Whether Service Account tokens are shared too (user tokens always are).
+    #[serde(default = "default_true")]
+    pub share_enterprise_tokens: bool,
+    /// Failed Redis calls in a row after which Redis is skipped for `breaker_cooldown_secs`.
+    #[serde(default = "default_redis_breaker_threshold")]
+    pub breaker_threshold: u32,
+    /// Seconds Redis is skipped after `breaker_threshold` failures.
+    #[serde(default = "default_redis_breaker_cooldown", deserialize_with = "de_secs")]
+    pub breaker_cooldown_secs: u64,
+}
+
+fn default_redis_namespace() -> String {
+    "box-broker".to_owned()
+}
+fn default_redis_connect_ms() -> u64 {
+    1000
+}
+fn default_redis_command_ms() -> u64 {
+    250
+}
+fn default_redis_poll_ms() -> u64 {
+    200
+}
+fn default_true() -> bool {
+    true
+}
+fn default_redis_breaker_threshold() -> u32 {
+    3
+}
+fn default_redis_breaker_cooldown() -> u64 {
+    5
+}
+
+impl RedisConfig {
+    /// Checks what can be checked without reading files or connecting.
+    pub fn validate(&self, keystore: bool) -> Result<(), String> {
+        let scheme = self.url.split("://").next().unwrap_or_default();
+        if !self.url.contains("://") || !["redis", "rediss", "unix"].contains(&scheme) {
+            return Err(format!(
+                "redis.url must start with redis://, rediss:// or unix:// (it is {:?})",
+                crate::l2::redact_url(&self.url)
+            ));
+        }
+        if let Some(authority) = self.url.split("://").nth(1).and_then(|rest| rest.split('/').next())
+            && authority.contains('@')
+        {
+            return Err(
+                "redis.url must not hold a user or password: set redis.username and redis.password_file".to_owned(),
+            );
+        }
+        if self.ca_file.is_some() && scheme != "rediss" {
+            return Err("redis.ca_file is set, but redis.url is not rediss://".to_owned());
+        }
+        if self.namespace.is_empty()
+            || !self
+                .namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            return Err("redis.namespace must be letters, digits, '-', '_', '.' or ':' (and not empty)".to_owned());
+        }
+        for (name, value, max) in [
+            ("connect_timeout_ms", self.connect_timeout_ms, 60_000),
+            ("command_timeout_ms", self.command_timeout_ms, 10_000),
+            ("poll_interval_ms", self.poll_interval_ms, 60_000),
+            ("breaker_cooldown_secs", self.breaker_cooldown_secs, 3600),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(format!("redis.{name} must be 1 to {max}"));
+            }
+        }
+        if self.breaker_threshold == 0 {
+            return Err("redis.breaker_threshold must be at least 1".to_owned());
+        }
+        if !keystore {
+            return Err(
+                "[redis] needs [keystore]: what the brokers share is sealed with the key store's KEK (the same on every replica), and each replica keeps the fleet's key set in its own store"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[upstream]`: how token requests to Box are retried and cut off.

@@ -60,6 +60,9 @@ impl Settings {
             return Err("audit.repeat_window_secs must be at most 3600 (seconds)".to_owned());
         }
         self.upstream.validate()?;
+        if let Some(redis) = &self.redis {
+            redis.validate(self.keystore.is_some())?;
+        }
         self.server.validate()?;
         self.cache.validate()?;
         validate_api_keys("auth.api_keys", &self.auth.api_keys)?;

@@ -297,6 +297,9 @@ pub struct Ring {
     pub secrets: Vec<SecretEntry>,
     /// Fingerprints of retired secrets (so the config's is not revived at restart).
     pub retired_secrets: Vec<String>,
+    /// The key set's version: raised by every change through the admin
+    /// RPC, so replicas sharing a Redis adopt only a newer set (0: never changed).
+    pub version: u64,
 }
 
 /// One way to authenticate a mint: credentials plus which key they use.
@@ -339,6 +342,7 @@ impl Ring {
                 now,
             )],
             retired_secrets: Vec::new(),
+            version: 0,
         }
     }
 
@@ -618,6 +622,7 @@ mod tests {
                 .collect(),
             secrets: Vec::new(),
             retired_secrets: Vec::new(),
+            version: 0,
         }
     }
 

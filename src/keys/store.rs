@@ -34,8 +34,10 @@ const FORMAT: &str = "box-broker key store";
 const VERSION: u32 = 1;
 const AAD: &[u8] = b"box-broker key store v1";
 
-/// The key-encryption key: 32 bytes.
-pub struct Kek(LessSafeKey);
+/// The key-encryption key: 32 bytes. It encrypts the store itself, and
+/// keys for other purposes are derived from it (HKDF-SHA256, one `info`
+/// string per purpose): what the brokers of a fleet share in Redis.
+pub struct Kek(LessSafeKey, aws_lc_rs::hkdf::Prk);
 
 impl fmt::Debug for Kek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -63,7 +65,26 @@ impl Kek {
             ));
         }
         let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| "the key-encryption key is unusable".to_owned())?;
-        Ok(Self(LessSafeKey::new(key)))
+        let prk = aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, b"box-token-broker kek").extract(&bytes);
+        Ok(Self(LessSafeKey::new(key), prk))
+    }
+
+    /// A 32-byte key for `purpose`, derived from the KEK: different
+    /// purposes get unrelated keys, and none reveals the KEK.
+    pub fn derive(&self, purpose: &str) -> Zeroizing<[u8; 32]> {
+        struct Len32;
+        impl aws_lc_rs::hkdf::KeyType for Len32 {
+            fn len(&self) -> usize {
+                32
+            }
+        }
+        let mut out = Zeroizing::new([0u8; 32]);
+        let info = [purpose.as_bytes()];
+        // Expanding to 32 bytes (far below HKDF-SHA256's 8,160) cannot fail.
+        if let Ok(okm) = self.1.expand(&info, Len32) {
+            let _ = okm.fill(out.as_mut());
+        }
+        out
     }
 
     /// A fresh random KEK (for `dev` mode), with its base64 form.
@@ -104,6 +125,11 @@ pub struct StoredApp {
     /// Fingerprints of retired secrets.
     #[serde(default)]
     pub retired_secrets: Vec<String>,
+    /// Raised by every change through the admin RPC: a fleet sharing a
+    /// Redis adopts a key set only if it is newer than its own (0: a store
+    /// written before versions, or never changed).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// One stored key.
@@ -208,6 +234,7 @@ impl StoredApp {
             keys,
             secrets,
             retired_secrets: ring.retired_secrets.clone(),
+            version: ring.version,
         })
     }
 
@@ -335,6 +362,7 @@ impl StoredApp {
             keys,
             secrets,
             retired_secrets: self.retired_secrets.clone(),
+            version: self.version,
         })
     }
 }
@@ -350,6 +378,11 @@ impl KeyStore {
     /// The store at `path`, encrypted under `kek`.
     pub fn new(path: PathBuf, kek: Kek) -> Self {
         Self { path, kek }
+    }
+
+    /// Its KEK (what a fleet's Redis seals with is derived from it).
+    pub fn kek(&self) -> &Kek {
+        &self.kek
     }
 
     /// The store file.

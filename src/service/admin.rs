@@ -416,6 +416,19 @@ impl BrokerAdminService for BrokerAdminApi {
                         broker.cache().count_where(|key| names.iter().any(|n| **n == *key.app)) as u64
                     },
                     key_store: self.admin.has_store(),
+                    redis: broker.fleet().map(|fleet| {
+                        let c = fleet.counters();
+                        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                        pb::RedisStatus {
+                            state: fleet.state().to_owned(),
+                            namespace: fleet.namespace().to_owned(),
+                            last_error: fleet.last_error().unwrap_or_default(),
+                            hits: load(&c.hits),
+                            misses: load(&c.misses),
+                            notices_sent: load(&c.notices_sent),
+                            notices_received: load(&c.notices_received),
+                        }
+                    }),
                 })
             },
         )

@@ -58,7 +58,7 @@ impl Proc {
     }
 
     /// Sends `signal` (`-HUP`, `-TERM`, ...) to the process.
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(signal)
             .arg(self.child.id().to_string())

@@ -284,7 +284,7 @@ const LAYERS: &[&[&str]] = &[
     &["clock", "fingerprint", "rpc", "duration", "process", "pb", "histogram"],
     &["boxapi", "auth"],
     &["keys", "cache", "policy", "fakebox"],
-    &["error", "audit"],
+    &["error", "audit", "l2"],
     &["broker"],
     &["edge"],
     &["admin", "reload", "metrics"],

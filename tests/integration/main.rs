@@ -18,6 +18,7 @@ mod deploy;
 mod downscope;
 mod edge;
 mod fakebox;
+mod fleet;
 mod hardening;
 mod keys;
 mod keystore;

@@ -1,0 +1,978 @@
+//! The Redis a fleet of central brokers shares (`[redis]`): a second-level
+//! token cache, one mint per key across replicas (a lease), invalidation
+//! notices, and the key set. Redis is an optimisation, never a dependency:
+//! every call has a deadline, failures open a circuit breaker, and a
+//! replica that cannot reach Redis serves its own cache and mints for
+//! itself.
+//!
+//! What Redis holds, all under `{namespace}:`:
+//!
+//! - `t:{h}` — a hash per shared token: `v` the token, sealed with
+//!   AES-256-GCM under a key derived from the KEK, the entry's name as
+//!   associated data (a value copied under another name does not open);
+//!   `i` when it was asked for (ms), which orders writes; `d` a keyed hash of the
+//!   token's SHA-256 and, once served, `o` a keyed hash of its first caller
+//!   and `s` when others were served too (what revocation asks). `{h}` is a
+//!   keyed hash (HMAC-SHA256 under another derived key) of the app and the
+//!   subject: no name reveals a user id, scope or target.
+//! - `l:{h}` — the lease (`SET NX PX`, a random value, released by
+//!   compare-and-delete); `g:{h}` — the key's invalidation count: a write
+//!   under a lease taken before an invalidation is refused (fencing).
+//! - `events` — a stream of sealed notices (revocations, invalidations, key
+//!   sets), read by every replica.
+//! - `k:{a}` — each app's key set, sealed, with its version: replaced only
+//!   by a newer one.
+//!
+//! Never in Redis: private keys, secrets or tokens in plaintext, the KEK,
+//! assertions, caller identities (only keyed hashes of them).
+
+mod breaker;
+mod crypto;
+mod scripts;
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{FutureExt as _, future::BoxFuture};
+use redis::{AsyncCommands as _, aio::ConnectionManager};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize};
+
+use self::{breaker::Breaker, crypto::Crypto};
+use crate::{
+    boxapi::{BoxSubject, IssuedToken},
+    cache::{CachedToken, Lease, LeaseOutcome, Served, SharedStore, TokenKey},
+    keys::store::{Kek, StoredApp},
+};
+
+/// Notices kept in the stream (older ones are trimmed).
+const STREAM_LENGTH: usize = 10_000;
+/// How long an invalidation count outlives its last change (far longer
+/// than any lease).
+const FENCE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an admin change holds the app's key-set lock at most.
+const KEYS_LOCK_TTL: Duration = Duration::from_secs(60);
+
+/// What `[redis]` says, with its files read.
+pub struct Settings {
+    /// `redis://host:port/db`, `rediss://...` (TLS) or `unix:///path`.
+    pub url: String,
+    /// PEM CA certificates that sign the server's certificate (`rediss://`).
+    pub ca_pem: Option<Vec<u8>>,
+    /// The ACL user.
+    pub username: Option<String>,
+    /// Its password (from a file).
+    pub password: Option<SecretString>,
+    /// Prefix of every key name.
+    pub namespace: String,
+    /// Connecting's time limit.
+    pub connect_timeout: Duration,
+    /// One command's time limit.
+    pub command_timeout: Duration,
+    /// How long a lease lasts: the mint deadline and a second.
+    pub lease_ttl: Duration,
+    /// How often notices are read and a lease holder's token looked for.
+    pub poll_interval: Duration,
+    /// Whether Service Account tokens are shared too.
+    pub share_enterprise_tokens: bool,
+    /// Failed calls in a row that open the circuit.
+    pub breaker_threshold: u32,
+    /// How long an open circuit skips Redis.
+    pub breaker_cooldown: Duration,
+    /// The cache's safety margin: a token is kept in Redis until its expiry minus this.
+    pub safety_margin: Duration,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("url", &redact_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "****"))
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` without any password in it.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://****@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// A notice one replica sends the others (sealed in the stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Notice {
+    /// A token was revoked at Box: drop every copy.
+    Revoked {
+        /// The app.
+        app: String,
+        /// The token's SHA-256, hex.
+        digest: String,
+    },
+    /// `InvalidateTokens`: drop the app's (or every app's) tokens, or a subject's.
+    Invalidated {
+        /// The app; every app when absent.
+        app: Option<String>,
+        /// The subject; every subject when absent.
+        subject: Option<NoticeSubject>,
+    },
+    /// An app's key set changed.
+    KeySet {
+        /// The app.
+        app: String,
+        /// The new version.
+        version: u64,
+    },
+    /// Not sent: this replica could not read notices for a while and may
+    /// have missed some (drop what came from Redis, look at key sets again).
+    #[serde(skip)]
+    Resync,
+}
+
+/// A subject in an [`Notice::Invalidated`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeSubject {
+    /// The Service Account.
+    Enterprise,
+    /// A user by Box id.
+    User(String),
+    /// An App User by external id.
+    External(String),
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Shared tokens found.
+    pub hits: AtomicU64,
+    /// Looked for and not found.
+    pub misses: AtomicU64,
+    /// Calls that timed out.
+    pub timeouts: AtomicU64,
+    /// Calls Redis answered with an error (or the connection failed).
+    pub errors: AtomicU64,
+    /// Values that did not decrypt or parse (treated as misses).
+    pub undecryptable: AtomicU64,
+    /// Calls skipped because the circuit was open.
+    pub skipped: AtomicU64,
+    /// Flights that waited for another replica's lease.
+    pub lease_waits: AtomicU64,
+    /// Leases taken after waiting (the holder finished without a token, or died).
+    pub lease_takeovers: AtomicU64,
+    /// Tokens written.
+    pub writes: AtomicU64,
+    /// Writes refused: the lease was lost, the key was invalidated since
+    /// it was taken, or a newer token is held.
+    pub writes_refused: AtomicU64,
+    /// Notices sent.
+    pub notices_sent: AtomicU64,
+    /// Notices received from other replicas.
+    pub notices_received: AtomicU64,
+}
+
+/// The shared Redis. Cloning shares it.
+#[derive(Clone)]
+pub struct Redis {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    ns: String,
+    crypto: Crypto,
+    settings: Settings,
+    breaker: Breaker,
+    counters: Counters,
+    /// Random per process: a replica skips its own notices.
+    origin: String,
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redis")
+            .field("settings", &self.inner.settings)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A problem with `[redis]` found before any connection.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupError(pub String);
+
+impl Redis {
+    /// A client for `settings` (no connection yet: a Redis that is down
+    /// does not hold up startup), sealing with keys derived from `kek`.
+    pub fn new(settings: Settings, kek: &Kek) -> Result<Self, SetupError> {
+        use redis::IntoConnectionInfo as _;
+        let info = settings
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| SetupError(format!("url {}: {e}", redact_url(&settings.url))))?;
+        let mut redis_settings = info.redis_settings().clone();
+        if let Some(user) = &settings.username {
+            redis_settings = redis_settings.set_username(user);
+        }
+        if let Some(password) = &settings.password {
+            redis_settings = redis_settings.set_password(password.expose_secret());
+        }
+        let info = info.set_redis_settings(redis_settings);
+        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let client = match (&settings.ca_pem, tls) {
+            (Some(pem), true) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            (Some(_), false) => return Err(SetupError("ca_file is set, but the url is not rediss://".to_owned())),
+            (None, _) => redis::Client::open(info),
+        }
+        .map_err(|e| SetupError(format!("url {}: {e}", redact_url(&settings.url))))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.command_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| SetupError(format!("url {}: {e}", redact_url(&settings.url))))?;
+        let mut origin = [0u8; 8];
+        let _ = aws_lc_rs::rand::fill(&mut origin);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn,
+                ns: settings.namespace.clone(),
+                crypto: Crypto::new(kek),
+                breaker: Breaker::new(settings.breaker_threshold, settings.breaker_cooldown),
+                settings,
+                counters: Counters::default(),
+                origin: hex::encode(origin),
+            }),
+        })
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// `up` while calls succeed, `degraded` while the circuit is open.
+    pub fn state(&self) -> &'static str {
+        if self.inner.breaker.is_open() { "degraded" } else { "up" }
+    }
+
+    /// The last failure, if the circuit is open.
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.breaker.last_error()
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.inner.ns
+    }
+
+    /// Runs one call under the deadline and the circuit breaker: `None`
+    /// when skipped, late or failed (counted and remembered).
+    async fn run<T>(&self, what: &str, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
+        let inner = &self.inner;
+        if !inner.breaker.allows() {
+            inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        match tokio::time::timeout(inner.settings.command_timeout, call).await {
+            Ok(Ok(value)) => {
+                inner.breaker.succeeded();
+                Some(value)
+            }
+            Ok(Err(e)) => {
+                inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+                inner.breaker.failed(format!("{what}: {e}"));
+                None
+            }
+            Err(_) => {
+                inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .breaker
+                    .failed(format!("{what}: no answer within {:?}", inner.settings.command_timeout));
+                None
+            }
+        }
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    /// The keyed-hash part of a token's names: the app's, then the subject's
+    /// (so an app's tokens can be found by pattern, and no name says whose).
+    fn token_hash(&self, key: &TokenKey) -> String {
+        let subject = format!("{}\n{}\n{}", key.app, key.subject.sub_type(), key.subject.id().as_str());
+        format!(
+            "{}:{}",
+            self.app_hash(&key.app),
+            self.inner.crypto.name("token", subject.as_bytes())
+        )
+    }
+
+    fn app_hash(&self, app: &str) -> String {
+        self.inner.crypto.name("app", app.as_bytes())
+    }
+
+    /// Drops every shared token of `apps` (as [`Self::invalidate`] does
+    /// one's). False if Redis could not be asked.
+    pub async fn invalidate_apps(&self, apps: &[&str]) -> bool {
+        let mut all = true;
+        for app in apps {
+            let pattern = self.name("t", &format!("{}:*", self.app_hash(app)));
+            let mut cursor = 0u64;
+            loop {
+                let (p, mut conn) = (pattern.clone(), self.conn());
+                let page: Option<(u64, Vec<String>)> = self
+                    .run("find an app's tokens", async move {
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&p)
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut conn)
+                            .await
+                    })
+                    .await;
+                let Some((next, names)) = page else {
+                    all = false;
+                    break;
+                };
+                for name in names {
+                    let fence = name.replacen(&format!("{}:t:", self.inner.ns), &format!("{}:g:", self.inner.ns), 1);
+                    self.invalidate_names(name, fence).await;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        all
+    }
+
+    fn name(&self, kind: &str, hash: &str) -> String {
+        format!("{}:{kind}:{hash}", self.inner.ns)
+    }
+
+    fn stream(&self) -> String {
+        format!("{}:events", self.inner.ns)
+    }
+
+    /// The keyed hash a caller is recorded under (never the identity).
+    fn caller_tag(&self, caller: &str) -> String {
+        self.inner.crypto.name("caller", caller.as_bytes())
+    }
+
+    fn digest_tag(&self, digest: &[u8; 32]) -> String {
+        self.inner.crypto.name("digest", digest)
+    }
+
+    /// Whether the fleet's record says the token of `key` whose SHA-256 is
+    /// `digest` was served to `caller` only: `None` when Redis holds no
+    /// record of that token (or cannot be asked): the replica's own record decides.
+    pub async fn served_only_to(&self, key: &TokenKey, digest: &[u8; 32], caller: &str) -> Option<bool> {
+        let name = self.name("t", &self.token_hash(key));
+        let mut conn = self.conn();
+        let fields: (Option<String>, Option<String>, Option<String>) = self
+            .run("read a token's holders", async move {
+                redis::cmd("HMGET")
+                    .arg(&name)
+                    .arg("d")
+                    .arg("o")
+                    .arg("s")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        match fields {
+            (Some(d), owner, shared) if d == self.digest_tag(digest) => {
+                Some(shared.is_none() && owner.is_none_or(|o| o == self.caller_tag(caller)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Drops the shared token of `key` and raises its invalidation count,
+    /// so a write under a lease taken before now is refused.
+    pub async fn invalidate(&self, key: &TokenKey) {
+        let hash = self.token_hash(key);
+        self.invalidate_names(self.name("t", &hash), self.name("g", &hash))
+            .await;
+    }
+
+    async fn invalidate_names(&self, token: String, fence: String) {
+        let mut conn = self.conn();
+        let ttl = millis(FENCE_TTL);
+        let _: Option<i64> = self
+            .run("invalidate a token", async move {
+                scripts::INVALIDATE
+                    .key(token)
+                    .key(fence)
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await;
+    }
+
+    /// Sends `notice` to the other replicas. False if Redis could not take it.
+    pub async fn announce(&self, notice: &Notice) -> bool {
+        let stream = self.stream();
+        let Ok(plain) = serde_json::to_vec(notice) else {
+            return false;
+        };
+        let sealed = self.inner.crypto.seal(&stream, &plain);
+        let origin = self.inner.origin.clone();
+        let mut conn = self.conn();
+        let sent: Option<String> = self
+            .run("send a notice", async move {
+                redis::cmd("XADD")
+                    .arg(&stream)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STREAM_LENGTH)
+                    .arg("*")
+                    .arg("o")
+                    .arg(origin)
+                    .arg("n")
+                    .arg(sealed)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await;
+        if sent.is_some() {
+            self.inner.counters.notices_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        sent.is_some()
+    }
+
+    /// Reads the other replicas' notices until the receiver is dropped:
+    /// every `poll_interval`, from where the last read stopped. After a
+    /// time Redis could not be read, [`Notice::Resync`] comes first.
+    pub fn notices(&self) -> tokio::sync::mpsc::Receiver<Notice> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last: Option<String> = None;
+            let mut missed = false;
+            let mut interval = tokio::time::interval(this.inner.settings.poll_interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                if tx.is_closed() {
+                    return;
+                }
+                let read = match &last {
+                    None => this.latest_notice_id().await.map(|id| (id, Vec::new())),
+                    Some(from) => this.read_notices(from).await,
+                };
+                let Some((id, notices)) = read else {
+                    missed = last.is_some();
+                    continue;
+                };
+                if missed {
+                    missed = false;
+                    tracing::info!("reading the fleet's notices from Redis again; dropping tokens that came from it");
+                    if tx.send(Notice::Resync).await.is_err() {
+                        return;
+                    }
+                }
+                last = Some(id);
+                for notice in notices {
+                    this.inner.counters.notices_received.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(notice).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    /// The newest notice's id ("0-0" for none yet).
+    async fn latest_notice_id(&self) -> Option<String> {
+        let stream = self.stream();
+        let mut conn = self.conn();
+        let newest: redis::streams::StreamRangeReply = self
+            .run("read notices", async move {
+                redis::cmd("XREVRANGE")
+                    .arg(&stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Some(newest.ids.first().map_or_else(|| "0-0".to_owned(), |e| e.id.clone()))
+    }
+
+    /// Notices after `from` (other replicas' only) and the id to read from next.
+    async fn read_notices(&self, from: &str) -> Option<(String, Vec<Notice>)> {
+        let stream = self.stream();
+        let mut conn = self.conn();
+        let from_owned = from.to_owned();
+        let key = stream.clone();
+        let reply: Option<redis::streams::StreamReadReply> = self
+            .run("read notices", async move {
+                redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(512)
+                    .arg("STREAMS")
+                    .arg(&key)
+                    .arg(&from_owned)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let mut next = from.to_owned();
+        let mut notices = Vec::new();
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            next = entry.id.clone();
+            let bytes = |field: &str| match entry.map.get(field) {
+                Some(redis::Value::BulkString(b)) => Some(b.clone()),
+                _ => None,
+            };
+            if bytes("o").as_deref() == Some(self.inner.origin.as_bytes()) {
+                continue;
+            }
+            let notice = bytes("n")
+                .and_then(|sealed| self.inner.crypto.open(&stream, &sealed))
+                .and_then(|plain| serde_json::from_slice::<Notice>(&plain).ok());
+            match notice {
+                Some(notice) => notices.push(notice),
+                None => {
+                    self.inner.counters.undecryptable.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("a notice in Redis does not decrypt (another KEK, or tampered with); ignored");
+                }
+            }
+        }
+        Some((next, notices))
+    }
+
+    /// Publishes `app`'s key set as `version`, unless Redis holds a newer
+    /// (or the same) version. True when written.
+    pub async fn publish_key_set(&self, app: &str, version: u64, set: &StoredApp) -> bool {
+        let name = self.name("k", &self.app_hash(app));
+        let Ok(plain) = serde_json::to_vec(set).map(zeroize::Zeroizing::new) else {
+            return false;
+        };
+        let sealed = self.inner.crypto.seal(&name, &plain);
+        let mut conn = self.conn();
+        let written: Option<i64> = self
+            .run("publish a key set", async move {
+                scripts::PUT_KEY_SET
+                    .key(&name)
+                    .arg(version)
+                    .arg(sealed)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await;
+        if written == Some(1) {
+            self.announce(&Notice::KeySet {
+                app: app.to_owned(),
+                version,
+            })
+            .await;
+        }
+        written == Some(1)
+    }
+
+    /// `app`'s key set in Redis and its version, if any (and if it decrypts).
+    pub async fn key_set(&self, app: &str) -> Option<(u64, StoredApp)> {
+        let name = self.name("k", &self.app_hash(app));
+        let mut conn = self.conn();
+        let key = name.clone();
+        let (version, sealed): (Option<u64>, Option<Vec<u8>>) = self
+            .run("read a key set", async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("ver")
+                    .arg("v")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let (version, sealed) = (version?, sealed?);
+        let set = self
+            .inner
+            .crypto
+            .open(&name, &sealed)
+            .map(zeroize::Zeroizing::new)
+            .and_then(|plain| serde_json::from_slice::<StoredApp>(&plain).ok());
+        let Some(set) = set else {
+            self.inner.counters.undecryptable.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                app,
+                "the key set in Redis does not decrypt (another KEK, or tampered with); ignored"
+            );
+            return None;
+        };
+        Some((version, set))
+    }
+
+    /// Takes `app`'s key-set lock for an admin change, waiting up to
+    /// `wait`: `Ok(Some)` held, `Ok(None)` Redis unavailable (go on
+    /// alone), `Err` another replica holds it.
+    pub async fn lock_keys(&self, app: &str, wait: Duration) -> Result<Option<KeysLock>, ()> {
+        let name = self.name("kl", &self.app_hash(app));
+        let value = random_value();
+        let since = std::time::Instant::now();
+        loop {
+            let mut conn = self.conn();
+            let (n, v) = (name.clone(), value.clone());
+            let taken: Option<Option<String>> = self
+                .run("lock a key set", async move {
+                    redis::cmd("SET")
+                        .arg(&n)
+                        .arg(&v)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis(KEYS_LOCK_TTL))
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await;
+            match taken {
+                None => return Ok(None),
+                Some(Some(_)) => {
+                    return Ok(Some(KeysLock {
+                        redis: self.clone(),
+                        name,
+                        value,
+                    }));
+                }
+                Some(None) if since.elapsed() >= wait => return Err(()),
+                Some(None) => tokio::time::sleep(self.inner.settings.poll_interval).await,
+            }
+        }
+    }
+
+    /// Compare-and-delete: releases `name` if it still holds `value`.
+    async fn release_name(&self, name: String, value: String) {
+        let mut conn = self.conn();
+        let _: Option<i64> = self
+            .run("release a lease", async move {
+                scripts::RELEASE.key(name).arg(value).invoke_async(&mut conn).await
+            })
+            .await;
+    }
+
+    /// The token sealed under `name`, if there is one and it opens (a
+    /// value that does not is counted, dropped and a miss).
+    async fn open_token(&self, name: String, sealed: Option<Vec<u8>>) -> Option<IssuedToken> {
+        let counters = &self.inner.counters;
+        let Some(sealed) = sealed else {
+            counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let opened = self
+            .inner
+            .crypto
+            .open(&name, &sealed)
+            .map(zeroize::Zeroizing::new)
+            .and_then(|plain| serde_json::from_slice::<Sealed>(&plain).ok());
+        let Some(token) = opened else {
+            counters.undecryptable.fetch_add(1, Ordering::Relaxed);
+            counters.misses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "a token in Redis does not decrypt (another KEK, or tampered with): dropped, and minted instead"
+            );
+            let mut conn = self.conn();
+            let _: Option<i64> = self
+                .run("drop a value that does not decrypt", async move {
+                    scripts::DROP_GARBAGE
+                        .key(name)
+                        .arg(sealed)
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await;
+            return None;
+        };
+        counters.hits.fetch_add(1, Ordering::Relaxed);
+        Some(IssuedToken {
+            access_token: SecretString::from(token.a.as_str()),
+            expires_at: from_unix_ms(token.e),
+            issued_at: from_unix_ms(token.i),
+            token_type: token.y.clone().unwrap_or_else(|| "bearer".to_owned()),
+            request_id: token.r.clone(),
+            restricted_to: Vec::new(),
+        })
+    }
+
+    /// The shared token's lifetime in Redis: until the cache would stop serving it.
+    fn ttl_of(&self, token: &CachedToken) -> Option<Duration> {
+        token
+            .expires_at
+            .checked_sub(self.inner.settings.safety_margin)?
+            .duration_since(crate::clock::system_now())
+            .ok()
+            .filter(|d| !d.is_zero())
+    }
+}
+
+/// An app's key-set lock, released when dropped.
+#[derive(Debug)]
+pub struct KeysLock {
+    redis: Redis,
+    name: String,
+    value: String,
+}
+
+impl Drop for KeysLock {
+    fn drop(&mut self) {
+        let (redis, name, value) = (
+            self.redis.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.value),
+        );
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { redis.release_name(name, value).await });
+        }
+    }
+}
+
+fn random_value() -> String {
+    let mut bytes = [0u8; 16];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn from_unix_ms(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs())
+}
+
+/// A shared token, as sealed in Redis.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    /// The access token.
+    a: zeroize::Zeroizing<String>,
+    /// Its type, when not bearer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    y: Option<String>,
+    /// Expiry (Unix ms).
+    e: i64,
+    /// When it was asked for (Unix ms).
+    i: i64,
+    /// Box's request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    r: Option<String>,
+}
+
+impl SharedStore for Redis {
+    fn shares(&self, key: &TokenKey) -> bool {
+        key.downscope.is_none()
+            && key.caller.is_none()
+            && key.external.is_none()
+            && (self.inner.settings.share_enterprise_tokens || matches!(key.subject, BoxSubject::User(_)))
+    }
+
+    fn get(&self, key: &TokenKey) -> BoxFuture<'static, Option<IssuedToken>> {
+        let this = self.clone();
+        let name = self.name("t", &self.token_hash(key));
+        async move {
+            let mut conn = this.conn();
+            let key = name.clone();
+            let sealed: Option<Vec<u8>> = this
+                .run("read a token", async move { conn.hget(&key, "v").await })
+                .await?;
+            this.open_token(name, sealed).await
+        }
+        .boxed()
+    }
+
+    fn lease(&self, key: &TokenKey, waited: bool) -> BoxFuture<'static, LeaseOutcome> {
+        let this = self.clone();
+        let hash = self.token_hash(key);
+        async move {
+            let (lease, fence, token) = (this.name("l", &hash), this.name("g", &hash), this.name("t", &hash));
+            let value = random_value();
+            let mut conn = this.conn();
+            let (v, ttl) = (value.clone(), millis(this.inner.settings.lease_ttl));
+            let taken: Option<Option<(String, Vec<u8>)>> = this
+                .run("take a lease", async move {
+                    scripts::LEASE
+                        .key(lease)
+                        .key(fence)
+                        .key(&token)
+                        .arg(v)
+                        .arg(ttl)
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await;
+            let counters = &this.inner.counters;
+            match taken {
+                None => LeaseOutcome::Unavailable,
+                Some(Some((fence, sealed))) => {
+                    if waited {
+                        counters.lease_takeovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let found = if sealed.is_empty() {
+                        None
+                    } else {
+                        this.open_token(this.name("t", &hash), Some(sealed)).await
+                    };
+                    LeaseOutcome::Acquired {
+                        lease: Lease { value, fence },
+                        found,
+                    }
+                }
+                Some(None) => {
+                    if !waited {
+                        counters.lease_waits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    LeaseOutcome::HeldElsewhere
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn put(&self, key: &TokenKey, token: &CachedToken, lease: Lease) -> BoxFuture<'static, ()> {
+        let this = self.clone();
+        let hash = self.token_hash(key);
+        let name = self.name("t", &hash);
+        let ttl = self.ttl_of(token);
+        let sealed = Sealed {
+            a: zeroize::Zeroizing::new(token.access_token.expose_secret().to_owned()),
+            y: (token.token_type() != "bearer").then(|| token.token_type().to_owned()),
+            e: unix_ms(token.expires_at),
+            i: unix_ms(token.minted_at),
+            r: token.request_id.as_deref().map(str::to_owned),
+        };
+        let plain = serde_json::to_vec(&sealed).map(zeroize::Zeroizing::new);
+        let digest = self.digest_tag(&token.sha256);
+        async move {
+            let (Some(ttl), Ok(plain)) = (ttl, plain) else {
+                this.release_name(this.name("l", &hash), lease.value).await;
+                return;
+            };
+            let value = this.inner.crypto.seal(&name, &plain);
+            let mut conn = this.conn();
+            let (lease_name, fence_name) = (this.name("l", &hash), this.name("g", &hash));
+            let written: Option<i64> = this
+                .run("write a token", async move {
+                    scripts::PUT
+                        .key(name)
+                        .key(lease_name)
+                        .key(fence_name)
+                        .arg(lease.value)
+                        .arg(lease.fence)
+                        .arg(sealed.i)
+                        .arg(value)
+                        .arg(millis(ttl))
+                        .arg(digest)
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await;
+            let counters = &this.inner.counters;
+            match written {
+                Some(1) => counters.writes.fetch_add(1, Ordering::Relaxed),
+                Some(outcome) => {
+                    tracing::debug!(
+                        outcome,
+                        "a token was not written to Redis (lease lost, invalidated since, or older)"
+                    );
+                    counters.writes_refused.fetch_add(1, Ordering::Relaxed)
+                }
+                None => 0,
+            };
+        }
+        .boxed()
+    }
+
+    fn release(&self, key: &TokenKey, lease: Lease) -> BoxFuture<'static, ()> {
+        let this = self.clone();
+        let name = self.name("l", &self.token_hash(key));
+        async move { this.release_name(name, lease.value).await }.boxed()
+    }
+
+    fn wait(&self) -> (Duration, Duration) {
+        let s = &self.inner.settings;
+        (
+            s.poll_interval.min(Duration::from_millis(50)),
+            s.lease_ttl + s.poll_interval,
+        )
+    }
+
+    fn served(&self, key: &TokenKey, digest: &[u8; 32], caller: &Arc<str>, news: Served) {
+        let this = self.clone();
+        let name = self.name("t", &self.token_hash(key));
+        let (digest, caller) = (self.digest_tag(digest), self.caller_tag(caller));
+        let others = news == Served::AlsoToOthers;
+        tokio::spawn(async move {
+            let mut conn = this.conn();
+            let _: Option<i64> = this
+                .run("record a token's holder", async move {
+                    scripts::SERVED
+                        .key(name)
+                        .arg(digest)
+                        .arg(caller)
+                        .arg(u8::from(others))
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        assert_eq!(
+            redact_url("redis://broker:hunter2@redis:6379/0"),
+            "redis://****@redis:6379/0"
+        );
+        assert_eq!(redact_url("rediss://redis:6380"), "rediss://redis:6380");
+        assert_eq!(redact_url("unix:///run/redis.sock"), "unix:///run/redis.sock");
+    }
+
+    #[test]
+    fn notices_round_trip_and_resync_is_never_sent() {
+        let notice = Notice::Invalidated {
+            app: Some("default".to_owned()),
+            subject: Some(NoticeSubject::User("7000123".to_owned())),
+        };
+        let text = serde_json::to_string(&notice).unwrap_or_default();
+        assert_eq!(serde_json::from_str::<Notice>(&text).ok(), Some(notice));
+        assert!(serde_json::to_string(&Notice::Resync).is_err());
+    }
+}

@@ -1,0 +1,108 @@
+//! The Lua scripts: each runs atomically in Redis (no other command runs
+//! between its steps), which is what the lease, the fencing and
+//! compare-and-delete need.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// KEYS: lease, fence, token. ARGV: value, ttl ms. The lease (`SET NX
+/// PX`), the key's invalidation count when taken and the token held then
+/// (empty if none: the previous holder may have written it after the
+/// caller looked); nil when another holds the lease.
+pub(super) static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {redis.call('GET', KEYS[2]) or '0', redis.call('HGET', KEYS[3], 'v') or ''}
+end
+return false
+",
+    )
+});
+
+/// KEYS: token, lease, fence. ARGV: lease value, fence, issue time ms,
+/// sealed value, ttl ms, digest tag. Writes only while the lease is still
+/// this holder's, the key was not invalidated since it was taken, and no
+/// token asked for later is held; releases the lease. 1 written, 0 lease
+/// lost, -1 invalidated since, -2 a newer token is held.
+pub(super) static PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[2] then return -1 end
+local held = redis.call('HGET', KEYS[1], 'i')
+if held and tonumber(held) >= tonumber(ARGV[3]) then return -2 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'i', ARGV[3], 'v', ARGV[4], 'd', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+",
+    )
+});
+
+/// KEYS: token, fence. ARGV: fence ttl ms. Drops the token and raises the
+/// invalidation count.
+pub(super) static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('DEL', KEYS[1])
+local n = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return n
+",
+    )
+});
+
+/// KEYS: token. ARGV: a sealed value that did not open. Drops the entry if
+/// it still holds that value (so a fresh token can take its place).
+pub(super) static DROP_GARBAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'v') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+    )
+});
+
+/// KEYS: lease. ARGV: value. Compare-and-delete.
+pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+    )
+});
+
+/// KEYS: token. ARGV: digest tag, caller tag, 1 if served to others too.
+/// Records who holds the token, if it is still the one held.
+pub(super) static SERVED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'd') ~= ARGV[1] then return 0 end
+local owner = redis.call('HGET', KEYS[1], 'o')
+if not owner then
+  redis.call('HSET', KEYS[1], 'o', ARGV[2])
+elseif owner ~= ARGV[2] then
+  redis.call('HSET', KEYS[1], 's', '1')
+end
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 's', '1') end
+return 1
+",
+    )
+});
+
+/// KEYS: key set. ARGV: version, sealed set. Written only over an older
+/// version (never an older or the same one). 1 written, 0 not.
+pub(super) static PUT_KEY_SET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local held = redis.call('HGET', KEYS[1], 'ver')
+if held and tonumber(held) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'ver', ARGV[1], 'v', ARGV[2])
+return 1
+",
+    )
+});

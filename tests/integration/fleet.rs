@@ -1,0 +1,807 @@
+//! Several central brokers sharing one Redis: a real `redis-server` the
+//! tests start, real `box-broker serve` processes, the fake Box as a
+//! process. One mint per key across replicas, revocation and key rotation
+//! reaching every replica, Redis faults costing no request, and nothing in
+//! Redis a secret in plaintext.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use box_token_broker::pb::{
+    self, broker_admin_service_client::BrokerAdminServiceClient, token_broker_service_client::TokenBrokerServiceClient,
+};
+use sha2::Digest as _;
+use tonic::transport::Channel;
+
+use crate::{
+    cli::{Proc, bin, fake_box},
+    common::{ADMIN_KEY, admin_request, enterprise, token_of, user},
+};
+
+/// A `redis-server` on a free port, killed on drop.
+pub(crate) struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    pub(crate) fn start() -> Self {
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts (again) on the same port, empty (no persistence).
+    pub(crate) fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
+    /// Kills it (its data is gone).
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A connection for the test to look inside.
+    pub(crate) async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A frozen server must be thawed to die promptly.
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+        }
+        self.stop();
+    }
+}
+
+/// The fake Box (a process) and a Redis, and the files every replica shares.
+pub(crate) struct Fleet {
+    pub(crate) dir: tempfile::TempDir,
+    _fake: Proc,
+    pub(crate) fake_url: String,
+    pub(crate) redis: RedisServer,
+    /// Extra config every replica gets.
+    pub(crate) extra: String,
+}
+
+/// One `box-broker serve` of the fleet.
+pub(crate) struct Member {
+    proc: Proc,
+    pub(crate) addr: String,
+    pub(crate) admin: String,
+    pub(crate) metrics: String,
+}
+
+impl Fleet {
+    pub(crate) fn new(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, fake_url) = fake_box(dir.path());
+        let kek = dir.path().join("kek");
+        std::fs::write(&kek, "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=").unwrap();
+        set_mode(&kek, 0o400);
+        Self {
+            dir,
+            _fake: fake,
+            fake_url,
+            redis: RedisServer::start(),
+            extra: extra.to_owned(),
+        }
+    }
+
+    /// The config of replica `name` (its own key store; `kek` overrides the shared KEK file).
+    pub(crate) fn config(&self, name: &str, kek: Option<&Path>) -> PathBuf {
+        let base = std::fs::read_to_string(self.dir.path().join("broker.toml")).unwrap();
+        let hash = hex::encode(sha2::Sha256::digest(ADMIN_KEY.as_bytes()));
+        let kek = kek.map_or_else(|| self.dir.path().join("kek"), Path::to_path_buf);
+        let text = format!(
+            "{base}\n[keystore]\npath = {:?}\nkek_file = {kek:?}\n\n[redis]\nurl = {:?}\nbreaker_cooldown_secs = 1\n{}\n\n[[admin.api_keys]]\nidentity = \"ops\"\nsha256 = \"{hash}\"\n[[admin.rules]]\ncallers = [\"apikey:ops\"]\nrpcs = [\"*\"]\n",
+            self.dir.path().join(format!("{name}-keys.json")),
+            self.redis.url(),
+            self.extra,
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts replica `name` and waits until it serves.
+    pub(crate) fn spawn(&self, name: &str) -> Member {
+        self.spawn_with(&self.config(name, None))
+    }
+
+    pub(crate) fn spawn_with(&self, config: &Path) -> Member {
+        let proc = Proc::spawn(
+            Command::new(bin())
+                .args(["serve", "--config"])
+                .arg(config)
+                .current_dir(self.dir.path())
+                .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+                .env("BOX_BROKER_SERVER__ADMIN_LISTEN", "127.0.0.2:0")
+                .env("BOX_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+                .env("BOX_BROKER_LOG__FORMAT", "json")
+                .env_remove("RUST_LOG"),
+        );
+        let admin = Proc::wait_listen(&proc.stderr, "serving the admin RPC");
+        let addr = Proc::wait_listen(&proc.stderr, "serving gRPC");
+        let metrics = Proc::wait_listen(&proc.stderr, "serving Prometheus metrics");
+        Member {
+            proc,
+            addr,
+            admin,
+            metrics,
+        }
+    }
+
+    pub(crate) async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("{}/_fake/stats", self.fake_url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub(crate) async fn stat(&self, name: &str) -> u64 {
+        self.stats().await[name].as_u64().unwrap()
+    }
+
+    /// The fake's next `count` token requests hang.
+    async fn hang_next(&self, count: usize) {
+        let reply = reqwest::Client::new()
+            .post(format!("{}/_fake/faults", self.fake_url))
+            .json(&serde_json::json!({"kind": "hang", "count": count}))
+            .send()
+            .await
+            .unwrap();
+        assert!(reply.status().is_success());
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl Member {
+    pub(crate) async fn client(&self) -> TokenBrokerServiceClient<Channel> {
+        TokenBrokerServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    async fn admin_client(&self) -> BrokerAdminServiceClient<Channel> {
+        BrokerAdminServiceClient::connect(format!("http://{}", self.admin))
+            .await
+            .unwrap()
+    }
+
+    pub(crate) async fn get(&self, request: pb::GetTokenRequest) -> Result<String, tonic::Status> {
+        self.client()
+            .await
+            .get_token(request)
+            .await
+            .map(|r| token_of(&r.into_inner()))
+    }
+
+    /// The sum of every series of `metric` on its /metrics.
+    pub(crate) async fn metric(&self, metric: &str, labels: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(metric) && l.contains(labels) && !l.starts_with('#'))
+            .filter(|l| l[metric.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn status(&self) -> pb::GetStatusResponse {
+        self.admin_client()
+            .await
+            .get_status(admin_request(pb::GetStatusRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn active_kid(&self) -> String {
+        let status = self.status().await;
+        status.apps[0].active_key.as_ref().unwrap().kid.clone()
+    }
+
+    fn kill(&mut self) {
+        self.proc.signal("-KILL");
+    }
+}
+
+fn force(mut request: pb::GetTokenRequest) -> pb::GetTokenRequest {
+    request.force_refresh = true;
+    request
+}
+
+/// Polls `check` every 50 ms for up to `within`.
+async fn eventually<F: Future<Output = bool>>(within: Duration, mut check: impl FnMut() -> F) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_mint_once_for_a_thousand_cold_requests() {
+    // Redis calls under a generous deadline: 1,000 requests on two cores
+    // must not turn a slow answer into a fallback mint.
+    let fleet = Fleet::new("command_timeout_ms = 2000\n");
+    let members = [fleet.spawn("a"), fleet.spawn("b"), fleet.spawn("c")];
+    let clients = [
+        members[0].client().await,
+        members[1].client().await,
+        members[2].client().await,
+    ];
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let mut client = clients[i % 3].clone();
+        calls.spawn(async move { client.get_token(enterprise()).await.map(|r| token_of(&r.into_inner())) });
+    }
+    let mut tokens = std::collections::HashSet::new();
+    while let Some(done) = calls.join_next().await {
+        tokens.insert(done.unwrap().expect("every request is served"));
+    }
+    if tokens.len() != 1 {
+        for m in &members {
+            let text = reqwest::get(format!("http://{}/metrics", m.metrics))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            eprintln!(
+                "{}",
+                text.lines()
+                    .filter(|l| l.contains("l2") && !l.starts_with('#'))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        eprintln!("{}", fleet.stats().await);
+    }
+    assert_eq!(tokens.len(), 1, "one token for the fleet");
+    assert_eq!(fleet.stat("jwt_issued").await, 1, "exactly one mint at Box");
+    assert_eq!(fleet.stat("token_arrivals").await, 1);
+    let mut from_redis = 0.0;
+    for m in &members {
+        from_redis += m.metric("boxbroker_l2_lookups_total", "result=\"hit\"").await;
+    }
+    assert_eq!(from_redis, 2.0, "the two other replicas found it in Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_minted_on_one_replica_is_a_hit_on_another_and_its_revocation_reaches_it() {
+    let fleet = Fleet::new("");
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let minted = a.get(enterprise()).await.unwrap();
+    let arrivals = fleet.stat("token_arrivals").await;
+    assert_eq!(b.get(enterprise()).await.unwrap(), minted, "B serves A's token");
+    assert_eq!(fleet.stat("token_arrivals").await, arrivals, "without calling Box");
+
+    a.client()
+        .await
+        .revoke_token(pb::RevokeTokenRequest {
+            app: String::new(),
+            access_token: minted.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(fleet.stat("revoke_requests").await, 1);
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.get(enterprise()).await.unwrap() != minted
+        })
+        .await,
+        "B stops serving the revoked token"
+    );
+    // The notice is read every poll_interval_ms (200 ms by default).
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    let fresh = b.get(enterprise()).await.unwrap();
+    assert_ne!(a.get(enterprise()).await.unwrap(), minted, "nor does A");
+    assert_eq!(
+        a.get(enterprise()).await.unwrap(),
+        fresh,
+        "and the fleet shares the new one"
+    );
+    assert_eq!(
+        b.metric("boxbroker_l2_notices_total", "direction=\"received\"").await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_lease_holder_is_replaced_once_its_lease_expires() {
+    // The lease lasts the mint deadline and a second: 2.5 s here.
+    let fleet = Fleet::new("\n[upstream]\ndeadline_ms = 1500\nattempt_timeout_ms = 1500\n");
+    let (mut a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    fleet.hang_next(1).await;
+    let mut holder = a.client().await;
+    let stuck = tokio::spawn(async move { holder.get_token(user("7200001")).await });
+    // A holds the lease and waits for Box (its Service Account mint for the user check hangs).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            fleet.stat("faults_served").await == 1
+        })
+        .await
+    );
+    a.kill();
+    assert!(stuck.await.unwrap().is_err(), "A's own caller loses its connection");
+    let started = Instant::now();
+    let token = b.get(user("7200001")).await.expect("B's request is served");
+    assert!(!token.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "B waited for the dead holder's lease: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(b.metric("boxbroker_l2_lease_takeovers_total", "").await, 1.0);
+    assert_eq!(
+        fleet.stat("jwt_issued").await,
+        2,
+        "B minted the Service Account token and the user's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_or_foreign_kek_value_in_redis_is_a_miss_never_served() {
+    use redis::AsyncCommands as _;
+    let fleet = Fleet::new("");
+    let a = fleet.spawn("a");
+    let minted = a.get(enterprise()).await.unwrap();
+    let mut redis = fleet.redis.connection().await;
+    // (The write follows the answer.)
+    let mut names_before: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        names_before = redis.keys("box-broker:t:*").await.unwrap();
+        if !names_before.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(names_before.len(), 1, "{names_before:?}");
+    let mut sealed: Vec<u8> = redis.hget(&names_before[0], "v").await.unwrap();
+    let last = sealed.len() - 1;
+    sealed[last] ^= 1;
+    let _: () = redis.hset(&names_before[0], "v", sealed).await.unwrap();
+
+    let b = fleet.spawn("b");
+    let served = b.get(enterprise()).await.unwrap();
+    assert_ne!(served, minted, "the tampered value is not served");
+    assert_eq!(fleet.stat("jwt_issued").await, 2, "B minted instead");
+    assert_eq!(
+        b.metric("boxbroker_l2_errors_total", "kind=\"undecryptable\"").await,
+        1.0
+    );
+    assert_eq!(
+        b.metric("boxbroker_l2_writes_total", "outcome=\"written\"").await,
+        1.0,
+        "and replaced the garbage"
+    );
+
+    // A value sealed under another KEK, put where the fleet looks: a
+    // replica with another KEK writes under names of its own, so the test
+    // copies its value over the fleet's.
+    let other = fleet.dir.path().join("other-kek");
+    std::fs::write(&other, "enl6eXh4eHd3dnZ1dXR0c3NycnFxcHBvb25ubW1sbGs=").unwrap();
+    set_mode(&other, 0o400);
+    let c = fleet.spawn_with(&fleet.config("c", Some(&other)));
+    let foreign = c.get(enterprise()).await.unwrap();
+    assert_eq!(
+        fleet.stat("jwt_issued").await,
+        3,
+        "C cannot read the fleet's names either"
+    );
+    let mut names: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        names = redis.keys("box-broker:t:*").await.unwrap();
+        if names.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(names.len(), 2, "{names:?}");
+    let theirs = names.iter().find(|n| **n != names_before[0]).unwrap();
+    let sealed: Vec<u8> = redis.hget(theirs, "v").await.unwrap();
+    let _: () = redis.hset(&names_before[0], "v", sealed).await.unwrap();
+    let d = fleet.spawn("d");
+    let fresh = d.get(enterprise()).await.unwrap();
+    assert!(fresh != foreign && fresh != served && fresh != minted, "never served");
+    assert_eq!(fleet.stat("jwt_issued").await, 4);
+    assert_eq!(
+        d.metric("boxbroker_l2_errors_total", "kind=\"undecryptable\"").await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_stopped_or_frozen_mid_load_fails_no_request_and_sharing_resumes() {
+    let mut fleet = Fleet::new("");
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let clients = [a.client().await, b.client().await];
+    let failed = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let (mut client, failed, served, stop) = (
+            clients[worker % 2].clone(),
+            failed.clone(),
+            served.clone(),
+            stop.clone(),
+        );
+        load.spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let request = match (worker + i) % 3 {
+                    0 => enterprise(),
+                    1 => user("7200001"),
+                    _ => force(user("7200002")),
+                };
+                match client.get_token(request).await {
+                    Ok(_) => served.fetch_add(1, Ordering::Relaxed),
+                    Err(status) => {
+                        eprintln!("failed: {status:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet.redis.signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.redis.signal("-CONT");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fleet.redis.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.redis.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    while load.join_next().await.is_some() {}
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed because of Redis");
+    assert!(served.load(Ordering::Relaxed) > 100);
+    for m in [&a, &b] {
+        let failed_calls = m.metric("boxbroker_l2_errors_total", "kind=\"timeout\"").await
+            + m.metric("boxbroker_l2_errors_total", "kind=\"error\"").await;
+        assert!(failed_calls >= 3.0, "{failed_calls}");
+        assert!(m.metric("boxbroker_l2_errors_total", "kind=\"skipped\"").await >= 1.0);
+    }
+
+    // Back: the replicas share again (a subject the load never asked for).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.metric("boxbroker_l2_degraded", "").await == 0.0 && {
+                let _ = b.get(user("7200003")).await;
+                b.metric("boxbroker_l2_degraded", "").await == 0.0
+            }
+        })
+        .await
+    );
+    let issued = fleet.stat("jwt_issued").await;
+    let token = a.get(user("7300001")).await.unwrap();
+    let after_a = fleet.stat("jwt_issued").await;
+    assert!(after_a > issued, "A minted for the new subject");
+    assert_eq!(b.get(user("7300001")).await.unwrap(), token, "B shares it");
+    assert_eq!(fleet.stat("jwt_issued").await, after_a, "without a mint of its own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_activated_on_one_replica_is_used_by_the_others_and_after_a_restart() {
+    let fleet = Fleet::new("");
+    let (a, mut b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let old_kid = a.active_kid().await;
+    let generated = a
+        .admin_client()
+        .await
+        .generate_key(admin_request(pb::GenerateKeyRequest {
+            app: String::new(),
+            bits: 2048,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let box_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fleet.dir.path().join("box_config.json")).unwrap()).unwrap();
+    let client_id = box_config["boxAppSettings"]["clientID"].as_str().unwrap().to_owned();
+    let reply: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/_fake/apps/{client_id}/keys", fleet.fake_url))
+        .body(generated.public_key_pem.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kid = reply["kid"].as_str().unwrap().to_owned();
+    a.admin_client()
+        .await
+        .activate_key(admin_request(pb::ActivateKeyRequest {
+            app: String::new(),
+            kid: kid.clone(),
+            fingerprint: generated.key.unwrap().fingerprint,
+        }))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async { b.active_kid().await == kid }).await,
+        "B switched to the key activated on A"
+    );
+    // The old key is gone at Box: B's mints work only with the new one.
+    let removed = reqwest::Client::new()
+        .delete(format!("{}/_fake/apps/{client_id}/keys/{old_kid}", fleet.fake_url))
+        .send()
+        .await
+        .unwrap();
+    assert!(removed.status().is_success());
+    b.get(force(enterprise())).await.expect("B mints with the new key");
+    assert_eq!(b.metric("boxbroker_standby_key_used_total", "").await, 0.0);
+
+    // B restarted keeps it (its own store); a replica that never saw the
+    // change loads the newest set from Redis.
+    b.kill();
+    let b = fleet.spawn("b");
+    assert_eq!(b.active_kid().await, kid);
+    b.get(force(enterprise())).await.unwrap();
+    let d = fleet.spawn("d");
+    assert_eq!(d.active_kid().await, kid);
+    d.get(force(user("7200001")))
+        .await
+        .expect("a new replica mints with the new key");
+    assert_eq!(
+        b.metric("boxbroker_key_set_version", "").await,
+        2.0,
+        "generate, then activate"
+    );
+    assert_eq!(d.metric("boxbroker_key_set_version", "").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_in_redis_is_a_token_key_secret_or_user_id_in_plaintext() {
+    use redis::AsyncCommands as _;
+    let fleet = Fleet::new("");
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let mut tokens = vec![
+        a.get(enterprise()).await.unwrap(),
+        a.get(user("7200001")).await.unwrap(),
+        b.get(user("7200002")).await.unwrap(),
+        b.get(user("7300001")).await.unwrap(),
+    ];
+    // A key set with a generated private key, and a revocation notice.
+    a.admin_client()
+        .await
+        .generate_key(admin_request(pb::GenerateKeyRequest {
+            app: String::new(),
+            bits: 2048,
+        }))
+        .await
+        .unwrap();
+    let revoked = b.get(force(user("7200003"))).await.unwrap();
+    b.client()
+        .await
+        .revoke_token(pb::RevokeTokenRequest {
+            app: String::new(),
+            access_token: revoked.clone(),
+        })
+        .await
+        .unwrap();
+    tokens.push(revoked);
+    let a_keys = std::fs::read_to_string(fleet.dir.path().join("a-keys.json")).unwrap();
+    assert!(a_keys.contains("ciphertext"));
+
+    let mut redis = fleet.redis.connection().await;
+    let names: Vec<String> = redis.keys("*").await.unwrap();
+    assert!(names.iter().any(|n| n.starts_with("box-broker:t:")));
+    assert!(names.iter().any(|n| n.starts_with("box-broker:k:")));
+    let mut dump = names.join("\n");
+    for name in &names {
+        let kind: String = redis::cmd("TYPE").arg(name).query_async(&mut redis).await.unwrap();
+        let value: redis::Value = match kind.as_str() {
+            "hash" => redis::cmd("HGETALL").arg(name).query_async(&mut redis).await.unwrap(),
+            "stream" => redis::cmd("XRANGE")
+                .arg(name)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut redis)
+                .await
+                .unwrap(),
+            _ => redis::cmd("GET").arg(name).query_async(&mut redis).await.unwrap(),
+        };
+        dump.push_str(&format!("\n{value:?}"));
+        dump.push_str(&String::from_utf8_lossy(&redis_bytes(&value)));
+    }
+    let box_config = std::fs::read_to_string(fleet.dir.path().join("box_config.json")).unwrap();
+    let box_config: serde_json::Value = serde_json::from_str(&box_config).unwrap();
+    let mut secrets = tokens;
+    secrets.push(
+        box_config["boxAppSettings"]["clientSecret"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    );
+    secrets.push("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=".to_owned());
+    secrets.push("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef".to_owned());
+    secrets.extend(
+        [
+            "7200001",
+            "7200002",
+            "7200003",
+            "7000001",
+            "7300001",
+            "anonymous",
+            "MII",
+            "PRIVATE",
+        ]
+        .map(str::to_owned),
+    );
+    for secret in &secrets {
+        assert!(!dump.contains(secret.as_str()), "Redis holds {secret:?} in plaintext");
+    }
+}
+
+/// Every byte string inside `value`, concatenated.
+fn redis_bytes(value: &redis::Value) -> Vec<u8> {
+    match value {
+        redis::Value::BulkString(b) => b.clone(),
+        redis::Value::SimpleString(s) => s.clone().into_bytes(),
+        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().flat_map(redis_bytes).collect(),
+        redis::Value::Map(pairs) => pairs
+            .iter()
+            .flat_map(|(k, v)| [redis_bytes(k), redis_bytes(v)].concat())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The shared store itself, against the real server: a write under a
+/// lease taken before an invalidation is refused (fencing), one under a
+/// current lease lands, and a second holder cannot take a held lease.
+#[tokio::test]
+async fn a_stale_write_after_an_invalidation_is_refused() {
+    use box_token_broker::{
+        boxapi::{BoxId, BoxSubject, IssuedToken},
+        cache::{CachePolicy, CachedToken, LeaseOutcome, SharedStore as _, TokenKey},
+        keys::store::Kek,
+        l2::{Redis, Settings},
+    };
+    let server = RedisServer::start();
+    let (kek, _) = Kek::generate().unwrap();
+    let store = Redis::new(
+        Settings {
+            url: server.url(),
+            ca_pem: None,
+            username: None,
+            password: None,
+            namespace: "t".to_owned(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(50),
+            share_enterprise_tokens: true,
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(1),
+            safety_margin: Duration::from_secs(120),
+        },
+        &kek,
+    )
+    .unwrap();
+    let key = TokenKey::full("default".into(), BoxSubject::User(BoxId::parse("7200001").unwrap()));
+    let token = |text: &str| {
+        let now = box_token_broker::clock::system_now();
+        CachedToken::from_issued(
+            IssuedToken {
+                access_token: text.to_owned().into(),
+                expires_at: now + Duration::from_secs(3600),
+                issued_at: now,
+                token_type: "bearer".to_owned(),
+                request_id: None,
+                restricted_to: Vec::new(),
+            },
+            &CachePolicy::default(),
+        )
+    };
+    let LeaseOutcome::Acquired {
+        lease: stale,
+        found: None,
+    } = store.lease(&key, false).await
+    else {
+        panic!("the first lease is taken")
+    };
+    assert!(matches!(store.lease(&key, false).await, LeaseOutcome::HeldElsewhere));
+    store.invalidate(&key).await;
+    store.put(&key, &token("stale-token-0000"), stale).await;
+    assert!(store.get(&key).await.is_none(), "the stale write was refused");
+    assert_eq!(store.counters().writes_refused.load(Ordering::Relaxed), 1);
+
+    let LeaseOutcome::Acquired {
+        lease: current,
+        found: None,
+    } = store.lease(&key, false).await
+    else {
+        panic!("the refused write released the lease")
+    };
+    store.put(&key, &token("fresh-token-1111"), current).await;
+    let got = store.get(&key).await.expect("a current write lands");
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(&got.access_token),
+        "fresh-token-1111"
+    );
+    assert_eq!(store.counters().writes.load(Ordering::Relaxed), 1);
+    // The next holder is handed the token written just before it took the lease.
+    let LeaseOutcome::Acquired { found: Some(found), .. } = store.lease(&key, false).await else {
+        panic!("the lease is free again, and the token is held")
+    };
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(&found.access_token),
+        "fresh-token-1111"
+    );
+}
