@@ -314,6 +314,22 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
                     "NOT configured"
                 }
             );
+            if let Some(redis) = &status.redis {
+                out!(
+                    "redis: {} (namespace {}; {} hits, {} misses; notices {} sent, {} received){}",
+                    redis.state,
+                    redis.namespace,
+                    redis.hits,
+                    redis.misses,
+                    redis.notices_sent,
+                    redis.notices_received,
+                    if redis.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; last error: {}", redis.last_error)
+                    }
+                );
+            }
             for a in status.apps {
                 let key = a.active_key.map_or_else(
                     || "-".to_owned(),
@@ -413,6 +429,15 @@ fn status_json(status: &pb::GetStatusResponse) -> serde_json::Value {
     serde_json::json!({
         "cached_tokens": status.cached_tokens,
         "key_store": status.key_store,
+        "redis": status.redis.as_ref().map(|r| serde_json::json!({
+            "state": r.state,
+            "namespace": r.namespace,
+            "last_error": r.last_error,
+            "hits": r.hits,
+            "misses": r.misses,
+            "notices_sent": r.notices_sent,
+            "notices_received": r.notices_received,
+        })),
         "apps": apps,
     })
 }

@@ -104,9 +104,12 @@ impl Config {
         }
         if let Some(store) = &mut config.keystore {
             for path in std::iter::once(&mut store.path).chain(store.kek_file.as_mut()) {
-                if path.is_relative() {
-                    *path = base.join(&*path);
-                }
+                resolve(path, base);
+            }
+        }
+        if let Some(redis) = &mut config.redis {
+            for path in redis.ca_file.iter_mut().chain(redis.password_file.as_mut()) {
+                resolve(path, base);
             }
         }
         config

@@ -66,6 +66,56 @@ mod tests {
         "[server]\nlisten = \"0.0.0.0:50051\"\n[apps.default]\nbox_config_file = \"box_config.json\"\n";
 
     #[test]
+    fn redis_settings_are_checked_before_any_connection() {
+        let store = "[keystore]\npath = \"keys.json\"\nkek_file = \"kek\"\n";
+        let with = |redis: &str, keystore: &str| load(&format!("{MINIMAL}{keystore}[redis]\n{redis}"), &[]);
+        let c =
+            with("url = \"redis://redis:6379/0\"\npassword_file = \"pw\"\n", store).unwrap_or_else(|e| panic!("{e}"));
+        let redis = c.redis.as_ref().unwrap_or_else(|| unreachable!());
+        assert_eq!(redis.namespace, "box-broker");
+        assert_eq!((redis.command_timeout_ms, redis.poll_interval_ms), (250, 200));
+        assert!(redis.share_enterprise_tokens);
+        assert!(redis.password_file.as_ref().is_some_and(|p| p.is_absolute()));
+        for (redis, keystore, problem) in [
+            ("url = \"redis://redis:6379\"\n", "", "[redis] needs [keystore]"),
+            (
+                "url = \"http://redis:6379\"\n",
+                store,
+                "must start with redis://, rediss:// or unix://",
+            ),
+            (
+                "url = \"redis://u:hunter2@redis:6379\"\n",
+                store,
+                "must not hold a user or password",
+            ),
+            (
+                "url = \"redis://redis\"\nca_file = \"ca.pem\"\n",
+                store,
+                "not rediss://",
+            ),
+            (
+                "url = \"redis://redis\"\nnamespace = \"a b\"\n",
+                store,
+                "redis.namespace",
+            ),
+            (
+                "url = \"redis://redis\"\ncommand_timeout_ms = 0\n",
+                store,
+                "redis.command_timeout_ms must be 1 to 10000",
+            ),
+            (
+                "url = \"redis://redis\"\nsentinels = []\n",
+                store,
+                "unknown field `sentinels`",
+            ),
+        ] {
+            let err = with(redis, keystore).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(problem), "{redis}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
     fn the_pinned_minimal_config_loads_with_defaults() {
         let c = load(MINIMAL, &[]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.server.listen.port(), 50051);

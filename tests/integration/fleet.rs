@@ -30,6 +30,7 @@ pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -42,10 +43,16 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub(crate) fn start() -> Self {
+        Self::with_args(&[])
+    }
+
+    /// A server started with `args` added to its command line.
+    pub(crate) fn with_args(args: &[&str]) -> Self {
         let mut server = Self {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.restart();
         server
@@ -55,7 +62,9 @@ impl RedisServer {
     pub(crate) fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(&self.args)
+            .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -126,6 +135,10 @@ pub(crate) struct Member {
 
 impl Fleet {
     pub(crate) fn new(extra: &str) -> Self {
+        Self::with_redis(extra, RedisServer::start())
+    }
+
+    pub(crate) fn with_redis(extra: &str, redis: RedisServer) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (fake, fake_url) = fake_box(dir.path());
         let kek = dir.path().join("kek");
@@ -135,7 +148,7 @@ impl Fleet {
             dir,
             _fake: fake,
             fake_url,
-            redis: RedisServer::start(),
+            redis,
             extra: extra.to_owned(),
         }
     }
@@ -524,6 +537,10 @@ async fn redis_stopped_or_frozen_mid_load_fails_no_request_and_sharing_resumes()
     tokio::time::sleep(Duration::from_millis(1500)).await;
     fleet.redis.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = a.status().await.redis.expect("GetStatus shows the Redis state");
+    assert_eq!(status.state, "degraded");
+    assert!(!status.last_error.is_empty());
+    assert_eq!(a.metric("boxbroker_l2_degraded", "").await, 1.0);
     fleet.redis.restart();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -804,4 +821,123 @@ async fn a_stale_write_after_an_invalidation_is_refused() {
         secrecy::ExposeSecret::expose_secret(&found.access_token),
         "fresh-token-1111"
     );
+}
+
+/// The ACL README.md "Running several replicas" documents: a user that may
+/// touch only the namespace's keys and run only the commands the broker
+/// sends, with its password in a file. Nothing the broker does is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_with_only_the_documented_commands_and_a_password_file_is_enough() {
+    let acl = ACL_RULES.replace("PASSWORD", "redis-pw-4242");
+    // One argument per word: redis-server joins an option's arguments.
+    let mut args = vec!["--user", "default", "off", "--user"];
+    args.extend(acl.split_whitespace());
+    let server = RedisServer::with_args(&args);
+    let password = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(password.path(), "redis-pw-4242\n").unwrap();
+    set_mode(password.path(), 0o400);
+    let fleet = Fleet::with_redis(
+        &format!("username = \"box-broker\"\npassword_file = {:?}\n", password.path()),
+        server,
+    );
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let minted = a.get(enterprise()).await.unwrap();
+    assert_eq!(
+        b.get(enterprise()).await.unwrap(),
+        minted,
+        "shared through the ACL user"
+    );
+    a.admin_client()
+        .await
+        .generate_key(admin_request(pb::GenerateKeyRequest {
+            app: String::new(),
+            bits: 2048,
+        }))
+        .await
+        .unwrap();
+    a.client()
+        .await
+        .revoke_token(pb::RevokeTokenRequest {
+            app: String::new(),
+            access_token: minted.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.get(enterprise()).await.unwrap() != minted
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.metric("boxbroker_key_set_version", "").await == 1.0
+        })
+        .await,
+        "the key set reached B"
+    );
+    for m in [&a, &b] {
+        assert_eq!(
+            m.metric("boxbroker_l2_errors_total", "").await,
+            0.0,
+            "no call was refused"
+        );
+    }
+    // The default user is off: without the ACL user's password nothing gets in.
+    let refused = redis::Client::open(fleet.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await;
+    let mut conn = match refused {
+        Ok(conn) => conn,
+        Err(_) => return,
+    };
+    let denied: redis::RedisResult<Vec<String>> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await;
+    assert!(denied.is_err());
+}
+
+/// README.md's ACL for the broker's Redis user (PASSWORD replaced).
+const ACL_RULES: &str = "box-broker on >PASSWORD resetkeys ~box-broker:* resetchannels -@all +@connection +get +set +del +hget +hmget +hset +pexpire +incr +eval +evalsha +script|load +xadd +xread +xrevrange +scan";
+
+/// A `[redis]` password file that is missing, empty or readable by others
+/// stops `check-config` (and `serve`) with exit 64 and one line naming the
+/// setting and the file — never the password.
+#[test]
+fn a_bad_redis_password_file_stops_startup_with_one_line() {
+    let fleet = Fleet::new("");
+    let password = fleet.dir.path().join("redis-password");
+    for (content, mode, problem) in [
+        (None, 0o400, "cannot read"),
+        (Some("\n"), 0o400, "is empty"),
+        (Some("hunter2-redis\n"), 0o644, "other users may read"),
+    ] {
+        let _ = std::fs::remove_file(&password);
+        if let Some(content) = content {
+            std::fs::write(&password, content).unwrap();
+            set_mode(&password, mode);
+        }
+        let config = fleet.config("a", None);
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("[redis]\n", &format!("[redis]\npassword_file = {password:?}\n"));
+        std::fs::write(&config, text).unwrap();
+        for command in [&["check-config"][..], &["serve", "--config"][..]] {
+            let out = Command::new(bin())
+                .args(command)
+                .arg(&config)
+                .env("BOX_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(64), "{command:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert!(
+                stderr.contains("redis.password_file") && stderr.contains("redis-password"),
+                "{stderr}"
+            );
+            assert!(stderr.contains(problem), "{stderr}");
+            assert!(!stderr.contains("hunter2-redis"), "{stderr}");
+        }
+    }
 }
