@@ -28,7 +28,7 @@ fn yaml_documents(text: &str) -> Vec<Value> {
 }
 
 /// `kubectl kustomize deploy/kubernetes/overlays/<overlay>`, parsed.
-fn render(overlay: &str) -> Vec<Value> {
+pub(crate) fn render(overlay: &str) -> Vec<Value> {
     let dir = deploy("kubernetes/overlays").join(overlay);
     let out = Command::new("kubectl")
         .arg("kustomize")
@@ -57,7 +57,7 @@ fn render(overlay: &str) -> Vec<Value> {
     documents
 }
 
-fn find<'a>(documents: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
+pub(crate) fn find<'a>(documents: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value {
     documents
         .iter()
         .find(|d| {
@@ -69,7 +69,7 @@ fn find<'a>(documents: &'a [Value], kind: &str, name_prefix: &str) -> &'a Value 
         .unwrap_or_else(|| panic!("no {kind} {name_prefix}* rendered"))
 }
 
-fn array(value: &Value) -> &[Value] {
+pub(crate) fn array(value: &Value) -> &[Value] {
     value.as_array().map_or(&[], Vec::as_slice)
 }
 
@@ -461,4 +461,93 @@ fn the_keystore_overlay_runs_one_replica_with_the_store_on_the_only_writable_vol
     assert_eq!(store.path.parent(), Some(mount_of(&writable[0]["name"]).as_path()));
     let kek_file = store.kek_file.as_ref().expect("kek_file");
     assert_eq!(kek_file.parent(), Some(mount_of(&kek["name"]).as_path()));
+}
+
+#[test]
+fn the_fleet_overlay_runs_three_replicas_sharing_a_redis_only_they_reach() {
+    let documents = render("fleet");
+    let deployment = find(&documents, "Deployment", "box-broker");
+    assert_eq!(deployment["metadata"]["name"], "box-broker");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let volumes = array(&pod["volumes"]);
+    for secret in ["box-broker-kek", "box-broker-redis"] {
+        let volume = volumes
+            .iter()
+            .find(|v| v["secret"]["secretName"] == secret)
+            .unwrap_or_else(|| panic!("{secret}"));
+        assert_eq!(volume["secret"]["defaultMode"], 0o400, "{secret}");
+    }
+    // The only writable mount is the replica's copy of the key set, in memory.
+    let writable: Vec<&Value> = array(&container["volumeMounts"])
+        .iter()
+        .filter(|m| m["readOnly"] != true)
+        .collect();
+    assert_eq!(writable.len(), 1, "{writable:?}");
+    let keys = volumes.iter().find(|v| v["name"] == writable[0]["name"]).unwrap();
+    assert!(keys["emptyDir"].is_object(), "{keys}");
+    // broker.toml with the container's environment: [redis] and [keystore]
+    // with their files in those mounts, and the Service's name.
+    let env: Vec<(String, String)> = array(&container["env"])
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let config = find(&documents, "ConfigMap", "box-broker-config");
+    let settings = box_token_broker::config::Config::parse(
+        config["data"]["broker.toml"].as_str().unwrap(),
+        Path::new("/etc/box-broker/config/broker.toml"),
+        env,
+    )
+    .unwrap_or_else(|e| panic!("broker.toml with the fleet's environment: {e}"));
+    let redis = settings.redis.as_ref().expect("[redis] from the environment");
+    let service = find(&documents, "Service", "box-broker-redis");
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    assert_eq!(redis.url, format!("redis://box-broker-redis:{port}/0"));
+    assert!(
+        redis
+            .password_file
+            .as_ref()
+            .unwrap()
+            .starts_with("/etc/box-broker/redis")
+    );
+    assert!(
+        settings
+            .keystore
+            .as_ref()
+            .unwrap()
+            .path
+            .starts_with("/var/lib/box-broker")
+    );
+    // Egress to Redis's pods on its port; Redis admits only the brokers and reaches nothing.
+    let policy = find(&documents, "NetworkPolicy", "box-broker");
+    let redis_labels = &find(&documents, "Deployment", "box-broker-redis")["spec"]["template"]["metadata"]["labels"];
+    assert!(
+        array(&policy["spec"]["egress"]).iter().any(|rule| {
+            rule["to"][0]["podSelector"]["matchLabels"] == *redis_labels
+                && rule["ports"][0]["port"].as_u64() == Some(port)
+        }),
+        "{policy}"
+    );
+    let redis_policy = find(&documents, "NetworkPolicy", "box-broker-redis");
+    assert_eq!(redis_policy["spec"]["egress"], serde_json::json!([]));
+    assert_eq!(
+        redis_policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let redis_pod = &find(&documents, "Deployment", "box-broker-redis")["spec"]["template"]["spec"];
+    assert_eq!(redis_pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        redis_pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"],
+        true
+    );
+    let conf = find(&documents, "ConfigMap", "box-broker-redis")["data"]["redis.conf"]
+        .as_str()
+        .unwrap();
+    assert!(conf.contains("aclfile ") && conf.contains("appendonly yes"), "{conf}");
 }

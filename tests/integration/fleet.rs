@@ -30,6 +30,8 @@ pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// A config file, given first.
+    conf: Option<PathBuf>,
     args: Vec<String>,
 }
 
@@ -52,6 +54,20 @@ impl RedisServer {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            conf: None,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        server.restart();
+        server
+    }
+
+    /// A server run with the config file `conf` (its settings, then `args`).
+    pub(crate) fn with_conf(conf: &Path, args: &[&str]) -> Self {
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            conf: Some(conf.to_path_buf()),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.restart();
@@ -60,12 +76,17 @@ impl RedisServer {
 
     /// Starts (again) on the same port, empty (no persistence).
     pub(crate) fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        match &self.conf {
+            // Its own persistence and directory.
+            Some(conf) => command.arg(conf),
+            None => command
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(self.dir.path()),
+        };
+        let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
             .args(&self.args)
-            .arg("--dir")
-            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -940,4 +961,66 @@ fn a_bad_redis_password_file_stops_startup_with_one_line() {
             assert!(!stderr.contains("hunter2-redis"), "{stderr}");
         }
     }
+}
+
+/// The Redis `deploy/kubernetes/components/redis` ships, as configured
+/// there (its redis.conf, rendered by kustomize) with the ACL file README.md
+/// says to make: two brokers share through it, and the default user gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_redis_config_and_the_readmes_acl_file_serve_a_fleet() {
+    let documents = crate::deploy::render("fleet");
+    let conf_text = crate::deploy::find(&documents, "ConfigMap", "box-broker-redis")["data"]["redis.conf"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let acl_file = dir.path().join("users.acl");
+    // The pod's paths (its volumes) become the test's; nothing else changes.
+    assert!(conf_text.contains("dir /data\n") && conf_text.contains("aclfile /etc/redis/acl/users.acl\n"));
+    let conf_text = conf_text
+        .replace("dir /data\n", &format!("dir {}\n", data.display()))
+        .replace(
+            "aclfile /etc/redis/acl/users.acl\n",
+            &format!("aclfile {}\n", acl_file.display()),
+        );
+    let conf = dir.path().join("redis.conf");
+    std::fs::write(&conf, conf_text).unwrap();
+    // README: users.acl from the password, the ACL rules with its SHA-256.
+    let password = "redis-pw-from-readme";
+    let digest = hex::encode(sha2::Sha256::digest(password.as_bytes()));
+    std::fs::write(
+        &acl_file,
+        format!(
+            "user default off\nuser {}\n",
+            ACL_RULES.replace(">PASSWORD", &format!("#{digest}"))
+        ),
+    )
+    .unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, password).unwrap();
+    set_mode(&password_file, 0o400);
+    let server = RedisServer::with_conf(&conf, &[]);
+    let fleet = Fleet::with_redis(
+        &format!("username = \"box-broker\"\npassword_file = {password_file:?}\n"),
+        server,
+    );
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let minted = a.get(enterprise()).await.unwrap();
+    assert_eq!(b.get(enterprise()).await.unwrap(), minted);
+    assert_eq!(fleet.stat("jwt_issued").await, 1);
+    for m in [&a, &b] {
+        assert_eq!(m.metric("boxbroker_l2_errors_total", "").await, 0.0);
+    }
+    let mut anonymous = redis::Client::open(fleet.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let denied: redis::RedisResult<Option<String>> = redis::cmd("GET")
+        .arg("box-broker:anything")
+        .query_async(&mut anonymous)
+        .await;
+    assert!(denied.is_err(), "the default user is off");
 }
