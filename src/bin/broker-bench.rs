@@ -9,7 +9,9 @@
 //! CPU per request) are printed. Then: an edge sidecar in front of the
 //! broker (its cached path against the same baseline, and the cost of an
 //! edge miss: one hop to the broker's cache), cold mints, a stampede on one
-//! key, and memory per cached token. See BENCHMARKS.md.
+//! key, three brokers sharing a Redis (a local hit's cost with Redis
+//! configured, a stampede spread over them, an L2 hit's latency), and
+//! memory per cached token. See BENCHMARKS.md.
 //!
 //! `cargo run --release --bin broker-bench` (about 3 minutes), or `-- --quick`
 //! (under 60 s; a smoke test, not a measurement).
@@ -41,6 +43,8 @@ use box_token_broker::{
         central::{Central, CentralSettings},
     },
     fakebox::{FakeAuth, FakeBox, FakeBoxServer, FakeUser, UserKind, seed},
+    keys::store::Kek,
+    l2::Redis,
     pb::{
         self,
         token_broker_service_client::TokenBrokerServiceClient,
@@ -91,6 +95,10 @@ struct Args {
     /// then served from the cache) against the baseline (for profiling).
     #[arg(long)]
     users_only: bool,
+    /// Only the fleet scenarios: three brokers sharing a Redis (needs
+    /// `redis-server` on PATH; the benchmark starts its own).
+    #[arg(long)]
+    fleet_only: bool,
 }
 
 /// One load run's results.
@@ -434,6 +442,8 @@ struct Bench {
     /// The dev app's client id, and its signing key.
     client_id: String,
     key: rsa::RsaPrivateKey,
+    /// The app's credentials (for more brokers against the same fake Box).
+    credentials: AppCredentials,
     broker: Vec<Channel>,
     baseline: Vec<Channel>,
     /// An edge sidecar in front of the broker.
@@ -512,7 +522,8 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
     let fake = FakeBox::new(clock.clone());
     let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).expect("a key");
     let seeded = seed::seed(&fake, FakeAuth::Jwt, Some(&key));
-    for i in 0..=users {
+    // (One more for the fleet's stampede.)
+    for i in 0..=users + 1 {
         fake.add_user(FakeUser {
             id: bench_user(i),
             name: format!("Bench User {i}"),
@@ -534,32 +545,7 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
             algorithm: JwtAlgorithm::RS256,
         },
     };
-    let client = BoxClient::new(&fake_server.base_url(), clock.clone()).expect("a client");
-    let broker = Arc::new(
-        Broker::new(
-            vec![App::new("default", &credentials, client)],
-            clock,
-            CachePolicy {
-                max_entries: 2_000_000,
-                // The cold-mint scenario forces a mint on every request.
-                force_refresh_interval: Duration::ZERO,
-                ..CachePolicy::default()
-            },
-            Policy::allow_everything("anonymous"),
-        )
-        .with_budget(UpstreamBudget::new(1_000_000, 1_000_000)),
-    );
-    let audit = Arc::new(AuditSink::file(std::path::Path::new("/dev/null")).expect("/dev/null"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let broker_addr = listener.local_addr().expect("an address");
-    tokio::spawn(
-        Runtime::new(broker, audit)
-            .listen(
-                Listener::Tcp(listener, Authenticator::new(Anonymous::Admitted)),
-                Role::Client,
-            )
-            .run(std::future::pending()),
-    );
+    let broker_addr = serve_broker(bench_broker(&fake_server, &credentials)).await;
     let broker_channels = channels(broker_addr, connections).await;
     let baseline_channels = baseline(&broker_channels, connections).await;
     let (edge_state, edge_addr) = edge(broker_addr).await;
@@ -573,6 +559,7 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
         fake_server,
         client_id: seeded.client_id,
         key,
+        credentials,
         broker: broker_channels,
         baseline: baseline_channels,
         edge: edge_channels,
@@ -580,6 +567,244 @@ async fn setup(connections: usize, concurrency: usize, users: usize) -> Bench {
         concurrency,
         users,
     }
+}
+
+/// A broker of the bench's app against `fake`: allow-everything policy, a
+/// large cache, no force-refresh interval (the cold-mint scenario forces a
+/// mint on every request), an unbounded budget.
+fn bench_broker(fake: &FakeBoxServer, credentials: &AppCredentials) -> Broker {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let client = BoxClient::new(&fake.base_url(), clock.clone()).expect("a client");
+    Broker::new(
+        vec![App::new("default", credentials, client)],
+        clock,
+        CachePolicy {
+            max_entries: 2_000_000,
+            force_refresh_interval: Duration::ZERO,
+            ..CachePolicy::default()
+        },
+        Policy::allow_everything("anonymous"),
+    )
+    .with_budget(UpstreamBudget::new(1_000_000, 1_000_000))
+}
+
+/// Serves `broker` (the production server, anonymous callers, audit to
+/// /dev/null) on a free port: its address.
+async fn serve_broker(broker: Broker) -> std::net::SocketAddr {
+    let audit = Arc::new(AuditSink::file(std::path::Path::new("/dev/null")).expect("/dev/null"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let addr = listener.local_addr().expect("an address");
+    tokio::spawn(
+        Runtime::new(Arc::new(broker), audit)
+            .listen(
+                Listener::Tcp(listener, Authenticator::new(Anonymous::Admitted)),
+                Role::Client,
+            )
+            .run(std::future::pending()),
+    );
+    addr
+}
+
+/// A `redis-server` on a free port (no persistence), killed on drop.
+struct RedisProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl RedisProcess {
+    /// `None` when `redis-server` is not on PATH.
+    fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > Duration::from_secs(10) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+        })
+    }
+
+    /// A shared store on it, sealing with `kek` (the defaults of `[redis]`).
+    fn store(&self, kek: &Kek) -> Redis {
+        Redis::new(
+            box_token_broker::l2::Settings {
+                url: self.url.clone(),
+                ca_pem: None,
+                username: None,
+                password: None,
+                namespace: "bench".to_owned(),
+                connect_timeout: Duration::from_secs(1),
+                command_timeout: Duration::from_millis(250),
+                lease_ttl: Duration::from_secs(11),
+                poll_interval: Duration::from_millis(200),
+                share_enterprise_tokens: true,
+                breaker_threshold: 3,
+                breaker_cooldown: Duration::from_secs(5),
+                safety_margin: box_token_broker::cache::DEFAULT_SAFETY_MARGIN,
+            },
+            kek,
+        )
+        .expect("a Redis client")
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three brokers sharing one Redis (`[redis]`), against the same fake Box:
+/// what a local hit costs with Redis configured (against the plain broker,
+/// in alternating slices), Box calls for a cold stampede spread over the
+/// three, and an L2 hit's latency against an L1 hit's (in the cache).
+async fn fleet_scenarios(bench: &Bench, slice: Duration, rounds: u32, herd: usize) {
+    let Some(redis) = RedisProcess::start() else {
+        println!("fleet: skipped (no redis-server on PATH)");
+        return;
+    };
+    let (kek, _) = Kek::generate().expect("a KEK");
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let broker = bench_broker(&bench.fake_server, &bench.credentials).with_fleet(redis.store(&kek));
+        replicas.push(channels(serve_broker(broker).await, bench.broker.len()).await);
+    }
+    for replica in &replicas {
+        drive(replica, bench.concurrency, Duration::from_millis(500), get_enterprise).await;
+    }
+    println!();
+    Servers {
+        baseline: &bench.broker,
+        broker: &replicas[0],
+        label: "fleet",
+        concurrency: bench.concurrency,
+        slice,
+        rounds,
+    }
+    .versus(
+        [
+            "broker GetToken, cached, 1 key (no Redis)",
+            "GetToken, cached, 1 key (Redis configured)",
+        ],
+        get_enterprise,
+    )
+    .await;
+    println!("(the \"baseline\" above is the broker without Redis: a local hit must not touch Redis, target 1.00x)");
+
+    // A cold stampede on one user, spread over the three replicas (their
+    // Service Account tokens are warm: only the user's token is cold).
+    let subject = bench_user(bench.users + 1);
+    let before = bench.fake.stats();
+    let mut calls = Vec::with_capacity(herd);
+    for i in 0..herd {
+        let mut client = TokenBrokerServiceClient::new(replicas[i % 3][i % replicas[0].len()].clone());
+        let subject = subject.clone();
+        calls.push(tokio::spawn(async move {
+            client
+                .get_token(pb::GetTokenRequest {
+                    subject: user(&subject),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+        }));
+    }
+    let mut served = 0;
+    for call in calls {
+        if call.await.unwrap_or(false) {
+            served += 1;
+        }
+    }
+    let after = bench.fake.stats();
+    println!(
+        "fleet stampede: {herd} concurrent cold requests for one key over 3 replicas -> {} call(s) to /oauth2/token, {served} served (target: exactly 1); {} user check(s) (one per replica)",
+        after.token_arrivals - before.token_arrivals,
+        after.user_reads - before.user_reads,
+    );
+    l2_latency(&redis, &kek, if herd >= 1_000 { 2_000 } else { 500 }).await;
+}
+
+/// In the cache: `n` tokens minted through cache A (and written to Redis);
+/// then each asked of cache B once (an L2 hit: a Redis read and an
+/// AES-GCM open) and again (an L1 hit).
+async fn l2_latency(redis: &RedisProcess, kek: &Kek, n: usize) {
+    let cache = |store: Redis| {
+        let cache = TokenCache::new(Arc::new(InstantMinter), Arc::new(SystemClock), CachePolicy::default());
+        cache.share_with(Arc::new(store));
+        cache
+    };
+    let (writer, reader) = (redis.store(kek), redis.store(kek));
+    let (a, b) = (cache(writer.clone()), cache(reader.clone()));
+    let app: Arc<str> = Arc::from("l2-latency");
+    let keys: Vec<TokenKey> = (0..n)
+        .map(|i| {
+            TokenKey::full(
+                app.clone(),
+                BoxSubject::User(BoxId::parse(&bench_user(i)).expect("an id")),
+            )
+        })
+        .collect();
+    for key in &keys {
+        a.get(key, Need::default()).await.expect("minted");
+    }
+    let started = Instant::now();
+    while writer.counters().writes.load(std::sync::atomic::Ordering::Relaxed) < n as u64
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let timed = || async {
+        let mut run = Run::empty();
+        for key in &keys {
+            let sent = Instant::now();
+            let lookup = b.get(key, Need::default()).await;
+            run.latencies
+                .push(u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            run.requests += 1;
+            run.errors += usize::from(lookup.is_err());
+        }
+        run.latencies.sort_unstable();
+        run
+    };
+    let l2_hits = || reader.counters().hits.load(std::sync::atomic::Ordering::Relaxed);
+    let l2 = timed().await;
+    let from_redis = l2_hits();
+    let l1 = timed().await;
+    let p = |run: &Run, q: f64| micros(run.percentile(q));
+    println!(
+        "L2 hit (TokenCache::get, one key at a time, {n} keys): p50 {} µs, p99 {} µs ({from_redis} of {n} from Redis); L1 hit: p50 {} µs, p99 {} µs ({} more Redis reads: expected 0)",
+        p(&l2, 50.0),
+        p(&l2, 99.0),
+        p(&l1, 50.0),
+        p(&l1, 99.0),
+        l2_hits() - from_redis
+    );
 }
 
 /// An edge sidecar (the production assembly: `Runtime::edge`) whose
@@ -832,7 +1057,7 @@ fn signing(bench: &Bench, n: u32) {
 /// The scenarios `args` asks for, in order.
 async fn run(args: Args) {
     let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
-    let one_scenario = args.cached_only || args.downscoped_only || args.edge_only || args.users_only;
+    let one_scenario = args.cached_only || args.downscoped_only || args.edge_only || args.users_only || args.fleet_only;
     let users = if args.quick || one_scenario { 1_000 } else { 10_000 };
     let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
     let rounds = if args.quick { 2 } else { args.rounds.max(1) };
@@ -872,6 +1097,10 @@ async fn run(args: Args) {
             .await;
         return;
     }
+    if args.fleet_only {
+        fleet_scenarios(&bench, slice, rounds, 1_000).await;
+        return;
+    }
     if args.users_only {
         warm_users(&bench).await;
         let users = bench.users;
@@ -908,6 +1137,7 @@ async fn run(args: Args) {
     edge_scenarios(&bench, slice, rounds).await;
     cold_mints(&bench, duration, warm_secs).await;
     stampede(&bench, 1_000).await;
+    fleet_scenarios(&bench, slice, rounds, 1_000).await;
     signing(&bench, if args.quick { 200 } else { 2_000 });
     report_memory(memory_tokens).await;
     bench.fake_server.stop().await;
