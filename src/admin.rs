@@ -22,6 +22,15 @@ use crate::{
 /// How long an admin change waits for another replica's change of the same app.
 const FLEET_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Why the fleet's key set was not caught up with.
+#[derive(Debug)]
+enum CatchUp {
+    /// Redis cannot be asked.
+    Unavailable,
+    /// It is newer, and could not be adopted (why).
+    NotAdopted(String),
+}
+
 /// A change in progress (see [`KeyAdmin::begin`]).
 struct Change<'a> {
     _local: tokio::sync::MutexGuard<'a, ()>,
@@ -149,7 +158,10 @@ impl KeyAdmin {
 
     /// Starts a change of `app`'s keys: one at a time in this broker and,
     /// with a fleet's Redis, in the fleet (the app's key-set lock), on top
-    /// of the fleet's newest key set.
+    /// of the fleet's newest key set. With a fleet, a change waits for
+    /// Redis: made on one replica alone, it would not reach the others and
+    /// could be overwritten by theirs (requests never wait for Redis; key
+    /// changes are rare and can).
     async fn begin(&self, app: &Arc<App>) -> Result<Change<'_>, AdminError> {
         let local = self.changing.lock().await;
         let Some(fleet) = self.broker.fleet() else {
@@ -158,20 +170,30 @@ impl KeyAdmin {
                 _fleet: None,
             });
         };
-        let lock = fleet.lock_keys(&app.name, FLEET_LOCK_WAIT).await.map_err(|()| {
+        let unavailable = || {
             AdminError::FailedPrecondition(format!(
-                "another broker of the fleet is changing app {}'s keys right now; retry in a few seconds",
+                "Redis cannot be reached, so a change of app {}'s keys would not reach the other replicas; nothing changed: retry when it answers (admin status shows its state)",
                 app.name
             ))
+        };
+        let lock = fleet.lock_keys(&app.name, FLEET_LOCK_WAIT).await.map_err(|e| match e {
+            crate::l2::LockError::Held => AdminError::FailedPrecondition(format!(
+                "another broker of the fleet is changing app {}'s keys right now; nothing changed: retry in a few seconds",
+                app.name
+            )),
+            crate::l2::LockError::Unavailable => unavailable(),
         })?;
-        if lock.is_none() {
-            tracing::warn!(app = %app.name, "Redis is unavailable: this key change reaches the other replicas when it is back");
+        match self.catch_up(app).await {
+            Ok(()) => Ok(Change {
+                _local: local,
+                _fleet: Some(lock),
+            }),
+            Err(CatchUp::Unavailable) => Err(unavailable()),
+            Err(CatchUp::NotAdopted(problem)) => Err(AdminError::FailedPrecondition(format!(
+                "the fleet's newest key set of app {} cannot be adopted here ({problem}), and a change must start from it; nothing changed",
+                app.name
+            ))),
         }
-        self.catch_up(app).await;
-        Ok(Change {
-            _local: local,
-            _fleet: lock,
-        })
     }
 
     /// Persists every app's ring, with `changed` (as the next version) in
@@ -197,37 +219,51 @@ impl KeyAdmin {
         Ok(())
     }
 
-    /// Publishes `app`'s key set to the fleet (logged when Redis cannot take it).
+    /// Publishes `app`'s key set to the fleet (logged when Redis cannot
+    /// take it: every replica compares its sets with the fleet's every
+    /// [`crate::l2::CATCH_UP_INTERVAL`], and this one publishes it then).
     async fn publish(&self, fleet: &crate::l2::Redis, app: &App, set: &StoredApp) {
         if !fleet.publish_key_set(&app.name, set.version, set).await {
             tracing::warn!(
                 app = %app.name,
                 version = set.version,
-                "could not publish the key set to Redis (unavailable, or it holds a newer one); it is published again when Redis answers"
+                "could not publish the key set to Redis (unavailable, or it holds a newer one); it is tried again within {:?}",
+                crate::l2::CATCH_UP_INTERVAL
             );
         }
     }
 
     /// Adopts the fleet's key set of `app` if it is newer than this
     /// broker's (persisted first), or publishes this broker's if it is
-    /// newer than the fleet's. Without a fleet, nothing.
-    pub async fn catch_up(&self, app: &App) {
-        let Some(fleet) = self.broker.fleet() else { return };
+    /// newer than the fleet's. Without a fleet, nothing. Call with the
+    /// `changing` lock held.
+    async fn catch_up(&self, app: &App) -> Result<(), CatchUp> {
+        let Some(fleet) = self.broker.fleet() else {
+            return Ok(());
+        };
         let local = app.ring().version;
-        match fleet.key_set(&app.name).await {
-            Some((version, set)) if version > local => {
-                if let Err(problem) = self.adopt(app, version, &set) {
-                    tracing::warn!(app = %app.name, version, %problem, "did not adopt the fleet's key set");
-                }
-            }
-            Some((version, _)) if version == local => {}
+        match fleet.key_set(&app.name).await.map_err(|_| CatchUp::Unavailable)? {
+            Some((version, set)) if version > local => self.adopt(app, version, &set).map_err(|problem| {
+                tracing::warn!(app = %app.name, version, %problem, "did not adopt the fleet's key set");
+                CatchUp::NotAdopted(problem)
+            }),
+            Some((version, _)) if version == local => Ok(()),
             // Redis holds an older set, or none: ours (if it was ever changed) is the fleet's.
-            Some(_) | None if local > 0 => {
+            _ if local > 0 => {
                 if let Ok(set) = StoredApp::from_ring(&app.ring()) {
                     self.publish(fleet, app, &set).await;
                 }
+                Ok(())
             }
-            _ => {}
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::catch_up`] for every app, one change at a time.
+    pub async fn catch_up_all(&self) {
+        for app in self.broker.apps() {
+            let _one = self.changing.lock().await;
+            let _ = self.catch_up(app).await;
         }
     }
 
@@ -257,9 +293,11 @@ impl KeyAdmin {
     }
 
     /// Acts on another replica's notice: drops revoked or invalidated
-    /// tokens, adopts a newer key set; after notices may have been missed,
-    /// drops every token that came through Redis and looks at key sets again.
-    pub async fn on_notice(&self, notice: crate::l2::Notice) {
+    /// tokens (the shared copy of a subject it knows too); looks at the
+    /// key sets (in a task of its own: a key change under way must not hold
+    /// up the revocations behind it); after notices may have been missed,
+    /// drops every cached token first.
+    pub async fn on_notice(self: &Arc<Self>, notice: crate::l2::Notice) {
         use crate::l2::{Notice, NoticeSubject};
         let cache = self.broker.cache();
         match notice {
@@ -287,28 +325,33 @@ impl KeyAdmin {
                     .invalidate_here(app.as_deref().unwrap_or(""), subject.as_ref())
                     .await
                 {
-                    Ok((dropped, ..)) => tracing::info!(app, dropped, "dropped tokens another replica invalidated"),
+                    Ok((dropped, apps, resolved)) => {
+                        // The sender may not have known whose token it was
+                        // (an external id it never resolved): this replica does.
+                        if let (Some(fleet), Some(app), Some(resolved)) = (self.broker.fleet(), apps, resolved) {
+                            fleet.invalidate(&TokenKey::full(app.name.clone(), resolved)).await;
+                        }
+                        tracing::info!(app, dropped, "dropped tokens another replica invalidated");
+                    }
                     Err(e) => {
                         tracing::debug!(app, error = %e, "an invalidation from another replica names nothing here")
                     }
                 }
             }
-            Notice::KeySet { app, .. } => {
-                if let Ok(app) = self.app(&app) {
-                    let _one = self.changing.lock().await;
-                    self.catch_up(app).await;
-                }
+            Notice::KeySet { .. } | Notice::CatchUp => {
+                let this = Arc::clone(self);
+                tokio::spawn(async move { this.catch_up_all().await });
             }
             Notice::Resync => {
-                let dropped = cache.invalidate_where(|key| cache.is_shared(key)).await;
-                tracing::info!(
-                    dropped,
-                    "dropped the tokens that came through Redis: notices may have been missed"
-                );
-                for app in self.broker.apps() {
-                    let _one = self.changing.lock().await;
-                    self.catch_up(app).await;
+                let dropped = cache.invalidate_where(|_| true).await;
+                if dropped > 0 {
+                    tracing::info!(
+                        dropped,
+                        "dropped every cached token: notices from the other replicas may have been missed"
+                    );
                 }
+                let this = Arc::clone(self);
+                tokio::spawn(async move { this.catch_up_all().await });
             }
         }
     }
@@ -508,16 +551,19 @@ impl KeyAdmin {
                 Some(a) => vec![&*a.name],
                 None => self.broker.apps().map(|a| &*a.name).collect(),
             };
-            let shared = match (&apps, subject, resolved) {
+            let shared = match (&apps, subject, &resolved) {
                 (Some(a), Some(_), Some(subject)) => {
-                    fleet.invalidate(&TokenKey::full(a.name.clone(), subject)).await;
-                    true
+                    fleet.invalidate(&TokenKey::full(a.name.clone(), subject.clone())).await
                 }
                 // An external id nobody resolved here: another replica may have
                 // (its notice below). A subject always comes with its app.
                 (_, Some(_), _) => true,
                 (_, None, _) => fleet.invalidate_apps(&names).await,
             };
+            // Again here: a request between the first drop and Redis's may
+            // have taken the token back from Redis.
+            let subject_filter = subject.map(|_| resolved.clone());
+            self.drop_local(apps.as_ref(), subject_filter.as_ref()).await;
             let told = fleet
                 .announce(&crate::l2::Notice::Invalidated {
                     app: apps.as_ref().map(|a| a.name.to_string()),
@@ -531,7 +577,7 @@ impl KeyAdmin {
             if !(shared && told) {
                 tracing::warn!(
                     app,
-                    "Redis is unavailable: the other replicas drop their copies when they can read it again (or when the tokens expire)"
+                    "Redis is unavailable: this replica tells the others (and drops the shared copies) when it answers again"
                 );
             }
         }
@@ -559,16 +605,21 @@ impl KeyAdmin {
             (Some(user), Some(a)) => Some(self.broker.forget_user(a, user).await.map(BoxSubject::User)),
             _ => None,
         };
-        let dropped = self
-            .broker
-            .cache()
-            .invalidate_where(|key| {
-                app_name.as_ref().is_none_or(|a| key.app == a.name)
-                    && subject.as_ref().is_none_or(|s| s.as_ref() == Some(&key.subject))
-            })
-            .await;
+        let dropped = self.drop_local(app_name.as_ref(), subject.as_ref()).await;
         tracing::info!(app, dropped, "invalidated cached tokens");
         Ok((dropped, app_name, subject.flatten()))
+    }
+
+    /// Drops this broker's cached tokens of `app` (every app when `None`)
+    /// and of `subject` (every subject when `None`; none when `Some(None)`:
+    /// a user not known here).
+    async fn drop_local(&self, app: Option<&Arc<App>>, subject: Option<&Option<BoxSubject>>) -> usize {
+        self.broker
+            .cache()
+            .invalidate_where(|key| {
+                app.is_none_or(|a| key.app == a.name) && subject.is_none_or(|s| s.as_ref() == Some(&key.subject))
+            })
+            .await
     }
 }
 

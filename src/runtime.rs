@@ -278,9 +278,7 @@ impl Prepared {
         }
         if let Some(fleet) = admin.broker().fleet() {
             // The fleet's newest key set before the first request; then its notices.
-            for app in admin.broker().apps() {
-                admin.catch_up(app).await;
-            }
+            admin.catch_up_all().await;
             let mut notices = fleet.notices();
             let listener = admin.clone();
             tokio::spawn(async move {

@@ -566,7 +566,7 @@ impl Broker {
         // A token shared through the fleet's Redis may have been served by
         // other replicas: their record counts too (if Redis can be asked).
         if let Some(fleet) = self.fleet.as_ref().filter(|_| self.cache.is_shared(&key))
-            && fleet.served_only_to(&key, &digest, caller).await == Some(false)
+            && fleet.served_only_to(&digest, caller).await == Some(false)
         {
             return Err(shared());
         }

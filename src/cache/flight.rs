@@ -229,7 +229,7 @@ impl Inner {
                 .then_some(token)
         };
         loop {
-            if let Some(token) = shared.get(key).await.and_then(usable) {
+            if let Some(token) = shared.get(key, waited).await.and_then(usable) {
                 return Ok(token);
             }
             match shared.lease(key, waited).await {

@@ -318,7 +318,7 @@ impl Inner {
         {
             let key = key();
             if shared.shares(&key) {
-                shared.served(&key, &token.sha256, caller, news);
+                shared.served(&token.sha256, caller, news);
             }
         }
     }

@@ -51,8 +51,9 @@ pub trait SharedStore: Send + Sync + 'static {
     /// Service Account's only if configured so).
     fn shares(&self, key: &TokenKey) -> bool;
 
-    /// The shared token of `key`, if one is held and decrypts.
-    fn get(&self, key: &TokenKey) -> BoxFuture<'static, Option<IssuedToken>>;
+    /// The shared token of `key`, if one is held and decrypts; `again`
+    /// when the flight looked before (while waiting for another replica).
+    fn get(&self, key: &TokenKey, again: bool) -> BoxFuture<'static, Option<IssuedToken>>;
 
     /// Asks to mint `key` for the fleet; `waited` says this flight already
     /// saw the lease held by another (so an acquisition is a takeover).
@@ -69,9 +70,9 @@ pub trait SharedStore: Send + Sync + 'static {
     /// lease, and how long it waits at most before minting itself.
     fn wait(&self) -> (Duration, Duration);
 
-    /// The token of `key` whose SHA-256 is `digest` was served to
-    /// `caller`, and `news` is what changed in this replica's record (its
-    /// first caller, or a second one): for the fleet's record of who holds
-    /// it (which revocation asks).
-    fn served(&self, key: &TokenKey, digest: &[u8; 32], caller: &Arc<str>, news: Served);
+    /// The shared token whose SHA-256 is `digest` was served to `caller`,
+    /// and `news` is what changed in this replica's record (its first
+    /// caller, or a second one): for the fleet's record of who holds it
+    /// (which revocation asks).
+    fn served(&self, digest: &[u8; 32], caller: &Arc<str>, news: Served);
 }

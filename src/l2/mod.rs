@@ -56,6 +56,8 @@ const STREAM_LENGTH: usize = 10_000;
 /// How long an invalidation count outlives its last change (far longer
 /// than any lease).
 const FENCE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How many lives a lease is extended for at most while its holder mints.
+const LEASE_EXTENSIONS: u32 = 4;
 /// How long an admin change holds the app's key-set lock at most.
 const KEYS_LOCK_TTL: Duration = Duration::from_secs(60);
 
@@ -133,11 +135,19 @@ pub enum Notice {
         /// The new version.
         version: u64,
     },
-    /// Not sent: this replica could not read notices for a while and may
-    /// have missed some (drop what came from Redis, look at key sets again).
+    /// Not sent: this replica could not read notices for a while (or just
+    /// started) and may have missed some: drop the cached tokens, look at
+    /// the key sets again.
     #[serde(skip)]
     Resync,
+    /// Not sent: look at the key sets again (every [`CATCH_UP_INTERVAL`]:
+    /// a set another replica could not publish at once is found so).
+    #[serde(skip)]
+    CatchUp,
 }
+
+/// How often each replica compares its key sets with the fleet's.
+pub const CATCH_UP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A subject in an [`Notice::Invalidated`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +206,32 @@ struct Inner {
     counters: Counters,
     /// Random per process: a replica skips its own notices.
     origin: String,
+    /// What could not be sent while Redis was unavailable, sent again when
+    /// it answers (bounded: the oldest go first).
+    outbox: std::sync::Mutex<std::collections::VecDeque<Pending>>,
+}
+
+/// Something to send again once Redis answers.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// A notice to the other replicas.
+    Notice(Notice),
+    /// A token to drop and its count to raise: (token name, fence name).
+    Drop(String, String),
+    /// Every token of this app.
+    DropApp(String),
+}
+
+/// How many undelivered notices and drops a replica keeps.
+const OUTBOX_LENGTH: usize = 1000;
+
+/// Why an app's key-set lock was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockError {
+    /// Another replica holds it.
+    Held,
+    /// Redis cannot be asked.
+    Unavailable,
 }
 
 impl fmt::Debug for Redis {
@@ -261,6 +297,7 @@ impl Redis {
                 settings,
                 counters: Counters::default(),
                 origin: hex::encode(origin),
+                outbox: std::sync::Mutex::new(std::collections::VecDeque::new()),
             }),
         })
     }
@@ -332,11 +369,67 @@ impl Redis {
         self.inner.crypto.name("app", app.as_bytes())
     }
 
+    /// The app's invalidation count (raised when all its tokens are dropped).
+    fn app_fence(&self, app: &str) -> String {
+        self.name("ga", &self.app_hash(app))
+    }
+
+    /// Keeps `pending` to send again when Redis answers.
+    fn postpone(&self, pending: Pending) {
+        if let Ok(mut outbox) = self.inner.outbox.lock() {
+            if outbox.len() >= OUTBOX_LENGTH {
+                outbox.pop_front();
+                tracing::warn!("too many notices wait for Redis: the oldest is dropped");
+            }
+            outbox.push_back(pending);
+        }
+    }
+
+    /// Sends what waited for Redis; what fails again waits again.
+    async fn flush_outbox(&self) {
+        let waiting: Vec<Pending> = self
+            .inner
+            .outbox
+            .lock()
+            .map(|mut o| o.drain(..).collect())
+            .unwrap_or_default();
+        if waiting.is_empty() {
+            return;
+        }
+        tracing::info!(count = waiting.len(), "sending what waited for Redis");
+        for pending in waiting {
+            match pending {
+                Pending::Notice(notice) => {
+                    self.announce(&notice).await;
+                }
+                Pending::Drop(token, fence) => {
+                    self.invalidate_names(token, fence).await;
+                }
+                Pending::DropApp(app) => {
+                    self.invalidate_apps(&[app.as_str()]).await;
+                }
+            }
+        }
+    }
+
     /// Drops every shared token of `apps` (as [`Self::invalidate`] does
     /// one's). False if Redis could not be asked.
     pub async fn invalidate_apps(&self, apps: &[&str]) -> bool {
         let mut all = true;
         for app in apps {
+            // First the app's count: a mint under way cannot write after this.
+            let (fence, mut conn) = (self.app_fence(app), self.conn());
+            let ttl = millis(FENCE_TTL);
+            let raised: Option<i64> = self
+                .run("invalidate an app's tokens", async move {
+                    scripts::RAISE.key(fence).arg(ttl).invoke_async(&mut conn).await
+                })
+                .await;
+            if raised.is_none() {
+                all = false;
+                self.postpone(Pending::DropApp((*app).to_owned()));
+                continue;
+            }
             let pattern = self.name("t", &format!("{}:*", self.app_hash(app)));
             let mut cursor = 0u64;
             loop {
@@ -355,6 +448,7 @@ impl Redis {
                     .await;
                 let Some((next, names)) = page else {
                     all = false;
+                    self.postpone(Pending::DropApp((*app).to_owned()));
                     break;
                 };
                 for name in names {
@@ -383,47 +477,45 @@ impl Redis {
         self.inner.crypto.name("caller", caller.as_bytes())
     }
 
-    fn digest_tag(&self, digest: &[u8; 32]) -> String {
-        self.inner.crypto.name("digest", digest)
-    }
-
     /// Whether the fleet's record says the token of `key` whose SHA-256 is
     /// `digest` was served to `caller` only: `None` when Redis holds no
     /// record of that token (or cannot be asked): the replica's own record decides.
-    pub async fn served_only_to(&self, key: &TokenKey, digest: &[u8; 32], caller: &str) -> Option<bool> {
-        let name = self.name("t", &self.token_hash(key));
+    pub async fn served_only_to(&self, digest: &[u8; 32], caller: &str) -> Option<bool> {
+        let name = self.holders(digest);
         let mut conn = self.conn();
-        let fields: (Option<String>, Option<String>, Option<String>) = self
+        let (owner, shared): (Option<String>, Option<String>) = self
             .run("read a token's holders", async move {
                 redis::cmd("HMGET")
                     .arg(&name)
-                    .arg("d")
                     .arg("o")
                     .arg("s")
                     .query_async(&mut conn)
                     .await
             })
             .await?;
-        match fields {
-            (Some(d), owner, shared) if d == self.digest_tag(digest) => {
-                Some(shared.is_none() && owner.is_none_or(|o| o == self.caller_tag(caller)))
-            }
-            _ => None,
-        }
+        let owner = owner?;
+        Some(shared.is_none() && owner == self.caller_tag(caller))
+    }
+
+    /// The name of the record of who was served the token whose SHA-256 is `digest`.
+    fn holders(&self, digest: &[u8; 32]) -> String {
+        self.name("o", &self.inner.crypto.name("digest", digest))
     }
 
     /// Drops the shared token of `key` and raises its invalidation count,
     /// so a write under a lease taken before now is refused.
-    pub async fn invalidate(&self, key: &TokenKey) {
+    /// False if Redis could not be asked (it is done when it answers again).
+    pub async fn invalidate(&self, key: &TokenKey) -> bool {
         let hash = self.token_hash(key);
         self.invalidate_names(self.name("t", &hash), self.name("g", &hash))
-            .await;
+            .await
     }
 
-    async fn invalidate_names(&self, token: String, fence: String) {
+    async fn invalidate_names(&self, token: String, fence: String) -> bool {
+        let names = (token.clone(), fence.clone());
         let mut conn = self.conn();
         let ttl = millis(FENCE_TTL);
-        let _: Option<i64> = self
+        let done: Option<i64> = self
             .run("invalidate a token", async move {
                 scripts::INVALIDATE
                     .key(token)
@@ -433,6 +525,10 @@ impl Redis {
                     .await
             })
             .await;
+        if done.is_none() {
+            self.postpone(Pending::Drop(names.0, names.1));
+        }
+        done.is_some()
     }
 
     /// Sends `notice` to the other replicas. False if Redis could not take it.
@@ -462,42 +558,59 @@ impl Redis {
             .await;
         if sent.is_some() {
             self.inner.counters.notices_sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.postpone(Pending::Notice(notice.clone()));
         }
         sent.is_some()
     }
 
     /// Reads the other replicas' notices until the receiver is dropped:
-    /// every `poll_interval`, from where the last read stopped. After a
-    /// time Redis could not be read, [`Notice::Resync`] comes first.
+    /// every `poll_interval`, from where the last read stopped, and sends
+    /// what waited for Redis. [`Notice::Resync`] comes on the first read
+    /// and after a time Redis could not be read; [`Notice::CatchUp`] every
+    /// [`CATCH_UP_INTERVAL`].
     pub fn notices(&self) -> tokio::sync::mpsc::Receiver<Notice> {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let this = self.clone();
         tokio::spawn(async move {
             let mut last: Option<String> = None;
-            let mut missed = false;
+            // The first read may follow a startup that could not read the key sets.
+            let mut missed = true;
             let mut interval = tokio::time::interval(this.inner.settings.poll_interval);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut caught_up = std::time::Instant::now();
             loop {
                 interval.tick().await;
                 if tx.is_closed() {
                     return;
+                }
+                if caught_up.elapsed() >= CATCH_UP_INTERVAL {
+                    caught_up = std::time::Instant::now();
+                    if tx.send(Notice::CatchUp).await.is_err() {
+                        return;
+                    }
                 }
                 let read = match &last {
                     None => this.latest_notice_id().await.map(|id| (id, Vec::new())),
                     Some(from) => this.read_notices(from).await,
                 };
                 let Some((id, notices)) = read else {
-                    missed = last.is_some();
+                    missed = true;
                     continue;
                 };
                 if missed {
                     missed = false;
-                    tracing::info!("reading the fleet's notices from Redis again; dropping tokens that came from it");
+                    if last.is_some() {
+                        tracing::info!(
+                            "reading the fleet's notices from Redis again: dropping the cached tokens, reading the key sets"
+                        );
+                    }
                     if tx.send(Notice::Resync).await.is_err() {
                         return;
                     }
                 }
                 last = Some(id);
+                this.flush_outbox().await;
                 for notice in notices {
                     this.inner.counters.notices_received.fetch_add(1, Ordering::Relaxed);
                     if tx.send(notice).await.is_err() {
@@ -600,8 +713,11 @@ impl Redis {
         written == Some(1)
     }
 
-    /// `app`'s key set in Redis and its version, if any (and if it decrypts).
-    pub async fn key_set(&self, app: &str) -> Option<(u64, StoredApp)> {
+    /// `app`'s key set in Redis and its version: `Ok(None)` when Redis
+    /// holds none (or one that does not open, or whose sealed version is
+    /// not the one it is filed under: counted and logged), `Err` when Redis
+    /// cannot be asked.
+    pub async fn key_set(&self, app: &str) -> Result<Option<(u64, StoredApp)>, LockError> {
         let name = self.name("k", &self.app_hash(app));
         let mut conn = self.conn();
         let key = name.clone();
@@ -614,29 +730,34 @@ impl Redis {
                     .query_async(&mut conn)
                     .await
             })
-            .await?;
-        let (version, sealed) = (version?, sealed?);
+            .await
+            .ok_or(LockError::Unavailable)?;
+        let (Some(version), Some(sealed)) = (version, sealed) else {
+            return Ok(None);
+        };
+        // The version that counts is the sealed one: `ver` (which the
+        // script compares) is only a copy, which anyone who can write to
+        // Redis could raise over an older sealed set.
         let set = self
             .inner
             .crypto
             .open(&name, &sealed)
             .map(zeroize::Zeroizing::new)
-            .and_then(|plain| serde_json::from_slice::<StoredApp>(&plain).ok());
+            .and_then(|plain| serde_json::from_slice::<StoredApp>(&plain).ok())
+            .filter(|set| set.version == version);
         let Some(set) = set else {
             self.inner.counters.undecryptable.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 app,
-                "the key set in Redis does not decrypt (another KEK, or tampered with); ignored"
+                "the key set in Redis does not decrypt or is not filed under its own version (another KEK, or tampered with); ignored"
             );
-            return None;
+            return Ok(None);
         };
-        Some((version, set))
+        Ok(Some((version, set)))
     }
 
-    /// Takes `app`'s key-set lock for an admin change, waiting up to
-    /// `wait`: `Ok(Some)` held, `Ok(None)` Redis unavailable (go on
-    /// alone), `Err` another replica holds it.
-    pub async fn lock_keys(&self, app: &str, wait: Duration) -> Result<Option<KeysLock>, ()> {
+    /// Takes `app`'s key-set lock for an admin change, waiting up to `wait`.
+    pub async fn lock_keys(&self, app: &str, wait: Duration) -> Result<KeysLock, LockError> {
         let name = self.name("kl", &self.app_hash(app));
         let value = random_value();
         let since = std::time::Instant::now();
@@ -656,16 +777,23 @@ impl Redis {
                 })
                 .await;
             match taken {
-                None => return Ok(None),
+                None => {
+                    // It may have been taken after all: not left behind.
+                    self.release_name(name, value).await;
+                    return Err(LockError::Unavailable);
+                }
                 Some(Some(_)) => {
-                    return Ok(Some(KeysLock {
+                    return Ok(KeysLock {
                         redis: self.clone(),
                         name,
                         value,
-                    }));
+                    });
                 }
-                Some(None) if since.elapsed() >= wait => return Err(()),
-                Some(None) => tokio::time::sleep(self.inner.settings.poll_interval).await,
+                Some(None) if since.elapsed() >= wait => return Err(LockError::Held),
+                Some(None) => {
+                    let left = wait.saturating_sub(since.elapsed());
+                    tokio::time::sleep(self.inner.settings.poll_interval.min(left)).await;
+                }
             }
         }
     }
@@ -721,6 +849,36 @@ impl Redis {
             request_id: token.r.clone(),
             restricted_to: Vec::new(),
         })
+    }
+
+    /// Extends the lease `name` (holding `value`) every third of its life
+    /// while its holder mints — past the first life when Box is slow, a
+    /// standby key or an older secret is tried — until the holder writes
+    /// or releases it (or [`LEASE_EXTENSIONS`] lives, whichever comes first).
+    /// A holder that dies stops extending it: the others take over when
+    /// it runs out.
+    fn keep_alive(&self, name: String, value: String) {
+        let this = self.clone();
+        let ttl = self.inner.settings.lease_ttl;
+        tokio::spawn(async move {
+            for _ in 0..LEASE_EXTENSIONS * 3 {
+                tokio::time::sleep(ttl / 3).await;
+                let (n, v, mut conn) = (name.clone(), value.clone(), this.conn());
+                let held: Option<i64> = this
+                    .run("extend a lease", async move {
+                        scripts::EXTEND
+                            .key(n)
+                            .arg(v)
+                            .arg(millis(ttl))
+                            .invoke_async(&mut conn)
+                            .await
+                    })
+                    .await;
+                if held == Some(0) {
+                    return;
+                }
+            }
+        });
     }
 
     /// The shared token's lifetime in Redis: until the cache would stop serving it.
@@ -799,7 +957,7 @@ impl SharedStore for Redis {
             && (self.inner.settings.share_enterprise_tokens || matches!(key.subject, BoxSubject::User(_)))
     }
 
-    fn get(&self, key: &TokenKey) -> BoxFuture<'static, Option<IssuedToken>> {
+    fn get(&self, key: &TokenKey, again: bool) -> BoxFuture<'static, Option<IssuedToken>> {
         let this = self.clone();
         let name = self.name("t", &self.token_hash(key));
         async move {
@@ -808,6 +966,11 @@ impl SharedStore for Redis {
             let sealed: Option<Vec<u8>> = this
                 .run("read a token", async move { conn.hget(&key, "v").await })
                 .await?;
+            // A flight waiting for another replica's token looks again and
+            // again: only its first look counts as a miss.
+            if sealed.is_none() && again {
+                return None;
+            }
             this.open_token(name, sealed).await
         }
         .boxed()
@@ -816,17 +979,20 @@ impl SharedStore for Redis {
     fn lease(&self, key: &TokenKey, waited: bool) -> BoxFuture<'static, LeaseOutcome> {
         let this = self.clone();
         let hash = self.token_hash(key);
+        let app_fence = self.app_fence(&key.app);
         async move {
             let (lease, fence, token) = (this.name("l", &hash), this.name("g", &hash), this.name("t", &hash));
             let value = random_value();
             let mut conn = this.conn();
             let (v, ttl) = (value.clone(), millis(this.inner.settings.lease_ttl));
+            let (lease_name, token_name) = (lease.clone(), token.clone());
             let taken: Option<Option<(String, Vec<u8>)>> = this
                 .run("take a lease", async move {
                     scripts::LEASE
                         .key(lease)
                         .key(fence)
-                        .key(&token)
+                        .key(token)
+                        .key(app_fence)
                         .arg(v)
                         .arg(ttl)
                         .invoke_async(&mut conn)
@@ -835,16 +1001,24 @@ impl SharedStore for Redis {
                 .await;
             let counters = &this.inner.counters;
             match taken {
-                None => LeaseOutcome::Unavailable,
+                None => {
+                    // The call may have reached Redis after all (it was
+                    // slow, or frozen and thawed): no lease is left behind.
+                    tokio::spawn(async move { this.release_name(lease_name, value).await });
+                    LeaseOutcome::Unavailable
+                }
                 Some(Some((fence, sealed))) => {
-                    if waited {
-                        counters.lease_takeovers.fetch_add(1, Ordering::Relaxed);
-                    }
                     let found = if sealed.is_empty() {
                         None
                     } else {
-                        this.open_token(this.name("t", &hash), Some(sealed)).await
+                        this.open_token(token_name, Some(sealed)).await
                     };
+                    if waited && found.is_none() {
+                        counters.lease_takeovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if found.is_none() {
+                        this.keep_alive(lease_name, value.clone());
+                    }
                     LeaseOutcome::Acquired {
                         lease: Lease { value, fence },
                         found,
@@ -865,6 +1039,7 @@ impl SharedStore for Redis {
         let this = self.clone();
         let hash = self.token_hash(key);
         let name = self.name("t", &hash);
+        let app_fence = self.app_fence(&key.app);
         let ttl = self.ttl_of(token);
         let sealed = Sealed {
             a: zeroize::Zeroizing::new(token.access_token.expose_secret().to_owned()),
@@ -874,43 +1049,46 @@ impl SharedStore for Redis {
             r: token.request_id.as_deref().map(str::to_owned),
         };
         let plain = serde_json::to_vec(&sealed).map(zeroize::Zeroizing::new);
-        let digest = self.digest_tag(&token.sha256);
         async move {
+            let (lease_name, fence_name) = (this.name("l", &hash), this.name("g", &hash));
             let (Some(ttl), Ok(plain)) = (ttl, plain) else {
-                this.release_name(this.name("l", &hash), lease.value).await;
+                this.release_name(lease_name, lease.value).await;
                 return;
             };
             let value = this.inner.crypto.seal(&name, &plain);
             let mut conn = this.conn();
-            let (lease_name, fence_name) = (this.name("l", &hash), this.name("g", &hash));
+            let (lease_value, release) = (lease.value.clone(), lease_name.clone());
             let written: Option<i64> = this
                 .run("write a token", async move {
                     scripts::PUT
                         .key(name)
                         .key(lease_name)
                         .key(fence_name)
+                        .key(app_fence)
                         .arg(lease.value)
                         .arg(lease.fence)
                         .arg(sealed.i)
                         .arg(value)
                         .arg(millis(ttl))
-                        .arg(digest)
                         .invoke_async(&mut conn)
                         .await
                 })
                 .await;
             let counters = &this.inner.counters;
             match written {
-                Some(1) => counters.writes.fetch_add(1, Ordering::Relaxed),
+                Some(1) => {
+                    counters.writes.fetch_add(1, Ordering::Relaxed);
+                }
                 Some(outcome) => {
                     tracing::debug!(
                         outcome,
                         "a token was not written to Redis (lease lost, invalidated since, or older)"
                     );
-                    counters.writes_refused.fetch_add(1, Ordering::Relaxed)
+                    counters.writes_refused.fetch_add(1, Ordering::Relaxed);
                 }
-                None => 0,
-            };
+                // The lease is not left to run out: the others would wait for it.
+                None => this.release_name(release, lease_value).await,
+            }
         }
         .boxed()
     }
@@ -929,20 +1107,22 @@ impl SharedStore for Redis {
         )
     }
 
-    fn served(&self, key: &TokenKey, digest: &[u8; 32], caller: &Arc<str>, news: Served) {
+    fn served(&self, digest: &[u8; 32], caller: &Arc<str>, news: Served) {
         let this = self.clone();
-        let name = self.name("t", &self.token_hash(key));
-        let (digest, caller) = (self.digest_tag(digest), self.caller_tag(caller));
+        let name = self.holders(digest);
+        let caller = self.caller_tag(caller);
         let others = news == Served::AlsoToOthers;
+        // As long as the token can live.
+        let ttl = millis(Duration::from_secs(2 * 3600));
         tokio::spawn(async move {
             let mut conn = this.conn();
             let _: Option<i64> = this
                 .run("record a token's holder", async move {
                     scripts::SERVED
                         .key(name)
-                        .arg(digest)
                         .arg(caller)
                         .arg(u8::from(others))
+                        .arg(ttl)
                         .invoke_async(&mut conn)
                         .await
                 })

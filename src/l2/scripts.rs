@@ -6,36 +6,50 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS: lease, fence, token. ARGV: value, ttl ms. The lease (`SET NX
-/// PX`), the key's invalidation count when taken and the token held then
-/// (empty if none: the previous holder may have written it after the
-/// caller looked); nil when another holds the lease.
+/// KEYS: lease, fence, token, app fence. ARGV: value, ttl ms. The lease
+/// (`SET NX PX`), the key's and its app's invalidation counts when taken
+/// (`key/app`), and the token held then (empty if none: the previous holder
+/// may have written it after the caller looked); nil when another holds
+/// the lease.
 pub(super) static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {redis.call('GET', KEYS[2]) or '0', redis.call('HGET', KEYS[3], 'v') or ''}
+  local fence = (redis.call('GET', KEYS[2]) or '0') .. '/' .. (redis.call('GET', KEYS[4]) or '0')
+  return {fence, redis.call('HGET', KEYS[3], 'v') or ''}
 end
 return false
 ",
     )
 });
 
-/// KEYS: token, lease, fence. ARGV: lease value, fence, issue time ms,
-/// sealed value, ttl ms, digest tag. Writes only while the lease is still
-/// this holder's, the key was not invalidated since it was taken, and no
-/// token asked for later is held; releases the lease. 1 written, 0 lease
-/// lost, -1 invalidated since, -2 a newer token is held.
+/// KEYS: lease. ARGV: value, ttl ms. Extends the lease while its holder
+/// still holds it (a holder minting past the lease's first life). 1 or 0.
+pub(super) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+",
+    )
+});
+
+/// KEYS: token, lease, fence, app fence. ARGV: lease value, fence, issue
+/// time ms, sealed value, ttl ms. Writes only while the lease is still
+/// this holder's, neither the key nor its app was invalidated since it was
+/// taken, and no token asked for later is held; releases the lease. 1
+/// written, 0 lease lost, -1 invalidated since, -2 a newer token is held.
 pub(super) static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
-if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[2] then return -1 end
+local fence = (redis.call('GET', KEYS[3]) or '0') .. '/' .. (redis.call('GET', KEYS[4]) or '0')
+if fence ~= ARGV[2] then return -1 end
 local held = redis.call('HGET', KEYS[1], 'i')
 if held and tonumber(held) >= tonumber(ARGV[3]) then return -2 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'i', ARGV[3], 'v', ARGV[4], 'd', ARGV[6])
+redis.call('HSET', KEYS[1], 'i', ARGV[3], 'v', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 ",
@@ -76,20 +90,31 @@ return 0
     )
 });
 
-/// KEYS: token. ARGV: digest tag, caller tag, 1 if served to others too.
-/// Records who holds the token, if it is still the one held.
+/// KEYS: a token's holder record. ARGV: caller tag, 1 if served to others
+/// too, ttl ms. The first caller, and whether any other was served it.
 pub(super) static SERVED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('HGET', KEYS[1], 'd') ~= ARGV[1] then return 0 end
 local owner = redis.call('HGET', KEYS[1], 'o')
 if not owner then
-  redis.call('HSET', KEYS[1], 'o', ARGV[2])
-elseif owner ~= ARGV[2] then
+  redis.call('HSET', KEYS[1], 'o', ARGV[1])
+elseif owner ~= ARGV[1] then
   redis.call('HSET', KEYS[1], 's', '1')
 end
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 's', '1') end
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 's', '1') end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
+",
+    )
+});
+
+/// KEYS: an invalidation count. ARGV: ttl ms. Raises it.
+pub(super) static RAISE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
 ",
     )
 });

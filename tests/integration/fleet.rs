@@ -736,7 +736,9 @@ async fn nothing_in_redis_is_a_token_key_secret_or_user_id_in_plaintext() {
             "7000001",
             "7300001",
             "anonymous",
-            "MII",
+            // A 2048-bit PKCS#8 key's base64 begins so (five bytes: random
+            // ciphertext matches by chance about once in 10^8 runs).
+            "MIIEv",
             "PRIVATE",
         ]
         .map(str::to_owned),
@@ -793,6 +795,27 @@ async fn a_stale_write_after_an_invalidation_is_refused() {
     )
     .unwrap();
     let key = TokenKey::full("default".into(), BoxSubject::User(BoxId::parse("7200001").unwrap()));
+    // A key set is taken only under its own sealed version: raising the
+    // plain copy Redis compares (anyone with write access could) gets nothing.
+    let set = box_token_broker::keys::store::StoredApp {
+        version: 3,
+        ..Default::default()
+    };
+    assert!(store.publish_key_set("default", 3, &set).await);
+    assert!(
+        !store.publish_key_set("default", 2, &set).await,
+        "never an older version"
+    );
+    assert_eq!(store.key_set("default").await.unwrap().map(|(v, _)| v), Some(3));
+    let mut raw = server.connection().await;
+    let names: Vec<String> = redis::AsyncCommands::keys(&mut raw, "t:k:*").await.unwrap();
+    assert_eq!(names.len(), 1);
+    let _: () = redis::AsyncCommands::hset(&mut raw, &names[0], "ver", 9).await.unwrap();
+    assert!(
+        store.key_set("default").await.unwrap().is_none(),
+        "a forged version is ignored"
+    );
+    assert_eq!(store.counters().undecryptable.load(Ordering::Relaxed), 1);
     let token = |text: &str| {
         let now = box_token_broker::clock::system_now();
         CachedToken::from_issued(
@@ -817,7 +840,7 @@ async fn a_stale_write_after_an_invalidation_is_refused() {
     assert!(matches!(store.lease(&key, false).await, LeaseOutcome::HeldElsewhere));
     store.invalidate(&key).await;
     store.put(&key, &token("stale-token-0000"), stale).await;
-    assert!(store.get(&key).await.is_none(), "the stale write was refused");
+    assert!(store.get(&key, false).await.is_none(), "the stale write was refused");
     assert_eq!(store.counters().writes_refused.load(Ordering::Relaxed), 1);
 
     let LeaseOutcome::Acquired {
@@ -828,7 +851,7 @@ async fn a_stale_write_after_an_invalidation_is_refused() {
         panic!("the refused write released the lease")
     };
     store.put(&key, &token("fresh-token-1111"), current).await;
-    let got = store.get(&key).await.expect("a current write lands");
+    let got = store.get(&key, false).await.expect("a current write lands");
     assert_eq!(
         secrecy::ExposeSecret::expose_secret(&got.access_token),
         "fresh-token-1111"
@@ -1023,4 +1046,117 @@ async fn the_shipped_redis_config_and_the_readmes_acl_file_serve_a_fleet() {
         .query_async(&mut anonymous)
         .await;
     assert!(denied.is_err(), "the default user is off");
+}
+
+/// The fake's policy, plus App Users by external id for the anonymous caller.
+fn allow_external_ids(fleet: &Fleet) {
+    let policy = fleet.dir.path().join("policy.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(
+        "\n[[rules]]\nname = \"external ids\"\ncallers = [\"anonymous\"]\nexternal_users = [\"*\"]\nfull_tokens = true\nrevoke = true\n",
+    );
+    std::fs::write(&policy, text).unwrap();
+}
+
+async fn invalidate(member: &Member, subject: Option<pb::Subject>) -> u64 {
+    member
+        .admin_client()
+        .await
+        .invalidate_tokens(admin_request(pb::InvalidateTokensRequest {
+            app: "default".to_owned(),
+            subject,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .invalidated
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_tokens_on_one_replica_drops_the_token_everywhere() {
+    let fleet = Fleet::new("");
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let shared = a.get(user("7200001")).await.unwrap();
+    assert_eq!(b.get(user("7200001")).await.unwrap(), shared);
+    // A's copies: the user's and the Service Account's (it checked the user).
+    assert_eq!(invalidate(&a, None).await, 2);
+    let fresh = a.get(user("7200001")).await.unwrap();
+    assert_ne!(fresh, shared, "A does not take it back from Redis");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.get(user("7200001")).await.unwrap() == fresh
+        })
+        .await,
+        "B drops its copy and shares A's new token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_by_external_id_reaches_a_replica_that_resolved_it() {
+    let fleet = Fleet::new("");
+    allow_external_ids(&fleet);
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let shared = a.get(crate::common::external("auth0|ada")).await.unwrap();
+    // B never resolved auth0|ada: it drops nothing itself, and tells A.
+    let subject = crate::common::external("auth0|ada").subject;
+    assert_eq!(invalidate(&b, subject).await, 0);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.get(crate::common::external("auth0|ada")).await.unwrap() != shared
+        })
+        .await,
+        "A dropped its copy and the one in Redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_redis_is_frozen_adopts_the_newest_key_set_once_it_answers() {
+    let fleet = Fleet::new("");
+    let a = fleet.spawn("a");
+    a.admin_client()
+        .await
+        .generate_key(admin_request(pb::GenerateKeyRequest {
+            app: String::new(),
+            bits: 2048,
+        }))
+        .await
+        .unwrap();
+    fleet.redis.signal("-STOP");
+    let d = fleet.spawn("d");
+    assert_eq!(d.metric("boxbroker_key_set_version", "").await, 0.0);
+    d.get(enterprise()).await.expect("served without Redis");
+    fleet.redis.signal("-CONT");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            d.metric("boxbroker_key_set_version", "").await == 1.0
+        })
+        .await,
+        "D caught up once Redis answered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_while_redis_is_down_reaches_the_others_when_it_is_back() {
+    let mut fleet = Fleet::new("");
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let shared = a.get(enterprise()).await.unwrap();
+    assert_eq!(b.get(enterprise()).await.unwrap(), shared);
+    fleet.redis.stop();
+    a.client()
+        .await
+        .revoke_token(pb::RevokeTokenRequest {
+            app: String::new(),
+            access_token: shared.clone(),
+        })
+        .await
+        .expect("revoked at Box without Redis");
+    fleet.redis.restart();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            b.metric("boxbroker_l2_notices_total", "direction=\"received\"").await >= 1.0
+        })
+        .await,
+        "A sent the notice it held once Redis answered"
+    );
+    assert_ne!(b.get(enterprise()).await.unwrap(), shared);
 }
