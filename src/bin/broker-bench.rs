@@ -99,6 +99,11 @@ struct Args {
     /// `redis-server` on PATH; the benchmark starts its own).
     #[arg(long)]
     fleet_only: bool,
+    /// Only a broker with Redis configured: its cached single-key
+    /// `GetToken` against the baseline (for profiling: compare with
+    /// `--cached-only`; a local hit must not touch Redis).
+    #[arg(long)]
+    fleet_cached_only: bool,
 }
 
 /// One load run's results.
@@ -692,11 +697,7 @@ async fn fleet_scenarios(bench: &Bench, slice: Duration, rounds: u32, herd: usiz
     let (kek, _) = Kek::generate().expect("a KEK");
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        let broker = bench_broker(&bench.fake_server, &bench.credentials).with_fleet(redis.store(&kek));
-        replicas.push(channels(serve_broker(broker).await, bench.broker.len()).await);
-    }
-    for replica in &replicas {
-        drive(replica, bench.concurrency, Duration::from_millis(500), get_enterprise).await;
+        replicas.push(fleet_replica(bench, &redis, &kek).await);
     }
     println!();
     Servers {
@@ -748,6 +749,15 @@ async fn fleet_scenarios(bench: &Bench, slice: Duration, rounds: u32, herd: usiz
         after.user_reads - before.user_reads,
     );
     l2_latency(&redis, &kek, if herd >= 1_000 { 2_000 } else { 500 }).await;
+}
+
+/// A broker of the fleet (`[redis]` on `redis`, sealing with `kek`),
+/// served and warmed up: its channels.
+async fn fleet_replica(bench: &Bench, redis: &RedisProcess, kek: &Kek) -> Vec<Channel> {
+    let broker = bench_broker(&bench.fake_server, &bench.credentials).with_fleet(redis.store(kek));
+    let replica = channels(serve_broker(broker).await, bench.broker.len()).await;
+    drive(&replica, bench.concurrency, Duration::from_millis(500), get_enterprise).await;
+    replica
 }
 
 /// In the cache: `n` tokens minted through cache A (and written to Redis);
@@ -1057,7 +1067,12 @@ fn signing(bench: &Bench, n: u32) {
 /// The scenarios `args` asks for, in order.
 async fn run(args: Args) {
     let duration = Duration::from_secs(if args.quick { 2 } else { args.duration_secs });
-    let one_scenario = args.cached_only || args.downscoped_only || args.edge_only || args.users_only || args.fleet_only;
+    let one_scenario = args.cached_only
+        || args.downscoped_only
+        || args.edge_only
+        || args.users_only
+        || args.fleet_only
+        || args.fleet_cached_only;
     let users = if args.quick || one_scenario { 1_000 } else { 10_000 };
     let memory_tokens = if args.quick { 100_000 } else { 1_000_000 };
     let rounds = if args.quick { 2 } else { args.rounds.max(1) };
@@ -1099,6 +1114,25 @@ async fn run(args: Args) {
     }
     if args.fleet_only {
         fleet_scenarios(&bench, slice, rounds, 1_000).await;
+        return;
+    }
+    if args.fleet_cached_only {
+        let Some(redis) = RedisProcess::start() else {
+            println!("fleet: skipped (no redis-server on PATH)");
+            return;
+        };
+        let (kek, _) = Kek::generate().expect("a KEK");
+        let replica = fleet_replica(&bench, &redis, &kek).await;
+        Servers {
+            broker: &replica,
+            label: "fleet",
+            ..bench.servers(slice, rounds)
+        }
+        .versus(
+            ["GetToken (constant)", "GetToken, cached, 1 key (Redis configured)"],
+            get_enterprise,
+        )
+        .await;
         return;
     }
     if args.users_only {

@@ -127,7 +127,19 @@ fn live_series() -> BTreeSet<String> {
          full_tokens = true\nscopes = [\"item_preview\"]\nfolders = [\"*\"]\n",
     )
     .unwrap();
-    let (_serve, central, central_metrics) = serve_with_metrics(&dir.path().join("broker.toml"));
+    // A fleet's broker: its Redis series too.
+    let redis = crate::fleet::RedisServer::start();
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY=").unwrap();
+    std::fs::set_permissions(&kek, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
+    let config = dir.path().join("broker.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[keystore]\npath = \"keys.json\"\nkek_file = \"kek\"\n[redis]\nurl = {:?}\n",
+        redis.url()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let (_serve, central, central_metrics) = serve_with_metrics(&config);
     let edge_dir = tempfile::tempdir().unwrap();
     // A second endpoint where nothing listens: the edge's circuit and
     // failover series appear.
@@ -198,6 +210,7 @@ fn the_dashboard_and_the_alert_rules_query_only_metrics_a_live_broker_and_edge_e
         "BoxBrokerBoxErrorRate",
         "BoxBrokerKeyStoreWriteFailed",
         "BoxBrokerCacheHitRatioCollapsed",
+        "BoxBrokerRedisDegraded",
     ] {
         assert!(names.contains(wanted), "alert {wanted} in {names:?}");
     }
