@@ -1136,6 +1136,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn settings_debug_shows_no_password() {
+        let settings = Settings {
+            url: "redis://redis:6379/0".to_owned(),
+            ca_pem: None,
+            username: Some("box-broker".to_owned()),
+            password: Some(SecretString::from("hunter2-redis")),
+            namespace: "box-broker".to_owned(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(11),
+            poll_interval: Duration::from_millis(200),
+            share_enterprise_tokens: true,
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(5),
+            safety_margin: Duration::from_secs(120),
+        };
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("box-broker") && shown.contains("****"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
     fn a_url_is_shown_without_its_password() {
         assert_eq!(
             redact_url("redis://broker:hunter2@redis:6379/0"),

@@ -50,12 +50,18 @@ impl RedisServer {
 
     /// A server started with `args` added to its command line.
     pub(crate) fn with_args(args: &[&str]) -> Self {
+        Self::with_port_args(|_| args.iter().map(|a| (*a).to_owned()).collect())
+    }
+
+    /// A server started with the arguments `args` makes of its port.
+    pub(crate) fn with_port_args(args: impl FnOnce(u16) -> Vec<String>) -> Self {
+        let port = free_port();
         let mut server = Self {
             child: None,
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().unwrap(),
             conf: None,
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            args: args(port),
         };
         server.restart();
         server
@@ -1159,4 +1165,70 @@ async fn a_revocation_while_redis_is_down_reaches_the_others_when_it_is_back() {
         "A sent the notice it held once Redis answered"
     );
     assert_ne!(b.get(enterprise()).await.unwrap(), shared);
+}
+
+/// `rediss://` with `ca_file`: the fleet shares through a Redis that speaks
+/// only TLS, its certificate checked against the configured CA (and a
+/// broker given another CA refuses it: it then works alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_is_reached_with_the_configured_ca_and_only_with_it() {
+    use crate::common::pki::{Pki, dns, ip};
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(vec![dns("localhost"), ip("127.0.0.1")]);
+    let tls = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = tls.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (cert, key, ca) = (
+        file("redis.crt", &cert),
+        file("redis.key", &key),
+        file("ca.crt", &pki.ca.pem()),
+    );
+    // TLS only, on the port the server is waited on.
+    let server = RedisServer::with_port_args(|port| {
+        [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    });
+    let tls_url = server.url().replace("redis://127.0.0.1", "rediss://localhost");
+    let fleet = Fleet::with_redis(&format!("ca_file = {ca:?}\n"), server);
+    let config = |name: &str, ca_file: &str| {
+        let path = fleet.config(name, None);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(&fleet.redis.url(), &tls_url)
+            .replace(&format!("ca_file = {ca:?}"), &format!("ca_file = {ca_file:?}"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let a = fleet.spawn_with(&config("a", &ca));
+    let b = fleet.spawn_with(&config("b", &ca));
+    let minted = a.get(enterprise()).await.unwrap();
+    assert_eq!(b.get(enterprise()).await.unwrap(), minted, "shared over TLS");
+    assert_eq!(fleet.stat("jwt_issued").await, 1);
+    // Another CA: the handshake fails, Redis is degraded for it, and its
+    // requests are still served (minted on its own).
+    let other = file("other-ca.crt", &Pki::new().ca.pem());
+    let c = fleet.spawn_with(&config("c", &other));
+    assert!(c.get(enterprise()).await.unwrap() != minted);
+    assert!(
+        c.metric("boxbroker_l2_errors_total", "kind=\"error\"").await
+            + c.metric("boxbroker_l2_errors_total", "kind=\"timeout\"").await
+            >= 1.0
+    );
 }
