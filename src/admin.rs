@@ -34,7 +34,8 @@ enum CatchUp {
 /// A change in progress (see [`KeyAdmin::begin`]).
 struct Change<'a> {
     _local: tokio::sync::MutexGuard<'a, ()>,
-    _fleet: Option<crate::l2::KeysLock>,
+    /// The app's key-set lock in the fleet's Redis, if there is one.
+    fleet: Option<crate::l2::KeysLock>,
 }
 
 /// Key sizes `GenerateKey` makes.
@@ -87,6 +88,9 @@ pub struct KeyAdmin {
     purge_pending: bool,
     /// One change at a time.
     changing: tokio::sync::Mutex<()>,
+    /// A catch-up with the fleet's key sets is running / was asked for meanwhile.
+    catching_up: std::sync::atomic::AtomicBool,
+    catch_up_again: std::sync::atomic::AtomicBool,
 }
 
 impl KeyAdmin {
@@ -125,6 +129,8 @@ impl KeyAdmin {
             orphans,
             purge_pending,
             changing: tokio::sync::Mutex::new(()),
+            catching_up: std::sync::atomic::AtomicBool::new(false),
+            catch_up_again: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -167,7 +173,7 @@ impl KeyAdmin {
         let Some(fleet) = self.broker.fleet() else {
             return Ok(Change {
                 _local: local,
-                _fleet: None,
+                fleet: None,
             });
         };
         let unavailable = || {
@@ -183,10 +189,10 @@ impl KeyAdmin {
             )),
             crate::l2::LockError::Unavailable => unavailable(),
         })?;
-        match self.catch_up(app).await {
+        match self.catch_up(app, Some(&lock)).await {
             Ok(()) => Ok(Change {
                 _local: local,
-                _fleet: Some(lock),
+                fleet: Some(lock),
             }),
             Err(CatchUp::Unavailable) => Err(unavailable()),
             Err(CatchUp::NotAdopted(problem)) => Err(AdminError::FailedPrecondition(format!(
@@ -197,61 +203,66 @@ impl KeyAdmin {
     }
 
     /// Persists every app's ring, with `changed` (as the next version) in
-    /// place of its app's, then switches the app to it and, with a fleet's
-    /// Redis, publishes it. Nothing changes when the write fails.
-    async fn commit(&self, app: &App, mut changed: Ring) -> Result<(), AdminError> {
+    /// place of its app's, publishes it to the fleet (under `change`'s
+    /// lock), then switches the app to it. Nothing changes when the write
+    /// or the publication fails (the store is put back).
+    async fn commit(&self, change: &Change<'_>, app: &App, mut changed: Ring) -> Result<(), AdminError> {
         let store = self.store.as_ref().ok_or_else(|| {
             AdminError::FailedPrecondition(
                 "no [keystore] is configured, so a new key or secret would be lost at restart: configure [keystore] path and kek_file (or kek_env)".to_owned(),
             )
         })?;
         changed.version = app.ring().version + 1;
+        changed.change = rand::random();
         let state = snapshot(&self.broker, &self.orphans, Some((app, &changed)))
             .map_err(|e| AdminError::FailedPrecondition(e.problem))?;
+        let previous =
+            snapshot(&self.broker, &self.orphans, None).map_err(|e| AdminError::FailedPrecondition(e.problem))?;
         store
             .save(&state)
             .inspect_err(|_| app.record_keystore_write_failure())?;
-        let published = state.apps.get(&*app.name).cloned();
-        app.replace_ring(changed);
-        if let (Some(fleet), Some(set)) = (self.broker.fleet(), published) {
-            self.publish(fleet, app, &set).await;
+        if let (Some(fleet), Some(lock), Some(set)) = (self.broker.fleet(), &change.fleet, state.apps.get(&*app.name))
+            && !fleet.publish_key_set(&app.name, set.version, set, lock).await
+        {
+            if let Err(e) = store.save(&previous) {
+                // The store keeps a set the fleet never saw; this replica
+                // takes the fleet's over it at its next catch-up.
+                tracing::error!(app = %app.name, error = %e, "could not put the key store back after a failed publication");
+            }
+            return Err(AdminError::FailedPrecondition(format!(
+                "Redis did not take app {}'s new key set (unreachable, or the fleet's lock was lost), so the other replicas would not have it; nothing changed: retry",
+                app.name
+            )));
         }
+        app.replace_ring(changed);
         Ok(())
     }
 
-    /// Publishes `app`'s key set to the fleet (logged when Redis cannot
-    /// take it: every replica compares its sets with the fleet's every
-    /// [`crate::l2::CATCH_UP_INTERVAL`], and this one publishes it then).
-    async fn publish(&self, fleet: &crate::l2::Redis, app: &App, set: &StoredApp) {
-        if !fleet.publish_key_set(&app.name, set.version, set).await {
-            tracing::warn!(
-                app = %app.name,
-                version = set.version,
-                "could not publish the key set to Redis (unavailable, or it holds a newer one); it is tried again within {:?}",
-                crate::l2::CATCH_UP_INTERVAL
-            );
-        }
-    }
-
     /// Adopts the fleet's key set of `app` if it is newer than this
-    /// broker's (persisted first), or publishes this broker's if it is
-    /// newer than the fleet's. Without a fleet, nothing. Call with the
-    /// `changing` lock held.
-    async fn catch_up(&self, app: &App) -> Result<(), CatchUp> {
+    /// broker's, or of the same version from another change (persisted
+    /// first); holding `lock`, publishes this broker's if it is newer than
+    /// the fleet's. Without a fleet, nothing. Call with the `changing` lock held.
+    async fn catch_up(&self, app: &App, lock: Option<&crate::l2::KeysLock>) -> Result<(), CatchUp> {
         let Some(fleet) = self.broker.fleet() else {
             return Ok(());
         };
-        let local = app.ring().version;
+        let ring = app.ring();
+        let local = ring.version;
         match fleet.key_set(&app.name).await.map_err(|_| CatchUp::Unavailable)? {
-            Some((version, set)) if version > local => self.adopt(app, version, &set).map_err(|problem| {
-                tracing::warn!(app = %app.name, version, %problem, "did not adopt the fleet's key set");
-                CatchUp::NotAdopted(problem)
-            }),
-            Some((version, _)) if version == local => Ok(()),
-            // Redis holds an older set, or none: ours (if it was ever changed) is the fleet's.
+            Some((version, set)) if version > local || (version == local && set.change != ring.change) => {
+                self.adopt(app, version, &set).map_err(|problem| {
+                    tracing::warn!(app = %app.name, version, %problem, "did not adopt the fleet's key set");
+                    CatchUp::NotAdopted(problem)
+                })
+            }
+            Some((version, _)) if version >= local => Ok(()),
+            // Redis holds an older set, or none: ours (if it was ever
+            // changed) is the fleet's (a store written while Redis was away).
             _ if local > 0 => {
-                if let Ok(set) = StoredApp::from_ring(&app.ring()) {
-                    self.publish(fleet, app, &set).await;
+                if let (Some(lock), Ok(set)) = (lock, StoredApp::from_ring(&ring))
+                    && !fleet.publish_key_set(&app.name, set.version, &set, lock).await
+                {
+                    tracing::warn!(app = %app.name, version = local, "could not publish the key set to Redis; tried again at the next catch-up");
                 }
                 Ok(())
             }
@@ -259,19 +270,37 @@ impl KeyAdmin {
         }
     }
 
-    /// [`Self::catch_up`] for every app, one change at a time.
+    /// [`Self::catch_up`] for every app, one change at a time, each under
+    /// its key-set lock when it can be had at once. Calls while one runs
+    /// are folded into one more run.
     pub async fn catch_up_all(&self) {
-        for app in self.broker.apps() {
-            let _one = self.changing.lock().await;
-            let _ = self.catch_up(app).await;
+        if self.catching_up.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.catch_up_again.store(true, std::sync::atomic::Ordering::Release);
+            return;
         }
+        loop {
+            self.catch_up_again.store(false, std::sync::atomic::Ordering::Release);
+            for app in self.broker.apps() {
+                let _one = self.changing.lock().await;
+                let lock = match self.broker.fleet() {
+                    Some(fleet) => fleet.lock_keys(&app.name, std::time::Duration::ZERO).await.ok(),
+                    None => None,
+                };
+                let _ = self.catch_up(app, lock.as_ref()).await;
+            }
+            if !self.catch_up_again.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+        }
+        self.catching_up.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Switches `app` to the fleet's key set `set` (`version`): laid over
     /// the config as at startup, persisted to this broker's store first.
     /// Never an empty set, never an older one.
     fn adopt(&self, app: &App, version: u64, set: &StoredApp) -> Result<(), String> {
-        if version <= app.ring().version {
+        let ring = app.ring();
+        if version < ring.version || (version == ring.version && set.change == ring.change) {
             return Ok(());
         }
         if set.keys.is_empty() && set.secrets.is_empty() {
@@ -279,6 +308,7 @@ impl KeyAdmin {
         }
         let mut ring = set.merge_into(app.config_ring())?;
         ring.version = version;
+        ring.change = set.change;
         if let Some(store) = &self.store {
             let state = snapshot(&self.broker, &self.orphans, Some((app, &ring))).map_err(|e| e.problem)?;
             store.save(&state).map_err(|e| {
@@ -321,15 +351,33 @@ impl KeyAdmin {
                         create: None,
                     }))),
                 };
+                let by_external = matches!(subject, Some(Subject::External(_)));
                 match self
                     .invalidate_here(app.as_deref().unwrap_or(""), subject.as_ref())
                     .await
                 {
                     Ok((dropped, apps, resolved)) => {
-                        // The sender may not have known whose token it was
-                        // (an external id it never resolved): this replica does.
-                        if let (Some(fleet), Some(app), Some(resolved)) = (self.broker.fleet(), apps, resolved) {
-                            fleet.invalidate(&TokenKey::full(app.name.clone(), resolved)).await;
+                        // The sender did not know whose token it was (an
+                        // external id it never resolved): this replica does.
+                        // It drops the shared copy, its own again (one taken
+                        // back from Redis meanwhile), and tells the others
+                        // by Box id.
+                        if let (true, Some(fleet), Some(app), Some(resolved)) =
+                            (by_external, self.broker.fleet(), apps, resolved)
+                        {
+                            fleet
+                                .invalidate(&TokenKey::full(app.name.clone(), resolved.clone()))
+                                .await;
+                            self.drop_local(Some(&app), Some(&Some(resolved.clone()))).await;
+                            fleet
+                                .announce(&Notice::Invalidated {
+                                    app: Some(app.name.to_string()),
+                                    subject: Some(match resolved {
+                                        BoxSubject::Enterprise(_) => NoticeSubject::Enterprise,
+                                        BoxSubject::User(id) => NoticeSubject::User(id.as_str().to_owned()),
+                                    }),
+                                })
+                                .await;
                         }
                         tracing::info!(app, dropped, "dropped tokens another replica invalidated");
                     }
@@ -389,9 +437,9 @@ impl KeyAdmin {
         };
         let key = KeyEntry::from_private(private, None, KeyOrigin::Generated, KeyState::Pending, app.client.now())
             .map_err(AdminError::FailedPrecondition)?;
-        let _one = self.begin(app).await?;
+        let one = self.begin(app).await?;
         let ring = app.ring().with_pending(key.clone())?;
-        self.commit(app, ring).await?;
+        self.commit(&one, app, ring).await?;
         tracing::info!(app = %app.name, fingerprint = %key.fingerprint, bits, "generated a key (pending)");
         Ok(GeneratedKey { key, public_key_pem })
     }
@@ -427,9 +475,9 @@ impl KeyAdmin {
             app.client.now(),
         )
         .map_err(AdminError::InvalidArgument)?;
-        let _one = self.begin(app).await?;
+        let one = self.begin(app).await?;
         let ring = app.ring().with_pending(key.clone())?;
-        self.commit(app, ring).await?;
+        self.commit(&one, app, ring).await?;
         tracing::info!(app = %app.name, kid, fingerprint = %key.fingerprint, "imported a key (pending)");
         Ok(key)
     }
@@ -444,7 +492,7 @@ impl KeyAdmin {
         fingerprint: &str,
     ) -> Result<(KeyEntry, Option<KeyEntry>), AdminError> {
         let app = self.app(app)?;
-        let _one = self.begin(app).await?;
+        let one = self.begin(app).await?;
         let ring = app.ring();
         Self::jwt_only(app, &ring)?;
         let candidate = ring.candidate(kid, fingerprint)?;
@@ -456,7 +504,7 @@ impl KeyAdmin {
         let activated = ring.activated(&candidate);
         let standby = activated.key_in(KeyState::Standby).cloned();
         let active = activated.key_in(KeyState::Active).cloned().unwrap_or(candidate);
-        self.commit(app, activated).await?;
+        self.commit(&one, app, activated).await?;
         tracing::info!(
             app = %app.name,
             kid,
@@ -490,9 +538,9 @@ impl KeyAdmin {
     /// Retires the key whose kid or fingerprint is `id`.
     pub async fn retire(&self, app: &str, id: &str) -> Result<KeyEntry, AdminError> {
         let app = self.app(app)?;
-        let _one = self.begin(app).await?;
+        let one = self.begin(app).await?;
         let (ring, retired) = app.ring().retired(id)?;
-        self.commit(app, ring).await?;
+        self.commit(&one, app, ring).await?;
         tracing::info!(app = %app.name, fingerprint = %retired.fingerprint, "retired a key");
         Ok(retired)
     }
@@ -512,7 +560,7 @@ impl KeyAdmin {
             return Err(AdminError::InvalidArgument("new_secret is empty".to_owned()));
         }
         let app = self.app(app)?;
-        let _one = self.begin(app).await?;
+        let one = self.begin(app).await?;
         let ring = app.ring();
         let entry = SecretEntry::new(secret, SecretOrigin::Rotated, app.client.now());
         let rotated = ring.with_secret(entry.clone())?;
@@ -522,7 +570,7 @@ impl KeyAdmin {
         self.trial_mint(app, &trial.credentials, "the new client secret")
             .await?;
         let fallbacks = rotated.secrets.len() - 1;
-        self.commit(app, rotated).await?;
+        self.commit(&one, app, rotated).await?;
         tracing::info!(app = %app.name, fallbacks, "rotated the client secret after a successful trial mint");
         Ok(fallbacks)
     }
@@ -530,10 +578,10 @@ impl KeyAdmin {
     /// Drops the app's fallback secrets; returns how many.
     pub async fn retire_secrets(&self, app: &str) -> Result<usize, AdminError> {
         let app = self.app(app)?;
-        let _one = self.begin(app).await?;
+        let one = self.begin(app).await?;
         let (ring, dropped) = app.ring().without_fallback_secrets();
         if dropped > 0 {
-            self.commit(app, ring).await?;
+            self.commit(&one, app, ring).await?;
         }
         tracing::info!(app = %app.name, dropped, "retired fallback client secrets");
         Ok(dropped)
@@ -564,13 +612,17 @@ impl KeyAdmin {
             // have taken the token back from Redis.
             let subject_filter = subject.map(|_| resolved.clone());
             self.drop_local(apps.as_ref(), subject_filter.as_ref()).await;
+            // By Box id when it is known here; else by external id, for a
+            // replica that knows it.
             let told = fleet
                 .announce(&crate::l2::Notice::Invalidated {
                     app: apps.as_ref().map(|a| a.name.to_string()),
-                    subject: subject.map(|s| match s {
-                        Subject::Enterprise => crate::l2::NoticeSubject::Enterprise,
-                        Subject::User(id) => crate::l2::NoticeSubject::User(id.as_str().to_owned()),
-                        Subject::External(user) => crate::l2::NoticeSubject::External(user.id.to_string()),
+                    subject: subject.map(|s| match (s, &resolved) {
+                        (Subject::Enterprise, _) => crate::l2::NoticeSubject::Enterprise,
+                        (_, Some(BoxSubject::User(id))) | (Subject::User(id), _) => {
+                            crate::l2::NoticeSubject::User(id.as_str().to_owned())
+                        }
+                        (Subject::External(user), _) => crate::l2::NoticeSubject::External(user.id.to_string()),
                     }),
                 })
                 .await;

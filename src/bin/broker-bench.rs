@@ -658,19 +658,8 @@ impl RedisProcess {
     fn store(&self, kek: &Kek) -> Redis {
         Redis::new(
             box_token_broker::l2::Settings {
-                url: self.url.clone(),
-                ca_pem: None,
-                username: None,
-                password: None,
                 namespace: "bench".to_owned(),
-                connect_timeout: Duration::from_secs(1),
-                command_timeout: Duration::from_millis(250),
-                lease_ttl: Duration::from_secs(11),
-                poll_interval: Duration::from_millis(200),
-                share_enterprise_tokens: true,
-                breaker_threshold: 3,
-                breaker_cooldown: Duration::from_secs(5),
-                safety_margin: box_token_broker::cache::DEFAULT_SAFETY_MARGIN,
+                ..box_token_broker::l2::Settings::with_defaults(self.url.clone())
             },
             kek,
         )
@@ -720,28 +709,9 @@ async fn fleet_scenarios(bench: &Bench, slice: Duration, rounds: u32, herd: usiz
 
     // A cold stampede on one user, spread over the three replicas (their
     // Service Account tokens are warm: only the user's token is cold).
-    let subject = bench_user(bench.users + 1);
     let before = bench.fake.stats();
-    let mut calls = Vec::with_capacity(herd);
-    for i in 0..herd {
-        let mut client = TokenBrokerServiceClient::new(replicas[i % 3][i % replicas[0].len()].clone());
-        let subject = subject.clone();
-        calls.push(tokio::spawn(async move {
-            client
-                .get_token(pb::GetTokenRequest {
-                    subject: user(&subject),
-                    ..Default::default()
-                })
-                .await
-                .is_ok()
-        }));
-    }
-    let mut served = 0;
-    for call in calls {
-        if call.await.unwrap_or(false) {
-            served += 1;
-        }
-    }
+    let servers: Vec<&[Channel]> = replicas.iter().map(Vec::as_slice).collect();
+    let served = herd_on(&servers, &bench_user(bench.users + 1), herd).await;
     let after = bench.fake.stats();
     println!(
         "fleet stampede: {herd} concurrent cold requests for one key over 3 replicas -> {} call(s) to /oauth2/token, {served} served (target: exactly 1); {} user check(s) (one per replica)",
@@ -1015,14 +985,14 @@ async fn cold_mints(bench: &Bench, duration: Duration, warm_secs: f64) {
     );
 }
 
-/// `herd` concurrent cold requests for one key: how many reached Box.
-async fn stampede(bench: &Bench, herd: usize) {
-    let subject = bench_user(bench.users);
-    let arrivals = bench.fake.stats().token_arrivals;
+/// `herd` concurrent requests for `subject`'s token, spread over the
+/// servers of `servers` (and their connections): how many were served.
+async fn herd_on(servers: &[&[Channel]], subject: &str, herd: usize) -> usize {
     let mut calls = Vec::with_capacity(herd);
     for i in 0..herd {
-        let mut client = TokenBrokerServiceClient::new(bench.broker[i % bench.broker.len()].clone());
-        let subject = subject.clone();
+        let channels = servers[i % servers.len()];
+        let mut client = TokenBrokerServiceClient::new(channels[i % channels.len()].clone());
+        let subject = subject.to_owned();
         calls.push(tokio::spawn(async move {
             client
                 .get_token(pb::GetTokenRequest {
@@ -1039,6 +1009,13 @@ async fn stampede(bench: &Bench, herd: usize) {
             served += 1;
         }
     }
+    served
+}
+
+/// `herd` concurrent cold requests for one key: how many reached Box.
+async fn stampede(bench: &Bench, herd: usize) {
+    let arrivals = bench.fake.stats().token_arrivals;
+    let served = herd_on(&[&bench.broker], &bench_user(bench.users), herd).await;
     println!(
         "stampede: {herd} concurrent cold requests for one key -> {} upstream call(s), {served} served (target: exactly 1 call)",
         bench.fake.stats().token_arrivals - arrivals

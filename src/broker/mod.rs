@@ -564,11 +564,18 @@ impl Broker {
             Served::OnlyTo => {}
         }
         // A token shared through the fleet's Redis may have been served by
-        // other replicas: their record counts too (if Redis can be asked).
-        if let Some(fleet) = self.fleet.as_ref().filter(|_| self.cache.is_shared(&key))
-            && fleet.served_only_to(&digest, caller).await == Some(false)
-        {
-            return Err(shared());
+        // other replicas: their record counts too. Without it, no
+        // revocation: it could cut off a caller another replica served.
+        if let Some(fleet) = self.fleet.as_ref().filter(|_| self.cache.is_shared(&key)) {
+            match fleet.served_only_to(&digest, caller).await {
+                Ok(Some(false)) => return Err(shared()),
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(BrokerError::Retry(
+                        "the fleet's Redis cannot be asked whether other replicas served this token to other callers; retry when it answers (the token stays valid meanwhile)".to_owned(),
+                    ));
+                }
+            }
         }
         let rule = match &key.subject {
             BoxSubject::Enterprise(_) => self.authorize(

@@ -300,6 +300,9 @@ pub struct Ring {
     /// The key set's version: raised by every change through the admin
     /// RPC, so replicas sharing a Redis adopt only a newer set (0: never changed).
     pub version: u64,
+    /// Random, drawn by each change: two sets of one version from different
+    /// changes (one never published) tell apart by it.
+    pub change: u64,
 }
 
 /// One way to authenticate a mint: credentials plus which key they use.
@@ -343,6 +346,7 @@ impl Ring {
             )],
             retired_secrets: Vec::new(),
             version: 0,
+            change: 0,
         }
     }
 
@@ -623,6 +627,7 @@ mod tests {
             secrets: Vec::new(),
             retired_secrets: Vec::new(),
             version: 0,
+            change: 0,
         }
     }
 

@@ -130,6 +130,9 @@ pub struct StoredApp {
     /// written before versions, or never changed).
     #[serde(default)]
     pub version: u64,
+    /// See [`Ring::change`].
+    #[serde(default)]
+    pub change: u64,
 }
 
 /// One stored key.
@@ -235,6 +238,7 @@ impl StoredApp {
             secrets,
             retired_secrets: ring.retired_secrets.clone(),
             version: ring.version,
+            change: ring.change,
         })
     }
 
@@ -363,6 +367,7 @@ impl StoredApp {
             secrets,
             retired_secrets: self.retired_secrets.clone(),
             version: self.version,
+            change: self.change,
         })
     }
 }

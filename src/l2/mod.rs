@@ -58,7 +58,7 @@ const STREAM_LENGTH: usize = 10_000;
 const FENCE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How many lives a lease is extended for at most while its holder mints.
 const LEASE_EXTENSIONS: u32 = 4;
-/// How long an admin change holds the app's key-set lock at most.
+/// How long an admin change holds the app's key-set lock at least (see `Redis::keys_lock_ttl`).
 const KEYS_LOCK_TTL: Duration = Duration::from_secs(60);
 
 /// What `[redis]` says, with its files read.
@@ -89,6 +89,29 @@ pub struct Settings {
     pub breaker_cooldown: Duration,
     /// The cache's safety margin: a token is kept in Redis until its expiry minus this.
     pub safety_margin: Duration,
+}
+
+impl Settings {
+    /// `[redis]`'s defaults for `url` (no TLS CA, no ACL user): what the
+    /// benchmark and tests start from.
+    pub fn with_defaults(url: String) -> Self {
+        Self {
+            url,
+            ca_pem: None,
+            username: None,
+            password: None,
+            namespace: "box-broker".to_owned(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(250),
+            // The default mint deadline (10 s) and a second.
+            lease_ttl: Duration::from_secs(11),
+            poll_interval: Duration::from_millis(200),
+            share_enterprise_tokens: true,
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(5),
+            safety_margin: crate::cache::DEFAULT_SAFETY_MARGIN,
+        }
+    }
 }
 
 impl fmt::Debug for Settings {
@@ -207,8 +230,15 @@ struct Inner {
     /// Random per process: a replica skips its own notices.
     origin: String,
     /// What could not be sent while Redis was unavailable, sent again when
-    /// it answers (bounded: the oldest go first).
+    /// it answers (bounded: the oldest drops go first, then the oldest notices).
     outbox: std::sync::Mutex<std::collections::VecDeque<Pending>>,
+    /// A flush of the outbox is under way.
+    flushing: std::sync::atomic::AtomicBool,
+    /// The outbox overflowed (logged once).
+    outbox_full_logged: std::sync::atomic::AtomicBool,
+    /// The leases this replica extends while it mints, by value: the flag
+    /// stops the extension.
+    kept: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
 }
 
 /// Something to send again once Redis answers.
@@ -220,6 +250,8 @@ enum Pending {
     Drop(String, String),
     /// Every token of this app.
     DropApp(String),
+    /// A holder record: (record name, caller tag, served to others too).
+    Served(String, String, bool),
 }
 
 /// How many undelivered notices and drops a replica keeps.
@@ -298,6 +330,9 @@ impl Redis {
                 counters: Counters::default(),
                 origin: hex::encode(origin),
                 outbox: std::sync::Mutex::new(std::collections::VecDeque::new()),
+                flushing: std::sync::atomic::AtomicBool::new(false),
+                outbox_full_logged: std::sync::atomic::AtomicBool::new(false),
+                kept: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -325,11 +360,17 @@ impl Redis {
     /// Runs one call under the deadline and the circuit breaker: `None`
     /// when skipped, late or failed (counted and remembered).
     async fn run<T>(&self, what: &str, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
-        let inner = &self.inner;
-        if !inner.breaker.allows() {
-            inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
+        if !self.inner.breaker.allows() {
+            self.inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        self.run_always(what, call).await
+    }
+
+    /// [`Self::run`] even while the circuit is open: for the calls that undo
+    /// what an earlier call may have done (a lease or lock released).
+    async fn run_always<T>(&self, what: &str, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
+        let inner = &self.inner;
         match tokio::time::timeout(inner.settings.command_timeout, call).await {
             Ok(Ok(value)) => {
                 inner.breaker.succeeded();
@@ -378,15 +419,38 @@ impl Redis {
     fn postpone(&self, pending: Pending) {
         if let Ok(mut outbox) = self.inner.outbox.lock() {
             if outbox.len() >= OUTBOX_LENGTH {
-                outbox.pop_front();
-                tracing::warn!("too many notices wait for Redis: the oldest is dropped");
+                // Notices (what the other replicas act on) are kept longest.
+                let oldest = outbox
+                    .iter()
+                    .position(|p| !matches!(p, Pending::Notice(_)))
+                    .unwrap_or(0);
+                outbox.remove(oldest);
+                if !self.inner.outbox_full_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "{OUTBOX_LENGTH} notices and drops wait for Redis: the oldest are dropped (the tokens they were about expire within the hour)"
+                    );
+                }
             }
             outbox.push_back(pending);
         }
     }
 
-    /// Sends what waited for Redis; what fails again waits again.
-    async fn flush_outbox(&self) {
+    /// Sends what waited for Redis in a task of its own (one at a time;
+    /// notices are not held up behind it); what fails again waits again.
+    fn flush_outbox(&self) {
+        let empty = self.inner.outbox.lock().map(|o| o.is_empty()).unwrap_or(true);
+        if empty || self.inner.flushing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.send_outbox().await;
+            this.inner.flushing.store(false, Ordering::Relaxed);
+        });
+    }
+
+    async fn send_outbox(&self) {
+        self.inner.outbox_full_logged.store(false, Ordering::Relaxed);
         let waiting: Vec<Pending> = self
             .inner
             .outbox
@@ -408,6 +472,7 @@ impl Redis {
                 Pending::DropApp(app) => {
                     self.invalidate_apps(&[app.as_str()]).await;
                 }
+                Pending::Served(name, caller, others) => self.record_holder(name, caller, others).await,
             }
         }
     }
@@ -451,9 +516,16 @@ impl Redis {
                     self.postpone(Pending::DropApp((*app).to_owned()));
                     break;
                 };
+                // (One drop of the whole app waits if any fails, not each token's.)
+                let mut dropped = true;
                 for name in names {
                     let fence = name.replacen(&format!("{}:t:", self.inner.ns), &format!("{}:g:", self.inner.ns), 1);
-                    self.invalidate_names(name, fence).await;
+                    dropped &= self.drop_names(name, fence).await;
+                }
+                if !dropped {
+                    all = false;
+                    self.postpone(Pending::DropApp((*app).to_owned()));
+                    break;
                 }
                 if next == 0 {
                     break;
@@ -477,10 +549,10 @@ impl Redis {
         self.inner.crypto.name("caller", caller.as_bytes())
     }
 
-    /// Whether the fleet's record says the token of `key` whose SHA-256 is
-    /// `digest` was served to `caller` only: `None` when Redis holds no
-    /// record of that token (or cannot be asked): the replica's own record decides.
-    pub async fn served_only_to(&self, digest: &[u8; 32], caller: &str) -> Option<bool> {
+    /// Whether the fleet's record says the token whose SHA-256 is `digest`
+    /// was served to `caller` only: `Ok(None)` when Redis holds no record of
+    /// it (the replica's own record decides), `Err` when Redis cannot be asked.
+    pub async fn served_only_to(&self, digest: &[u8; 32], caller: &str) -> Result<Option<bool>, LockError> {
         let name = self.holders(digest);
         let mut conn = self.conn();
         let (owner, shared): (Option<String>, Option<String>) = self
@@ -492,9 +564,32 @@ impl Redis {
                     .query_async(&mut conn)
                     .await
             })
-            .await?;
-        let owner = owner?;
-        Some(shared.is_none() && owner == self.caller_tag(caller))
+            .await
+            .ok_or(LockError::Unavailable)?;
+        Ok(owner.map(|owner| shared.is_none() && owner == self.caller_tag(caller)))
+    }
+
+    /// Records that the caller tagged `caller` was served the token whose
+    /// record is `name` (and `others` too); kept to send again if Redis
+    /// cannot be asked (revocation reads it).
+    async fn record_holder(&self, name: String, caller: String, others: bool) {
+        // As long as the token can live.
+        let ttl = millis(Duration::from_secs(2 * 3600));
+        let (n, c, mut conn) = (name.clone(), caller.clone(), self.conn());
+        let done: Option<i64> = self
+            .run("record a token's holder", async move {
+                scripts::SERVED
+                    .key(n)
+                    .arg(c)
+                    .arg(u8::from(others))
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await;
+        if done.is_none() {
+            self.postpone(Pending::Served(name, caller, others));
+        }
     }
 
     /// The name of the record of who was served the token whose SHA-256 is `digest`.
@@ -513,6 +608,15 @@ impl Redis {
 
     async fn invalidate_names(&self, token: String, fence: String) -> bool {
         let names = (token.clone(), fence.clone());
+        let done = self.drop_names(token, fence).await;
+        if !done {
+            self.postpone(Pending::Drop(names.0, names.1));
+        }
+        done
+    }
+
+    /// Drops a token and raises its count; false if Redis could not be asked.
+    async fn drop_names(&self, token: String, fence: String) -> bool {
         let mut conn = self.conn();
         let ttl = millis(FENCE_TTL);
         let done: Option<i64> = self
@@ -525,9 +629,6 @@ impl Redis {
                     .await
             })
             .await;
-        if done.is_none() {
-            self.postpone(Pending::Drop(names.0, names.1));
-        }
         done.is_some()
     }
 
@@ -600,17 +701,26 @@ impl Redis {
                 };
                 if missed {
                     missed = false;
-                    if last.is_some() {
-                        tracing::info!(
-                            "reading the fleet's notices from Redis again: dropping the cached tokens, reading the key sets"
-                        );
-                    }
-                    if tx.send(Notice::Resync).await.is_err() {
-                        return;
+                    // Reading on from `last` replays what was missed, unless
+                    // it is gone (trimmed, or Redis restarted empty); at
+                    // startup, what came before the first read is unknown.
+                    let gap = match &last {
+                        None => true,
+                        Some(last) => this.gone_after(last).await,
+                    };
+                    if gap {
+                        if last.is_some() {
+                            tracing::warn!(
+                                "notices from the other replicas were lost (Redis restarted or trimmed them): dropping the cached tokens, reading the key sets"
+                            );
+                        }
+                        if tx.send(Notice::Resync).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 last = Some(id);
-                this.flush_outbox().await;
+                this.flush_outbox();
                 for notice in notices {
                     this.inner.counters.notices_received.fetch_add(1, Ordering::Relaxed);
                     if tx.send(notice).await.is_err() {
@@ -620,6 +730,36 @@ impl Redis {
             }
         });
         rx
+    }
+
+    /// Whether notices after `last` may be gone: the oldest one kept is
+    /// newer than `last` (those between were trimmed, or Redis restarted
+    /// and the stream began again), or there is none though `last` was read
+    /// (Redis lost it). True when Redis cannot say.
+    async fn gone_after(&self, last: &str) -> bool {
+        let stream = self.stream();
+        let mut conn = self.conn();
+        let oldest: Option<redis::streams::StreamRangeReply> = self
+            .run("read notices", async move {
+                redis::cmd("XRANGE")
+                    .arg(&stream)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await;
+        let id = |text: &str| {
+            let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+            (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
+        };
+        match oldest.map(|r| r.ids.first().map(|e| e.id.clone())) {
+            None => true,
+            Some(None) => last != "0-0",
+            Some(Some(oldest)) => id(&oldest) > id(last),
+        }
     }
 
     /// The newest notice's id ("0-0" for none yet).
@@ -686,19 +826,22 @@ impl Redis {
 
     /// Publishes `app`'s key set as `version`, unless Redis holds a newer
     /// (or the same) version. True when written.
-    pub async fn publish_key_set(&self, app: &str, version: u64, set: &StoredApp) -> bool {
+    pub async fn publish_key_set(&self, app: &str, version: u64, set: &StoredApp, lock: &KeysLock) -> bool {
         let name = self.name("k", &self.app_hash(app));
         let Ok(plain) = serde_json::to_vec(set).map(zeroize::Zeroizing::new) else {
             return false;
         };
         let sealed = self.inner.crypto.seal(&name, &plain);
         let mut conn = self.conn();
+        let (lock_name, lock_value) = (lock.name.clone(), lock.value.clone());
         let written: Option<i64> = self
             .run("publish a key set", async move {
                 scripts::PUT_KEY_SET
                     .key(&name)
+                    .key(lock_name)
                     .arg(version)
                     .arg(sealed)
+                    .arg(lock_value)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -756,6 +899,12 @@ impl Redis {
         Ok(Some((version, set)))
     }
 
+    /// How long an admin change holds the key-set lock at most: long
+    /// enough for a trial mint (the mint deadline, with fallbacks).
+    fn keys_lock_ttl(&self) -> Duration {
+        KEYS_LOCK_TTL.max(self.inner.settings.lease_ttl * 3)
+    }
+
     /// Takes `app`'s key-set lock for an admin change, waiting up to `wait`.
     pub async fn lock_keys(&self, app: &str, wait: Duration) -> Result<KeysLock, LockError> {
         let name = self.name("kl", &self.app_hash(app));
@@ -771,7 +920,7 @@ impl Redis {
                         .arg(&v)
                         .arg("NX")
                         .arg("PX")
-                        .arg(millis(KEYS_LOCK_TTL))
+                        .arg(millis(self.keys_lock_ttl()))
                         .query_async(&mut conn)
                         .await
                 })
@@ -800,9 +949,10 @@ impl Redis {
 
     /// Compare-and-delete: releases `name` if it still holds `value`.
     async fn release_name(&self, name: String, value: String) {
+        self.stop_keeping(&value);
         let mut conn = self.conn();
         let _: Option<i64> = self
-            .run("release a lease", async move {
+            .run_always("release a lease", async move {
                 scripts::RELEASE.key(name).arg(value).invoke_async(&mut conn).await
             })
             .await;
@@ -860,9 +1010,17 @@ impl Redis {
     fn keep_alive(&self, name: String, value: String) {
         let this = self.clone();
         let ttl = self.inner.settings.lease_ttl;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Ok(mut kept) = self.inner.kept.lock() {
+            kept.insert(value.clone(), stop.clone());
+        }
         tokio::spawn(async move {
             for _ in 0..LEASE_EXTENSIONS * 3 {
                 tokio::time::sleep(ttl / 3).await;
+                // The holder wrote or released it, whatever Redis answered.
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let (n, v, mut conn) = (name.clone(), value.clone(), this.conn());
                 let held: Option<i64> = this
                     .run("extend a lease", async move {
@@ -875,10 +1033,18 @@ impl Redis {
                     })
                     .await;
                 if held == Some(0) {
-                    return;
+                    break;
                 }
             }
+            this.stop_keeping(&value);
         });
+    }
+
+    /// Stops extending the lease holding `value`.
+    fn stop_keeping(&self, value: &str) {
+        if let Some(stop) = self.inner.kept.lock().ok().and_then(|mut kept| kept.remove(value)) {
+            stop.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The shared token's lifetime in Redis: until the cache would stop serving it.
@@ -1109,25 +1275,9 @@ impl SharedStore for Redis {
 
     fn served(&self, digest: &[u8; 32], caller: &Arc<str>, news: Served) {
         let this = self.clone();
-        let name = self.holders(digest);
-        let caller = self.caller_tag(caller);
+        let (name, caller) = (self.holders(digest), self.caller_tag(caller));
         let others = news == Served::AlsoToOthers;
-        // As long as the token can live.
-        let ttl = millis(Duration::from_secs(2 * 3600));
-        tokio::spawn(async move {
-            let mut conn = this.conn();
-            let _: Option<i64> = this
-                .run("record a token's holder", async move {
-                    scripts::SERVED
-                        .key(name)
-                        .arg(caller)
-                        .arg(u8::from(others))
-                        .arg(ttl)
-                        .invoke_async(&mut conn)
-                        .await
-                })
-                .await;
-        });
+        tokio::spawn(async move { this.record_holder(name, caller, others).await });
     }
 }
 
@@ -1138,19 +1288,9 @@ mod tests {
     #[test]
     fn settings_debug_shows_no_password() {
         let settings = Settings {
-            url: "redis://redis:6379/0".to_owned(),
-            ca_pem: None,
             username: Some("box-broker".to_owned()),
             password: Some(SecretString::from("hunter2-redis")),
-            namespace: "box-broker".to_owned(),
-            connect_timeout: Duration::from_secs(1),
-            command_timeout: Duration::from_millis(250),
-            lease_ttl: Duration::from_secs(11),
-            poll_interval: Duration::from_millis(200),
-            share_enterprise_tokens: true,
-            breaker_threshold: 3,
-            breaker_cooldown: Duration::from_secs(5),
-            safety_margin: Duration::from_secs(120),
+            ..Settings::with_defaults("redis://redis:6379/0".to_owned())
         };
         let shown = format!("{settings:?}");
         assert!(shown.contains("box-broker") && shown.contains("****"), "{shown}");

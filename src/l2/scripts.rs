@@ -119,11 +119,13 @@ return n
     )
 });
 
-/// KEYS: key set. ARGV: version, sealed set. Written only over an older
-/// version (never an older or the same one). 1 written, 0 not.
+/// KEYS: key set, its lock. ARGV: version, sealed set, lock value.
+/// Written only by the lock's holder, and only over an older version
+/// (never an older or the same one). 1 written, 0 not, -1 the lock is lost.
 pub(super) static PUT_KEY_SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
 local held = redis.call('HGET', KEYS[1], 'ver')
 if held and tonumber(held) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'ver', ARGV[1], 'v', ARGV[2])

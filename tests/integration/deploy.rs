@@ -69,6 +69,27 @@ pub(crate) fn find<'a>(documents: &'a [Value], kind: &str, name_prefix: &str) ->
         .unwrap_or_else(|| panic!("no {kind} {name_prefix}* rendered"))
 }
 
+/// The shipped broker.toml (the ConfigMap), loaded with `container`'s
+/// environment as the pod would (`whose` names that environment in a failure).
+fn shipped_config(documents: &[Value], container: &Value, whose: &str) -> box_token_broker::config::Config {
+    let env: Vec<(String, String)> = array(&container["env"])
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let config = find(documents, "ConfigMap", "box-broker-config");
+    box_token_broker::config::Config::parse(
+        config["data"]["broker.toml"].as_str().unwrap(),
+        Path::new("/etc/box-broker/config/broker.toml"),
+        env,
+    )
+    .unwrap_or_else(|e| panic!("broker.toml with {whose} environment: {e}"))
+}
+
 pub(crate) fn array(value: &Value) -> &[Value] {
     value.as_array().map_or(&[], Vec::as_slice)
 }
@@ -446,22 +467,7 @@ fn the_keystore_overlay_runs_one_replica_with_the_store_on_the_only_writable_vol
     );
     // The config with the container's environment names a store on that
     // volume and a KEK in the Secret's mount.
-    let env: Vec<(String, String)> = array(&container["env"])
-        .iter()
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_owned(),
-                e["value"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    let config = find(&documents, "ConfigMap", "box-broker-config");
-    let settings = box_token_broker::config::Config::parse(
-        config["data"]["broker.toml"].as_str().unwrap(),
-        Path::new("/etc/box-broker/config/broker.toml"),
-        env,
-    )
-    .unwrap_or_else(|e| panic!("broker.toml with the keystore's environment: {e}"));
+    let settings = shipped_config(&documents, container, "the keystore's");
     let store = settings.keystore.as_ref().expect("[keystore] from the environment");
     let mount_of = |name: &Value| {
         array(&container["volumeMounts"])
@@ -502,22 +508,7 @@ fn the_fleet_overlay_runs_three_replicas_sharing_a_redis_only_they_reach() {
     assert!(keys["emptyDir"].is_object(), "{keys}");
     // broker.toml with the container's environment: [redis] and [keystore]
     // with their files in those mounts, and the Service's name.
-    let env: Vec<(String, String)> = array(&container["env"])
-        .iter()
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_owned(),
-                e["value"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    let config = find(&documents, "ConfigMap", "box-broker-config");
-    let settings = box_token_broker::config::Config::parse(
-        config["data"]["broker.toml"].as_str().unwrap(),
-        Path::new("/etc/box-broker/config/broker.toml"),
-        env,
-    )
-    .unwrap_or_else(|e| panic!("broker.toml with the fleet's environment: {e}"));
+    let settings = shipped_config(&documents, container, "the fleet's");
     let redis = settings.redis.as_ref().expect("[redis] from the environment");
     let service = find(&documents, "Service", "box-broker-redis");
     let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();

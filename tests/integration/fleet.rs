@@ -290,6 +290,26 @@ impl Member {
             .sum()
     }
 
+    async fn revoke(&self, token: &str) -> Result<tonic::Response<pb::RevokeTokenResponse>, tonic::Status> {
+        self.client()
+            .await
+            .revoke_token(pb::RevokeTokenRequest {
+                app: String::new(),
+                access_token: token.to_owned(),
+            })
+            .await
+    }
+
+    async fn generate_key(&self) -> Result<tonic::Response<pb::GenerateKeyResponse>, tonic::Status> {
+        self.admin_client()
+            .await
+            .generate_key(admin_request(pb::GenerateKeyRequest {
+                app: String::new(),
+                bits: 2048,
+            }))
+            .await
+    }
+
     async fn status(&self) -> pb::GetStatusResponse {
         self.admin_client()
             .await
@@ -385,14 +405,7 @@ async fn a_token_minted_on_one_replica_is_a_hit_on_another_and_its_revocation_re
     assert_eq!(b.get(enterprise()).await.unwrap(), minted, "B serves A's token");
     assert_eq!(fleet.stat("token_arrivals").await, arrivals, "without calling Box");
 
-    a.client()
-        .await
-        .revoke_token(pb::RevokeTokenRequest {
-            app: String::new(),
-            access_token: minted.clone(),
-        })
-        .await
-        .unwrap();
+    a.revoke(&minted).await.unwrap();
     assert_eq!(fleet.stat("revoke_requests").await, 1);
     let started = Instant::now();
     assert!(
@@ -604,16 +617,7 @@ async fn a_key_activated_on_one_replica_is_used_by_the_others_and_after_a_restar
     let fleet = Fleet::new("");
     let (a, mut b) = (fleet.spawn("a"), fleet.spawn("b"));
     let old_kid = a.active_kid().await;
-    let generated = a
-        .admin_client()
-        .await
-        .generate_key(admin_request(pb::GenerateKeyRequest {
-            app: String::new(),
-            bits: 2048,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let generated = a.generate_key().await.unwrap().into_inner();
     let box_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fleet.dir.path().join("box_config.json")).unwrap()).unwrap();
     let client_id = box_config["boxAppSettings"]["clientID"].as_str().unwrap().to_owned();
@@ -681,23 +685,9 @@ async fn nothing_in_redis_is_a_token_key_secret_or_user_id_in_plaintext() {
         b.get(user("7300001")).await.unwrap(),
     ];
     // A key set with a generated private key, and a revocation notice.
-    a.admin_client()
-        .await
-        .generate_key(admin_request(pb::GenerateKeyRequest {
-            app: String::new(),
-            bits: 2048,
-        }))
-        .await
-        .unwrap();
+    a.generate_key().await.unwrap();
     let revoked = b.get(force(user("7200003"))).await.unwrap();
-    b.client()
-        .await
-        .revoke_token(pb::RevokeTokenRequest {
-            app: String::new(),
-            access_token: revoked.clone(),
-        })
-        .await
-        .unwrap();
+    b.revoke(&revoked).await.unwrap();
     tokens.push(revoked);
     let a_keys = std::fs::read_to_string(fleet.dir.path().join("a-keys.json")).unwrap();
     assert!(a_keys.contains("ciphertext"));
@@ -783,19 +773,10 @@ async fn a_stale_write_after_an_invalidation_is_refused() {
     let (kek, _) = Kek::generate().unwrap();
     let store = Redis::new(
         Settings {
-            url: server.url(),
-            ca_pem: None,
-            username: None,
-            password: None,
             namespace: "t".to_owned(),
-            connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(1),
-            lease_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_millis(50),
-            share_enterprise_tokens: true,
-            breaker_threshold: 3,
-            breaker_cooldown: Duration::from_secs(1),
-            safety_margin: Duration::from_secs(120),
+            ..Settings::with_defaults(server.url())
         },
         &kek,
     )
@@ -807,13 +788,26 @@ async fn a_stale_write_after_an_invalidation_is_refused() {
         version: 3,
         ..Default::default()
     };
-    assert!(store.publish_key_set("default", 3, &set).await);
+    let lock = store.lock_keys("default", Duration::ZERO).await.unwrap();
+    assert!(store.publish_key_set("default", 3, &set, &lock).await);
     assert!(
-        !store.publish_key_set("default", 2, &set).await,
+        !store.publish_key_set("default", 2, &set, &lock).await,
         "never an older version"
     );
     assert_eq!(store.key_set("default").await.unwrap().map(|(v, _)| v), Some(3));
+    // A lock that ran out (here: deleted) publishes nothing.
     let mut raw = server.connection().await;
+    let locks: Vec<String> = redis::AsyncCommands::keys(&mut raw, "t:kl:*").await.unwrap();
+    let _: () = redis::AsyncCommands::del(&mut raw, &locks).await.unwrap();
+    let newer = box_token_broker::keys::store::StoredApp {
+        version: 4,
+        ..Default::default()
+    };
+    assert!(
+        !store.publish_key_set("default", 4, &newer, &lock).await,
+        "a lost lock publishes nothing"
+    );
+    drop(lock);
     let names: Vec<String> = redis::AsyncCommands::keys(&mut raw, "t:k:*").await.unwrap();
     assert_eq!(names.len(), 1);
     let _: () = redis::AsyncCommands::hset(&mut raw, &names[0], "ver", 9).await.unwrap();
@@ -897,22 +891,8 @@ async fn an_acl_user_with_only_the_documented_commands_and_a_password_file_is_en
         minted,
         "shared through the ACL user"
     );
-    a.admin_client()
-        .await
-        .generate_key(admin_request(pb::GenerateKeyRequest {
-            app: String::new(),
-            bits: 2048,
-        }))
-        .await
-        .unwrap();
-    a.client()
-        .await
-        .revoke_token(pb::RevokeTokenRequest {
-            app: String::new(),
-            access_token: minted.clone(),
-        })
-        .await
-        .unwrap();
+    a.generate_key().await.unwrap();
+    a.revoke(&minted).await.unwrap();
     assert!(
         eventually(Duration::from_secs(5), || async {
             b.get(enterprise()).await.unwrap() != minted
@@ -947,7 +927,7 @@ async fn an_acl_user_with_only_the_documented_commands_and_a_password_file_is_en
 }
 
 /// README.md's ACL for the broker's Redis user (PASSWORD replaced).
-const ACL_RULES: &str = "box-broker on >PASSWORD resetkeys ~box-broker:* resetchannels -@all +@connection +get +set +del +hget +hmget +hset +pexpire +incr +eval +evalsha +script|load +xadd +xread +xrevrange +scan";
+const ACL_RULES: &str = "box-broker on >PASSWORD resetkeys ~box-broker:* resetchannels -@all +@connection +get +set +del +hget +hmget +hset +pexpire +incr +eval +evalsha +script|load +xadd +xread +xrange +xrevrange +scan";
 
 /// A `[redis]` password file that is missing, empty or readable by others
 /// stops `check-config` (and `serve`) with exit 64 and one line naming the
@@ -1119,14 +1099,7 @@ async fn an_invalidation_by_external_id_reaches_a_replica_that_resolved_it() {
 async fn a_replica_started_while_redis_is_frozen_adopts_the_newest_key_set_once_it_answers() {
     let fleet = Fleet::new("");
     let a = fleet.spawn("a");
-    a.admin_client()
-        .await
-        .generate_key(admin_request(pb::GenerateKeyRequest {
-            app: String::new(),
-            bits: 2048,
-        }))
-        .await
-        .unwrap();
+    a.generate_key().await.unwrap();
     fleet.redis.signal("-STOP");
     let d = fleet.spawn("d");
     assert_eq!(d.metric("boxbroker_key_set_version", "").await, 0.0);
@@ -1142,20 +1115,18 @@ async fn a_replica_started_while_redis_is_frozen_adopts_the_newest_key_set_once_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_while_redis_is_down_reaches_the_others_when_it_is_back() {
+async fn an_invalidation_while_redis_is_down_reaches_the_others_when_it_is_back() {
     let mut fleet = Fleet::new("");
     let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
     let shared = a.get(enterprise()).await.unwrap();
     assert_eq!(b.get(enterprise()).await.unwrap(), shared);
     fleet.redis.stop();
-    a.client()
-        .await
-        .revoke_token(pb::RevokeTokenRequest {
-            app: String::new(),
-            access_token: shared.clone(),
-        })
-        .await
-        .expect("revoked at Box without Redis");
+    // Revoking a shared token needs the fleet's record of who holds it.
+    let refused = a.revoke(&shared).await.expect_err("refused without Redis");
+    crate::common::assert_status(&refused, tonic::Code::Unavailable, "cannot be asked");
+    assert_eq!(fleet.stat("revoke_requests").await, 0, "the token stays valid");
+    // An invalidation is made here at once, and told to the others later.
+    assert_eq!(invalidate(&a, enterprise().subject).await, 1);
     fleet.redis.restart();
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -1164,7 +1135,7 @@ async fn a_revocation_while_redis_is_down_reaches_the_others_when_it_is_back() {
         .await,
         "A sent the notice it held once Redis answered"
     );
-    assert_ne!(b.get(enterprise()).await.unwrap(), shared);
+    assert_ne!(b.get(enterprise()).await.unwrap(), shared, "B dropped its copy");
 }
 
 /// `rediss://` with `ca_file`: the fleet shares through a Redis that speaks
@@ -1230,5 +1201,36 @@ async fn a_tls_redis_is_reached_with_the_configured_ca_and_only_with_it() {
         c.metric("boxbroker_l2_errors_total", "kind=\"error\"").await
             + c.metric("boxbroker_l2_errors_total", "kind=\"timeout\"").await
             >= 1.0
+    );
+}
+
+/// A replica whose notice reads failed for a moment (Redis frozen) reads on
+/// from where it stopped: nothing was lost, so it keeps its cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_redis_stall_costs_no_replica_its_cache() {
+    let fleet = Fleet::new("");
+    let b = fleet.spawn("b");
+    let token = b.get(user("7200001")).await.unwrap();
+    let looked = b.metric("boxbroker_l2_lookups_total", "").await;
+    fleet.redis.signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fleet.redis.signal("-CONT");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.metric("boxbroker_l2_degraded", "").await == 0.0
+        })
+        .await
+    );
+    assert!(
+        b.metric("boxbroker_l2_errors_total", "kind=\"timeout\"").await
+            + b.metric("boxbroker_l2_errors_total", "kind=\"error\"").await
+            >= 1.0,
+        "the reads did fail"
+    );
+    assert_eq!(b.get(user("7200001")).await.unwrap(), token);
+    assert_eq!(
+        b.metric("boxbroker_l2_lookups_total", "").await,
+        looked,
+        "served from its own cache, not taken back from Redis"
     );
 }
