@@ -241,6 +241,7 @@ impl Broker {
                 let id = NEXT_CREATION.fetch_add(1, Ordering::Relaxed);
                 let task = Creator {
                     app: app.clone(),
+                    fleet: self.fleet.clone(),
                     token,
                     external_id: external.id.clone(),
                     name: name.clone(),
@@ -596,6 +597,8 @@ impl Broker {
 /// One App User's creation, run in a task of its own.
 struct Creator {
     app: Arc<App>,
+    /// The fleet's Redis: one creation at a time across the replicas.
+    fleet: Option<crate::l2::Redis>,
     token: SecretString,
     external_id: Arc<str>,
     name: Arc<str>,
@@ -647,6 +650,14 @@ impl Creator {
         let client = &self.app.client;
         let mut conflict = false;
         for attempt in 0..CREATE_ATTEMPTS {
+            // In a fleet, the look and the POST under the id's lock: a
+            // replica that waited for another's creation finds its user.
+            // (Redis unavailable: this replica goes on alone, and Box's 409
+            // or the next look settles a race.)
+            let _fleet_lock = match &self.fleet {
+                Some(fleet) => fleet.lock_creation(&self.app.name, &self.external_id).await,
+                None => None,
+            };
             let found = client
                 .find_users_by_external_id(&self.token, &self.external_id)
                 .await

@@ -81,7 +81,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     Endpoint {
         method: "POST",
         path: "/_fake/latency",
-        what: "answer every token request this late: {\"millis\": 100}",
+        what: "answer every token request this late: {\"millis\": 100} (users API requests: {\"millis\": 100, \"endpoint\": \"users\"})",
     },
     Endpoint {
         method: "POST",
@@ -334,6 +334,10 @@ async fn users_call(
 ) -> Response {
     fake.with_world(|w| w.stats.users_requests += 1);
     fake.notify();
+    let latency = fake.with_world(|w| w.users_latency);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     if let Some(fault) = fake.take_users_fault() {
         fake.notify();
         return fault_response(&fault).await;
@@ -447,10 +451,17 @@ async fn add_faults(State(fake): State<FakeBox>, Json(request): Json<FaultReques
 #[derive(Deserialize)]
 struct LatencyRequest {
     millis: u64,
+    /// `token` (the default) or `users`.
+    endpoint: Option<String>,
 }
 
 async fn set_latency(State(fake): State<FakeBox>, Json(request): Json<LatencyRequest>) -> Response {
-    fake.set_latency(Duration::from_millis(request.millis));
+    let latency = Duration::from_millis(request.millis);
+    match request.endpoint.as_deref() {
+        None | Some("token") => fake.set_latency(latency),
+        Some("users") => fake.set_users_latency(latency),
+        Some(_) => return (StatusCode::BAD_REQUEST, "endpoint must be token or users").into_response(),
+    }
     StatusCode::NO_CONTENT.into_response()
 }
 

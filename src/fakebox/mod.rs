@@ -215,6 +215,11 @@ impl FakeBox {
         self.with_world(|w| w.latency)
     }
 
+    /// Every `/2.0/users*` request waits this long first.
+    pub fn set_users_latency(&self, latency: Duration) {
+        self.with_world(|w| w.users_latency = latency);
+    }
+
     /// Shifts the fake's clock by `seconds` relative to its clock source.
     pub fn set_skew_secs(&self, seconds: i64) {
         self.with_world(|w| w.skew_secs = seconds);

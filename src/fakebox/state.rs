@@ -330,6 +330,8 @@ pub struct World {
     /// The next id `POST /2.0/users` may give (0: not started).
     next_user_id: u64,
     pub(crate) latency: Duration,
+    /// What every `/2.0/users*` request waits first.
+    pub(crate) users_latency: Duration,
     pub(crate) skew_secs: i64,
     /// Fixed token lifetime; `None` draws 4000–4200 s like real Box.
     pub(crate) token_lifetime: Option<Duration>,

@@ -899,6 +899,24 @@ impl Redis {
         Ok(Some((version, set)))
     }
 
+    /// The lock on creating the App User of `external_id` in `app`, waited
+    /// for up to a lease's life (a creation is one call to Box): `None`
+    /// when Redis cannot be asked, or the holder outlasted the wait (the
+    /// caller then goes on alone; Box's answer to a second POST, or the
+    /// next look, settles it). The name is a keyed hash.
+    pub async fn lock_creation(&self, app: &str, external_id: &str) -> Option<KeysLock> {
+        let name = self.name(
+            "cl",
+            &self
+                .inner
+                .crypto
+                .name("creation", format!("{app}\n{external_id}").as_bytes()),
+        );
+        self.lock(name, self.inner.settings.lease_ttl, self.inner.settings.lease_ttl)
+            .await
+            .ok()
+    }
+
     /// How long an admin change holds the key-set lock at most: long
     /// enough for a trial mint (the mint deadline, with fallbacks).
     fn keys_lock_ttl(&self) -> Duration {
@@ -907,7 +925,12 @@ impl Redis {
 
     /// Takes `app`'s key-set lock for an admin change, waiting up to `wait`.
     pub async fn lock_keys(&self, app: &str, wait: Duration) -> Result<KeysLock, LockError> {
-        let name = self.name("kl", &self.app_hash(app));
+        self.lock(self.name("kl", &self.app_hash(app)), self.keys_lock_ttl(), wait)
+            .await
+    }
+
+    /// Takes the lock `name` for at most `ttl`, waiting up to `wait` for its holder.
+    async fn lock(&self, name: String, ttl: Duration, wait: Duration) -> Result<KeysLock, LockError> {
         let value = random_value();
         let since = std::time::Instant::now();
         loop {
@@ -920,7 +943,7 @@ impl Redis {
                         .arg(&v)
                         .arg("NX")
                         .arg("PX")
-                        .arg(millis(self.keys_lock_ttl()))
+                        .arg(millis(ttl))
                         .query_async(&mut conn)
                         .await
                 })

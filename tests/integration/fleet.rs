@@ -1039,7 +1039,7 @@ fn allow_external_ids(fleet: &Fleet) {
     let policy = fleet.dir.path().join("policy.toml");
     let mut text = std::fs::read_to_string(&policy).unwrap();
     text.push_str(
-        "\n[[rules]]\nname = \"external ids\"\ncallers = [\"anonymous\"]\nexternal_users = [\"*\"]\nfull_tokens = true\nrevoke = true\n",
+        "\n[[rules]]\nname = \"external ids\"\ncallers = [\"anonymous\"]\nexternal_users = [\"*\"]\nprovision = true\nfull_tokens = true\nrevoke = true\n",
     );
     std::fs::write(&policy, text).unwrap();
 }
@@ -1233,4 +1233,41 @@ async fn a_short_redis_stall_costs_no_replica_its_cache() {
         looked,
         "served from its own cache, not taken back from Redis"
     );
+}
+
+/// Two replicas asked at once to create the same App User on first use:
+/// one POST to Box in all (each replica alone would POST once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_app_user_is_created_once_for_the_fleet() {
+    let fleet = Fleet::new("");
+    allow_external_ids(&fleet);
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    // Both hold the Service Account's token, and Box's users API is slow:
+    // each replica's look would miss the other's POST under way.
+    assert_eq!(a.get(enterprise()).await.unwrap(), b.get(enterprise()).await.unwrap());
+    let slow = reqwest::Client::new()
+        .post(format!("{}/_fake/latency", fleet.fake_url))
+        .json(&serde_json::json!({"millis": 300, "endpoint": "users"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(slow.status().is_success());
+    let clients = [a.client().await, b.client().await];
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let mut client = clients[i % 2].clone();
+        calls.spawn(async move {
+            client
+                .get_token(crate::common::provisioning("auth0|new-portal-user", "New Portal User"))
+                .await
+                .map(|r| token_of(&r.into_inner()))
+        });
+    }
+    let mut tokens = std::collections::HashSet::new();
+    while let Some(done) = calls.join_next().await {
+        tokens.insert(done.unwrap().expect("every request is served"));
+    }
+    assert_eq!(fleet.stat("users_created").await, 1);
+    assert_eq!(fleet.stat("user_create_requests").await, 1, "one POST for the fleet");
+    assert_eq!(tokens.len(), 1, "and one token, shared");
 }
