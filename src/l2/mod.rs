@@ -395,6 +395,19 @@ impl Redis {
         self.inner.conn.clone()
     }
 
+    /// Runs a Lua script with the keys and arguments `with` gives it (see [`Self::run`]).
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &'static redis::Script,
+        with: impl FnOnce(&mut redis::ScriptInvocation<'static>),
+    ) -> Option<T> {
+        let mut call = script.prepare_invoke();
+        with(&mut call);
+        let mut conn = self.conn();
+        self.run(what, async move { call.invoke_async(&mut conn).await }).await
+    }
+
     /// The keyed-hash part of a token's names: the app's, then the subject's
     /// (so an app's tokens can be found by pattern, and no name says whose).
     fn token_hash(&self, key: &TokenKey) -> String {
@@ -483,11 +496,9 @@ impl Redis {
         let mut all = true;
         for app in apps {
             // First the app's count: a mint under way cannot write after this.
-            let (fence, mut conn) = (self.app_fence(app), self.conn());
-            let ttl = millis(FENCE_TTL);
             let raised: Option<i64> = self
-                .run("invalidate an app's tokens", async move {
-                    scripts::RAISE.key(fence).arg(ttl).invoke_async(&mut conn).await
+                .eval("invalidate an app's tokens", &scripts::RAISE, |s| {
+                    s.key(self.app_fence(app)).arg(millis(FENCE_TTL));
                 })
                 .await;
             if raised.is_none() {
@@ -575,16 +586,9 @@ impl Redis {
     async fn record_holder(&self, name: String, caller: String, others: bool) {
         // As long as the token can live.
         let ttl = millis(Duration::from_secs(2 * 3600));
-        let (n, c, mut conn) = (name.clone(), caller.clone(), self.conn());
         let done: Option<i64> = self
-            .run("record a token's holder", async move {
-                scripts::SERVED
-                    .key(n)
-                    .arg(c)
-                    .arg(u8::from(others))
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await
+            .eval("record a token's holder", &scripts::SERVED, |s| {
+                s.key(&name).arg(&caller).arg(u8::from(others)).arg(ttl);
             })
             .await;
         if done.is_none() {
@@ -617,16 +621,9 @@ impl Redis {
 
     /// Drops a token and raises its count; false if Redis could not be asked.
     async fn drop_names(&self, token: String, fence: String) -> bool {
-        let mut conn = self.conn();
-        let ttl = millis(FENCE_TTL);
         let done: Option<i64> = self
-            .run("invalidate a token", async move {
-                scripts::INVALIDATE
-                    .key(token)
-                    .key(fence)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await
+            .eval("invalidate a token", &scripts::INVALIDATE, |s| {
+                s.key(token).key(fence).arg(millis(FENCE_TTL));
             })
             .await;
         done.is_some()
@@ -832,18 +829,9 @@ impl Redis {
             return false;
         };
         let sealed = self.inner.crypto.seal(&name, &plain);
-        let mut conn = self.conn();
-        let (lock_name, lock_value) = (lock.name.clone(), lock.value.clone());
         let written: Option<i64> = self
-            .run("publish a key set", async move {
-                scripts::PUT_KEY_SET
-                    .key(&name)
-                    .key(lock_name)
-                    .arg(version)
-                    .arg(sealed)
-                    .arg(lock_value)
-                    .invoke_async(&mut conn)
-                    .await
+            .eval("publish a key set", &scripts::PUT_KEY_SET, |s| {
+                s.key(&name).key(&lock.name).arg(version).arg(sealed).arg(&lock.value);
             })
             .await;
         if written == Some(1) {
@@ -974,10 +962,10 @@ impl Redis {
     async fn release_name(&self, name: String, value: String) {
         self.stop_keeping(&value);
         let mut conn = self.conn();
+        let mut release = scripts::RELEASE.prepare_invoke();
+        release.key(name).arg(value);
         let _: Option<i64> = self
-            .run_always("release a lease", async move {
-                scripts::RELEASE.key(name).arg(value).invoke_async(&mut conn).await
-            })
+            .run_always("release a lease", async move { release.invoke_async(&mut conn).await })
             .await;
     }
 
@@ -1001,14 +989,9 @@ impl Redis {
             tracing::warn!(
                 "a token in Redis does not decrypt (another KEK, or tampered with): dropped, and minted instead"
             );
-            let mut conn = self.conn();
             let _: Option<i64> = self
-                .run("drop a value that does not decrypt", async move {
-                    scripts::DROP_GARBAGE
-                        .key(name)
-                        .arg(sealed)
-                        .invoke_async(&mut conn)
-                        .await
+                .eval("drop a value that does not decrypt", &scripts::DROP_GARBAGE, |s| {
+                    s.key(name).arg(sealed);
                 })
                 .await;
             return None;
@@ -1044,15 +1027,9 @@ impl Redis {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let (n, v, mut conn) = (name.clone(), value.clone(), this.conn());
                 let held: Option<i64> = this
-                    .run("extend a lease", async move {
-                        scripts::EXTEND
-                            .key(n)
-                            .arg(v)
-                            .arg(millis(ttl))
-                            .invoke_async(&mut conn)
-                            .await
+                    .eval("extend a lease", &scripts::EXTEND, |s| {
+                        s.key(&name).arg(&value).arg(millis(ttl));
                     })
                     .await;
                 if held == Some(0) {
@@ -1172,20 +1149,15 @@ impl SharedStore for Redis {
         async move {
             let (lease, fence, token) = (this.name("l", &hash), this.name("g", &hash), this.name("t", &hash));
             let value = random_value();
-            let mut conn = this.conn();
-            let (v, ttl) = (value.clone(), millis(this.inner.settings.lease_ttl));
             let (lease_name, token_name) = (lease.clone(), token.clone());
             let taken: Option<Option<(String, Vec<u8>)>> = this
-                .run("take a lease", async move {
-                    scripts::LEASE
-                        .key(lease)
+                .eval("take a lease", &scripts::LEASE, |s| {
+                    s.key(lease)
                         .key(fence)
                         .key(token)
                         .key(app_fence)
-                        .arg(v)
-                        .arg(ttl)
-                        .invoke_async(&mut conn)
-                        .await
+                        .arg(&value)
+                        .arg(millis(this.inner.settings.lease_ttl));
                 })
                 .await;
             let counters = &this.inner.counters;
@@ -1245,22 +1217,17 @@ impl SharedStore for Redis {
                 return;
             };
             let value = this.inner.crypto.seal(&name, &plain);
-            let mut conn = this.conn();
-            let (lease_value, release) = (lease.value.clone(), lease_name.clone());
             let written: Option<i64> = this
-                .run("write a token", async move {
-                    scripts::PUT
-                        .key(name)
-                        .key(lease_name)
+                .eval("write a token", &scripts::PUT, |s| {
+                    s.key(&name)
+                        .key(&lease_name)
                         .key(fence_name)
                         .key(app_fence)
-                        .arg(lease.value)
+                        .arg(&lease.value)
                         .arg(lease.fence)
                         .arg(sealed.i)
                         .arg(value)
-                        .arg(millis(ttl))
-                        .invoke_async(&mut conn)
-                        .await
+                        .arg(millis(ttl));
                 })
                 .await;
             let counters = &this.inner.counters;
@@ -1276,7 +1243,7 @@ impl SharedStore for Redis {
                     counters.writes_refused.fetch_add(1, Ordering::Relaxed);
                 }
                 // The lease is not left to run out: the others would wait for it.
-                None => this.release_name(release, lease_value).await,
+                None => this.release_name(lease_name, lease.value).await,
             }
         }
         .boxed()
