@@ -273,6 +273,12 @@ fn fleet_series(encoder: &mut DescriptorEncoder, broker: &Broker, fleet: &crate:
             (vec![("direction", "received".to_owned())], load(&c.notices_received)),
         ],
     )?;
+    counter(
+        encoder,
+        "boxbroker_l2_master_switches",
+        "Times the Redis Sentinels named a new master and this replica followed it (0 with one Redis).",
+        &[(vec![], fleet.master_switches())],
+    )?;
     gauge(
         encoder,
         "boxbroker_l2_degraded",

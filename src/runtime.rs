@@ -287,7 +287,7 @@ impl Prepared {
                 }
             });
             tracing::info!(
-                redis = %crate::l2::redact_url(config.redis.as_ref().map_or("", |r| r.url.as_str())),
+                redis = %fleet.server(),
                 namespace = fleet.namespace(),
                 state = fleet.state(),
                 "sharing tokens, invalidations and key sets with the fleet through Redis"
@@ -706,6 +706,27 @@ pub(crate) fn open_audit(audit: &AuditConfig) -> Result<AuditSink, ConfigError> 
     Ok(sink.with_repeat_window(window))
 }
 
+/// The first line of the password file `file` (setting `setting`), which
+/// nobody but the broker's user and group may read.
+fn read_password(setting: &str, file: Option<&Path>) -> Result<Option<secrecy::SecretString>, ConfigError> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    refuse_world_readable(setting, file)?;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::new(setting, format!("{}: cannot read: {e}", file.display())))?,
+    );
+    let first = text.lines().next().unwrap_or_default().trim();
+    if first.is_empty() {
+        return Err(ConfigError::new(
+            setting,
+            format!("{}: is empty (the password is its first line)", file.display()),
+        ));
+    }
+    Ok(Some(secrecy::SecretString::from(first)))
+}
+
 /// The fleet's Redis as `[redis]` says (files read; no connection yet),
 /// sealing with keys derived from `store`'s KEK. Errors name the setting
 /// and the file, never a password.
@@ -714,23 +735,7 @@ pub(crate) fn open_redis(
     config: &Config,
     store: &KeyStore,
 ) -> Result<crate::l2::Redis, ConfigError> {
-    let password = match &redis.password_file {
-        Some(file) => {
-            refuse_world_readable("redis.password_file", file)?;
-            let text = zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
-                ConfigError::new("redis.password_file", format!("{}: cannot read: {e}", file.display()))
-            })?);
-            let first = text.lines().next().unwrap_or_default().trim();
-            if first.is_empty() {
-                return Err(ConfigError::new(
-                    "redis.password_file",
-                    format!("{}: is empty (the password is its first line)", file.display()),
-                ));
-            }
-            Some(secrecy::SecretString::from(first))
-        }
-        None => None,
-    };
+    let password = read_password("redis.password_file", redis.password_file.as_deref())?;
     let ca_pem = redis
         .ca_file
         .as_ref()
@@ -740,8 +745,18 @@ pub(crate) fn open_redis(
         })
         .transpose()?;
     let deadline = Duration::from_millis(config.upstream.deadline_ms);
+    let server = match (&redis.url, &redis.master_name) {
+        (Some(url), _) => crate::l2::Server::Url(url.clone()),
+        (None, Some(master_name)) => crate::l2::Server::Sentinel(crate::l2::SentinelSettings {
+            addresses: redis.sentinels.clone(),
+            master_name: master_name.clone(),
+            username: redis.sentinel_username.clone(),
+            password: read_password("redis.sentinel_password_file", redis.sentinel_password_file.as_deref())?,
+        }),
+        (None, None) => return Err(ConfigError::new("redis", "needs url or sentinels + master_name")),
+    };
     let settings = crate::l2::Settings {
-        url: redis.url.clone(),
+        server,
         ca_pem,
         username: redis.username.clone(),
         password,

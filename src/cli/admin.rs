@@ -316,13 +316,19 @@ async fn run_inner(args: AdminArgs) -> Result<ExitCode, ExitCode> {
             );
             if let Some(redis) = &status.redis {
                 out!(
-                    "redis: {} (namespace {}; {} hits, {} misses; notices {} sent, {} received){}",
+                    "redis: {} at {} (namespace {}; {} hits, {} misses; notices {} sent, {} received{}){}",
                     redis.state,
+                    redis.server,
                     redis.namespace,
                     redis.hits,
                     redis.misses,
                     redis.notices_sent,
                     redis.notices_received,
+                    if redis.master_switches == 0 {
+                        String::new()
+                    } else {
+                        format!("; master switched {} times", redis.master_switches)
+                    },
                     if redis.last_error.is_empty() {
                         String::new()
                     } else {

@@ -108,7 +108,12 @@ impl Config {
             }
         }
         if let Some(redis) = &mut config.redis {
-            for path in redis.ca_file.iter_mut().chain(redis.password_file.as_mut()) {
+            for path in redis
+                .ca_file
+                .iter_mut()
+                .chain(redis.password_file.as_mut())
+                .chain(redis.sentinel_password_file.as_mut())
+            {
                 resolve(path, base);
             }
         }

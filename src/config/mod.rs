@@ -76,6 +76,14 @@ mod tests {
         assert_eq!((redis.command_timeout_ms, redis.poll_interval_ms), (250, 200));
         assert!(redis.share_enterprise_tokens);
         assert!(redis.password_file.as_ref().is_some_and(|p| p.is_absolute()));
+        let c = with(
+            "sentinels = [\"rediss://s1:26379\", \"rediss://s2:26379\"]\nmaster_name = \"box\"\nsentinel_password_file = \"spw\"\nca_file = \"ca.pem\"\n",
+            store,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let redis = c.redis.as_ref().unwrap_or_else(|| unreachable!());
+        assert_eq!((redis.sentinels.len(), redis.master_name.as_deref()), (2, Some("box")));
+        assert!(redis.sentinel_password_file.as_ref().is_some_and(|p| p.is_absolute()));
         for (redis, keystore, problem) in [
             ("url = \"redis://redis:6379\"\n", "", "[redis] needs [keystore]"),
             (
@@ -103,10 +111,41 @@ mod tests {
                 store,
                 "redis.command_timeout_ms must be 1 to 10000",
             ),
+            ("", store, "needs redis.url (one Redis) or redis.sentinels"),
             (
-                "url = \"redis://redis\"\nsentinels = []\n",
+                "url = \"redis://redis\"\nsentinels = [\"redis://s1:26379\"]\nmaster_name = \"m\"\n",
                 store,
-                "unknown field `sentinels`",
+                "not both",
+            ),
+            (
+                "sentinels = [\"redis://s1:26379\"]\n",
+                store,
+                "redis.master_name must name the master",
+            ),
+            (
+                "sentinels = [\"redis://s1:26379\", \"rediss://s2:26379\"]\nmaster_name = \"m\"\n",
+                store,
+                "all redis:// or all rediss://",
+            ),
+            (
+                "sentinels = [\"unix:///s.sock\"]\nmaster_name = \"m\"\n",
+                store,
+                "redis.sentinels must start with redis:// or rediss://",
+            ),
+            (
+                "sentinels = [\"redis://:hunter2@s1:26379\"]\nmaster_name = \"m\"\n",
+                store,
+                "redis.sentinel_password_file",
+            ),
+            (
+                "sentinels = [\"redis://s1:26379\"]\nmaster_name = \"m\"\nca_file = \"ca.pem\"\n",
+                store,
+                "not rediss://",
+            ),
+            (
+                "url = \"redis://redis\"\nmaster_name = \"m\"\n",
+                store,
+                "go with redis.sentinels",
             ),
         ] {
             let err = with(redis, keystore).err().map(|e| e.to_string()).unwrap_or_default();

@@ -67,21 +67,36 @@ pub struct Settings {
 
 /// `[redis]`: the Redis several central brokers share for a second-level
 /// token cache, one mint per key, invalidations and the key set. Without
-/// it every replica keeps to itself. Standalone Redis (or anything that
-/// speaks to a client as one); Sentinel and Cluster are not supported.
+/// it every replica keeps to itself. One Redis (`url`), or the master that
+/// Redis Sentinels name (`sentinels` + `master_name`, followed through a
+/// failover); Redis Cluster is not supported.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:6379/0`, `rediss://host:6380/0` (TLS) or
+    /// One Redis: `redis://host:6379/0`, `rediss://host:6380/0` (TLS) or
     /// `unix:///path/redis.sock`; no password in it (use `password_file`).
-    pub url: String,
-    /// PEM CA certificate(s) for a `rediss://` server (the system's roots when left out).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Or Redis Sentinels (instead of `url`): `redis://host:26379` or, all
+    /// of them, `rediss://host:26379` (the master is then reached over TLS too).
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The name the Sentinels monitor the master under (with `sentinels`).
+    #[serde(default)]
+    pub master_name: Option<String>,
+    /// The Sentinels' ACL user, when they require one.
+    #[serde(default)]
+    pub sentinel_username: Option<String>,
+    /// A file holding the Sentinels' password (first line), when they require one.
+    #[serde(default)]
+    pub sentinel_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) for `rediss://` servers (the system's roots when left out).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// The ACL user (`default` when left out).
+    /// The ACL user on Redis (the master) (`default` when left out).
     #[serde(default)]
     pub username: Option<String>,
-    /// A file holding the password (first line).
+    /// A file holding its password (first line).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// Prefix of every key name: brokers of one fleet share it, two fleets
@@ -109,6 +124,39 @@ pub struct RedisConfig {
     pub breaker_cooldown_secs: u64,
 }
 
+/// `value` (setting `setting`) is a URL of one of `schemes`, with no user or password in it.
+fn check_redis_url(setting: &str, value: &str, schemes: &[&str]) -> Result<(), String> {
+    let (scheme, rest) = value.split_once("://").unwrap_or_default();
+    if !schemes.contains(&scheme) {
+        let mut names: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+        let last = names.pop().unwrap_or_default();
+        let names = if names.is_empty() {
+            last
+        } else {
+            format!("{} or {last}", names.join(", "))
+        };
+        return Err(format!(
+            "{setting} must start with {names} (it is {:?})",
+            crate::l2::redact_url(value)
+        ));
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(format!(
+            "{setting} must not hold a user or password: set redis.username and redis.password_file{}",
+            if setting == "redis.sentinels" {
+                " (the master's) or redis.sentinel_username and redis.sentinel_password_file (the Sentinels')"
+            } else {
+                ""
+            }
+        ));
+    }
+    if scheme != "unix" && authority.is_empty() {
+        return Err(format!("{setting} must name a host ({:?})", value));
+    }
+    Ok(())
+}
+
 fn default_redis_namespace() -> String {
     "box-broker".to_owned()
 }
@@ -134,22 +182,47 @@ fn default_redis_breaker_cooldown() -> u64 {
 impl RedisConfig {
     /// Checks what can be checked without reading files or connecting.
     pub fn validate(&self, keystore: bool) -> Result<(), String> {
-        let scheme = self.url.split("://").next().unwrap_or_default();
-        if !self.url.contains("://") || !["redis", "rediss", "unix"].contains(&scheme) {
-            return Err(format!(
-                "redis.url must start with redis://, rediss:// or unix:// (it is {:?})",
-                crate::l2::redact_url(&self.url)
-            ));
-        }
-        if let Some(authority) = self.url.split("://").nth(1).and_then(|rest| rest.split('/').next())
-            && authority.contains('@')
-        {
-            return Err(
-                "redis.url must not hold a user or password: set redis.username and redis.password_file".to_owned(),
-            );
-        }
-        if self.ca_file.is_some() && scheme != "rediss" {
-            return Err("redis.ca_file is set, but redis.url is not rediss://".to_owned());
+        let tls = match (&self.url, self.sentinels.is_empty()) {
+            (Some(url), true) => {
+                check_redis_url("redis.url", url, &["redis", "rediss", "unix"])?;
+                if self.master_name.is_some()
+                    || self.sentinel_username.is_some()
+                    || self.sentinel_password_file.is_some()
+                {
+                    return Err(
+                        "redis.master_name, sentinel_username and sentinel_password_file go with redis.sentinels, not redis.url"
+                            .to_owned(),
+                    );
+                }
+                url.starts_with("rediss://")
+            }
+            (None, false) => {
+                for sentinel in &self.sentinels {
+                    check_redis_url("redis.sentinels", sentinel, &["redis", "rediss"])?;
+                }
+                let tls = self.sentinels.iter().filter(|s| s.starts_with("rediss://")).count();
+                if tls != 0 && tls != self.sentinels.len() {
+                    return Err("redis.sentinels must be all redis:// or all rediss://".to_owned());
+                }
+                if self.master_name.as_deref().is_none_or(|m| m.trim().is_empty()) {
+                    return Err(
+                        "redis.sentinels is set: redis.master_name must name the master they monitor".to_owned(),
+                    );
+                }
+                tls != 0
+            }
+            (Some(_), false) => {
+                return Err("set redis.url (one Redis) or redis.sentinels (Redis Sentinel), not both".to_owned());
+            }
+            (None, true) => {
+                return Err(
+                    "[redis] needs redis.url (one Redis) or redis.sentinels + redis.master_name (Redis Sentinel)"
+                        .to_owned(),
+                );
+            }
+        };
+        if self.ca_file.is_some() && !tls {
+            return Err("redis.ca_file is set, but the Redis it is for is not rediss://".to_owned());
         }
         if self.namespace.is_empty()
             || !self

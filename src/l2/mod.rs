@@ -28,6 +28,7 @@
 
 mod breaker;
 mod crypto;
+mod route;
 mod scripts;
 
 use std::{
@@ -41,6 +42,8 @@ use std::{
 
 use futures_util::{FutureExt as _, future::BoxFuture};
 use redis::{AsyncCommands as _, aio::ConnectionManager};
+
+use self::route::Route;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
@@ -63,9 +66,10 @@ const KEYS_LOCK_TTL: Duration = Duration::from_secs(60);
 
 /// What `[redis]` says, with its files read.
 pub struct Settings {
-    /// `redis://host:port/db`, `rediss://...` (TLS) or `unix:///path`.
-    pub url: String,
-    /// PEM CA certificates that sign the server's certificate (`rediss://`).
+    /// Which Redis.
+    pub server: Server,
+    /// PEM CA certificates that sign the server's (and the Sentinels')
+    /// certificate (`rediss://`).
     pub ca_pem: Option<Vec<u8>>,
     /// The ACL user.
     pub username: Option<String>,
@@ -96,7 +100,7 @@ impl Settings {
     /// benchmark and tests start from.
     pub fn with_defaults(url: String) -> Self {
         Self {
-            url,
+            server: Server::Url(url),
             ca_pem: None,
             username: None,
             password: None,
@@ -117,11 +121,67 @@ impl Settings {
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
-            .field("url", &redact_url(&self.url))
+            .field("server", &self.server)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "****"))
             .field("namespace", &self.namespace)
             .finish_non_exhaustive()
+    }
+}
+
+/// Which Redis the fleet shares.
+pub enum Server {
+    /// One Redis: `redis://host:port/db`, `rediss://...` (TLS) or `unix:///path`.
+    Url(String),
+    /// The master that Redis Sentinels name (followed through failovers).
+    Sentinel(SentinelSettings),
+}
+
+/// Redis Sentinels and the master they watch.
+#[derive(Clone)]
+pub struct SentinelSettings {
+    /// `redis://host:26379` or `rediss://host:26379` each (with TLS the
+    /// master is reached over TLS too).
+    pub addresses: Vec<String>,
+    /// The name the Sentinels monitor the master under.
+    pub master_name: String,
+    /// The Sentinels' ACL user.
+    pub username: Option<String>,
+    /// The Sentinels' password (from a file).
+    pub password: Option<SecretString>,
+}
+
+impl Server {
+    /// For logs: the url without a password, or the Sentinels and the master's name.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Url(url) => redact_url(url),
+            Self::Sentinel(s) => format!(
+                "master {:?} of the Sentinels {}",
+                s.master_name,
+                s.addresses.iter().map(|a| redact_url(a)).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+}
+
+impl fmt::Debug for SentinelSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelSettings")
+            .field(
+                "addresses",
+                &self.addresses.iter().map(|a| redact_url(a)).collect::<Vec<_>>(),
+            )
+            .field("master_name", &self.master_name)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "****"))
+            .finish()
+    }
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
     }
 }
 
@@ -221,7 +281,7 @@ pub struct Redis {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Route,
     ns: String,
     crypto: Crypto,
     settings: Settings,
@@ -236,6 +296,10 @@ struct Inner {
     flushing: std::sync::atomic::AtomicBool,
     /// The outbox overflowed (logged once).
     outbox_full_logged: std::sync::atomic::AtomicBool,
+    /// What this replica sent in the last [`REPLAY_WINDOW`] (kept only when
+    /// following Sentinels): sent again to a new master, which may not have
+    /// had it from the old one (replication is asynchronous).
+    recent: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, Pending)>>,
     /// The leases this replica extends while it mints, by value: the flag
     /// stops the extension.
     kept: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
@@ -256,6 +320,10 @@ enum Pending {
 
 /// How many undelivered notices and drops a replica keeps.
 const OUTBOX_LENGTH: usize = 1000;
+/// How long what a replica sent is kept to send again to a new master
+/// (longer than Sentinel takes to fail over with its usual settings, and
+/// than the old master may lag behind it in replication).
+const REPLAY_WINDOW: Duration = Duration::from_secs(60);
 
 /// Why an app's key-set lock was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,40 +352,24 @@ impl Redis {
     /// A client for `settings` (no connection yet: a Redis that is down
     /// does not hold up startup), sealing with keys derived from `kek`.
     pub fn new(settings: Settings, kek: &Kek) -> Result<Self, SetupError> {
-        use redis::IntoConnectionInfo as _;
-        let info = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| SetupError(format!("url {}: {e}", redact_url(&settings.url))))?;
-        let mut redis_settings = info.redis_settings().clone();
-        if let Some(user) = &settings.username {
-            redis_settings = redis_settings.set_username(user);
-        }
-        if let Some(password) = &settings.password {
-            redis_settings = redis_settings.set_password(password.expose_secret());
-        }
-        let info = info.set_redis_settings(redis_settings);
-        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-        let client = match (&settings.ca_pem, tls) {
-            (Some(pem), true) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            ),
-            (Some(_), false) => return Err(SetupError("ca_file is set, but the url is not rediss://".to_owned())),
-            (None, _) => redis::Client::open(info),
-        }
-        .map_err(|e| SetupError(format!("url {}: {e}", redact_url(&settings.url))))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.command_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| SetupError(format!("url {}: {e}", redact_url(&settings.url))))?;
+        let conn = match &settings.server {
+            Server::Url(url) => {
+                let client = one_redis(url, &settings)?;
+                Route::Direct(
+                    ConnectionManager::new_lazy_with_config(client, config)
+                        .map_err(|e| SetupError(format!("url {}: {e}", redact_url(url))))?,
+                )
+            }
+            Server::Sentinel(sentinels) => Route::Sentinel(Arc::new(route::Follow::new(
+                sentinel_client(sentinels, &settings)?,
+                config,
+            ))),
+        };
         let mut origin = [0u8; 8];
         let _ = aws_lc_rs::rand::fill(&mut origin);
         Ok(Self {
@@ -332,6 +384,7 @@ impl Redis {
                 outbox: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 flushing: std::sync::atomic::AtomicBool::new(false),
                 outbox_full_logged: std::sync::atomic::AtomicBool::new(false),
+                recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 kept: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
@@ -350,6 +403,19 @@ impl Redis {
     /// The last failure, if the circuit is open.
     pub fn last_error(&self) -> Option<String> {
         self.inner.breaker.last_error()
+    }
+
+    /// The Redis in use: the url, or the master the Sentinels named (`host:port`).
+    pub fn server(&self) -> String {
+        match (&self.inner.settings.server, self.inner.conn.master()) {
+            (Server::Sentinel(_), Some(master)) => master,
+            (server, _) => server.describe(),
+        }
+    }
+
+    /// Times the Sentinels named a new master (0 for one Redis).
+    pub fn master_switches(&self) -> u64 {
+        self.inner.conn.switches()
     }
 
     /// The namespace.
@@ -377,11 +443,13 @@ impl Redis {
                 Some(value)
             }
             Ok(Err(e)) => {
+                inner.conn.doubt();
                 inner.counters.errors.fetch_add(1, Ordering::Relaxed);
                 inner.breaker.failed(format!("{what}: {e}"));
                 None
             }
             Err(_) => {
+                inner.conn.doubt();
                 inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
                 inner
                     .breaker
@@ -391,7 +459,7 @@ impl Redis {
         }
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Route {
         self.inner.conn.clone()
     }
 
@@ -446,6 +514,55 @@ impl Redis {
             }
             outbox.push_back(pending);
         }
+    }
+
+    /// Keeps `pending`, just sent, to send again to a new master (Sentinel only).
+    fn sent(&self, pending: Pending) {
+        if !self.inner.conn.follows_sentinels() {
+            return;
+        }
+        if let Ok(mut recent) = self.inner.recent.lock() {
+            let now = std::time::Instant::now();
+            while recent
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > REPLAY_WINDOW)
+                || recent.len() >= OUTBOX_LENGTH
+            {
+                recent.pop_front();
+            }
+            recent.push_back((now, pending));
+        }
+    }
+
+    /// The Sentinels named a new master: what this replica sent in the last
+    /// [`REPLAY_WINDOW`] is sent again (the old master may not have passed
+    /// it on before it failed); the holder records are not.
+    async fn replay_recent(&self) {
+        let now = std::time::Instant::now();
+        let again: Vec<Pending> = self
+            .inner
+            .recent
+            .lock()
+            .map(|mut recent| {
+                recent
+                    .drain(..)
+                    .filter(|(at, _)| now.duration_since(*at) <= REPLAY_WINDOW)
+                    .map(|(_, pending)| pending)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let count = again.len();
+        for pending in again {
+            self.postpone(pending);
+        }
+        self.send_outbox().await;
+        let waiting = self.inner.outbox.lock().map(|o| o.len()).unwrap_or_default();
+        tracing::warn!(
+            master = %self.server(),
+            again = count,
+            waiting,
+            "Redis has a new master: sent this replica's invalidations of the last minute again (what could not be sent waits for it)"
+        );
     }
 
     /// Sends what waited for Redis in a task of its own (one at a time;
@@ -539,6 +656,7 @@ impl Redis {
                     break;
                 }
                 if next == 0 {
+                    self.sent(Pending::DropApp((*app).to_owned()));
                     break;
                 }
                 cursor = next;
@@ -611,10 +729,12 @@ impl Redis {
     }
 
     async fn invalidate_names(&self, token: String, fence: String) -> bool {
-        let names = (token.clone(), fence.clone());
+        let pending = Pending::Drop(token.clone(), fence.clone());
         let done = self.drop_names(token, fence).await;
-        if !done {
-            self.postpone(Pending::Drop(names.0, names.1));
+        if done {
+            self.sent(pending);
+        } else {
+            self.postpone(pending);
         }
         done
     }
@@ -656,6 +776,7 @@ impl Redis {
             .await;
         if sent.is_some() {
             self.inner.counters.notices_sent.fetch_add(1, Ordering::Relaxed);
+            self.sent(Pending::Notice(notice.clone()));
         } else {
             self.postpone(Pending::Notice(notice.clone()));
         }
@@ -669,6 +790,9 @@ impl Redis {
     /// [`CATCH_UP_INTERVAL`].
     pub fn notices(&self) -> tokio::sync::mpsc::Receiver<Notice> {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        if let Server::Sentinel(sentinels) = &self.inner.settings.server {
+            self.inner.conn.watch(&sentinels.master_name);
+        }
         let this = self.clone();
         tokio::spawn(async move {
             let mut last: Option<String> = None;
@@ -677,10 +801,26 @@ impl Redis {
             let mut interval = tokio::time::interval(this.inner.settings.poll_interval);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut caught_up = std::time::Instant::now();
+            let mut switches = this.master_switches();
             loop {
                 interval.tick().await;
                 if tx.is_closed() {
                     return;
+                }
+                if this.master_switches() != switches {
+                    switches = this.master_switches();
+                    this.replay_recent().await;
+                    // The new master may lack notices read from the old one:
+                    // read on from its newest, not from an id it never had.
+                    if let (Some(read), Some(newest)) = (&last, this.latest_notice_id().await)
+                        && stream_id(&newest) < stream_id(read)
+                    {
+                        last = Some(newest);
+                    }
+                    // A key set published to the old master only is published again.
+                    if tx.send(Notice::CatchUp).await.is_err() {
+                        return;
+                    }
                 }
                 if caught_up.elapsed() >= CATCH_UP_INTERVAL {
                     caught_up = std::time::Instant::now();
@@ -748,14 +888,10 @@ impl Redis {
                     .await
             })
             .await;
-        let id = |text: &str| {
-            let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
-            (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
-        };
         match oldest.map(|r| r.ids.first().map(|e| e.id.clone())) {
             None => true,
             Some(None) => last != "0-0",
-            Some(Some(oldest)) => id(&oldest) > id(last),
+            Some(Some(oldest)) => stream_id(&oldest) > stream_id(last),
         }
     }
 
@@ -1079,6 +1215,111 @@ impl Drop for KeysLock {
     }
 }
 
+/// A client for the one Redis at `url`, with the ACL user, password and CA of `settings`.
+fn one_redis(url: &str, settings: &Settings) -> Result<redis::Client, SetupError> {
+    use redis::IntoConnectionInfo as _;
+    let bad = |e: redis::RedisError| SetupError(format!("url {}: {e}", redact_url(url)));
+    let info = url.into_connection_info().map_err(bad)?;
+    let mut redis_settings = info.redis_settings().clone();
+    if let Some(user) = &settings.username {
+        redis_settings = redis_settings.set_username(user);
+    }
+    if let Some(password) = &settings.password {
+        redis_settings = redis_settings.set_password(password.expose_secret());
+    }
+    let info = info.set_redis_settings(redis_settings);
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    match (&settings.ca_pem, tls) {
+        (Some(pem), true) => redis::Client::build_with_tls(info, ca_certificates(pem)),
+        (Some(_), false) => return Err(SetupError("ca_file is set, but the url is not rediss://".to_owned())),
+        (None, _) => redis::Client::open(info),
+    }
+    .map_err(bad)
+}
+
+/// A client that asks `sentinels` for their master (TLS to both when the
+/// Sentinels are `rediss://`); the master gets `settings`' ACL user and password.
+fn sentinel_client(
+    sentinels: &SentinelSettings,
+    settings: &Settings,
+) -> Result<redis::sentinel::SentinelClient, SetupError> {
+    use redis::{ConnectionAddr, IntoConnectionInfo as _};
+    let mut addresses = Vec::with_capacity(sentinels.addresses.len());
+    for address in &sentinels.addresses {
+        let info = address
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| SetupError(format!("sentinel {}: {e}", redact_url(address))))?;
+        addresses.push(info.addr().clone());
+    }
+    let tls = addresses
+        .iter()
+        .filter(|a| matches!(a, ConnectionAddr::TcpTls { .. }))
+        .count();
+    if addresses.is_empty()
+        || (tls != 0 && tls != addresses.len())
+        || addresses.iter().any(|a| matches!(a, ConnectionAddr::Unix(_)))
+    {
+        return Err(SetupError(
+            "sentinels must be one or more redis://host:port, or all rediss://host:port".to_owned(),
+        ));
+    }
+    let bad = |e: redis::RedisError| SetupError(format!("sentinels: {e}"));
+    let mut builder = redis::sentinel::SentinelClientBuilder::new(
+        addresses,
+        &sentinels.master_name,
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .map_err(bad)?;
+    if let Some(user) = &settings.username {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = &settings.password {
+        builder = builder.set_client_to_redis_password(password.expose_secret());
+    }
+    if let Some(user) = &sentinels.username {
+        builder = builder.set_client_to_sentinel_username(user);
+    }
+    if let Some(password) = &sentinels.password {
+        builder = builder.set_client_to_sentinel_password(password.expose_secret());
+    }
+    match (&settings.ca_pem, tls != 0) {
+        (Some(pem), true) => {
+            builder = builder
+                .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+                .set_client_to_redis_certificates(ca_certificates(pem))
+                .set_client_to_sentinel_certificates(ca_certificates(pem));
+        }
+        (None, true) => {
+            builder = builder
+                .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+        }
+        (Some(_), false) => {
+            return Err(SetupError(
+                "ca_file is set, but the sentinels are not rediss://".to_owned(),
+            ));
+        }
+        (None, false) => {}
+    }
+    builder.build().map_err(bad)
+}
+
+/// Trust `pem`'s CA certificates (no client certificate).
+fn ca_certificates(pem: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    }
+}
+
+/// A stream entry's id (`ms-seq`) as numbers, to compare.
+fn stream_id(text: &str) -> (u64, u64) {
+    let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
 fn random_value() -> String {
     let mut bytes = [0u8; 16];
     let _ = aws_lc_rs::rand::fill(&mut bytes);
@@ -1285,6 +1526,32 @@ mod tests {
         let shown = format!("{settings:?}");
         assert!(shown.contains("box-broker") && shown.contains("****"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn sentinel_settings_show_no_password() {
+        let sentinels = SentinelSettings {
+            addresses: vec!["redis://s1:26379".to_owned(), "rediss://s2:26379".to_owned()],
+            master_name: "box".to_owned(),
+            username: Some("watcher".to_owned()),
+            password: Some(SecretString::from("hunter2-sentinel")),
+        };
+        let shown = format!("{sentinels:?}");
+        assert!(
+            shown.contains("watcher") && shown.contains("****") && shown.contains("s2:26379"),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let server = Server::Sentinel(sentinels);
+        assert_eq!(
+            server.describe(),
+            "master \"box\" of the Sentinels redis://s1:26379, rediss://s2:26379"
+        );
+        let settings = Settings {
+            server,
+            ..Settings::with_defaults(String::new())
+        };
+        assert!(!format!("{settings:?}").contains("hunter2"));
     }
 
     #[test]

@@ -427,6 +427,8 @@ impl BrokerAdminService for BrokerAdminApi {
                             misses: load(&c.misses),
                             notices_sent: load(&c.notices_sent),
                             notices_received: load(&c.notices_received),
+                            server: fleet.server(),
+                            master_switches: fleet.master_switches(),
                         }
                     }),
                 })

@@ -512,7 +512,7 @@ fn the_fleet_overlay_runs_three_replicas_sharing_a_redis_only_they_reach() {
     let redis = settings.redis.as_ref().expect("[redis] from the environment");
     let service = find(&documents, "Service", "box-broker-redis");
     let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
-    assert_eq!(redis.url, format!("redis://box-broker-redis:{port}/0"));
+    assert_eq!(redis.url, Some(format!("redis://box-broker-redis:{port}/0")));
     assert!(
         redis
             .password_file

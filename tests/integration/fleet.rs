@@ -150,6 +150,10 @@ pub(crate) struct Fleet {
     pub(crate) redis: RedisServer,
     /// Extra config every replica gets.
     pub(crate) extra: String,
+    /// `[redis]` lines naming the server instead of `redis`'s url.
+    server: Option<String>,
+    /// More Redis processes (a Sentinel fleet's replica and Sentinels).
+    others: Vec<RedisServer>,
 }
 
 /// One `box-broker serve` of the fleet.
@@ -177,6 +181,8 @@ impl Fleet {
             fake_url,
             redis,
             extra: extra.to_owned(),
+            server: None,
+            others: Vec::new(),
         }
     }
 
@@ -186,9 +192,11 @@ impl Fleet {
         let hash = hex::encode(sha2::Sha256::digest(ADMIN_KEY.as_bytes()));
         let kek = kek.map_or_else(|| self.dir.path().join("kek"), Path::to_path_buf);
         let text = format!(
-            "{base}\n[keystore]\npath = {:?}\nkek_file = {kek:?}\n\n[redis]\nurl = {:?}\nbreaker_cooldown_secs = 1\n{}\n\n[[admin.api_keys]]\nidentity = \"ops\"\nsha256 = \"{hash}\"\n[[admin.rules]]\ncallers = [\"apikey:ops\"]\nrpcs = [\"*\"]\n",
+            "{base}\n[keystore]\npath = {:?}\nkek_file = {kek:?}\n\n[redis]\n{}\nbreaker_cooldown_secs = 1\n{}\n\n[[admin.api_keys]]\nidentity = \"ops\"\nsha256 = \"{hash}\"\n[[admin.rules]]\ncallers = [\"apikey:ops\"]\nrpcs = [\"*\"]\n",
             self.dir.path().join(format!("{name}-keys.json")),
-            self.redis.url(),
+            self.server
+                .clone()
+                .unwrap_or_else(|| format!("url = {:?}", self.redis.url())),
             self.extra,
         );
         let path = self.dir.path().join(format!("{name}.toml"));
@@ -322,6 +330,24 @@ impl Member {
     async fn active_kid(&self) -> String {
         let status = self.status().await;
         status.apps[0].active_key.as_ref().unwrap().kid.clone()
+    }
+
+    /// The first line holding `needle` on its stderr (lines read are gone),
+    /// if one is there or comes within `within`.
+    fn logged(&self, needle: &str, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        tokio::task::block_in_place(|| {
+            while let Ok(line) = self
+                .proc
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
     }
 
     fn kill(&mut self) {
@@ -534,42 +560,70 @@ async fn a_tampered_or_foreign_kek_value_in_redis_is_a_miss_never_served() {
     );
 }
 
+/// Eight workers asking two replicas for a Service Account token, a
+/// user's and (forced) another user's, every 5 ms, until stopped.
+struct Load {
+    served: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    workers: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    async fn start(members: &[&Member]) -> Self {
+        let mut clients = Vec::new();
+        for member in members {
+            clients.push(member.client().await);
+        }
+        let mut load = Self {
+            served: Arc::default(),
+            failed: Arc::default(),
+            stop: Arc::default(),
+            workers: tokio::task::JoinSet::new(),
+        };
+        for worker in 0..8 {
+            let (mut client, failed, served, stop) = (
+                clients[worker % clients.len()].clone(),
+                load.failed.clone(),
+                load.served.clone(),
+                load.stop.clone(),
+            );
+            load.workers.spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let request = match (worker + i) % 3 {
+                        0 => enterprise(),
+                        1 => user("7200001"),
+                        _ => force(user("7200002")),
+                    };
+                    match client.get_token(request).await {
+                        Ok(_) => served.fetch_add(1, Ordering::Relaxed),
+                        Err(status) => {
+                            eprintln!("failed: {status:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+        }
+        load
+    }
+
+    /// Stops the workers: (requests served, requests failed).
+    async fn stop(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.workers.join_next().await.is_some() {}
+        (self.served.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_stopped_or_frozen_mid_load_fails_no_request_and_sharing_resumes() {
     let mut fleet = Fleet::new("");
     let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
-    let clients = [a.client().await, b.client().await];
-    let failed = Arc::new(AtomicUsize::new(0));
-    let served = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = tokio::task::JoinSet::new();
-    for worker in 0..8 {
-        let (mut client, failed, served, stop) = (
-            clients[worker % 2].clone(),
-            failed.clone(),
-            served.clone(),
-            stop.clone(),
-        );
-        load.spawn(async move {
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let request = match (worker + i) % 3 {
-                    0 => enterprise(),
-                    1 => user("7200001"),
-                    _ => force(user("7200002")),
-                };
-                match client.get_token(request).await {
-                    Ok(_) => served.fetch_add(1, Ordering::Relaxed),
-                    Err(status) => {
-                        eprintln!("failed: {status:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-    }
+    let load = Load::start(&[&a, &b]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     fleet.redis.signal("-STOP");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -583,10 +637,9 @@ async fn redis_stopped_or_frozen_mid_load_fails_no_request_and_sharing_resumes()
     assert_eq!(a.metric("boxbroker_l2_degraded", "").await, 1.0);
     fleet.redis.restart();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    while load.join_next().await.is_some() {}
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed because of Redis");
-    assert!(served.load(Ordering::Relaxed) > 100);
+    let (served, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no request failed because of Redis");
+    assert!(served > 100);
     for m in [&a, &b] {
         let failed_calls = m.metric("boxbroker_l2_errors_total", "kind=\"timeout\"").await
             + m.metric("boxbroker_l2_errors_total", "kind=\"error\"").await;
@@ -934,13 +987,29 @@ const ACL_RULES: &str = "box-broker on >PASSWORD resetkeys ~box-broker:* resetch
 /// setting and the file — never the password.
 #[test]
 fn a_bad_redis_password_file_stops_startup_with_one_line() {
-    let fleet = Fleet::new("");
+    let mut fleet = Fleet::new("");
     let password = fleet.dir.path().join("redis-password");
-    for (content, mode, problem) in [
-        (None, 0o400, "cannot read"),
-        (Some("\n"), 0o400, "is empty"),
-        (Some("hunter2-redis\n"), 0o644, "other users may read"),
+    let sentinels = "sentinels = [\"redis://127.0.0.1:26379\"]\nmaster_name = \"box\"";
+    for (setting, server, content, mode, problem) in [
+        ("password_file", None, None, 0o400, "cannot read"),
+        ("password_file", None, Some("\n"), 0o400, "is empty"),
+        (
+            "password_file",
+            None,
+            Some("hunter2-redis\n"),
+            0o644,
+            "other users may read",
+        ),
+        ("sentinel_password_file", Some(sentinels), None, 0o400, "cannot read"),
+        (
+            "sentinel_password_file",
+            Some(sentinels),
+            Some("hunter2-redis\n"),
+            0o604,
+            "other users may read",
+        ),
     ] {
+        fleet.server = server.map(str::to_owned);
         let _ = std::fs::remove_file(&password);
         if let Some(content) = content {
             std::fs::write(&password, content).unwrap();
@@ -949,7 +1018,7 @@ fn a_bad_redis_password_file_stops_startup_with_one_line() {
         let config = fleet.config("a", None);
         let text = std::fs::read_to_string(&config)
             .unwrap()
-            .replace("[redis]\n", &format!("[redis]\npassword_file = {password:?}\n"));
+            .replace("[redis]\n", &format!("[redis]\n{setting} = {password:?}\n"));
         std::fs::write(&config, text).unwrap();
         for command in [&["check-config"][..], &["serve", "--config"][..]] {
             let out = Command::new(bin())
@@ -963,7 +1032,7 @@ fn a_bad_redis_password_file_stops_startup_with_one_line() {
             assert_eq!(out.status.code(), Some(64), "{command:?}: {stderr}");
             assert_eq!(stderr.lines().count(), 1, "{stderr}");
             assert!(
-                stderr.contains("redis.password_file") && stderr.contains("redis-password"),
+                stderr.contains(&format!("redis.{setting}")) && stderr.contains("redis-password"),
                 "{stderr}"
             );
             assert!(stderr.contains(problem), "{stderr}");
@@ -1270,4 +1339,261 @@ async fn a_new_app_user_is_created_once_for_the_fleet() {
     assert_eq!(fleet.stat("users_created").await, 1);
     assert_eq!(fleet.stat("user_create_requests").await, 1, "one POST for the fleet");
     assert_eq!(tokens.len(), 1, "and one token, shared");
+}
+
+/// The passwords in [`Fleet::with_sentinels`]: the data nodes' and the
+/// Sentinels' default users (replication, the Sentinels, the test), and the
+/// brokers' ACL users on each.
+const DATA_PASSWORD: &str = "data-pw-4d1c";
+const SENTINEL_PASSWORD: &str = "sentinel-pw-90be";
+const BROKER_DATA_PASSWORD: &str = "broker-pw-5e21";
+const BROKER_SENTINEL_PASSWORD: &str = "broker-sentinel-pw-77a0";
+
+/// README.md's ACL for the broker's user on the Sentinels (PASSWORD replaced).
+const SENTINEL_ACL_RULES: &str =
+    "box-broker on >PASSWORD resetchannels -@all +@connection +sentinel|masters +role +subscribe &+switch-master";
+
+impl Fleet {
+    /// A fleet whose Redis is a master (`redis`), a replica of it
+    /// (`others[0]`) and two Sentinels watching them (`others[1..]`; quorum
+    /// 1, a master down after 1 s for the first), each with a password; the
+    /// brokers find the master through the Sentinels, as ACL users with only
+    /// the commands README.md lists on either.
+    async fn with_sentinels(extra: &str) -> Self {
+        let acl = format!("{ACL_RULES} +role").replace("PASSWORD", BROKER_DATA_PASSWORD);
+        // One argument per word: redis-server joins an option's arguments.
+        let mut auth = vec![
+            "--masterauth",
+            DATA_PASSWORD,
+            "--user",
+            "default",
+            "on",
+            &format!(">{DATA_PASSWORD}"),
+            "~*",
+            "&*",
+            "+@all",
+            "--user",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        auth.extend(acl.split_whitespace().map(str::to_owned));
+        let master = RedisServer::with_port_args(|_| auth.clone());
+        let master_port = master.port;
+        let replica = RedisServer::with_port_args(|_| {
+            let mut args = auth.clone();
+            args.extend([
+                "--replicaof".to_owned(),
+                "127.0.0.1".to_owned(),
+                master_port.to_string(),
+            ]);
+            args
+        });
+        let mut fleet = Self::with_redis(extra, master);
+        fleet.others.push(replica);
+        for i in 0..2 {
+            let conf = fleet.dir.path().join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "requirepass {SENTINEL_PASSWORD}\nuser {}\nsentinel monitor box 127.0.0.1 {master_port} 1\nsentinel auth-pass box {DATA_PASSWORD}\nsentinel down-after-milliseconds box {}\nsentinel failover-timeout box 3000\n",
+                    SENTINEL_ACL_RULES.replace("PASSWORD", BROKER_SENTINEL_PASSWORD),
+                    // The first sees a dead master first and asks the other's
+                    // vote (two candidates at once would split the votes).
+                    1000 * (1 + 4 * i)
+                ),
+            )
+            .unwrap();
+            fleet.others.push(RedisServer::with_conf(&conf, &["--sentinel"]));
+        }
+        for (file, password) in [
+            ("redis-pw", BROKER_DATA_PASSWORD),
+            ("sentinel-pw", BROKER_SENTINEL_PASSWORD),
+        ] {
+            let path = fleet.dir.path().join(file);
+            std::fs::write(&path, format!("{password}\n")).unwrap();
+            set_mode(&path, 0o400);
+        }
+        let sentinels: Vec<String> = fleet.others[1..]
+            .iter()
+            .map(|s| format!("\"redis://127.0.0.1:{}\"", s.port))
+            .collect();
+        fleet.server = Some(format!(
+            "sentinels = [{}]\nmaster_name = \"box\"\nusername = \"box-broker\"\npassword_file = \"redis-pw\"\nsentinel_username = \"box-broker\"\nsentinel_password_file = \"sentinel-pw\"",
+            sentinels.join(", ")
+        ));
+        // Ready for a failover: every Sentinel knows the other and a replica in sync.
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                let mut ready = true;
+                for i in 0..2 {
+                    let others = fleet.sentinel(i, "SENTINELS").await.len();
+                    let replicas = fleet.sentinel(i, "REPLICAS").await;
+                    ready &= others == 1 && replicas.iter().any(in_sync);
+                }
+                ready
+            })
+            .await,
+            "the Sentinels did not find each other and the replica"
+        );
+        fleet
+    }
+
+    /// Sentinel `i`'s `SENTINEL <what> box` (SENTINELS, REPLICAS): one map per instance.
+    async fn sentinel(&self, i: usize, what: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let url = format!("redis://:{SENTINEL_PASSWORD}@127.0.0.1:{}", self.others[1 + i].port);
+        let mut conn = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("SENTINEL")
+            .arg(what)
+            .arg("box")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// A replica the Sentinels could promote: up, and in sync with its master.
+fn in_sync(replica: &std::collections::HashMap<String, String>) -> bool {
+    let flags = replica.get("flags").map_or("", String::as_str);
+    flags.contains("slave")
+        && !flags.contains("down")
+        && !flags.contains("disconnected")
+        && replica.get("master-link-status").is_some_and(|s| s == "ok")
+}
+
+/// The Redis a replica uses and how often its master changed (GetStatus).
+async fn redis_in_use(member: &Member) -> (String, u64) {
+    let status = member.status().await.redis.expect("GetStatus shows the Redis state");
+    (status.server, status.master_switches)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_follows_sentinel_failovers_under_load_and_loses_no_invalidation() {
+    let mut fleet = Fleet::with_sentinels("").await;
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let master = format!("127.0.0.1:{}", fleet.redis.port);
+    let replica = format!("127.0.0.1:{}", fleet.others[0].port);
+    // The replicas share through the master the Sentinels name.
+    let shared = a.get(user("7200003")).await.unwrap();
+    let minted = fleet.stat("jwt_issued").await;
+    assert_eq!(b.get(user("7200003")).await.unwrap(), shared);
+    assert_eq!(fleet.stat("jwt_issued").await, minted, "B minted nothing");
+    assert_eq!(redis_in_use(&a).await, (master.clone(), 0));
+    let load = Load::start(&[&a, &b]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // An invalidation the old master takes but never passes on (its replica
+    // is frozen and cut off), then the master dies.
+    fleet.others[0].signal("-STOP");
+    let mut old_master = redis::Client::open(format!("redis://:{DATA_PASSWORD}@127.0.0.1:{}", fleet.redis.port))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let cut: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async(&mut old_master)
+        .await
+        .unwrap();
+    assert_eq!(cut, 1);
+    assert!(invalidate(&a, None).await >= 1);
+    fleet.redis.stop();
+    fleet.others[0].signal("-CONT");
+
+    // The Sentinels promote the replica, and both brokers follow it.
+    for member in [&a, &b] {
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                redis_in_use(member).await == (replica.clone(), 1)
+            })
+            .await,
+            "{:?}",
+            redis_in_use(member).await
+        );
+    }
+    // A sends its invalidation again: B drops its copy, and a broker started
+    // now finds no copy in the new master.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.get(user("7200003")).await.unwrap() != shared
+        })
+        .await,
+        "B still serves the invalidated token"
+    );
+    let c = fleet.spawn("c");
+    assert_ne!(
+        c.get(user("7200003")).await.unwrap(),
+        shared,
+        "the new master still held it"
+    );
+    assert_eq!(a.metric("boxbroker_l2_master_switches_total", "").await, 1.0);
+
+    // The old master returns as a replica of the new one, then a forced
+    // failover makes it the master again: the fleet follows.
+    fleet.redis.args.extend([
+        "--replicaof".to_owned(),
+        "127.0.0.1".to_owned(),
+        fleet.others[0].port.to_string(),
+    ]);
+    fleet.redis.restart();
+    let url = format!("redis://:{SENTINEL_PASSWORD}@127.0.0.1:{}", fleet.others[1].port);
+    let sentinel = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Refused (no good replica) until the Sentinel sees it in sync.
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let mut sentinel = sentinel.clone();
+            async move {
+                let failover: redis::RedisResult<()> = redis::cmd("SENTINEL")
+                    .arg("FAILOVER")
+                    .arg("box")
+                    .query_async(&mut sentinel)
+                    .await;
+                failover.is_ok()
+            }
+        })
+        .await,
+        "the Sentinel never took the old master for a replica in sync"
+    );
+    for member in [&a, &b, &c] {
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                redis_in_use(member).await.0 == master
+            })
+            .await,
+            "{:?}",
+            redis_in_use(member).await
+        );
+    }
+    // A Sentinel's announcement moved them, not a failed write: the old
+    // master took writes until the Sentinels reconfigured it.
+    assert!(
+        a.logged("a Sentinel announced it", Duration::from_secs(5)).is_some(),
+        "A followed the new master without the Sentinel's announcement"
+    );
+    let (served, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no request failed during the failovers");
+    assert!(served > 100);
+
+    // Sharing goes on through the new master, once A has sent its
+    // invalidation again (an app's: it drops what is shared meanwhile).
+    let resent = a.logged("sent this replica's invalidations", Duration::from_secs(10));
+    assert!(
+        resent.as_ref().is_some_and(|l| l.contains("\"waiting\":0")),
+        "{resent:?}"
+    );
+    let token = a.get(user("7300001")).await.unwrap();
+    let minted = fleet.stat("jwt_issued").await;
+    assert_eq!(b.get(user("7300001")).await.unwrap(), token);
+    assert_eq!(c.get(user("7300001")).await.unwrap(), token);
+    assert_eq!(fleet.stat("jwt_issued").await, minted, "B and C minted nothing");
 }
