@@ -55,26 +55,24 @@ impl RedisServer {
 
     /// A server started with the arguments `args` makes of its port.
     pub(crate) fn with_port_args(args: impl FnOnce(u16) -> Vec<String>) -> Self {
+        Self::with_conf_and(None, args)
+    }
+
+    /// A server run with the config file `conf` (its settings, then `args`).
+    pub(crate) fn with_conf(conf: &Path, args: &[&str]) -> Self {
+        Self::with_conf_and(Some(conf), |_| args.iter().map(|a| (*a).to_owned()).collect())
+    }
+
+    /// A server run with the config file `conf` if any, then the arguments
+    /// `args` makes of its port.
+    fn with_conf_and(conf: Option<&Path>, args: impl FnOnce(u16) -> Vec<String>) -> Self {
         let port = free_port();
         let mut server = Self {
             child: None,
             port,
             dir: tempfile::tempdir().unwrap(),
-            conf: None,
+            conf: conf.map(Path::to_path_buf),
             args: args(port),
-        };
-        server.restart();
-        server
-    }
-
-    /// A server run with the config file `conf` (its settings, then `args`).
-    pub(crate) fn with_conf(conf: &Path, args: &[&str]) -> Self {
-        let mut server = Self {
-            child: None,
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            conf: Some(conf.to_path_buf()),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.restart();
         server
@@ -1271,6 +1269,66 @@ async fn a_tls_redis_is_reached_with_the_configured_ca_and_only_with_it() {
             + c.metric("boxbroker_l2_errors_total", "kind=\"timeout\"").await
             >= 1.0
     );
+}
+
+/// TLS to the Sentinels and the master (`rediss://` Sentinels, one CA
+/// file): two brokers share through the master the Sentinel names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_sentinel_and_its_master_are_reached_with_the_configured_ca() {
+    use crate::common::pki::{Pki, dns, ip};
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(vec![dns("localhost"), ip("127.0.0.1")]);
+    let tls = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = tls.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (cert, key, ca) = (
+        file("redis.crt", &cert),
+        file("redis.key", &key),
+        file("ca.crt", &pki.ca.pem()),
+    );
+    // TLS only, on the port the server is waited on (Sentinels reach the master over TLS too).
+    let tls_args = |port: u16| {
+        [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--tls-replication",
+            "yes",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let master = RedisServer::with_port_args(tls_args);
+    let conf = tls.path().join("sentinel.conf");
+    std::fs::write(&conf, format!("sentinel monitor box 127.0.0.1 {} 1\n", master.port)).unwrap();
+    let sentinel = RedisServer::with_conf_and(Some(&conf), |port| {
+        let mut args = tls_args(port);
+        args.push("--sentinel".to_owned());
+        args
+    });
+    let mut fleet = Fleet::with_redis("", master);
+    fleet.server = Some(format!(
+        "sentinels = [\"rediss://127.0.0.1:{}\"]\nmaster_name = \"box\"\nca_file = {ca:?}",
+        sentinel.port
+    ));
+    fleet.others.push(sentinel);
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let minted = a.get(enterprise()).await.unwrap();
+    assert_eq!(b.get(enterprise()).await.unwrap(), minted, "shared over TLS");
+    assert_eq!(fleet.stat("jwt_issued").await, 1);
+    assert_eq!(redis_in_use(&b).await, (format!("127.0.0.1:{}", fleet.redis.port), 0));
 }
 
 /// A replica whose notice reads failed for a moment (Redis frozen) reads on
