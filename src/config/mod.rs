@@ -84,6 +84,14 @@ mod tests {
         let redis = c.redis.as_ref().unwrap_or_else(|| unreachable!());
         assert_eq!((redis.sentinels.len(), redis.master_name.as_deref()), (2, Some("box")));
         assert!(redis.sentinel_password_file.as_ref().is_some_and(|p| p.is_absolute()));
+        // From the environment: one string, separated by commas.
+        let c = load(
+            &format!("{MINIMAL}{store}[redis]\nmaster_name = \"box\"\n"),
+            &[("BOX_BROKER_REDIS__SENTINELS", "redis://s1:26379, redis://s2:26379")],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let redis = c.redis.as_ref().unwrap_or_else(|| unreachable!());
+        assert_eq!(redis.sentinels, ["redis://s1:26379", "redis://s2:26379"]);
         for (redis, keystore, problem) in [
             ("url = \"redis://redis:6379\"\n", "", "[redis] needs [keystore]"),
             (

@@ -78,8 +78,10 @@ pub struct RedisConfig {
     #[serde(default)]
     pub url: Option<String>,
     /// Or Redis Sentinels (instead of `url`): `redis://host:26379` or, all
-    /// of them, `rediss://host:26379` (the master is then reached over TLS too).
-    #[serde(default)]
+    /// of them, `rediss://host:26379` (the master is then reached over TLS
+    /// too). A list, or one string of them separated by commas (what an
+    /// environment variable can give).
+    #[serde(default, deserialize_with = "de_list_or_commas")]
     pub sentinels: Vec<String>,
     /// The name the Sentinels monitor the master under (with `sentinels`).
     #[serde(default)]
@@ -122,6 +124,36 @@ pub struct RedisConfig {
     /// Seconds Redis is skipped after `breaker_threshold` failures.
     #[serde(default = "default_redis_breaker_cooldown", deserialize_with = "de_secs")]
     pub breaker_cooldown_secs: u64,
+}
+
+/// A list of strings, or one string of them separated by commas.
+fn de_list_or_commas<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct ListOrCommas;
+    impl<'de> serde::de::Visitor<'de> for ListOrCommas {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of URLs, or one string of them separated by commas")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(text
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut list = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                list.push(item);
+            }
+            Ok(list)
+        }
+    }
+    d.deserialize_any(ListOrCommas)
 }
 
 /// `value` (setting `setting`) is a URL of one of `schemes`, with no user or password in it.
