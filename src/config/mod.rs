@@ -155,6 +155,16 @@ mod tests {
                 store,
                 "go with redis.sentinels",
             ),
+            (
+                "sentinels = [\"redis://s1\"]\nmaster_name = \"m\"\n",
+                store,
+                "needs its port",
+            ),
+            (
+                "sentinels = [\"redis://s1:26379/2\"]\nmaster_name = \"m\"\n",
+                store,
+                "has a path",
+            ),
         ] {
             let err = with(redis, keystore).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(problem), "{redis}: {err}");

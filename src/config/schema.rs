@@ -231,6 +231,21 @@ impl RedisConfig {
             (None, false) => {
                 for sentinel in &self.sentinels {
                     check_redis_url("redis.sentinels", sentinel, &["redis", "rediss"])?;
+                    let rest = sentinel.split_once("://").map_or("", |(_, rest)| rest);
+                    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+                    if !path.is_empty() {
+                        return Err(format!(
+                            "redis.sentinels: {sentinel:?} has a path: a Sentinel is scheme://host:port only (the master's database is 0)"
+                        ));
+                    }
+                    if authority
+                        .rsplit_once(':')
+                        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+                    {
+                        return Err(format!(
+                            "redis.sentinels: {sentinel:?} needs its port (Sentinels usually listen on 26379)"
+                        ));
+                    }
                 }
                 let tls = self.sentinels.iter().filter(|s| s.starts_with("rediss://")).count();
                 if tls != 0 && tls != self.sentinels.len() {

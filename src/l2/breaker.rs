@@ -52,6 +52,14 @@ impl Breaker {
         self.until.lock().ok().and_then(|u| u.1.clone())
     }
 
+    /// Lets calls through at once (the Sentinels named a new master): the
+    /// first one's outcome closes the circuit or opens it again.
+    pub(super) fn try_now(&self) {
+        if let Ok(mut until) = self.until.lock() {
+            until.0 = Some(Instant::now());
+        }
+    }
+
     pub(super) fn succeeded(&self) {
         self.failures.store(0, Ordering::Relaxed);
         if self.open.swap(false, Ordering::Relaxed) {
@@ -95,5 +103,16 @@ mod tests {
         let quick = Breaker::new(1, Duration::ZERO);
         quick.failed("z".to_owned());
         assert!(quick.is_open() && quick.allows(), "tried again once the cooldown ends");
+    }
+
+    #[test]
+    fn a_new_master_is_tried_before_the_cooldown_ends() {
+        let b = Breaker::new(1, Duration::from_secs(3600));
+        b.failed("the old master".to_owned());
+        assert!(!b.allows());
+        b.try_now();
+        assert!(b.allows() && b.is_open(), "tried, still open until a call succeeds");
+        b.failed("the new one too".to_owned());
+        assert!(!b.allows(), "a failure opens it for a cooldown again");
     }
 }

