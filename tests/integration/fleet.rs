@@ -1658,3 +1658,29 @@ async fn the_fleet_follows_sentinel_failovers_under_load_and_loses_no_invalidati
     assert_eq!(b.get(user("7300001")).await.unwrap(), token, "B serves A's token");
     assert_eq!(c.get(user("7300001")).await.unwrap(), token, "C serves A's token");
 }
+
+/// The first Sentinel listed is frozen (it accepts connections and never
+/// answers): the brokers find the master through the second and share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_sentinel_does_not_keep_the_fleet_from_its_master() {
+    let fleet = Fleet::with_sentinels("").await;
+    fleet.others[1].signal("-STOP");
+    let (a, b) = (fleet.spawn("a"), fleet.spawn("b"));
+    let master = format!("127.0.0.1:{}", fleet.redis.port);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            redis_in_use(&a).await.0 == master && redis_in_use(&b).await.0 == master
+        })
+        .await,
+        "{:?}",
+        redis_in_use(&a).await
+    );
+    let token = a.get(user("7200001")).await.unwrap();
+    assert_eq!(
+        b.get(user("7200001")).await.unwrap(),
+        token,
+        "shared through the master the second Sentinel named"
+    );
+    assert_eq!(a.metric("boxbroker_l2_degraded", "").await, 0.0);
+    fleet.others[1].signal("-CONT");
+}
