@@ -1208,41 +1208,62 @@ async fn an_invalidation_while_redis_is_down_reaches_the_others_when_it_is_back(
 /// `rediss://` with `ca_file`: the fleet shares through a Redis that speaks
 /// only TLS, its certificate checked against the configured CA (and a
 /// broker given another CA refuses it: it then works alone).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_redis_is_reached_with_the_configured_ca_and_only_with_it() {
-    use crate::common::pki::{Pki, dns, ip};
-    let pki = Pki::new();
-    let (cert, key) = pki.issue(vec![dns("localhost"), ip("127.0.0.1")]);
-    let tls = tempfile::tempdir().unwrap();
-    let file = |name: &str, text: &str| {
-        let path = tls.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_str().unwrap().to_owned()
-    };
-    let (cert, key, ca) = (
-        file("redis.crt", &cert),
-        file("redis.key", &key),
-        file("ca.crt", &pki.ca.pem()),
-    );
-    // TLS only, on the port the server is waited on.
-    let server = RedisServer::with_port_args(|port| {
+/// A certificate for localhost and 127.0.0.1, its key and its CA, in files.
+struct RedisTls {
+    dir: tempfile::TempDir,
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+impl RedisTls {
+    fn new() -> Self {
+        use crate::common::pki::{Pki, dns, ip};
+        let pki = Pki::new();
+        let (cert, key) = pki.issue(vec![dns("localhost"), ip("127.0.0.1")]);
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let (cert, key, ca) = (
+            file("redis.crt", &cert),
+            file("redis.key", &key),
+            file("ca.crt", &pki.ca.pem()),
+        );
+        Self { dir, cert, key, ca }
+    }
+
+    /// A server's arguments for TLS only, on `port` (the port it is waited
+    /// on), reaching its master (or a Sentinel its masters) over TLS too.
+    fn args(&self, port: u16) -> Vec<String> {
         [
             "--port",
             "0",
             "--tls-port",
             &port.to_string(),
             "--tls-cert-file",
-            &cert,
+            &self.cert,
             "--tls-key-file",
-            &key,
+            &self.key,
             "--tls-ca-cert-file",
-            &ca,
+            &self.ca,
             "--tls-auth-clients",
             "no",
+            "--tls-replication",
+            "yes",
         ]
         .map(str::to_owned)
         .to_vec()
-    });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_is_reached_with_the_configured_ca_and_only_with_it() {
+    let tls = RedisTls::new();
+    let ca = tls.ca.clone();
+    let server = RedisServer::with_port_args(|port| tls.args(port));
     let tls_url = server.url().replace("redis://127.0.0.1", "rediss://localhost");
     let fleet = Fleet::with_redis(&format!("ca_file = {ca:?}\n"), server);
     let config = |name: &str, ca_file: &str| {
@@ -1261,7 +1282,9 @@ async fn a_tls_redis_is_reached_with_the_configured_ca_and_only_with_it() {
     assert_eq!(fleet.stat("jwt_issued").await, 1);
     // Another CA: the handshake fails, Redis is degraded for it, and its
     // requests are still served (minted on its own).
-    let other = file("other-ca.crt", &Pki::new().ca.pem());
+    let other = tls.dir.path().join("other-ca.crt");
+    std::fs::write(&other, crate::common::pki::Pki::new().ca.pem()).unwrap();
+    let other = other.to_str().unwrap().to_owned();
     let c = fleet.spawn_with(&config("c", &other));
     assert!(c.get(enterprise()).await.unwrap() != minted);
     assert!(
@@ -1275,46 +1298,13 @@ async fn a_tls_redis_is_reached_with_the_configured_ca_and_only_with_it() {
 /// file): two brokers share through the master the Sentinel names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_sentinel_and_its_master_are_reached_with_the_configured_ca() {
-    use crate::common::pki::{Pki, dns, ip};
-    let pki = Pki::new();
-    let (cert, key) = pki.issue(vec![dns("localhost"), ip("127.0.0.1")]);
-    let tls = tempfile::tempdir().unwrap();
-    let file = |name: &str, text: &str| {
-        let path = tls.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_str().unwrap().to_owned()
-    };
-    let (cert, key, ca) = (
-        file("redis.crt", &cert),
-        file("redis.key", &key),
-        file("ca.crt", &pki.ca.pem()),
-    );
-    // TLS only, on the port the server is waited on (Sentinels reach the master over TLS too).
-    let tls_args = |port: u16| {
-        [
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "no",
-            "--tls-replication",
-            "yes",
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    };
-    let master = RedisServer::with_port_args(tls_args);
-    let conf = tls.path().join("sentinel.conf");
+    let tls = RedisTls::new();
+    let ca = tls.ca.clone();
+    let master = RedisServer::with_port_args(|port| tls.args(port));
+    let conf = tls.dir.path().join("sentinel.conf");
     std::fs::write(&conf, format!("sentinel monitor box 127.0.0.1 {} 1\n", master.port)).unwrap();
     let sentinel = RedisServer::with_conf_and(Some(&conf), |port| {
-        let mut args = tls_args(port);
+        let mut args = tls.args(port);
         args.push("--sentinel".to_owned());
         args
     });
