@@ -156,6 +156,11 @@ mod tests {
                 "go with redis.sentinels",
             ),
             (
+                "url = \"unix:///run/redis.sock?db=0&pass=hunter2\"\n",
+                store,
+                "must not hold a user or password",
+            ),
+            (
                 "sentinels = [\"redis://s1\"]\nmaster_name = \"m\"\n",
                 store,
                 "needs its port",

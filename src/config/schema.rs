@@ -172,8 +172,13 @@ fn check_redis_url(setting: &str, value: &str, schemes: &[&str]) -> Result<(), S
             crate::l2::redact_url(value)
         ));
     }
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.contains('@') {
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    // (A unix:// URL may carry them in its query.)
+    let query = rest.split_once('?').map_or("", |(_, query)| query);
+    let credential_in_query = query
+        .split('&')
+        .any(|pair| ["pass", "password", "user"].contains(&pair.split('=').next().unwrap_or_default()));
+    if authority.contains('@') || credential_in_query {
         return Err(format!(
             "{setting} must not hold a user or password: set redis.username and redis.password_file{}",
             if setting == "redis.sentinels" {
@@ -233,9 +238,10 @@ impl RedisConfig {
                     check_redis_url("redis.sentinels", sentinel, &["redis", "rediss"])?;
                     let rest = sentinel.split_once("://").map_or("", |(_, rest)| rest);
                     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+                    let shown = crate::l2::redact_url(sentinel);
                     if !path.is_empty() {
                         return Err(format!(
-                            "redis.sentinels: {sentinel:?} has a path: a Sentinel is scheme://host:port only (the master's database is 0)"
+                            "redis.sentinels: {shown:?} has a path: a Sentinel is scheme://host:port only (the master's database is 0)"
                         ));
                     }
                     if authority
@@ -243,7 +249,7 @@ impl RedisConfig {
                         .is_none_or(|(_, port)| port.parse::<u16>().is_err())
                     {
                         return Err(format!(
-                            "redis.sentinels: {sentinel:?} needs its port (Sentinels usually listen on 26379)"
+                            "redis.sentinels: {shown:?} needs its port (Sentinels usually listen on 26379)"
                         ));
                     }
                 }

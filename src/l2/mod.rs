@@ -187,9 +187,11 @@ impl fmt::Debug for Server {
 
 /// `url` without any password in it.
 pub fn redact_url(url: &str) -> String {
+    // A query may hold one too (`unix:///redis.sock?pass=...`).
+    let (url, query) = url.split_once('?').map_or((url, ""), |(url, _)| (url, "?****"));
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://****@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_owned(),
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://****@{}{query}", &url[..scheme], &url[at + 1..]),
+        _ => format!("{url}{query}"),
     }
 }
 
@@ -302,6 +304,9 @@ struct Inner {
     /// following Sentinels): sent again to a new master, which may not have
     /// had it from the old one (replication is asynchronous).
     recent: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, Pending)>>,
+    /// A resend to a new master stopped (Redis failing again): the rest of
+    /// `recent` is sent again at the next read of notices.
+    replay_left: std::sync::atomic::AtomicBool,
     /// The leases this replica extends while it mints, by value: the flag
     /// stops the extension.
     kept: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicBool>>>,
@@ -394,6 +399,7 @@ impl Redis {
                 flushing: std::sync::atomic::AtomicBool::new(false),
                 outbox_full_logged: std::sync::atomic::AtomicBool::new(false),
                 recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
+                replay_left: std::sync::atomic::AtomicBool::new(false),
                 kept: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
@@ -437,13 +443,13 @@ impl Redis {
     async fn run<T>(&self, what: &str, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
         let inner = &self.inner;
         let switches = inner.conn.switches();
-        if switches != inner.breaker_switches.load(Ordering::Relaxed) {
+        if inner.breaker_switches.fetch_max(switches, Ordering::Relaxed) < switches {
             // A new master: no need to wait out the cooldown the old one earned.
-            inner.breaker_switches.store(switches, Ordering::Relaxed);
             inner.breaker.try_now();
         }
         if !inner.breaker.allows() {
-            self.inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            inner.conn.skipped();
             return None;
         }
         self.run_always(what, call).await
@@ -453,10 +459,19 @@ impl Redis {
     /// what an earlier call may have done (a lease or lock released).
     async fn run_always<T>(&self, what: &str, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
         let inner = &self.inner;
-        match tokio::time::timeout(inner.settings.command_timeout, call).await {
+        let switches = inner.conn.switches();
+        let result = tokio::time::timeout(inner.settings.command_timeout, call).await;
+        // A call the old master failed after the switch to a new one says
+        // nothing of the new one.
+        let stale = inner.conn.switches() != switches;
+        match result {
             Ok(Ok(value)) => {
                 inner.breaker.succeeded();
                 Some(value)
+            }
+            Ok(Err(_)) | Err(_) if stale => {
+                inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+                None
             }
             Ok(Err(e)) => {
                 // Failures a failover explains: the master gone, or demoted.
@@ -564,11 +579,12 @@ impl Redis {
     /// The Sentinels named a new master: what this replica sent in the last
     /// [`REPLAY_WINDOW`] (up to [`OUTBOX_LENGTH`] of it) is sent again (the
     /// old master may not have passed it on before it failed), and kept
-    /// again, for a master that fails soon after this one; what fails waits
-    /// in the outbox. Holder records are not sent again.
+    /// again, for a master that fails soon after this one. What fails waits
+    /// in the outbox; once the circuit opens, the rest waits here and is
+    /// sent at the next read of notices. Holder records are not sent again.
     async fn replay_recent(&self) {
         let now = std::time::Instant::now();
-        let again: Vec<Pending> = self
+        let mut again: std::collections::VecDeque<(std::time::Instant, Pending)> = self
             .inner
             .recent
             .lock()
@@ -576,19 +592,35 @@ impl Redis {
                 recent
                     .drain(..)
                     .filter(|(at, _)| now.duration_since(*at) <= REPLAY_WINDOW)
-                    .map(|(_, pending)| pending)
                     .collect()
             })
             .unwrap_or_default();
         let count = again.len();
         let mut failed = 0usize;
-        for pending in again {
+        while let Some((at, pending)) = again.pop_front() {
+            if !self.inner.breaker.allows() {
+                // Redis fails again: the rest waits (not in the outbox, where
+                // it would push out what never reached any master) and is
+                // sent once notices can be read again.
+                again.push_front((at, pending));
+                break;
+            }
             failed += usize::from(!self.deliver(pending).await);
+        }
+        let left = again.len();
+        if left > 0 {
+            if let Ok(mut recent) = self.inner.recent.lock() {
+                for item in again.into_iter().rev() {
+                    recent.push_front(item);
+                }
+            }
+            self.inner.replay_left.store(true, Ordering::Release);
         }
         tracing::warn!(
             master = %self.server(),
             again = count,
             failed,
+            left,
             "Redis has a new master: sent this replica's invalidations of the last minute again (what failed waits for Redis)"
         );
     }
@@ -888,6 +920,10 @@ impl Redis {
                 }
                 last = Some(id);
                 this.flush_outbox();
+                if this.inner.replay_left.swap(false, Ordering::AcqRel) {
+                    let replay = this.clone();
+                    tokio::spawn(async move { replay.replay_recent().await });
+                }
                 for notice in notices {
                     this.inner.counters.notices_received.fetch_add(1, Ordering::Relaxed);
                     if tx.send(notice).await.is_err() {
@@ -1586,6 +1622,10 @@ mod tests {
 
     #[test]
     fn a_url_is_shown_without_its_password() {
+        assert_eq!(
+            redact_url("unix:///run/redis.sock?db=1&pass=hunter2"),
+            "unix:///run/redis.sock?****"
+        );
         assert_eq!(
             redact_url("redis://broker:hunter2@redis:6379/0"),
             "redis://****@redis:6379/0"

@@ -50,8 +50,10 @@ pub(super) struct Follow {
     /// A call failed (or a Sentinel announced a new master) since the
     /// master was last asked for.
     doubt: AtomicBool,
-    /// A Sentinel announced a new master since it was last asked for.
-    announced: AtomicBool,
+    /// The master a Sentinel announced (`host:port`) and when: asked for
+    /// until a lookup names it (a Sentinel asked may lag behind), for up to
+    /// [`RECHECK`].
+    expected: std::sync::Mutex<Option<(String, Instant)>>,
     /// When the Sentinels were last asked (ms since `born`).
     asked_ms: AtomicU64,
     born: Instant,
@@ -61,6 +63,8 @@ pub(super) struct Follow {
     unreachable: AtomicBool,
     /// A lookup is under way.
     asking: AtomicBool,
+    /// Asked for while a lookup was under way: another follows it.
+    again: AtomicBool,
     /// Told when a lookup ends.
     done: tokio::sync::Notify,
 }
@@ -81,12 +85,13 @@ impl Follow {
             master: ArcSwapOption::empty(),
             config,
             doubt: AtomicBool::new(false),
-            announced: AtomicBool::new(false),
+            expected: std::sync::Mutex::new(None),
             asked_ms: AtomicU64::new(0),
             born: Instant::now(),
             switches: AtomicU64::new(0),
             unreachable: AtomicBool::new(false),
             asking: AtomicBool::new(false),
+            again: AtomicBool::new(false),
             done: tokio::sync::Notify::new(),
         }
     }
@@ -130,16 +135,21 @@ impl Follow {
         }
     }
 
-    /// Asks the Sentinels for the master in a task, unless one is asking.
+    /// Asks the Sentinels for the master in a task; if one is asking,
+    /// another follows it.
     fn ask(self: &Arc<Self>) {
         if self.asking.swap(true, Ordering::AcqRel) {
+            self.again.store(true, Ordering::Release);
             return;
         }
         // Failures from here on ask again after this lookup.
         self.doubt.store(false, Ordering::Release);
-        let announced = self.announced.swap(false, Ordering::AcqRel);
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
+        let asking = Asking(Arc::clone(self));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let this = &asking.0;
             let found = tokio::time::timeout(LOOKUP_LIMIT, async {
                 this.sentinels.lock().await.async_get_client().await
             })
@@ -151,36 +161,54 @@ impl Follow {
                 )))
             });
             this.asked_ms.store(this.now_ms(), Ordering::Relaxed);
-            if let Err(e) = this.adopt(found, announced) {
-                // Asked again after the gap (an announcement stays pending).
+            if let Err(e) = this.adopt(found) {
+                // Asked again after the gap.
                 this.doubt.store(true, Ordering::Release);
-                if announced {
-                    this.announced.store(true, Ordering::Release);
-                }
                 if !this.unreachable.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "no Redis Sentinel names the master; going on with the one in use");
                 }
             }
-            this.asking.store(false, Ordering::Release);
-            this.done.notify_waiters();
         });
     }
 
     /// Uses the master the Sentinels named (`found`), if it is another.
-    fn adopt(&self, found: RedisResult<redis::Client>, announced: bool) -> RedisResult<()> {
+    fn adopt(&self, found: RedisResult<redis::Client>) -> RedisResult<()> {
         let client = found?;
         if self.unreachable.swap(false, Ordering::Relaxed) {
             tracing::info!("the Redis Sentinels answer again");
         }
         let addr = client.get_connection_info().addr().to_string();
+        let announced = match self.expected.lock() {
+            Ok(mut expected) => match expected.as_ref() {
+                Some((want, _)) if *want == addr => {
+                    *expected = None;
+                    true
+                }
+                Some((_, since)) if since.elapsed() < RECHECK => {
+                    // The Sentinel asked has not caught up with the announcement yet.
+                    self.doubt.store(true, Ordering::Release);
+                    false
+                }
+                _ => {
+                    *expected = None;
+                    false
+                }
+            },
+            Err(_) => false,
+        };
         let current = self.master.load_full();
         if current.as_ref().is_some_and(|m| m.addr == addr) {
             return Ok(());
         }
         let conn = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
+        self.master.store(Some(Arc::new(Master {
+            addr: addr.clone(),
+            conn,
+        })));
         match &current {
             Some(old) => {
-                self.switches.fetch_add(1, Ordering::Relaxed);
+                // Counted once the new master is in use (what the count starts looks at it).
+                self.switches.fetch_add(1, Ordering::Release);
                 tracing::warn!(
                     master = %addr,
                     previous = %old.addr,
@@ -190,8 +218,21 @@ impl Follow {
             }
             None => tracing::info!(master = %addr, "the Redis Sentinels name the master"),
         }
-        self.master.store(Some(Arc::new(Master { addr, conn })));
         Ok(())
+    }
+}
+
+/// A lookup under way: when it ends (or its task is dropped), the next may
+/// start, waiting calls are woken, and one asked for meanwhile starts.
+struct Asking(Arc<Follow>);
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        self.0.asking.store(false, Ordering::Release);
+        self.0.done.notify_waiters();
+        if self.0.again.swap(false, Ordering::AcqRel) {
+            self.0.ask();
+        }
     }
 }
 
@@ -227,14 +268,20 @@ impl Follow {
                                     let Some(message) = message else { break };
                                     // "<name> <old ip> <old port> <new ip> <new port>"
                                     let text: String = message.get_payload().unwrap_or_default();
-                                    if text.split(' ').next() == Some(master_name.as_str()) {
+                                    let words: Vec<&str> = text.split(' ').collect();
+                                    if let [name, _, _, ip, port] = words[..] && name == master_name {
                                         let Some(this) = follow.upgrade() else { return };
-                                        this.announced.store(true, Ordering::Release);
+                                        if let Ok(mut expected) = this.expected.lock() {
+                                            *expected = Some((format!("{ip}:{port}"), Instant::now()));
+                                        }
                                         this.doubt.store(true, Ordering::Release);
                                         this.ask();
                                     }
                                 }
                                 _ = ping.tick() => {
+                                    if follow.strong_count() == 0 {
+                                        return;
+                                    }
                                     let answered = tokio::time::timeout(LOOKUP_LIMIT, sink.ping::<Value>()).await;
                                     if !matches!(answered, Ok(Ok(_))) {
                                         break;
@@ -267,10 +314,20 @@ impl Route {
     }
 
     /// A call through this route failed or timed out: the Sentinels are
-    /// asked again before the next one (a failover may have moved the master).
+    /// asked again (a failover may have moved the master).
     pub(super) fn doubt(&self) {
         if let Self::Sentinel(follow) = self {
             follow.doubt.store(true, Ordering::Release);
+        }
+    }
+
+    /// A call was skipped (the circuit is open): the Sentinels are still
+    /// asked when due, so a new master is found while nothing reaches the old.
+    pub(super) fn skipped(&self) {
+        if let Self::Sentinel(follow) = self
+            && follow.due()
+        {
+            follow.ask();
         }
     }
 
@@ -278,7 +335,7 @@ impl Route {
     pub(super) fn switches(&self) -> u64 {
         match self {
             Self::Direct(_) => 0,
-            Self::Sentinel(follow) => follow.switches.load(Ordering::Relaxed),
+            Self::Sentinel(follow) => follow.switches.load(Ordering::Acquire),
         }
     }
 
