@@ -288,8 +288,8 @@ struct Inner {
     crypto: Crypto,
     settings: Settings,
     breaker: Breaker,
-    /// The master switches the breaker has seen (see [`Redis::run`]).
-    breaker_switches: AtomicU64,
+    /// The masters the breaker has seen named (see [`Redis::run`]).
+    breaker_generation: AtomicU64,
     counters: Counters,
     /// Random per process: a replica skips its own notices.
     origin: String,
@@ -391,7 +391,7 @@ impl Redis {
                 ns: settings.namespace.clone(),
                 crypto: Crypto::new(kek),
                 breaker: Breaker::new(settings.breaker_threshold, settings.breaker_cooldown),
-                breaker_switches: AtomicU64::new(0),
+                breaker_generation: AtomicU64::new(0),
                 settings,
                 counters: Counters::default(),
                 origin: hex::encode(origin),
@@ -442,9 +442,10 @@ impl Redis {
     /// when skipped, late or failed (counted and remembered).
     async fn run<T>(&self, what: &str, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
         let inner = &self.inner;
-        let switches = inner.conn.switches();
-        if inner.breaker_switches.fetch_max(switches, Ordering::Relaxed) < switches {
-            // A new master: no need to wait out the cooldown the old one earned.
+        let generation = inner.conn.generation();
+        if inner.breaker_generation.fetch_max(generation, Ordering::Relaxed) < generation {
+            // A master named (the first, or a new one): no need to wait out
+            // a cooldown earned before it was known.
             inner.breaker.try_now();
         }
         if !inner.breaker.allows() {
@@ -459,11 +460,11 @@ impl Redis {
     /// what an earlier call may have done (a lease or lock released).
     async fn run_always<T>(&self, what: &str, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
         let inner = &self.inner;
-        let switches = inner.conn.switches();
+        let generation = inner.conn.generation();
         let result = tokio::time::timeout(inner.settings.command_timeout, call).await;
-        // A call the old master failed after the switch to a new one says
-        // nothing of the new one.
-        let stale = inner.conn.switches() != switches;
+        // A call that failed before a master was named (or on the old one
+        // after the switch to a new one) says nothing of it.
+        let stale = inner.conn.generation() != generation;
         match result {
             Ok(Ok(value)) => {
                 inner.breaker.succeeded();

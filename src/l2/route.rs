@@ -59,6 +59,8 @@ pub(super) struct Follow {
     born: Instant,
     /// Times the master changed (the first one found is not a change).
     switches: AtomicU64,
+    /// Times a master was put in use (the first one too).
+    generation: AtomicU64,
     /// The Sentinels could not be asked at the last try (logged once).
     unreachable: AtomicBool,
     /// A lookup is under way.
@@ -89,6 +91,7 @@ impl Follow {
             asked_ms: AtomicU64::new(0),
             born: Instant::now(),
             switches: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             unreachable: AtomicBool::new(false),
             asking: AtomicBool::new(false),
             again: AtomicBool::new(false),
@@ -205,6 +208,7 @@ impl Follow {
             addr: addr.clone(),
             conn,
         })));
+        self.generation.fetch_add(1, Ordering::Release);
         match &current {
             Some(old) => {
                 // Counted once the new master is in use (what the count starts looks at it).
@@ -336,6 +340,15 @@ impl Route {
         match self {
             Self::Direct(_) => 0,
             Self::Sentinel(follow) => follow.switches.load(Ordering::Acquire),
+        }
+    }
+
+    /// Times a master was put in use, the first included (0 for one Redis):
+    /// failures before it say nothing of it.
+    pub(super) fn generation(&self) -> u64 {
+        match self {
+            Self::Direct(_) => 0,
+            Self::Sentinel(follow) => follow.generation.load(Ordering::Acquire),
         }
     }
 

@@ -1670,7 +1670,10 @@ async fn a_frozen_sentinel_does_not_keep_the_fleet_from_its_master() {
     let master = format!("127.0.0.1:{}", fleet.redis.port);
     assert!(
         eventually(Duration::from_secs(15), || async {
-            redis_in_use(&a).await.0 == master && redis_in_use(&b).await.0 == master
+            redis_in_use(&a).await.0 == master
+                && redis_in_use(&b).await.0 == master
+                && a.metric("boxbroker_l2_degraded", "").await == 0.0
+                && b.metric("boxbroker_l2_degraded", "").await == 0.0
         })
         .await,
         "{:?}",
