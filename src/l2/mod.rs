@@ -138,7 +138,6 @@ pub enum Server {
 }
 
 /// Redis Sentinels and the master they watch.
-#[derive(Clone)]
 pub struct SentinelSettings {
     /// `redis://host:26379` or `rediss://host:26379` each (with TLS the
     /// master is reached over TLS too).
@@ -159,19 +158,23 @@ impl Server {
             Self::Sentinel(s) => format!(
                 "master {:?} of the Sentinels {}",
                 s.master_name,
-                s.addresses.iter().map(|a| redact_url(a)).collect::<Vec<_>>().join(", ")
+                s.shown_addresses().join(", ")
             ),
         }
+    }
+}
+
+impl SentinelSettings {
+    /// The addresses without any password in them.
+    fn shown_addresses(&self) -> Vec<String> {
+        self.addresses.iter().map(|a| redact_url(a)).collect()
     }
 }
 
 impl fmt::Debug for SentinelSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SentinelSettings")
-            .field(
-                "addresses",
-                &self.addresses.iter().map(|a| redact_url(a)).collect::<Vec<_>>(),
-            )
+            .field("addresses", &self.shown_addresses())
             .field("master_name", &self.master_name)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "****"))
@@ -868,8 +871,9 @@ impl Redis {
                 if tx.is_closed() {
                     return;
                 }
-                if this.master_switches() != switches {
-                    switches = this.master_switches();
+                let now = this.master_switches();
+                if now != switches {
+                    switches = now;
                     let replay = this.clone();
                     tokio::spawn(async move { replay.replay_recent().await });
                     // The new master may lack what was read from the old one,
